@@ -1,0 +1,44 @@
+# Two commands on a fresh machine with Python 3.11 and make: `make demo` and `make test`.
+# Both create .venv when it is missing; the install step reruns only when pyproject.toml changes.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ctvlab-installed
+CONFIG ?= jobs/configs/demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format ui schemas bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "ctvlab needs Python 3.11; set PYTHON=/path/to/python3.11")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ctvlab run --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check platform tests jobs benchmarks
+	$(BIN)/ruff format --check platform tests jobs benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix platform tests jobs benchmarks
+	$(BIN)/ruff format platform tests jobs benchmarks
+
+# MLflow UI over the local store, on the loopback address only.
+ui: $(STAMP)
+	$(BIN)/ctvlab ui
+
+schemas: $(STAMP)
+	$(BIN)/ctvlab schemas --out schemas
+
+clean:
+	rm -rf runs mlflow.db mlartifacts .pytest_cache

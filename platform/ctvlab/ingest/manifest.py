@@ -1,0 +1,198 @@
+"""The cohort manifest: one row per patient, clinical fields plus a relative path per image and mask.
+
+A cohort is a folder holding `manifest.csv` and one folder of NIfTI files per patient. Paths in the
+manifest are relative to the cohort folder. The JSON Schema of a row is `schemas/manifest.schema.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MANIFEST_NAME = "manifest.csv"
+
+
+class Cohort(StrEnum):
+    SOC = "SOC"  # standard of care
+    ATT = "ATT"  # + bevacizumab (anti-angiogenic)
+    ENZA = "ENZA"  # + enzastaurin
+
+
+class Sex(StrEnum):
+    M = "M"
+    F = "F"
+
+
+class Resection(StrEnum):
+    GTR = "GTR"
+    STR = "STR"
+    biopsy = "biopsy"
+
+
+class ProgressionType(StrEnum):
+    CEL = "CEL"
+    T2L = "T2L"
+    both = "both"
+
+
+CLINICAL_COLUMNS: tuple[str, ...] = (
+    "patient_id", "cohort", "sex", "age", "resection", "progression_type", "pfs_months", "os_months",
+)  # fmt: skip
+ANATOMY_COLUMNS: tuple[str, ...] = ("t1c", "t1", "flair")
+DIFFUSION_COLUMNS: tuple[str, ...] = ("adc", "fa")
+MRSI_COLUMNS: tuple[str, ...] = ("cho", "cre", "naa", "lac", "lip", "cni", "ccri", "crni")
+IMAGE_COLUMNS: tuple[str, ...] = ANATOMY_COLUMNS + DIFFUSION_COLUMNS + MRSI_COLUMNS
+MASK_COLUMNS: tuple[str, ...] = (
+    "brain_mask", "cel_mask", "t2l_mask", "cavity_mask", "ventricles_mask", "critical_mask",
+    "cel_progression_mask", "t2l_progression_mask",
+)  # fmt: skip
+PATH_COLUMNS: tuple[str, ...] = IMAGE_COLUMNS + MASK_COLUMNS
+COLUMNS: tuple[str, ...] = CLINICAL_COLUMNS + PATH_COLUMNS
+
+# patient ids name folders, hive partitions and files: keep them to a portable character set.
+PATIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+RelPath = Annotated[str, Field(min_length=1, description="Path relative to the cohort folder.")]
+
+
+class ManifestRow(BaseModel):
+    """One patient of a cohort. MRSI paths may be empty (no MRSI for this patient)."""
+
+    model_config = ConfigDict(extra="forbid", title="ctvlab cohort manifest row")
+
+    patient_id: str = Field(pattern=PATIENT_ID_PATTERN)
+    cohort: Cohort
+    sex: Sex
+    age: float = Field(ge=0, le=120, description="Years at diagnosis.")
+    resection: Resection
+    progression_type: ProgressionType
+    pfs_months: float = Field(ge=0, le=600, description="Progression-free survival (months).")
+    os_months: float = Field(ge=0, le=600, description="Overall survival (months).")
+
+    t1c: RelPath
+    t1: RelPath
+    flair: RelPath
+    adc: RelPath
+    fa: RelPath
+    cho: RelPath | None = None
+    cre: RelPath | None = None
+    naa: RelPath | None = None
+    lac: RelPath | None = None
+    lip: RelPath | None = None
+    cni: RelPath | None = None
+    ccri: RelPath | None = None
+    crni: RelPath | None = None
+
+    brain_mask: RelPath
+    cel_mask: RelPath
+    t2l_mask: RelPath
+    cavity_mask: RelPath
+    ventricles_mask: RelPath
+    critical_mask: RelPath
+    cel_progression_mask: RelPath
+    t2l_progression_mask: RelPath
+
+    @field_validator(*MRSI_COLUMNS, mode="before")
+    @classmethod
+    def _empty_is_missing(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @property
+    def has_mrsi(self) -> bool:
+        return all(getattr(self, c) for c in MRSI_COLUMNS)
+
+    def paths(self, root: Path) -> dict[str, Path]:
+        """Absolute path of every file column that is set."""
+        return {c: root / getattr(self, c) for c in PATH_COLUMNS if getattr(self, c)}
+
+    def clinical(self) -> dict[str, Any]:
+        return {c: (v.value if isinstance(v := getattr(self, c), StrEnum) else v) for c in CLINICAL_COLUMNS}
+
+
+class ManifestProblem(BaseModel):
+    """A problem found while reading the manifest (before any image is opened)."""
+
+    line: int | None  # 1-based line in manifest.csv; None for file-level problems
+    patient_id: str | None
+    column: str | None
+    message: str
+
+
+def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestProblem], list[str]]:
+    """Parse `root/manifest.csv` against the row schema.
+
+    Returns:
+        (rows that parsed, problems, the ids of every row in file order, parsed or not). A row with a
+        problem is left out of `rows` and named in `problems`; other rows are unaffected, so one bad
+        patient never hides the rest of the cohort. Duplicate ids are reported for every occurrence
+        after the first, and those rows are left out.
+    """
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    problems: list[ManifestProblem] = []
+    if not path.is_file():
+        problems.append(ManifestProblem(line=None, patient_id=None, column=None,
+                                        message=f"{path} not found: a cohort folder needs a manifest.csv"))
+        return [], problems, []
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        missing = [c for c in COLUMNS if c not in header and c not in MRSI_COLUMNS]
+        unknown = [c for c in header if c not in COLUMNS]
+        if missing:
+            problems.append(ManifestProblem(line=1, patient_id=None, column=None,
+                                            message=f"missing columns: {', '.join(missing)}"))
+            return [], problems, []
+        if unknown:
+            problems.append(ManifestProblem(line=1, patient_id=None, column=None,
+                                            message=f"unknown columns: {', '.join(unknown)} "
+                                                    "(see schemas/manifest.schema.json)"))
+            return [], problems, []
+        rows: list[ManifestRow] = []
+        ids: list[str] = []
+        seen: dict[str, int] = {}
+        for line, record in enumerate(reader, start=2):
+            pid = (record.get("patient_id") or "").strip()
+            ids.append(pid)
+            record = {k: (v.strip() if isinstance(v, str) else v) for k, v in record.items() if k}
+            if pid and pid in seen:
+                problems.append(ManifestProblem(line=line, patient_id=pid, column="patient_id",
+                                                message=f"duplicate patient_id (first on line {seen[pid]})"))
+                continue
+            if pid:
+                seen[pid] = line
+            try:
+                rows.append(ManifestRow.model_validate(record))
+            except ValidationError as e:
+                for err in e.errors():
+                    col = ".".join(str(p) for p in err["loc"]) or None
+                    problems.append(ManifestProblem(line=line, patient_id=pid or None, column=col,
+                                                    message=f"{err['msg']} (got {err.get('input')!r})"))
+    # A duplicate id invalidates the first occurrence too: which row is the real patient is unknown.
+    dup_ids = {p.patient_id for p in problems if p.column == "patient_id" and "duplicate" in p.message}
+    if dup_ids:
+        for r in rows:
+            if r.patient_id in dup_ids:
+                problems.append(ManifestProblem(line=seen[r.patient_id], patient_id=r.patient_id,
+                                                column="patient_id",
+                                                message="patient_id appears more than once in the manifest"))
+        rows = [r for r in rows if r.patient_id not in dup_ids]
+    return rows, problems, ids
+
+
+def write_manifest(root: str | Path, rows: list[ManifestRow]) -> Path:
+    """Write `root/manifest.csv` atomically, columns in the documented order."""
+    from ctvlab.atomic import atomic_path
+
+    path = Path(root) / MANIFEST_NAME
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        for row in rows:
+            d = row.model_dump(mode="json")
+            writer.writerow({c: ("" if d[c] is None else d[c]) for c in COLUMNS})
+    return path

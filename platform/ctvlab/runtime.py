@@ -1,0 +1,60 @@
+"""Starting or joining Ray, in one place.
+
+A local Ray gets more logical CPUs than the machine has cores (at least 8). Ray Train workers and Tune
+trials reserve CPUs; when they reserve every logical CPU, Ray Data's read and map tasks wait forever
+for one and training hangs silently. Oversubscribing the logical CPUs keeps room for the data tasks;
+the real parallelism is still bounded by the cores, and each stage states its own CPU budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+MIN_LOCAL_CPUS = 8
+
+
+def local_num_cpus(requested: int | None = None) -> int:
+    return requested or max(os.cpu_count() or 1, MIN_LOCAL_CPUS)
+
+
+def package_runtime_env() -> dict[str, Any]:
+    """A runtime environment that makes `ctvlab` importable on workers of a remote cluster.
+
+    Jobs submitted with `--working-dir .` ship the repository; the package lives under platform/, so
+    workers need it on PYTHONPATH. A local Ray shares this interpreter and needs nothing.
+    """
+    return {"env_vars": {"PYTHONPATH": "platform"}}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Connect to the Ray cluster at `address`, or start a local one; no-op when Ray is running.
+
+    Args:
+        address: "auto", "ray://host:10001" or "host:6379"; None starts a local Ray (inside a job
+            submitted with `ray job submit`, RAY_ADDRESS is set and the job's cluster is joined).
+        num_cpus: logical CPUs of a local Ray (default: max(cores, 8), see the module docstring).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": logging.WARNING}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=local_num_cpus(num_cpus), include_dashboard=False, **kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    ctx.print_on_execution_start = False
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
