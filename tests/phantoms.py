@@ -176,8 +176,13 @@ def make_phantom_cohort(root: Path, n: int = 4, spec: PhantomSpec | None = None)
     for i in range(n):
         base = spec or PhantomSpec()
         s = PhantomSpec(**{**base.__dict__, "seed": base.seed + i})
-        s.clinical = {"cohort": cohorts[i % 3], "pfs_months": 3.0 + 2.0 * i, "os_months": 12.0 + 3.0 * i,
-                      "sex": "MF"[i % 2], **base.clinical}
+        s.clinical = {
+            "cohort": cohorts[i % 3],
+            "pfs_months": 3.0 + 2.0 * i,
+            "os_months": 12.0 + 3.0 * i,
+            "sex": "MF"[i % 2],
+            **base.clinical,
+        }
         rows.append(write_phantom_patient(root, f"P{i:03d}", s))
     write_manifest(root, rows)
     return rows

@@ -35,8 +35,12 @@ def synth(
     out: Annotated[Path | None, Opt("--out", help="Folder to write the cohort into.")] = None,
     patients: Annotated[int | None, Opt("--patients", "-n", help="Number of patients (default 101).")] = None,
     seed: Annotated[int | None, Opt("--seed", help="Random seed (default 0).")] = None,
-    null: Annotated[bool, Opt("--null", help="Control cohort: diffusion/MRSI ignore hidden infiltration.")] = False,
-    report: Annotated[Path | None, Opt("--report", help="Print the statistics of an existing cohort.")] = None,
+    null: Annotated[
+        bool, Opt("--null", help="Control cohort: diffusion/MRSI ignore hidden infiltration.")
+    ] = False,
+    report: Annotated[
+        Path | None, Opt("--report", help="Print the statistics of an existing cohort.")
+    ] = None,
     config: Annotated[Path | None, Opt("--config", help="Study config whose `synth` section to use.")] = None,
 ) -> None:
     """Generate a synthetic cohort on the MNI152 anatomy, or report on one (--report DIR)."""

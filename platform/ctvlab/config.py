@@ -85,8 +85,9 @@ class PreprocessConfig(Strict):
     """Resampling, normalisation and regions (SPEC: Regions, Preprocessing)."""
 
     voxel_mm: PositiveFloat = Field(
-        3.0, description="Isotropic output voxel size (mm). 3 mm: the study resampled to 3 mm to "
-        "absorb residual misalignment between sequences."
+        3.0,
+        description="Isotropic output voxel size (mm). 3 mm: the study resampled to 3 mm to "
+        "absorb residual misalignment between sequences.",
     )
     ring_mm: PositiveFloat = Field(
         40.0, description="Voxel analyses use brain voxels within this distance of the pre-RT T2L."
@@ -105,9 +106,7 @@ class PreprocessConfig(Strict):
     min_category_voxels: int = Field(
         5, ge=1, description="A voxel category counts for a patient only with at least this many voxels."
     )
-    cpus_per_patient: PositiveFloat = Field(
-        1.0, description="Ray CPUs reserved by each patient task."
-    )
+    cpus_per_patient: PositiveFloat = Field(1.0, description="Ray CPUs reserved by each patient task.")
 
 
 # --- splits --------------------------------------------------------------------------------------
@@ -251,7 +250,9 @@ class TrainConfig(Strict):
     val_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(5, ge=1)
     keep_checkpoints: int = Field(2, ge=1, description="Besides the best, keep this many recent ones.")
-    max_failures: int = Field(2, ge=0, description="Worker failures survived by restarting from a checkpoint.")
+    max_failures: int = Field(
+        2, ge=0, description="Worker failures survived by restarting from a checkpoint."
+    )
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = Field(
@@ -315,7 +316,9 @@ class TuneConfig(Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)
     cpus_per_trial: PositiveFloat = 1.0
     gpus_per_trial: float = Field(0.0, ge=0)
-    trial_max_failures: int = Field(1, ge=0, description="Retries of a failed trial before it is recorded failed.")
+    trial_max_failures: int = Field(
+        1, ge=0, description="Retries of a failed trial before it is recorded failed."
+    )
     asha: ASHAConfig = Field(default_factory=ASHAConfig)
     ablation_sets: list[ModalitySet] = Field(
         default_factory=lambda: ["anat", "anat_diff", "anat_mrsi", "all"]
@@ -335,9 +338,7 @@ class CTVConfig(Strict):
     threshold: float | Literal["validation"] = Field(
         "validation", description="Model probability threshold, or chosen on the validation split."
     )
-    threshold_grid: list[Fraction] = Field(
-        default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)]
-    )
+    threshold_grid: list[Fraction] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
     tversky_alpha: Fraction = 0.02
     tversky_beta: Fraction = 0.98
     overlay_patients: int = Field(3, ge=0, description="Patients drawn in the contour figure.")
@@ -452,7 +453,9 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{key}' (check its spelling and section; see schemas/config.schema.json)")
+            lines.append(
+                f"  unknown key '{key}' (check its spelling and section; see schemas/config.schema.json)"
+            )
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

@@ -124,3 +124,22 @@ class PrepPaths:
 
     def voxel_partition(self, patient_id: str) -> Path:
         return self.voxels / f"patient_id={patient_id}"
+
+
+def voxel_table_schema():
+    """Arrow schema of the files under voxels/ (patient_id comes from the hive partition folder).
+
+    One row per brain voxel within the ring. Features are null where the value is missing (MRSI
+    outside the PRESS box or not acquired). `voxel_index` is the C-order flat index into (X, Y, Z).
+    """
+    import pyarrow as pa
+
+    return pa.schema(
+        [pa.field("voxel_index", pa.int32(), nullable=False)]
+        + [pa.field(f, pa.float32()) for f in FEATURES]
+        + [
+            pa.field("category", pa.string(), nullable=False),
+            pa.field("cohort", pa.string(), nullable=False),
+            pa.field("pfs_months", pa.float32(), nullable=False),
+        ]
+    )

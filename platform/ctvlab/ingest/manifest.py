@@ -135,8 +135,14 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
     path = root / MANIFEST_NAME
     problems: list[ManifestProblem] = []
     if not path.is_file():
-        problems.append(ManifestProblem(line=None, patient_id=None, column=None,
-                                        message=f"{path} not found: a cohort folder needs a manifest.csv"))
+        problems.append(
+            ManifestProblem(
+                line=None,
+                patient_id=None,
+                column=None,
+                message=f"{path} not found: a cohort folder needs a manifest.csv",
+            )
+        )
         return [], problems, []
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
@@ -144,13 +150,21 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
         missing = [c for c in COLUMNS if c not in header and c not in MRSI_COLUMNS]
         unknown = [c for c in header if c not in COLUMNS]
         if missing:
-            problems.append(ManifestProblem(line=1, patient_id=None, column=None,
-                                            message=f"missing columns: {', '.join(missing)}"))
+            problems.append(
+                ManifestProblem(
+                    line=1, patient_id=None, column=None, message=f"missing columns: {', '.join(missing)}"
+                )
+            )
             return [], problems, []
         if unknown:
-            problems.append(ManifestProblem(line=1, patient_id=None, column=None,
-                                            message=f"unknown columns: {', '.join(unknown)} "
-                                                    "(see schemas/manifest.schema.json)"))
+            problems.append(
+                ManifestProblem(
+                    line=1,
+                    patient_id=None,
+                    column=None,
+                    message=f"unknown columns: {', '.join(unknown)} (see schemas/manifest.schema.json)",
+                )
+            )
             return [], problems, []
         rows: list[ManifestRow] = []
         ids: list[str] = []
@@ -160,8 +174,14 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
             ids.append(pid)
             record = {k: (v.strip() if isinstance(v, str) else v) for k, v in record.items() if k}
             if pid and pid in seen:
-                problems.append(ManifestProblem(line=line, patient_id=pid, column="patient_id",
-                                                message=f"duplicate patient_id (first on line {seen[pid]})"))
+                problems.append(
+                    ManifestProblem(
+                        line=line,
+                        patient_id=pid,
+                        column="patient_id",
+                        message=f"duplicate patient_id (first on line {seen[pid]})",
+                    )
+                )
                 continue
             if pid:
                 seen[pid] = line
@@ -170,16 +190,27 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
             except ValidationError as e:
                 for err in e.errors():
                     col = ".".join(str(p) for p in err["loc"]) or None
-                    problems.append(ManifestProblem(line=line, patient_id=pid or None, column=col,
-                                                    message=f"{err['msg']} (got {err.get('input')!r})"))
+                    problems.append(
+                        ManifestProblem(
+                            line=line,
+                            patient_id=pid or None,
+                            column=col,
+                            message=f"{err['msg']} (got {err.get('input')!r})",
+                        )
+                    )
     # A duplicate id invalidates the first occurrence too: which row is the real patient is unknown.
     dup_ids = {p.patient_id for p in problems if p.column == "patient_id" and "duplicate" in p.message}
     if dup_ids:
         for r in rows:
             if r.patient_id in dup_ids:
-                problems.append(ManifestProblem(line=seen[r.patient_id], patient_id=r.patient_id,
-                                                column="patient_id",
-                                                message="patient_id appears more than once in the manifest"))
+                problems.append(
+                    ManifestProblem(
+                        line=seen[r.patient_id],
+                        patient_id=r.patient_id,
+                        column="patient_id",
+                        message="patient_id appears more than once in the manifest",
+                    )
+                )
         rows = [r for r in rows if r.patient_id not in dup_ids]
     return rows, problems, ids
 

@@ -1,0 +1,92 @@
+"""Readers over a prepared dataset: Ray Datasets for the distributed stages, NumPy for one patient.
+
+Later stages stream shards of these datasets to their workers instead of each worker reading the whole
+folder. Filtering by patient happens by choosing partition folders, so a fold's reader never opens
+another patient's files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctvlab.data.layout import MASKS, PrepPaths
+from ctvlab.errors import DataError
+
+
+@dataclass
+class PreparedPatient:
+    """One patient's prepared arrays: features (C, X, Y, Z) float32, masks (M, X, Y, Z) uint8."""
+
+    patient_id: str
+    features: np.ndarray
+    masks: np.ndarray
+    sidecar: dict[str, Any]
+
+    def mask(self, name: str) -> np.ndarray:
+        return self.masks[MASKS.index(name)]
+
+    def feature(self, name: str) -> np.ndarray:
+        return self.features[self.sidecar["features"].index(name)]
+
+    @property
+    def affine(self) -> np.ndarray:
+        return np.asarray(self.sidecar["affine"], dtype=float)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(self.sidecar["spacing_mm"])
+
+
+def load_patient(prep: str | Path, patient_id: str, mmap: bool = False) -> PreparedPatient:
+    paths = PrepPaths(prep)
+    try:
+        mode = "r" if mmap else None
+        features = np.load(paths.features(patient_id), mmap_mode=mode, allow_pickle=False)
+        masks = np.load(paths.masks(patient_id), mmap_mode=mode, allow_pickle=False)
+        sidecar = json.loads(paths.sidecar(patient_id).read_text())
+    except FileNotFoundError as e:
+        raise DataError(
+            f"patient {patient_id}: prepared file {e.filename} is missing; run `ctvlab preprocess` again"
+        ) from None
+    return PreparedPatient(patient_id, features, masks, sidecar)
+
+
+def read_patients(prep: str | Path):
+    """The per-patient summary table as a pandas DataFrame."""
+    import pandas as pd
+
+    path = PrepPaths(prep).patients
+    if not path.exists():
+        raise DataError(f"{path} not found: is {prep} a prepared dataset (`ctvlab preprocess`)?")
+    return pd.read_parquet(path)
+
+
+def read_voxels(prep: str | Path, patient_ids: Sequence[str], columns: Sequence[str] | None = None):
+    """Ray Dataset of voxel rows for `patient_ids` only (each row carries its `patient_id`).
+
+    Args:
+        prep: prepared dataset folder.
+        patient_ids: the patients to read; only their partition folders are opened.
+        columns: columns to read besides `patient_id` (default: all).
+    """
+    import ray.data
+
+    paths = PrepPaths(prep)
+    folders = [paths.voxel_partition(p) for p in patient_ids]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        raise DataError(f"voxel table has no partition for: {', '.join(missing[:5])}")
+    if not folders:
+        raise DataError("read_voxels needs at least one patient id")
+    cols = None if columns is None else [c for c in columns if c != "patient_id"]
+    return ray.data.read_parquet(
+        [str(f) for f in folders],
+        columns=cols,
+        partitioning=ray.data.datasource.Partitioning("hive", base_dir=str(paths.voxels)),
+    )
