@@ -1,0 +1,238 @@
+"""Patient-level splits and the leakage guard.
+
+Two splits are drawn once per prepared dataset and written to `PREP/splits.parquet`:
+
+- `dl_role`: train / val / test for the U-Net, 67/16/17 % of patients, stratified by treatment cohort
+  (SPEC: Deep learning CTV; the paper's Methods give 67/16/18).
+- `rf_fold`: 0..4 for the voxel models' five-fold cross-validation, grouped by patient and stratified by
+  cohort and progression type (SPEC: Voxel-wise random forest).
+
+`splits.json` records the digest of the table, the digest of the prepared dataset it was drawn for, and
+the settings. Every later stage loads the split through `load_split`, which refuses to run when the
+table was edited after it was written, when it does not match the prepared data, or when a patient is
+on both sides of a split; and stages that consume a model check it with `check_disjoint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctvlab.atomic import atomic_path, digest, write_json_atomic, write_text_atomic
+from ctvlab.config import SplitConfig
+from ctvlab.data.layout import PrepPaths
+from ctvlab.errors import DataError, LeakageError
+
+DL_ROLES = ("train", "val", "test")
+
+
+def draw_dl_roles(patients: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> pd.Series:
+    """Assign train/val/test by patient, stratified by cohort.
+
+    Within each cohort, patients are shuffled and cut by the fractions with largest-remainder rounding;
+    then, if the cohort as a whole left val or test empty (tiny cohorts), one training patient of the
+    largest cohort moves there, so every role has at least one patient when there are three or more.
+
+    Args:
+        patients: one row per patient with `patient_id` and `cohort`.
+        fractions: (train, val, test), summing to 1.
+        seed: random seed; the same seed and patients give the same roles.
+
+    Returns:
+        Series of roles indexed like `patients`.
+    """
+    rng = np.random.default_rng(seed)
+    roles = pd.Series("train", index=patients.index, dtype=object)
+    for _, group in sorted(patients.groupby("cohort"), key=lambda kv: str(kv[0])):
+        idx = group.sort_values("patient_id").index.to_numpy()
+        idx = idx[rng.permutation(len(idx))]
+        counts = _largest_remainder(len(idx), fractions)
+        cut = np.cumsum(counts)
+        roles.loc[idx[cut[0] : cut[1]]] = "val"
+        roles.loc[idx[cut[1] :]] = "test"
+    if len(patients) >= 3:
+        for role in ("val", "test"):
+            if not (roles == role).any():
+                train = roles[roles == "train"]
+                largest = patients.loc[train.index, "cohort"].value_counts().index[0]
+                candidates = sorted(train.index[patients.loc[train.index, "cohort"] == largest])
+                roles.loc[candidates[rng.integers(len(candidates))]] = role
+    return roles
+
+
+def _largest_remainder(n: int, fractions: Iterable[float]) -> np.ndarray:
+    exact = np.asarray(list(fractions)) * n
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    return counts
+
+
+def draw_rf_folds(patients: pd.DataFrame, n_folds: int, seed: int) -> pd.Series:
+    """Assign each patient a cross-validation fold, stratified by cohort and progression type.
+
+    Folds are drawn over patients (never voxels), so a patient's voxels are all in one fold.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if len(patients) < n_folds:
+        raise DataError(f"{len(patients)} patients cannot fill {n_folds} folds; lower split.n_folds")
+    ordered = patients.sort_values("patient_id")
+    strata = (ordered["cohort"].astype(str) + "/" + ordered["progression_type"].astype(str)).to_numpy()
+    cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = pd.Series(-1, index=patients.index, dtype=int)
+    for k, (_, test) in enumerate(cv.split(np.zeros(len(ordered)), strata, groups=ordered["patient_id"])):
+        folds.loc[ordered.index[test]] = k
+    return folds
+
+
+def make_splits(patients: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
+    """The split table: patient_id, dl_role, rf_fold; sorted by patient_id."""
+    for col in ("patient_id", "cohort", "progression_type"):
+        if col not in patients.columns:
+            raise DataError(f"patients table has no column {col!r}")
+    table = pd.DataFrame(
+        {
+            "patient_id": patients["patient_id"].astype(str),
+            "dl_role": draw_dl_roles(patients, cfg.dl_fractions, cfg.seed),
+            "rf_fold": draw_rf_folds(patients, cfg.n_folds, cfg.seed),
+        }
+    )
+    return table.sort_values("patient_id").reset_index(drop=True)
+
+
+def table_digest(table: pd.DataFrame) -> str:
+    records = table.sort_values("patient_id")[["patient_id", "dl_role", "rf_fold"]].to_dict("records")
+    return digest([{k: (int(v) if k == "rf_fold" else str(v)) for k, v in r.items()} for r in records])
+
+
+@dataclass(frozen=True)
+class Split:
+    """A loaded, verified split."""
+
+    table: pd.DataFrame
+    digest: str
+    dataset_digest: str
+    seed: int
+
+    def patients(self, role: str) -> list[str]:
+        if role not in DL_ROLES:
+            raise ValueError(f"unknown role {role!r}; one of {DL_ROLES}")
+        return sorted(self.table.loc[self.table["dl_role"] == role, "patient_id"])
+
+    def folds(self) -> dict[str, int]:
+        return dict(zip(self.table["patient_id"], self.table["rf_fold"].astype(int), strict=True))
+
+
+def write_split(prep: str | Path, cfg: SplitConfig) -> Split:
+    """Draw the splits for a prepared dataset and write splits.parquet and splits.json atomically."""
+    from ctvlab.data.readers import load_dataset_meta, read_patients
+
+    paths = PrepPaths(prep)
+    meta = load_dataset_meta(prep)
+    table = make_splits(read_patients(prep), cfg)
+    d = table_digest(table)
+    with atomic_path(paths.splits) as tmp:
+        table.to_parquet(tmp, index=False)
+    write_json_atomic(
+        paths.splits_json,
+        {"digest": d, "dataset_digest": meta["digest"], "seed": cfg.seed, "settings": cfg.model_dump(mode="json")},
+    )
+    ensure_salt(prep)
+    return Split(table, d, meta["digest"], cfg.seed)
+
+
+def load_split(prep: str | Path, expected_digest: str | None = None) -> Split:
+    """Load and verify the split of a prepared dataset: the leakage guard every stage goes through.
+
+    Raises:
+        DataError: no split yet.
+        LeakageError: the table changed after it was written, it does not cover exactly the prepared
+            patients, its dataset digest is not the current one, it is not the split a caller recorded
+            (`expected_digest`), or a patient appears in more than one row.
+    """
+    from ctvlab.data.readers import load_dataset_meta
+
+    paths = PrepPaths(prep)
+    if not paths.splits.exists() or not paths.splits_json.exists():
+        raise DataError(f"{paths.splits} not found: run `ctvlab split --data {prep}` first")
+    table = pd.read_parquet(paths.splits)
+    recorded = json.loads(paths.splits_json.read_text())
+    if table["patient_id"].duplicated().any():
+        dup = sorted(table.loc[table["patient_id"].duplicated(), "patient_id"])
+        raise LeakageError(f"{paths.splits}: patients listed more than once: {', '.join(dup[:5])}")
+    d = table_digest(table)
+    if d != recorded["digest"]:
+        raise LeakageError(
+            f"{paths.splits} does not match the digest recorded in {paths.splits_json.name}: the split was "
+            "edited after it was drawn. Run `ctvlab split` again (results made with the old split will "
+            "no longer match it)."
+        )
+    meta = load_dataset_meta(prep)
+    if recorded["dataset_digest"] != meta["digest"]:
+        raise LeakageError(
+            f"the split in {prep} was drawn for another version of the prepared data (dataset digest "
+            f"{recorded['dataset_digest'][:12]} vs now {meta['digest'][:12]}). Run `ctvlab split` again."
+        )
+    prepared = set(meta["patients"])
+    listed = set(table["patient_id"])
+    if prepared != listed:
+        extra, missing = sorted(listed - prepared), sorted(prepared - listed)
+        raise LeakageError(
+            f"the split does not match the prepared patients (in split only: {extra[:5]}, prepared only: "
+            f"{missing[:5]}). Run `ctvlab split` again."
+        )
+    if expected_digest is not None and expected_digest != d:
+        raise LeakageError(
+            f"this stage expects split {expected_digest[:12]} but {prep} holds split {d[:12]}: the model "
+            "or results were made with another split."
+        )
+    return Split(table, d, meta["digest"], int(recorded.get("seed", 0)))
+
+
+def check_disjoint(**groups: Iterable[str]) -> None:
+    """Raise LeakageError when any patient is in two of the named groups (e.g. train=..., test=...)."""
+    sets = {name: set(ids) for name, ids in groups.items()}
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            both = sets[a] & sets[b]
+            if both:
+                shown = ", ".join(sorted(both)[:5])
+                raise LeakageError(f"{len(both)} patient(s) in both {a} and {b}: {shown}")
+
+
+def check_fold_map(folds: Mapping[str, int]) -> None:
+    """A fold map assigns each patient exactly one fold (guaranteed by a dict) and uses ≥ 2 folds."""
+    if len(set(folds.values())) < 2:
+        raise LeakageError("cross-validation needs patients in at least two folds")
+
+
+# --- pseudonyms -----------------------------------------------------------------------------------
+
+
+def ensure_salt(prep: str | Path) -> bytes:
+    """The dataset's secret pseudonym salt, created on first use; it never leaves the prepared folder."""
+    path = PrepPaths(prep).salt
+    if not path.exists():
+        write_text_atomic(path, secrets.token_hex(32) + "\n")
+        path.chmod(0o600)
+    return bytes.fromhex(path.read_text().strip())
+
+
+def pseudonym(patient_id: str, salt: bytes) -> str:
+    """Stable keyed pseudonym of a patient id (HMAC-SHA256): what MLflow sees instead of the id."""
+    return "pt-" + hmac.new(salt, patient_id.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+def pseudonymise(prep: str | Path, ids: Iterable[str]) -> dict[str, str]:
+    salt = ensure_salt(prep)
+    return {pid: pseudonym(pid, salt) for pid in ids}

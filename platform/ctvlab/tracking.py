@@ -1,0 +1,292 @@
+"""MLflow tracking: the only module of ctvlab that imports mlflow.
+
+Runs are written through `MlflowClient` with explicit run ids (no global "active run"), so that the same
+code works in a driver, a Ray Train rank-0 worker and a Tune trial, against the default local SQLite store
+or any tracking server. Writes retry with backoff when SQLite reports "database is locked", which many
+concurrent trials can provoke.
+
+Privacy: MLflow never receives patient ids. Callers pass pseudonyms from `ctvlab.splits.pseudonymise`
+(a keyed hash whose salt stays in the prepared dataset folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import random
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ctvlab
+
+DEFAULT_DB = "mlflow.db"
+TAG_DATASET = "ctvlab.dataset_digest"
+TAG_SPLIT = "ctvlab.split_digest"
+TAG_STAGE = "ctvlab.stage"
+TAG_VERSION = "ctvlab.version"
+TAG_COMMIT = "ctvlab.git_commit"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The explicit URI, else $MLFLOW_TRACKING_URI, else a SQLite file in the working directory.
+
+    A relative SQLite path is made absolute so that Ray workers (other working directories) write to
+    the same store as the driver.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///") :]
+        uri = f"sqlite:///{Path(rel).resolve()}"
+    return uri
+
+
+def git_commit() -> str:
+    """The commit of the checkout ctvlab runs from, with '-dirty' for local changes; 'unknown' outside git."""
+    root = Path(ctvlab.__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("CTVLAB_GIT_COMMIT", "unknown")
+    return sha + ("-dirty" if dirty else "")
+
+
+def _retry_locked(fn):
+    """Retry an MLflow write while SQLite reports the database locked (concurrent writers)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        delay = 0.05
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                locked = "database is locked" in str(e) or "database table is locked" in str(e)
+                if not locked or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 2.0)
+
+    return wrapper
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"unet": {"optim": {"lr": 1}}} -> {"unet.optim.lr": 1} (lists become strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """An MLflow experiment and the runs ctvlab writes into it."""
+
+    def __init__(self, experiment: str, tracking_uri: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        self.experiment_name = experiment
+        self._mlflow = mlflow
+        self.experiment_id = self._experiment_id(experiment)
+
+    @_retry_locked
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # created concurrently by another process
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    # --- runs -----------------------------------------------------------------------------------
+
+    @_retry_locked
+    def start_run(self, name: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None) -> str:
+        all_tags = {TAG_VERSION: ctvlab.__version__, TAG_COMMIT: git_commit(), **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
+        )
+        return run.info.run_id
+
+    @_retry_locked
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def run(
+        self, name: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None
+    ) -> Iterator[RunLogger]:
+        """A run that ends FINISHED, or FAILED (KILLED on Ctrl-C) when the block raises."""
+        run_id = self.start_run(name, tags, parent_run_id)
+        try:
+            yield RunLogger(self, run_id)
+        except KeyboardInterrupt:
+            self.end_run(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
+
+    def logger(self, run_id: str) -> RunLogger:
+        return RunLogger(self, run_id)
+
+    def find_runs(self, filter_string: str = "", max_results: int = 1000) -> list[Any]:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=filter_string, max_results=max_results,
+            order_by=["attributes.start_time DESC"],
+        )  # fmt: skip
+
+    def run_url(self, run_id: str) -> str:
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    # --- model registry -------------------------------------------------------------------------
+
+    @_retry_locked
+    def register_model(self, name: str, run_id: str, artifact_path: str, tags: Mapping[str, Any] | None = None):
+        """Register `runs:/<run_id>/<artifact_path>` as a new version of model `name`; return the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+                raise
+        source = f"runs:/{run_id}/{artifact_path}"
+        return self.client.create_model_version(
+            name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+        )
+
+    def download_model(self, model_uri: str, dst: str | Path) -> Path:
+        """Download a model's artifacts (`models:/name/version`, `runs:/id/path`, or a local folder)."""
+        if Path(model_uri).exists():
+            return Path(model_uri)
+        from mlflow.artifacts import download_artifacts
+
+        return Path(download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=self.tracking_uri))
+
+    def model_version_run(self, model_uri: str) -> str | None:
+        """The run id that produced a registered model version (`models:/name/version|latest`)."""
+        if not model_uri.startswith("models:/"):
+            return model_uri.split("/")[1] if model_uri.startswith("runs:/") else None
+        name, _, version = model_uri[len("models:/") :].partition("/")
+        if version in ("", "latest"):
+            versions = self.client.search_model_versions(f"name='{name}'")
+            if not versions:
+                return None
+            return max(versions, key=lambda v: int(v.version)).run_id
+        return self.client.get_model_version(name, version).run_id
+
+
+class RunLogger:
+    """Logging into one run. Values are flattened and batched; NaN metrics are skipped (MLflow rejects none,
+    but NaN breaks the UI's charts), and booleans are logged as 0/1."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker = tracker
+        self.run_id = run_id
+        self.client = tracker.client
+
+    @_retry_locked
+    def params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    @_retry_locked
+    def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for k, v in sorted(flatten(metrics).items()):
+            if isinstance(v, bool):
+                v = int(v)
+            if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                items.append(Metric(k, float(v), now, step or 0))
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    @_retry_locked
+    def tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    @_retry_locked
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def table(self, df, name: str, artifact_path: str = "tables") -> None:
+        """A DataFrame as CSV (readable in the UI's artifact viewer)."""
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            df.to_csv(p, index=False)
+            self.artifact(p, artifact_path)
+
+    def json(self, obj: Any, name: str, artifact_path: str | None = None) -> None:
+        import json
+
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            self.artifact(p, artifact_path)
+
+    @_retry_locked
+    def dataset(self, name: str, digest: str, source: str, context: str = "training", schema_note: str = "") -> None:
+        """Record a dataset input (`mlflow.log_input` equivalent) by name, digest and source, no data."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        import warnings
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": all are the local source
+            warnings.simplefilter("ignore", UserWarning)
+            src = resolve_dataset_source(str(source))
+        ds = MetaDataset(source=src, name=name, digest=digest[:36])
+        entity = ds._to_mlflow_entity()
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
+
+
+def base_tags(stage: str, dataset_digest: str | None = None, split_digest: str | None = None) -> dict[str, str]:
+    tags = {TAG_STAGE: stage}
+    if dataset_digest:
+        tags[TAG_DATASET] = dataset_digest
+    if split_digest:
+        tags[TAG_SPLIT] = split_digest
+    return tags

@@ -1,0 +1,485 @@
+"""Training the 3D U-Net on Ray Train (SPEC: Deep learning CTV).
+
+The driver checks the split (no patient in two roles), builds Ray Datasets over the prepared volumes
+of the training and validation patients, and runs a `TorchTrainer`: each worker receives its shard with
+`get_dataset_shard`, trains with DDP (gloo on CPU, NCCL on GPU, bf16 autocast on GPU), validates every
+epoch on its share of the validation patients, and reports the metrics; rank 0 saves checkpoints (every
+`checkpoint_every` epochs, whenever the selection metric improves, and at the end) and logs the curves
+to MLflow. A lost worker restarts the group from the latest checkpoint (`FailureConfig`); `resume=True`
+continues an interrupted run (same Ray run name and storage) with the same epoch numbering.
+
+After training, the driver writes the best model (selection: validation Tversky at α = 0.02, β = 0.98,
+as in the study) as a state dict plus a JSON spec, logs it to MLflow and registers it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctvlab.config import StudyConfig, UNetConfig
+from ctvlab.data.layout import FEATURES, MASKS, MODALITY_SETS
+from ctvlab.errors import CtvlabError, DataError
+
+SELECTION_METRIC = "val_tversky"  # Methods: model selection by Tversky at α = 0.02, β = 0.98
+MODEL_ARTIFACT = "model"
+WEIGHTS_FILE = "weights.pt"
+SPEC_FILE = "model.json"
+STATE_FILE = "state.pt"
+VAL_KEYS = ("tversky", "pcc", "dice", "sensitivity", "specificity")
+
+
+# --- pieces shared by the Ray Train loop, the plain loop of the benchmark and inference ---------------
+
+
+def prepare_row(row: dict[str, Any], modality_set: str, out_shape: Sequence[int]) -> dict[str, Any]:
+    """A prepared patient row (features, masks) -> network example on the fixed training grid.
+
+    Deterministic: channel selection, min-max normalisation within the brain (missing MRSI = 0), centre
+    padding of the whole 3 mm grid to `out_shape`. Augmentation happens later, per epoch, on the worker.
+    """
+    from ctvlab.unet.inputs import prepare_example
+
+    features, masks = row["features"], row["masks"]
+    box = tuple(slice(0, s) for s in features.shape[1:])
+    ex = prepare_example(features, FEATURES, masks, MASKS, modality_set, box, tuple(out_shape))
+    return {"patient_id": row["patient_id"], **ex}
+
+
+def input_shape(prep: Path, patient_ids: Iterable[str]) -> tuple[int, int, int]:
+    """The fixed network grid: the largest prepared grid among the given patients, a multiple of 8."""
+    from ctvlab.data.readers import load_dataset_meta
+    from ctvlab.unet.inputs import fit_shape
+
+    meta = load_dataset_meta(prep)
+    shapes = meta.get("shapes") or {}
+    wanted = [tuple(shapes[p]) for p in patient_ids if p in shapes]
+    base = np.max(np.asarray(wanted), axis=0) if wanted else np.asarray(meta["max_shape"])
+    return tuple(int(s) for s in fit_shape(tuple(int(x) for x in base), multiple=8))
+
+
+def autocast_context(device, mode: str):
+    """bf16 autocast on CUDA (mode auto/bf16); a no-op on CPU, where bf16 convolutions are slow."""
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda" and mode in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batch_to_tensors(examples: list[dict[str, np.ndarray]], device):
+    import torch
+
+    def stack(key):
+        return torch.from_numpy(np.stack([np.asarray(e[key], dtype=np.float32) for e in examples])).to(device)
+
+    return stack("image"), stack("label"), stack("brain")
+
+
+def val_metrics_for(prob: np.ndarray, label: np.ndarray, brain: np.ndarray, threshold: float) -> dict[str, float]:
+    """Validation metrics of one patient on the training grid (arrays (X, Y, Z))."""
+    from ctvlab.ctv import metrics as M
+
+    pred = prob >= threshold
+    target, b = label > 0.5, brain > 0.5
+    return {
+        "tversky": M.tversky(pred, target, b, alpha=0.02, beta=0.98),
+        "pcc": M.pcc(pred, target, b),
+        "dice": M.dice(pred, target, b),
+        "sensitivity": M.sensitivity(pred, target, b),
+        "specificity": M.specificity(pred, target, b),
+    }
+
+
+def mean_metrics(per_patient: list[dict[str, float]], prefix: str = "val_") -> dict[str, float]:
+    out = {}
+    for k in VAL_KEYS:
+        vals = np.array([p[k] for p in per_patient], dtype=float)
+        vals = vals[np.isfinite(vals)]
+        out[prefix + k] = float(vals.mean()) if vals.size else float("nan")
+    return out
+
+
+# --- the training loop run by every Ray Train worker ----------------------------------------------
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: one DDP rank. `config` holds the resolved UNetConfig and the run settings."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ctvlab.unet.augment import build_augmentation
+    from ctvlab.unet.losses import make_loss
+    from ctvlab.unet.model import build_unet, model_spec
+    from ctvlab.unet.optim import build_optimizer
+
+    ucfg = UNetConfig.model_validate(config["unet"])
+    tcfg = ucfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    torch.manual_seed(tcfg.seed + rank)
+    device = ray.train.torch.get_device()
+
+    in_channels = len(MODALITY_SETS[ucfg.model.modality_set])
+    model = build_unet(ucfg.model, in_channels)
+    spec = model_spec(ucfg.model, in_channels)
+    optimizer = build_optimizer(model.parameters(), ucfg.optim)
+    loss_fn = make_loss(ucfg.loss)
+
+    start_epoch, best, best_epoch, history = 0, -float("inf"), -1, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"]) + 1
+        best, best_epoch = float(state["best"]), int(state["best_epoch"])
+        history = json.loads(state["history"])
+    model = ray.train.torch.prepare_model(model)
+    _optimizer_to(optimizer, device)
+
+    tracker_logger = _rank0_logger(config) if rank == 0 else None
+    fault = config.get("inject_failure")
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, tcfg.epochs):
+        if fault and epoch == fault["epoch"] and rank == 0 and not Path(fault["marker"]).exists():
+            Path(fault["marker"]).write_text("failed once\n")
+            raise RuntimeError(f"injected worker failure at epoch {epoch}")
+        t0 = time.perf_counter()
+        model.train()
+        seed = tcfg.seed * 1_000_003 + epoch * 1009 + rank
+        augment = build_augmentation(ucfg.augment, seed=seed)
+        losses, n_vols = [], 0
+        for batch in train_shard.iter_batches(
+            batch_size=tcfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=8,
+            local_shuffle_seed=seed, prefetch_batches=1,
+        ):  # fmt: skip
+            examples = [
+                augment({"image": batch["image"][i], "label": batch["label"][i], "brain": batch["brain"][i]})
+                for i in range(len(batch["patient_id"]))
+            ]
+            x, y, brain = batch_to_tensors(examples, device)
+            with autocast_context(device, tcfg.mixed_precision):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y, brain, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            n_vols += len(examples)
+        train_time = time.perf_counter() - t0
+
+        per_patient = _validate(model, val_shard, device, tcfg) if (epoch + 1) % tcfg.val_every == 0 else []
+        if world > 1:
+            per_patient = _all_gather(per_patient)
+            losses = [x for part in _all_gather(losses) for x in part]
+            n_vols = int(sum(_all_gather([n_vols])))
+        metrics = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_volumes": n_vols,
+            "epoch_seconds": time.perf_counter() - t0,
+            "train_seconds": train_time,
+            **(mean_metrics(per_patient) if per_patient else {}),
+        }
+        score = metrics.get(SELECTION_METRIC, float("nan"))
+        improved = bool(np.isfinite(score) and score > best)
+        if improved:
+            best, best_epoch = float(score), epoch
+        metrics.update({"best_val_tversky": best, "best_epoch": best_epoch, "is_best": int(improved)})
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+        last = epoch == tcfg.epochs - 1
+        save = rank == 0 and (improved or last or (epoch + 1) % tcfg.checkpoint_every == 0)
+        if tracker_logger is not None:
+            tracker_logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if save:
+            with tempfile.TemporaryDirectory() as d:
+                state = {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                    "history": json.dumps(history),
+                }  # fmt: skip
+                torch.save(state, Path(d) / STATE_FILE)
+                torch.save(_unwrap(model).state_dict(), Path(d) / WEIGHTS_FILE)
+                (Path(d) / SPEC_FILE).write_text(json.dumps({**spec, "epoch": epoch}, indent=2))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def _validate(model, val_shard, device, tcfg) -> list[dict[str, float]]:
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for batch in val_shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
+            x, y, brain = batch_to_tensors(
+                [{"image": batch["image"][0], "label": batch["label"][0], "brain": batch["brain"][0]}], device
+            )
+            with autocast_context(device, tcfg.mixed_precision):
+                logits = model(x)
+            prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+            out.append(val_metrics_for(prob, batch["label"][0][0], batch["brain"][0][0], tcfg.threshold))
+    return out
+
+
+def _all_gather(obj: list) -> list:
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return [x for part in parts for x in part]
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _optimizer_to(optimizer, device) -> None:
+    """Move optimizer state loaded on the CPU to the training device (resume on GPU)."""
+    import torch
+
+    for state in optimizer.state.values():
+        if isinstance(state, dict):
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    state[k] = v.to(device)
+
+
+def _rank0_logger(config: dict[str, Any]):
+    run_id = config.get("mlflow_run_id")
+    if not run_id:
+        return None
+    from ctvlab.tracking import Tracker
+
+    return Tracker(config["experiment"], config["tracking_uri"]).logger(run_id)
+
+
+# --- the driver --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished training run produced."""
+
+    run_id: str | None
+    model_dir: Path
+    model_uri: str | None
+    best_metrics: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_datasets(prep: Path, train_ids: Sequence[str], val_ids: Sequence[str], modality_set: str, shape):
+    """Ray Datasets of ready network examples for the train and val patients (lazy; read by tasks)."""
+    from functools import partial
+
+    from ctvlab.data.readers import read_volumes
+
+    fn = partial(prepare_row, modality_set=modality_set, out_shape=shape)
+    return read_volumes(prep, train_ids).map(fn), read_volumes(prep, val_ids).map(fn)
+
+
+def build_trainer(
+    prep: Path,
+    ucfg: UNetConfig,
+    train_ids: Sequence[str],
+    val_ids: Sequence[str],
+    *,
+    storage_path: Path | str,
+    run_name: str,
+    loop_extra: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+):
+    """A configured TorchTrainer for one training run (used by `train_unet` and by each Tune trial)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    tcfg = ucfg.train
+    shape = input_shape(prep, list(train_ids) + list(val_ids))
+    train_ds, val_ds = build_datasets(prep, train_ids, val_ids, ucfg.model.modality_set, shape)
+    resources = {"CPU": tcfg.cpus_per_worker}
+    if tcfg.use_gpu:
+        resources["GPU"] = 1
+    loop_config = {
+        "unet": ucfg.model_dump(mode="json"),
+        "input_shape": list(shape),
+        "threads_per_worker": max(1, int(tcfg.cpus_per_worker)),
+        **(loop_extra or {}),
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=tcfg.keep_checkpoints,
+                checkpoint_score_attribute=SELECTION_METRIC,
+                checkpoint_score_order="max",
+            ),
+            callbacks=callbacks,
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
+    )
+
+
+def best_checkpoint(result):
+    """The checkpoint with the highest validation Tversky among those kept (falls back to the latest)."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if np.isfinite(m.get(SELECTION_METRIC, np.nan))]
+    if scored:
+        return max(scored, key=lambda cm: cm[1][SELECTION_METRIC])
+    return result.checkpoint, result.metrics or {}
+
+
+def export_model(checkpoint, dst: Path, extra_spec: dict[str, Any]) -> Path:
+    """Copy the weights (state dict only) and the model spec out of a checkpoint into `dst`."""
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    with checkpoint.as_directory() as d:
+        shutil.copy2(Path(d) / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+        spec = json.loads((Path(d) / SPEC_FILE).read_text())
+    spec.update(extra_spec)
+    (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
+    os.replace(tmp, dst)
+    return dst
+
+
+def train_unet(
+    cfg: StudyConfig,
+    prep: Path | None = None,
+    *,
+    resume: bool = False,
+    run_name: str | None = None,
+    register: bool = True,
+    parent_run_id: str | None = None,
+    inject_failure_at: int | None = None,
+    console=None,
+) -> TrainOutcome:
+    """Train the U-Net of `cfg.unet` on the split of a prepared dataset; log and register the best model.
+
+    Args:
+        cfg: the study config (unet, split, tracking, ray sections).
+        prep: prepared dataset folder (default: the study's).
+        resume: continue the last interrupted run of this study from its latest checkpoint.
+        run_name: Ray run name (default: a new timestamped one, or the last one when resuming).
+        register: register the best model in the MLflow Model Registry.
+        parent_run_id: nest the MLflow run under this one (used by the search).
+        inject_failure_at: test hook: rank 0 raises once at this epoch (fault-tolerance tests).
+    """
+    from ctvlab.runtime import init_ray
+    from ctvlab.splits import check_disjoint, load_split, pseudonymise
+    from ctvlab.tracking import Tracker, base_tags
+
+    prep = Path(prep or cfg.prep_dir).resolve()
+    split = load_split(prep)
+    train_ids, val_ids, test_ids = split.patients("train"), split.patients("val"), split.patients("test")
+    check_disjoint(train=train_ids, val=val_ids, test=test_ids)
+    if not train_ids or not val_ids:
+        raise DataError(f"the split of {prep} has no training or no validation patients")
+    ucfg = cfg.unet
+    storage = Path(cfg.workdir, "ray").resolve()
+    pointer = Path(cfg.workdir, "train_last_run.json").resolve()
+    previous = json.loads(pointer.read_text()) if pointer.exists() else None
+    if resume:
+        if previous is None:
+            raise CtvlabError(f"nothing to resume: no earlier training run recorded in {pointer}")
+        if previous.get("split_digest") != split.digest:
+            raise CtvlabError("cannot resume: the split changed since that run; start a new run instead")
+        run_name = run_name or previous["run_name"]
+        mlflow_run_id = previous.get("mlflow_run_id")
+    else:
+        run_name = run_name or time.strftime("unet-%Y%m%d-%H%M%S")
+        mlflow_run_id = None
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
+    names = pseudonymise(prep, train_ids + val_ids)
+    if mlflow_run_id is None:
+        mlflow_run_id = tracker.start_run(
+            "train", base_tags("train", split.dataset_digest, split.digest), parent_run_id=parent_run_id
+        )
+        log = tracker.logger(mlflow_run_id)
+        log.params({"unet": ucfg.model_dump(mode="json"), "n_train": len(train_ids), "n_val": len(val_ids)})
+        log.dataset("prepared", split.dataset_digest, str(prep), context="training")
+        log.json({"train": sorted(names[p] for p in train_ids), "val": sorted(names[p] for p in val_ids)},
+                 "patients.json", "split")  # fmt: skip
+    from ctvlab.atomic import write_json_atomic
+
+    write_json_atomic(pointer, {"run_name": run_name, "mlflow_run_id": mlflow_run_id, "split_digest": split.digest})
+
+    extra = {"mlflow_run_id": mlflow_run_id, "experiment": tracker.experiment_name,
+             "tracking_uri": tracker.tracking_uri}  # fmt: skip
+    if inject_failure_at is not None:
+        extra["inject_failure"] = {"epoch": inject_failure_at, "marker": str(storage / f"{run_name}.fault")}
+    trainer = build_trainer(prep, ucfg, train_ids, val_ids, storage_path=storage, run_name=run_name, loop_extra=extra)
+    try:
+        result = trainer.fit()
+    except Exception as e:  # a run that failed beyond max_failures: say why, keep the checkpoints
+        tracker.end_run(mlflow_run_id, "FAILED")
+        raise CtvlabError(
+            f"training failed after {ucfg.train.max_failures} restart(s): {e}. Checkpoints are kept in "
+            f"{storage / run_name}; fix the cause and run again with --resume."
+        ) from None
+    ckpt, best = best_checkpoint(result)
+    if ckpt is None:
+        raise CtvlabError("training finished without a checkpoint; increase unet.train.epochs")
+    model_dir = Path(cfg.results_dir, "model").resolve()
+    export_model(ckpt, model_dir, {
+        "split_digest": split.digest, "dataset_digest": split.dataset_digest,
+        "train_patients": sorted(names[p] for p in train_ids), "val_patients": sorted(names[p] for p in val_ids),
+        "input_shape": list(input_shape(prep, train_ids + val_ids)), "mlflow_run_id": mlflow_run_id,
+    })  # fmt: skip
+    log = tracker.logger(mlflow_run_id)
+    history = _history(result)
+    log.metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
+    log.artifact(model_dir, MODEL_ARTIFACT)
+    model_uri = f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT}"
+    if register:
+        version = tracker.register_model(ucfg.registered_model_name, mlflow_run_id, MODEL_ARTIFACT,
+                                         tags={"split_digest": split.digest})  # fmt: skip
+        model_uri = f"models:/{ucfg.registered_model_name}/{version.version}"
+        log.tags({"ctvlab.registered_model": model_uri})
+    tracker.end_run(mlflow_run_id, "FINISHED")
+    return TrainOutcome(
+        run_id=mlflow_run_id, model_dir=model_dir, model_uri=model_uri,
+        best_metrics={k: float(v) for k, v in best.items() if isinstance(v, (int, float))},
+        best_epoch=int(best.get("epoch", -1)), epochs_run=len(history), history=history,
+    )  # fmt: skip
+
+
+def _history(result) -> list[dict[str, float]]:
+    df = getattr(result, "metrics_dataframe", None)
+    if df is not None and len(df):
+        return df.to_dict("records")
+    return [result.metrics] if result.metrics else []
