@@ -89,6 +89,160 @@ def schemas(
         _console().print(f"wrote {path}")
 
 
+# --- options shared by the stage commands --------------------------------------------------------------
+
+ConfigOpt = Annotated[Path | None, Opt("--config", "-c", help="Study config (YAML); default: the study's settings.")]
+DataOpt = Annotated[Path, Opt("--data", help="Prepared dataset folder (the output of `ctvlab preprocess`).")]
+TrackingOpt = Annotated[
+    str | None, Opt("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
+]
+AddressOpt = Annotated[str | None, Opt("--address", help="Ray cluster address (default: a local Ray).")]
+
+
+def _stage_config(config: Path | None, data: Path | None = None, tracking_uri: str | None = None,
+                  address: str | None = None):
+    """The study config with command-line overrides. With --data, results go next to the prepared data
+    (PREP/../results), as `ctvlab run` lays them out."""
+    cfg = _study(config)
+    if data is not None:
+        cfg.workdir = Path(data).resolve().parent
+    if tracking_uri:
+        cfg.tracking.tracking_uri = tracking_uri
+    if address:
+        cfg.ray.address = address
+    return cfg
+
+
+@app.command()
+def preprocess(
+    raw: Annotated[Path, Opt("--raw", help="Cohort folder (manifest.csv + NIfTI files).")],
+    out: Annotated[Path, Opt("--out", help="Prepared dataset folder to write.")],
+    voxel_mm: Annotated[float | None, Opt("--voxel-mm", help="Output voxel size in mm (default 3).")] = None,
+    ring_mm: Annotated[float | None, Opt("--ring-mm", help="Analysis ring around the T2L in mm (default 40).")] = None,
+    address: AddressOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Resample to 3 mm, normalise to the NAV mode, derive regions; write volumes and voxel tables (Ray Data)."""
+    from ctvlab.preprocess.pipeline import preprocess_cohort, print_preprocess_report
+
+    cfg = _stage_config(config, address=address)
+    pcfg = cfg.preprocess.model_copy(
+        update={k: v for k, v in {"voxel_mm": voxel_mm, "ring_mm": ring_mm}.items() if v is not None}
+    )
+    console = _console()
+    report = preprocess_cohort(raw, out, pcfg, address=cfg.ray.address, console=console)
+    print_preprocess_report(report, console)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def split(
+    data: DataOpt,
+    seed: Annotated[int | None, Opt("--seed", help="Random seed (default 0).")] = None,
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Draw the patient splits: train/val/test for the U-Net and 5 CV folds for the voxel models."""
+    from ctvlab.stages import split_stage
+
+    cfg = _stage_config(config, data, tracking_uri)
+    if seed is not None:
+        cfg.split.seed = seed
+    result, run_id = split_stage(cfg, data)
+    counts = result.table["dl_role"].value_counts()
+    _console().print(
+        f"split {result.digest[:12]}: train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
+        f"test {counts.get('test', 0)}; {cfg.split.n_folds} CV folds. Written to {data / 'splits.parquet'}; "
+        f"MLflow run {run_id}"
+    )
+
+
+@app.command()
+def train(
+    data: DataOpt,
+    config: ConfigOpt = None,
+    num_workers: Annotated[int | None, Opt("--num-workers", help="Ray Train workers (DDP ranks).")] = None,
+    use_gpu: Annotated[bool, Opt("--use-gpu", help="One GPU per worker (NCCL, bf16 autocast).")] = False,
+    resume: Annotated[bool, Opt("--resume", help="Continue the last interrupted run from its checkpoint.")] = False,
+    tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Train the 3D U-Net on Ray Train; log curves and register the best model in MLflow."""
+    from ctvlab.unet.train import train_unet
+
+    cfg = _stage_config(config, data, tracking_uri, address)
+    if num_workers is not None:
+        cfg.unet.train.num_workers = num_workers
+    if use_gpu:
+        cfg.unet.train.use_gpu = True
+    outcome = train_unet(cfg, data, resume=resume)
+    best = ", ".join(f"{k} {v:.3f}" for k, v in sorted(outcome.best_metrics.items()) if k.startswith("val_"))
+    _console().print(
+        f"best epoch {outcome.best_epoch}: {best}\nmodel: {outcome.model_dir}\nregistered: {outcome.model_uri} "
+        f"(MLflow run {outcome.run_id})"
+    )
+
+
+@app.command()
+def tune(
+    data: DataOpt,
+    config: ConfigOpt = None,
+    resume: Annotated[bool, Opt("--resume", help="Restore the last interrupted search (finished trials are kept).")] = False,
+    ablation: Annotated[bool, Opt("--ablation", help="Modality ablation (Fig. 2): a random search per input set.")] = False,
+    tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Hyperparameter search on Ray Tune (grid, then random search), or the modality ablation."""
+    cfg = _stage_config(config, data, tracking_uri, address)
+    console = _console()
+    if ablation:
+        from ctvlab.unet.ablation import print_ablation, run_ablation
+
+        print_ablation(run_ablation(cfg, data), console)
+        return
+    from ctvlab.unet.tune import print_search, tune_study
+
+    print_search(tune_study(cfg, data, resume=resume), console)
+
+
+@app.command()
+def evaluate(
+    data: DataOpt,
+    model_uri: Annotated[
+        str | None, Opt("--model-uri", help="models:/name/version, runs:/id/model or a folder (default: latest registered).")
+    ] = None,
+    split_name: Annotated[str, Opt("--split", help="Patients to evaluate: test (default) or val.")] = "test",
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Model CTV vs RTOG and EORTC CTVs: metrics, Wilcoxon tests, figures, NIfTI CTVs, one MLflow run."""
+    from ctvlab.ctv.evaluate import evaluate_study, print_evaluation
+
+    cfg = _stage_config(config, data, tracking_uri)
+    console = _console()
+    print_evaluation(evaluate_study(cfg, data, model_uri=model_uri, split_name=split_name, console=console), console)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, Opt("--port", help="Port on 127.0.0.1.")] = 5000,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Open the MLflow UI over the local store (bound to 127.0.0.1 only)."""
+    import os
+    import subprocess
+
+    from ctvlab.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("http"):
+        _console().print(f"{uri} is a tracking server: open it in a browser.")
+        return
+    _console().print(f"MLflow UI over {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+
+
 def _study(config: Path | None):
     from ctvlab.config import StudyConfig, load_config
 

@@ -79,17 +79,31 @@ def _largest_remainder(n: int, fractions: Iterable[float]) -> np.ndarray:
 def draw_rf_folds(patients: pd.DataFrame, n_folds: int, seed: int) -> pd.Series:
     """Assign each patient a cross-validation fold, stratified by cohort and progression type.
 
-    Folds are drawn over patients (never voxels), so a patient's voxels are all in one fold.
+    Folds are drawn over patients (never voxels), so a patient's voxels are all in one fold. A small
+    cohort whose every stratum is smaller than the number of folds cannot be stratified that finely: the
+    strata are then coarsened to the cohort alone, and at last to none (shuffled folds of equal size).
     """
-    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.model_selection import KFold, StratifiedGroupKFold
 
     if len(patients) < n_folds:
         raise DataError(f"{len(patients)} patients cannot fill {n_folds} folds; lower split.n_folds")
     ordered = patients.sort_values("patient_id")
-    strata = (ordered["cohort"].astype(str) + "/" + ordered["progression_type"].astype(str)).to_numpy()
-    cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    groups = ordered["patient_id"].to_numpy()
+    x = np.zeros(len(ordered))
+    candidates = [
+        (ordered["cohort"].astype(str) + "/" + ordered["progression_type"].astype(str)).to_numpy(),
+        ordered["cohort"].astype(str).to_numpy(),
+    ]
+    splits = None
+    for strata in candidates:
+        if pd.Series(strata).value_counts().max() >= n_folds:
+            cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+            splits = cv.split(x, strata, groups=groups)
+            break
+    if splits is None:
+        splits = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x)
     folds = pd.Series(-1, index=patients.index, dtype=int)
-    for k, (_, test) in enumerate(cv.split(np.zeros(len(ordered)), strata, groups=ordered["patient_id"])):
+    for k, (_, test) in enumerate(splits):
         folds.loc[ordered.index[test]] = k
     return folds
 
@@ -182,7 +196,7 @@ def load_split(prep: str | Path, expected_digest: str | None = None) -> Split:
             f"the split in {prep} was drawn for another version of the prepared data (dataset digest "
             f"{recorded['dataset_digest'][:12]} vs now {meta['digest'][:12]}). Run `ctvlab split` again."
         )
-    prepared = set(meta["patients"])
+    prepared = {p["patient_id"] if isinstance(p, dict) else p for p in meta["patients"]}
     listed = set(table["patient_id"])
     if prepared != listed:
         extra, missing = sorted(listed - prepared), sorted(prepared - listed)

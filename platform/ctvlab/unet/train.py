@@ -35,6 +35,7 @@ MODEL_ARTIFACT = "model"
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"
 STATE_FILE = "state.pt"
+HISTORY_FILE = "history.json"
 VAL_KEYS = ("tversky", "pcc", "dice", "sensitivity", "specificity")
 
 
@@ -185,10 +186,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             n_vols += len(examples)
         train_time = time.perf_counter() - t0
 
-        per_patient = _validate(model, val_shard, device, tcfg) if (epoch + 1) % tcfg.val_every == 0 else []
+        # Rank 0 validates every validation patient (the val set is small and not split across workers);
+        # the others wait at the gather below.
+        validate_now = (epoch + 1) % tcfg.val_every == 0 or epoch == tcfg.epochs - 1
+        per_patient = _validate(model, val_shard, device, tcfg) if validate_now and rank == 0 else []
         if world > 1:
             per_patient = _all_gather(per_patient)
-            losses = [x for part in _all_gather(losses) for x in part]
+            losses = _all_gather(losses)
             n_vols = int(sum(_all_gather([n_vols])))
         metrics = {
             "epoch": epoch,
@@ -220,6 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save(state, Path(d) / STATE_FILE)
                 torch.save(_unwrap(model).state_dict(), Path(d) / WEIGHTS_FILE)
                 (Path(d) / SPEC_FILE).write_text(json.dumps({**spec, "epoch": epoch}, indent=2))
+                (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -297,7 +302,8 @@ def build_datasets(prep: Path, train_ids: Sequence[str], val_ids: Sequence[str],
     from ctvlab.data.readers import read_volumes
 
     fn = partial(prepare_row, modality_set=modality_set, out_shape=shape)
-    return read_volumes(prep, train_ids).map(fn), read_volumes(prep, val_ids).map(fn)
+    train = read_volumes(prep, train_ids).map(fn).randomize_block_order()
+    return train, read_volumes(prep, val_ids).map(fn)
 
 
 def build_trainer(
@@ -320,7 +326,7 @@ def build_trainer(
     train_ds, val_ds = build_datasets(prep, train_ids, val_ids, ucfg.model.modality_set, shape)
     resources = {"CPU": tcfg.cpus_per_worker}
     if tcfg.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = tcfg.gpus_per_worker
     loop_config = {
         "unet": ucfg.model_dump(mode="json"),
         "input_shape": list(shape),
@@ -345,7 +351,10 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
+        # Train is split across workers (equal shards: DDP ranks must take the same number of steps, so a
+        # remainder patient sits out an epoch; block order is reshuffled every epoch so it is not always
+        # the same one). Val is not split: rank 0 validates every validation patient.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
@@ -479,7 +488,9 @@ def train_unet(
 
 
 def _history(result) -> list[dict[str, float]]:
-    df = getattr(result, "metrics_dataframe", None)
-    if df is not None and len(df):
-        return df.to_dict("records")
-    return [result.metrics] if result.metrics else []
+    """Every epoch's reported metrics, from the latest checkpoint (it carries the whole history)."""
+    if result.checkpoint is None:
+        return [result.metrics] if result.metrics else []
+    with result.checkpoint.as_directory() as d:
+        path = Path(d) / HISTORY_FILE
+        return json.loads(path.read_text()) if path.exists() else []

@@ -1,0 +1,441 @@
+"""Hyperparameter search on Ray Tune (SPEC: Hyperparameter search; the paper's Methods).
+
+As in the study, the search has two steps: a coarse grid over learning rate, base features and batch size
+finds the region of good settings, then random search (30 trials by default) samples within the ranges
+around the best grid cell, over learning rate (log-uniform), base features, batch size, loss and Tversky β
+schedule. Each trial is one Ray Train run of `ctvlab.unet.train` launched from a Tune function trainable;
+`TuneReportCallback` passes the per-epoch metrics to Tune, whose target is the validation Tversky
+coefficient (α = 0.02, β = 0.98), maximised. ASHA can stop weak trials early.
+
+MLflow: one parent run per search, a nested child run per trial (its config and curve, written by the
+trial's rank-0 worker), and on the parent the search space, the narrowed ranges, a table of every trial,
+the best configuration and metric. The best trial's model is registered as the model of the study.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ctvlab.config import BetaSchedule, GridSpace, SearchSpace, StudyConfig, TuneConfig, UNetConfig
+from ctvlab.errors import CtvlabError, DataError
+
+TARGET = "val_tversky"
+BEST_TARGET = "best_val_tversky"
+TRIAL_PARAMS = ("lr", "base_features", "batch_size", "loss", "beta_schedule", "modality_set")
+
+
+# --- search spaces (pure) ------------------------------------------------------------------------
+
+
+def trial_unet_config(base: UNetConfig, params: dict[str, Any], tcfg: TuneConfig) -> UNetConfig:
+    """The U-Net settings of one trial: the study's settings with the trial's sampled values."""
+    u = base.model_copy(deep=True)
+    if "lr" in params:
+        u.optim.lr = float(params["lr"])
+    if "base_features" in params:
+        u.model.base_features = int(params["base_features"])
+    if "batch_size" in params:
+        u.train.batch_size = int(params["batch_size"])
+    if "loss" in params:
+        u.loss.name = params["loss"]
+    if "beta_schedule" in params:
+        u.loss.beta = BetaSchedule.model_validate(params["beta_schedule"])
+    if "modality_set" in params:
+        u.model.modality_set = params["modality_set"]
+    u.train.epochs = tcfg.epochs_per_trial
+    u.train.cpus_per_worker = tcfg.cpus_per_trial
+    if tcfg.gpus_per_trial > 0:
+        u.train.use_gpu = True
+        u.train.gpus_per_worker = tcfg.gpus_per_trial
+    u.train.checkpoint_every = max(u.train.checkpoint_every, tcfg.epochs_per_trial)  # best + last suffice
+    return u
+
+
+def grid_param_space(grid: GridSpace, space: SearchSpace, modality_set: str) -> dict[str, Any]:
+    from ray import tune
+
+    return {
+        "lr": tune.grid_search(list(grid.lr)),
+        "base_features": tune.grid_search(list(grid.base_features)),
+        "batch_size": tune.grid_search(list(grid.batch_size)),
+        "loss": space.loss[0],
+        "beta_schedule": space.beta_schedule[0].model_dump(mode="json"),
+        "modality_set": modality_set,
+    }
+
+
+def random_param_space(space: SearchSpace, modality_set: str) -> dict[str, Any]:
+    from ray import tune
+
+    def choice(values):
+        return tune.choice(values) if len(values) > 1 else values[0]
+
+    return {
+        "lr": tune.loguniform(space.lr.low, space.lr.high) if space.lr.high > space.lr.low else space.lr.low,
+        "base_features": choice(list(space.base_features)),
+        "batch_size": choice(list(space.batch_size)),
+        "loss": choice(list(space.loss)),
+        "beta_schedule": choice([b.model_dump(mode="json") for b in space.beta_schedule]),
+        "modality_set": modality_set,
+    }
+
+
+def _neighbours(values: list[float], best: float) -> tuple[float, float]:
+    """The grid values on either side of `best` (itself at an edge of the grid)."""
+    ordered = sorted(set(values))
+    i = ordered.index(best)
+    return ordered[max(i - 1, 0)], ordered[min(i + 1, len(ordered) - 1)]
+
+
+def narrow_space(grid_results: pd.DataFrame, grid: GridSpace, space: SearchSpace) -> SearchSpace:
+    """Random-search ranges from the grid step: around the best grid cell, bounded by its neighbours.
+
+    Learning rate: log-uniform between the geometric midpoints of the best grid value and its neighbours
+    (the best value ×/÷ the grid ratio at an edge). Base features and batch size: the choices of the
+    configured space that lie between the best grid value's neighbours (at least the best value itself).
+
+    Args:
+        grid_results: one row per finished grid trial with columns lr, base_features, batch_size and
+            BEST_TARGET.
+    """
+    ok = grid_results.dropna(subset=[BEST_TARGET])
+    if ok.empty:
+        return space
+    best = ok.loc[ok[BEST_TARGET].idxmax()]
+    lo, hi = _neighbours(list(grid.lr), float(best["lr"]))
+    b = float(best["lr"])
+    ratio = (hi / lo) ** 0.5 if hi > lo else 3.0
+    low = math.sqrt(lo * b) if lo < b else b / ratio
+    high = math.sqrt(hi * b) if hi > b else b * ratio
+
+    def between(choices: list[int], grid_values: list[int], best_value: int) -> list[int]:
+        lo_, hi_ = _neighbours(list(grid_values), best_value)
+        kept = sorted({c for c in choices if lo_ <= c <= hi_} | {best_value})
+        return kept
+
+    return space.model_copy(
+        update={
+            "lr": space.lr.model_copy(update={"low": low, "high": high}),
+            "base_features": between(list(space.base_features), list(grid.base_features), int(best["base_features"])),
+            "batch_size": between(list(space.batch_size), list(grid.batch_size), int(best["batch_size"])),
+        }
+    )
+
+
+# --- the trial -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchContext:
+    """Everything a trial needs besides its sampled parameters (put in the object store once)."""
+
+    study: dict[str, Any]
+    prep: str
+    train_ids: list[str]
+    val_ids: list[str]
+    storage: str
+    search_name: str
+    parent_run_id: str | None
+    experiment: str
+    tracking_uri: str
+    extra_spec: dict[str, Any] = field(default_factory=dict)
+
+
+def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
+    """Tune function trainable: one U-Net training run with the trial's parameters (a Ray Train driver)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ctvlab.tracking import Tracker, base_tags
+    from ctvlab.unet.train import best_checkpoint, build_trainer, export_model
+
+    study = StudyConfig.model_validate(ctx.study)
+    ucfg = trial_unet_config(study.unet, params, study.tune)
+    tctx = ray.tune.get_context()
+    trial_id, trial_dir = tctx.get_trial_id(), Path(tctx.get_trial_dir())
+    tracker = Tracker(ctx.experiment, ctx.tracking_uri)
+    shown = {k: params[k] for k in TRIAL_PARAMS if k in params}
+    run_id = tracker.start_run(f"trial-{trial_id}", {**base_tags("tune-trial"), "ctvlab.trial_id": trial_id,
+                                                     "ctvlab.search": ctx.search_name}, ctx.parent_run_id)  # fmt: skip
+    log = tracker.logger(run_id)
+    log.params({"trial": shown, "unet": ucfg.model_dump(mode="json")})
+    try:
+        if params.get("_inject_failure"):
+            raise RuntimeError("injected trial failure (fault-tolerance test hook)")
+        trainer = build_trainer(
+            Path(ctx.prep), ucfg, ctx.train_ids, ctx.val_ids,
+            storage_path=ctx.storage, run_name=f"{ctx.search_name}-{trial_id}",
+            loop_extra={"mlflow_run_id": run_id, "experiment": ctx.experiment, "tracking_uri": ctx.tracking_uri},
+            callbacks=[TuneReportCallback()],
+        )  # fmt: skip
+        result = trainer.fit()
+        ckpt, best = best_checkpoint(result)
+        if ckpt is not None:
+            model_dir = export_model(ckpt, trial_dir / "model", {**ctx.extra_spec, "trial_id": trial_id,
+                                                                  "mlflow_run_id": run_id})  # fmt: skip
+            log.artifact(model_dir, "model")
+        log.metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.end_run(run_id, "FINISHED")
+
+
+# --- the search driver -----------------------------------------------------------------------------
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    parent_run_id: str | None
+    trials: pd.DataFrame
+    best_params: dict[str, Any]
+    best_metric: float
+    best_model_dir: Path | None
+    space: dict[str, Any]
+    n_failed: int
+    elapsed_s: float
+    model_uri: str | None = None
+
+
+def _param_space_with_hooks(space: dict[str, Any], fail_trials: int) -> dict[str, Any]:
+    if fail_trials:
+        from ray import tune
+
+        return {**space, "_inject_failure": tune.grid_search([True] * fail_trials + [False])}
+    return space
+
+
+def run_search(
+    cfg: StudyConfig,
+    prep: Path,
+    param_space: dict[str, Any],
+    *,
+    name: str,
+    num_samples: int,
+    parent_run_id: str | None,
+    resume: bool = False,
+    use_asha: bool | None = None,
+    extra_spec: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Run (or resume) one Tune search of U-Net trials; returns one row per trial."""
+    import ray.tune
+    from ray import tune
+
+    from ctvlab.splits import load_split
+    from ctvlab.tracking import resolve_tracking_uri
+
+    prep = Path(prep).resolve()
+    split = load_split(prep)
+    tcfg = cfg.tune
+    storage = Path(cfg.workdir, "ray").resolve()
+    ctx = SearchContext(
+        study=cfg.model_dump(mode="json"), prep=str(prep),
+        train_ids=split.patients("train"), val_ids=split.patients("val"),
+        storage=str(storage / "trials"), search_name=name, parent_run_id=parent_run_id,
+        experiment=cfg.tracking.experiment or cfg.name, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri),
+        extra_spec=extra_spec or {},
+    )  # fmt: skip
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.25})
+    path = storage / "tune" / name
+    asha = tcfg.asha.enabled if use_asha is None else use_asha
+    if resume and tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False)
+    else:
+        if path.exists():
+            shutil.rmtree(path)
+        scheduler = None
+        if asha:
+            scheduler = ray.tune.schedulers.ASHAScheduler(
+                time_attr="training_iteration", max_t=tcfg.epochs_per_trial,
+                grace_period=min(tcfg.asha.grace_period, tcfg.epochs_per_trial),
+                reduction_factor=tcfg.asha.reduction_factor,
+            )  # fmt: skip
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=TARGET, mode="max", num_samples=num_samples, scheduler=scheduler,
+                search_alg=tune.search.BasicVariantGenerator(random_state=tcfg.seed),
+                max_concurrent_trials=max_concurrent(cfg),
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage / "tune"),
+                failure_config=tune.FailureConfig(max_failures=tcfg.trial_max_failures),
+                verbose=0,
+            ),
+        )  # fmt: skip
+    grid = tuner.fit()
+    return trials_table(grid)
+
+
+def max_concurrent(cfg: StudyConfig) -> int:
+    """Concurrent trials: the configured number, else what the CPUs (or GPUs) allow."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    import os
+
+    if cfg.tune.gpus_per_trial > 0:
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return max(1, int(gpus // (cfg.tune.gpus_per_trial * cfg.unet.train.num_workers)))
+    cores = os.cpu_count() or 1
+    return max(1, int(cores // (cfg.tune.cpus_per_trial * cfg.unet.train.num_workers)))
+
+
+def trials_table(grid) -> pd.DataFrame:
+    """One row per trial: its parameters, best and last validation Tversky, epochs run, status, error."""
+    rows = []
+    for r in grid:
+        cfg = r.config or {}
+        metrics = r.metrics or {}
+        df = r.metrics_dataframe
+        best = float(df[TARGET].max()) if df is not None and TARGET in df else metrics.get(BEST_TARGET, np.nan)
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or Path(r.path).name,
+                "status": "ERROR" if r.error else "TERMINATED",
+                "lr": cfg.get("lr"),
+                "base_features": cfg.get("base_features"),
+                "batch_size": cfg.get("batch_size"),
+                "loss": cfg.get("loss"),
+                "beta_schedule": json.dumps(cfg.get("beta_schedule"), sort_keys=True),
+                "modality_set": cfg.get("modality_set"),
+                BEST_TARGET: best,
+                "last_" + TARGET: metrics.get(TARGET, np.nan),
+                "epochs_run": int(df["epoch"].max() + 1) if df is not None and "epoch" in df else 0,
+                "train_seconds": float(df["epoch_seconds"].sum()) if df is not None and "epoch_seconds" in df else 0.0,
+                "error": str(r.error).splitlines()[0][:300] if r.error else "",
+                "path": r.path,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def best_trial(trials: pd.DataFrame) -> pd.Series:
+    ok = trials[(trials["status"] != "ERROR") & trials[BEST_TARGET].notna()]
+    if ok.empty:
+        raise CtvlabError("every trial of the search failed; see the trial errors in the summary table")
+    return ok.loc[ok[BEST_TARGET].idxmax()]
+
+
+def tune_study(cfg: StudyConfig, prep: Path | None = None, *, resume: bool = False, fail_trials: int = 0) -> SearchOutcome:
+    """The study's two-step search (grid, then random search in the narrowed ranges); registers the best.
+
+    Args:
+        fail_trials: test hook: this many extra grid cells raise on purpose (fault-tolerance tests).
+    """
+    from ctvlab.atomic import write_json_atomic
+    from ctvlab.runtime import init_ray
+    from ctvlab.splits import load_split
+    from ctvlab.stages import tracker_for
+    from ctvlab.tracking import base_tags
+
+    t0 = time.perf_counter()
+    prep = Path(prep or cfg.prep_dir).resolve()
+    split = load_split(prep)
+    if not split.patients("train") or not split.patients("val"):
+        raise DataError(f"the split of {prep} has no training or no validation patients")
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    tracker = tracker_for(cfg)
+    pointer = Path(cfg.workdir, "tune_last_search.json").resolve()
+    state = json.loads(pointer.read_text()) if resume and pointer.exists() else None
+    if resume and state is None:
+        raise CtvlabError(f"nothing to resume: no earlier search recorded in {pointer}")
+    if state is None:
+        name = time.strftime("search-%Y%m%d-%H%M%S")
+        parent = tracker.start_run("tune", base_tags("tune", split.dataset_digest, split.digest))
+        state = {"name": name, "parent_run_id": parent, "phase": "grid", "split_digest": split.digest}
+        tracker.logger(parent).params({"tune": cfg.tune.model_dump(mode="json")})
+        tracker.logger(parent).json(cfg.tune.model_dump(mode="json"), "search_space.json", "search")
+        write_json_atomic(pointer, state)
+    elif state.get("split_digest") != split.digest:
+        raise CtvlabError("cannot resume the search: the split changed since it started")
+    name, parent = state["name"], state["parent_run_id"]
+    log = tracker.logger(parent)
+    modality = cfg.unet.model.modality_set
+    tcfg = cfg.tune
+    extra_spec = {"split_digest": split.digest, "dataset_digest": split.dataset_digest}
+
+    space = tcfg.space
+    grid_trials = pd.DataFrame()
+    if tcfg.run_grid:
+        grid_space = _param_space_with_hooks(grid_param_space(tcfg.grid, tcfg.space, modality), fail_trials)
+        grid_trials = run_search(cfg, prep, grid_space, name=f"{name}-grid", num_samples=1, parent_run_id=parent,
+                                 resume=resume and state["phase"] == "grid", use_asha=False, extra_spec=extra_spec)  # fmt: skip
+        space = narrow_space(grid_trials, tcfg.grid, tcfg.space)
+        log.json(space.model_dump(mode="json"), "narrowed_space.json", "search")
+        state["phase"] = "random"
+        write_json_atomic(pointer, state)
+    random_space = random_param_space(space, modality)
+    if not tcfg.run_grid:
+        random_space = _param_space_with_hooks(random_space, fail_trials)
+    random_trials = run_search(cfg, prep, random_space, name=f"{name}-random", num_samples=tcfg.num_samples,
+                               parent_run_id=parent, resume=resume and state["phase"] == "random",
+                               extra_spec=extra_spec)  # fmt: skip
+    trials = pd.concat([grid_trials.assign(step="grid"), random_trials.assign(step="random")], ignore_index=True)
+    outcome = _finish_search(cfg, tracker, parent, name, trials, space, t0)
+    state["phase"] = "done"
+    write_json_atomic(pointer, state)
+    return outcome
+
+
+def _finish_search(cfg, tracker, parent, name, trials, space, t0, register: bool = True) -> SearchOutcome:
+    """Log the summary to the parent run, copy the best trial's model to results/, register it."""
+    best = best_trial(trials)
+    log = tracker.logger(parent)
+    shown = trials.drop(columns=["path"])
+    log.table(shown, "trials.csv", "search")
+    best_params = {k: best[k] for k in TRIAL_PARAMS if k in best and best[k] is not None}
+    log.params({"best": best_params})
+    n_failed = int((trials["status"] == "ERROR").sum())
+    log.metrics({BEST_TARGET: float(best[BEST_TARGET]), "n_trials": len(trials), "n_failed": n_failed,
+                 "trial_epochs_total": int(trials["epochs_run"].sum())})  # fmt: skip
+    src = Path(best["path"]) / "model"
+    model_dir = None
+    model_uri = None
+    if src.exists():
+        model_dir = Path(cfg.results_dir, "model").resolve()
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(src, model_dir)
+        log.artifact(model_dir, "model")
+        if register:
+            version = tracker.register_model(cfg.unet.registered_model_name, parent, "model",
+                                             tags={"search": name})  # fmt: skip
+            model_uri = f"models:/{cfg.unet.registered_model_name}/{version.version}"
+            log.tags({"ctvlab.registered_model": model_uri})
+    tracker.end_run(parent, "FINISHED")
+    return SearchOutcome(
+        name=name, parent_run_id=parent, trials=trials, best_params=best_params,
+        best_metric=float(best[BEST_TARGET]), best_model_dir=model_dir, space=space.model_dump(mode="json"),
+        n_failed=n_failed, elapsed_s=time.perf_counter() - t0, model_uri=model_uri,
+    )  # fmt: skip
+
+
+def print_search(outcome: SearchOutcome, console) -> None:
+    from rich.table import Table
+
+    t = outcome.trials.sort_values(BEST_TARGET, ascending=False)
+    table = Table(title=f"search {outcome.name}: {len(t)} trials, {outcome.n_failed} failed, "
+                        f"{outcome.elapsed_s / 60:.1f} min")  # fmt: skip
+    for col in ("step", "lr", "base_features", "batch_size", "loss", BEST_TARGET, "epochs_run", "status"):
+        table.add_column(col, justify="right")
+    for r in t.head(15).to_dict("records"):
+        table.add_row(
+            str(r.get("step", "")), f"{r['lr']:.2e}" if r["lr"] is not None else "", str(r["base_features"]),
+            str(r["batch_size"]), str(r["loss"]), f"{r[BEST_TARGET]:.4f}", str(r["epochs_run"]), r["status"],
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"best: {outcome.best_params} → validation Tversky {outcome.best_metric:.4f}")
+    console.print(f"model: {outcome.best_model_dir} registered as {outcome.model_uri}; MLflow run {outcome.parent_run_id}")
