@@ -104,3 +104,37 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def prepared_phantom(tmp_path_factory, ray_local) -> Path:
+    """A prepared (preprocessed and split) 8-patient phantom dataset, built once; treat it as read-only."""
+    from ctvlab.config import PreprocessConfig, SplitConfig
+    from ctvlab.preprocess.pipeline import preprocess_cohort
+    from ctvlab.splits import write_split
+
+    root = tmp_path_factory.mktemp("prepared_phantom")
+    make_phantom_cohort(root / "cohort", n=8, spec=PhantomSpec(noise=0.05))
+    report = preprocess_cohort(root / "cohort", root / "prep", PreprocessConfig(), progress=False)
+    assert report.ok, report
+    write_split(root / "prep", SplitConfig(seed=0))
+    return root / "prep"
+
+
+def tiny_study(workdir: Path, tracking_uri: str, **unet_train) -> "StudyConfig":  # noqa: F821
+    """Study settings for seconds-long CPU training on the phantom (base 4, no augmentation)."""
+    from ctvlab.config import StudyConfig
+
+    cfg = StudyConfig(name="tiny", workdir=workdir)
+    cfg.tracking.tracking_uri = tracking_uri
+    cfg.unet.model.base_features = 4
+    cfg.unet.loss.name = "dice"
+    cfg.unet.optim.name = "adam"
+    cfg.unet.optim.lr = 3e-3
+    for k in ("flip_prob", "rotate_prob", "noise_prob", "channel_shuffle_prob", "channel_drop_prob"):
+        setattr(cfg.unet.augment, k, 0.0)
+    cfg.unet.train.epochs = 3
+    cfg.unet.train.num_workers = 1
+    for k, v in unet_train.items():
+        setattr(cfg.unet.train, k, v)
+    return cfg

@@ -196,6 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             n_vols = int(sum(_all_gather([n_vols])))
         metrics = {
             "epoch": epoch,
+            "start_epoch": start_epoch,  # where this worker group began: > 0 after a restart or resume
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "train_volumes": n_vols,
             "epoch_seconds": time.perf_counter() - t0,

@@ -1,0 +1,101 @@
+"""Training on Ray Train: a tiny DDP run, fault tolerance, and resuming a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ctvlab.tracking import Tracker
+from ctvlab.unet.train import SPEC_FILE, WEIGHTS_FILE, train_unet
+from tests.conftest import tiny_study
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_two_cpu_workers_train_checkpoint_and_register(prepared_phantom, tmp_path, tracking_uri):
+    cfg = tiny_study(tmp_path, tracking_uri, epochs=4, num_workers=2, cpus_per_worker=1)
+    out = train_unet(cfg, prepared_phantom)
+
+    epochs = [h["epoch"] for h in out.history]
+    assert epochs == [0, 1, 2, 3]
+    assert out.history[-1]["train_loss"] < out.history[0]["train_loss"]
+    assert all(h["train_volumes"] >= 2 for h in out.history)  # both ranks trained on their shard
+    assert 0.0 <= out.best_metrics["val_tversky"] <= 1.0
+
+    # The exported model: a plain state dict (weights_only) plus a JSON spec that records the split.
+    state = torch.load(out.model_dir / WEIGHTS_FILE, weights_only=True)
+    spec = json.loads((out.model_dir / SPEC_FILE).read_text())
+    assert spec["base_features"] == 4 and spec["train_patients"] and spec["split_digest"]
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert not any("P00" in p for p in spec["train_patients"])  # pseudonyms, never patient ids
+
+    tracker = Tracker(cfg.name, tracking_uri)
+    assert out.model_uri.startswith("models:/ctvlab-unet/")
+    version = out.model_uri.rsplit("/", 1)[1]
+    assert tracker.client.get_model_version("ctvlab-unet", version).run_id == out.run_id
+    curve = tracker.client.get_metric_history(out.run_id, "train_loss")
+    assert sorted(m.step for m in curve) == [0, 1, 2, 3]  # rank 0 logged one point per epoch
+    checkpoints = list((tmp_path / "ray").glob("unet-*/checkpoint_*"))
+    assert checkpoints
+
+
+def test_worker_failure_restarts_from_checkpoint(prepared_phantom, tmp_path, tracking_uri):
+    cfg = tiny_study(tmp_path, tracking_uri, epochs=3, max_failures=1, checkpoint_every=1)
+    out = train_unet(cfg, prepared_phantom, inject_failure_at=1, register=False)
+    assert [h["epoch"] for h in out.history] == [0, 1, 2]
+    # Epoch 0 ran in the first worker group; after the injected failure at epoch 1 the new group
+    # started from the epoch-0 checkpoint, not from scratch.
+    assert [h["start_epoch"] for h in out.history] == [0, 1, 1]
+    assert list((tmp_path / "ray").glob("*.fault"))
+
+
+def test_resume_after_killed_run_continues_the_epochs(prepared_phantom, tmp_path, _session_tracking_uri):
+    # `ctvlab train --data PREP` writes next to PREP (PREP/../ray, ../results): use a private copy.
+    prep = tmp_path / "prep"
+    shutil.copytree(prepared_phantom, prep)
+    cfg = tiny_study(tmp_path, _session_tracking_uri, epochs=6, checkpoint_every=1)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "ctvlab.cli", "train", "--data", str(prep), "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while not _checkpoint_epochs(tmp_path) or max(_checkpoint_epochs(tmp_path)) < 1:
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint of epoch 1 within 5 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = max(_checkpoint_epochs(tmp_path))
+    assert killed_at < 5
+
+    out = train_unet(cfg, prep, resume=True, register=False)
+    epochs = [h["epoch"] for h in out.history]
+    assert epochs == list(range(6))
+    assert out.history[-1]["start_epoch"] == killed_at + 1
+    pointer = json.loads((tmp_path / "train_last_run.json").read_text())
+    assert pointer["mlflow_run_id"] == out.run_id  # the same MLflow run continued
+
+
+def _checkpoint_epochs(workdir: Path) -> list[int]:
+    epochs = []
+    for spec in workdir.glob("ray/unet-*/checkpoint_*/" + SPEC_FILE):
+        try:
+            epochs.append(json.loads(spec.read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return epochs
