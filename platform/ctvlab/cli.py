@@ -157,6 +157,65 @@ def split(
     )
 
 
+@app.command("rf-cv")
+def rf_cv(
+    data: DataOpt,
+    model: Annotated[str | None, Opt("--model", help="rf or xgboost (default: the config's).")] = None,
+    target: Annotated[str | None, Opt("--target", help="nel, cel or any (default: the config's targets).")] = None,
+    subgroup: Annotated[str | None, Opt("--subgroup", help="all, early or late (PFS below/above the median).")] = None,
+    all_: Annotated[bool, Opt("--all", help="The study's grid: {nel, cel} × {all, early, late}.")] = False,
+    serial: Annotated[bool, Opt("--serial", help="Run the folds one after another instead of as Ray tasks.")] = False,
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Voxel-wise progression models with 5-fold patient-grouped CV (ROC AUC, importances, ROC curves)."""
+    from ctvlab.stages import rf_cv_stage
+
+    cfg = _stage_config(config, data, tracking_uri, address)
+    if model:
+        cfg.voxel_models.model = model
+    targets = ["nel", "cel"] if all_ else ([target] if target else None)
+    subgroups = ["all", "early", "late"] if all_ else ([subgroup] if subgroup else None)
+    results = rf_cv_stage(cfg, data, targets=targets, subgroups=subgroups, parallel=not serial)
+    from rich.table import Table
+
+    t = Table(title=f"{cfg.voxel_models.model} voxel models, 5-fold patient-grouped CV")
+    for col in ("target", "subgroup", "patients", "AUC mean ± SD", "pooled AUC", "top features (permutation)"):
+        t.add_column(col)
+    for (tg, sg), r in results.items():
+        top = ", ".join(r.importance_table().index[:3])
+        t.add_row(tg, sg, str(r.n_patients), f"{r.auc_mean:.3f} ± {r.auc_std:.3f}", f"{r.pooled_roc()[2]:.3f}", top)
+    console = _console()
+    console.print(t)
+    console.print(f"tables and figures: {Path(cfg.results_dir, 'rf_cv')}")
+
+
+@app.command()
+def stats(
+    data: DataOpt,
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Per-patient medians per voxel category; Wilcoxon and Mann-Whitney tests vs stable NAV."""
+    from ctvlab.stages import stats_stage
+
+    cfg = _stage_config(config, data, tracking_uri)
+    result, run_id = stats_stage(cfg, data)
+    from rich.table import Table
+
+    tests = result.tests.sort_values("wilcoxon_p")
+    t = Table(title="Stable NAV vs progressed voxels (per-patient medians)")
+    for col in ("feature", "category", "pairs", "median diff", "Wilcoxon p", "Mann-Whitney p"):
+        t.add_column(col)
+    for r in tests.head(20).itertuples():
+        t.add_row(r.feature, r.category, str(r.n_pairs), f"{r.median_difference:+.3f}", f"{r.wilcoxon_p:.2g}",
+                  f"{r.mannwhitney_p:.2g}")  # fmt: skip
+    console = _console()
+    console.print(t)
+    console.print(f"tables and box plots: {Path(cfg.results_dir, 'stats')}; MLflow run {run_id}")
+
+
 @app.command()
 def train(
     data: DataOpt,
@@ -221,6 +280,28 @@ def evaluate(
     cfg = _stage_config(config, data, tracking_uri)
     console = _console()
     print_evaluation(evaluate_study(cfg, data, model_uri=model_uri, split_name=split_name, console=console), console)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, Opt("--config", "-c", help="Study config, e.g. jobs/configs/demo.yaml.")],
+    smoke_test: Annotated[bool, Opt("--smoke-test", help="Tiny CPU-only settings, results under <workdir>/smoke.")] = False,
+    force: Annotated[bool, Opt("--force", help="Run every stage even when its outputs are current.")] = False,
+    tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """The whole study: cohort → validate → preprocess → split → voxel models, stats → search → evaluate."""
+    from ctvlab.config import apply_smoke_test
+    from ctvlab.pipeline import run_study
+
+    cfg = _study(config)
+    if smoke_test:
+        cfg = apply_smoke_test(cfg)
+    if tracking_uri:
+        cfg.tracking.tracking_uri = tracking_uri
+    if address:
+        cfg.ray.address = address
+    run_study(cfg, _console(), force=force)
 
 
 @app.command()

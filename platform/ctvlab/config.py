@@ -63,6 +63,26 @@ class SynthConfig(Strict):
     num_workers: int | None = Field(
         None, ge=1, description="Parallel patient generators; default: the number of CPU cores."
     )
+    t2l_density: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.25,
+        description="Tumour-cell density (fraction of carrying capacity) visible as T2/FLAIR "
+        "hyperintensity; below it the infiltration is invisible on anatomical MRI.",
+    )
+    cel_density: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.6, description="Tumour-cell density above which the lesion enhances (CEL)."
+    )
+    noise: float = Field(
+        1.0, ge=0, description="Scale of every image's noise and bias field (0: noise-free images)."
+    )
+    field_of_view_margin_mm: float = Field(
+        10.0, ge=0, description="Margin between the brain and the edge of the anatomy and diffusion grids."
+    )
+
+    @model_validator(mode="after")
+    def _cel_above_t2l(self) -> SynthConfig:
+        if self.cel_density <= self.t2l_density:
+            raise ValueError("synth.cel_density must exceed synth.t2l_density (enhancing lesion ⊆ T2 lesion)")
+        return self
 
 
 class CohortConfig(Strict):
@@ -106,7 +126,19 @@ class PreprocessConfig(Strict):
     min_category_voxels: int = Field(
         5, ge=1, description="A voxel category counts for a patient only with at least this many voxels."
     )
+    min_nav_voxels: int = Field(
+        100,
+        ge=1,
+        description="A map's NAV mode needs at least this many normal-appearing voxels with a value "
+        "(for MRSI: inside the PRESS box); fewer fails the patient.",
+    )
     cpus_per_patient: PositiveFloat = Field(1.0, description="Ray CPUs reserved by each patient task.")
+    max_concurrent_patients: int | None = Field(
+        None,
+        ge=1,
+        description="Patients processed at once. Default: the machine's cores for a local Ray (whose "
+        "logical CPUs outnumber them), as many as the CPUs allow on a cluster.",
+    )
 
 
 # --- splits --------------------------------------------------------------------------------------
@@ -135,24 +167,49 @@ Subgroup = Literal["all", "early", "late"]
 
 
 class RandomForestConfig(Strict):
+    """scikit-learn random forest.
+
+    The defaults bound the cost of a fold on ~2M ring voxels (a 101-patient cohort) so that the study's
+    grid of 30 fits runs in minutes on 2 cores; `benchmarks/voxel_models.py` compares them with a forest
+    that sees every training voxel.
+    """
+
     n_estimators: int = Field(100, ge=1)
-    max_depth: int | None = Field(12, ge=1)
-    max_samples: float | int | None = Field(
-        0.2, description="Bootstrap sample per tree (fraction or count): bounds training time."
+    max_depth: int | None = Field(
+        12, ge=1, description="Maximum tree depth; None grows until leaves are pure."
+    )
+    max_samples: int | float | None = Field(
+        20_000,
+        description="Bootstrap sample drawn for each tree: a count of voxels (int, capped at the training "
+        "fold's size), a fraction of the training fold (float in (0, 1]), or None for all of them. The "
+        "main bound on training time: a tree's cost grows with its sample, not with the fold's size.",
     )
     min_samples_leaf: int = Field(5, ge=1)
-    max_features: Literal["sqrt", "log2"] | float = "sqrt"
+    max_features: Literal["sqrt", "log2"] | Annotated[float, Field(gt=0, le=1)] = Field(
+        "sqrt", description="Features tried per split: 'sqrt', 'log2' or a fraction."
+    )
     n_jobs: int = Field(1, ge=1, description="Threads per fold (folds already run in parallel).")
+
+    @model_validator(mode="after")
+    def _max_samples_range(self) -> RandomForestConfig:
+        m = self.max_samples
+        if isinstance(m, float) and not 0 < m <= 1:
+            raise ValueError(f"rf.max_samples as a fraction must lie in (0, 1], got {m}")
+        if isinstance(m, int) and m < 1:
+            raise ValueError(f"rf.max_samples as a count must be at least 1, got {m}")
+        return self
 
 
 class XGBoostConfig(Strict):
-    n_estimators: int = Field(300, ge=1)
+    """XGBoost gradient-boosted trees; missing MRSI values take XGBoost's learned default branch."""
+
+    n_estimators: int = Field(100, ge=1)
     max_depth: int = Field(6, ge=1)
     learning_rate: PositiveFloat = 0.1
-    subsample: Fraction = 0.8
-    colsample_bytree: Fraction = 0.8
+    subsample: Annotated[float, Field(gt=0, le=1)] = 0.8
+    colsample_bytree: Annotated[float, Field(gt=0, le=1)] = 0.8
     tree_method: Literal["hist", "approx", "exact"] = "hist"
-    n_jobs: int = Field(1, ge=1)
+    n_jobs: int = Field(1, ge=1, description="Threads per fold (folds already run in parallel).")
 
 
 class VoxelModelConfig(Strict):
@@ -165,33 +222,71 @@ class VoxelModelConfig(Strict):
         default_factory=lambda: list(FEATURES),
         description="Feature columns of the voxel table (default: the study's 13).",
     )
+    subgroup_threshold_months: PositiveFloat | None = Field(
+        None,
+        description="PFS that separates early (<) from late (≥) progressors; default: the median PFS of "
+        "the patients in the fold map (the study's cohort median was 7.0 months).",
+    )
     rf_missing: Literal["impute_nav", "covered_only"] = Field(
         "impute_nav",
-        description="Random forest only: voxels without MRSI get the NAV-normal value (1.0 for "
-        "normalised maps, the cohort's NAV median for indices), or are dropped.",
+        description="Random forest only (XGBoost handles missing values natively): impute_nav fills a "
+        "missing value with the median of the training fold's stable (NAV→NAV) voxels (≈1 for "
+        "normalised maps, ≈0 for the indices); covered_only drops voxels with any missing feature from "
+        "training and test folds, so AUCs then describe voxels with MRSI only.",
     )
     class_balance: Literal["balanced", "subsample"] = Field(
-        "balanced", description="Balanced class weights, or stable-voxel subsampling in training folds."
+        "balanced",
+        description="balanced: class weights inversely proportional to class counts; subsample: keep "
+        "every progressed voxel and a random stable_ratio times as many stable voxels. Either applies "
+        "to the training fold only; test folds are never changed.",
     )
     stable_ratio: PositiveFloat = Field(
         3.0, description="With class_balance=subsample: stable voxels kept per progressed voxel."
     )
-    permutation_repeats: int = Field(3, ge=1)
+    permutation_repeats: int = Field(3, ge=1, description="Shuffles per feature for permutation importance.")
     max_test_rows_for_permutation: int = Field(
-        50_000, ge=1000, description="Permutation importance runs on at most this many test rows."
+        10_000,
+        ge=1000,
+        description="Permutation importance (drop in test AUC when a feature is shuffled) runs on a random "
+        "subset of at most this many test voxels.",
     )
     rf: RandomForestConfig = Field(default_factory=RandomForestConfig)
     xgboost: XGBoostConfig = Field(default_factory=XGBoostConfig)
-    cpus_per_fold: PositiveFloat = 1.0
-    seed: int = 0
+    cpus_per_fold: PositiveFloat = Field(1.0, description="Ray CPUs reserved by each fold's task.")
+    seed: int = Field(0, description="Fold k's model, subsampling and permutations use seed (seed, k).")
+
+    @model_validator(mode="after")
+    def _known_features(self) -> VoxelModelConfig:
+        unknown = [f for f in self.features if f not in FEATURES]
+        if unknown or not self.features:
+            raise ValueError(f"voxel_models.features: {unknown or 'empty'}; choose from {list(FEATURES)}")
+        return self
 
 
 class StatsConfig(Strict):
     """Per-patient medians per voxel category and paired tests (SPEC: Statistics)."""
 
-    min_voxels: int = Field(5, ge=1)
+    min_voxels: int = Field(
+        5,
+        ge=1,
+        description="A patient's category enters a feature's statistics only with at least this many "
+        "voxels holding a value of that feature (the study: 5).",
+    )
     significance: Fraction = 0.05
+    primary_test: Literal["wilcoxon", "mannwhitney"] = Field(
+        "wilcoxon",
+        description="The test behind `significant` and the stars in the box plots: the Wilcoxon signed-rank "
+        "test on per-patient pairs (the medians are paired by patient), or the Mann–Whitney U test the "
+        "paper names. Both p-values are always reported.",
+    )
     features: list[str] = Field(default_factory=lambda: list(FEATURES))
+
+    @model_validator(mode="after")
+    def _known_features(self) -> StatsConfig:
+        unknown = [f for f in self.features if f not in FEATURES]
+        if unknown or not self.features:
+            raise ValueError(f"stats.features: {unknown or 'empty'}; choose from {list(FEATURES)}")
+        return self
 
 
 # --- U-Net training ------------------------------------------------------------------------------
@@ -201,36 +296,57 @@ LossName = Literal["dice", "tversky", "pcc", "pcc+bce", "pcc+0.5bce"]
 
 
 class BetaSchedule(Strict):
-    """Tversky β over epochs (α = 1 − β). `constant` uses `start` throughout."""
+    """Tversky β over epochs, with α = 1 − β (the study swept β with α = 1 − β; Results, Loss functions).
+
+    Epochs count from 0. `constant`: β = start throughout. `linear`: β goes from start at epoch 0 to end
+    at epoch ramp_epochs, then stays at end. `step`: β = start before step_epoch, end from it on.
+    """
 
     kind: Literal["constant", "linear", "step"] = "constant"
-    start: Fraction = 0.98
-    end: Fraction = 0.98
+    start: Fraction = Field(0.98, description="β at epoch 0 (study optimum 0.98, so α = 0.02).")
+    end: Fraction = Field(0.98, description="β after the ramp or the step (unused by constant).")
     ramp_epochs: int = Field(10, ge=1, description="linear: epochs from start to end.")
     step_epoch: int = Field(10, ge=0, description="step: the epoch from which β = end.")
 
 
 class LossConfig(Strict):
+    """The training loss, by name (Methods, Loss functions).
+
+    `dice`; `tversky` with α = 1 − β and β from `beta` (per epoch); `pcc`: Tversky with a per-patient
+    β = 1/(f+1), f the patient's lesion fraction of the brain (Eq. 1); `pcc+bce`, `pcc+0.5bce`: PCC plus
+    (half) the binary cross-entropy over brain voxels. All statistics are restricted to the brain.
+    """
+
     name: LossName = "pcc"
-    alpha: Fraction = Field(0.02, description="Tversky α for a constant schedule (α + β = 1 here).")
     beta: BetaSchedule = Field(default_factory=BetaSchedule)
 
 
 class OptimConfig(Strict):
+    """Optimiser (Methods: Ranger = RAdam + Lookahead beat Adam and SGD)."""
+
     name: Literal["ranger", "adam", "sgd"] = "ranger"
     lr: PositiveFloat = Field(5e-5, description="Study optimum: 5e-5 (Methods, Hyperparameter search).")
     weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[Fraction, Fraction] = Field(
+        (0.95, 0.999), description="ranger and adam: moment decay rates; (0.95, 0.999) is Ranger's default."
+    )
+    eps: PositiveFloat = Field(1e-5, description="ranger and adam: denominator term; Ranger's default.")
     momentum: Fraction = Field(0.9, description="SGD only.")
     lookahead_k: int = Field(6, ge=1, description="Ranger: slow weights update every k steps.")
     lookahead_alpha: Fraction = Field(0.5, description="Ranger: slow-weight step toward fast weights.")
 
 
 class AugmentConfig(Strict):
-    """Training-time augmentation (Methods): flips, rotations, noise, channel shuffle and drop."""
+    """Training-time augmentation (Methods): flips, rotations, noise, channel shuffle and drop.
 
-    flip_prob: Fraction = 0.5
+    Each probability is per example. Flips are drawn per axis; rotations draw one angle per axis in
+    ±rotate_deg; noise is added to the image inside the brain only; channel drop zeroes one random image
+    channel (as in the BraTS 2020 pipeline the study's network comes from, Henry et al. 2021).
+    """
+
+    flip_prob: Fraction = Field(0.5, description="Probability of a flip, drawn for each axis.")
     rotate_prob: Fraction = 0.3
-    rotate_deg: float = Field(10.0, ge=0)
+    rotate_deg: float = Field(10.0, ge=0, le=180, description="Maximum rotation about each axis (degrees).")
     noise_prob: Fraction = 0.3
     noise_std: float = Field(0.02, ge=0, description="In min-max normalised units.")
     channel_shuffle_prob: Fraction = 0.1
@@ -238,10 +354,14 @@ class AugmentConfig(Strict):
 
 
 class UNetModelConfig(Strict):
-    base_features: int = Field(48, ge=1, description="Study optimum: 48.")
-    modality_set: ModalitySet = "all"
-    norm: Literal["instance", "batch", "group"] = "instance"
-    dropout: Fraction = 0.0
+    """The 3D U-Net (Methods, Fig. 5b): 4 encoder stages of two 3×3×3 convolutions, features f…8f."""
+
+    base_features: int = Field(48, ge=1, description="Features f of the first stage. Study optimum: 48.")
+    modality_set: ModalitySet = Field("all", description="Input channels (ctvlab.data.layout.MODALITY_SETS).")
+    norm: Literal["instance", "batch", "group"] = Field(
+        "instance", description="Normalisation after each convolution (group: up to 8 groups)."
+    )
+    dropout: Fraction = Field(0.0, description="Channel dropout (Dropout3d) after the bottleneck block.")
 
 
 class TrainConfig(Strict):
@@ -255,6 +375,9 @@ class TrainConfig(Strict):
     )
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    gpus_per_worker: PositiveFloat = Field(
+        1.0, description="GPUs per worker when use_gpu (fractions share a GPU)."
+    )
     cpus_per_worker: PositiveFloat = Field(
         1.0, description="On a 2-core machine keep workers + Ray Data below the CPUs Ray sees."
     )
@@ -335,12 +458,23 @@ class CTVConfig(Strict):
 
     rtog_margin_mm: PositiveFloat = Field(20.0, description="RTOG: (CEL ∪ T2L) + 2 cm.")
     eortc_margin_mm: PositiveFloat = Field(15.0, description="EORTC: (CEL ∪ cavity) + 1.5 cm.")
-    threshold: float | Literal["validation"] = Field(
-        "validation", description="Model probability threshold, or chosen on the validation split."
+    eortc_fallback_t2l: bool = Field(
+        True,
+        description="EORTC: with no CEL and no cavity (a biopsied non-enhancing tumour), expand the T2L "
+        "instead, so that the CTV still contains the gross tumour; otherwise such a CTV is empty.",
     )
-    threshold_grid: list[Fraction] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
-    tversky_alpha: Fraction = 0.02
-    tversky_beta: Fraction = 0.98
+    threshold: Fraction | Literal["validation"] = Field(
+        "validation",
+        description="Model probability threshold, or 'validation': the grid value with the highest mean "
+        "per-patient Tversky on the validation split (ties: the smaller threshold).",
+    )
+    threshold_grid: list[Fraction] = Field(
+        default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)],
+        min_length=1,
+        description="Thresholds tried on the validation split.",
+    )
+    tversky_alpha: Fraction = Field(0.02, description="Tversky weight of false positives (study: 0.02).")
+    tversky_beta: Fraction = Field(0.98, description="Tversky weight of false negatives (study: 0.98).")
     overlay_patients: int = Field(3, ge=0, description="Patients drawn in the contour figure.")
     write_native_grid: bool = Field(True, description="Also resample CTVs to each patient's T1c grid.")
 
@@ -367,6 +501,19 @@ class RayConfig(Strict):
     )
 
 
+# --- the pipeline ---------------------------------------------------------------------------------
+
+
+class PipelineConfig(Strict):
+    """Which stages `ctvlab run` performs (cohort, validation, preprocessing and split always run)."""
+
+    voxel_models: bool = Field(True, description="Voxel-wise progression models (rf-cv) for each target.")
+    stats: bool = Field(True, description="Per-patient medians per voxel category and paired tests.")
+    search: bool = Field(True, description="Hyperparameter search; False trains the `unet` settings once.")
+    ablation: bool = Field(False, description="The modality ablation of Fig. 2 (one search per input set).")
+    evaluate: bool = Field(True, description="Model, RTOG and EORTC CTVs on the test split.")
+
+
 # --- the whole study ------------------------------------------------------------------------------
 
 
@@ -387,6 +534,7 @@ class StudyConfig(Strict):
     ctv: CTVConfig = Field(default_factory=CTVConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @property
     def raw_dir(self) -> Path:
@@ -470,3 +618,35 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"override {key}: '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def apply_smoke_test(cfg: StudyConfig) -> StudyConfig:
+    """Tiny, CPU-only settings for a minutes-long check of a whole job (`--smoke-test`).
+
+    Everything runs, nothing is meaningful: 8 coarse synthetic patients, a 4-feature U-Net for two epochs,
+    two trials, small forests. Results go to `<workdir>/smoke` so they never mix with real ones.
+    """
+    c = cfg.model_copy(deep=True)
+    c.smoke_test = True
+    c.workdir = Path(cfg.workdir) / "smoke"
+    c.synth.n_patients = min(cfg.synth.n_patients, 8)
+    c.synth.anatomy_mm = (4.0, 4.0, 4.0)
+    c.synth.diffusion_mm = (4.0, 4.0, 4.0)
+    c.synth.growth_mm = 4.0
+    c.voxel_models.targets = ["cel", "nel"]
+    c.voxel_models.subgroups = ["all"]
+    c.voxel_models.rf = c.voxel_models.rf.model_copy(update={"n_estimators": 10, "max_depth": 6})
+    c.voxel_models.xgboost = c.voxel_models.xgboost.model_copy(update={"n_estimators": 20, "max_depth": 3})
+    c.unet.model.base_features = 4
+    c.unet.train.epochs = 2
+    c.unet.train.num_workers = 1
+    c.unet.train.use_gpu = False
+    c.tune.run_grid = False
+    c.tune.num_samples = 2
+    c.tune.epochs_per_trial = 2
+    c.tune.gpus_per_trial = 0.0
+    c.tune.ablation_samples = 1
+    c.tune.space.base_features = [4]
+    c.tune.space.batch_size = [1]
+    c.pipeline.ablation = False
+    return c

@@ -53,3 +53,99 @@ def split_stage(cfg: StudyConfig, prep: Path) -> tuple[Split, str]:
 
 def current_split(prep: Path) -> Split:
     return load_split(prep)
+
+
+def rf_cv_stage(
+    cfg: StudyConfig,
+    prep: Path,
+    *,
+    targets: list[str] | None = None,
+    subgroups: list[str] | None = None,
+    parallel: bool = True,
+) -> dict[tuple[str, str], Any]:
+    """Voxel-model cross-validation for each (target, subgroup); one MLflow parent run each, a child per fold.
+
+    Writes results/rf_cv/<model>-<target>-<subgroup>/ (fold, importance and ROC tables, roc.json, figures).
+    """
+    import json
+
+    from ctvlab.atomic import write_json_atomic
+    from ctvlab.ctv.figures import plot_roc_curves
+    from ctvlab.runtime import init_ray
+    from ctvlab.voxel_models.cv import run_grid
+    from ctvlab.voxel_models.plots import plot_importances
+
+    prep = Path(prep)
+    split = load_split(prep)
+    vcfg = cfg.voxel_models
+    targets = targets or list(vcfg.targets)
+    subgroups = subgroups or list(vcfg.subgroups)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    results = run_grid(prep, split.folds(), vcfg, targets, subgroups, parallel=parallel)
+    tracker = tracker_for(cfg)
+    for (target, subgroup), res in results.items():
+        out = Path(cfg.results_dir, "rf_cv", f"{vcfg.model}-{target}-{subgroup}")
+        out.mkdir(parents=True, exist_ok=True)
+        frames = res.to_frames()
+        for name, df in frames.items():
+            df.to_csv(out / f"{name}.csv", index=False)
+        fpr, tpr, auc = res.pooled_roc()
+        write_json_atomic(out / "roc.json", {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": auc,
+                                             "auc_mean": res.auc_mean, "auc_std": res.auc_std})  # fmt: skip
+        title = f"{vcfg.model.upper()} {target.upper()} progression, {subgroup} patients"
+        figs = [
+            plot_roc_curves(res.roc_curves(), out / "roc.png", f"{title}: AUC {res.auc_mean:.2f} ± {res.auc_std:.2f}"),
+            plot_importances(res.importance_table(), out / "importances.png", f"{title}: feature importance"),
+        ]
+        tags = {**base_tags("rf-cv", split.dataset_digest, split.digest), "ctvlab.target": target,
+                "ctvlab.subgroup": subgroup}  # fmt: skip
+        with tracker.run(f"rf-cv {vcfg.model} {target}/{subgroup}", tags) as run:
+            run.params({"voxel_models": vcfg.model_dump(mode="json"), **res.params()})
+            run.dataset("voxels", split.dataset_digest, str((prep / "voxels").resolve()), context="training")
+            run.metrics(res.summary())
+            for name, df in frames.items():
+                run.table(df, f"{name}.csv")
+            for f in figs:
+                run.artifact(f, "figures")
+            for fold in res.folds:
+                with tracker.run(f"fold {fold.fold}", tags, parent_run_id=run.run_id) as child:
+                    child.params({"fold": fold.fold, "target": target, "subgroup": subgroup, "model": vcfg.model})
+                    child.metrics({"auc": fold.auc, "n_train": fold.n_train, "n_test": fold.n_test,
+                                   "n_train_patients": fold.n_train_patients, "n_test_patients": fold.n_test_patients,
+                                   "test_pos": fold.test_pos, "test_neg": fold.test_neg, "fit_s": fold.fit_s})  # fmt: skip
+                    child.metrics({f"importance_impurity.{k}": v for k, v in fold.impurity.items()})
+                    child.metrics({f"importance_permutation.{k}": v for k, v in fold.permutation.items()})
+                    if fold.reason:
+                        child.tags({"ctvlab.skipped_reason": fold.reason})
+            (out / "mlflow_run.json").write_text(json.dumps({"run_id": run.run_id}))
+    return results
+
+
+def stats_stage(cfg: StudyConfig, prep: Path):
+    """Voxel statistics over every prepared patient; tables and box plots to results/stats and MLflow."""
+    from ctvlab.voxel_models.plots import plot_category_boxes
+    from ctvlab.voxel_models.stats import voxel_statistics
+
+    prep = Path(prep)
+    split = load_split(prep)
+    result = voxel_statistics(prep, None, cfg.stats)
+    out = Path(cfg.results_dir, "stats")
+    out.mkdir(parents=True, exist_ok=True)
+    frames = result.to_frames()
+    frames["medians"] = pseudonymised(prep, result.medians)
+    for name, df in frames.items():
+        df.to_csv(out / f"{name}.csv", index=False)
+    fig = plot_category_boxes(result.medians, out / "category_boxes.png", result.tests)
+    tracker = tracker_for(cfg)
+    with tracker.run("stats", base_tags("stats", split.dataset_digest, split.digest)) as run:
+        run.params({"stats": cfg.stats.model_dump(mode="json")})
+        run.dataset("voxels", split.dataset_digest, str((prep / "voxels").resolve()), context="analysis")
+        run.metrics(result.summary())
+        tests = result.tests
+        for r in tests.itertuples():
+            run.metrics({f"p_wilcoxon.{r.feature}.{r.category.replace('->', '_to_')}": r.wilcoxon_p})
+        for name, df in frames.items():
+            run.table(df, f"{name}.csv")
+        run.artifact(fig, "figures")
+        run_id = run.run_id
+    return result, run_id

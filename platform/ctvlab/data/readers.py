@@ -84,9 +84,62 @@ def read_voxels(prep: str | Path, patient_ids: Sequence[str], columns: Sequence[
         raise DataError(f"voxel table has no partition for: {', '.join(missing[:5])}")
     if not folders:
         raise DataError("read_voxels needs at least one patient id")
-    cols = None if columns is None else [c for c in columns if c != "patient_id"]
-    return ray.data.read_parquet(
+    ds = ray.data.read_parquet(
         [str(f) for f in folders],
-        columns=cols,
         partitioning=ray.data.datasource.Partitioning("hive", base_dir=str(paths.voxels)),
     )
+    if columns is None:
+        return ds
+    # The partition column must be named, or a projection drops it.
+    return ds.select_columns([*(c for c in columns if c != "patient_id"), "patient_id"])
+
+
+def load_dataset_meta(prep: str | Path) -> dict[str, Any]:
+    """dataset.json of a prepared dataset (digest, settings, patients, channel names, max_shape).
+
+    Raises:
+        DataError: the file is missing or not JSON.
+    """
+    path = PrepPaths(prep).dataset_json
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: is {prep} a prepared dataset (`ctvlab preprocess`)?") from None
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}): run `ctvlab preprocess` again") from None
+
+
+def _load_volume_row(row: dict[str, Any], prep: str) -> dict[str, Any]:
+    p = load_patient(prep, row["patient_id"])
+    return {"patient_id": p.patient_id, "features": p.features, "masks": p.masks}
+
+
+def read_volumes(prep: str | Path, patient_ids: Sequence[str], num_cpus: float = 0.5):
+    """Ray Dataset with one row per patient: {"patient_id", "features" (13, X, Y, Z) float32,
+    "masks" (M, X, Y, Z) uint8}, channels in `layout.FEATURES` and `layout.MASKS` order.
+
+    Volumes are loaded lazily by Ray tasks (one patient per block), so a training loop that takes
+    `ray.train.get_dataset_shard(...)` streams only its own shard's patients.
+
+    Args:
+        prep: prepared dataset folder.
+        patient_ids: the patients to read, in this order.
+        num_cpus: Ray CPUs per load task (small: loading is I/O, and training workers hold the rest).
+
+    Raises:
+        DataError: no patient ids, or a patient has no prepared volumes.
+    """
+    import ray.data
+
+    paths = PrepPaths(prep)
+    ids = list(patient_ids)
+    if not ids:
+        raise DataError("read_volumes needs at least one patient id")
+    missing = [p for p in ids if not (paths.features(p).is_file() and paths.sidecar(p).is_file())]
+    if missing:
+        raise DataError(
+            f"no prepared volumes for {', '.join(missing[:5])} in {paths.volumes}; "
+            "run `ctvlab preprocess` for this cohort"
+        )
+    ds = ray.data.from_items([{"patient_id": p} for p in ids], override_num_blocks=len(ids))
+    return ds.map(_load_volume_row, fn_kwargs={"prep": str(Path(prep).resolve())}, num_cpus=num_cpus)

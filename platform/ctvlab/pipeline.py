@@ -1,0 +1,263 @@
+"""`ctvlab run`: the whole study from one config.
+
+cohort (synthetic or given) → validate → preprocess → split → voxel models and statistics → search (or a
+single training run) → evaluate. Each stage is skipped when its outputs exist and are current: every stage
+writes a stamp (`<workdir>/stamps/<stage>.json`) holding the digest of what it depends on (the settings of
+that stage and the digests of its inputs), and runs again only when that digest changes. Preprocessing
+skips unchanged patients on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctvlab.atomic import digest, write_json_atomic
+from ctvlab.config import StudyConfig
+from ctvlab.errors import CtvlabError
+
+
+@dataclass
+class StageRecord:
+    name: str
+    status: str  # "ran", "skipped (current)", "off"
+    seconds: float = 0.0
+    detail: str = ""
+    run_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StudyOutcome:
+    workdir: Path
+    experiment: str
+    experiment_id: str
+    tracking_uri: str
+    stages: list[StageRecord]
+    evaluation: Any = None
+
+
+class Stamps:
+    """Digests of each stage's inputs, so that a stage whose inputs did not change is skipped."""
+
+    def __init__(self, workdir: Path):
+        self.folder = Path(workdir) / "stamps"
+
+    def current(self, stage: str, key: str) -> dict[str, Any] | None:
+        path = self.folder / f"{stage}.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return data if data.get("key") == key else None
+
+    def write(self, stage: str, key: str, **info: Any) -> None:
+        write_json_atomic(self.folder / f"{stage}.json", {"key": key, **info})
+
+
+def run_study(cfg: StudyConfig, console=None, force: bool = False) -> StudyOutcome:
+    """Run every stage of the study that is not current; return what ran and where the results are."""
+    from rich.console import Console
+
+    from ctvlab.stages import tracker_for
+
+    console = console or Console(highlight=False)
+    workdir = Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamps = Stamps(workdir)
+    tracker = tracker_for(cfg)
+    records: list[StageRecord] = []
+    state: dict[str, Any] = {}
+    plan: list[tuple[str, bool, Callable[[], StageRecord]]] = [
+        ("cohort", True, lambda: _cohort(cfg, stamps, force)),
+        ("validate", True, lambda: _validate(cfg, console)),
+        ("preprocess", True, lambda: _preprocess(cfg, console, state)),
+        ("split", True, lambda: _split(cfg, stamps, state, force)),
+        ("voxel models", cfg.pipeline.voxel_models, lambda: _voxel_models(cfg, stamps, state, force)),
+        ("statistics", cfg.pipeline.stats, lambda: _stats(cfg, stamps, state, force)),
+        ("search" if cfg.pipeline.search else "train", True, lambda: _model(cfg, stamps, state, force)),
+        ("ablation", cfg.pipeline.ablation, lambda: _ablation(cfg, stamps, state, force)),
+        ("evaluate", cfg.pipeline.evaluate, lambda: _evaluate(cfg, stamps, state, console, force)),
+    ]
+    console.rule(f"[bold]ctvlab run[/] · study {cfg.name} · {workdir}")
+    for i, (name, enabled, fn) in enumerate(plan, start=1):
+        if not enabled:
+            records.append(StageRecord(name, "off"))
+            continue
+        console.print(f"[bold cyan]▶ {i}/{len(plan)} {name}[/]")
+        t0 = time.perf_counter()
+        rec = fn()
+        rec.seconds = time.perf_counter() - t0
+        records.append(rec)
+        console.print(f"  [green]✓[/] {rec.status} in {rec.seconds:.0f} s  {rec.detail}")
+    outcome = StudyOutcome(workdir, tracker.experiment_name, tracker.experiment_id, tracker.tracking_uri,
+                           records, state.get("evaluation"))  # fmt: skip
+    print_study_summary(outcome, console)
+    return outcome
+
+
+# --- stages ------------------------------------------------------------------------------------------
+
+
+def _cohort(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
+    if cfg.cohort.source == "raw":
+        if not (Path(cfg.raw_dir) / "manifest.csv").exists():
+            raise CtvlabError(f"cohort.raw_dir {cfg.raw_dir} has no manifest.csv")
+        return StageRecord("cohort", "given", detail=str(cfg.raw_dir))
+    from ctvlab.synth.cohort import generate_cohort
+
+    key = digest(cfg.synth.model_dump(mode="json"))
+    if not force and stamps.current("cohort", key) and (cfg.raw_dir / "manifest.csv").exists():
+        return StageRecord("cohort", "skipped (current)", detail=str(cfg.raw_dir))
+    generate_cohort(cfg.raw_dir, cfg.synth)
+    stamps.write("cohort", key)
+    return StageRecord("cohort", "ran", detail=f"{cfg.synth.n_patients} synthetic patients in {cfg.raw_dir}")
+
+
+def _validate(cfg: StudyConfig, console) -> StageRecord:
+    from ctvlab.ingest.validate import print_validation, validate_cohort
+
+    report = validate_cohort(cfg.raw_dir, progress=False)
+    if not report.ok:
+        print_validation(report, console)
+    if not report.valid_ids():
+        raise CtvlabError(f"no valid patient in {cfg.raw_dir}; fix the problems above")
+    return StageRecord("validate", "ran", detail=f"{report.n_valid} valid, {report.n_invalid} invalid")
+
+
+def _preprocess(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord:
+    from ctvlab.preprocess.pipeline import preprocess_cohort, print_preprocess_report
+
+    report = preprocess_cohort(cfg.raw_dir, cfg.prep_dir, cfg.preprocess, address=cfg.ray.address,
+                               progress=True, console=console)  # fmt: skip
+    if not report.ok:
+        print_preprocess_report(report, console)
+    if report.digest is None:
+        raise CtvlabError("preprocessing produced no patient; see the report above")
+    state["dataset_digest"] = report.digest
+    n_done = len(report.processed)
+    status = "ran" if n_done else "skipped (current)"
+    return StageRecord("preprocess", status, detail=f"{n_done} processed, {len(report.skipped_unchanged)} current, "
+                                                    f"{len(report.invalid)} invalid, {len(report.failed)} failed")  # fmt: skip
+
+
+def _split(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+    from ctvlab.splits import load_split
+    from ctvlab.stages import split_stage
+
+    key = digest({"split": cfg.split.model_dump(mode="json"), "dataset": state["dataset_digest"]})
+    if not force and stamps.current("split", key):
+        try:
+            split = load_split(cfg.prep_dir)
+        except CtvlabError:
+            split = None
+        if split is not None:
+            state["split_digest"] = split.digest
+            return StageRecord("split", "skipped (current)", detail=f"split {split.digest[:12]}")
+    split, run_id = split_stage(cfg, cfg.prep_dir)
+    state["split_digest"] = split.digest
+    stamps.write("split", key, split_digest=split.digest)
+    counts = split.table["dl_role"].value_counts().to_dict()
+    return StageRecord("split", "ran", detail=f"train/val/test {counts.get('train', 0)}/{counts.get('val', 0)}/"
+                                              f"{counts.get('test', 0)}", run_ids=[run_id])  # fmt: skip
+
+
+def _voxel_models(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+    from ctvlab.stages import rf_cv_stage
+
+    key = digest({"vm": cfg.voxel_models.model_dump(mode="json"), "split": state["split_digest"]})
+    if not force and stamps.current("voxel_models", key):
+        return StageRecord("voxel models", "skipped (current)")
+    results = rf_cv_stage(cfg, cfg.prep_dir)
+    stamps.write("voxel_models", key)
+    detail = "; ".join(f"{t}/{s} AUC {r.auc_mean:.2f}±{r.auc_std:.2f}" for (t, s), r in results.items())
+    return StageRecord("voxel models", "ran", detail=detail)
+
+
+def _stats(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+    from ctvlab.stages import stats_stage
+
+    key = digest({"stats": cfg.stats.model_dump(mode="json"), "split": state["split_digest"]})
+    if not force and stamps.current("stats", key):
+        return StageRecord("statistics", "skipped (current)")
+    result, run_id = stats_stage(cfg, cfg.prep_dir)
+    stamps.write("stats", key)
+    return StageRecord("statistics", "ran", detail=f"{int(result.summary()['n_significant'])} of "
+                                                   f"{len(result.tests)} tests significant", run_ids=[run_id])  # fmt: skip
+
+
+def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+    name = "search" if cfg.pipeline.search else "train"
+    settings = {"unet": cfg.unet.model_dump(mode="json"), "split": state["split_digest"]}
+    if cfg.pipeline.search:
+        settings["tune"] = cfg.tune.model_dump(mode="json")
+    key = digest(settings)
+    model_dir = Path(cfg.results_dir, "model")
+    stamp = stamps.current("model", key)
+    if not force and stamp and (model_dir / "model.json").exists():
+        state["model_uri"] = stamp.get("model_uri")
+        return StageRecord(name, "skipped (current)", detail=str(stamp.get("model_uri")))
+    if cfg.pipeline.search:
+        from ctvlab.unet.tune import tune_study
+
+        out = tune_study(cfg, cfg.prep_dir)
+        state["model_uri"] = out.model_uri
+        detail = f"{len(out.trials)} trials, best val Tversky {out.best_metric:.3f} → {out.model_uri}"
+        run_ids = [out.parent_run_id]
+    else:
+        from ctvlab.unet.train import train_unet
+
+        out = train_unet(cfg, cfg.prep_dir)
+        state["model_uri"] = out.model_uri
+        detail = f"best val Tversky {out.best_metrics.get('val_tversky', float('nan')):.3f} → {out.model_uri}"
+        run_ids = [out.run_id]
+    stamps.write("model", key, model_uri=state["model_uri"])
+    return StageRecord(name, "ran", detail=detail, run_ids=[r for r in run_ids if r])
+
+
+def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+    from ctvlab.unet.ablation import run_ablation
+
+    key = digest({"tune": cfg.tune.model_dump(mode="json"), "unet": cfg.unet.model_dump(mode="json"),
+                  "split": state["split_digest"]})  # fmt: skip
+    if not force and stamps.current("ablation", key):
+        return StageRecord("ablation", "skipped (current)")
+    out = run_ablation(cfg, cfg.prep_dir)
+    stamps.write("ablation", key)
+    return StageRecord("ablation", "ran", detail=str(out.figure), run_ids=[out.run_id])
+
+
+def _evaluate(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], console, force: bool) -> StageRecord:
+    from ctvlab.ctv.evaluate import evaluate_study, print_evaluation
+
+    key = digest({"ctv": cfg.ctv.model_dump(mode="json"), "model": state.get("model_uri"),
+                  "split": state["split_digest"]})  # fmt: skip
+    if not force and stamps.current("evaluate", key) and Path(cfg.results_dir, "evaluate", "summary.csv").exists():
+        return StageRecord("evaluate", "skipped (current)", detail=str(Path(cfg.results_dir, "evaluate")))
+    out = evaluate_study(cfg, cfg.prep_dir, model_uri=state.get("model_uri"), console=console)
+    state["evaluation"] = out
+    print_evaluation(out, console)
+    stamps.write("evaluate", key)
+    return StageRecord("evaluate", "ran", detail=str(out.out_dir), run_ids=[out.run_id])
+
+
+# --- summary -------------------------------------------------------------------------------------------
+
+
+def print_study_summary(outcome: StudyOutcome, console) -> None:
+    from rich.table import Table
+
+    t = Table(title="ctvlab run: summary")
+    for col in ("stage", "status", "seconds", "detail"):
+        t.add_column(col)
+    for r in outcome.stages:
+        t.add_row(r.name, r.status, f"{r.seconds:.0f}" if r.seconds else "", r.detail)
+    console.print(t)
+    console.print(f"results: {outcome.workdir}/results  ·  prepared data: {outcome.workdir}/prep")
+    console.print(f"MLflow: experiment [bold]{outcome.experiment}[/] (id {outcome.experiment_id}) in {outcome.tracking_uri}")
+    if outcome.tracking_uri.startswith("sqlite"):
+        console.print("open the MLflow UI with [bold]make ui[/] (or `ctvlab ui`) and browse to http://127.0.0.1:5000")
+    else:
+        console.print(f"open {outcome.tracking_uri} in a browser")
