@@ -295,7 +295,7 @@ def run(
     from ctvlab.pipeline import run_study
 
     cfg = _study(config)
-    if smoke_test:
+    if smoke_test or cfg.smoke_test:
         cfg = apply_smoke_test(cfg)
     if tracking_uri:
         cfg.tracking.tracking_uri = tracking_uri

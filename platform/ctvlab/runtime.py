@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 MIN_LOCAL_CPUS = 8
@@ -20,12 +21,16 @@ def local_num_cpus(requested: int | None = None) -> int:
 
 
 def package_runtime_env() -> dict[str, Any]:
-    """A runtime environment that makes `ctvlab` importable on workers of a remote cluster.
+    """A runtime environment that ships the ctvlab package to the workers of an existing cluster.
 
-    Jobs submitted with `--working-dir .` ship the repository; the package lives under platform/, so
-    workers need it on PYTHONPATH. A local Ray shares this interpreter and needs nothing.
+    On a cluster whose nodes did not install this checkout (a remote `ray.init(address=...)`, or a job
+    whose working directory is the repository, where the package lives under platform/), `py_modules`
+    uploads the package once and puts it on every worker's path. A local Ray shares this interpreter and
+    needs nothing.
     """
-    return {"env_vars": {"PYTHONPATH": "platform"}}
+    import ctvlab
+
+    return {"py_modules": [str(Path(ctvlab.__file__).resolve().parent)]}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -43,7 +48,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, runtime_env=package_runtime_env(), **kwargs)
     else:
         ray.init(num_cpus=local_num_cpus(num_cpus), include_dashboard=False, **kwargs)
     from ray.data import DataContext

@@ -1,0 +1,25 @@
+"""The whole study from one config: cohort, validation, preprocessing, split, voxel models, statistics,
+search, evaluation (each stage skipped when its outputs are current)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # the package, without install
+
+from ctvlab.jobkit import run_job
+
+
+def add_args(p):
+    p.add_argument("--force", action="store_true", help="run every stage even when current")
+
+
+def main(cfg, args):
+    from rich.console import Console
+
+    from ctvlab.pipeline import run_study
+
+    run_study(cfg, Console(highlight=False), force=args.force)
+
+
+if __name__ == "__main__":
+    run_job(main, __doc__, add_args)
