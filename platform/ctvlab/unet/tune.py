@@ -101,7 +101,8 @@ def narrow_space(grid_results: pd.DataFrame, grid: GridSpace, space: SearchSpace
 
     Learning rate: log-uniform between the geometric midpoints of the best grid value and its neighbours
     (the best value ×/÷ the grid ratio at an edge). Base features and batch size: the choices of the
-    configured space that lie between the best grid value's neighbours (at least the best value itself).
+    configured space strictly between the best grid value's neighbours, open beyond an edge of the grid,
+    and always the best value itself.
 
     Args:
         grid_results: one row per finished grid trial with columns lr, base_features, batch_size and
@@ -119,8 +120,10 @@ def narrow_space(grid_results: pd.DataFrame, grid: GridSpace, space: SearchSpace
 
     def between(choices: list[int], grid_values: list[int], best_value: int) -> list[int]:
         lo_, hi_ = _neighbours(list(grid_values), best_value)
-        kept = sorted({c for c in choices if lo_ <= c <= hi_} | {best_value})
-        return kept
+        above = lo_ < best_value  # at an edge of the grid, the range stays open beyond it
+        below = hi_ > best_value
+        kept = {c for c in choices if (not above or c > lo_) and (not below or c < hi_)}
+        return sorted(kept | {best_value})
 
     return space.model_copy(
         update={
@@ -315,11 +318,22 @@ def trials_table(grid) -> pd.DataFrame:
                 "last_" + TARGET: metrics.get(TARGET, np.nan),
                 "epochs_run": int(df["epoch"].max() + 1) if df is not None and "epoch" in df else 0,
                 "train_seconds": float(df["epoch_seconds"].sum()) if df is not None and "epoch_seconds" in df else 0.0,
-                "error": str(r.error).splitlines()[0][:300] if r.error else "",
+                "error": _error_line(r.error),
                 "path": r.path,
             }
         )
     return pd.DataFrame(rows)
+
+
+def _error_line(error: BaseException | None) -> str:
+    """The exception's own line ("RuntimeError: ...") out of Ray's wrapped traceback, without colours."""
+    import re
+
+    if error is None:
+        return ""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(error).splitlines()]
+    lines = [x for x in lines if x]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def best_trial(trials: pd.DataFrame) -> pd.Series:

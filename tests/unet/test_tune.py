@@ -1,0 +1,158 @@
+"""Hyperparameter search on Ray Tune: a small search, a failing trial, resuming, concurrent MLflow writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ctvlab.config import GridSpace, SearchSpace
+from ctvlab.tracking import Tracker
+from ctvlab.unet.tune import BEST_TARGET, narrow_space, tune_study
+from tests.conftest import tiny_study
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("best_lr", "best_bf", "expected_lr", "expected_bf"),
+    [
+        # middle of the grid: geometric midpoints to either neighbour
+        (1e-4, 32, (pytest.approx(1e-4 / 10**0.5), pytest.approx(1e-4 * 10**0.5)), [32, 48]),
+        # at an edge: the neighbour on one side, the same ratio beyond the edge on the other
+        (1e-5, 64, (pytest.approx(1e-5 / 10**0.5), pytest.approx(1e-5 * 10**0.5)), [48, 64, 96]),
+    ],
+)
+def test_narrow_space_around_the_best_grid_cell(best_lr, best_bf, expected_lr, expected_bf):
+    grid = GridSpace(lr=[1e-5, 1e-4, 1e-3], base_features=[16, 32, 64], batch_size=[1])
+    space = SearchSpace(base_features=[8, 16, 32, 48, 64, 96], batch_size=[1, 2])
+    rows = [
+        {"lr": lr, "base_features": bf, "batch_size": 1, BEST_TARGET: 0.9 if (lr, bf) == (best_lr, best_bf) else 0.1}
+        for lr in grid.lr
+        for bf in grid.base_features
+    ]
+    narrowed = narrow_space(pd.DataFrame(rows), grid, space)
+    assert (narrowed.lr.low, narrowed.lr.high) == expected_lr
+    assert narrowed.base_features == expected_bf
+    assert narrowed.batch_size == [1, 2]  # a one-value grid axis does not narrow its choices
+
+
+@pytest.mark.ray
+def test_small_search_logs_parent_children_and_survives_a_failing_trial(prepared_phantom, tmp_path, tracking_uri):
+    cfg = tiny_study(tmp_path, tracking_uri)
+    cfg.tune.run_grid = False
+    cfg.tune.num_samples = 1  # x2 by the failure hook: one trial that raises, one that trains
+    cfg.tune.epochs_per_trial = 2
+    cfg.tune.trial_max_failures = 0
+    cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice", "pcc"])
+    cfg.tune.max_concurrent_trials = 2
+    out = tune_study(cfg, prepared_phantom, fail_trials=1)
+
+    assert len(out.trials) == 2 and out.n_failed == 1
+    failed = out.trials[out.trials["status"] == "ERROR"]
+    assert "injected trial failure" in failed["error"].iloc[0]
+    assert out.best_model_dir is not None and (out.best_model_dir / "weights.pt").exists()
+    assert out.model_uri.startswith("models:/ctvlab-unet/")
+
+    tracker = Tracker(cfg.name, tracking_uri)
+    parent = tracker.client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["n_trials"] == 2 and parent.data.metrics["n_failed"] == 1
+    assert "best.lr" in parent.data.params
+    children = tracker.find_runs(f"tags.mlflow.parentRunId = '{out.parent_run_id}'")
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    done = next(c for c in children if c.info.status == "FINISHED")
+    assert len(tracker.client.get_metric_history(done.info.run_id, "val_tversky")) == 2  # its curve
+    assert {a.path for a in tracker.client.list_artifacts(out.parent_run_id, "search")} >= {
+        "search/trials.csv", "search/search_space.json"
+    }  # fmt: skip
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared_phantom, tmp_path, _session_tracking_uri):
+    prep = tmp_path / "prep"
+    shutil.copytree(prepared_phantom, prep)  # the CLI writes next to the prepared data
+    cfg = tiny_study(tmp_path, _session_tracking_uri)
+    cfg.tune.run_grid = False
+    cfg.tune.num_samples = 3
+    cfg.tune.epochs_per_trial = 2
+    cfg.tune.max_concurrent_trials = 1
+    cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice"])
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    cmd = [sys.executable, "-m", "ctvlab.cli", "tune", "--data", str(prep), "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 400
+    try:
+        while not _finished_trials(tmp_path):
+            assert proc.poll() is None, "the search ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished_before = _finished_trials(tmp_path)
+    assert 1 <= len(finished_before) < 3
+
+    out = tune_study(cfg, prep, resume=True)
+    assert len(out.trials) == 3 and out.n_failed == 0
+    tracker = Tracker(cfg.name, _session_tracking_uri)
+    for trial_dir in finished_before:
+        trial_id = trial_dir.name.split("_")[1]
+        runs = tracker.find_runs(f"tags.`ctvlab.trial_id` = '{trial_id}'")
+        assert len(runs) == 1, f"finished trial {trial_id} ran again"
+    assert json.loads((tmp_path / "tune_last_search.json").read_text())["phase"] == "done"
+
+
+def _finished_trials(workdir: Path) -> list[Path]:
+    return [p.parent.parent for p in workdir.glob("ray/tune/search-*-random/*/model/weights.pt")]
+
+
+def _logging_trial(config):
+    tracker = Tracker(config["experiment"], config["uri"])
+    i = config["i"]
+    with tracker.run(f"trial-{i}", parent_run_id=config["parent"]) as run:
+        for step in range(20):
+            run.metrics({"value": float(i * 100 + step)}, step=step)
+    import ray.tune
+
+    ray.tune.report({"done": 1})
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("backend", ["sqlite", "server"])
+def test_eight_concurrent_trials_lose_no_mlflow_rows(backend, ray_local, tmp_path, request):
+    import ray.cloudpickle
+    from ray import tune
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trial workers cannot import tests/
+    uri = f"sqlite:///{tmp_path / 'trials.db'}" if backend == "sqlite" else request.getfixturevalue("mlflow_server")
+    experiment = f"concurrent-trials-{backend}-{time.time_ns()}"
+    tracker = Tracker(experiment, uri)
+    parent = tracker.start_run("search")
+    tuner = tune.Tuner(
+        tune.with_resources(_logging_trial, {"CPU": 0.5}),
+        param_space={"i": tune.grid_search(list(range(8))), "experiment": experiment, "uri": uri, "parent": parent},
+        tune_config=tune.TuneConfig(max_concurrent_trials=8),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="concurrent", verbose=0),
+    )
+    results = tuner.fit()
+    assert not results.errors
+    children = tracker.find_runs(f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
+    for c in children:
+        i = int(c.info.run_name.split("-")[1])
+        history = tracker.client.get_metric_history(c.info.run_id, "value")
+        assert sorted(m.value for m in history) == [float(i * 100 + s) for s in range(20)]
