@@ -135,7 +135,7 @@ def stats_stage(cfg: StudyConfig, prep: Path):
     frames["medians"] = pseudonymised(prep, result.medians)
     for name, df in frames.items():
         df.to_csv(out / f"{name}.csv", index=False)
-    fig = plot_category_boxes(result.medians, out / "category_boxes.png", result.tests)
+    fig = plot_category_boxes(result.medians, out / "category_boxes.png", result.tests, test=cfg.stats.primary_test)
     tracker = tracker_for(cfg)
     with tracker.run("stats", base_tags("stats", split.dataset_digest, split.digest)) as run:
         run.params({"stats": cfg.stats.model_dump(mode="json")})

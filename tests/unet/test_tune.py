@@ -110,14 +110,14 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared_p
     assert len(out.trials) == 3 and out.n_failed == 0
     tracker = Tracker(cfg.name, _session_tracking_uri)
     for trial_dir in finished_before:
-        trial_id = trial_dir.name.split("_")[1]
+        trial_id = trial_dir.name.rsplit("-", 1)[1]
         runs = tracker.find_runs(f"tags.`ctvlab.trial_id` = '{trial_id}'")
         assert len(runs) == 1, f"finished trial {trial_id} ran again"
     assert json.loads((tmp_path / "tune_last_search.json").read_text())["phase"] == "done"
 
 
 def _finished_trials(workdir: Path) -> list[Path]:
-    return [p.parent.parent for p in workdir.glob("ray/tune/search-*-random/*/model/weights.pt")]
+    return [p.parent.parent for p in workdir.glob("ray/trials/search-*-random-*/model/weights.pt")]
 
 
 def _logging_trial(config):

@@ -131,10 +131,10 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
             trials = run_search(cfg, prep, random_param_space(cfg.tune.space, s), name=f"ablation-{stamp}-{s}",
                                 num_samples=cfg.tune.ablation_samples, parent_run_id=set_run, extra_spec=extra)  # fmt: skip
             best = best_trial(trials)
-            tracker.logger(set_run).table(trials.drop(columns=["path"]), "trials.csv", "search")
+            tracker.logger(set_run).table(trials.drop(columns=["path", "model_dir"]), "trials.csv", "search")
             tracker.logger(set_run).metrics({BEST_TARGET: float(best[BEST_TARGET])})
             tracker.end_run(set_run)
-            model_dir = Path(best["path"]) / "model"
+            model_dir = Path(best["model_dir"])
             m = test_metrics(model_dir, prep, test_ids, cfg.unet.train.threshold)
             per_patient.append(m.assign(modality_set=s))
             best_rows.append({"modality_set": s, BEST_TARGET: float(best[BEST_TARGET]), "lr": best["lr"],

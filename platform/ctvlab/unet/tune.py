@@ -164,7 +164,7 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
     study = StudyConfig.model_validate(ctx.study)
     ucfg = trial_unet_config(study.unet, params, study.tune)
     tctx = ray.tune.get_context()
-    trial_id, trial_dir = tctx.get_trial_id(), Path(tctx.get_trial_dir())
+    trial_id = tctx.get_trial_id()
     tracker = Tracker(ctx.experiment, ctx.tracking_uri)
     shown = {k: params[k] for k in TRIAL_PARAMS if k in params}
     run_id = tracker.start_run(f"trial-{trial_id}", {**base_tags("tune-trial"), "ctvlab.trial_id": trial_id,
@@ -183,7 +183,8 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
         result = trainer.fit()
         ckpt, best = best_checkpoint(result)
         if ckpt is not None:
-            model_dir = export_model(ckpt, trial_dir / "model", {**ctx.extra_spec, "trial_id": trial_id,
+            model_dir = export_model(ckpt, trial_model_dir(ctx.storage, ctx.search_name, trial_id),
+                                     {**ctx.extra_spec, "trial_id": trial_id,
                                                                   "mlflow_run_id": run_id})  # fmt: skip
             log.artifact(model_dir, "model")
         log.metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
@@ -278,7 +279,15 @@ def run_search(
             ),
         )  # fmt: skip
     grid = tuner.fit()
-    return trials_table(grid)
+    table = trials_table(grid)
+    table["model_dir"] = [str(trial_model_dir(ctx.storage, name, t)) for t in table["trial_id"]]
+    return table
+
+
+def trial_model_dir(storage: str | Path, search_name: str, trial_id: str) -> Path:
+    """Where a trial's best model is exported: next to its Ray Train run, on the study's storage (not in
+    Tune's local trial folder, which reaches the storage only when the search ends)."""
+    return Path(storage) / f"{search_name}-{trial_id}" / "model"
 
 
 def max_concurrent(cfg: StudyConfig) -> int:
@@ -408,14 +417,14 @@ def _finish_search(cfg, tracker, parent, name, trials, space, t0, register: bool
     """Log the summary to the parent run, copy the best trial's model to results/, register it."""
     best = best_trial(trials)
     log = tracker.logger(parent)
-    shown = trials.drop(columns=["path"])
+    shown = trials.drop(columns=["path", "model_dir"])
     log.table(shown, "trials.csv", "search")
     best_params = {k: best[k] for k in TRIAL_PARAMS if k in best and best[k] is not None}
     log.params({"best": best_params})
     n_failed = int((trials["status"] == "ERROR").sum())
     log.metrics({BEST_TARGET: float(best[BEST_TARGET]), "n_trials": len(trials), "n_failed": n_failed,
                  "trial_epochs_total": int(trials["epochs_run"].sum())})  # fmt: skip
-    src = Path(best["path"]) / "model"
+    src = Path(best["model_dir"])
     model_dir = None
     model_uri = None
     if src.exists():

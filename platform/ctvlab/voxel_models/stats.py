@@ -1,0 +1,161 @@
+"""Voxel statistics: per-patient medians per voxel category and stable-vs-progressed tests (Methods, "Statistics").
+
+For each patient, the median of every feature over the voxels of each category (NAV→NAV and the three
+progressed categories) within the 4 cm ring, when the category holds at least `min_voxels` voxels with
+a value of that feature. Across patients, each progressed category is compared with stable NAV:
+- the Wilcoxon signed-rank test on the patients that have both (the medians are paired by patient);
+- the Mann–Whitney U test on all patients with each category (unpaired; the test the paper names).
+Both are two-sided and uncorrected for multiple comparisons, as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctvlab.config import StatsConfig
+from ctvlab.data.layout import PrepPaths
+from ctvlab.errors import DataError
+from ctvlab.voxel_models.labels import PROGRESSED, STABLE
+
+__all__ = ["CATEGORY_ORDER", "StatsResult", "category_medians", "compare_categories", "voxel_statistics"]
+
+CATEGORY_ORDER: tuple[str, ...] = (STABLE, *PROGRESSED)
+MEDIAN_COLUMNS = ["patient_id", "category", "feature", "median", "n_voxels"]
+TEST_COLUMNS = [
+    "feature", "category", "n_pairs", "median_difference", "wilcoxon_p",
+    "n_stable", "n_progressed", "mannwhitney_p", "significant",
+]  # fmt: skip
+
+
+@dataclass
+class StatsResult:
+    """`medians`: one row per (patient, category, feature) kept; `tests`: one row per (feature, category).
+
+    `medians` holds patient ids: pseudonymise them before they leave the prepared folder.
+    """
+
+    medians: pd.DataFrame
+    tests: pd.DataFrame
+    primary_test: str
+    significance: float
+
+    def median_table(self) -> pd.DataFrame:
+        """Feature × category: the median over patients of the per-patient medians."""
+        table = self.medians.pivot_table(
+            index="feature", columns="category", values="median", aggfunc="median"
+        )
+        rows = list(dict.fromkeys(self.medians["feature"]))
+        cols = [c for c in CATEGORY_ORDER if c in table.columns]
+        return table.reindex(index=rows, columns=cols)
+
+    def to_frames(self) -> dict[str, pd.DataFrame]:
+        return {"tests": self.tests, "median_table": self.median_table().reset_index()}
+
+    def summary(self) -> dict[str, float]:
+        n_patients = self.medians["patient_id"].nunique() if len(self.medians) else 0
+        return {
+            "n_patients": float(n_patients),
+            "n_tests": float(len(self.tests)),
+            "n_significant": float(self.tests["significant"].sum()) if len(self.tests) else 0.0,
+        }
+
+
+def category_medians(
+    voxels: pd.DataFrame, features: Sequence[str], min_voxels: int, patient_id: str
+) -> pd.DataFrame:
+    """One patient's medians: a row per (category, feature) with ≥ `min_voxels` non-missing values.
+
+    Args:
+        voxels: the patient's voxel rows (`category` and the feature columns; NaN where missing).
+        features: the feature columns.
+        min_voxels: categories with fewer voxels holding a value of a feature are left out for it.
+        patient_id: written into the rows.
+
+    Returns:
+        DataFrame with MEDIAN_COLUMNS, categories in CATEGORY_ORDER.
+    """
+    rows = []
+    category = voxels["category"].astype(str).to_numpy()
+    for cat in CATEGORY_ORDER:
+        in_cat = voxels.loc[category == cat]
+        for f in features:
+            values = in_cat[f].to_numpy(dtype=float, na_value=np.nan)
+            values = values[~np.isnan(values)]
+            if values.size >= min_voxels:
+                rows.append((patient_id, cat, f, float(np.median(values)), int(values.size)))
+    return pd.DataFrame(rows, columns=MEDIAN_COLUMNS)
+
+
+def compare_categories(medians: pd.DataFrame, cfg: StatsConfig) -> pd.DataFrame:
+    """Wilcoxon signed-rank (paired) and Mann–Whitney U tests of each progressed category vs NAV→NAV.
+
+    A p-value is NaN where a test cannot run: no patients, or (Wilcoxon) every paired difference is zero.
+    """
+    from scipy.stats import mannwhitneyu, wilcoxon
+
+    rows = []
+    for f in cfg.features:
+        per_feature = medians.loc[medians["feature"] == f]
+        wide = per_feature.pivot_table(
+            index="patient_id", columns="category", values="median", aggfunc="first"
+        )
+        if STABLE not in wide.columns:
+            continue
+        stable_all = wide[STABLE].dropna().to_numpy()
+        for cat in PROGRESSED:
+            if cat not in wide.columns:
+                continue
+            pairs = wide[[STABLE, cat]].dropna()
+            diff = (pairs[cat] - pairs[STABLE]).to_numpy()
+            progressed_all = wide[cat].dropna().to_numpy()
+            w_p = float(wilcoxon(diff).pvalue) if diff.size and np.any(diff != 0) else float("nan")
+            mw_p = (
+                float(mannwhitneyu(progressed_all, stable_all, alternative="two-sided").pvalue)
+                if progressed_all.size and stable_all.size
+                else float("nan")
+            )
+            primary = w_p if cfg.primary_test == "wilcoxon" else mw_p
+            rows.append(
+                (
+                    f, cat, int(diff.size), float(np.median(diff)) if diff.size else float("nan"), w_p,
+                    int(stable_all.size), int(progressed_all.size), mw_p, bool(primary < cfg.significance),
+                )
+            )  # fmt: skip
+    return pd.DataFrame(rows, columns=TEST_COLUMNS)
+
+
+def voxel_statistics(prep: str | Path, patient_ids: Sequence[str] | None, cfg: StatsConfig) -> StatsResult:
+    """Per-patient category medians and stable-vs-progressed tests over a prepared dataset.
+
+    Args:
+        prep: prepared dataset folder.
+        patient_ids: the patients to include (e.g. one treatment cohort); None: every patient with voxels.
+        cfg: minimum voxels, significance level, primary test, features.
+    """
+    import pyarrow.parquet as pq
+
+    paths = PrepPaths(prep)
+    if patient_ids is None:
+        patient_ids = sorted(p.name.split("=", 1)[1] for p in paths.voxels.glob("patient_id=*") if p.is_dir())
+        if not patient_ids:
+            raise DataError(f"{paths.voxels} holds no patient partitions: run `ctvlab preprocess` first")
+    frames = []
+    for pid in patient_ids:
+        folder = paths.voxel_partition(pid)
+        if not folder.is_dir():
+            raise DataError(f"patient {pid}: no voxel rows at {folder}; run `ctvlab preprocess` again")
+        # The statistics are cheap: one patient's partition at a time, read straight with pyarrow.
+        voxels = pq.read_table(folder, columns=["category", *cfg.features]).to_pandas()
+        frames.append(category_medians(voxels, cfg.features, cfg.min_voxels, pid))
+    medians = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MEDIAN_COLUMNS)
+    return StatsResult(
+        medians=medians,
+        tests=compare_categories(medians, cfg),
+        primary_test=cfg.primary_test,
+        significance=cfg.significance,
+    )

@@ -1,0 +1,81 @@
+"""Cross-validation over a prepared voxel table: Ray Data reading, Ray tasks per fold, leakage guards."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctvlab.data.readers import read_patients
+from ctvlab.errors import LeakageError
+from ctvlab.voxel_models.cv import load_fold_data, run_cv, validate_fold_map
+from tests.voxel_models.conftest import tiny_config
+from tests.voxel_models.fabricate import patient_ids, round_robin_folds
+
+IDS = patient_ids(14)
+
+
+@pytest.mark.ray
+def test_parallel_and_serial_cv_agree_and_folds_are_patient_disjoint(voxel_prep, ray_local):
+    folds = round_robin_folds(IDS, 5)
+    # 4 CPUs per fold: two concurrent fold workers; starting five at once took ~20 s on 2 busy cores
+    cfg = tiny_config(model="xgboost", cpus_per_fold=4)
+    data = load_fold_data(voxel_prep, folds)
+    # every patient's voxels sit in exactly its own fold
+    owners = {k: set(df["patient_id"].unique().astype(str)) for k, df in data.frames.items()}
+    assert owners == {k: {p for p, f in folds.items() if f == k} for k in range(5)}
+    # rows come in a fixed order (by patient, then voxel), whatever order Ray Data's blocks finish in
+    assert all(df["patient_id"].cat.codes.is_monotonic_increasing for df in data.frames.values())
+
+    parallel = run_cv(voxel_prep, folds, cfg, "cel", data=data)
+    serial = run_cv(voxel_prep, folds, cfg, "cel", parallel=False, data=data)
+    np.testing.assert_array_equal(parallel.aucs, serial.aucs)
+    assert parallel.pooled_roc()[2] == serial.pooled_roc()[2]
+    assert parallel.auc_mean > 0.7 and not math.isnan(parallel.auc_std)
+    assert [f.n_test_patients for f in parallel.folds] == [3, 3, 3, 3, 2]
+    assert sum(f.n_test for f in parallel.folds) == sum(f.n_train for f in parallel.folds) / 4
+
+    frames = parallel.to_frames()
+    assert list(frames["folds"]["auc"]) == list(parallel.aucs)
+    assert set(frames["importances"]["feature"]) == set(parallel.features)
+    summary = parallel.summary()
+    assert summary["auc_fold0"] == parallel.aucs[0] and summary["auc_pooled"] > 0.7
+    for frame in frames.values():  # artifacts carry no patient identifiers
+        assert "patient_id" not in frame.columns
+        assert not frame.astype(str).isin(IDS).any().any()
+
+    # a subgroup keeps its patients' fold assignment; the threshold is the fold map's median PFS
+    early = run_cv(voxel_prep, folds, cfg, "cel", subgroup="early", parallel=False, data=data)
+    pfs = read_patients(voxel_prep).set_index("patient_id")["pfs_months"]
+    assert early.threshold_months == pytest.approx(float(pfs.median()))
+    assert early.n_patients == int((pfs < pfs.median()).sum())
+    assert sum(f.n_test_patients for f in early.folds) == early.n_patients
+
+
+def test_fold_map_naming_a_patient_without_data_is_leakage(voxel_prep):
+    folds = {**round_robin_folds(IDS, 5), "P999": 0}
+    with pytest.raises(LeakageError, match="P999"):
+        load_fold_data(voxel_prep, folds)
+
+
+@pytest.mark.parametrize(
+    ("folds", "message"),
+    [
+        (pd.Series([0, 1, 2], index=["P000", "P001", "P000"]), "more than one fold: P000"),
+        ({"P000": 0, "P001": 0}, "at least two folds"),
+        ({"P000": 0, "P001": 1.5}, "folds are integers"),
+    ],
+)
+def test_bad_fold_maps_are_leakage(folds, message):
+    with pytest.raises(LeakageError, match=message):
+        validate_fold_map(folds)
+
+
+def test_cv_refuses_data_read_for_another_fold_map(voxel_prep):
+    from ctvlab.voxel_models.cv import FoldData
+
+    data = FoldData(frames={}, features=[], folds={"P000": 0, "P001": 1}, read_s=0.0)
+    with pytest.raises(LeakageError, match="another fold map"):
+        run_cv(voxel_prep, {"P000": 1, "P001": 0}, tiny_config(), "cel", data=data)
