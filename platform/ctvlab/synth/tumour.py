@@ -1,0 +1,321 @@
+"""One patient's tumour: seeded in white matter, grown to its pre-RT size, resected, grown on to progression.
+
+The simulation runs in template space on the coarse growth grid, in reference units: ρ = 1 per unit time
+and D = λ² with λ the patient's infiltration length (mm) in white matter (λ/√ratio in grey matter). Only
+the shape of the density profile depends on λ; the patient's real rates follow from the time at which
+progression is reached (`t_progression`) and the drawn PFS: ρ = t_progression / PFS, D = λ²ρ. So "the
+same model run on for the patient's PFS" and the drawn recurrence pattern hold together by construction.
+
+Density levels (fractions of the carrying capacity), as in Swanson's model of what MRI sees:
+`t2l_density` is the T2/FLAIR visibility threshold (below it: invisible infiltration), `cel_density`
+the level at which the blood-brain barrier breaks down (enhancement). The enhancing zone deeper than
+`rim_mm` is the necrotic core (ring enhancement). Resection: a GTR removes the densest tissue, at least
+all of the enhancing zone and a planned cavity volume; an STR leaves an enhancing rim of
+`str_residual_mm`; a biopsy removes nothing. The pre-RT lesion volume (T2L ∪ CEL, cavity excluded) is
+the drawn one: growth stops when it is reached.
+
+After RT the cavity holds no cells and no flux; optionally an invisible satellite focus is added in white
+matter; growth goes on until the drawn recurrence is reached: the farthest newly visible cell lies
+`advance_mm` beyond the pre-RT T2L (T2L or both progression), or `new_cel_cm3` of new enhancement has
+appeared inside it (CEL progression).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ctvlab.synth.anatomy import GrowthGrid, apply_affine
+from ctvlab.synth.growth import FisherKolmogorov
+
+# Cells whose tissue fraction (grey + white matter) is below this are outside the simulation domain:
+# tumour cells neither enter CSF nor ventricles (zero-flux boundary).
+MIN_TISSUE = 0.5
+# Seeds: white matter of the cerebrum, away from the brain's surface and from the critical structures.
+SEED_MIN_WM = 0.7
+SEED_MIN_DEPTH_MM = 15.0
+SEED_MIN_Z_MM = -5.0
+ACTIVE_THRESHOLD = 1e-8
+SEED_RADIUS_LAMBDA = 2.0
+HETEROGENEITY_MM = 12.0  # correlation length of the random invasiveness field
+# Longest simulated phase (reference time, ρ = 1): a front crosses a brain (~150 mm) at 2λ ≥ 5 mm per
+# unit well within it. A target the anatomy cannot hold (a lesion larger than its lobe allows, an
+# advance blocked by the brain's surface) ends here instead of running forever.
+MAX_TIME = 40.0
+
+
+@dataclass(frozen=True)
+class TumourSpec:
+    """What the clinical draw decided about a patient's tumour (see `ctvlab.synth.clinical`).
+
+    Attributes:
+        lambda_wm_mm: infiltration length √(D/ρ) in white matter, mm.
+        diffusion_ratio: D in white matter / D in grey matter.
+        lesion_cm3: pre-RT lesion volume (T2L ∪ CEL, the cavity excluded) to grow to.
+        resection: "GTR", "STR" or "biopsy".
+        progression_type: "CEL", "T2L" or "both".
+        advance_mm: for T2L/both progression, how far (mm) beyond the pre-RT T2L the farthest newly
+            visible voxel lies at progression.
+        new_cel_cm3: for CEL progression, the volume of new enhancement inside the pre-RT T2L.
+        heterogeneity: SD of the log of a smooth random factor on D (patient-specific, spatially varying
+            invasiveness: some directions infiltrate further than tissue type alone explains).
+        satellite_mm: distance beyond the pre-RT T2L of an invisible satellite focus in white matter
+            (0: none). Real recurrences are not only a front moving outwards: distant foci of
+            infiltration, invisible on anatomical MRI, grow into new lesions.
+        satellite_density: peak density of that focus (below the T2L threshold).
+        rim_mm: thickness of the enhancing rim around a necrotic core.
+        gtr_cavity_cm3: GTR removes at least this volume of the densest tissue, and always all enhancing
+            tissue.
+        str_residual_mm: STR leaves an enhancing rim this thick around the cavity.
+        t2l_density, cel_density: visibility thresholds (see module docstring).
+        cel_density_progression: enhancement threshold at progression (higher under bevacizumab, which
+            suppresses enhancement).
+    """
+
+    lambda_wm_mm: float
+    diffusion_ratio: float
+    lesion_cm3: float
+    resection: str
+    progression_type: str
+    advance_mm: float
+    new_cel_cm3: float
+    heterogeneity: float
+    satellite_mm: float
+    satellite_density: float
+    rim_mm: float
+    gtr_cavity_cm3: float
+    str_residual_mm: float
+    t2l_density: float
+    cel_density: float
+    cel_density_progression: float
+
+
+@dataclass
+class TumourCourse:
+    """The simulated fields on the growth grid (template space), to be interpolated onto image grids.
+
+    Attributes:
+        u_pre: density at the pre-RT scan, before resection (float32).
+        depth_mm: signed distance to the boundary of the enhancing zone {u_pre ≥ cel_density}, mm,
+            positive inside (float32): decides the necrotic core and the STR cavity.
+        u_prog: density at progression; cavity cells filled from their neighbours for interpolation.
+        seed_mni: seed position (MNI mm).
+        t_pre, t_progression: simulated times (reference units) from seed to the pre-RT scan and from
+            the pre-RT scan to progression.
+        advance_mm: achieved distance of the farthest new T2L cell beyond the pre-RT T2L (growth grid).
+        gtr_density: GTR only: cells above this density were resected (at most `cel_density`).
+    """
+
+    u_pre: np.ndarray
+    depth_mm: np.ndarray
+    u_prog: np.ndarray
+    seed_mni: np.ndarray
+    t_pre: float
+    t_progression: float
+    advance_mm: float
+    gtr_density: float
+
+
+def pre_rt_regions(
+    u: np.ndarray, depth_mm: np.ndarray, spec: TumourSpec, gtr_density: float
+) -> dict[str, np.ndarray]:
+    """The pre-RT regions from density and depth, on any grid (growth grid or an image grid).
+
+    A GTR removes every cell above `gtr_density` (≤ `cel_density`: all enhancement); an STR removes the
+    enhancing zone but a rim of `str_residual_mm`; a biopsy removes nothing.
+
+    Returns:
+        boolean arrays "cavity", "necrosis", "cel", "t2l": T2L ⊇ CEL ∪ necrosis, all disjoint from the
+        cavity; CEL = the enhancing zone minus the necrotic core (deeper than `rim_mm`) and the cavity.
+    """
+    enhancing = u >= spec.cel_density
+    if spec.resection == "GTR":
+        cavity = u >= min(gtr_density, spec.cel_density)
+    elif spec.resection == "STR":
+        cavity = enhancing & (depth_mm > spec.str_residual_mm)
+    else:
+        cavity = np.zeros(u.shape, dtype=bool)
+    necrosis = enhancing & (depth_mm > spec.rim_mm) & ~cavity
+    return {
+        "cavity": cavity,
+        "necrosis": necrosis,
+        "cel": enhancing & ~necrosis & ~cavity,
+        "t2l": (u >= spec.t2l_density) & ~cavity,
+    }
+
+
+def progression_regions(
+    u_prog: np.ndarray, pre: dict[str, np.ndarray], spec: TumourSpec
+) -> dict[str, np.ndarray]:
+    """CEL and T2L at progression (what is visible then), given the pre-RT regions on the same grid.
+
+    CEL progression: new enhancement inside the pre-RT T2L, no new non-enhancing lesion. T2L
+    progression: the T2L grows, enhancement stays as it was. Both: both grow.
+    """
+    keep = ~pre["cavity"] & ~pre["necrosis"]
+    new_cel = (u_prog >= spec.cel_density_progression) & keep
+    if spec.progression_type == "CEL":
+        cel = pre["cel"] | (new_cel & pre["t2l"])
+        t2l = pre["t2l"] | cel
+    elif spec.progression_type == "T2L":
+        cel = pre["cel"].copy()
+        t2l = ((u_prog >= spec.t2l_density) & ~pre["cavity"]) | cel
+    else:
+        cel = pre["cel"] | new_cel
+        t2l = ((u_prog >= spec.t2l_density) & ~pre["cavity"]) | cel
+    return {"cel": cel, "t2l": t2l}
+
+
+def signed_depth(region: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Signed distance (mm) to a region's boundary: positive inside, negative outside (float32)."""
+    if not region.any():
+        return np.full(region.shape, -1e3, dtype=np.float32)
+    inside = ndi.distance_transform_edt(region, sampling=spacing_mm)
+    outside = ndi.distance_transform_edt(~region, sampling=spacing_mm)
+    # boundaries lie half a cell from the centres on either side
+    return np.where(region, inside - 0.5 * spacing_mm, -(outside - 0.5 * spacing_mm)).astype(np.float32)
+
+
+def tissue_domain(grid: GrowthGrid) -> np.ndarray:
+    """Cells the tumour may occupy: brain tissue (grey + white matter), not CSF."""
+    return (grid.brain >= 0.5) & ((grid.gm + grid.wm) >= MIN_TISSUE)
+
+
+def diffusivity(grid: GrowthGrid, lambda_wm_mm: float, ratio: float, domain: np.ndarray) -> np.ndarray:
+    """D per cell in reference units (ρ = 1): λ² in white matter, λ²/ratio in grey, 0 outside the domain."""
+    d_wm = lambda_wm_mm**2
+    tissue = np.maximum(grid.gm + grid.wm, 1e-6)
+    d = d_wm * (grid.wm + grid.gm / ratio) / tissue
+    return np.where(domain, d, 0.0).astype(np.float32)
+
+
+def smooth_log_field(
+    shape: tuple[int, ...], spacing_mm: float, sd: float, rng: np.random.Generator
+) -> np.ndarray:
+    """exp(sd·G), G a Gaussian random field of unit SD and correlation length HETEROGENEITY_MM, clipped
+    to ±2 SD (the largest D sets the explicit time step)."""
+    g = ndi.gaussian_filter(rng.standard_normal(shape), HETEROGENEITY_MM / spacing_mm, mode="wrap")
+    g /= max(float(g.std()), 1e-12)
+    return np.exp(sd * np.clip(g, -2.0, 2.0)).astype(np.float32)
+
+
+def choose_seed(grid: GrowthGrid, domain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random white-matter cell of the cerebrum at least SEED_MIN_DEPTH_MM inside the brain."""
+    depth, far_critical = grid.depth_mm, grid.critical_mm > 15.0
+    idx = np.indices(grid.brain.shape).reshape(3, -1).T
+    z = apply_affine(grid.affine, idx)[:, 2].reshape(grid.brain.shape)
+    cand = (
+        domain & (grid.wm >= SEED_MIN_WM) & (depth >= SEED_MIN_DEPTH_MM) & far_critical & (z > SEED_MIN_Z_MM)
+    )
+    if not cand.any():  # very coarse test grids: relax to any white matter
+        cand = domain & (grid.wm >= 0.5)
+    cells = np.argwhere(cand)
+    return cells[rng.integers(len(cells))]
+
+
+def satellite(
+    allowed: np.ndarray, dist_pre: np.ndarray, spec: TumourSpec, h: float, rng: np.random.Generator
+) -> np.ndarray:
+    """An invisible focus: a Gaussian of peak `satellite_density` and σ = λ, centred on a random allowed
+    cell about `satellite_mm` beyond the pre-RT T2L (zeros if no cell lies at that distance)."""
+    cells = np.argwhere(allowed & (np.abs(dist_pre - spec.satellite_mm) <= h))
+    if len(cells) == 0:
+        return np.zeros(dist_pre.shape, dtype=np.float32)
+    centre = cells[rng.integers(len(cells))]
+    r2 = (((np.indices(dist_pre.shape) - centre.reshape(3, 1, 1, 1)) * h) ** 2).sum(0)
+    sigma = max(spec.lambda_wm_mm, h)
+    return (spec.satellite_density * np.exp(-0.5 * r2 / sigma**2) * allowed).astype(np.float32)
+
+
+def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator) -> TumourCourse:
+    """Grow, resect and regrow one tumour (see the module docstring)."""
+    h = grid.spacing
+    cell_cm3 = h**3 / 1000.0
+    domain = tissue_domain(grid)
+    seed = choose_seed(grid, domain, rng)
+    d = diffusivity(grid, spec.lambda_wm_mm, spec.diffusion_ratio, domain)
+    d *= smooth_log_field(d.shape, h, spec.heterogeneity, rng)
+    rho = domain.astype(np.float32)
+
+    # a saturated core of radius SEED_RADIUS_LAMBDA·λ: a smaller seed loses cells to diffusion faster
+    # than it grows (below about πλ) and would spend the whole course in a diffuse, unsaturated
+    # transient that real tumours left long before their first scan
+    r = np.sqrt(((np.indices(grid.brain.shape) - seed.reshape(3, 1, 1, 1)) ** 2).sum(0)) * h
+    r0 = max(SEED_RADIUS_LAMBDA * spec.lambda_wm_mm, 1.5 * h)
+    u = np.where(domain, np.clip(1.0 - (r - r0) / h, 0.0, 1.0), 0.0).astype(np.float32)
+    solver = FisherKolmogorov(d, rho, h)
+    target_cells = spec.lesion_cm3 / cell_cm3
+    gtr_cells = spec.gtr_cavity_cm3 / cell_cm3
+
+    def resected_cells(v: np.ndarray) -> float:
+        """Cells a GTR removes: the planned cavity, or every enhancing cell if there are more."""
+        return max(gtr_cells, float(np.count_nonzero(v >= spec.cel_density)))
+
+    def grown(v: np.ndarray, _t: float) -> bool:
+        visible = np.count_nonzero(v >= spec.t2l_density)
+        if visible < target_cells:
+            return False
+        if spec.resection == "GTR":
+            return visible - resected_cells(v) >= target_cells
+        if spec.resection == "biopsy":
+            return True
+        # STR: the cavity lies inside the enhancing zone, so subtracting that zone bounds the lesion
+        if visible - np.count_nonzero(v >= spec.cel_density) >= target_cells:
+            return True
+        depth = signed_depth(v >= spec.cel_density, h)
+        return np.count_nonzero(pre_rt_regions(v, depth, spec, 1.0)["t2l"]) >= target_cells
+
+    max_steps = int(MAX_TIME / solver.dt) + 1
+    t_pre = solver.run(u, stop=grown, max_steps=max_steps, active_threshold=ACTIVE_THRESHOLD)
+    u_pre = u.copy()
+    depth = signed_depth(u_pre >= spec.cel_density, h)
+    gtr_level = 1.0
+    if spec.resection == "GTR":
+        k = int(min(resected_cells(u_pre), u_pre.size))
+        top = np.partition(u_pre.ravel(), u_pre.size - k)[u_pre.size - k] if k > 0 else 1.0
+        gtr_level = float(min(top, spec.cel_density))
+    pre = pre_rt_regions(u_pre, depth, spec, gtr_level)
+    dist_pre = ndi.distance_transform_edt(~pre["t2l"], sampling=h)
+    if spec.satellite_mm > 0:
+        focus = satellite(domain & (grid.wm >= 0.5), dist_pre, spec, h, rng)
+        np.maximum(u_pre, focus, out=u_pre)
+        np.maximum(u, focus, out=u)
+
+    # after RT: the cavity holds no cells and no tissue to invade (zero flux through its wall)
+    cavity = pre["cavity"]
+    u[cavity] = 0.0
+    d_post = np.where(cavity, 0.0, d).astype(np.float32)
+    rho_post = np.where(cavity, 0.0, rho).astype(np.float32)
+    post = FisherKolmogorov(d_post, rho_post, h, dt=solver.dt)
+
+    if spec.progression_type == "CEL":
+        inside = pre["t2l"] & ~pre["cel"] & ~pre["necrosis"]
+        target_new = max(min(spec.new_cel_cm3 / cell_cm3, 0.5 * np.count_nonzero(inside)), 1.0)
+
+        def progressed(v: np.ndarray, _t: float) -> bool:
+            return np.count_nonzero((v >= spec.cel_density_progression) & inside) >= target_new
+
+    else:
+
+        def progressed(v: np.ndarray, _t: float) -> bool:
+            new = v >= spec.t2l_density
+            return bool(new.any()) and float(dist_pre[new].max()) >= spec.advance_mm
+
+    t_prog = post.run(u, stop=progressed, max_steps=max_steps, active_threshold=ACTIVE_THRESHOLD)
+    visible = u >= spec.t2l_density
+    advance = float(dist_pre[visible].max()) if visible.any() else 0.0
+
+    # fill the cavity from its wall so that trilinear interpolation does not pull the wall's density down
+    u_prog = np.where(cavity, ndi.grey_dilation(u, size=3), u).astype(np.float32)
+    return TumourCourse(
+        u_pre=u_pre,
+        depth_mm=depth,
+        u_prog=u_prog,
+        seed_mni=apply_affine(grid.affine, seed),
+        t_pre=t_pre,
+        t_progression=t_prog,
+        advance_mm=advance,
+        gtr_density=gtr_level,
+    )

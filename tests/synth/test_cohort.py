@@ -1,0 +1,153 @@
+"""A tiny synthetic cohort: the manifest layout, the geometry rules, determinism and the null control."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctvlab.config import SynthConfig
+from ctvlab.ingest.manifest import MASK_COLUMNS, MRSI_COLUMNS, PATH_COLUMNS, read_manifest
+from ctvlab.synth.cohort import generate_cohort
+from ctvlab.synth.report import cohort_report
+
+ANATOMY = ("t1c", "t1", "flair")
+DIFFUSION = ("adc", "fa")
+
+
+def tiny(**kw) -> SynthConfig:
+    """Coarse grids and 3 patients (one without MRSI): a few seconds."""
+    base = {
+        "n_patients": 3, "seed": 7, "anatomy_mm": (4.0, 4.0, 4.0), "diffusion_mm": (4.0, 4.0, 5.0),
+        "growth_mm": 4.0, "num_workers": 1, "mrsi_missing_fraction": 0.34,
+    }  # fmt: skip
+    return SynthConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("synth")
+    out = {}
+    for name, cfg in {
+        "a": tiny(), "a_again": tiny(), "other_seed": tiny(seed=8), "null": tiny(null=True),
+    }.items():  # fmt: skip
+        generate_cohort(root / name, cfg, progress=False)
+        out[name] = root / name
+    return out
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def load(root: Path, rel: str) -> nib.Nifti1Image:
+    return nib.load(root / rel)
+
+
+def test_manifest_layout(cohorts):
+    root = cohorts["a"]
+    rows, problems, ids = read_manifest(root)
+    assert problems == [] and ids == ["SYN001", "SYN002", "SYN003"]
+    assert sum(r.has_mrsi for r in rows) == 2  # 34% of 3 rounds to one patient without MRSI
+    for r in rows:
+        for col in PATH_COLUMNS:
+            rel = getattr(r, col)
+            if col in MRSI_COLUMNS and not r.has_mrsi:
+                assert rel is None
+                assert not (root / r.patient_id / f"{col}.nii.gz").exists()
+            else:
+                assert rel == f"{r.patient_id}/{col}.nii.gz" and (root / rel).is_file()
+    assert not list(root.rglob(".tmp-*"))
+
+
+def test_geometry_rules(cohorts):
+    root = cohorts["a"]
+    rows, _, _ = read_manifest(root)
+    for r in rows:
+        ref = load(root, r.t1c)
+        assert ref.header.get_xyzt_units()[0] == "mm"
+        assert not np.allclose(ref.affine[:3, :3], np.diag(np.diag(ref.affine[:3, :3])))  # oblique grid
+        masks = {}
+        for col in (*ANATOMY, *MASK_COLUMNS):
+            img = load(root, getattr(r, col))
+            assert img.shape == ref.shape and np.allclose(img.affine, ref.affine), (r.patient_id, col)
+            if col in MASK_COLUMNS:
+                assert img.get_data_dtype() == np.uint8
+                data = np.asarray(img.dataobj)
+                assert set(np.unique(data)) <= {0, 1}
+                masks[col] = data.astype(bool)
+        brain = masks["brain_mask"]
+        assert brain.any() and masks["t2l_mask"].any()
+        assert not (masks["cel_mask"] & ~masks["t2l_mask"]).any()  # T2L ⊇ CEL
+        assert not (masks["cavity_mask"] & (masks["t2l_mask"] | masks["cel_mask"])).any()
+        for col, m in masks.items():
+            assert not (m & ~brain).any(), col
+        for col in ANATOMY:
+            assert np.isfinite(load(root, getattr(r, col)).get_fdata()[brain]).all()
+
+        brain_world = _world(ref.affine, np.argwhere(brain))
+        for col in DIFFUSION:
+            img = load(root, getattr(r, col))
+            assert img.header.get_zooms() == pytest.approx((4.0, 4.0, 5.0))
+            ijk = np.rint(_world(np.linalg.inv(img.affine), brain_world)).astype(int)
+            inside = ((ijk >= 0) & (ijk < img.shape)).all(1)
+            assert inside.mean() > 0.95  # the diffusion field of view covers the brain
+            data = img.get_fdata()
+            assert np.isfinite(data[tuple(ijk[inside].T)]).all()
+        if r.has_mrsi:
+            img = load(root, r.cni)
+            assert img.shape == (8, 8, 4) and img.header.get_zooms() == pytest.approx((10.0, 10.0, 10.0))
+            assert np.allclose(img.affine[:3, :3] / 10.0, ref.affine[:3, :3] / 4.0, atol=1e-6)  # like T1c
+            corners = (
+                np.array(np.meshgrid([-0.5, 7.5], [-0.5, 7.5], [-0.5, 3.5], indexing="ij")).reshape(3, -1).T
+            )
+            ijk = _world(np.linalg.inv(ref.affine), _world(img.affine, corners))
+            assert ((ijk >= -0.5) & (ijk <= np.asarray(ref.shape) - 0.5)).all()  # inside the T1c's FOV
+            assert np.isfinite(img.get_fdata()).mean() > 0.8
+
+
+def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def test_passes_validation(cohorts):
+    validate = pytest.importorskip("ctvlab.ingest.validate")
+    report = validate.validate_cohort(cohorts["a"])
+    assert report.ok, report
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not(cohorts):
+    a, again, other = digests(cohorts["a"]), digests(cohorts["a_again"]), digests(cohorts["other_seed"])
+    assert a == again
+    assert a["SYN001/t1c.nii.gz"] != other["SYN001/t1c.nii.gz"]
+    assert a["manifest.csv"] != other["manifest.csv"]
+
+
+def test_null_cohort_differs_only_in_diffusion_and_mrsi(cohorts):
+    a, null = digests(cohorts["a"]), digests(cohorts["null"])
+    assert a.keys() == null.keys()
+    differing = {k for k in a if a[k] != null[k]}
+    allowed = {f"SYN00{i}/{c}.nii.gz" for i in (1, 2, 3) for c in (*DIFFUSION, *MRSI_COLUMNS)}
+    assert differing - {"synth_params.json"} <= allowed
+    assert any(k.endswith("adc.nii.gz") for k in differing)
+    assert any(k.endswith("cni.nii.gz") for k in differing)
+
+
+def test_report_on_generated_cohort(cohorts):
+    report = cohort_report(cohorts["a"])
+    assert report.problems == [] and report.groups["all"].n == 3
+    for p in report.patients:
+        assert p.lesion_cm3 > 0 and p.pattern is not None
+
+
+@pytest.mark.slow
+def test_parallel_generation_equals_serial(cohorts, tmp_path):
+    generate_cohort(tmp_path / "par", tiny(num_workers=2), progress=False)
+    assert digests(tmp_path / "par") == digests(cohorts["a"])
