@@ -75,7 +75,7 @@ def mlflow_server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
-    log = open(root / "server.log", "wb")
+    log = open(root / "server.log", "wb")  # noqa: SIM115 (the child process owns it)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
@@ -121,7 +121,7 @@ def prepared_phantom(tmp_path_factory, ray_local) -> Path:
     return root / "prep"
 
 
-def tiny_study(workdir: Path, tracking_uri: str, **unet_train) -> "StudyConfig":  # noqa: F821
+def tiny_study(workdir: Path, tracking_uri: str, **unet_train) -> StudyConfig:  # noqa: F821
     """Study settings for seconds-long CPU training on the phantom (base 4, no augmentation)."""
     from ctvlab.config import StudyConfig
 
@@ -138,3 +138,14 @@ def tiny_study(workdir: Path, tracking_uri: str, **unet_train) -> "StudyConfig":
     for k, v in unet_train.items():
         setattr(cfg.unet.train, k, v)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def trained_phantom(prepared_phantom, tmp_path_factory, _session_tracking_uri):
+    """One small U-Net trained with 2 gloo DDP workers on the phantom (4 epochs), shared by the training
+    and evaluation tests: (study config, TrainOutcome). Ray Train's start-up costs tens of seconds."""
+    from ctvlab.unet.train import train_unet
+
+    workdir = tmp_path_factory.mktemp("trained_phantom")
+    cfg = tiny_study(workdir, _session_tracking_uri, epochs=4, num_workers=2, cpus_per_worker=1)
+    return cfg, train_unet(cfg, prepared_phantom)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
@@ -68,28 +65,4 @@ def test_failed_block_marks_run_failed(tracking_uri, experiment):
     assert tracker.client.get_run(r.run_id).info.status == "FAILED"
 
 
-def _writer(uri: str, i: int, n_steps: int) -> None:
-    tracker = Tracker("ctvlab-concurrent", uri)
-    with tracker.run(f"writer-{i}") as r:
-        for step in range(n_steps):
-            r.metrics({"value": float(i * 100 + step)}, step=step)
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "server"])
-def test_eight_concurrent_writers_lose_nothing(backend, tmp_path, request):
-    uri = f"sqlite:///{Path(tmp_path) / 'c.db'}" if backend == "sqlite" else request.getfixturevalue("mlflow_server")
-    Tracker("ctvlab-concurrent", uri)  # create the store and experiment once, before the writers race
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(uri, i, 20)) for i in range(8)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    assert [p.exitcode for p in procs] == [0] * 8
-    tracker = Tracker("ctvlab-concurrent", uri)
-    runs = [r for r in tracker.find_runs() if r.info.run_name.startswith("writer-")]
-    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
-    for r in runs:
-        history = tracker.client.get_metric_history(r.info.run_id, "value")
-        i = int(r.info.run_name.split("-")[1])
-        assert sorted(m.value for m in history) == [float(i * 100 + s) for s in range(20)]
+# Concurrent writers: tests/unet/test_tune.py runs 8 concurrent Tune trials against SQLite and a server.

@@ -91,16 +91,20 @@ def schemas(
 
 # --- options shared by the stage commands --------------------------------------------------------------
 
-ConfigOpt = Annotated[Path | None, Opt("--config", "-c", help="Study config (YAML); default: the study's settings.")]
+ConfigOpt = Annotated[
+    Path | None, Opt("--config", "-c", help="Study config (YAML); default: the study's settings.")
+]
 DataOpt = Annotated[Path, Opt("--data", help="Prepared dataset folder (the output of `ctvlab preprocess`).")]
 TrackingOpt = Annotated[
-    str | None, Opt("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
+    str | None,
+    Opt("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."),
 ]
 AddressOpt = Annotated[str | None, Opt("--address", help="Ray cluster address (default: a local Ray).")]
 
 
-def _stage_config(config: Path | None, data: Path | None = None, tracking_uri: str | None = None,
-                  address: str | None = None):
+def _stage_config(
+    config: Path | None, data: Path | None = None, tracking_uri: str | None = None, address: str | None = None
+):
     """The study config with command-line overrides. With --data, results go next to the prepared data
     (PREP/../results), as `ctvlab run` lays them out."""
     cfg = _study(config)
@@ -118,7 +122,9 @@ def preprocess(
     raw: Annotated[Path, Opt("--raw", help="Cohort folder (manifest.csv + NIfTI files).")],
     out: Annotated[Path, Opt("--out", help="Prepared dataset folder to write.")],
     voxel_mm: Annotated[float | None, Opt("--voxel-mm", help="Output voxel size in mm (default 3).")] = None,
-    ring_mm: Annotated[float | None, Opt("--ring-mm", help="Analysis ring around the T2L in mm (default 40).")] = None,
+    ring_mm: Annotated[
+        float | None, Opt("--ring-mm", help="Analysis ring around the T2L in mm (default 40).")
+    ] = None,
     address: AddressOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -161,10 +167,16 @@ def split(
 def rf_cv(
     data: DataOpt,
     model: Annotated[str | None, Opt("--model", help="rf or xgboost (default: the config's).")] = None,
-    target: Annotated[str | None, Opt("--target", help="nel, cel or any (default: the config's targets).")] = None,
-    subgroup: Annotated[str | None, Opt("--subgroup", help="all, early or late (PFS below/above the median).")] = None,
+    target: Annotated[
+        str | None, Opt("--target", help="nel, cel or any (default: the config's targets).")
+    ] = None,
+    subgroup: Annotated[
+        str | None, Opt("--subgroup", help="all, early or late (PFS below/above the median).")
+    ] = None,
     all_: Annotated[bool, Opt("--all", help="The study's grid: {nel, cel} × {all, early, late}.")] = False,
-    serial: Annotated[bool, Opt("--serial", help="Run the folds one after another instead of as Ray tasks.")] = False,
+    serial: Annotated[
+        bool, Opt("--serial", help="Run the folds one after another instead of as Ray tasks.")
+    ] = False,
     config: ConfigOpt = None,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
@@ -181,11 +193,20 @@ def rf_cv(
     from rich.table import Table
 
     t = Table(title=f"{cfg.voxel_models.model} voxel models, 5-fold patient-grouped CV")
-    for col in ("target", "subgroup", "patients", "AUC mean ± SD", "pooled AUC", "top features (permutation)"):
+    for col in (
+        "target",
+        "subgroup",
+        "patients",
+        "AUC mean ± SD",
+        "pooled AUC",
+        "top features (permutation)",
+    ):
         t.add_column(col)
     for (tg, sg), r in results.items():
         top = ", ".join(r.importance_table().index[:3])
-        t.add_row(tg, sg, str(r.n_patients), f"{r.auc_mean:.3f} ± {r.auc_std:.3f}", f"{r.pooled_roc()[2]:.3f}", top)
+        t.add_row(
+            tg, sg, str(r.n_patients), f"{r.auc_mean:.3f} ± {r.auc_std:.3f}", f"{r.pooled_roc()[2]:.3f}", top
+        )
     console = _console()
     console.print(t)
     console.print(f"tables and figures: {Path(cfg.results_dir, 'rf_cv')}")
@@ -222,7 +243,9 @@ def train(
     config: ConfigOpt = None,
     num_workers: Annotated[int | None, Opt("--num-workers", help="Ray Train workers (DDP ranks).")] = None,
     use_gpu: Annotated[bool, Opt("--use-gpu", help="One GPU per worker (NCCL, bf16 autocast).")] = False,
-    resume: Annotated[bool, Opt("--resume", help="Continue the last interrupted run from its checkpoint.")] = False,
+    resume: Annotated[
+        bool, Opt("--resume", help="Continue the last interrupted run from its checkpoint.")
+    ] = False,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ) -> None:
@@ -246,8 +269,12 @@ def train(
 def tune(
     data: DataOpt,
     config: ConfigOpt = None,
-    resume: Annotated[bool, Opt("--resume", help="Restore the last interrupted search (finished trials are kept).")] = False,
-    ablation: Annotated[bool, Opt("--ablation", help="Modality ablation (Fig. 2): a random search per input set.")] = False,
+    resume: Annotated[
+        bool, Opt("--resume", help="Restore the last interrupted search (finished trials are kept).")
+    ] = False,
+    ablation: Annotated[
+        bool, Opt("--ablation", help="Modality ablation (Fig. 2): a random search per input set.")
+    ] = False,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ) -> None:
@@ -268,7 +295,11 @@ def tune(
 def evaluate(
     data: DataOpt,
     model_uri: Annotated[
-        str | None, Opt("--model-uri", help="models:/name/version, runs:/id/model or a folder (default: latest registered).")
+        str | None,
+        Opt(
+            "--model-uri",
+            help="models:/name/version, runs:/id/model or a folder (default: latest registered).",
+        ),
     ] = None,
     split_name: Annotated[str, Opt("--split", help="Patients to evaluate: test (default) or val.")] = "test",
     config: ConfigOpt = None,
@@ -279,13 +310,17 @@ def evaluate(
 
     cfg = _stage_config(config, data, tracking_uri)
     console = _console()
-    print_evaluation(evaluate_study(cfg, data, model_uri=model_uri, split_name=split_name, console=console), console)
+    print_evaluation(
+        evaluate_study(cfg, data, model_uri=model_uri, split_name=split_name, console=console), console
+    )
 
 
 @app.command()
 def run(
     config: Annotated[Path, Opt("--config", "-c", help="Study config, e.g. jobs/configs/demo.yaml.")],
-    smoke_test: Annotated[bool, Opt("--smoke-test", help="Tiny CPU-only settings, results under <workdir>/smoke.")] = False,
+    smoke_test: Annotated[
+        bool, Opt("--smoke-test", help="Tiny CPU-only settings, results under <workdir>/smoke.")
+    ] = False,
     force: Annotated[bool, Opt("--force", help="Run every stage even when its outputs are current.")] = False,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
@@ -320,7 +355,18 @@ def ui(
         _console().print(f"{uri} is a tracking server: open it in a browser.")
         return
     _console().print(f"MLflow UI over {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
 
 

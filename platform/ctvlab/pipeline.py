@@ -234,7 +234,11 @@ def _evaluate(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], console, 
 
     key = digest({"ctv": cfg.ctv.model_dump(mode="json"), "model": state.get("model_uri"),
                   "split": state["split_digest"]})  # fmt: skip
-    if not force and stamps.current("evaluate", key) and Path(cfg.results_dir, "evaluate", "summary.csv").exists():
+    if (
+        not force
+        and stamps.current("evaluate", key)
+        and Path(cfg.results_dir, "evaluate", "summary.csv").exists()
+    ):
         return StageRecord("evaluate", "skipped (current)", detail=str(Path(cfg.results_dir, "evaluate")))
     out = evaluate_study(cfg, cfg.prep_dir, model_uri=state.get("model_uri"), console=console)
     state["evaluation"] = out
@@ -256,8 +260,12 @@ def print_study_summary(outcome: StudyOutcome, console) -> None:
         t.add_row(r.name, r.status, f"{r.seconds:.0f}" if r.seconds else "", r.detail)
     console.print(t)
     console.print(f"results: {outcome.workdir}/results  ·  prepared data: {outcome.workdir}/prep")
-    console.print(f"MLflow: experiment [bold]{outcome.experiment}[/] (id {outcome.experiment_id}) in {outcome.tracking_uri}")
+    console.print(
+        f"MLflow: experiment [bold]{outcome.experiment}[/] (id {outcome.experiment_id}) in {outcome.tracking_uri}"
+    )
     if outcome.tracking_uri.startswith("sqlite"):
-        console.print("open the MLflow UI with [bold]make ui[/] (or `ctvlab ui`) and browse to http://127.0.0.1:5000")
+        console.print(
+            "open the MLflow UI with [bold]make ui[/] (or `ctvlab ui`) and browse to http://127.0.0.1:5000"
+        )
     else:
         console.print(f"open {outcome.tracking_uri} in a browser")

@@ -158,7 +158,12 @@ def write_split(prep: str | Path, cfg: SplitConfig) -> Split:
         table.to_parquet(tmp, index=False)
     write_json_atomic(
         paths.splits_json,
-        {"digest": d, "dataset_digest": meta["digest"], "seed": cfg.seed, "settings": cfg.model_dump(mode="json")},
+        {
+            "digest": d,
+            "dataset_digest": meta["digest"],
+            "seed": cfg.seed,
+            "settings": cfg.model_dump(mode="json"),
+        },
     )
     ensure_salt(prep)
     return Split(table, d, meta["digest"], cfg.seed)

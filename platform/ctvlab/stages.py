@@ -41,10 +41,14 @@ def split_stage(cfg: StudyConfig, prep: Path) -> tuple[Split, str]:
     with tracker.run("split", base_tags("split", split.dataset_digest, split.digest)) as run:
         run.params({"split": cfg.split.model_dump(mode="json")})
         run.dataset("prepared", split.dataset_digest, str(prep.resolve()), context="split")
-        counts: dict[str, Any] = {f"n_{role}": int((table["dl_role"] == role).sum()) for role in ("train", "val", "test")}
+        counts: dict[str, Any] = {
+            f"n_{role}": int((table["dl_role"] == role).sum()) for role in ("train", "val", "test")
+        }
         for (role, cohort), n in table.groupby(["dl_role", "cohort"]).size().items():
             counts[f"n_{role}_{cohort}"] = int(n)
-        counts.update({f"n_fold_{k}": int(n) for k, n in table["rf_fold"].value_counts().sort_index().items()})
+        counts.update(
+            {f"n_fold_{k}": int(n) for k, n in table["rf_fold"].value_counts().sort_index().items()}
+        )
         run.metrics(counts)
         run.table(pseudonymised(prep, table), "splits.csv", "split")
         run_id = run.run_id
@@ -94,7 +98,9 @@ def rf_cv_stage(
                                              "auc_mean": res.auc_mean, "auc_std": res.auc_std})  # fmt: skip
         title = f"{vcfg.model.upper()} {target.upper()} progression, {subgroup} patients"
         figs = [
-            plot_roc_curves(res.roc_curves(), out / "roc.png", f"{title}: AUC {res.auc_mean:.2f} ± {res.auc_std:.2f}"),
+            plot_roc_curves(
+                res.roc_curves(), out / "roc.png", f"{title}: AUC {res.auc_mean:.2f} ± {res.auc_std:.2f}"
+            ),
             plot_importances(res.importance_table(), out / "importances.png", f"{title}: feature importance"),
         ]
         tags = {**base_tags("rf-cv", split.dataset_digest, split.digest), "ctvlab.target": target,
@@ -109,7 +115,9 @@ def rf_cv_stage(
                 run.artifact(f, "figures")
             for fold in res.folds:
                 with tracker.run(f"fold {fold.fold}", tags, parent_run_id=run.run_id) as child:
-                    child.params({"fold": fold.fold, "target": target, "subgroup": subgroup, "model": vcfg.model})
+                    child.params(
+                        {"fold": fold.fold, "target": target, "subgroup": subgroup, "model": vcfg.model}
+                    )
                     child.metrics({"auc": fold.auc, "n_train": fold.n_train, "n_test": fold.n_test,
                                    "n_train_patients": fold.n_train_patients, "n_test_patients": fold.n_test_patients,
                                    "test_pos": fold.test_pos, "test_neg": fold.test_neg, "fit_s": fold.fit_s})  # fmt: skip
@@ -135,7 +143,9 @@ def stats_stage(cfg: StudyConfig, prep: Path):
     frames["medians"] = pseudonymised(prep, result.medians)
     for name, df in frames.items():
         df.to_csv(out / f"{name}.csv", index=False)
-    fig = plot_category_boxes(result.medians, out / "category_boxes.png", result.tests, test=cfg.stats.primary_test)
+    fig = plot_category_boxes(
+        result.medians, out / "category_boxes.png", result.tests, test=cfg.stats.primary_test
+    )
     tracker = tracker_for(cfg)
     with tracker.run("stats", base_tags("stats", split.dataset_digest, split.digest)) as run:
         run.params({"stats": cfg.stats.model_dump(mode="json")})

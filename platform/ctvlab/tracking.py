@@ -51,7 +51,11 @@ def git_commit() -> str:
     root = Path(ctvlab.__file__).resolve().parents[2]
     try:
         sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
@@ -125,7 +129,9 @@ class Tracker:
     # --- runs -----------------------------------------------------------------------------------
 
     @_retry_locked
-    def start_run(self, name: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None) -> str:
+    def start_run(
+        self, name: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None
+    ) -> str:
         all_tags = {TAG_VERSION: ctvlab.__version__, TAG_COMMIT: git_commit(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -169,7 +175,9 @@ class Tracker:
     # --- model registry -------------------------------------------------------------------------
 
     @_retry_locked
-    def register_model(self, name: str, run_id: str, artifact_path: str, tags: Mapping[str, Any] | None = None):
+    def register_model(
+        self, name: str, run_id: str, artifact_path: str, tags: Mapping[str, Any] | None = None
+    ):
         """Register `runs:/<run_id>/<artifact_path>` as a new version of model `name`; return the version."""
         from mlflow.exceptions import MlflowException
 
@@ -184,12 +192,25 @@ class Tracker:
         )
 
     def download_model(self, model_uri: str, dst: str | Path) -> Path:
-        """Download a model's artifacts (`models:/name/version`, `runs:/id/path`, or a local folder)."""
+        """Download a model's artifacts (`models:/name/version|latest`, `runs:/id/path`, or a local folder).
+
+        Registry URIs are resolved through this tracker's own client, so the model comes from the same
+        store as the runs (not from whatever registry the environment would default to).
+        """
         if Path(model_uri).exists():
             return Path(model_uri)
-        from mlflow.artifacts import download_artifacts
-
-        return Path(download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=self.tracking_uri))
+        if model_uri.startswith("models:/"):
+            name, _, version = model_uri[len("models:/") :].partition("/")
+            if version in ("", "latest"):
+                versions = self.client.search_model_versions(f"name='{name}'")
+                if not versions:
+                    raise ValueError(f"no version of model {name!r} is registered")
+                version = str(max(int(v.version) for v in versions))
+            model_uri = self.client.get_model_version(name, version).source
+        if not model_uri.startswith("runs:/"):
+            raise ValueError(f"unsupported model URI {model_uri!r}: use models:/, runs:/ or a folder")
+        run_id, _, path = model_uri[len("runs:/") :].partition("/")
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
 
     def model_version_run(self, model_uri: str) -> str | None:
         """The run id that produced a registered model version (`models:/name/version|latest`)."""
@@ -266,13 +287,15 @@ class RunLogger:
             self.artifact(p, artifact_path)
 
     @_retry_locked
-    def dataset(self, name: str, digest: str, source: str, context: str = "training", schema_note: str = "") -> None:
+    def dataset(
+        self, name: str, digest: str, source: str, context: str = "training", schema_note: str = ""
+    ) -> None:
         """Record a dataset input (`mlflow.log_input` equivalent) by name, digest and source, no data."""
+        import warnings
+
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
-
-        import warnings
 
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": all are the local source
             warnings.simplefilter("ignore", UserWarning)
@@ -283,7 +306,9 @@ class RunLogger:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
 
 
-def base_tags(stage: str, dataset_digest: str | None = None, split_digest: str | None = None) -> dict[str, str]:
+def base_tags(
+    stage: str, dataset_digest: str | None = None, split_digest: str | None = None
+) -> dict[str, str]:
     tags = {TAG_STAGE: stage}
     if dataset_digest:
         tags[TAG_DATASET] = dataset_digest

@@ -23,9 +23,8 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_two_cpu_workers_train_checkpoint_and_register(prepared_phantom, tmp_path, tracking_uri):
-    cfg = tiny_study(tmp_path, tracking_uri, epochs=4, num_workers=2, cpus_per_worker=1)
-    out = train_unet(cfg, prepared_phantom)
+def test_two_cpu_workers_train_checkpoint_and_register(trained_phantom):
+    cfg, out = trained_phantom  # 2 gloo workers, 4 epochs (tests/conftest.py)
 
     epochs = [h["epoch"] for h in out.history]
     assert epochs == [0, 1, 2, 3]
@@ -40,14 +39,13 @@ def test_two_cpu_workers_train_checkpoint_and_register(prepared_phantom, tmp_pat
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert not any("P00" in p for p in spec["train_patients"])  # pseudonyms, never patient ids
 
-    tracker = Tracker(cfg.name, tracking_uri)
+    tracker = Tracker(cfg.name, cfg.tracking.tracking_uri)
     assert out.model_uri.startswith("models:/ctvlab-unet/")
     version = out.model_uri.rsplit("/", 1)[1]
     assert tracker.client.get_model_version("ctvlab-unet", version).run_id == out.run_id
     curve = tracker.client.get_metric_history(out.run_id, "train_loss")
     assert sorted(m.step for m in curve) == [0, 1, 2, 3]  # rank 0 logged one point per epoch
-    checkpoints = list((tmp_path / "ray").glob("unet-*/checkpoint_*"))
-    assert checkpoints
+    assert list(Path(cfg.workdir, "ray").glob("unet-*/checkpoint_*"))
 
 
 def test_worker_failure_restarts_from_checkpoint(prepared_phantom, tmp_path, tracking_uri):

@@ -36,7 +36,12 @@ def test_narrow_space_around_the_best_grid_cell(best_lr, best_bf, expected_lr, e
     grid = GridSpace(lr=[1e-5, 1e-4, 1e-3], base_features=[16, 32, 64], batch_size=[1])
     space = SearchSpace(base_features=[8, 16, 32, 48, 64, 96], batch_size=[1, 2])
     rows = [
-        {"lr": lr, "base_features": bf, "batch_size": 1, BEST_TARGET: 0.9 if (lr, bf) == (best_lr, best_bf) else 0.1}
+        {
+            "lr": lr,
+            "base_features": bf,
+            "batch_size": 1,
+            BEST_TARGET: 0.9 if (lr, bf) == (best_lr, best_bf) else 0.1,
+        }
         for lr in grid.lr
         for bf in grid.base_features
     ]
@@ -47,7 +52,9 @@ def test_narrow_space_around_the_best_grid_cell(best_lr, best_bf, expected_lr, e
 
 
 @pytest.mark.ray
-def test_small_search_logs_parent_children_and_survives_a_failing_trial(prepared_phantom, tmp_path, tracking_uri):
+def test_small_search_logs_parent_children_and_survives_a_failing_trial(
+    prepared_phantom, tmp_path, tracking_uri
+):
     cfg = tiny_study(tmp_path, tracking_uri)
     cfg.tune.run_grid = False
     cfg.tune.num_samples = 1  # x2 by the failure hook: one trial that raises, one that trains
@@ -79,7 +86,9 @@ def test_small_search_logs_parent_children_and_survives_a_failing_trial(prepared
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared_phantom, tmp_path, _session_tracking_uri):
+def test_interrupted_search_resumes_without_rerunning_finished_trials(
+    prepared_phantom, tmp_path, _session_tracking_uri
+):
     prep = tmp_path / "prep"
     shutil.copytree(prepared_phantom, prep)  # the CLI writes next to the prepared data
     cfg = tiny_study(tmp_path, _session_tracking_uri)
@@ -138,13 +147,22 @@ def test_eight_concurrent_trials_lose_no_mlflow_rows(backend, ray_local, tmp_pat
     from ray import tune
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trial workers cannot import tests/
-    uri = f"sqlite:///{tmp_path / 'trials.db'}" if backend == "sqlite" else request.getfixturevalue("mlflow_server")
+    uri = (
+        f"sqlite:///{tmp_path / 'trials.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("mlflow_server")
+    )
     experiment = f"concurrent-trials-{backend}-{time.time_ns()}"
     tracker = Tracker(experiment, uri)
     parent = tracker.start_run("search")
     tuner = tune.Tuner(
         tune.with_resources(_logging_trial, {"CPU": 0.5}),
-        param_space={"i": tune.grid_search(list(range(8))), "experiment": experiment, "uri": uri, "parent": parent},
+        param_space={
+            "i": tune.grid_search(list(range(8))),
+            "experiment": experiment,
+            "uri": uri,
+            "parent": parent,
+        },
         tune_config=tune.TuneConfig(max_concurrent_trials=8),
         run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="concurrent", verbose=0),
     )

@@ -31,7 +31,16 @@ from ctvlab.data.readers import PreparedPatient, load_patient
 from ctvlab.errors import CtvlabError, DataError
 
 CTV_ORDER = ("model", "rtog", "eortc")
-TABLE_METRICS = ("sensitivity", "specificity", "dice", "hd95_mm", "tversky", "pcc", "volume_cm3", "progression_coverage")
+TABLE_METRICS = (
+    "sensitivity",
+    "specificity",
+    "dice",
+    "hd95_mm",
+    "tversky",
+    "pcc",
+    "volume_cm3",
+    "progression_coverage",
+)
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -56,7 +65,9 @@ def load_model(model_dir: str | Path, device: str | None = None) -> LoadedModel:
         spec = json.loads((model_dir / SPEC_FILE).read_text())
         state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
-        raise DataError(f"{model_dir} is not a ctvlab model folder: {Path(e.filename).name} is missing") from None
+        raise DataError(
+            f"{model_dir} is not a ctvlab model folder: {Path(e.filename).name} is missing"
+        ) from None
     try:
         net = model_from_spec(spec)
     except ValueError as e:
@@ -171,8 +182,11 @@ def wilcoxon_table(per_patient: pd.DataFrame) -> pd.DataFrame:
 
     if "model" not in set(per_patient["ctv"]):
         return pd.DataFrame(columns=["metric", "reference", "other", "p_value"])
-    p = paired_wilcoxon(per_patient, reference="model", metrics=[m for m in TABLE_METRICS if m != "progression_coverage"])
-    return pd.DataFrame([{"metric": k[0], "reference": k[1], "other": k[2], "p_value": v} for k, v in p.items()])
+    p = paired_wilcoxon(per_patient.rename(columns={"patient_id": "patient"}), reference="model",
+                        metrics=[m for m in TABLE_METRICS if m != "progression_coverage"])  # fmt: skip
+    return pd.DataFrame(
+        [{"metric": k[0], "reference": k[1], "other": k[2], "p_value": v} for k, v in p.items()]
+    )
 
 
 def write_ctv_nifti(ctv: np.ndarray, p: PreparedPatient, out_3mm: Path, out_native: Path | None) -> None:
@@ -253,12 +267,15 @@ def evaluate_study(
     names = pseudonymise(prep, set(ids) | set(split.patients("val")))
     trained_on = set(model.spec.get("train_patients", [])) | set(model.spec.get("val_patients", []))
     if not trained_on:
-        raise CtvlabError(f"{model_uri} does not record its training patients; the leakage guard cannot check it")
-    check_disjoint(**{"model training patients": trained_on, f"{split_name} patients": {names[i] for i in ids}})
-    if model.spec.get("split_digest") not in (None, split.digest):
-        # Disjointness was checked above by patient, which is what matters; say that the split moved.
-        if console is not None:
-            console.print("[yellow]note:[/] the model was trained with another split of this dataset")
+        raise CtvlabError(
+            f"{model_uri} does not record its training patients; the leakage guard cannot check it"
+        )
+    check_disjoint(
+        **{"model training patients": trained_on, f"{split_name} patients": {names[i] for i in ids}}
+    )
+    # Disjointness was checked above by patient, which is what matters; say that the split moved.
+    if model.spec.get("split_digest") not in (None, split.digest) and console is not None:
+        console.print("[yellow]note:[/] the model was trained with another split of this dataset")
 
     if cfg.ctv.threshold == "validation":
         threshold, threshold_table = choose_validation_threshold(model, prep, split.patients("val"), cfg)
@@ -294,7 +311,7 @@ def evaluate_study(
     summary.to_csv(out / "summary.csv", index=False)
     wilcoxon.to_csv(out / "wilcoxon.csv", index=False)
 
-    figures = [plot_metric_boxes(per_patient, out / "fig3_metric_boxes.png",
+    figures = [plot_metric_boxes(per_patient.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
                                  {(r.metric, r.reference, r.other): r.p_value for r in wilcoxon.itertuples()})]  # fmt: skip
     chosen = [pid for pid, _ in sorted(overlay_cases, key=lambda kv: -kv[1])[: cfg.ctv.overlay_patients]]
     for pid in chosen:
@@ -309,7 +326,9 @@ def evaluate_study(
         ))  # fmt: skip
     roc = _rf_roc_curves(cfg)
     if roc:
-        figures.append(plot_roc_curves(roc, out / "fig1_rf_roc.png", "Voxel-wise progression models (5-fold CV)"))
+        figures.append(
+            plot_roc_curves(roc, out / "fig1_rf_roc.png", "Voxel-wise progression models (5-fold CV)")
+        )
 
     with tracker.run("evaluate", base_tags("evaluate", split.dataset_digest, split.digest)) as run:
         run.params({"evaluate": {"split": split_name, "model_uri": model_uri, "threshold": threshold,
@@ -399,7 +418,11 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
     console.print(table)
     if len(outcome.wilcoxon):
         w = outcome.wilcoxon
-        lines = [f"{r.metric}: model vs {r.other} p = {r.p_value:.3g}" for r in w.itertuples() if r.metric in ("sensitivity", "specificity", "pcc")]
+        lines = [
+            f"{r.metric}: model vs {r.other} p = {r.p_value:.3g}"
+            for r in w.itertuples()
+            if r.metric in ("sensitivity", "specificity", "pcc")
+        ]
         console.print("Wilcoxon signed-rank: " + "; ".join(lines))
     console.print(f"tables, figures and CTV NIfTI files: {outcome.out_dir}")
     console.print(f"MLflow run {outcome.run_id}; model {outcome.model_uri}")

@@ -91,7 +91,11 @@ def plot_ablation(per_patient: pd.DataFrame, sets: list[str], tests: pd.DataFram
             for j, s in enumerate(sets):
                 if s == "all":
                     continue
-                row = tests[(tests["metric"] == metric) & (tests["set_a"].isin([s, "all"])) & (tests["set_b"].isin([s, "all"]))]
+                row = tests[
+                    (tests["metric"] == metric)
+                    & (tests["set_a"].isin([s, "all"]))
+                    & (tests["set_b"].isin([s, "all"]))
+                ]
                 if len(row):
                     ax.text(j + 1, top * 1.02, stars(float(row["p_value"].iloc[0])), ha="center")
         ax.tick_params(axis="x", rotation=30)
@@ -127,7 +131,9 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
                                  "epochs_per_trial": cfg.tune.epochs_per_trial}})  # fmt: skip
         per_patient, best_rows = [], []
         for s in sets:
-            set_run = tracker.start_run(f"tune-{s}", base_tags("tune", split.dataset_digest, split.digest), run.run_id)
+            set_run = tracker.start_run(
+                f"tune-{s}", base_tags("tune", split.dataset_digest, split.digest), run.run_id
+            )
             trials = run_search(cfg, prep, random_param_space(cfg.tune.space, s), name=f"ablation-{stamp}-{s}",
                                 num_samples=cfg.tune.ablation_samples, parent_run_id=set_run, extra_spec=extra)  # fmt: skip
             best = best_trial(trials)
@@ -166,10 +172,18 @@ def print_ablation(outcome: AblationOutcome, console) -> None:
     for m in ABLATION_METRICS:
         t.add_column(m, justify="right")
     for s in outcome.best["modality_set"]:
-        t.add_row(s, *[f"{summary.loc[s, (m, 'mean')]:.3f} ± {summary.loc[s, (m, 'std')]:.3f}" for m in ABLATION_METRICS])
+        t.add_row(
+            s,
+            *[
+                f"{summary.loc[s, (m, 'mean')]:.3f} ± {summary.loc[s, (m, 'std')]:.3f}"
+                for m in ABLATION_METRICS
+            ],
+        )
     console.print(t)
     if "all" in set(outcome.best["modality_set"]):
         w = outcome.tests[(outcome.tests["set_b"] == "all") | (outcome.tests["set_a"] == "all")]
         for r in w[w["metric"] == "pcc"].itertuples():
-            console.print(f"PCC {r.set_a} vs {r.set_b}: median difference {r.median_difference:+.3f}, p = {r.p_value:.3g}")
+            console.print(
+                f"PCC {r.set_a} vs {r.set_b}: median difference {r.median_difference:+.3f}, p = {r.p_value:.3g}"
+            )
     console.print(f"figure {outcome.figure}; MLflow run {outcome.run_id}")

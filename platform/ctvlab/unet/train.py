@@ -88,7 +88,9 @@ def batch_to_tensors(examples: list[dict[str, np.ndarray]], device):
     return stack("image"), stack("label"), stack("brain")
 
 
-def val_metrics_for(prob: np.ndarray, label: np.ndarray, brain: np.ndarray, threshold: float) -> dict[str, float]:
+def val_metrics_for(
+    prob: np.ndarray, label: np.ndarray, brain: np.ndarray, threshold: float
+) -> dict[str, float]:
     """Validation metrics of one patient on the training grid (arrays (X, Y, Z))."""
     from ctvlab.ctv import metrics as M
 
@@ -238,7 +240,7 @@ def _validate(model, val_shard, device, tcfg) -> list[dict[str, float]]:
     out = []
     with torch.no_grad():
         for batch in val_shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
-            x, y, brain = batch_to_tensors(
+            x, _y, _brain = batch_to_tensors(
                 [{"image": batch["image"][0], "label": batch["label"][0], "brain": batch["brain"][0]}], device
             )
             with autocast_context(device, tcfg.mixed_precision):
@@ -361,7 +363,9 @@ def build_trainer(
 
 def best_checkpoint(result):
     """The checkpoint with the highest validation Tversky among those kept (falls back to the latest)."""
-    scored = [(c, m) for c, m in (result.best_checkpoints or []) if np.isfinite(m.get(SELECTION_METRIC, np.nan))]
+    scored = [
+        (c, m) for c, m in (result.best_checkpoints or []) if np.isfinite(m.get(SELECTION_METRIC, np.nan))
+    ]
     if scored:
         return max(scored, key=lambda cm: cm[1][SELECTION_METRIC])
     return result.checkpoint, result.metrics or {}
@@ -446,13 +450,17 @@ def train_unet(
                  "patients.json", "split")  # fmt: skip
     from ctvlab.atomic import write_json_atomic
 
-    write_json_atomic(pointer, {"run_name": run_name, "mlflow_run_id": mlflow_run_id, "split_digest": split.digest})
+    write_json_atomic(
+        pointer, {"run_name": run_name, "mlflow_run_id": mlflow_run_id, "split_digest": split.digest}
+    )
 
     extra = {"mlflow_run_id": mlflow_run_id, "experiment": tracker.experiment_name,
              "tracking_uri": tracker.tracking_uri}  # fmt: skip
     if inject_failure_at is not None:
         extra["inject_failure"] = {"epoch": inject_failure_at, "marker": str(storage / f"{run_name}.fault")}
-    trainer = build_trainer(prep, ucfg, train_ids, val_ids, storage_path=storage, run_name=run_name, loop_extra=extra)
+    trainer = build_trainer(
+        prep, ucfg, train_ids, val_ids, storage_path=storage, run_name=run_name, loop_extra=extra
+    )
     try:
         result = trainer.fit()
     except Exception as e:  # a run that failed beyond max_failures: say why, keep the checkpoints

@@ -128,7 +128,9 @@ def narrow_space(grid_results: pd.DataFrame, grid: GridSpace, space: SearchSpace
     return space.model_copy(
         update={
             "lr": space.lr.model_copy(update={"low": low, "high": high}),
-            "base_features": between(list(space.base_features), list(grid.base_features), int(best["base_features"])),
+            "base_features": between(
+                list(space.base_features), list(grid.base_features), int(best["base_features"])
+            ),
             "batch_size": between(list(space.batch_size), list(grid.batch_size), int(best["batch_size"])),
         }
     )
@@ -253,7 +255,9 @@ def run_search(
     path = storage / "tune" / name
     asha = tcfg.asha.enabled if use_asha is None else use_asha
     if resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            str(path), trainable=trainable, resume_errored=False, restart_errored=False
+        )
     else:
         if path.exists():
             shutil.rmtree(path)
@@ -312,7 +316,9 @@ def trials_table(grid) -> pd.DataFrame:
         cfg = r.config or {}
         metrics = r.metrics or {}
         df = r.metrics_dataframe
-        best = float(df[TARGET].max()) if df is not None and TARGET in df else metrics.get(BEST_TARGET, np.nan)
+        best = (
+            float(df[TARGET].max()) if df is not None and TARGET in df else metrics.get(BEST_TARGET, np.nan)
+        )
         rows.append(
             {
                 "trial_id": metrics.get("trial_id") or Path(r.path).name,
@@ -326,7 +332,9 @@ def trials_table(grid) -> pd.DataFrame:
                 BEST_TARGET: best,
                 "last_" + TARGET: metrics.get(TARGET, np.nan),
                 "epochs_run": int(df["epoch"].max() + 1) if df is not None and "epoch" in df else 0,
-                "train_seconds": float(df["epoch_seconds"].sum()) if df is not None and "epoch_seconds" in df else 0.0,
+                "train_seconds": float(df["epoch_seconds"].sum())
+                if df is not None and "epoch_seconds" in df
+                else 0.0,
                 "error": _error_line(r.error),
                 "path": r.path,
             }
@@ -352,7 +360,9 @@ def best_trial(trials: pd.DataFrame) -> pd.Series:
     return ok.loc[ok[BEST_TARGET].idxmax()]
 
 
-def tune_study(cfg: StudyConfig, prep: Path | None = None, *, resume: bool = False, fail_trials: int = 0) -> SearchOutcome:
+def tune_study(
+    cfg: StudyConfig, prep: Path | None = None, *, resume: bool = False, fail_trials: int = 0
+) -> SearchOutcome:
     """The study's two-step search (grid, then random search in the narrowed ranges); registers the best.
 
     Args:
@@ -406,7 +416,9 @@ def tune_study(cfg: StudyConfig, prep: Path | None = None, *, resume: bool = Fal
     random_trials = run_search(cfg, prep, random_space, name=f"{name}-random", num_samples=tcfg.num_samples,
                                parent_run_id=parent, resume=resume and state["phase"] == "random",
                                extra_spec=extra_spec)  # fmt: skip
-    trials = pd.concat([grid_trials.assign(step="grid"), random_trials.assign(step="random")], ignore_index=True)
+    trials = pd.concat(
+        [grid_trials.assign(step="grid"), random_trials.assign(step="random")], ignore_index=True
+    )
     outcome = _finish_search(cfg, tracker, parent, name, trials, space, t0)
     state["phase"] = "done"
     write_json_atomic(pointer, state)
@@ -461,4 +473,6 @@ def print_search(outcome: SearchOutcome, console) -> None:
         )  # fmt: skip
     console.print(table)
     console.print(f"best: {outcome.best_params} → validation Tversky {outcome.best_metric:.4f}")
-    console.print(f"model: {outcome.best_model_dir} registered as {outcome.model_uri}; MLflow run {outcome.parent_run_id}")
+    console.print(
+        f"model: {outcome.best_model_dir} registered as {outcome.model_uri}; MLflow run {outcome.parent_run_id}"
+    )

@@ -1,0 +1,100 @@
+"""`ctvlab evaluate` on the phantom cohort with a small trained U-Net."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctvlab.ctv.evaluate import evaluate_study
+from ctvlab.data.readers import load_patient
+from ctvlab.errors import LeakageError
+from ctvlab.ingest.manifest import read_manifest
+from ctvlab.splits import load_split
+from ctvlab.tracking import Tracker
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def evaluation(trained_phantom, prepared_phantom):
+    cfg, trained = trained_phantom
+    return cfg, evaluate_study(cfg, prepared_phantom, model_uri=trained.model_uri, progress=False)
+
+
+def test_tables_hold_every_test_patient_and_ctv(evaluation, prepared_phantom):
+    _, out = evaluation
+    test_ids = load_split(prepared_phantom).patients("test")
+    assert sorted(out.per_patient["patient_id"].unique()) == test_ids
+    assert sorted(out.per_patient["ctv"].unique()) == ["eortc", "model", "rtog"]
+    assert list(out.summary["ctv"]) == ["model", "rtog", "eortc"]
+    assert {"sensitivity_mean", "specificity_sd", "pcc_mean", "hd95_mm_mean"} <= set(out.summary.columns)
+    assert set(out.wilcoxon["other"]) == {"rtog", "eortc"}
+    assert 0.0 < out.threshold < 1.0  # chosen on the validation patients
+
+
+def test_rtog_covers_the_whole_phantom_target(evaluation):
+    # The phantom's progression sphere (r 16 mm, 6 mm off the T2L centre) lies within 10 mm of the
+    # T2L (r 12 mm), so the T2L + 20 mm CTV covers the whole composite target: sensitivity exactly 1.
+    _, out = evaluation
+    rtog = out.per_patient[out.per_patient["ctv"] == "rtog"]
+    assert (rtog["sensitivity"] == 1.0).all()
+    assert (rtog["progression_coverage"] == 1.0).all()
+
+
+def test_ctv_files_on_both_grids(evaluation, prepared_phantom):
+    _cfg, out = evaluation
+    cohort = Path(prepared_phantom).parent / "cohort"
+    rows = {r.patient_id: r for r in read_manifest(cohort)[0]}
+    for pid in out.per_patient["patient_id"].unique():
+        p = load_patient(prepared_phantom, pid)
+        lesion = (p.mask("cel") | p.mask("t2l")) & p.mask("brain") & ~p.mask("critical").astype(bool)
+        for ctv in ("model", "rtog", "eortc"):
+            img = nib.load(out.out_dir / "ctv_3mm" / f"{pid}_{ctv}.nii.gz")
+            data = np.asanyarray(img.dataobj) > 0
+            np.testing.assert_allclose(img.affine, p.affine)
+            if ctv != "eortc":
+                assert data[lesion > 0].all(), f"{ctv} CTV of {pid} misses part of the gross tumour"
+            native = nib.load(out.out_dir / "ctv_native" / f"{pid}_{ctv}.nii.gz")
+            t1c = nib.load(cohort / rows[pid].t1c)
+            assert native.shape == t1c.shape
+            np.testing.assert_allclose(native.affine, t1c.affine, atol=1e-4)
+            # The same volume on both grids, within the partial-volume error of a 3 mm surface.
+            vol_3mm = data.sum() * np.prod(p.spacing)
+            vol_native = (np.asanyarray(native.dataobj) > 0).sum() * np.prod(t1c.header.get_zooms()[:3])
+            assert vol_native == pytest.approx(vol_3mm, rel=0.1)
+
+
+def test_figures_and_mlflow_run(evaluation, prepared_phantom):
+    cfg, out = evaluation
+    names = {f.name for f in out.figures}
+    assert "fig3_metric_boxes.png" in names
+    assert any(n.startswith("fig4_contours_") for n in names)
+    assert all(f.stat().st_size > 0 for f in out.figures)
+    tracker = Tracker(cfg.name, cfg.tracking.tracking_uri)
+    run = tracker.client.get_run(out.run_id)
+    assert run.data.tags["ctvlab.stage"] == "evaluate"
+    assert run.data.tags["ctvlab.split_digest"] == load_split(prepared_phantom).digest
+    assert {"model_sensitivity_mean", "rtog_specificity_mean", "eortc_pcc_mean", "threshold"} <= set(
+        run.data.metrics
+    )
+    artifacts = [a.path for a in tracker.client.list_artifacts(out.run_id, "ctv_3mm")]
+    assert artifacts and not any("P00" in a for a in artifacts)  # pseudonyms only
+    per_patient = tracker.client.download_artifacts(out.run_id, "tables/per_patient.csv")
+    assert "P00" not in Path(per_patient).read_text()
+
+
+def test_leakage_guard_refuses_the_training_patients(trained_phantom, prepared_phantom):
+    cfg, trained = trained_phantom
+    with pytest.raises(LeakageError, match="in both"):
+        evaluate_study(cfg, prepared_phantom, model_uri=trained.model_uri, split_name="train", progress=False)
+
+
+def test_model_spec_records_what_the_guard_checks(trained_phantom):
+    _, trained = trained_phantom
+    spec = json.loads((trained.model_dir / "model.json").read_text())
+    assert spec["train_patients"] and spec["val_patients"]
+    assert all(p.startswith("pt-") for p in spec["train_patients"] + spec["val_patients"])

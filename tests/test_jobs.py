@@ -1,0 +1,120 @@
+"""The job scripts: every job parses the standard options, and the pipeline job runs on a real Ray cluster
+submitted through the Job Submission API, as `ray job submit` does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ctvlab.tracking import Tracker
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = sorted(p for p in (REPO / "jobs").glob("*.py"))
+
+
+def test_every_stage_has_a_job():
+    names = {p.stem for p in JOBS}
+    assert {"synthesize", "validate_cohort", "preprocess_cohort", "split_patients", "voxel_cv", "voxel_stats",
+            "train_unet", "tune_unet", "evaluate_ctvs", "run_study"} <= names  # fmt: skip
+    # A job named after a library it imports would shadow that library on sys.path.
+    assert not names & {"ray", "mlflow", "torch", "xgboost", "monai", "sklearn", "platform"}
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.stem)
+def test_job_takes_the_standard_options(job):
+    out = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for option in ("--config", "--address", "--smoke-test", "--tracking-uri"):
+        assert option in out.stdout
+
+
+def test_job_with_a_bad_config_fails_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("unet:\n  optim:\n    lrr: 1\n")
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "split_patients.py"), "--config", str(bad)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2
+    assert "unknown key 'unet.optim.lrr'" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A real single-node Ray cluster (`ray start --head --block`) on 127.0.0.1 with free ports; stopped
+    by ending its process group, also when the test fails (`ray stop` would stop every Ray on the host)."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    ports = {name: free_port() for name in ("gcs", "dashboard", "agent_http", "agent_grpc", "runtime_env",
+                                             "metrics", "client", "node_manager", "object_manager")}  # fmt: skip
+    cmd = [
+        str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        f"--port={ports['gcs']}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={ports['dashboard']}", f"--dashboard-agent-listen-port={ports['agent_http']}",
+        f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
+        f"--metrics-export-port={ports['metrics']}", f"--ray-client-server-port={ports['client']}",
+        f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
+        "--num-cpus=8", "--disable-usage-stats",
+    ]  # fmt: skip
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log = open(tmp_path / "ray_start.log", "wb")  # noqa: SIM115 (the child process owns it)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard']}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = JobSubmissionClient(address)
+                client.list_jobs()
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "ray_start.log").read_text()[-3000:]) from None
+                time.sleep(1)
+        yield client
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            if proc.poll() is None:
+                os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    continue
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_pipeline_job_submitted_to_a_ray_cluster_succeeds(ray_cluster, tmp_path):
+    from ray.job_submission import JobStatus
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job_id = ray_cluster.submit_job(
+        entrypoint=f"{sys.executable} jobs/run_study.py --config jobs/configs/demo.yaml --smoke-test",
+        runtime_env={
+            "working_dir": str(REPO),
+            "excludes": [".venv", ".git", "runs", "mlflow.db", "mlartifacts", "mlruns", "*.egg-info",
+                         "__pycache__", ".pytest_cache", ".ruff_cache"],
+            "env_vars": {"MLFLOW_TRACKING_URI": uri},
+        },
+    )  # fmt: skip
+    deadline = time.monotonic() + 900
+    status = ray_cluster.get_job_status(job_id)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, "the job did not finish within 15 minutes"
+        time.sleep(3)
+        status = ray_cluster.get_job_status(job_id)
+    logs = ray_cluster.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "ctvlab run: summary" in logs
+
+    runs = Tracker("ctvlab-demo", uri).find_runs()
+    stages = {r.data.tags.get("ctvlab.stage") for r in runs}
+    assert {"split", "rf-cv", "stats", "tune", "tune-trial", "evaluate"} <= stages
+    assert all(r.info.status == "FINISHED" for r in runs if r.data.tags.get("ctvlab.stage") != "tune-trial")
