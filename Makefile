@@ -41,4 +41,4 @@ schemas: $(STAMP)
 	$(BIN)/ctvlab schemas --out schemas
 
 clean:
-	rm -rf runs mlflow.db mlartifacts .pytest_cache
+	rm -rf runs mlflow.db mlruns mlartifacts .pytest_cache

@@ -4,6 +4,7 @@ submitted through the Job Submission API, as `ray job submit` does."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -46,21 +47,24 @@ def test_job_with_a_bad_config_fails_without_traceback(tmp_path):
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """A real single-node Ray cluster (`ray start --head --block`) on 127.0.0.1 with free ports; stopped
-    by ending its process group, also when the test fails (`ray stop` would stop every Ray on the host)."""
+    """A real single-node Ray cluster (`ray start --head --block`) on 127.0.0.1 with free ports and token
+    authentication, as a team cluster should run; stopped by ending its process group, also when the test
+    fails (`ray stop` would stop every Ray on the host). Yields a Job Submission client holding the token."""
     ray_bin = Path(sys.executable).with_name("ray")
     ports = {name: free_port() for name in ("gcs", "dashboard", "agent_http", "agent_grpc", "runtime_env",
-                                             "metrics", "client", "node_manager", "object_manager")}  # fmt: skip
+                                             "metrics", "node_manager", "object_manager")}  # fmt: skip
     cmd = [
         str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
         f"--port={ports['gcs']}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={ports['dashboard']}", f"--dashboard-agent-listen-port={ports['agent_http']}",
         f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
-        f"--metrics-export-port={ports['metrics']}", f"--ray-client-server-port={ports['client']}",
+        f"--metrics-export-port={ports['metrics']}",
         f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
         "--num-cpus=8", "--disable-usage-stats",
     ]  # fmt: skip
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    token = secrets.token_hex(32)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}  # fmt: skip
     log = open(tmp_path / "ray_start.log", "wb")  # noqa: SIM115 (the child process owns it)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard']}"
@@ -70,7 +74,7 @@ def ray_cluster(tmp_path):
         deadline = time.monotonic() + 120
         while True:
             try:
-                client = JobSubmissionClient(address)
+                client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
                 client.list_jobs()
                 break
             except Exception:

@@ -50,7 +50,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if address:
         ray.init(address=address, runtime_env=package_runtime_env(), **kwargs)
     else:
-        ray.init(num_cpus=local_num_cpus(num_cpus), include_dashboard=False, **kwargs)
+        # address="local": always a fresh local Ray, never a cluster that `ray start` left on this host.
+        ray.init(address="local", num_cpus=local_num_cpus(num_cpus), include_dashboard=False, **kwargs)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

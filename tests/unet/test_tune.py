@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from ctvlab.config import GridSpace, SearchSpace
+from ctvlab.splits import load_split
 from ctvlab.tracking import Tracker
 from ctvlab.unet.tune import BEST_TARGET, narrow_space, tune_study
 from tests.conftest import tiny_study
@@ -69,6 +70,12 @@ def test_small_search_logs_parent_children_and_survives_a_failing_trial(
     assert "injected trial failure" in failed["error"].iloc[0]
     assert out.best_model_dir is not None and (out.best_model_dir / "weights.pt").exists()
     assert out.model_uri.startswith("models:/ctvlab-unet/")
+    # The best trial's model names its training patients (pseudonyms), for evaluation's leakage guard.
+    spec = json.loads((out.best_model_dir / "model.json").read_text())
+    split = load_split(prepared_phantom)
+    assert len(spec["train_patients"]) == len(split.patients("train")) > 0
+    assert len(spec["val_patients"]) == len(split.patients("val")) > 0
+    assert not any(p in spec["train_patients"] for p in split.patients("train"))  # pseudonyms, not ids
 
     tracker = Tracker(cfg.name, tracking_uri)
     parent = tracker.client.get_run(out.parent_run_id)

@@ -111,6 +111,7 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     from ctvlab.splits import load_split
     from ctvlab.stages import pseudonymised, tracker_for
     from ctvlab.tracking import base_tags
+    from ctvlab.unet.train import provenance_spec
     from ctvlab.unet.tune import BEST_TARGET, best_trial, random_param_space, run_search
 
     t0 = time.perf_counter()
@@ -125,7 +126,7 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     out = Path(cfg.results_dir, "ablation").resolve()
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    extra = {"split_digest": split.digest, "dataset_digest": split.dataset_digest}
+    extra = provenance_spec(prep, split)
     with tracker.run("ablation", base_tags("ablation", split.dataset_digest, split.digest)) as run:
         run.params({"ablation": {"sets": sets, "samples_per_set": cfg.tune.ablation_samples,
                                  "epochs_per_trial": cfg.tune.epochs_per_trial}})  # fmt: skip

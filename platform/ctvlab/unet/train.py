@@ -371,6 +371,19 @@ def best_checkpoint(result):
     return result.checkpoint, result.metrics or {}
 
 
+def provenance_spec(prep: Path, split) -> dict[str, Any]:
+    """What a model records about its data: the dataset and split digests and the pseudonyms of the
+    patients it was trained and selected on, which evaluation's leakage guard checks."""
+    from ctvlab.splits import pseudonymise
+
+    train_ids, val_ids = split.patients("train"), split.patients("val")
+    names = pseudonymise(prep, train_ids + val_ids)
+    return {
+        "split_digest": split.digest, "dataset_digest": split.dataset_digest,
+        "train_patients": sorted(names[p] for p in train_ids), "val_patients": sorted(names[p] for p in val_ids),
+    }  # fmt: skip
+
+
 def export_model(checkpoint, dst: Path, extra_spec: dict[str, Any]) -> Path:
     """Copy the weights (state dict only) and the model spec out of a checkpoint into `dst`."""
     dst = Path(dst)
@@ -474,8 +487,7 @@ def train_unet(
         raise CtvlabError("training finished without a checkpoint; increase unet.train.epochs")
     model_dir = Path(cfg.results_dir, "model").resolve()
     export_model(ckpt, model_dir, {
-        "split_digest": split.digest, "dataset_digest": split.dataset_digest,
-        "train_patients": sorted(names[p] for p in train_ids), "val_patients": sorted(names[p] for p in val_ids),
+        **provenance_spec(prep, split),
         "input_shape": list(input_shape(prep, train_ids + val_ids)), "mlflow_run_id": mlflow_run_id,
     })  # fmt: skip
     log = tracker.logger(mlflow_run_id)

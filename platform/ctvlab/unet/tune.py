@@ -273,8 +273,10 @@ def run_search(
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=TARGET, mode="max", num_samples=num_samples, scheduler=scheduler,
-                search_alg=tune.search.BasicVariantGenerator(random_state=tcfg.seed),
-                max_concurrent_trials=max_concurrent(cfg),
+                # The limit goes to the generator: Tune ignores `max_concurrent_trials` next to one.
+                search_alg=tune.search.BasicVariantGenerator(
+                    random_state=tcfg.seed, max_concurrent=max_concurrent(cfg)
+                ),
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage / "tune"),
@@ -373,6 +375,7 @@ def tune_study(
     from ctvlab.splits import load_split
     from ctvlab.stages import tracker_for
     from ctvlab.tracking import base_tags
+    from ctvlab.unet.train import provenance_spec
 
     t0 = time.perf_counter()
     prep = Path(prep or cfg.prep_dir).resolve()
@@ -398,7 +401,7 @@ def tune_study(
     log = tracker.logger(parent)
     modality = cfg.unet.model.modality_set
     tcfg = cfg.tune
-    extra_spec = {"split_digest": split.digest, "dataset_digest": split.dataset_digest}
+    extra_spec = provenance_spec(prep, split)
 
     space = tcfg.space
     grid_trials = pd.DataFrame()
