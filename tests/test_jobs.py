@@ -83,7 +83,7 @@ def ray_cluster(tmp_path):
                 time.sleep(1)
         yield client
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 10)):
             if proc.poll() is None:
                 os.killpg(proc.pid, sig)
                 try:

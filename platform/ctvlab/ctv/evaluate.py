@@ -104,23 +104,31 @@ def predict_probability(model: LoadedModel, patient: PreparedPatient) -> np.ndar
     return (uncrop(prob, box, shape, full) * brain).astype(np.float32)
 
 
-def resolve_model(cfg: StudyConfig, tracker, model_uri: str | None, workdir: Path) -> tuple[Path, str]:
-    """A local model folder for `model_uri` (models:/name/version, runs:/id/model, a folder), defaulting to
-    the latest registered version of the study's model, then to results/model."""
+def resolve_model(
+    cfg: StudyConfig, tracker, model_uri: str | None, workdir: Path, split_digest: str | None = None
+) -> tuple[Path, str]:
+    """A local model folder for `model_uri` (models:/name/version, runs:/id/model, a folder).
+
+    Without a URI: the latest registered version of the study's model that was trained on this split
+    (its `split_digest` tag), so that a shared registry holding other studies' versions never hands over
+    a model of another dataset; then the study's own `results/model`.
+    """
     if model_uri is None:
         name = cfg.unet.registered_model_name
         try:
             versions = tracker.client.search_model_versions(f"name='{name}'")
         except Exception:
             versions = []
-        if versions:
-            model_uri = f"models:/{name}/{max(int(v.version) for v in versions)}"
+        ours = [v for v in versions if split_digest is None or v.tags.get("split_digest") == split_digest]
+        if ours:
+            model_uri = f"models:/{name}/{max(int(v.version) for v in ours)}"
         elif Path(cfg.results_dir, "model").exists():
             model_uri = str(Path(cfg.results_dir, "model").resolve())
         else:
             raise CtvlabError(
-                f"no model to evaluate: none registered as {name!r} in {tracker.tracking_uri} and no "
-                f"{Path(cfg.results_dir, 'model')}; train one (`ctvlab train`) or pass --model-uri"
+                f"no model to evaluate: no version of {name!r} in {tracker.tracking_uri} was trained on this "
+                f"split, and there is no {Path(cfg.results_dir, 'model')}; train one (`ctvlab train` or "
+                "`ctvlab tune`) or pass --model-uri"
             )
     local = Path(model_uri)
     if local.exists():
@@ -262,7 +270,7 @@ def evaluate_study(
     tracker = tracker_for(cfg)
     out = Path(cfg.results_dir, "evaluate").resolve()
     with tempfile.TemporaryDirectory() as dl:
-        model_dir, model_uri = resolve_model(cfg, tracker, model_uri, Path(dl))
+        model_dir, model_uri = resolve_model(cfg, tracker, model_uri, Path(dl), split.digest)
         model = load_model(model_dir)
     names = pseudonymise(prep, set(ids) | set(split.patients("val")))
     trained_on = set(model.spec.get("train_patients", [])) | set(model.spec.get("val_patients", []))

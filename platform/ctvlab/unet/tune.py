@@ -422,13 +422,15 @@ def tune_study(
     trials = pd.concat(
         [grid_trials.assign(step="grid"), random_trials.assign(step="random")], ignore_index=True
     )
-    outcome = _finish_search(cfg, tracker, parent, name, trials, space, t0)
+    outcome = _finish_search(cfg, tracker, parent, name, trials, space, t0, split.digest)
     state["phase"] = "done"
     write_json_atomic(pointer, state)
     return outcome
 
 
-def _finish_search(cfg, tracker, parent, name, trials, space, t0, register: bool = True) -> SearchOutcome:
+def _finish_search(
+    cfg, tracker, parent, name, trials, space, t0, split_digest: str, register: bool = True
+) -> SearchOutcome:
     """Log the summary to the parent run, copy the best trial's model to results/, register it."""
     best = best_trial(trials)
     log = tracker.logger(parent)
@@ -444,13 +446,15 @@ def _finish_search(cfg, tracker, parent, name, trials, space, t0, register: bool
     model_uri = None
     if src.exists():
         model_dir = Path(cfg.results_dir, "model").resolve()
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(src, model_dir)
+        staged = model_dir.with_name(f".tmp-{model_dir.name}")  # complete before it replaces the old one
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(src, staged)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        staged.rename(model_dir)
         log.artifact(model_dir, "model")
         if register:
             version = tracker.register_model(cfg.unet.registered_model_name, parent, "model",
-                                             tags={"search": name})  # fmt: skip
+                                             tags={"search": name, "split_digest": split_digest})  # fmt: skip
             model_uri = f"models:/{cfg.unet.registered_model_name}/{version.version}"
             log.tags({"ctvlab.registered_model": model_uri})
     tracker.end_run(parent, "FINISHED")
