@@ -94,7 +94,11 @@ def schemas(
 ConfigOpt = Annotated[
     Path | None, Opt("--config", "-c", help="Study config (YAML); default: the study's settings.")
 ]
-DataOpt = Annotated[Path, Opt("--data", help="Prepared dataset folder (the output of `ctvlab preprocess`).")]
+# Paths are made absolute: Ray workers (local or on a cluster) do not share the shell's working directory.
+DataOpt = Annotated[
+    Path,
+    Opt("--data", help="Prepared dataset folder (the output of `ctvlab preprocess`).", resolve_path=True),
+]
 TrackingOpt = Annotated[
     str | None,
     Opt("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."),
@@ -119,8 +123,8 @@ def _stage_config(
 
 @app.command()
 def preprocess(
-    raw: Annotated[Path, Opt("--raw", help="Cohort folder (manifest.csv + NIfTI files).")],
-    out: Annotated[Path, Opt("--out", help="Prepared dataset folder to write.")],
+    raw: Annotated[Path, Opt("--raw", help="Cohort folder (manifest.csv + NIfTI files).", resolve_path=True)],
+    out: Annotated[Path, Opt("--out", help="Prepared dataset folder to write.", resolve_path=True)],
     voxel_mm: Annotated[float | None, Opt("--voxel-mm", help="Output voxel size in mm (default 3).")] = None,
     ring_mm: Annotated[
         float | None, Opt("--ring-mm", help="Analysis ring around the T2L in mm (default 40).")

@@ -66,6 +66,7 @@ def run_study(cfg: StudyConfig, console=None, force: bool = False) -> StudyOutco
     console = console or Console(highlight=False)
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"workdir": workdir})  # absolute: Ray workers do not share our cwd
     stamps = Stamps(workdir)
     tracker = tracker_for(cfg)
     records: list[StageRecord] = []

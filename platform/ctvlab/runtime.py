@@ -54,6 +54,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         ray.init(address="local", num_cpus=local_num_cpus(num_cpus), include_dashboard=False, **kwargs)
     from ray.data import DataContext
 
+    if quiet:  # Ray Data's per-dataset INFO lines (read estimates, "execution finished") are noise to users
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = False

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +104,12 @@ def draw_rf_folds(patients: pd.DataFrame, n_folds: int, seed: int) -> pd.Series:
     if splits is None:
         splits = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x)
     folds = pd.Series(-1, index=patients.index, dtype=int)
-    for k, (_, test) in enumerate(splits):
-        folds.loc[ordered.index[test]] = k
+    with warnings.catch_warnings():
+        # A stratum rarer than the folds (e.g. the study's 7 CEL-only progressors) is spread over as many
+        # folds as it has patients; scikit-learn warns about it, which is expected here.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for k, (_, test) in enumerate(splits):
+            folds.loc[ordered.index[test]] = k
     return folds
 
 

@@ -287,7 +287,58 @@ def run_search(
     grid = tuner.fit()
     table = trials_table(grid)
     table["model_dir"] = [str(trial_model_dir(ctx.storage, name, t)) for t in table["trial_id"]]
+    finish_stopped_trials(ctx, table)
     return table
+
+
+def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame) -> None:
+    """Complete the trials that the scheduler ended from outside.
+
+    ASHA stops a trial (at a rung, or at `max_t`) inside the trial's report, so its driver never reaches
+    the lines after `trainer.fit()`: no exported model, an MLflow run left RUNNING. Both are done here
+    from what the trial left on the shared storage: its best kept checkpoint (Ray Train keeps the best by
+    validation Tversky) becomes its model, and its run is closed as KILLED (stopped early) with the model.
+    """
+    from ctvlab.tracking import Tracker
+    from ctvlab.unet.train import export_model
+
+    tracker = Tracker(ctx.experiment, ctx.tracking_uri)
+    for row in table.itertuples():
+        if row.status == "ERROR":
+            continue
+        dst = Path(row.model_dir)
+        if not dst.exists():
+            ckpt = best_stored_checkpoint(Path(ctx.storage) / f"{ctx.search_name}-{row.trial_id}")
+            if ckpt is None:
+                continue
+            import ray.train
+
+            export_model(ray.train.Checkpoint.from_directory(str(ckpt)), dst,
+                         {**ctx.extra_spec, "trial_id": row.trial_id})  # fmt: skip
+        query = f"tags.`ctvlab.trial_id` = '{row.trial_id}' and tags.`ctvlab.search` = '{ctx.search_name}'"
+        for run in tracker.find_runs(query):
+            if run.info.status == "RUNNING":
+                log = tracker.logger(run.info.run_id)
+                log.tags({"ctvlab.stopped_early": "true"})
+                log.artifact(dst, "model")
+                tracker.end_run(run.info.run_id, "KILLED")
+
+
+def best_stored_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint folder of a Ray Train run with the highest validation Tversky at its own epoch
+    (each checkpoint holds the history up to it); the latest when none has a finite score."""
+    from ctvlab.unet.train import HISTORY_FILE, SPEC_FILE
+
+    scored = []
+    for d in sorted(Path(run_dir).glob("checkpoint_*")):
+        try:
+            epoch = json.loads((d / SPEC_FILE).read_text())["epoch"]
+            history = json.loads((d / HISTORY_FILE).read_text())
+        except (OSError, ValueError, KeyError):
+            continue
+        score = next((h.get(TARGET, math.nan) for h in history if h.get("epoch") == epoch), math.nan)
+        scored.append((score if math.isfinite(score) else -math.inf, epoch, d))
+    return max(scored)[2] if scored else None
 
 
 def trial_model_dir(storage: str | Path, search_name: str, trial_id: str) -> Path:
