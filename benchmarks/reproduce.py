@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--base-features", type=int, default=16)
     ap.add_argument("--null", action="store_true", help="the --null control cohort")
     ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--cohort", type=Path, default=None,
+                    help="an existing cohort (e.g. benchmarks/synth.py's) instead of generating one")  # fmt: skip
     args = ap.parse_args()
 
     import pandas as pd
@@ -50,7 +52,10 @@ def main() -> None:
     cfg = StudyConfig(name="ctvlab-reproduce" + ("-null" if args.null else ""), workdir=args.workdir)
     cfg.tracking.tracking_uri = args.tracking_uri
     cfg.synth.n_patients, cfg.synth.seed, cfg.synth.null = args.patients, 0, args.null
+    if args.cohort is not None:
+        cfg.cohort.source, cfg.cohort.raw_dir = "raw", args.cohort.resolve()
     cfg.voxel_models.subgroups = ["all", "early", "late"]
+    cfg.voxel_models.rf.n_estimators = 50
     cfg.unet.model.base_features = args.base_features
     cfg.unet.optim.lr = 1e-3
     cfg.tune.run_grid = False

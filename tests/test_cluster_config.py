@@ -35,7 +35,8 @@ def test_cluster_keeps_its_ports_private():
 
 def test_cluster_installs_this_checkout_and_tracks_to_mlflow():
     cfg = _config()
-    assert cfg["file_mounts"] == {"~/ctvlab": "."}
+    assert cfg["file_mounts"] == {"~/ctvlab": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
+    assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]  # token auth on every node
     assert any("pip install" in c and "~/ctvlab" in c for c in cfg["setup_commands"])
     assert any("MLFLOW_TRACKING_URI=" in o for o in cfg["docker"]["run_options"])
     gpu = cfg["available_node_types"]["worker.gpu"]

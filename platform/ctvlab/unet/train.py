@@ -299,14 +299,20 @@ class TrainOutcome:
 
 
 def build_datasets(prep: Path, train_ids: Sequence[str], val_ids: Sequence[str], modality_set: str, shape):
-    """Ray Datasets of ready network examples for the train and val patients (lazy; read by tasks)."""
+    """Ray Datasets of ready network examples for the train and val patients.
+
+    Read and prepared once by Ray tasks, then materialised in the object store (a few MB per patient):
+    every epoch iterates the same blocks in a new random order instead of re-reading and re-preparing the
+    volumes, whose tasks would otherwise compete with the training workers for the CPUs each epoch.
+    Augmentation stays on the workers, per epoch.
+    """
     from functools import partial
 
     from ctvlab.data.readers import read_volumes
 
     fn = partial(prepare_row, modality_set=modality_set, out_shape=shape)
-    train = read_volumes(prep, train_ids).map(fn).randomize_block_order()
-    return train, read_volumes(prep, val_ids).map(fn)
+    train = read_volumes(prep, train_ids).map(fn).materialize().randomize_block_order()
+    return train, read_volumes(prep, val_ids).map(fn).materialize()
 
 
 def build_trainer(

@@ -251,6 +251,11 @@ def run_search(
         experiment=cfg.tracking.experiment or cfg.name, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri),
         extra_spec=extra_spec or {},
     )  # fmt: skip
+    # Create the store and the experiment here, once: concurrent trials creating a new SQLite store would
+    # race on its schema migrations.
+    from ctvlab.tracking import Tracker
+
+    Tracker(ctx.experiment, ctx.tracking_uri)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.25})
     path = storage / "tune" / name
     asha = tcfg.asha.enabled if use_asha is None else use_asha

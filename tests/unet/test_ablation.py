@@ -1,0 +1,56 @@
+"""The modality ablation (Fig. 2) at tiny size: one trial per input set on the phantom, then each set's best
+model on the test patients, paired tests between sets, the figure and the MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ctvlab.config import SearchSpace
+from ctvlab.splits import load_split, pseudonymise
+from ctvlab.tracking import Tracker
+from ctvlab.unet.ablation import ABLATION_METRICS, run_ablation
+from tests.conftest import tiny_study
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_ablation_mechanics(prepared_phantom, tmp_path, tracking_uri):
+    cfg = tiny_study(tmp_path, tracking_uri)
+    cfg.name = "ablation-mechanics"
+    cfg.tune.ablation_sets = ["anat", "all"]
+    cfg.tune.ablation_samples = 1
+    cfg.tune.epochs_per_trial = 2
+    cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice"])
+    out = run_ablation(cfg, prepared_phantom)
+
+    test_ids = load_split(prepared_phantom).patients("test")
+    assert test_ids
+    table = out.per_patient
+    assert sorted(table["modality_set"].unique()) == ["all", "anat"]
+    for s in ("anat", "all"):
+        assert sorted(table.loc[table["modality_set"] == s, "patient_id"]) == sorted(test_ids)
+    for m in ABLATION_METRICS:
+        values = table[m].dropna()
+        assert ((values >= 0) & (values <= 1)).all(), m
+    assert set(out.tests["metric"]) == set(ABLATION_METRICS)
+    assert set(zip(out.tests["set_a"], out.tests["set_b"], strict=True)) == {("anat", "all")}
+    p = out.tests["p_value"].dropna()
+    assert ((p >= 0) & (p <= 1)).all()
+    assert list(out.best["modality_set"]) == ["anat", "all"]
+    assert out.figure.is_file() and out.figure.stat().st_size > 0
+
+    # Each set's best model was trained without the test patients it is evaluated on.
+    names = set(pseudonymise(prepared_phantom, test_ids).values())
+    for spec_path in Path(cfg.workdir, "ray", "trials").glob("ablation-*/model/model.json"):
+        spec = json.loads(spec_path.read_text())
+        assert not names & (set(spec["train_patients"]) | set(spec["val_patients"]))
+
+    tracker = Tracker(cfg.name, tracking_uri)
+    run = tracker.client.get_run(out.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["ctvlab.stage"] == "ablation"
+    assert {"anat_pcc_mean", "all_pcc_mean"} <= set(run.data.metrics)
+    artifacts = {a.path for a in tracker.client.list_artifacts(out.run_id, "tables")}
+    assert "tables/per_patient.csv" in artifacts
