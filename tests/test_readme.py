@@ -79,5 +79,7 @@ def test_stage_by_stage_session_runs_as_written(tmp_path, tracking_uri, ray_loca
         r.data.tags.get("ctvlab.stage") for r in runs
     }
     # The demo's search uses ASHA, which ends trials from outside (here at max_t): none is left RUNNING.
-    left_open = [(r.data.tags.get("ctvlab.stage"), r.info.run_name) for r in runs if r.info.status == "RUNNING"]
+    left_open = [
+        (r.data.tags.get("ctvlab.stage"), r.info.run_name) for r in runs if r.info.status == "RUNNING"
+    ]
     assert not left_open
