@@ -46,14 +46,14 @@ def main() -> None:
 
     import pandas as pd
 
-    from ctvlab.config import SearchSpace, StudyConfig
+    from ctvlab.config import CohortConfig, SearchSpace, StudyConfig
     from ctvlab.pipeline import run_study
 
     cfg = StudyConfig(name="ctvlab-reproduce" + ("-null" if args.null else ""), workdir=args.workdir)
     cfg.tracking.tracking_uri = args.tracking_uri
     cfg.synth.n_patients, cfg.synth.seed, cfg.synth.null = args.patients, 0, args.null
     if args.cohort is not None:
-        cfg.cohort.source, cfg.cohort.raw_dir = "raw", args.cohort.resolve()
+        cfg.cohort = CohortConfig(source="raw", raw_dir=args.cohort.resolve())
     cfg.voxel_models.subgroups = ["all", "early", "late"]
     cfg.voxel_models.rf.n_estimators = 50
     cfg.unet.model.base_features = args.base_features
