@@ -255,7 +255,7 @@ def run_search(
     # race on its schema migrations.
     from ctvlab.tracking import Tracker
 
-    Tracker(ctx.experiment, ctx.tracking_uri)
+    tracker = Tracker(ctx.experiment, ctx.tracking_uri)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.25})
     path = storage / "tune" / name
     asha = tcfg.asha.enabled if use_asha is None else use_asha
@@ -292,11 +292,11 @@ def run_search(
     grid = tuner.fit()
     table = trials_table(grid)
     table["model_dir"] = [str(trial_model_dir(ctx.storage, name, t)) for t in table["trial_id"]]
-    finish_stopped_trials(ctx, table)
+    finish_stopped_trials(ctx, table, tracker)
     return table
 
 
-def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame) -> None:
+def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame, tracker) -> None:
     """Complete the trials that the scheduler ended from outside.
 
     ASHA stops a trial (at a rung, or at `max_t`) inside the trial's report, so its driver never reaches
@@ -304,10 +304,8 @@ def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame) -> None:
     from what the trial left on the shared storage: its best kept checkpoint (Ray Train keeps the best by
     validation Tversky) becomes its model, and its run is closed as KILLED (stopped early) with the model.
     """
-    from ctvlab.tracking import Tracker
     from ctvlab.unet.train import export_model
 
-    tracker = Tracker(ctx.experiment, ctx.tracking_uri)
     for row in table.itertuples():
         if row.status == "ERROR":
             continue
