@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from ctvlab.tracking import Tracker
-from ctvlab.unet.train import SPEC_FILE, WEIGHTS_FILE, train_unet
+from ctvlab.unet.train import HOLD_ENV, SPEC_FILE, WEIGHTS_FILE, train_unet
 from tests.conftest import tiny_study
 
 pytestmark = pytest.mark.ray
@@ -66,27 +66,48 @@ def test_resume_after_killed_run_continues_the_epochs(prepared_phantom, tmp_path
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     cmd = [sys.executable, "-m", "ctvlab.cli", "train", "--data", str(prep), "--config", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    # The run stops at the start of epoch 3, after reporting epoch 2's checkpoint; it is killed once Ray has
+    # recorded that checkpoint as the run's latest. Nothing is written after that point, so the kill is not
+    # a race with the checkpoint bookkeeping.
+    hold_at = 3
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), HOLD_ENV: str(hold_at)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
     try:
-        while not _checkpoint_epochs(tmp_path) or max(_checkpoint_epochs(tmp_path)) < 1:
+        while _recorded_latest_epoch(tmp_path) != hold_at - 1 or not list(tmp_path.glob("ray/*.held")):
             assert proc.poll() is None, "training ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint of epoch 1 within 5 minutes"
-            time.sleep(0.5)
+            assert time.monotonic() < deadline, f"epoch {hold_at - 1}'s checkpoint not recorded within 5 minutes"
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = max(_checkpoint_epochs(tmp_path))
-    assert killed_at < 5
+    assert max(_checkpoint_epochs(tmp_path)) == hold_at - 1  # no later epoch was checkpointed
+    killed_run = json.loads((tmp_path / "train_last_run.json").read_text())
 
     out = train_unet(cfg, prep, resume=True, register=False)
-    epochs = [h["epoch"] for h in out.history]
-    assert epochs == list(range(6))
-    assert out.history[-1]["start_epoch"] == killed_at + 1
+    # Continued from the latest recorded checkpoint with the same epoch numbering: every epoch once.
+    assert [h["epoch"] for h in out.history] == list(range(6))
+    assert [h["start_epoch"] for h in out.history] == [0] * hold_at + [hold_at] * (6 - hold_at)
+    # The same MLflow run continued, and its curve has each epoch once.
+    assert out.run_id == killed_run["mlflow_run_id"]
     pointer = json.loads((tmp_path / "train_last_run.json").read_text())
-    assert pointer["mlflow_run_id"] == out.run_id  # the same MLflow run continued
+    assert pointer["run_name"] == killed_run["run_name"] and pointer["mlflow_run_id"] == out.run_id
+    curve = Tracker(cfg.name, _session_tracking_uri).client.get_metric_history(out.run_id, "train_loss")
+    assert sorted(m.step for m in curve) == list(range(6))
+
+
+def _recorded_latest_epoch(workdir: Path) -> int | None:
+    """The epoch of the checkpoint that Ray Train has recorded as the run's latest (what a resume starts
+    from), read from the run's checkpoint-manager snapshot; None until there is one."""
+    pointer = workdir / "train_last_run.json"
+    try:
+        run_name = json.loads(pointer.read_text())["run_name"]
+        snapshot = json.loads((workdir / "ray" / run_name / "checkpoint_manager_snapshot.json").read_text())
+        latest = snapshot["latest_checkpoint_result"]
+        return int(latest["metrics"]["epoch"]) if latest else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not written yet, or caught mid-write
 
 
 def _checkpoint_epochs(workdir: Path) -> list[int]:

@@ -112,28 +112,40 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 400
     try:
-        while not _finished_trials(tmp_path):
+        # "Finished" is what a resume reads: a trial recorded TERMINATED in the experiment state that Tune
+        # has synced to storage (every >= 10 s), not a model file on disk, which the trial writes before
+        # Tune records it. Kill a moment after such a sync, well before the next one.
+        while not _recorded_finished_trials(tmp_path):
             assert proc.poll() is None, "the search ended before it could be interrupted"
             assert time.monotonic() < deadline
-            time.sleep(0.5)
+            time.sleep(0.2)
+        time.sleep(2)  # let the sync that wrote it finish copying the searcher's state beside it
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    finished_before = _finished_trials(tmp_path)
+    finished_before = _recorded_finished_trials(tmp_path)
     assert len(finished_before) == 1  # one at a time: the second had not finished when the search was killed
 
     out = tune_study(cfg, prep, resume=True)
     assert len(out.trials) == 2 and out.n_failed == 0
     tracker = Tracker(cfg.name, _session_tracking_uri)
-    for trial_dir in finished_before:
-        trial_id = trial_dir.name.rsplit("-", 1)[1]
+    for trial_id in finished_before:
         runs = tracker.find_runs(f"tags.`ctvlab.trial_id` = '{trial_id}'")
         assert len(runs) == 1, f"finished trial {trial_id} ran again"
     assert json.loads((tmp_path / "tune_last_search.json").read_text())["phase"] == "done"
 
 
-def _finished_trials(workdir: Path) -> list[Path]:
-    return [p.parent.parent for p in workdir.glob("ray/trials/search-*-random-*/model/weights.pt")]
+def _recorded_finished_trials(workdir: Path) -> list[str]:
+    """Ids of the random-phase trials that Tune's stored experiment state records as TERMINATED."""
+    finished = []
+    for state_file in workdir.glob("ray/tune/*random*/experiment_state-*.json"):
+        try:
+            trials = json.loads(state_file.read_text())["trial_data"]
+            states = [json.loads(t[0]) for t in trials]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue  # not synced yet, or caught mid-copy
+        finished += [t["trial_id"] for t in states if t.get("status") == "TERMINATED"]
+    return sorted(finished)
 
 
 def _logging_trial(config):

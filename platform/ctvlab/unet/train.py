@@ -37,6 +37,12 @@ SPEC_FILE = "model.json"
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
 VAL_KEYS = ("tversky", "pcc", "dice", "sensitivity", "specificity")
+# Test hook: rank 0 stops at the start of this epoch, after the previous epoch's checkpoint was reported,
+# and waits to be killed. A kill there is a well-defined point for the killed-run resume tests, which a
+# poll of the checkpoint folders is not (Ray records a checkpoint as the run's latest only after it has been
+# persisted and reported).
+HOLD_ENV = "CTVLAB_TEST_HOLD_AT_EPOCH"
+HOLD_LIMIT_S = 600
 
 
 # --- pieces shared by the Ray Train loop, the plain loop of the benchmark and inference ---------------
@@ -160,7 +166,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
+    hold = config.get("hold")
     for epoch in range(start_epoch, tcfg.epochs):
+        if hold and epoch == hold["epoch"] and rank == 0:
+            _hold_until_killed(Path(hold["marker"]), epoch)
         if fault and epoch == fault["epoch"] and rank == 0 and not Path(fault["marker"]).exists():
             Path(fault["marker"]).write_text("failed once\n")
             raise RuntimeError(f"injected worker failure at epoch {epoch}")
@@ -231,6 +240,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+
+
+def _hold_until_killed(marker: Path, epoch: int) -> None:
+    """The HOLD_ENV test hook: say where this rank stopped, then wait (bounded) for the test to kill it."""
+    from ctvlab.atomic import write_json_atomic
+
+    write_json_atomic(marker, {"epoch": epoch, "pid": os.getpid()})
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+    raise RuntimeError(f"{HOLD_ENV}: held at epoch {epoch} for {HOLD_LIMIT_S} s and was never killed")
 
 
 def _validate(model, val_shard, device, tcfg) -> list[dict[str, float]]:
@@ -477,6 +497,8 @@ def train_unet(
              "tracking_uri": tracker.tracking_uri}  # fmt: skip
     if inject_failure_at is not None:
         extra["inject_failure"] = {"epoch": inject_failure_at, "marker": str(storage / f"{run_name}.fault")}
+    if os.environ.get(HOLD_ENV):
+        extra["hold"] = {"epoch": int(os.environ[HOLD_ENV]), "marker": str(storage / f"{run_name}.held")}
     trainer = build_trainer(
         prep, ucfg, train_ids, val_ids, storage_path=storage, run_name=run_name, loop_extra=extra
     )
