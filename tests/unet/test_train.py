@@ -77,7 +77,9 @@ def test_resume_after_killed_run_continues_the_epochs(prepared_phantom, tmp_path
     try:
         while _recorded_latest_epoch(tmp_path) != hold_at - 1 or not list(tmp_path.glob("ray/*.held")):
             assert proc.poll() is None, "training ended before it could be killed"
-            assert time.monotonic() < deadline, f"epoch {hold_at - 1}'s checkpoint not recorded within 5 minutes"
+            assert time.monotonic() < deadline, (
+                f"epoch {hold_at - 1}'s checkpoint not recorded within 5 minutes"
+            )
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
