@@ -8,15 +8,15 @@ STAMP  := $(VENV)/.ctvlab-installed
 CONFIG ?= jobs/configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format ui schemas bench clean venv
+.PHONY: demo test lint format ui schemas bench clean venv constraints
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "ctvlab needs Python 3.11; set PYTHON=/path/to/python3.11")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -39,6 +39,11 @@ ui: $(STAMP)
 
 schemas: $(STAMP)
 	$(BIN)/ctvlab schemas --out schemas
+
+# Pin every installed dependency at its current version (after changing pyproject.toml's dependencies).
+constraints: $(STAMP)
+	@{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^ctvlab' | sed 's/+cpu$$//'; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf runs mlflow.db mlruns mlartifacts .pytest_cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -65,25 +67,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (a free port) for the session; yields its http:// URI."""
+@contextlib.contextmanager
+def start_mlflow_server(root: Path, extra_args: list[str] = (), extra_env: dict[str, str] | None = None):
+    """Run a real `mlflow server` on 127.0.0.1 (a free port) with its stores under `root`; yields
+    (its http:// URI, the command line it was started with)."""
     import subprocess
     import sys
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--workers", "1", *extra_args]  # fmt: skip
     log = open(root / "server.log", "wb")  # noqa: SIM115 (the child process owns it)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(extra_env or {})}
+    )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 150
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
@@ -96,7 +98,7 @@ def mlflow_server(tmp_path_factory):
             raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
     try:
-        yield uri
+        yield uri, cmd
     finally:
         proc.terminate()
         try:
@@ -104,6 +106,13 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (a free port) for the session; yields its http:// URI."""
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as (uri, _):
+        yield uri
 
 
 @pytest.fixture(scope="session")

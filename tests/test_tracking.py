@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pandas as pd
 import pytest
 
-from ctvlab.tracking import Tracker, flatten, resolve_tracking_uri
+from ctvlab.tracking import Tracker, TrackingAuthError, flatten, resolve_tracking_uri
+from tests.conftest import start_mlflow_server
 
 
 def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
@@ -56,6 +59,44 @@ def test_real_tracking_server_over_http(mlflow_server):
     run_id = _log_a_run(tracker)
     # Read back through a fresh client, as a reviewer's machine would.
     _check_run(Tracker("ctvlab-http", mlflow_server), run_id)
+
+
+@pytest.fixture(scope="module")
+def mlflow_auth_server(tmp_path_factory):
+    """`mlflow server --app-name basic-auth` on 127.0.0.1, as README "MLflow for teams" runs it: no user may
+    read anything by default, the admin password comes from the environment, never the command line."""
+    root = tmp_path_factory.mktemp("mlflow_auth")
+    (root / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    password = secrets.token_urlsafe(16)
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}  # fmt: skip
+    with start_mlflow_server(root, ["--app-name", "basic-auth"], env) as (uri, cmd):
+        assert password not in " ".join(cmd)
+        yield uri, ("admin", password)
+
+
+def test_authenticated_server_refuses_anonymous_clients(mlflow_auth_server, monkeypatch):
+    uri, _ = mlflow_auth_server
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with pytest.raises(TrackingAuthError, match="MLFLOW_TRACKING_USERNAME"):
+        Tracker("ctvlab-auth", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    with pytest.raises(TrackingAuthError):
+        Tracker("ctvlab-auth", uri)
+
+
+def test_authenticated_server_accepts_a_study_logged_with_credentials(mlflow_auth_server, monkeypatch):
+    uri, (user, password) = mlflow_auth_server
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    tracker = Tracker("ctvlab-auth", uri)
+    _check_run(Tracker("ctvlab-auth", uri), _log_a_run(tracker))
 
 
 def test_failed_block_marks_run_failed(tracking_uri, experiment):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import ctvlab
+from ctvlab.errors import CtvlabError
 
 DEFAULT_DB = "mlflow.db"
 TAG_DATASET = "ctvlab.dataset_digest"
@@ -64,6 +65,25 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("CTVLAB_GIT_COMMIT", "unknown")
     return sha + ("-dirty" if dirty else "")
+
+
+class TrackingAuthError(CtvlabError):
+    """The tracking server refused this client's credentials (or their absence)."""
+
+
+def _http_status(error: Exception) -> int | None:
+    """The HTTP status of a failed MLflow REST call, when the server answered at all."""
+    status = getattr(error, "get_http_status_code", None)
+    code = status() if callable(status) else None
+    if code in (401, 403):
+        return code
+    # The REST client raises a plain MlflowException for some refusals; its text carries the status.
+    text = str(error)
+    for candidate in (401, 403):
+        if f"{candidate}" in text and ("Unauthorized" in text or "credentials" in text.lower()
+                                       or "Permission" in text or "UNAUTHENTICATED" in text):  # fmt: skip
+            return candidate
+    return code
 
 
 def _retry_locked(fn):
@@ -109,7 +129,16 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.experiment_name = experiment
         self._mlflow = mlflow
-        self.experiment_id = self._experiment_id(experiment)
+        try:
+            self.experiment_id = self._experiment_id(experiment)
+        except mlflow.exceptions.MlflowException as e:
+            if _http_status(e) in (401, 403):
+                raise TrackingAuthError(
+                    f"the tracking server {self.tracking_uri} refused this client ({_http_status(e)}): set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment (never on the "
+                    "command line) for a user with access to this experiment"
+                ) from None
+            raise
 
     @_retry_locked
     def _experiment_id(self, name: str) -> str:
