@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import warnings
 from collections.abc import Iterable, Mapping
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctvlab.atomic import atomic_path, digest, write_json_atomic, write_text_atomic
+from ctvlab.atomic import atomic_path, digest, write_json_atomic
 from ctvlab.config import SplitConfig
 from ctvlab.data.layout import PrepPaths
 from ctvlab.errors import DataError, LeakageError
@@ -243,13 +244,62 @@ def check_fold_map(folds: Mapping[str, int]) -> None:
 # --- pseudonyms -----------------------------------------------------------------------------------
 
 
+SALT_HEX_CHARS = 64  # 32 random bytes
+
+
 def ensure_salt(prep: str | Path) -> bytes:
-    """The dataset's secret pseudonym salt, created on first use; it never leaves the prepared folder."""
+    """The dataset's secret pseudonym salt, created on first use; it never leaves the prepared folder.
+
+    Created exclusively (two processes starting at once get the same salt, never two), readable by its
+    owner alone, and on disk before anything pseudonymised with it is logged. On every read it must still
+    be one of those files: anything else means the pseudonyms could be reversed or could change.
+
+    Raises:
+        DataError: the salt file has the wrong length or content, or others may read or write it.
+    """
     path = PrepPaths(prep).salt
     if not path.exists():
-        write_text_atomic(path, secrets.token_hex(32) + "\n")
-        path.chmod(0o600)
-    return bytes.fromhex(path.read_text().strip())
+        _create_salt(path)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise DataError(
+            f"{path}: the pseudonym salt is accessible to other users (mode {mode:o}); it must be 600. "
+            f"Fix it with `chmod 600 {path}` and check who may have read it: with the salt, the pseudonyms "
+            "in the tracking store can be linked back to patients."
+        )
+    text = path.read_text(errors="replace").strip()
+    try:
+        salt = bytes.fromhex(text)
+    except ValueError:
+        salt = b""
+    if len(text) != SALT_HEX_CHARS or len(salt) * 2 != SALT_HEX_CHARS:
+        raise DataError(
+            f"{path}: not a pseudonym salt ({SALT_HEX_CHARS} hex characters expected). Restore it from a "
+            "backup: a new salt would give every patient a new pseudonym and break the link to earlier runs."
+        )
+    return salt
+
+
+def _create_salt(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, (secrets.token_hex(SALT_HEX_CHARS // 2) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if another process created the salt first: keep theirs
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def pseudonym(patient_id: str, salt: bytes) -> str:

@@ -319,16 +319,18 @@ class RunLogger:
     def dataset(
         self, name: str, digest: str, source: str, context: str = "training", schema_note: str = ""
     ) -> None:
-        """Record a dataset input (`mlflow.log_input` equivalent) by name, digest and source, no data."""
-        import warnings
+        """Record a dataset input (`mlflow.log_input` equivalent) by name and digest, no data.
 
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        `source` (where the data lives) stays on this machine: only a logical source, the dataset's name
+        and digest, reaches the store. An absolute path names a hospital's folders, and a cohort folder
+        is often named after its patients.
+        """
+        from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        with warnings.catch_warnings():  # "can be interpreted in multiple ways": all are the local source
-            warnings.simplefilter("ignore", UserWarning)
-            src = resolve_dataset_source(str(source))
+        del source  # kept in the signature so that callers say what they read; never logged
+        src = CodeDatasetSource(tags={"ctvlab.dataset": name, "ctvlab.digest": digest[:36]})
         ds = MetaDataset(source=src, name=name, digest=digest[:36])
         entity = ds._to_mlflow_entity()
         tags = [InputTag(key="mlflow.data.context", value=context)]
