@@ -66,11 +66,15 @@ def synth(
 def validate(
     cohort: Annotated[Path, typer.Argument(help="Cohort folder holding manifest.csv.")],
     json_out: Annotated[bool, Opt("--json", help="Print the report as JSON.")] = False,
+    config: Annotated[
+        Path | None, Opt("--config", "-c", help="Study config whose cohort.limits cap file sizes.")
+    ] = None,
 ) -> None:
     """Check a cohort before any compute: every file loads, grids agree, masks are binary, values sane."""
     from ctvlab.ingest.validate import print_validation, validate_cohort
 
-    report = validate_cohort(cohort)
+    limits = _study(config).cohort.limits if config else None
+    report = validate_cohort(cohort, limits=limits)
     if json_out:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     else:

@@ -85,11 +85,24 @@ class SynthConfig(Strict):
         return self
 
 
+class InputLimits(Strict):
+    """Caps on what validation reads, checked before anything is allocated. The defaults fit a 24 GB
+    machine with room to spare: a clinical brain MRI is a few to a few hundred MB uncompressed."""
+
+    max_file_mb: PositiveFloat = Field(2048, description="Largest file on disk (MB).")
+    max_decompressed_mb: PositiveFloat = Field(4096, description="Largest decompressed .nii.gz (MB).")
+    max_image_mb: PositiveFloat = Field(4096, description="Largest array a header may announce (MB).")
+    max_output_voxels: int = Field(
+        50_000_000, gt=0, description="Largest preprocessing grid over a T1c's field of view (voxels)."
+    )
+
+
 class CohortConfig(Strict):
     """Where the raw cohort comes from: generated (`synth`) or a folder in the documented layout."""
 
     source: Literal["synth", "raw"] = "synth"
     raw_dir: Path | None = Field(None, description="A cohort folder with manifest.csv (source: raw).")
+    limits: InputLimits = Field(default_factory=InputLimits)
 
     @model_validator(mode="after")
     def _raw_needs_dir(self) -> CohortConfig:

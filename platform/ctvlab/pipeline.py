@@ -120,7 +120,7 @@ def _cohort(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
 def _validate(cfg: StudyConfig, console) -> StageRecord:
     from ctvlab.ingest.validate import print_validation, validate_cohort
 
-    report = validate_cohort(cfg.raw_dir, progress=False)
+    report = validate_cohort(cfg.raw_dir, progress=False, limits=cfg.cohort.limits)
     if not report.ok:
         print_validation(report, console)
     if not report.valid_ids():

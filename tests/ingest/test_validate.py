@@ -324,7 +324,7 @@ MORE = [
     ("same file for two maps", lambda r: _edit_manifest(r, lambda rows: rows[1].update(t1=rows[1]["flair"])),
      "flair", "names the same file as t1", "error"),
     ("blank FLAIR", lambda r: _rewrite(r / "P001" / "flair.nii.gz", lambda d, a: (0 * d, a)), "flair",
-     "is constant (0) inside the brain", "warning"),
+     "is constant (0) inside the brain", "error"),
     ("5-D image", lambda r: _rewrite(r / "P001" / "t1.nii.gz", lambda d, a: (d[..., None, None], a)), "t1",
      "is 5-D with shape (48, 56, 48, 1, 1)", "error"),
 ]  # fmt: skip

@@ -42,7 +42,8 @@ def test_nav_mode_is_one_after_normalisation(phantom, name):
 def test_indices_are_kept_as_they_are(phantom, name):
     x = phantom.features[FEATURES.index(name)]
     nav = phantom.mask("nav").astype(bool) & phantom.mask("mrsi").astype(bool)
-    assert np.median(x[nav]) == pytest.approx(NAV_VALUES[name.lower()], abs=1e-6)
+    # within the phantom's trace of noise (1e-4 of a value, or 1e-4 absolute for a zero value)
+    assert np.median(x[nav]) == pytest.approx(NAV_VALUES[name.lower()], abs=1e-4)
     centre = tuple(np.rint(np.linalg.solve(phantom.affine, [*SPEC.lesion_center, 1.0])[:3]).astype(int))
     # the lesion centre is well inside T2L (12 mm) but the 10 mm MRSI voxels blur its edge
     assert x[centre] == pytest.approx(INDEX_SHIFT[name.lower()], rel=0.05)

@@ -7,6 +7,8 @@ manifest are relative to the cohort folder. The JSON Schema of a row is `schemas
 from __future__ import annotations
 
 import csv
+import io
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -55,6 +57,9 @@ COLUMNS: tuple[str, ...] = CLINICAL_COLUMNS + PATH_COLUMNS
 
 # patient ids name folders, hive partitions and files: keep them to a portable character set.
 PATIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Two ids must never name the same files: `<id>_masks.npy` sits beside `<id>.npy`, and ids that differ only in
+# case write the same files on a case-insensitive file system (macOS, Windows, some NFS exports).
+RESERVED_ID_SUFFIX = "_masks"
 
 RelPath = Annotated[str, Field(min_length=1, description="Path relative to the cohort folder.")]
 
@@ -67,11 +72,13 @@ class ManifestRow(BaseModel):
     patient_id: str = Field(pattern=PATIENT_ID_PATTERN)
     cohort: Cohort
     sex: Sex
-    age: float = Field(ge=0, le=120, description="Years at diagnosis.")
+    age: float = Field(ge=0, le=120, allow_inf_nan=False, description="Years at diagnosis.")
     resection: Resection
     progression_type: ProgressionType
-    pfs_months: float = Field(ge=0, le=600, description="Progression-free survival (months).")
-    os_months: float = Field(ge=0, le=600, description="Overall survival (months).")
+    pfs_months: float = Field(
+        ge=0, le=600, allow_inf_nan=False, description="Progression-free survival (months)."
+    )
+    os_months: float = Field(ge=0, le=600, allow_inf_nan=False, description="Overall survival (months).")
 
     t1c: RelPath
     t1: RelPath
@@ -100,6 +107,23 @@ class ManifestRow(BaseModel):
     @classmethod
     def _empty_is_missing(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("age", "pfs_months", "os_months", mode="before")
+    @classmethod
+    def _decimal_point(cls, v: Any) -> Any:
+        if isinstance(v, str) and re.fullmatch(r"[+-]?\d+,\d+", v.strip()):
+            raise ValueError(f"decimal comma in {v!r}: write {v.strip().replace(',', '.')!r}")
+        return v
+
+    @field_validator("patient_id")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.endswith(RESERVED_ID_SUFFIX):
+            raise ValueError(
+                f"ids may not end in {RESERVED_ID_SUFFIX!r}: prepared data stores <id>{RESERVED_ID_SUFFIX}.npy "
+                "beside <id>.npy"
+            )
+        return v
 
     @property
     def has_mrsi(self) -> bool:
@@ -144,9 +168,33 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
             )
         )
         return [], problems, []
-    with open(path, newline="") as fh:
+    raw = path.read_bytes()
+    try:
+        # utf-8-sig: a byte-order mark (as Excel writes) is accepted and dropped; CRLF line ends are CSV's own.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        problems.append(
+            ManifestProblem(
+                line=None,
+                patient_id=None,
+                column=None,
+                message=f"is not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} (Latin-1 or another "
+                "legacy encoding?); save manifest.csv as UTF-8",
+            )
+        )
+        return [], problems, []
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            problems.append(
+                ManifestProblem(
+                    line=1, patient_id=None, column=None, message=f"repeated columns: {', '.join(repeated)}"
+                )
+            )
+            return [], problems, []
         missing = [c for c in COLUMNS if c not in header and c not in MRSI_COLUMNS]
         unknown = [c for c in header if c not in COLUMNS]
         if missing:
@@ -169,9 +217,18 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
         rows: list[ManifestRow] = []
         ids: list[str] = []
         seen: dict[str, int] = {}
-        for line, record in enumerate(reader, start=2):
+        folded: dict[str, tuple[str, int]] = {}
+        start = 2
+        for record in reader:
+            line, start = start, reader.line_num + 1  # a quoted field may span lines: report the first
             pid = (record.get("patient_id") or "").strip()
             ids.append(pid)
+            shape = _row_shape_problem(record, len(header))
+            if shape:
+                problems.append(
+                    ManifestProblem(line=line, patient_id=pid or None, column=None, message=shape)
+                )
+                continue
             record = {k: (v.strip() if isinstance(v, str) else v) for k, v in record.items() if k}
             if pid and pid in seen:
                 problems.append(
@@ -183,8 +240,21 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
                     )
                 )
                 continue
+            if pid and pid.casefold() in folded:
+                other, other_line = folded[pid.casefold()]
+                problems.append(
+                    ManifestProblem(
+                        line=line,
+                        patient_id=pid,
+                        column="patient_id",
+                        message=f"differs from {other!r} (line {other_line}) only in letter case: both would "
+                        "write the same files on a case-insensitive file system",
+                    )
+                )
+                continue
             if pid:
                 seen[pid] = line
+                folded[pid.casefold()] = (pid, line)
             try:
                 rows.append(ManifestRow.model_validate(record))
             except ValidationError as e:
@@ -213,6 +283,21 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
                 )
         rows = [r for r in rows if r.patient_id not in dup_ids]
     return rows, problems, ids
+
+
+def _row_shape_problem(record: dict, n_columns: int) -> str | None:
+    """A row whose fields do not line up with the header: extra or missing values, or a line break inside a
+    quoted field (a pasted note, or an unclosed quote that swallowed the next rows)."""
+    extra = record.get(None)
+    if extra:
+        return f"has {n_columns + len(extra)} values, the header has {n_columns} columns (a stray comma?)"
+    n_missing = sum(1 for k, v in record.items() if k is not None and v is None)
+    if n_missing:
+        return f"has {n_columns - n_missing} values, the header has {n_columns} columns"
+    broken = [k for k, v in record.items() if isinstance(v, str) and ("\n" in v or "\r" in v)]
+    if broken:
+        return f"{broken[0]} holds a line break (an unclosed quote?); each patient must be one line"
+    return None
 
 
 def write_manifest(root: str | Path, rows: list[ManifestRow]) -> Path:

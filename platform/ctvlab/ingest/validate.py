@@ -28,9 +28,9 @@ others. The result is a `ValidationReport`; `print_validation` prints one line p
 from __future__ import annotations
 
 import csv
-import gzip
+import hashlib
+import io
 import os
-import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, computed_field
+from pydantic import BaseModel, Field, computed_field
 
+from ctvlab.config import InputLimits
 from ctvlab.ingest.manifest import (
     ANATOMY_COLUMNS,
     DIFFUSION_COLUMNS,
@@ -53,6 +54,14 @@ from ctvlab.ingest.manifest import (
     ManifestProblem,
     ManifestRow,
     read_manifest,
+)
+from ctvlab.ingest.safety import (
+    UnsafeInputError,
+    check_header,
+    output_grid_voxels,
+    qform_sform_mismatch_mm,
+    read_capped,
+    resolve_inside,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +77,8 @@ WARN_DIFFUSION_BRAIN_COVERAGE = 0.9  # below: part of the brain will have no ADC
 MIN_MRSI_IN_BRAIN = 0.5  # fraction of MRSI voxel centres within the brain's extent
 MAX_LESION_OUTSIDE_BRAIN = 0.5  # a lesion mask mostly outside the brain is on the wrong patient or grid
 LESION_MASKS = ("cel_mask", "t2l_mask", "cel_progression_mask", "t2l_progression_mask")
+PREP_VOXEL_MM = 3.0  # the study's grid (SPEC, Preprocessing): what the output-grid cap is computed on
+MAX_SATURATED_FRACTION = 0.5  # more brain voxels than this at the map's maximum: a clipped export
 _MAX_POINTS = 200_000  # brain voxels sampled for coverage fractions (plenty for a percentage)
 
 _FIX_REEXPORT = "re-export the file from the source data"
@@ -99,6 +110,11 @@ class PatientResult(BaseModel):
     line: int | None  # 1-based line in manifest.csv
     has_mrsi: bool
     problems: list[Problem]
+    # For the cohort-wide checks only (never printed): content digest and resolved path of each file read,
+    # and the paths as the manifest wrote them.
+    file_digests: dict[str, str] = Field(default_factory=dict, exclude=True)
+    resolved_paths: dict[str, str] = Field(default_factory=dict, exclude=True)
+    manifest_paths: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @computed_field
     @property
@@ -155,33 +171,32 @@ class Volume:
     data: np.ndarray
     affine: np.ndarray
     oriented: bool  # sform or qform code set: the affine is a real world placement
+    placement_mismatch_mm: float | None = None  # sform vs qform, when both are set
+    digest: str | None = None  # SHA-256 of the decoded file: the same image under two names is caught
 
 
-def read_volume(path: Path) -> Volume:
-    """Read a NIfTI-1/2 file (`.nii` or `.nii.gz`) completely.
+def read_volume(path: Path, limits: InputLimits | None = None) -> Volume:
+    """Read a NIfTI-1/2 file (`.nii` or `.nii.gz`) completely, within `limits` (`ctvlab.ingest.safety`).
 
-    A gzip stream is decompressed in one pass, which checks its length and CRC; the header then comes
-    from the decompressed bytes and every voxel is read.
+    A gzip stream is decompressed in bounded steps, which checks its length and CRC and stops a bomb at
+    the cap; the header then comes from the decompressed bytes, its announced size and scaling are checked,
+    and only then is every voxel read.
 
     Raises:
-        UnreadableFileError: the file is truncated, corrupt, not gzip though named `.gz`, or not NIfTI.
+        UnreadableFileError: the file is truncated, corrupt, over a limit, not what its name says, or not
+            NIfTI.
     """
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError
 
-    raw = path.read_bytes()
+    limits = limits or InputLimits()
+    try:
+        raw = read_capped(path, limits)
+    except UnsafeInputError as e:
+        raise UnreadableFileError(str(e)) from None
     if not raw:
         raise UnreadableFileError("the file is empty (0 bytes)")
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except EOFError:
-            raise UnreadableFileError("truncated: the compressed stream ends early") from None
-        except (gzip.BadGzipFile, zlib.error) as e:
-            raise UnreadableFileError(f"corrupt compressed data ({e})") from None
-    elif path.name.endswith(".gz"):
-        raise UnreadableFileError("not a gzip file although its name ends in .gz")
     if len(raw) < 348:
         raise UnreadableFileError(f"too short for a NIfTI header ({len(raw)} bytes)")
     sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
@@ -189,15 +204,22 @@ def read_volume(path: Path) -> Volume:
     if klass is None:
         raise UnreadableFileError("not a NIfTI-1 or NIfTI-2 file (unknown header size)")
     try:
+        check_header(klass.header_class.from_fileobj(io.BytesIO(raw)), limits)
         img = klass.from_bytes(raw)
         data = np.asanyarray(img.dataobj)
+    except UnsafeInputError as e:
+        raise UnreadableFileError(str(e)) from None
     except (ImageFileError, HeaderDataError, OSError, EOFError, ValueError) as e:
         reason = " ".join(str(e).split())
         if "Expected" in reason and "bytes" in reason:
             reason = f"truncated: {reason}"
         raise UnreadableFileError(reason) from None
     oriented = bool(img.header.get_sform(coded=True)[1] or img.header.get_qform(coded=True)[1])
-    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), oriented=oriented)
+    return Volume(
+        data=data, affine=np.asarray(img.affine, dtype=np.float64), oriented=oriented,
+        placement_mismatch_mm=qform_sform_mismatch_mm(img.header, data.shape),
+        digest=hashlib.sha256(raw).hexdigest(),
+    )  # fmt: skip
 
 
 # --- geometry (pure functions over affines and arrays) ------------------------------------------------
@@ -286,10 +308,12 @@ def _triple(v: Iterable[float]) -> str:
 class _Problems:
     """Collects the problems of one patient, each tied to a column and its manifest path."""
 
-    def __init__(self, patient_id: str, paths: dict[str, str]):
+    def __init__(self, patient_id: str, paths: dict[str, str], limits: InputLimits | None = None):
         self.patient_id = patient_id
         self.paths = paths
+        self.limits = limits or InputLimits()
         self.items: list[Problem] = []
+        self.digests: dict[str, str] = {}  # column → content digest of the images read
 
     def add(self, column: str | None, message: str, fix: str, severity: Severity = "error") -> None:
         path = self.paths.get(column) if column else None
@@ -323,15 +347,13 @@ class _Problems:
 
 def _load(col: str, root: Path, out: _Problems) -> Volume | None:
     """Read one file and check what every image must satisfy; None when it is unusable."""
-    path = root / out.paths[col]
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "file not found"
-        out.add(
-            col, what, "check the path in manifest.csv (relative to the cohort folder) or restore the file"
-        )
+    try:
+        path = resolve_inside(root, out.paths[col])
+    except UnsafeInputError as e:
+        out.add(col, str(e), e.fix)
         return None
     try:
-        vol = read_volume(path)
+        vol = read_volume(path, out.limits)
     except UnreadableFileError as e:
         out.add(col, f"cannot be read: {e}", _FIX_REEXPORT)
         return None
@@ -341,6 +363,8 @@ def _load(col: str, root: Path, out: _Problems) -> Volume | None:
     except OSError as e:
         out.add(col, f"cannot be read: {e.strerror or e}", "check the file's permissions and the disk")
         return None
+    if vol.digest and col in IMAGE_COLUMNS:
+        out.digests[col] = vol.digest
     data = vol.data
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -365,6 +389,23 @@ def _load(col: str, root: Path, out: _Problems) -> Volume | None:
             "check the header's pixdim and units (millimetres expected)",
         )
         return None
+    if vol.placement_mismatch_mm is not None and vol.placement_mismatch_mm > vs.max():
+        out.add(
+            col,
+            f"sform and qform place the image {vol.placement_mismatch_mm:.1f} mm apart (more than a voxel)",
+            "re-export it so that both describe the same placement, or clear the wrong one (code 0)",
+        )
+        return None
+    if col == "t1c":
+        n = output_grid_voxels(aff, data.shape, PREP_VOXEL_MM)
+        if n > out.limits.max_output_voxels:
+            out.add(
+                col,
+                f"field of view {_triple(vs * np.asarray(data.shape[:3]))} mm would make a {n:.3g}-voxel "
+                f"{PREP_VOXEL_MM:g} mm grid, over the {out.limits.max_output_voxels:.3g} limit",
+                "check the header's dimensions and voxel size, or raise cohort.limits.max_output_voxels",
+            )
+            return None
     if not vol.oriented:
         out.add(
             col,
@@ -400,10 +441,18 @@ def _check_finite_in_brain(col: str, data: np.ndarray, brain: np.ndarray, out: _
     if values.size and values.min() == values.max():
         out.add(
             col,
-            f"is constant ({float(values.min()):g}) inside the brain",
+            f"is constant ({float(values.min()):g}) inside the brain: no contrast to learn from",
             "check that the right map was exported",
-            severity="warning",
         )
+        return
+    if values.size:
+        at_max = float((values == values.max()).mean())
+        if at_max > MAX_SATURATED_FRACTION:
+            out.add(
+                col,
+                f"is saturated: {at_max:.0%} of the brain holds its maximum value ({float(values.max()):g})",
+                "re-export the map without clipping its intensity range",
+            )
 
 
 def _check_mask(col: str, data: np.ndarray, out: _Problems) -> np.ndarray | None:
@@ -594,7 +643,12 @@ def _check_file(col: str, root: Path, ref: _Reference | None, clinical: dict, ou
 
 
 def check_files(
-    root: Path, patient_id: str, paths: dict[str, str], clinical: dict | None = None
+    root: Path,
+    patient_id: str,
+    paths: dict[str, str],
+    clinical: dict | None = None,
+    limits: InputLimits | None = None,
+    digests: dict[str, str] | None = None,
 ) -> list[Problem]:
     """Check every file of one patient, each independently of the others.
 
@@ -603,13 +657,15 @@ def check_files(
         patient_id: for the messages.
         paths: manifest column → path relative to `root`, for the columns that are set.
         clinical: manifest fields read by consistency warnings (`resection`, `progression_type`).
+        limits: size caps (default `InputLimits()`).
+        digests: filled with column → content digest of each image read (for cohort-wide checks).
 
     Returns:
         The problems found, in manifest column order (T1c and brain mask first: the others are checked
         against them).
     """
     clinical = clinical or {}
-    out = _Problems(patient_id, paths)
+    out = _Problems(patient_id, paths, limits)
     first: dict[str, str] = {}
     for col in IMAGE_COLUMNS:
         if col in paths:
@@ -626,12 +682,14 @@ def check_files(
     for col in PATH_COLUMNS:
         if col in paths and col not in ("t1c", "brain_mask"):
             out.guard(col, lambda col=col: _check_file(col, root, ref, clinical, out))
+    if digests is not None:
+        digests.update(out.digests)
     return out.items
 
 
-def validate_patient(row: ManifestRow, root: Path) -> PatientResult:
+def validate_patient(row: ManifestRow, root: Path, limits: InputLimits | None = None) -> PatientResult:
     """Check one parsed manifest row: its clinical consistency and all of its files."""
-    return _patient(root, row.patient_id, None, _row_paths(row), row.clinical(), [])
+    return _patient(root, row.patient_id, None, _row_paths(row), row.clinical(), [], limits)
 
 
 def _row_paths(row: ManifestRow) -> dict[str, str]:
@@ -645,6 +703,7 @@ def _patient(
     paths: dict[str, str],
     clinical: dict,
     problems: list[Problem],
+    limits: InputLimits | None = None,
 ) -> PatientResult:
     problems = list(problems)
     mrsi_set = [c for c in MRSI_COLUMNS if c in paths]
@@ -671,10 +730,22 @@ def _patient(
                 fix="progression cannot come after death: check both fields",
             )
         )
-    problems += check_files(root, patient_id, paths, clinical)
+    digests: dict[str, str] = {}
+    problems += check_files(root, patient_id, paths, clinical, limits, digests)
     return PatientResult(
-        patient_id=patient_id, line=line, has_mrsi=len(mrsi_set) == len(MRSI_COLUMNS), problems=problems
-    )
+        patient_id=patient_id, line=line, has_mrsi=len(mrsi_set) == len(MRSI_COLUMNS), problems=problems,
+        file_digests=digests, resolved_paths=_resolved(root, paths), manifest_paths=dict(paths),
+    )  # fmt: skip
+
+
+def _resolved(root: Path, paths: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for col, rel in paths.items():
+        try:
+            out[col] = str(resolve_inside(root, rel))
+        except UnsafeInputError:
+            continue
+    return out
 
 
 # --- manifest problems -------------------------------------------------------------------------------
@@ -728,15 +799,18 @@ def _cohort_problem(message: str, fix: str, path: str | None = MANIFEST_NAME) ->
 
 
 def _raw_records(root: Path) -> list[dict[str, str]]:
-    with open(root / MANIFEST_NAME, newline="") as fh:
-        return [{k: (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(fh)]
+    with open(root / MANIFEST_NAME, newline="", encoding="utf-8-sig") as fh:
+        return [
+            {k: (v if isinstance(v, str) else "").strip() for k, v in r.items() if k}
+            for r in csv.DictReader(fh)
+        ]
 
 
 # --- cohort ------------------------------------------------------------------------------------------
 
 
 def validate_cohort(
-    root: str | Path, progress: bool = True, num_workers: int | None = None
+    root: str | Path, progress: bool = True, num_workers: int | None = None, limits: InputLimits | None = None
 ) -> ValidationReport:
     """Validate a cohort folder: its manifest, then every patient's files.
 
@@ -790,10 +864,42 @@ def validate_cohort(
             record = records[i] if i < len(records) else {}
             clinical = {k: record.get(k) for k in ("resection", "progression_type")}
             paths = {c: record[c] for c in PATH_COLUMNS if record.get(c)}
-        jobs.append(partial(_patient, root, label, line, paths, clinical, mp))
+        jobs.append(partial(_patient, root, label, line, paths, clinical, mp, limits))
 
     report.patients.extend(_run(jobs, progress, num_workers))
+    _check_shared_files(report.patients)
     return report
+
+
+def _check_shared_files(patients: list[PatientResult]) -> None:
+    """Two patients naming one file, or byte-identical images under two names: a copy-paste error that
+    would also put one patient's data on both sides of a split. Both patients are invalid."""
+    by_path: dict[str, list[tuple[PatientResult, str]]] = {}
+    by_digest: dict[str, list[tuple[PatientResult, str]]] = {}
+    for p in patients:
+        for col, path in p.resolved_paths.items():
+            by_path.setdefault(path, []).append((p, col))
+        for col, dg in p.file_digests.items():
+            by_digest.setdefault(dg, []).append((p, col))
+    for groups, what in ((by_path, "names the same file as"), (by_digest, "is byte-identical to")):
+        for owners in groups.values():
+            ids = {p.patient_id for p, _ in owners}
+            if len(ids) < 2:
+                continue  # within one patient: the per-patient check reports a repeated path
+            for p, col in owners:
+                others = ", ".join(f"{q.patient_id}'s {c}" for q, c in owners if q.patient_id != p.patient_id)
+                message = f"{what} {others}"
+                if any(x.column == col and x.message == message for x in p.problems):
+                    continue
+                p.problems.append(
+                    Problem(
+                        patient_id=p.patient_id,
+                        column=col,
+                        path=p.manifest_paths.get(col),
+                        message=message,
+                        fix="give each patient their own images; check the manifest for a copied row or path",
+                    )
+                )
 
 
 def _run(
