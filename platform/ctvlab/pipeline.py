@@ -64,6 +64,14 @@ def run_study(cfg: StudyConfig, console=None, force: bool = False) -> StudyOutco
     from ctvlab.stages import tracker_for
 
     console = console or Console(highlight=False)
+    from ctvlab.resources import check_study_fits
+    from ctvlab.runtime import init_ray
+
+    # Before any stage: a U-Net stage that can never fit on this cluster fails now, not after the others.
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    check_study_fits(cfg, search=cfg.pipeline.search)
+    if cfg.pipeline.ablation:
+        check_study_fits(cfg, search=True)
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"workdir": workdir})  # absolute: Ray workers do not share our cwd
