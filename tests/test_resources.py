@@ -168,3 +168,14 @@ def test_progress_line_says_what_each_trial_waits_for():
         "search search-x: a1 epoch 1/2 · b2 preparing its data and waiting for its training workers · "
         "c3 waiting for a trial slot · pending on the cluster: placement group 1× {0.5 CPU} (PACK)"
     )
+
+
+def test_a_stall_watch_survives_pickling_by_tune():
+    import ray.cloudpickle
+
+    watch = StallWatch("search s", 100, pending=list).start()
+    try:
+        copy = ray.cloudpickle.loads(ray.cloudpickle.dumps(watch))
+    finally:
+        watch.stop()
+    assert copy.timeout_s == 100 and copy.observe(0, []) is None

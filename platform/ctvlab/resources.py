@@ -264,6 +264,14 @@ class StallWatch:
         if self._thread is not None:
             self._thread.join(timeout=self.poll_s + 5)
 
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks (one of them holds this watch) into the experiment's state file;
+        # the thread and its event belong to this process only.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_stop", "_thread")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _stop=threading.Event(), _thread=None)
+
     def __enter__(self) -> StallWatch:
         return self.start()
 

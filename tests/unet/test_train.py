@@ -97,3 +97,25 @@ def _checkpoint_epochs(workdir: Path) -> list[int]:
         except (OSError, ValueError, KeyError):
             continue
     return epochs
+
+
+def test_a_run_starved_of_resources_fails_naming_the_pending_demand(prepared_phantom, tmp_path, tracking_uri):
+    """Every CPU of the shared Ray is held by someone else, so the run's data tasks can never start: it
+    fails after ray.stall_timeout_s, naming the demand that waits, instead of hanging."""
+    import ray
+
+    from ctvlab.resources import ResourceError
+
+    cfg = tiny_study(tmp_path, tracking_uri)
+    cfg.ray.stall_timeout_s = 5
+    pg = ray.util.placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(pg.ready(), timeout=60)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ResourceError) as e:
+            train_unet(cfg, prepared_phantom, register=False)
+    finally:
+        ray.util.remove_placement_group(pg)
+    assert time.monotonic() - t0 < 60
+    assert "training made no progress for" in str(e.value)
+    assert "of {0.25 CPU}" in str(e.value)  # a Ray Data task of the run, as `ray status` lists it

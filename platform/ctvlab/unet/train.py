@@ -511,18 +511,22 @@ def train_unet(
              "tracking_uri": tracker.tracking_uri}  # fmt: skip
     if inject_failure_at is not None:
         extra["inject_failure"] = {"epoch": inject_failure_at, "marker": str(storage / f"{run_name}.fault")}
-    trainer = build_trainer(
-        prep, ucfg, train_ids, val_ids, storage_path=storage, run_name=run_name, loop_extra=extra
-    )
     from ctvlab.resources import ResourceError, StallWatch, interrupt_main
 
-    # Ray Train waits for its worker group's resources without a word: the watch stops the run (as Ctrl+C
-    # would) when demands stay pending with no progress for ray.stall_timeout_s.
-    watch = StallWatch("training", cfg.ray.stall_timeout_s, report_every_s=cfg.ray.progress_every_s,
-                       on_stall=interrupt_main)  # fmt: skip
+    # Ray Data (building the datasets) and Ray Train (starting its worker group) wait for resources without
+    # a word: the watch stops the run, as Ctrl+C would, when demands stay pending with no progress for
+    # ray.stall_timeout_s.
+    watch = StallWatch("training", cfg.ray.stall_timeout_s, poll_s=min(10.0, cfg.ray.stall_timeout_s / 5),
+                       report_every_s=cfg.ray.progress_every_s, on_stall=interrupt_main)  # fmt: skip
     try:
         with watch:
+            trainer = build_trainer(
+                prep, ucfg, train_ids, val_ids, storage_path=storage, run_name=run_name, loop_extra=extra
+            )
             result = trainer.fit()
+    except CtvlabError:
+        tracker.end_run(mlflow_run_id, "FAILED")
+        raise
     except (Exception, KeyboardInterrupt) as e:  # failed beyond max_failures, or stopped by the watch
         tracker.end_run(mlflow_run_id, "FAILED")
         if watch.message:

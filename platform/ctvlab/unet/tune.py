@@ -270,8 +270,9 @@ def run_search(
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": res.TRIAL_DRIVER_CPUS})
     every = cfg.ray.progress_every_s
     watch = res.StallWatch(
-        f"search {name}", cfg.ray.stall_timeout_s, report_every_s=every, on_stall=res.interrupt_main, say=say
-    )
+        f"search {name}", cfg.ray.stall_timeout_s, poll_s=min(10.0, cfg.ray.stall_timeout_s / 5),
+        report_every_s=every, on_stall=res.interrupt_main, say=say,
+    )  # fmt: skip
     progress = _progress_callback(name, tcfg.epochs_per_trial, watch, every)
     path = storage / "tune" / name
     asha = tcfg.asha.enabled if use_asha is None else use_asha
