@@ -77,7 +77,7 @@ def test_a_trial_that_can_never_fit_names_need_have_and_keys():
     with pytest.raises(ResourceError) as e:
         check_fits(trial_demand(smoke_demo()), node_cluster({"CPU": 1}))
     msg = str(e.value)
-    assert "one trial can never run on this cluster" in msg
+    assert "one trial can never fit on this cluster" in msg
     assert "needs 1.25 CPU (0.75 CPU held by the run, plus 0.5 kept free for its Ray Data tasks)" in msg
     assert "the Ray cluster has 1 CPU" in msg
     assert "tune.cpus_per_trial, unet.train.num_workers, unet.train.data_cpus" in msg

@@ -272,9 +272,16 @@ def print_study_summary(outcome: StudyOutcome, console) -> None:
     console.print(
         f"MLflow: experiment [bold]{outcome.experiment}[/] (id {outcome.experiment_id}) in {outcome.tracking_uri}"
     )
-    if outcome.tracking_uri.startswith("sqlite"):
+    from ctvlab.tracking import DEFAULT_DB
+
+    if outcome.tracking_uri == f"sqlite:///{Path.cwd() / DEFAULT_DB}":  # the store `make ui` opens
         console.print(
             "open the MLflow UI with [bold]make ui[/] (or `ctvlab ui`) and browse to http://127.0.0.1:5000"
+        )
+    elif outcome.tracking_uri.startswith("sqlite"):
+        console.print(
+            f"open the MLflow UI with `ctvlab ui --tracking-uri {outcome.tracking_uri}` and browse to "
+            "http://127.0.0.1:5000"
         )
     else:
         console.print(f"open {outcome.tracking_uri} in a browser")

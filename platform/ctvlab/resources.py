@@ -124,7 +124,7 @@ def check_fits(demand: RunDemand, cluster: Cluster) -> None:
     reasons = unfit_reasons(demand, cluster)
     if reasons:
         raise ResourceError(
-            f"{demand.what} can never run on this cluster: it needs " + "; and ".join(reasons) + ". "
+            f"{demand.what} can never fit on this cluster: it needs " + "; and ".join(reasons) + ". "
             f"Lower {', '.join(demand.keys)} in the config, or run on a larger cluster "
             "(for a cluster that adds nodes on demand, set ray.max_resources to its largest size)."
         )

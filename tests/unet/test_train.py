@@ -119,3 +119,14 @@ def test_a_run_starved_of_resources_fails_naming_the_pending_demand(prepared_pha
     assert time.monotonic() - t0 < 60
     assert "training made no progress for" in str(e.value)
     assert "of {0.25 CPU}" in str(e.value)  # a Ray Data task of the run, as `ray status` lists it
+
+
+def test_training_that_can_never_fit_fails_before_it_starts(prepared_phantom, tmp_path, tracking_uri):
+    from ctvlab.resources import ResourceError
+
+    cfg = tiny_study(tmp_path, tracking_uri, num_workers=9)  # 9 CPUs of workers on the shared 8-CPU Ray
+    with pytest.raises(ResourceError) as e:
+        train_unet(cfg, prepared_phantom, register=False)
+    assert "the training run can never fit on this cluster: it needs 9.5 CPU" in str(e.value)
+    assert "the Ray cluster has 8 CPU" in str(e.value) and "unet.train.num_workers" in str(e.value)
+    assert not (tmp_path / "train_last_run.json").exists()  # nothing started
