@@ -18,7 +18,8 @@ def main(cfg, args):
 
     from ctvlab.pipeline import run_study
 
-    run_study(cfg, Console(highlight=False), force=args.force)
+    # soft_wrap: paths in a job's log stay whole lines
+    run_study(cfg, Console(highlight=False, soft_wrap=True), force=args.force)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ def phantom_cohort(_phantom_cohort_master, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole test session (starting Ray costs seconds; share it)."""
+    """One local Ray for the whole test session (starting Ray costs seconds; share it).
+
+    8 logical CPUs whatever the machine, so that the tests' small runs (2-worker training, concurrent
+    trials) fit the same way on every machine; a cluster with the machine's own CPUs, as `ray start --head`
+    gives, is what tests/test_jobs.py submits the smoke study to."""
     from ctvlab.runtime import init_ray, shutdown_ray
 
     init_ray(num_cpus=8)

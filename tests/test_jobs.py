@@ -46,10 +46,14 @@ def test_job_with_a_bad_config_fails_without_traceback(tmp_path):
 
 
 @pytest.fixture
-def ray_cluster(tmp_path):
+def ray_cluster(tmp_path, request):
     """A real single-node Ray cluster (`ray start --head --block`) on 127.0.0.1 with free ports and token
     authentication, as a team cluster should run; stopped by ending its process group, also when the test
-    fails (`ray stop` would stop every Ray on the host). Yields a Job Submission client holding the token."""
+    fails (`ray stop` would stop every Ray on the host). Yields a Job Submission client holding the token.
+
+    It has the machine's real CPUs, as plain `ray start --head` gives; a test may ask for fewer with
+    `@pytest.mark.parametrize("ray_cluster", [N], indirect=True)`."""
+    num_cpus = getattr(request, "param", None)
     ray_bin = Path(sys.executable).with_name("ray")
     ports = {name: free_port() for name in ("gcs", "dashboard", "agent_http", "agent_grpc", "runtime_env",
                                              "metrics", "node_manager", "object_manager")}  # fmt: skip
@@ -60,11 +64,14 @@ def ray_cluster(tmp_path):
         f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
         f"--metrics-export-port={ports['metrics']}",
         f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
-        "--num-cpus=8", "--disable-usage-stats",
+        "--disable-usage-stats", *([f"--num-cpus={num_cpus}"] if num_cpus else []),
     ]  # fmt: skip
     token = secrets.token_hex(32)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}  # fmt: skip
+    env.pop(
+        "MLFLOW_TRACKING_URI", None
+    )  # jobs inherit the cluster's environment: choose their store themselves
     log = open(tmp_path / "ray_start.log", "wb")  # noqa: SIM115 (the child process owns it)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard']}"
@@ -93,32 +100,90 @@ def ray_cluster(tmp_path):
         log.close()
 
 
+EXCLUDES = [".venv", ".git", "runs", "mlflow.db", "mlartifacts", "mlruns", "*.egg-info", "__pycache__",
+            ".pytest_cache", ".ruff_cache"]  # fmt: skip
+
+
+def submit_study(client, workdir: str, *extra: str) -> str:
+    """Submit the demo's smoke study as a user would: the checkout as the working directory, results in
+    `workdir`."""
+    import requests
+
+    job_id = f"ctvlab-test-{secrets.token_hex(6)}"  # a fixed id makes a retried submission safe
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=f"{sys.executable} jobs/run_study.py --config jobs/configs/demo.yaml --smoke-test "
+                f"--workdir {workdir} {' '.join(extra)}",
+                runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES},
+                submission_id=job_id,
+            )
+        except (RuntimeError, requests.ConnectionError) as e:
+            # The job agent registers a few seconds after the dashboard answers, and a loaded dashboard may
+            # drop the request; a submission that got through the first time is not made twice.
+            if "already exists" in str(e):
+                return job_id
+            if not isinstance(e, requests.ConnectionError) and "No available agent" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def wait_for_job(client, job_id: str, limit_s: float):
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + limit_s
+    status = client.get_job_status(job_id)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"the job did not finish within {limit_s:.0f} s"
+        time.sleep(2)
+        status = client.get_job_status(job_id)
+    return status, client.get_job_logs(job_id)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_pipeline_job_submitted_to_a_ray_cluster_succeeds(ray_cluster, tmp_path):
+    """The smoke study on a cluster with the machine's own CPUs (a 2-core laptop included) finishes, with
+    its results and MLflow runs in the absolute workdir it was given, not in Ray's temporary copy."""
     from ray.job_submission import JobStatus
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    job_id = ray_cluster.submit_job(
-        entrypoint=f"{sys.executable} jobs/run_study.py --config jobs/configs/demo.yaml --smoke-test",
-        runtime_env={
-            "working_dir": str(REPO),
-            "excludes": [".venv", ".git", "runs", "mlflow.db", "mlartifacts", "mlruns", "*.egg-info",
-                         "__pycache__", ".pytest_cache", ".ruff_cache"],
-            "env_vars": {"MLFLOW_TRACKING_URI": uri},
-        },
-    )  # fmt: skip
-    deadline = time.monotonic() + 900
-    status = ray_cluster.get_job_status(job_id)
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, "the job did not finish within 15 minutes"
-        time.sleep(3)
-        status = ray_cluster.get_job_status(job_id)
-    logs = ray_cluster.get_job_logs(job_id)
+    workdir = tmp_path / "study"
+    status, logs = wait_for_job(ray_cluster, submit_study(ray_cluster, str(workdir)), 900)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "ctvlab run: summary" in logs
+    smoke = workdir / "smoke"
+    uri = f"sqlite:///{smoke / 'mlflow.db'}"
+    assert f"results: {smoke}" in logs and uri in logs  # the job says where everything is
 
+    assert (smoke / "results" / "evaluate" / "summary.csv").is_file()
     runs = Tracker("ctvlab-demo", uri).find_runs()
     stages = {r.data.tags.get("ctvlab.stage") for r in runs}
     assert {"split", "rf-cv", "stats", "tune", "tune-trial", "evaluate"} <= stages
     assert all(r.info.status == "FINISHED" for r in runs if r.data.tags.get("ctvlab.stage") != "tune-trial")
+    assert all(r.info.artifact_uri.startswith((smoke / "mlruns").as_uri()) for r in runs)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("ray_cluster", [1], indirect=True)
+def test_a_job_that_cannot_fit_or_would_lose_its_results_fails_at_once(ray_cluster, tmp_path):
+    """On a 1-CPU cluster one smoke trial (0.25 + 0.5 CPU held, 0.5 kept for Ray Data) can never run: the
+    job fails before its first stage with what it needs and has, instead of waiting forever. A relative
+    workdir would write into Ray's temporary copy of the checkout: refused."""
+    from ray.job_submission import JobStatus
+
+    job_id = submit_study(ray_cluster, str(tmp_path / "study"))
+    t0 = time.monotonic()
+    status, logs = wait_for_job(ray_cluster, job_id, 120)
+    assert status == JobStatus.FAILED
+    assert "one trial can never fit on this cluster: it needs 1.25 CPU" in logs, logs[-3000:]
+    assert "the Ray cluster has 1 CPU" in logs and "tune.cpus_per_trial" in logs
+    assert "Traceback" not in logs
+    assert not (tmp_path / "study" / "smoke" / "cohort").exists()  # no stage ran
+    print(f"undersized cluster: failed {time.monotonic() - t0:.1f} s after submission")
+
+    status, logs = wait_for_job(ray_cluster, submit_study(ray_cluster, "runs/demo"), 120)
+    assert status == JobStatus.FAILED
+    assert "workdir 'runs/demo/smoke' is relative" in logs, logs[-3000:]

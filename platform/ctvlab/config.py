@@ -149,8 +149,8 @@ class PreprocessConfig(Strict):
     max_concurrent_patients: int | None = Field(
         None,
         ge=1,
-        description="Patients processed at once. Default: the machine's cores for a local Ray (whose "
-        "logical CPUs outnumber them), as many as the CPUs allow on a cluster.",
+        description="Patients processed at once. Default: the machine's cores for a local Ray, as many "
+        "as the CPUs allow on a cluster.",
     )
 
 
@@ -391,8 +391,14 @@ class TrainConfig(Strict):
     gpus_per_worker: PositiveFloat = Field(
         1.0, description="GPUs per worker when use_gpu (fractions share a GPU)."
     )
-    cpus_per_worker: PositiveFloat = Field(
-        1.0, description="On a 2-core machine keep workers + Ray Data below the CPUs Ray sees."
+    cpus_per_worker: PositiveFloat = Field(1.0, description="Ray CPUs reserved by each training worker.")
+    data_cpus: float = Field(
+        0.5,
+        ge=0.25,
+        description="Ray CPUs kept free for the Ray Data tasks that read and prepare the volumes (shared by "
+        "the trials of a search). Workers and trials never take them, so the data tasks can always run: "
+        "a run whose workers held every CPU would wait for its data forever. The run fails at once when "
+        "workers plus this budget exceed the cluster.",
     )
     mixed_precision: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast on GPU, off on CPU."
@@ -449,9 +455,16 @@ class TuneConfig(Strict):
     space: SearchSpace = Field(default_factory=SearchSpace)
     num_samples: int = Field(30, ge=1, description="Random-search trials (the study ran 30).")
     epochs_per_trial: int = Field(50, ge=1)
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    cpus_per_trial: PositiveFloat = 1.0
-    gpus_per_trial: float = Field(0.0, ge=0)
+    max_concurrent_trials: int | None = Field(
+        None,
+        ge=1,
+        description="Upper bound on trials at once; the search runs as many as fit on the cluster "
+        "beside unet.train.data_cpus, never more.",
+    )
+    cpus_per_trial: PositiveFloat = Field(
+        1.0, description="Ray CPUs of each of a trial's unet.train.num_workers training workers."
+    )
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs of each of a trial's training workers.")
     trial_max_failures: int = Field(
         1, ge=0, description="Retries of a failed trial before it is recorded failed."
     )
@@ -507,10 +520,21 @@ class TrackingConfig(Strict):
 class RayConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address; default: start a local Ray.")
     num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local Ray. Default: the machine's CPU cores."
+    )
+    max_resources: dict[str, PositiveFloat] | None = Field(
         None,
-        ge=1,
-        description="Logical CPUs of a local Ray. Default: max(cores, 8), so that Train/Tune workers "
-        "never take every CPU and starve Ray Data's read tasks.",
+        description="For a cluster that adds nodes on demand: its largest total resources, e.g. "
+        "{CPU: 40, GPU: 4}; training and searches are planned from them instead of the nodes running "
+        "when the run starts.",
+    )
+    stall_timeout_s: PositiveFloat = Field(
+        600.0,
+        description="A training run or search that makes no progress for this long while resource "
+        "demands stay pending fails, naming the demands (instead of waiting forever).",
+    )
+    progress_every_s: PositiveFloat = Field(
+        60.0, description="How often a search prints what each trial is doing or waiting for."
     )
 
 

@@ -64,6 +64,14 @@ def run_study(cfg: StudyConfig, console=None, force: bool = False) -> StudyOutco
     from ctvlab.stages import tracker_for
 
     console = console or Console(highlight=False)
+    from ctvlab.resources import check_study_fits
+    from ctvlab.runtime import init_ray
+
+    # Before any stage: a U-Net stage that can never fit on this cluster fails now, not after the others.
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    check_study_fits(cfg, search=cfg.pipeline.search)
+    if cfg.pipeline.ablation:
+        check_study_fits(cfg, search=True)
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"workdir": workdir})  # absolute: Ray workers do not share our cwd
@@ -264,9 +272,16 @@ def print_study_summary(outcome: StudyOutcome, console) -> None:
     console.print(
         f"MLflow: experiment [bold]{outcome.experiment}[/] (id {outcome.experiment_id}) in {outcome.tracking_uri}"
     )
-    if outcome.tracking_uri.startswith("sqlite"):
+    from ctvlab.tracking import DEFAULT_DB
+
+    if outcome.tracking_uri == f"sqlite:///{Path.cwd() / DEFAULT_DB}":  # the store `make ui` opens
         console.print(
             "open the MLflow UI with [bold]make ui[/] (or `ctvlab ui`) and browse to http://127.0.0.1:5000"
+        )
+    elif outcome.tracking_uri.startswith("sqlite"):
+        console.print(
+            f"open the MLflow UI with `ctvlab ui --tracking-uri {outcome.tracking_uri}` and browse to "
+            "http://127.0.0.1:5000"
         )
     else:
         console.print(f"open {outcome.tracking_uri} in a browser")

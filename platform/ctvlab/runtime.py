@@ -1,9 +1,9 @@
 """Starting or joining Ray, in one place.
 
-A local Ray gets more logical CPUs than the machine has cores (at least 8). Ray Train workers and Tune
-trials reserve CPUs; when they reserve every logical CPU, Ray Data's read and map tasks wait forever
-for one and training hangs silently. Oversubscribing the logical CPUs keeps room for the data tasks;
-the real parallelism is still bounded by the cores, and each stage states its own CPU budget.
+A local Ray gets as many logical CPUs as the machine has cores, like a cluster started with
+`ray start --head`. Training and searches plan their resources from what the cluster has
+(`ctvlab.resources`), keeping a CPU budget free for Ray Data, so they never need more logical CPUs than
+cores to make progress.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-MIN_LOCAL_CPUS = 8
-
 
 def local_num_cpus(requested: int | None = None) -> int:
-    return requested or max(os.cpu_count() or 1, MIN_LOCAL_CPUS)
+    return requested or os.cpu_count() or 1
 
 
 def package_runtime_env() -> dict[str, Any]:
@@ -39,7 +37,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     Args:
         address: "auto", "ray://host:10001" or "host:6379"; None starts a local Ray (inside a job
             submitted with `ray job submit`, RAY_ADDRESS is set and the job's cluster is joined).
-        num_cpus: logical CPUs of a local Ray (default: max(cores, 8), see the module docstring).
+        num_cpus: logical CPUs of a local Ray (default: the machine's cores).
     """
     import ray
 

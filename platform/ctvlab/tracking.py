@@ -47,6 +47,18 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: `mlruns/<experiment>` next to the
+    database file. MLflow's own default is `./mlruns` in the current directory of whichever process
+    creates the experiment, which for a submitted Ray job is a temporary folder that Ray deletes. None
+    (the server decides) for any other store."""
+    if not tracking_uri.startswith("sqlite:////"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///") :])
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return (db.parent / "mlruns" / slug).as_uri()
+
+
 def git_commit() -> str:
     """The commit of the checkout ctvlab runs from, with '-dirty' for local changes; 'unknown' outside git."""
     root = Path(ctvlab.__file__).resolve().parents[2]
@@ -148,7 +160,9 @@ class Tracker:
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(
+                name, artifact_location=artifact_location(self.tracking_uri, name)
+            )
         except Exception:  # created concurrently by another process
             exp = self.client.get_experiment_by_name(name)
             if exp is None:

@@ -120,3 +120,36 @@ def _checkpoint_epochs(workdir: Path) -> list[int]:
         except (OSError, ValueError, KeyError):
             continue
     return epochs
+
+
+def test_a_run_starved_of_resources_fails_naming_the_pending_demand(prepared_phantom, tmp_path, tracking_uri):
+    """Every CPU of the shared Ray is held by someone else, so the run's data tasks can never start: it
+    fails after ray.stall_timeout_s, naming the demand that waits, instead of hanging."""
+    import ray
+
+    from ctvlab.resources import ResourceError
+
+    cfg = tiny_study(tmp_path, tracking_uri)
+    cfg.ray.stall_timeout_s = 5
+    pg = ray.util.placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(pg.ready(), timeout=60)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ResourceError) as e:
+            train_unet(cfg, prepared_phantom, register=False)
+    finally:
+        ray.util.remove_placement_group(pg)
+    assert time.monotonic() - t0 < 60
+    assert "training made no progress for" in str(e.value)
+    assert "of {0.25 CPU}" in str(e.value)  # a Ray Data task of the run, as `ray status` lists it
+
+
+def test_training_that_can_never_fit_fails_before_it_starts(prepared_phantom, tmp_path, tracking_uri):
+    from ctvlab.resources import ResourceError
+
+    cfg = tiny_study(tmp_path, tracking_uri, num_workers=9)  # 9 CPUs of workers on the shared 8-CPU Ray
+    with pytest.raises(ResourceError) as e:
+        train_unet(cfg, prepared_phantom, register=False)
+    assert "the training run can never fit on this cluster: it needs 9.5 CPU" in str(e.value)
+    assert "the Ray cluster has 8 CPU" in str(e.value) and "unet.train.num_workers" in str(e.value)
+    assert not (tmp_path / "train_last_run.json").exists()  # nothing started

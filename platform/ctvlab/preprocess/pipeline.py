@@ -168,8 +168,8 @@ def _process_item(item: dict[str, Any], raw: str, out: str, cfg: str) -> dict[st
 
 
 def local_concurrency(cfg: PreprocessConfig) -> int:
-    """Patients at once on a local Ray: its logical CPUs outnumber the cores (`ctvlab.runtime`), and
-    more patients than cores only adds memory."""
+    """Patients at once on a local Ray: at most the cores (`ray.num_cpus` may give a local Ray more logical
+    CPUs than cores, and more patients than cores only adds memory)."""
     return max(1, int((os.cpu_count() or 1) // cfg.cpus_per_patient))
 
 

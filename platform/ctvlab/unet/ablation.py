@@ -121,6 +121,9 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     if not test_ids:
         raise CtvlabError(f"the split of {prep} has no test patients")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    from ctvlab.resources import check_study_fits
+
+    check_study_fits(cfg, search=True)
     tracker = tracker_for(cfg)
     sets = list(cfg.tune.ablation_sets)
     out = Path(cfg.results_dir, "ablation").resolve()

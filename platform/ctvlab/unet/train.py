@@ -318,21 +318,50 @@ class TrainOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_datasets(prep: Path, train_ids: Sequence[str], val_ids: Sequence[str], modality_set: str, shape):
+def build_datasets(
+    prep: Path,
+    train_ids: Sequence[str],
+    val_ids: Sequence[str],
+    modality_set: str,
+    shape,
+    data_cpus: float = 0.5,
+):
     """Ray Datasets of ready network examples for the train and val patients.
 
     Read and prepared once by Ray tasks, then materialised in the object store (a few MB per patient):
     every epoch iterates the same blocks in a new random order instead of re-reading and re-preparing the
     volumes, whose tasks would otherwise compete with the training workers for the CPUs each epoch.
     Augmentation stays on the workers, per epoch.
+
+    Args:
+        data_cpus: the CPU budget of these Ray Data tasks (`unet.train.data_cpus`): each task asks for
+            `resources.DATA_TASK_CPUS` and Ray Data runs no more at once than fit in the budget, which
+            the run's plan keeps free of workers and trials (`ctvlab.resources`).
     """
     from functools import partial
 
+    from ray.data import DataContext, ExecutionResources
+
     from ctvlab.data.readers import read_volumes
+    from ctvlab.resources import DATA_TASK_CPUS
 
     fn = partial(prepare_row, modality_set=modality_set, out_shape=shape)
-    train = read_volumes(prep, train_ids).map(fn).materialize().randomize_block_order()
-    return train, read_volumes(prep, val_ids).map(fn).materialize()
+    ctx = DataContext.get_current()
+    before = ctx.execution_options.resource_limits
+    # A dataset copies the current context when it is created: the budget applies to these two only.
+    ctx.execution_options.resource_limits = ExecutionResources(cpu=data_cpus)
+    try:
+
+        def prepared(ids):
+            return (
+                read_volumes(prep, ids, num_cpus=DATA_TASK_CPUS)
+                .map(fn, num_cpus=DATA_TASK_CPUS)
+                .materialize()
+            )
+
+        return prepared(train_ids).randomize_block_order(), prepared(val_ids)
+    finally:
+        ctx.execution_options.resource_limits = before
 
 
 def build_trainer(
@@ -352,7 +381,9 @@ def build_trainer(
 
     tcfg = ucfg.train
     shape = input_shape(prep, list(train_ids) + list(val_ids))
-    train_ds, val_ds = build_datasets(prep, train_ids, val_ids, ucfg.model.modality_set, shape)
+    train_ds, val_ds = build_datasets(
+        prep, train_ids, val_ids, ucfg.model.modality_set, shape, tcfg.data_cpus
+    )
     resources = {"CPU": tcfg.cpus_per_worker}
     if tcfg.use_gpu:
         resources["GPU"] = tcfg.gpus_per_worker
@@ -476,6 +507,9 @@ def train_unet(
         mlflow_run_id = None
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    from ctvlab.resources import check_study_fits
+
+    check_study_fits(cfg, search=False)
     tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
     names = pseudonymise(prep, train_ids + val_ids)
     if mlflow_run_id is None:
@@ -499,17 +533,35 @@ def train_unet(
         extra["inject_failure"] = {"epoch": inject_failure_at, "marker": str(storage / f"{run_name}.fault")}
     if os.environ.get(HOLD_ENV):
         extra["hold"] = {"epoch": int(os.environ[HOLD_ENV]), "marker": str(storage / f"{run_name}.held")}
-    trainer = build_trainer(
-        prep, ucfg, train_ids, val_ids, storage_path=storage, run_name=run_name, loop_extra=extra
-    )
+    from ctvlab.resources import ResourceError, StallWatch, interrupt_main
+
+    # Ray Data (building the datasets) and Ray Train (starting its worker group) wait for resources without
+    # a word: the watch stops the run, as Ctrl+C would, when demands stay pending with no progress for
+    # ray.stall_timeout_s.
+    watch = StallWatch("training", cfg.ray.stall_timeout_s, poll_s=min(10.0, cfg.ray.stall_timeout_s / 5),
+                       report_every_s=cfg.ray.progress_every_s, on_stall=interrupt_main)  # fmt: skip
     try:
-        result = trainer.fit()
-    except Exception as e:  # a run that failed beyond max_failures: say why, keep the checkpoints
+        with watch:
+            trainer = build_trainer(
+                prep, ucfg, train_ids, val_ids, storage_path=storage, run_name=run_name, loop_extra=extra
+            )
+            result = trainer.fit()
+    except CtvlabError:
         tracker.end_run(mlflow_run_id, "FAILED")
+        raise
+    except (Exception, KeyboardInterrupt) as e:  # failed beyond max_failures, or stopped by the watch
+        tracker.end_run(mlflow_run_id, "FAILED")
+        if watch.message:
+            raise ResourceError(watch.message) from None
+        if isinstance(e, KeyboardInterrupt):
+            raise
         raise CtvlabError(
             f"training failed after {ucfg.train.max_failures} restart(s): {e}. Checkpoints are kept in "
             f"{storage / run_name}; fix the cause and run again with --resume."
         ) from None
+    if watch.message:  # Ray Train returned after the watch aborted it
+        tracker.end_run(mlflow_run_id, "FAILED")
+        raise ResourceError(watch.message)
     ckpt, best = best_checkpoint(result)
     if ckpt is None:
         raise CtvlabError("training finished without a checkpoint; increase unet.train.epochs")

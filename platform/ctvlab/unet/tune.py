@@ -256,7 +256,24 @@ def run_search(
     from ctvlab.tracking import Tracker
 
     tracker = Tracker(ctx.experiment, ctx.tracking_uri)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.25})
+    from ctvlab import resources as res
+
+    demand, cluster = res.trial_demand(cfg), res.cluster_view(cfg.ray.max_resources)
+    res.check_fits(demand, cluster)
+    at_once = res.trials_at_once(demand, cluster, tcfg.max_concurrent_trials)
+    say(
+        f"search {name}: {at_once} trial(s) at once, each holding {res.format_resources(demand.held())}, "
+        f"with {demand.data_cpus:g} CPU kept for Ray Data; {cluster.source} has "
+        f"{res.format_resources(cluster.total)}"
+    )
+    # The trial's own process holds a CPU share; its Ray Train workers get their own placement group.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": res.TRIAL_DRIVER_CPUS})
+    every = cfg.ray.progress_every_s
+    watch = res.StallWatch(
+        f"search {name}", cfg.ray.stall_timeout_s, poll_s=min(10.0, cfg.ray.stall_timeout_s / 5),
+        report_every_s=every, on_stall=res.interrupt_main, say=say,
+    )  # fmt: skip
+    progress = _progress_callback(name, tcfg.epochs_per_trial, watch, every)
     path = storage / "tune" / name
     asha = tcfg.asha.enabled if use_asha is None else use_asha
     if resume and tune.Tuner.can_restore(str(path)):
@@ -280,16 +297,20 @@ def run_search(
                 metric=TARGET, mode="max", num_samples=num_samples, scheduler=scheduler,
                 # The limit goes to the generator: Tune ignores `max_concurrent_trials` next to one.
                 search_alg=tune.search.BasicVariantGenerator(
-                    random_state=tcfg.seed, max_concurrent=max_concurrent(cfg)
+                    random_state=tcfg.seed, max_concurrent=at_once
                 ),
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage / "tune"),
                 failure_config=tune.FailureConfig(max_failures=tcfg.trial_max_failures),
-                verbose=0,
+                verbose=0, callbacks=[progress],
             ),
         )  # fmt: skip
-    grid = tuner.fit()
+    # On a stall the watch interrupts the search as Ctrl+C would: Tune stops its trials and returns.
+    with watch:
+        grid = tuner.fit()
+    if watch.message:
+        raise res.ResourceError(watch.message)
     table = trials_table(grid)
     table["model_dir"] = [str(trial_model_dir(ctx.storage, name, t)) for t in table["trial_id"]]
     finish_stopped_trials(ctx, table, tracker)
@@ -350,19 +371,59 @@ def trial_model_dir(storage: str | Path, search_name: str, trial_id: str) -> Pat
     return Path(storage) / f"{search_name}-{trial_id}" / "model"
 
 
-def max_concurrent(cfg: StudyConfig) -> int:
-    """Concurrent trials: the configured number, else what the CPUs (or GPUs) allow."""
-    if cfg.tune.max_concurrent_trials:
-        return cfg.tune.max_concurrent_trials
-    import os
+def say(line: str) -> None:
+    """A progress line on stderr (a submitted job's log shows it)."""
+    import sys
 
-    if cfg.tune.gpus_per_trial > 0:
-        import ray
+    print(line, file=sys.stderr, flush=True)
 
-        gpus = ray.cluster_resources().get("GPU", 0)
-        return max(1, int(gpus // (cfg.tune.gpus_per_trial * cfg.unet.train.num_workers)))
-    cores = os.cpu_count() or 1
-    return max(1, int(cores // (cfg.tune.cpus_per_trial * cfg.unet.train.num_workers)))
+
+def trial_state_line(trial_id: str, status: str, epoch: int | None, epochs: int) -> str:
+    """What one trial is doing or waiting for, in a few words."""
+    if status == "PENDING":
+        return f"{trial_id} waiting for a trial slot"
+    if status == "RUNNING" and epoch is None:
+        return f"{trial_id} preparing its data and waiting for its training workers"
+    if status == "RUNNING":
+        return f"{trial_id} epoch {epoch + 1}/{epochs}"
+    return f"{trial_id} {status.lower()}"
+
+
+def progress_line(name: str, states: list[str], pending: list[str]) -> str:
+    """One line per progress report: every unfinished trial, and what the cluster cannot schedule."""
+    line = f"search {name}: " + (" · ".join(states) or "no trial running")
+    if pending:
+        line += f" · pending on the cluster: {'; '.join(pending)}"
+    return line
+
+
+def _progress_callback(name: str, epochs: int, watch, every_s: float):
+    """A Tune callback: each result counts as progress for the stall watch; every `every_s` seconds a
+    line says what each unfinished trial is doing or waiting for."""
+    from ray.tune import Callback
+
+    class SearchProgress(Callback):
+        def __init__(self):
+            self.last = time.monotonic()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            watch.progress()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            watch.progress()
+
+        def on_step_end(self, iteration, trials, **info):
+            if time.monotonic() - self.last < every_s:
+                return
+            self.last = time.monotonic()
+            states = [
+                trial_state_line(t.trial_id, t.status, (t.last_result or {}).get("epoch"), epochs)
+                for t in trials
+                if t.status in ("PENDING", "RUNNING", "PAUSED")
+            ]
+            say(progress_line(name, states, watch.last_pending))
+
+    return SearchProgress()
 
 
 def trials_table(grid) -> pd.DataFrame:
@@ -437,6 +498,9 @@ def tune_study(
     if not split.patients("train") or not split.patients("val"):
         raise DataError(f"the split of {prep} has no training or no validation patients")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    from ctvlab.resources import check_study_fits
+
+    check_study_fits(cfg, search=True)
     tracker = tracker_for(cfg)
     pointer = Path(cfg.workdir, "tune_last_search.json").resolve()
     state = json.loads(pointer.read_text()) if resume and pointer.exists() else None
