@@ -18,7 +18,7 @@ from typing import Any
 
 from ctvlab.atomic import digest, write_json_atomic
 from ctvlab.config import StudyConfig
-from ctvlab.errors import CtvlabError
+from ctvlab.errors import CtvlabError, InfrastructureError
 
 
 @dataclass
@@ -135,6 +135,11 @@ def _preprocess(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord
                                progress=True, console=console)  # fmt: skip
     if not report.ok:
         print_preprocess_report(report, console)
+    if report.errors:
+        raise InfrastructureError(
+            f"preprocessing failed for {len(report.errors)} patient(s) on an infrastructure error "
+            f"({report.errors[0].reason}); outputs are kept, run again to resume"
+        )
     if report.digest is None:
         raise CtvlabError("preprocessing produced no patient; see the report above")
     state["dataset_digest"] = report.digest
