@@ -11,6 +11,9 @@ from ctvlab.jobkit import run_job
 
 def add_args(p):
     p.add_argument("--force", action="store_true", help="run every stage even when current")
+    p.add_argument(
+        "--keep-going", action="store_true", help="after a failed stage, run those that do not need it"
+    )
 
 
 def main(cfg, args):
@@ -18,7 +21,7 @@ def main(cfg, args):
 
     from ctvlab.pipeline import run_study
 
-    run_study(cfg, Console(highlight=False), force=args.force)
+    run_study(cfg, Console(highlight=False), force=args.force, keep_going=args.keep_going)
 
 
 if __name__ == "__main__":

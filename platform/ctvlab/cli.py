@@ -336,10 +336,15 @@ def run(
         bool, Opt("--smoke-test", help="Tiny CPU-only settings, results under <workdir>/smoke.")
     ] = False,
     force: Annotated[bool, Opt("--force", help="Run every stage even when its outputs are current.")] = False,
+    keep_going: Annotated[
+        bool, Opt("--keep-going", help="After a failed stage, still run the stages that do not need it.")
+    ] = False,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ) -> None:
-    """The whole study: cohort → validate → preprocess → split → voxel models, stats → search → evaluate."""
+    """The whole study: cohort → validate → preprocess → split → voxel models, stats → search → evaluate.
+
+    Stops at the first failed stage (exit code of its error) unless --keep-going."""
     from ctvlab.config import apply_smoke_test
     from ctvlab.pipeline import run_study
 
@@ -350,7 +355,7 @@ def run(
         cfg.tracking.tracking_uri = tracking_uri
     if address:
         cfg.ray.address = address
-    run_study(cfg, _console(), force=force)
+    run_study(cfg, _console(), force=force, keep_going=keep_going)
 
 
 @app.command()
