@@ -134,14 +134,21 @@ def run_study(cfg: StudyConfig, console=None, force: bool = False, keep_going: b
     Raises:
         CtvlabError: a stage failed (the first failure's own error, after the summary); with
             `keep_going`, the stages that do not depend on it run first, then `StageFailed` is raised.
+        LockedError: another `ctvlab run` is using the working directory.
     """
+    from ctvlab.lock import exclusive
+
+    workdir = Path(cfg.workdir).resolve()
+    with exclusive(workdir, "ctvlab run"):
+        return _run_stages(cfg, workdir, console, force, keep_going)
+
+
+def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_going: bool) -> StudyOutcome:
     from rich.console import Console
 
     from ctvlab.stages import tracker_for
 
     console = console or Console(highlight=False)
-    workdir = Path(cfg.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"workdir": workdir})  # absolute: Ray workers do not share our cwd
     stamps = Stamps(workdir)
     tracker = tracker_for(cfg)

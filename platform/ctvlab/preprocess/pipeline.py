@@ -4,7 +4,8 @@
    folder, an unreadable or header-only manifest, no valid patient) raises `DataError` before the
    output folder is touched: a mistyped path or an unmounted share must never cost a prepared dataset.
    Invalid patients are reported with their problems.
-2. Remove temporary files of a killed run and invalidate `dataset.json`, so that no later stage reads
+2. Take the output folder's lock (`ctvlab.lock`: one writer at a time), remove temporary files of a
+   killed run and invalidate `dataset.json`, so that no later stage reads
    a dataset that is being rewritten.
 3. `ray.data.from_items` (one block per patient) → `map(process_or_skip)`: each task hashes its
    patient's inputs, skips it when its sidecar matches, else prepares it and writes its files itself.
@@ -18,7 +19,7 @@
    (atomically) over every complete patient, unless the stage failed.
 
 The output folder must be reachable at the same path from every Ray node (a shared filesystem) when
-`address` names a cluster. Run one `preprocess` per output folder at a time.
+`address` names a cluster. A second `preprocess` on the same output folder is refused while one runs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ctvlab.config import FEATURES, PreprocessConfig
 from ctvlab.data.layout import CATEGORY_CODES, MASKS, PrepPaths
 from ctvlab.errors import DataError, InfrastructureError
 from ctvlab.ingest.manifest import ManifestRow, read_manifest
+from ctvlab.lock import exclusive
 from ctvlab.preprocess.patient import output_settings, process_or_skip, read_sidecar, settings_hash
 
 if TYPE_CHECKING:
@@ -338,7 +340,28 @@ def preprocess_cohort(
             f"nothing in {out} was changed. Run `ctvlab validate {raw}` for every problem"
         )
     t_validated = time.perf_counter()
+    with exclusive(out, "ctvlab preprocess"):
+        return _prepare(raw, out, cfg, address, progress, console, engine, prune, rows, manifest_ids,
+                        invalid, cohort_problems, t0, t_validated)  # fmt: skip
 
+
+def _prepare(
+    raw: Path,
+    out: Path,
+    cfg: PreprocessConfig,
+    address: str | None,
+    progress: bool,
+    console: Console | None,
+    engine: Engine,
+    prune: bool,
+    rows: list[ManifestRow],
+    manifest_ids: list[str],
+    invalid: list[InvalidPatient],
+    cohort_problems: list[str],
+    t0: float,
+    t_validated: float,
+) -> PreprocessReport:
+    """The writing half of `preprocess_cohort`, run while holding the output folder's lock."""
     paths = PrepPaths(out)
     paths.volumes.mkdir(parents=True, exist_ok=True)
     paths.voxels.mkdir(parents=True, exist_ok=True)
