@@ -18,7 +18,7 @@ def main(cfg, args):
         cfg.raw_dir, cfg.prep_dir, cfg.preprocess, address=cfg.ray.address, console=console
     )
     print_preprocess_report(report, console)
-    return 0 if report.ok else 1
+    return report.exit_code()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ from ctvlab.jobkit import run_job
 
 def add_args(p):
     p.add_argument("--force", action="store_true", help="run every stage even when current")
+    p.add_argument(
+        "--keep-going", action="store_true", help="after a failed stage, run those that do not need it"
+    )
 
 
 def main(cfg, args):
@@ -19,7 +22,7 @@ def main(cfg, args):
     from ctvlab.pipeline import run_study
 
     # soft_wrap: paths in a job's log stay whole lines
-    run_study(cfg, Console(highlight=False, soft_wrap=True), force=args.force)
+    run_study(cfg, Console(highlight=False, soft_wrap=True), force=args.force, keep_going=args.keep_going)
 
 
 if __name__ == "__main__":

@@ -133,10 +133,20 @@ def preprocess(
     ring_mm: Annotated[
         float | None, Opt("--ring-mm", help="Analysis ring around the T2L in mm (default 40).")
     ] = None,
+    prune: Annotated[
+        bool,
+        Opt(
+            "--prune",
+            help="Delete old outputs of patients that are invalid, failed or no longer in the manifest.",
+        ),
+    ] = False,
     address: AddressOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Resample to 3 mm, normalise to the NAV mode, derive regions; write volumes and voxel tables (Ray Data)."""
+    """Resample to 3 mm, normalise to the NAV mode, derive regions; write volumes and voxel tables (Ray Data).
+
+    Exit 0 when every patient is complete, 1 when some are invalid or failed (their old outputs are kept,
+    marked stale), 2 for a cohort-level problem (nothing touched), 4 for an infrastructure error."""
     from ctvlab.preprocess.pipeline import preprocess_cohort, print_preprocess_report
 
     cfg = _stage_config(config, address=address)
@@ -144,9 +154,9 @@ def preprocess(
         update={k: v for k, v in {"voxel_mm": voxel_mm, "ring_mm": ring_mm}.items() if v is not None}
     )
     console = _console()
-    report = preprocess_cohort(raw, out, pcfg, address=cfg.ray.address, console=console)
+    report = preprocess_cohort(raw, out, pcfg, address=cfg.ray.address, console=console, prune=prune)
     print_preprocess_report(report, console)
-    raise typer.Exit(0 if report.ok else 1)
+    raise typer.Exit(report.exit_code())
 
 
 @app.command()
@@ -330,10 +340,15 @@ def run(
         bool, Opt("--smoke-test", help="Tiny CPU-only settings, results under <workdir>/smoke.")
     ] = False,
     force: Annotated[bool, Opt("--force", help="Run every stage even when its outputs are current.")] = False,
+    keep_going: Annotated[
+        bool, Opt("--keep-going", help="After a failed stage, still run the stages that do not need it.")
+    ] = False,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ) -> None:
-    """The whole study: cohort → validate → preprocess → split → voxel models, stats → search → evaluate."""
+    """The whole study: cohort → validate → preprocess → split → voxel models, stats → search → evaluate.
+
+    Stops at the first failed stage (exit code of its error) unless --keep-going."""
     from ctvlab.config import apply_smoke_test
     from ctvlab.pipeline import run_study
 
@@ -344,7 +359,7 @@ def run(
         cfg.tracking.tracking_uri = tracking_uri
     if address:
         cfg.ray.address = address
-    run_study(cfg, _console(), force=force)
+    run_study(cfg, _console(), force=force, keep_going=keep_going)
 
 
 @app.command()

@@ -24,3 +24,12 @@ class LeakageError(CtvlabError):
     """A patient would appear on both sides of a split, or a split does not match its data."""
 
     exit_code = 3
+
+
+class InfrastructureError(CtvlabError):
+    """The machine failed, not the data: a dead worker, out of memory, a full disk, an I/O error.
+
+    The stage fails and keeps every output it had; running it again once the cause is fixed resumes.
+    """
+
+    exit_code = 4

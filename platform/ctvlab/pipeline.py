@@ -2,9 +2,14 @@
 
 cohort (synthetic or given) → validate → preprocess → split → voxel models and statistics → search (or a
 single training run) → evaluate. Each stage is skipped when its outputs exist and are current: every stage
-writes a stamp (`<workdir>/stamps/<stage>.json`) holding the digest of what it depends on (the settings of
-that stage and the digests of its inputs), and runs again only when that digest changes. Preprocessing
+writes a stamp (`<workdir>/stamps/<stage>.json`) holding `stage_key`, the digest of its own settings, of
+every input it reads (the dataset digest, the split digest, the model digest) and of the ctvlab version,
+and runs again only when that digest changes. The split digest alone is not enough: it covers (patient,
+role, fold), which stay the same when preprocessing settings change the data under them. Preprocessing
 skips unchanged patients on its own.
+
+A stage that fails stops the run (after the summary); with `keep_going` the stages that do not need its
+outputs still run, and the run fails at the end.
 """
 
 from __future__ import annotations
@@ -16,9 +21,67 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctvlab.atomic import digest, write_json_atomic
+from ctvlab import __version__
+from ctvlab.atomic import digest, sha256_file, write_json_atomic
 from ctvlab.config import StudyConfig
-from ctvlab.errors import CtvlabError
+from ctvlab.errors import CtvlabError, InfrastructureError, LeakageError
+
+# What each stamped stage reads besides its own settings. "dataset": the prepared data's digest
+# (dataset.json); "split": the split digest; "model": the digest of the model folder's files.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "cohort": (),
+    "split": ("dataset",),
+    "voxel_models": ("dataset", "split"),
+    "stats": ("dataset", "split"),
+    "model": ("dataset", "split"),
+    "ablation": ("dataset", "split"),
+    "evaluate": ("dataset", "split", "model"),
+}
+
+
+def stage_settings(stage: str, cfg: StudyConfig) -> dict[str, Any]:
+    """The settings that shape a stage's results (execution settings such as Ray's are left out)."""
+    dump = {
+        "cohort": lambda: {"synth": cfg.synth.model_dump(mode="json")},
+        "split": lambda: {"split": cfg.split.model_dump(mode="json")},
+        "voxel_models": lambda: {"voxel_models": cfg.voxel_models.model_dump(mode="json")},
+        "stats": lambda: {"stats": cfg.stats.model_dump(mode="json")},
+        "model": lambda: {
+            "unet": cfg.unet.model_dump(mode="json"),
+            **({"tune": cfg.tune.model_dump(mode="json")} if cfg.pipeline.search else {}),
+        },
+        "ablation": lambda: {
+            "unet": cfg.unet.model_dump(mode="json"),
+            "tune": cfg.tune.model_dump(mode="json"),
+        },
+        "evaluate": lambda: {"ctv": cfg.ctv.model_dump(mode="json")},
+    }
+    return dump[stage]()
+
+
+def stage_key(stage: str, cfg: StudyConfig, inputs: dict[str, str | None]) -> str:
+    """A stage's stamp: the digest of its own settings, of every input it reads and of the ctvlab
+    version, and nothing else.
+
+    Raises:
+        KeyError: an input the stage reads is not in `inputs` (a bug: the stage would be stamped blind).
+    """
+    return digest(
+        {
+            "stage": stage,
+            "settings": stage_settings(stage, cfg),
+            "inputs": {name: inputs[name] for name in STAGE_INPUTS[stage]},
+            "ctvlab_version": __version__,
+        }
+    )
+
+
+def model_digest(model_dir: Path) -> str | None:
+    """Digest of a model folder's files (spec and weights), or None when it holds no model."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.json").exists():
+        return None
+    return digest({f.name: sha256_file(f) for f in sorted(model_dir.iterdir()) if f.is_file()})
 
 
 @dataclass
@@ -57,8 +120,30 @@ class Stamps:
         write_json_atomic(self.folder / f"{stage}.json", {"key": key, **info})
 
 
-def run_study(cfg: StudyConfig, console=None, force: bool = False) -> StudyOutcome:
-    """Run every stage of the study that is not current; return what ran and where the results are."""
+class StageFailed(CtvlabError):
+    """A stage of `ctvlab run` failed; carries the exit code of the first failure."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_study(cfg: StudyConfig, console=None, force: bool = False, keep_going: bool = False) -> StudyOutcome:
+    """Run every stage of the study that is not current; return what ran and where the results are.
+
+    Raises:
+        CtvlabError: a stage failed (the first failure's own error, after the summary); with
+            `keep_going`, the stages that do not depend on it run first, then `StageFailed` is raised.
+        LockedError: another `ctvlab run` is using the working directory.
+    """
+    from ctvlab.lock import exclusive
+
+    workdir = Path(cfg.workdir).resolve()
+    with exclusive(workdir, "ctvlab run"):
+        return _run_stages(cfg, workdir, console, force, keep_going)
+
+
+def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_going: bool) -> StudyOutcome:
     from rich.console import Console
 
     from ctvlab.stages import tracker_for
@@ -72,38 +157,73 @@ def run_study(cfg: StudyConfig, console=None, force: bool = False) -> StudyOutco
     check_study_fits(cfg, search=cfg.pipeline.search)
     if cfg.pipeline.ablation:
         check_study_fits(cfg, search=True)
-    workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"workdir": workdir})  # absolute: Ray workers do not share our cwd
     stamps = Stamps(workdir)
     tracker = tracker_for(cfg)
     records: list[StageRecord] = []
     state: dict[str, Any] = {}
-    plan: list[tuple[str, bool, Callable[[], StageRecord]]] = [
-        ("cohort", True, lambda: _cohort(cfg, stamps, force)),
-        ("validate", True, lambda: _validate(cfg, console)),
-        ("preprocess", True, lambda: _preprocess(cfg, console, state)),
-        ("split", True, lambda: _split(cfg, stamps, state, force)),
-        ("voxel models", cfg.pipeline.voxel_models, lambda: _voxel_models(cfg, stamps, state, force)),
-        ("statistics", cfg.pipeline.stats, lambda: _stats(cfg, stamps, state, force)),
-        ("search" if cfg.pipeline.search else "train", True, lambda: _model(cfg, stamps, state, force)),
-        ("ablation", cfg.pipeline.ablation, lambda: _ablation(cfg, stamps, state, force)),
-        ("evaluate", cfg.pipeline.evaluate, lambda: _evaluate(cfg, stamps, state, console, force)),
+    model_name = "search" if cfg.pipeline.search else "train"
+    # (name, enabled, the stages it needs, the stage)
+    plan: list[tuple[str, bool, tuple[str, ...], Callable[[], StageRecord]]] = [
+        ("cohort", True, (), lambda: _cohort(cfg, stamps, force)),
+        ("validate", True, ("cohort",), lambda: _validate(cfg, console)),
+        ("preprocess", True, ("validate",), lambda: _preprocess(cfg, console, state)),
+        ("split", True, ("preprocess",), lambda: _split(cfg, stamps, state, force)),
+        (
+            "voxel models",
+            cfg.pipeline.voxel_models,
+            ("split",),
+            lambda: _voxel_models(cfg, stamps, state, force),
+        ),
+        ("statistics", cfg.pipeline.stats, ("split",), lambda: _stats(cfg, stamps, state, force)),
+        (model_name, True, ("split",), lambda: _model(cfg, stamps, state, force)),
+        ("ablation", cfg.pipeline.ablation, ("split",), lambda: _ablation(cfg, stamps, state, force)),
+        (
+            "evaluate",
+            cfg.pipeline.evaluate,
+            (model_name,),
+            lambda: _evaluate(cfg, stamps, state, console, force),
+        ),
     ]
     console.rule(f"[bold]ctvlab run[/] · study {cfg.name} · {workdir}")
-    for i, (name, enabled, fn) in enumerate(plan, start=1):
+    unusable: set[str] = set()  # stages that failed or could not run: their outputs are not there
+    failures: list[tuple[str, CtvlabError]] = []
+    for i, (name, enabled, needs, fn) in enumerate(plan, start=1):
         if not enabled:
             records.append(StageRecord(name, "off"))
             continue
+        if unusable & set(needs):
+            unusable.add(name)
+            records.append(StageRecord(name, "not run (an input stage failed)"))
+            continue
         console.print(f"[bold cyan]▶ {i}/{len(plan)} {name}[/]")
         t0 = time.perf_counter()
-        rec = fn()
+        try:
+            rec = fn()
+        except CtvlabError as e:
+            rec = StageRecord(name, "FAILED", detail=str(e))
+            failures.append((name, e))
+            unusable.add(name)
         rec.seconds = time.perf_counter() - t0
         records.append(rec)
-        console.print(f"  [green]✓[/] {rec.status} in {rec.seconds:.0f} s  {rec.detail}")
+        if rec.status == "FAILED":
+            console.print(f"  [bold red]✗ failed[/] after {rec.seconds:.0f} s  {rec.detail}")
+            if not keep_going:
+                break
+        else:
+            console.print(f"  [green]✓[/] {rec.status} in {rec.seconds:.0f} s  {rec.detail}")
     outcome = StudyOutcome(workdir, tracker.experiment_name, tracker.experiment_id, tracker.tracking_uri,
                            records, state.get("evaluation"))  # fmt: skip
     print_study_summary(outcome, console)
+    if failures:
+        name, first = failures[0]
+        if len(failures) == 1 and not keep_going:
+            raise first
+        raise StageFailed(
+            f"{len(failures)} stage(s) failed: " + "; ".join(f"{n}: {e}" for n, e in failures),
+            first.exit_code,
+        )
     return outcome
 
 
@@ -117,7 +237,7 @@ def _cohort(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
         return StageRecord("cohort", "given", detail=str(cfg.raw_dir))
     from ctvlab.synth.cohort import generate_cohort
 
-    key = digest(cfg.synth.model_dump(mode="json"))
+    key = stage_key("cohort", cfg, {})
     if not force and stamps.current("cohort", key) and (cfg.raw_dir / "manifest.csv").exists():
         return StageRecord("cohort", "skipped (current)", detail=str(cfg.raw_dir))
     generate_cohort(cfg.raw_dir, cfg.synth)
@@ -143,9 +263,14 @@ def _preprocess(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord
                                progress=True, console=console)  # fmt: skip
     if not report.ok:
         print_preprocess_report(report, console)
+    if report.errors:
+        raise InfrastructureError(
+            f"preprocessing failed for {len(report.errors)} patient(s) on an infrastructure error "
+            f"({report.errors[0].reason}); outputs are kept, run again to resume"
+        )
     if report.digest is None:
         raise CtvlabError("preprocessing produced no patient; see the report above")
-    state["dataset_digest"] = report.digest
+    state["inputs"] = {"dataset": report.digest}
     n_done = len(report.processed)
     status = "ran" if n_done else "skipped (current)"
     return StageRecord("preprocess", status, detail=f"{n_done} processed, {len(report.skipped_unchanged)} current, "
@@ -156,17 +281,19 @@ def _split(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     from ctvlab.splits import load_split
     from ctvlab.stages import split_stage
 
-    key = digest({"split": cfg.split.model_dump(mode="json"), "dataset": state["dataset_digest"]})
+    key = stage_key("split", cfg, state["inputs"])
     if not force and stamps.current("split", key):
         try:
             split = load_split(cfg.prep_dir)
-        except CtvlabError:
+        except LeakageError:
+            raise  # never draw a new split to get past the leakage guard
+        except CtvlabError:  # no split on disk (removed): draw it again from the same settings
             split = None
         if split is not None:
-            state["split_digest"] = split.digest
+            state["inputs"]["split"] = split.digest
             return StageRecord("split", "skipped (current)", detail=f"split {split.digest[:12]}")
     split, run_id = split_stage(cfg, cfg.prep_dir)
-    state["split_digest"] = split.digest
+    state["inputs"]["split"] = split.digest
     stamps.write("split", key, split_digest=split.digest)
     counts = split.table["dl_role"].value_counts().to_dict()
     return StageRecord("split", "ran", detail=f"train/val/test {counts.get('train', 0)}/{counts.get('val', 0)}/"
@@ -176,7 +303,7 @@ def _split(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
 def _voxel_models(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
     from ctvlab.stages import rf_cv_stage
 
-    key = digest({"vm": cfg.voxel_models.model_dump(mode="json"), "split": state["split_digest"]})
+    key = stage_key("voxel_models", cfg, state["inputs"])
     if not force and stamps.current("voxel_models", key):
         return StageRecord("voxel models", "skipped (current)")
     results = rf_cv_stage(cfg, cfg.prep_dir)
@@ -188,7 +315,7 @@ def _voxel_models(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force
 def _stats(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
     from ctvlab.stages import stats_stage
 
-    key = digest({"stats": cfg.stats.model_dump(mode="json"), "split": state["split_digest"]})
+    key = stage_key("stats", cfg, state["inputs"])
     if not force and stamps.current("stats", key):
         return StageRecord("statistics", "skipped (current)")
     result, run_id = stats_stage(cfg, cfg.prep_dir)
@@ -199,14 +326,18 @@ def _stats(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
 
 def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
     name = "search" if cfg.pipeline.search else "train"
-    settings = {"unet": cfg.unet.model_dump(mode="json"), "split": state["split_digest"]}
-    if cfg.pipeline.search:
-        settings["tune"] = cfg.tune.model_dump(mode="json")
-    key = digest(settings)
+    key = stage_key("model", cfg, state["inputs"])
     model_dir = Path(cfg.results_dir, "model")
     stamp = stamps.current("model", key)
-    if not force and stamp and (model_dir / "model.json").exists():
+    # Current only when the folder still holds the very model the stamp recorded.
+    if (
+        not force
+        and stamp
+        and stamp.get("model_digest")
+        and stamp.get("model_digest") == model_digest(model_dir)
+    ):
         state["model_uri"] = stamp.get("model_uri")
+        state["inputs"]["model"] = stamp["model_digest"]
         return StageRecord(name, "skipped (current)", detail=str(stamp.get("model_uri")))
     if cfg.pipeline.search:
         from ctvlab.unet.tune import tune_study
@@ -222,15 +353,15 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
         state["model_uri"] = out.model_uri
         detail = f"best val Tversky {out.best_metrics.get('val_tversky', float('nan')):.3f} → {out.model_uri}"
         run_ids = [out.run_id]
-    stamps.write("model", key, model_uri=state["model_uri"])
+    state["inputs"]["model"] = model_digest(model_dir)
+    stamps.write("model", key, model_uri=state["model_uri"], model_digest=state["inputs"]["model"])
     return StageRecord(name, "ran", detail=detail, run_ids=[r for r in run_ids if r])
 
 
 def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
     from ctvlab.unet.ablation import run_ablation
 
-    key = digest({"tune": cfg.tune.model_dump(mode="json"), "unet": cfg.unet.model_dump(mode="json"),
-                  "split": state["split_digest"]})  # fmt: skip
+    key = stage_key("ablation", cfg, state["inputs"])
     if not force and stamps.current("ablation", key):
         return StageRecord("ablation", "skipped (current)")
     out = run_ablation(cfg, cfg.prep_dir)
@@ -241,8 +372,7 @@ def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bo
 def _evaluate(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], console, force: bool) -> StageRecord:
     from ctvlab.ctv.evaluate import evaluate_study, print_evaluation
 
-    key = digest({"ctv": cfg.ctv.model_dump(mode="json"), "model": state.get("model_uri"),
-                  "split": state["split_digest"]})  # fmt: skip
+    key = stage_key("evaluate", cfg, state["inputs"])
     if (
         not force
         and stamps.current("evaluate", key)

@@ -174,7 +174,7 @@ def test_a_corrupt_and_a_failing_patient_leave_the_others(phantom_cohort, tmp_pa
     console = Console(record=True, width=200)
     print_preprocess_report(report, console)
     text = console.export_text()
-    assert "P002" in text and "1 failed" in text and "1 invalid" in text
+    assert "P002" in text and "1 failed" in text and "1 invalid" in text and "0 errors" in text
 
 
 def _all_complete_files_load(prep: Path) -> int:
@@ -236,3 +236,137 @@ def test_a_killed_run_leaves_complete_files_and_resumes(prepared, phantom_cohort
     assert sorted(report.processed + report.skipped_unchanged) == IDS
     assert report.digest == reference.digest  # the same dataset as an uninterrupted run
     assert not list(prep.rglob(".tmp-*"))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _header_only(raw: Path) -> Path:
+    header = (raw / "manifest.csv").read_text().splitlines()[0]
+    empty = raw.parent / "empty_cohort"
+    empty.mkdir()
+    (empty / "manifest.csv").write_text(header + "\n")
+    return empty
+
+
+@pytest.mark.parametrize(
+    ("make_raw", "message"),
+    [
+        (lambda raw: raw.parent / "no_such_folder", "not found"),
+        (_header_only, "lists no patient"),
+    ],
+    ids=["missing-raw-folder", "header-only-manifest"],
+)
+def test_a_cohort_level_problem_leaves_the_prepared_folder_byte_for_byte(
+    prepared, tmp_path, make_raw, message
+):
+    raw0, prep0, _ = prepared
+    raw, prep = tmp_path / "cohort", tmp_path / "prep"
+    shutil.copytree(raw0, raw)
+    shutil.copytree(prep0, prep)
+    before = _snapshot(prep)
+    assert sum(name.endswith(".npy") for name in before) == 2 * len(IDS)
+    with pytest.raises(DataError, match=message) as err:
+        preprocess_cohort(make_raw(raw), prep, CFG, progress=False, prune=True)
+    assert err.value.exit_code == 2 and "nothing in" in str(err.value)
+    assert _snapshot(prep) == before
+
+
+def test_the_command_exits_2_on_a_missing_raw_folder_and_keeps_the_data(prepared, tmp_path):
+    _, prep0, _ = prepared
+    prep = tmp_path / "prep"
+    shutil.copytree(prep0, prep)
+    before = _snapshot(prep)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctvlab.cli",
+            "preprocess",
+            "--raw",
+            str(tmp_path / "typo"),
+            "--out",
+            str(prep),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "typo" in proc.stderr and "Traceback" not in proc.stderr
+    assert _snapshot(prep) == before
+
+
+def test_old_outputs_of_invalid_and_removed_patients_stay_stale_until_pruned(prepared, tmp_path):
+    raw0, prep0, _ = prepared
+    raw, prep = tmp_path / "cohort", tmp_path / "prep"
+    shutil.copytree(raw0, raw)
+    shutil.copytree(prep0, prep)
+    before = _snapshot(prep)
+    # P001 becomes invalid (a truncated T1c); P003 leaves the manifest.
+    t1c = raw / "P001" / "t1c.nii.gz"
+    t1c.write_bytes(t1c.read_bytes()[:2000])
+    lines = (raw / "manifest.csv").read_text().splitlines(keepends=True)
+    (raw / "manifest.csv").write_text("".join(line for line in lines if not line.startswith("P003")))
+
+    kept = preprocess_cohort(raw, prep, CFG, progress=False, engine="serial")
+    assert kept.stale == ["P001", "P003"] and kept.pruned == [] and kept.exit_code() == 1
+    assert kept.skipped_unchanged == ["P000", "P002"]
+    after = _snapshot(prep)
+    for name, data in before.items():
+        if "P001" in name or "P003" in name:
+            assert after[name] == data, name  # kept byte for byte
+    assert "invalid" in json.loads((prep / "stale" / "P001.json").read_text())["reason"]
+    assert "not in the manifest" in json.loads((prep / "stale" / "P003.json").read_text())["reason"]
+    # ...but no longer part of the dataset
+    assert read_patients(prep)["patient_id"].tolist() == ["P000", "P002"]
+    assert [p["patient_id"] for p in load_dataset_meta(prep)["patients"]] == ["P000", "P002"]
+
+    pruned = preprocess_cohort(raw, prep, CFG, progress=False, engine="serial", prune=True)
+    assert pruned.pruned == ["P001", "P003"] and pruned.stale == []
+    left = _snapshot(prep)
+    assert not any("P001" in name or "P003" in name for name in left)
+    assert all(left[n] == before[n] for n in left if "P000" in n or "P002" in n)
+
+
+def test_an_infrastructure_error_fails_the_stage_and_keeps_every_output(prepared, tmp_path, monkeypatch):
+    import errno
+
+    import ctvlab.preprocess.patient as patient_module
+
+    raw0, prep0, _ = prepared
+    raw, prep = tmp_path / "cohort", tmp_path / "prep"
+    shutil.copytree(raw0, raw)
+    shutil.copytree(prep0, prep)
+    before = _snapshot(prep)
+    # P002's input changes, so its task prepares it again and hits a full disk on its first write.
+    flair = raw / "P002" / "flair.nii.gz"
+    img = nib.load(flair)
+    nib.save(nib.Nifti1Image(img.get_fdata().astype(np.float32) * 1.5, img.affine), flair)
+    real_save = patient_module.save_npy_atomic
+
+    def disk_full_for_p002(path, array):
+        if Path(path).name.startswith("P002"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, array)
+
+    monkeypatch.setattr(patient_module, "save_npy_atomic", disk_full_for_p002)
+    report = preprocess_cohort(raw, prep, CFG, progress=False, engine="serial", prune=True)
+
+    assert [e.patient_id for e in report.errors] == ["P002"] and "No space left" in report.errors[0].reason
+    assert report.failed == [] and report.invalid == []  # not a data problem
+    assert report.skipped_unchanged == ["P000", "P001", "P003"]
+    assert report.exit_code() == 4 and report.digest is None and report.pruned == []
+    after = _snapshot(prep)
+    assert not (prep / "dataset.json").exists()  # the stage failed: no stage may use the dataset
+    for name, data in before.items():
+        if name in ("dataset.json", "preprocess_report.json", "volumes/P002.json"):
+            continue  # P002's sidecar goes first by design, so that its half-rewritten state is never current
+        assert after[name] == data, name
+    assert not (prep / "stale").exists()
+
+    monkeypatch.setattr(patient_module, "save_npy_atomic", real_save)
+    again = preprocess_cohort(raw, prep, CFG, progress=False, engine="serial")
+    assert again.ok and again.processed == ["P002"] and again.digest is not None

@@ -105,13 +105,19 @@ def predict_probability(model: LoadedModel, patient: PreparedPatient) -> np.ndar
 
 
 def resolve_model(
-    cfg: StudyConfig, tracker, model_uri: str | None, workdir: Path, split_digest: str | None = None
+    cfg: StudyConfig,
+    tracker,
+    model_uri: str | None,
+    workdir: Path,
+    split_digest: str | None = None,
+    dataset_digest: str | None = None,
 ) -> tuple[Path, str]:
     """A local model folder for `model_uri` (models:/name/version, runs:/id/model, a folder).
 
-    Without a URI: the latest registered version of the study's model that was trained on this split
-    (its `split_digest` tag), so that a shared registry holding other studies' versions never hands over
-    a model of another dataset; then the study's own `results/model`.
+    Without a URI: the latest registered version of the study's model that was trained on this split of
+    this prepared dataset (its `split_digest` and `dataset_digest` tags: the split digest alone stays the
+    same when the data under it is prepared again), so that a shared registry holding other studies'
+    versions never hands over a model of other data; then the study's own `results/model`.
     """
     if model_uri is None:
         name = cfg.unet.registered_model_name
@@ -119,7 +125,12 @@ def resolve_model(
             versions = tracker.client.search_model_versions(f"name='{name}'")
         except Exception:
             versions = []
-        ours = [v for v in versions if split_digest is None or v.tags.get("split_digest") == split_digest]
+        ours = [
+            v
+            for v in versions
+            if (split_digest is None or v.tags.get("split_digest") == split_digest)
+            and (dataset_digest is None or v.tags.get("dataset_digest") == dataset_digest)
+        ]
         if ours:
             model_uri = f"models:/{name}/{max(int(v.version) for v in ours)}"
         elif Path(cfg.results_dir, "model").exists():
@@ -270,7 +281,9 @@ def evaluate_study(
     tracker = tracker_for(cfg)
     out = Path(cfg.results_dir, "evaluate").resolve()
     with tempfile.TemporaryDirectory() as dl:
-        model_dir, model_uri = resolve_model(cfg, tracker, model_uri, Path(dl), split.digest)
+        model_dir, model_uri = resolve_model(
+            cfg, tracker, model_uri, Path(dl), split.digest, split.dataset_digest
+        )
         model = load_model(model_dir)
     names = pseudonymise(prep, set(ids) | set(split.patients("val")))
     trained_on = set(model.spec.get("train_patients", [])) | set(model.spec.get("val_patients", []))

@@ -48,6 +48,7 @@ __all__ = [
     "PreparedArrays",
     "input_hash",
     "is_current",
+    "is_infrastructure_error",
     "prepare_arrays",
     "preprocess_patient",
     "process_or_skip",
@@ -136,6 +137,8 @@ def _load_nifti(row: ManifestRow, column: str, path: Path) -> tuple[np.ndarray, 
     except FileNotFoundError:
         raise DataError(f"patient {row.patient_id}: {column} file {path} is missing") from None
     except Exception as e:
+        if is_infrastructure_error(e):
+            raise  # the disk or the share failed, not the file's content
         raise DataError(
             f"patient {row.patient_id}: {column} file {path} cannot be read as NIfTI: {e}"
         ) from None
@@ -408,13 +411,24 @@ def preprocess_patient(row: ManifestRow, raw_root: Path, out: Path, cfg: Preproc
     return write_outputs(Path(out), row, arrays, in_hash, cfg)["summary"]
 
 
+def is_infrastructure_error(e: BaseException) -> bool:
+    """True for a failure of the machine rather than of a patient's data: out of memory, or an OS-level
+    I/O error (a full disk, EIO, a stale NFS handle). OSErrors without an errno are format errors raised
+    by readers (gzip's BadGzipFile) and count as data."""
+    return isinstance(e, MemoryError) or (
+        isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError)
+    )
+
+
 def process_or_skip(row: ManifestRow, raw_root: Path, out: Path, cfg: PreprocessConfig) -> dict[str, str]:
     """Skip a current patient, else prepare it; never raises.
 
     Returns:
-        {"patient_id", "status": "processed" | "skipped" | "failed", "reason": "" or why it failed}.
-        The summary stays in the sidecar: tasks return only this small row, so nothing large travels
-        through the driver.
+        {"patient_id", "status": "processed" | "skipped" | "failed" | "error", "reason": "" or why}.
+        "failed" is a problem with the patient's own data (`DataError`): the patient is left out.
+        "error" is anything else (out of memory, a full disk, an I/O error, a bug): not the patient's
+        fault, so it fails the stage instead. The summary stays in the sidecar: tasks return only this
+        small row, so nothing large travels through the driver.
     """
     pid = row.patient_id
     try:
@@ -424,6 +438,7 @@ def process_or_skip(row: ManifestRow, raw_root: Path, out: Path, cfg: Preprocess
         arrays = prepare_arrays(row, Path(raw_root), cfg)
         write_outputs(Path(out), row, arrays, in_hash, cfg)
         return {"patient_id": pid, "status": "processed", "reason": ""}
-    except Exception as e:  # one patient's failure is reported, never fatal for the cohort
-        reason = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
-        return {"patient_id": pid, "status": "failed", "reason": reason}
+    except DataError as e:  # one patient's bad data is reported, never fatal for the cohort
+        return {"patient_id": pid, "status": "failed", "reason": str(e)}
+    except Exception as e:
+        return {"patient_id": pid, "status": "error", "reason": f"patient {pid}: {type(e).__name__}: {e}"}

@@ -1,18 +1,25 @@
 """`ctvlab preprocess`: the cohort through a Ray Data pipeline, one patient per task.
 
-1. Validate the cohort (`ctvlab.ingest.validate.validate_cohort`); invalid patients are reported with
-   their problems and never touched.
-2. Clean the output folder: temporary files of a killed run, and the outputs of patients that are no
-   longer valid members of the manifest.
+1. Validate the cohort (`ctvlab.ingest.validate.validate_cohort`). A cohort-level problem (a missing
+   folder, an unreadable or header-only manifest, no valid patient) raises `DataError` before the
+   output folder is touched: a mistyped path or an unmounted share must never cost a prepared dataset.
+   Invalid patients are reported with their problems.
+2. Take the output folder's lock (`ctvlab.lock`: one writer at a time), remove temporary files of a
+   killed run and invalidate `dataset.json`, so that no later stage reads
+   a dataset that is being rewritten.
 3. `ray.data.from_items` (one block per patient) → `map(process_or_skip)`: each task hashes its
    patient's inputs, skips it when its sidecar matches, else prepares it and writes its files itself.
-   Tasks return a small status row, so no volume ever travels through the driver; a failure is a row
-   with its reason, so one bad patient never fails the dataset.
-4. Outputs of failed patients are removed; `patients.parquet` and `dataset.json` are written
-   (atomically) over every complete patient.
+   Tasks return a small status row, so no volume ever travels through the driver. A problem with a
+   patient's own data is a "failed" row, so one bad patient never fails the dataset; an
+   infrastructure error (a dead worker, out of memory, a full disk, an I/O error) is an "error" row
+   and fails the stage (`PreprocessReport.errors`) with every patient's outputs kept.
+4. Old outputs are never deleted unless asked: those of patients that are invalid, failed or no
+   longer in the manifest stay on disk, marked stale (`stale/<id>.json`) and left out of the dataset,
+   until a run with `prune=True` removes them. `patients.parquet` and `dataset.json` are written
+   (atomically) over every complete patient, unless the stage failed.
 
 The output folder must be reachable at the same path from every Ray node (a shared filesystem) when
-`address` names a cluster. Run one `preprocess` per output folder at a time.
+`address` names a cluster. A second `preprocess` on the same output folder is refused while one runs.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from ctvlab import __version__
 from ctvlab.atomic import TMP_PREFIX, atomic_path, digest, write_json_atomic
 from ctvlab.config import FEATURES, PreprocessConfig
 from ctvlab.data.layout import CATEGORY_CODES, MASKS, PrepPaths
+from ctvlab.errors import DataError, InfrastructureError
 from ctvlab.ingest.manifest import ManifestRow, read_manifest
+from ctvlab.lock import exclusive
 from ctvlab.preprocess.patient import output_settings, process_or_skip, read_sidecar, settings_hash
 
 if TYPE_CHECKING:
@@ -64,7 +73,12 @@ class FailedPatient(BaseModel):
 
 
 class PreprocessReport(BaseModel):
-    """What one `preprocess` run did."""
+    """What one `preprocess` run did.
+
+    `failed` holds problems with a patient's own data; `errors` holds patients left unprocessed by an
+    infrastructure error, which fails the stage. `stale` lists patients whose old outputs are kept but
+    are not part of the dataset; `pruned` those whose old outputs this run removed (`prune=True`).
+    """
 
     raw: str
     out: str
@@ -72,6 +86,9 @@ class PreprocessReport(BaseModel):
     skipped_unchanged: list[str]
     invalid: list[InvalidPatient]
     failed: list[FailedPatient]
+    errors: list[FailedPatient] = []
+    stale: list[str] = []
+    pruned: list[str] = []
     cohort_problems: list[str]
     digest: str | None
     n_prepared: int
@@ -83,7 +100,11 @@ class PreprocessReport(BaseModel):
     @property
     def ok(self) -> bool:
         """False when any patient was invalid or failed, or the cohort itself had a problem."""
-        return not (self.invalid or self.failed or self.cohort_problems)
+        return not (self.invalid or self.failed or self.errors or self.cohort_problems)
+
+    def exit_code(self) -> int:
+        """4 when an infrastructure error failed the stage, 1 when a patient was invalid or failed, else 0."""
+        return InfrastructureError.exit_code if self.errors else 0 if self.ok else 1
 
 
 def _problem_text(p: Any) -> str:
@@ -92,26 +113,48 @@ def _problem_text(p: Any) -> str:
     return f"{text} (fix: {p.fix})" if getattr(p, "fix", None) else text
 
 
-def clean_outputs(out: Path, keep_ids: set[str]) -> None:
-    """Remove temporary files and folders, and the outputs of every patient not in `keep_ids`."""
-    paths = PrepPaths(out)
-    if not paths.root.exists():
-        return
-    for p in paths.root.rglob(f"{TMP_PREFIX}*"):
+def remove_temporary(out: Path) -> None:
+    """Remove the temporary files and folders a killed run left in `out` (names start with ".tmp-")."""
+    for p in Path(out).rglob(f"{TMP_PREFIX}*"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists():
             p.unlink(missing_ok=True)
-    keep_files = {f for pid in keep_ids for f in (paths.features(pid), paths.masks(pid), paths.sidecar(pid))}
+
+
+def stale_marker(out: Path, patient_id: str) -> Path:
+    return Path(out) / "stale" / f"{patient_id}.json"
+
+
+def patients_on_disk(out: Path) -> set[str]:
+    """Ids of every patient with any output file in `out` (volumes, sidecar or voxel partition)."""
+    paths = PrepPaths(out)
+    ids: set[str] = set()
     if paths.volumes.is_dir():
         for f in paths.volumes.iterdir():
-            if f.is_file() and f.suffix in (".npy", ".json") and f not in keep_files:
-                f.unlink(missing_ok=True)
+            name = f.name
+            if name.startswith(TMP_PREFIX) or not f.is_file():
+                continue
+            if name.endswith("_masks.npy"):
+                ids.add(name[: -len("_masks.npy")])
+            elif f.suffix in (".npy", ".json"):
+                ids.add(f.stem)
     if paths.voxels.is_dir():
-        keep_parts = {paths.voxel_partition(pid) for pid in keep_ids}
-        for d in paths.voxels.iterdir():
-            if d.is_dir() and d.name.startswith("patient_id=") and d not in keep_parts:
-                shutil.rmtree(d, ignore_errors=True)
+        ids.update(
+            d.name.removeprefix("patient_id=")
+            for d in paths.voxels.iterdir()
+            if d.is_dir() and d.name.startswith("patient_id=")
+        )
+    return ids
+
+
+def remove_patient_outputs(out: Path, patient_id: str) -> None:
+    """Delete one patient's outputs and stale marker (only ever called for `--prune`)."""
+    paths = PrepPaths(out)
+    for f in (paths.sidecar(patient_id), paths.features(patient_id), paths.masks(patient_id)):
+        f.unlink(missing_ok=True)
+    shutil.rmtree(paths.voxel_partition(patient_id), ignore_errors=True)
+    stale_marker(out, patient_id).unlink(missing_ok=True)
 
 
 def write_dataset_tables(out: Path, patient_ids: list[str], cfg: PreprocessConfig) -> str | None:
@@ -206,11 +249,14 @@ def _run_ray(
         for result in ds.iter_rows():
             seen.add(result["patient_id"])
             on_result(result)
-    except Exception as e:  # a worker that died (e.g. killed for memory) ends the dataset
+    except Exception as e:
+        # Tasks never raise (`process_or_skip`), so this is the pipeline itself: a worker that died
+        # (killed for memory, a lost node). That is no fault of the patients still waiting: they are
+        # "error" rows, which fail the stage and keep their old outputs.
         reason = f"the Ray pipeline stopped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         for r in rows:
             if r.patient_id not in seen:
-                on_result({"patient_id": r.patient_id, "status": "failed", "reason": reason})
+                on_result({"patient_id": r.patient_id, "status": "error", "reason": reason})
     finally:
         data_logger.setLevel(level)
 
@@ -234,6 +280,7 @@ def preprocess_cohort(
     progress: bool = True,
     console: Console | None = None,
     engine: Engine = "ray",
+    prune: bool = False,
 ) -> PreprocessReport:
     """Validate a cohort and prepare every valid patient whose outputs are not current.
 
@@ -246,16 +293,35 @@ def preprocess_cohort(
         console: where progress goes (default: stderr).
         engine: "ray" (the pipeline) or "serial" (a plain loop in this process: the benchmark's
             baseline, and handy for debugging; same outputs).
+        prune: delete the old outputs of patients that are not complete after this run (invalid,
+            failed, or no longer in the manifest). Without it they are kept and marked stale. Never
+            applied when the run had an infrastructure error.
 
     Returns:
-        The report (`.ok` is False when a patient was invalid or failed). It is also written to
-        `out/preprocess_report.json`.
+        The report (`.ok` is False when a patient was invalid, failed or hit an infrastructure error;
+        `.errors` non-empty means the stage failed). It is also written to `out/preprocess_report.json`.
+
+    Raises:
+        DataError: a cohort-level problem (no such folder, no or an unreadable manifest, a manifest
+            without patients, no valid patient); nothing in `out` is touched.
     """
     from ctvlab.ingest.validate import validate_cohort
 
     t0 = time.perf_counter()
     raw, out = Path(raw).resolve(), Path(out).resolve()
+    # Cohort-level checks come before anything touches `out`.
+    if not raw.is_dir():
+        raise DataError(
+            f"cohort folder {raw} not found (mistyped or unmounted?); nothing in {out} was changed"
+        )
     validation = validate_cohort(raw, progress=progress)
+    cohort_problems = [
+        _problem_text(q)
+        for q in getattr(validation, "cohort_problems", [])
+        if getattr(q, "severity", "error") == "error"
+    ]
+    if cohort_problems:
+        raise DataError(f"cohort {raw}: {'; '.join(cohort_problems)}; nothing in {out} was changed")
     valid = set(validation.valid_ids())
     invalid = [
         InvalidPatient(
@@ -265,18 +331,44 @@ def preprocess_cohort(
         for p in validation.patients
         if not p.valid
     ]
-    cohort_problems = [
-        _problem_text(q)
-        for q in getattr(validation, "cohort_problems", [])
-        if getattr(q, "severity", "error") == "error"
-    ]
-    manifest_rows, _, _ = read_manifest(raw) if raw.is_dir() else ([], [], [])
+    manifest_rows, _, manifest_ids = read_manifest(raw)
     rows = [r for r in manifest_rows if r.patient_id in valid]
+    if not rows:
+        first = "; ".join(f"{p.patient_id}: {(p.problems or ['invalid'])[0]}" for p in invalid[:3])
+        raise DataError(
+            f"cohort {raw}: no valid patient in manifest.csv ({len(invalid)} invalid; {first}); "
+            f"nothing in {out} was changed. Run `ctvlab validate {raw}` for every problem"
+        )
     t_validated = time.perf_counter()
+    with exclusive(out, "ctvlab preprocess"):
+        return _prepare(raw, out, cfg, address, progress, console, engine, prune, rows, manifest_ids,
+                        invalid, cohort_problems, t0, t_validated)  # fmt: skip
 
-    PrepPaths(out).volumes.mkdir(parents=True, exist_ok=True)
-    PrepPaths(out).voxels.mkdir(parents=True, exist_ok=True)
-    clean_outputs(out, {r.patient_id for r in rows})
+
+def _prepare(
+    raw: Path,
+    out: Path,
+    cfg: PreprocessConfig,
+    address: str | None,
+    progress: bool,
+    console: Console | None,
+    engine: Engine,
+    prune: bool,
+    rows: list[ManifestRow],
+    manifest_ids: list[str],
+    invalid: list[InvalidPatient],
+    cohort_problems: list[str],
+    t0: float,
+    t_validated: float,
+) -> PreprocessReport:
+    """The writing half of `preprocess_cohort`, run while holding the output folder's lock."""
+    paths = PrepPaths(out)
+    paths.volumes.mkdir(parents=True, exist_ok=True)
+    paths.voxels.mkdir(parents=True, exist_ok=True)
+    remove_temporary(out)
+    # The dataset is being rewritten: no stage may read the old index meanwhile (it is rewritten below
+    # when the stage succeeds).
+    paths.dataset_json.unlink(missing_ok=True)
 
     results: dict[str, dict[str, str]] = {}
     bar = _progress(len(rows), console) if progress and rows else None
@@ -285,36 +377,58 @@ def preprocess_cohort(
         results[result["patient_id"]] = result
         if bar is not None:
             bar[0].advance(bar[1])
-            style = {"processed": "green", "skipped": "dim", "failed": "bold red"}[result["status"]]
-            bar[0].console.print(f"[{style}]{result['status']:>9}[/] {result['patient_id']}", highlight=False)
+            style = {"processed": "green", "skipped": "dim", "failed": "bold red", "error": "bold red"}
+            bar[0].console.print(
+                f"[{style[result['status']]}]{result['status']:>9}[/] {result['patient_id']}", highlight=False
+            )
 
-    if rows:
-        try:
-            if bar is not None:
-                bar[0].start()
-            if engine == "ray":
-                _run_ray(rows, raw, out, cfg, address, on_result)
-            else:
-                _run_serial(rows, raw, out, cfg, on_result)
-        finally:
-            if bar is not None:
-                bar[0].stop()
+    try:
+        if bar is not None:
+            bar[0].start()
+        if engine == "ray":
+            _run_ray(rows, raw, out, cfg, address, on_result)
+        else:
+            _run_serial(rows, raw, out, cfg, on_result)
+    finally:
+        if bar is not None:
+            bar[0].stop()
     t_processed = time.perf_counter()
 
-    done = sorted(pid for pid, r in results.items() if r["status"] in ("processed", "skipped"))
-    clean_outputs(out, set(done))
-    dataset_digest = write_dataset_tables(out, done, cfg)
+    def with_status(status: str) -> list[str]:
+        return sorted(pid for pid, r in results.items() if r["status"] == status)
+
+    done = sorted(with_status("processed") + with_status("skipped"))
+    errors = [FailedPatient(patient_id=p, reason=results[p]["reason"]) for p in with_status("error")]
+    # Outputs of patients that are not complete now: invalid, failed, or gone from the manifest. Those of
+    # patients an infrastructure error left unprocessed are neither: they stay as they are.
+    leftover = patients_on_disk(out) - set(done) - {e.patient_id for e in errors}
+    pruned: list[str] = []
+    stale: list[str] = []
+    for pid in done:
+        stale_marker(out, pid).unlink(missing_ok=True)
+    if prune and not errors:
+        for pid in sorted(leftover):
+            remove_patient_outputs(out, pid)
+        pruned = sorted(leftover)
+    else:
+        in_manifest = set(manifest_ids)
+        why = {p.patient_id: "invalid: " + "; ".join(p.problems) for p in invalid}
+        why.update({p: "failed: " + results[p]["reason"] for p in with_status("failed")})
+        for pid in sorted(leftover):
+            reason = why.get(pid) or ("not in the manifest" if pid not in in_manifest else "incomplete")
+            write_json_atomic(stale_marker(out, pid), {"patient_id": pid, "reason": reason})
+        stale = sorted(leftover)
+    dataset_digest = None if errors else write_dataset_tables(out, done, cfg)
     report = PreprocessReport(
         raw=str(raw),
         out=str(out),
-        processed=sorted(p for p, r in results.items() if r["status"] == "processed"),
-        skipped_unchanged=sorted(p for p, r in results.items() if r["status"] == "skipped"),
+        processed=with_status("processed"),
+        skipped_unchanged=with_status("skipped"),
         invalid=invalid,
-        failed=[
-            FailedPatient(patient_id=p, reason=r["reason"])
-            for p, r in sorted(results.items())
-            if r["status"] == "failed"
-        ],
+        failed=[FailedPatient(patient_id=p, reason=results[p]["reason"]) for p in with_status("failed")],
+        errors=errors,
+        stale=stale,
+        pruned=pruned,
         cohort_problems=cohort_problems,
         digest=dataset_digest,
         n_prepared=len(done),
@@ -322,7 +436,7 @@ def preprocess_cohort(
         process_s=t_processed - t_validated,
         elapsed_s=time.perf_counter() - t0,
     )
-    write_json_atomic(PrepPaths(out).report, report.model_dump(mode="json"))
+    write_json_atomic(paths.report, report.model_dump(mode="json"))
     return report
 
 
@@ -356,11 +470,26 @@ def print_preprocess_report(report: PreprocessReport, console: Console) -> None:
         console.print(
             Text.assemble(("failed   ", "bold red"), f"{f.patient_id} · {f.reason}"), soft_wrap=True
         )
+    for f in report.errors:
+        console.print(
+            Text.assemble(("error    ", "bold red"), f"{f.patient_id} · {f.reason} (not a data problem: "
+                          "run again once the machine is fixed)"), soft_wrap=True,
+        )  # fmt: skip
+    if report.stale:
+        console.print(
+            Text.assemble(("stale    ", "yellow"), f"old outputs kept, not in the dataset: "
+                          f"{', '.join(report.stale)} (see {report.out}/stale/; --prune removes them)"),
+            soft_wrap=True,
+        )  # fmt: skip
+    if report.pruned:
+        console.print(Text.assemble(("pruned   ", "yellow"), ", ".join(report.pruned)), soft_wrap=True)
     summary = (
         f"{len(report.processed)} processed, {len(report.skipped_unchanged)} unchanged, "
-        f"{len(report.invalid)} invalid, {len(report.failed)} failed; "
+        f"{len(report.invalid)} invalid, {len(report.failed)} failed, {len(report.errors)} errors; "
         f"{report.n_prepared} patients in {report.out}"
     )
+    if report.errors:
+        summary += "; the stage FAILED (infrastructure error), dataset.json not written"
     if report.digest:
         summary += f" (digest {report.digest[:12]})"
     summary += f" in {report.elapsed_s:.1f} s"

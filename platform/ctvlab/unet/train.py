@@ -498,8 +498,14 @@ def train_unet(
     if resume:
         if previous is None:
             raise CtvlabError(f"nothing to resume: no earlier training run recorded in {pointer}")
-        if previous.get("split_digest") != split.digest:
-            raise CtvlabError("cannot resume: the split changed since that run; start a new run instead")
+        if (previous.get("split_digest"), previous.get("dataset_digest")) != (
+            split.digest,
+            split.dataset_digest,
+        ):
+            # The split digest alone misses a dataset prepared again with other settings.
+            raise CtvlabError(
+                "cannot resume: the prepared data or the split changed since that run; start a new run instead"
+            )
         run_name = run_name or previous["run_name"]
         mlflow_run_id = previous.get("mlflow_run_id")
     else:
@@ -524,7 +530,13 @@ def train_unet(
     from ctvlab.atomic import write_json_atomic
 
     write_json_atomic(
-        pointer, {"run_name": run_name, "mlflow_run_id": mlflow_run_id, "split_digest": split.digest}
+        pointer,
+        {
+            "run_name": run_name,
+            "mlflow_run_id": mlflow_run_id,
+            "split_digest": split.digest,
+            "dataset_digest": split.dataset_digest,
+        },
     )
 
     extra = {"mlflow_run_id": mlflow_run_id, "experiment": tracker.experiment_name,
@@ -577,7 +589,8 @@ def train_unet(
     model_uri = f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT}"
     if register:
         version = tracker.register_model(ucfg.registered_model_name, mlflow_run_id, MODEL_ARTIFACT,
-                                         tags={"split_digest": split.digest})  # fmt: skip
+                                         tags={"split_digest": split.digest,
+                                               "dataset_digest": split.dataset_digest})  # fmt: skip
         model_uri = f"models:/{ucfg.registered_model_name}/{version.version}"
         log.tags({"ctvlab.registered_model": model_uri})
     tracker.end_run(mlflow_run_id, "FINISHED")

@@ -509,12 +509,14 @@ def tune_study(
     if state is None:
         name = time.strftime("search-%Y%m%d-%H%M%S")
         parent = tracker.start_run("tune", base_tags("tune", split.dataset_digest, split.digest))
-        state = {"name": name, "parent_run_id": parent, "phase": "grid", "split_digest": split.digest}
+        state = {"name": name, "parent_run_id": parent, "phase": "grid", "split_digest": split.digest,
+                 "dataset_digest": split.dataset_digest}  # fmt: skip
         tracker.logger(parent).params({"tune": cfg.tune.model_dump(mode="json")})
         tracker.logger(parent).json(cfg.tune.model_dump(mode="json"), "search_space.json", "search")
         write_json_atomic(pointer, state)
-    elif state.get("split_digest") != split.digest:
-        raise CtvlabError("cannot resume the search: the split changed since it started")
+    elif (state.get("split_digest"), state.get("dataset_digest")) != (split.digest, split.dataset_digest):
+        # The split digest alone misses a dataset prepared again with other settings.
+        raise CtvlabError("cannot resume the search: the prepared data or the split changed since it started")
     name, parent = state["name"], state["parent_run_id"]
     log = tracker.logger(parent)
     modality = cfg.unet.model.modality_set
@@ -540,14 +542,25 @@ def tune_study(
     trials = pd.concat(
         [grid_trials.assign(step="grid"), random_trials.assign(step="random")], ignore_index=True
     )
-    outcome = _finish_search(cfg, tracker, parent, name, trials, space, t0, split.digest)
+    outcome = _finish_search(
+        cfg, tracker, parent, name, trials, space, t0, split.digest, dataset_digest=split.dataset_digest
+    )
     state["phase"] = "done"
     write_json_atomic(pointer, state)
     return outcome
 
 
 def _finish_search(
-    cfg, tracker, parent, name, trials, space, t0, split_digest: str, register: bool = True
+    cfg,
+    tracker,
+    parent,
+    name,
+    trials,
+    space,
+    t0,
+    split_digest: str,
+    register: bool = True,
+    dataset_digest: str | None = None,
 ) -> SearchOutcome:
     """Log the summary to the parent run, copy the best trial's model to results/, register it."""
     best = best_trial(trials)
@@ -572,7 +585,8 @@ def _finish_search(
         log.artifact(model_dir, "model")
         if register:
             version = tracker.register_model(cfg.unet.registered_model_name, parent, "model",
-                                             tags={"search": name, "split_digest": split_digest})  # fmt: skip
+                                             tags={"search": name, "split_digest": split_digest,
+                                                   "dataset_digest": dataset_digest or ""})  # fmt: skip
             model_uri = f"models:/{cfg.unet.registered_model_name}/{version.version}"
             log.tags({"ctvlab.registered_model": model_uri})
     tracker.end_run(parent, "FINISHED")

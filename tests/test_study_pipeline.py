@@ -1,0 +1,215 @@
+"""`ctvlab run`'s provenance: which stages a change re-runs, failed stages, and the leakage guard.
+
+The stamp table tests `stage_key` directly, one changed setting or input per row. The end-to-end tests run
+`run_study` on the phantom cohort with the real cohort, validation, preprocessing and split stages; the
+voxel models, statistics, training and evaluation are replaced by recorders (they have their own tests and
+cost minutes here), so what is checked is which stages run and what they are keyed on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ctvlab.atomic import digest
+from ctvlab.config import StudyConfig
+from ctvlab.errors import CtvlabError, LeakageError
+from ctvlab.pipeline import STAGE_INPUTS, StageFailed, run_study, stage_key
+
+STAMPED = list(STAGE_INPUTS)  # cohort, split, voxel_models, stats, model, ablation, evaluate
+
+
+def _keys(cfg: StudyConfig, dataset: str = "dataset-0") -> dict[str, str]:
+    """Every stage's key, with each stage's output digest derived as the real stage derives it: the split
+    digest covers (patient, role, fold), which the split settings decide and the data's content does not
+    (the bug of issue 14); a model trained again has new weights, so its digest follows its key."""
+    inputs: dict[str, str | None] = {"dataset": dataset}
+    keys = {}
+    for stage in STAMPED:
+        keys[stage] = stage_key(stage, cfg, inputs)
+        if stage == "split":
+            inputs["split"] = digest(cfg.split.model_dump(mode="json"))
+        elif stage == "model":
+            inputs["model"] = digest(["weights", keys[stage]])
+    return keys
+
+
+def _set(path: str, value):
+    def change(cfg: StudyConfig) -> StudyConfig:
+        cfg = cfg.model_copy(deep=True)
+        *parents, leaf = path.split(".")
+        obj = cfg
+        for name in parents:
+            obj = getattr(obj, name)
+        setattr(obj, leaf, value)
+        return cfg
+
+    return change
+
+
+DOWNSTREAM_OF_DATA = {"split", "voxel_models", "stats", "model", "ablation", "evaluate"}
+
+# (what changes, the config change, the new dataset digest or None, the stages that must re-run)
+ROWS = [
+    ("synth.n_patients", _set("synth.n_patients", 9), None, {"cohort"}),
+    # preprocessing settings and input files reach later stages only through the dataset digest
+    ("preprocess.ring_mm", _set("preprocess.ring_mm", 30.0), "dataset-ring30", DOWNSTREAM_OF_DATA),
+    ("one input file", lambda c: c, "dataset-new-flair", DOWNSTREAM_OF_DATA),
+    (
+        "split.seed",
+        _set("split.seed", 7),
+        None,
+        {"split", "voxel_models", "stats", "model", "ablation", "evaluate"},
+    ),
+    ("voxel_models.model", _set("voxel_models.model", "xgboost"), None, {"voxel_models"}),
+    ("stats.primary_test", _set("stats.primary_test", "mannwhitney"), None, {"stats"}),
+    ("unet.train.epochs", _set("unet.train.epochs", 5), None, {"model", "ablation", "evaluate"}),
+    ("ctv.rtog_margin_mm", _set("ctv.rtog_margin_mm", 25.0), None, {"evaluate"}),
+    ("ray.num_cpus (execution only)", _set("ray.num_cpus", 3), None, set()),
+    ("tracking.experiment (bookkeeping only)", _set("tracking.experiment", "other"), None, set()),
+]
+
+
+@pytest.mark.parametrize(("what", "change", "dataset", "rerun"), ROWS, ids=[r[0] for r in ROWS])
+def test_a_change_reruns_exactly_its_stage_and_the_ones_downstream(what, change, dataset, rerun):
+    cfg = StudyConfig(name="keys", workdir=Path("/nonexistent"))
+    try:
+        new_cfg = change(cfg)
+    except (AttributeError, ValueError) as e:  # the row names a setting the config does not have
+        pytest.fail(f"{what}: {e}")
+    before, after = _keys(cfg), _keys(new_cfg, dataset or "dataset-0")
+    assert {s for s in STAMPED if before[s] != after[s]} == rerun
+
+
+def test_a_new_ctvlab_version_reruns_every_stamped_stage(monkeypatch):
+    import ctvlab.pipeline
+
+    cfg = StudyConfig(name="keys", workdir=Path("/nonexistent"))
+    before = _keys(cfg)
+    monkeypatch.setattr(ctvlab.pipeline, "__version__", "999.0")
+    after = _keys(cfg)
+    assert all(before[s] != after[s] for s in STAMPED)
+
+
+def test_a_stage_key_needs_every_input_the_stage_reads():
+    cfg = StudyConfig(name="keys", workdir=Path("/nonexistent"))
+    with pytest.raises(KeyError):
+        stage_key("evaluate", cfg, {"dataset": "d", "split": "s"})  # no model digest: never stamped blind
+
+
+# --- end to end ---------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Stand-ins for the expensive stages; `ran` lists what ran, `fail` names a stage to raise in."""
+
+    def __init__(self, monkeypatch):
+        import ctvlab.ctv.evaluate
+        import ctvlab.stages
+        import ctvlab.unet.train
+
+        self.ran: list[str] = []
+        self.fail: str | None = None
+        self.trained = 0
+        monkeypatch.setattr(ctvlab.stages, "rf_cv_stage", self.rf_cv)
+        monkeypatch.setattr(ctvlab.stages, "stats_stage", self.stats)
+        monkeypatch.setattr(ctvlab.unet.train, "train_unet", self.train)
+        monkeypatch.setattr(ctvlab.ctv.evaluate, "evaluate_study", self.evaluate)
+        monkeypatch.setattr(ctvlab.ctv.evaluate, "print_evaluation", lambda *a, **k: None)
+
+    def _enter(self, name: str) -> None:
+        self.ran.append(name)
+        if self.fail == name:
+            raise CtvlabError(f"{name} broke (injected)")
+
+    def rf_cv(self, cfg, prep):
+        self._enter("voxel_models")
+        return {}
+
+    def stats(self, cfg, prep):
+        self._enter("stats")
+        result = SimpleNamespace(summary=lambda: {"n_significant": 0}, tests=[])
+        return result, "run-stats"
+
+    def train(self, cfg, prep):
+        self._enter("model")
+        self.trained += 1
+        model = Path(cfg.results_dir, "model")
+        model.mkdir(parents=True, exist_ok=True)
+        (model / "model.json").write_text(json.dumps({"n": self.trained}))
+        (model / "weights.pt").write_bytes(b"weights %d" % self.trained)
+        return SimpleNamespace(model_uri=str(model), best_metrics={}, run_id="run-train")
+
+    def evaluate(self, cfg, prep, model_uri=None, console=None):
+        self._enter("evaluate")
+        out = Path(cfg.results_dir, "evaluate")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.csv").write_text("x\n1\n")
+        return SimpleNamespace(out_dir=out, run_id="run-eval")
+
+
+@pytest.fixture
+def study(phantom_cohort, tmp_path, tracking_uri, experiment, ray_local, monkeypatch):
+    cfg = StudyConfig(name="e2e", workdir=tmp_path / "work")
+    cfg.cohort.raw_dir = phantom_cohort
+    cfg.cohort.source = "raw"
+    cfg.tracking.tracking_uri = tracking_uri
+    cfg.tracking.experiment = experiment
+    cfg.pipeline.search = False
+    cfg.split.n_folds = 2  # 4 phantom patients
+    return cfg, Recorder(monkeypatch)
+
+
+def _statuses(outcome) -> dict[str, str]:
+    return {r.name: r.status for r in outcome.stages}
+
+
+@pytest.mark.ray
+def test_a_new_ring_reruns_preprocessing_and_everything_after_it(study):
+    cfg, rec = study
+    first = run_study(cfg)
+    assert rec.ran == ["voxel_models", "stats", "model", "evaluate"]
+    assert _statuses(first)["split"] == "ran"
+
+    rec.ran.clear()
+    again = run_study(cfg)
+    assert rec.ran == [] and _statuses(again)["statistics"] == "skipped (current)"
+
+    changed = cfg.model_copy(deep=True)
+    changed.preprocess.ring_mm = 30.0
+    third = run_study(changed)
+    assert _statuses(third)["preprocess"] == "ran"
+    assert rec.ran == ["voxel_models", "stats", "model", "evaluate"]  # none "skipped (current)" on old data
+
+
+@pytest.mark.ray
+def test_a_failed_stage_stops_the_run_unless_keep_going(study):
+    cfg, rec = study
+    rec.fail = "stats"
+    with pytest.raises(CtvlabError, match="stats broke"):
+        run_study(cfg)
+    assert rec.ran == ["voxel_models", "stats"]  # nothing after the failure
+
+    rec.ran.clear()
+    with pytest.raises(StageFailed, match="stats broke"):
+        run_study(cfg, keep_going=True)
+    assert rec.ran == ["stats", "model", "evaluate"]  # voxel models current; the rest do not need stats
+
+
+@pytest.mark.ray
+def test_a_leaking_split_is_never_drawn_again(study):
+    import pandas as pd
+
+    cfg, _ = study
+    run_study(cfg)
+    splits = cfg.prep_dir / "splits.parquet"
+    table = pd.read_parquet(splits)
+    table.loc[0, "dl_role"] = "test" if table.loc[0, "dl_role"] != "test" else "train"
+    table.to_parquet(splits)
+    edited = splits.read_bytes()
+    with pytest.raises(LeakageError):
+        run_study(cfg)
+    assert splits.read_bytes() == edited
