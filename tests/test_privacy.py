@@ -74,3 +74,37 @@ def test_dataset_inputs_reach_the_store_by_logical_name_only(tmp_path):
     con.close()
     assert str(secret_dir) not in dump and "GBM_cohort_P001" not in dump
     assert os.fspath(tmp_path / "hospital") not in dump
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("DataError: /data/hospital/cohort/P001/flair.nii.gz is truncated",
+         "DataError: <path>/flair.nii.gz is truncated"),
+        ("patient P001 and P0011 failed", "patient pt-aaa and pt-bbb failed"),
+        ("volumes/P0011_masks.npy missing", "volumes/pt-bbb_masks.npy missing"),
+        ("see '/tmp/run 1/x'", "see '<path>/run 1/x'"),
+        ("ratio 3/4 at http://host:5000/api", "ratio 3/4 at http://host:5000/api"),
+    ],
+)  # fmt: skip
+def test_scrub_text_replaces_ids_and_absolute_paths(text, expected):
+    from ctvlab.tracking import scrub_text
+
+    names = {"P001": "pt-aaa", "P0011": "pt-bbb"}
+    assert scrub_text(text, names) == expected
+
+
+def test_a_search_state_others_can_write_is_not_restored(tmp_path):
+    from ctvlab.errors import CtvlabError
+    from ctvlab.unet.tune import check_private_state
+
+    state = tmp_path / "search-1"
+    (state / "trial").mkdir(parents=True)
+    (state / "trial" / "state.pkl").write_bytes(b"\x80\x04N.")
+    for p in (state, state / "trial"):
+        p.chmod(0o755)
+    (state / "trial" / "state.pkl").chmod(0o644)
+    check_private_state(state)  # private: accepted
+    (state / "trial" / "state.pkl").chmod(0o666)
+    with pytest.raises(CtvlabError, match="state.pkl is writable by others"):
+        check_private_state(state)

@@ -16,6 +16,7 @@ import functools
 import math
 import os
 import random
+import re
 import subprocess
 import tempfile
 import time
@@ -77,6 +78,17 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("CTVLAB_GIT_COMMIT", "unknown")
     return sha + ("-dirty" if dirty else "")
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/])(?:/[^\s'\"`:,;()\[\]{}<>]+)+")
+
+
+def scrub_text(text: str, names: Mapping[str, str]) -> str:
+    """`text` fit for the shared tracking store: each raw patient id replaced by its pseudonym (`names`:
+    id → pseudonym) and each absolute path by its last component (a path names a hospital's folders)."""
+    for pid in sorted(names, key=len, reverse=True):  # P10 before P1
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(pid)}(?![A-Za-z0-9])", names[pid], text)
+    return _ABS_PATH.sub(lambda m: "<path>/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
 
 
 class TrackingAuthError(CtvlabError):

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,6 +279,7 @@ def run_search(
     path = storage / "tune" / name
     asha = tcfg.asha.enabled if use_asha is None else use_asha
     if resume and tune.Tuner.can_restore(str(path)):
+        check_private_state(path)
         tuner = tune.Tuner.restore(
             str(path), trainable=trainable, resume_errored=False, restart_errored=False
         )
@@ -312,9 +315,37 @@ def run_search(
     if watch.message:
         raise res.ResourceError(watch.message)
     table = trials_table(grid)
+    # A failed trial's error can name a patient or a folder: the table goes to the shared tracking store.
+    from ctvlab.splits import pseudonymise
+    from ctvlab.tracking import scrub_text
+
+    names = pseudonymise(prep, [p for role in ("train", "val", "test") for p in split.patients(role)])
+    table["error"] = [scrub_text(e, names) if isinstance(e, str) else e for e in table["error"]]
     table["model_dir"] = [str(trial_model_dir(ctx.storage, name, t)) for t in table["trial_id"]]
     finish_stopped_trials(ctx, table, tracker)
     return table
+
+
+def check_private_state(path: Path) -> None:
+    """Refuse to restore a search whose state others could have written: `Tuner.restore` unpickles it, and
+    unpickling runs code. The working directory must be trusted (README, "Security and privacy").
+
+    Raises:
+        CtvlabError: an entry under `path` (or `path` itself) is writable by its group or by others, or is
+            owned by another user.
+    """
+    uid = os.getuid()
+    for entry in [path, *path.rglob("*")]:
+        st = entry.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        if st.st_mode & 0o022 or st.st_uid != uid:
+            who = "writable by others" if st.st_mode & 0o022 else f"owned by user {st.st_uid}"
+            raise CtvlabError(
+                f"refusing to resume the search from {path}: {entry} is {who}, and resuming unpickles that "
+                "state (which can run code). Check who changed it; if it is yours, `chmod -R go-w` it and "
+                "resume, else start a new search."
+            )
 
 
 def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame, tracker) -> None:
