@@ -164,6 +164,28 @@ def test_pipeline_job_submitted_to_a_ray_cluster_succeeds(ray_cluster, tmp_path)
     assert {"split", "rf-cv", "stats", "tune", "tune-trial", "evaluate"} <= stages
     assert all(r.info.status == "FINISHED" for r in runs if r.data.tags.get("ctvlab.stage") != "tune-trial")
     assert all(r.info.artifact_uri.startswith((smoke / "mlruns").as_uri()) for r in runs)
+    assert_no_identifying_strings(
+        smoke / "mlflow.db", smoke / "mlruns", raw=smoke / "cohort", prep=smoke / "prep"
+    )
+
+
+def assert_no_identifying_strings(db: Path, artifacts: Path, raw: Path, prep: Path) -> None:
+    """Every byte of the tracking store (database and artifacts, compressed files opened) is free of every raw
+    patient id and of the raw and prepared folders' absolute paths."""
+    import csv
+    import gzip
+
+    with open(raw / "manifest.csv", newline="") as fh:
+        ids = [r["patient_id"] for r in csv.DictReader(fh)]
+    assert ids
+    needles = [i.encode() for i in ids] + [str(raw).encode(), str(prep).encode()]
+    blobs = {str(db): db.read_bytes()}
+    for f in artifacts.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            blobs[str(f)] = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    leaks = [(name, n.decode()) for name, blob in blobs.items() for n in needles if n in blob]
+    assert not leaks, leaks[:10]
 
 
 @pytest.mark.ray

@@ -106,5 +106,5 @@ def test_a_search_state_others_can_write_is_not_restored(tmp_path):
     (state / "trial" / "state.pkl").chmod(0o644)
     check_private_state(state)  # private: accepted
     (state / "trial" / "state.pkl").chmod(0o666)
-    with pytest.raises(CtvlabError, match="state.pkl is writable by others"):
+    with pytest.raises(CtvlabError, match=r"state\.pkl is writable by others"):
         check_private_state(state)
