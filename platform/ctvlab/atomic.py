@@ -1,17 +1,22 @@
 """Atomic file writes and content digests.
 
-Every output of ctvlab is written under a temporary name in the destination folder and renamed into
-place, so that a killed run leaves complete files or none. Temporary names start with ".tmp-", which
-pyarrow, Ray Data and ctvlab's readers all skip.
+Every output of ctvlab is written under a temporary name in the destination folder, fsynced, renamed into
+place, and the folder fsynced, so that a killed run (or a machine that loses power) leaves the complete
+new file or the complete old one. A rename alone is not enough: without the fsyncs a crash can leave the
+new name pointing at an empty or partial file. Folder outputs (a model, an evaluation) are built beside
+the old folder and swapped in (`atomic_folder`). Temporary names start with ".tmp-", which pyarrow,
+Ray Data and ctvlab's readers all skip.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,10 +39,66 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = path.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{path.name}")
     try:
         yield tmp
+        fsync_file(tmp)  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # and the rename itself survives a crash
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a folder's entries (a rename, a new file) durable. Some filesystems refuse to fsync a
+    directory (EINVAL, EBADF); the rename is then as durable as that filesystem makes it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; when the block succeeds, swap it in for `path`.
+
+    The old folder stays complete until the new one exists: it is renamed aside (a ".tmp-" name readers
+    skip), the new one renamed into place, then the old one deleted. A kill between the two renames
+    leaves the old folder under its ".tmp-…-old-" name and no `path`; never a half-built `path`. On error
+    the temporary folder is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    tmp = path.with_name(f"{TMP_PREFIX}{token}-{path.name}")
+    old = path.with_name(f"{TMP_PREFIX}{token}-old-{path.name}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_file(f)
+        fsync_dir(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
@@ -51,6 +112,12 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def write_csv_atomic(path: str | os.PathLike[str], df: Any, **kwargs: Any) -> None:
+    """`df.to_csv(path, index=False, **kwargs)`, atomically (a pandas DataFrame)."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, **kwargs)
 
 
 def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> None:

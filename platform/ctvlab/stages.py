@@ -71,9 +71,7 @@ def rf_cv_stage(
 
     Writes results/rf_cv/<model>-<target>-<subgroup>/ (fold, importance and ROC tables, roc.json, figures).
     """
-    import json
-
-    from ctvlab.atomic import write_json_atomic
+    from ctvlab.atomic import write_csv_atomic, write_json_atomic
     from ctvlab.ctv.figures import plot_roc_curves
     from ctvlab.runtime import init_ray
     from ctvlab.voxel_models.cv import run_grid
@@ -92,7 +90,7 @@ def rf_cv_stage(
         out.mkdir(parents=True, exist_ok=True)
         frames = res.to_frames()
         for name, df in frames.items():
-            df.to_csv(out / f"{name}.csv", index=False)
+            write_csv_atomic(out / f"{name}.csv", df)
         fpr, tpr, auc = res.pooled_roc()
         write_json_atomic(out / "roc.json", {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": auc,
                                              "auc_mean": res.auc_mean, "auc_std": res.auc_std})  # fmt: skip
@@ -125,12 +123,13 @@ def rf_cv_stage(
                     child.metrics({f"importance_permutation.{k}": v for k, v in fold.permutation.items()})
                     if fold.reason:
                         child.tags({"ctvlab.skipped_reason": fold.reason})
-            (out / "mlflow_run.json").write_text(json.dumps({"run_id": run.run_id}))
+            write_json_atomic(out / "mlflow_run.json", {"run_id": run.run_id})
     return results
 
 
 def stats_stage(cfg: StudyConfig, prep: Path):
     """Voxel statistics over every prepared patient; tables and box plots to results/stats and MLflow."""
+    from ctvlab.atomic import write_csv_atomic
     from ctvlab.voxel_models.plots import plot_category_boxes
     from ctvlab.voxel_models.stats import voxel_statistics
 
@@ -142,7 +141,7 @@ def stats_stage(cfg: StudyConfig, prep: Path):
     frames = result.to_frames()
     frames["medians"] = pseudonymised(prep, result.medians)
     for name, df in frames.items():
-        df.to_csv(out / f"{name}.csv", index=False)
+        write_csv_atomic(out / f"{name}.csv", df)
     fig = plot_category_boxes(
         result.medians, out / "category_boxes.png", result.tests, test=cfg.stats.primary_test
     )

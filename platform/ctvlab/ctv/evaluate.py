@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctvlab.atomic import atomic_folder, write_csv_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.data.layout import FEATURES
 from ctvlab.data.readers import PreparedPatient, load_patient
@@ -303,53 +304,57 @@ def evaluate_study(
     else:
         threshold, threshold_table = float(cfg.ctv.threshold), {}
 
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "ctv_3mm").mkdir(parents=True)
-    (out / "ctv_native").mkdir(parents=True)
-    rows, t_inf, t_ctv, eortc_sources = [], 0.0, 0.0, {}
-    overlay_cases: list[tuple[str, float]] = []
-    for pid in _progress(ids, progress, console, "evaluating"):
-        p = load_patient(prep, pid)
-        t0 = time.perf_counter()
-        prob = predict_probability(model, p)
-        t1 = time.perf_counter()
-        ctvs, prows, source = evaluate_patient(prob, threshold, p, cfg)
-        t2 = time.perf_counter()
-        t_inf += t1 - t0
-        t_ctv += t2 - t1
-        rows.extend(prows)
-        eortc_sources[pid] = source
-        m = patient_masks(p)
-        overlay_cases.append((pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum())))
-        for name, ctv in ctvs.items():
-            native = out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
-            write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
-    per_patient = pd.DataFrame(rows)
-    summary = summary_table(per_patient)
-    wilcoxon = wilcoxon_table(per_patient)
-    per_patient.to_csv(out / "per_patient.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
-    wilcoxon.to_csv(out / "wilcoxon.csv", index=False)
+    # Built beside the previous evaluation and swapped in: the old results stay until the new ones exist.
+    final_out = out
+    with atomic_folder(final_out) as out:
+        (out / "ctv_3mm").mkdir()
+        (out / "ctv_native").mkdir()
+        rows, t_inf, t_ctv, eortc_sources = [], 0.0, 0.0, {}
+        overlay_cases: list[tuple[str, float]] = []
+        for pid in _progress(ids, progress, console, "evaluating"):
+            p = load_patient(prep, pid)
+            t0 = time.perf_counter()
+            prob = predict_probability(model, p)
+            t1 = time.perf_counter()
+            ctvs, prows, source = evaluate_patient(prob, threshold, p, cfg)
+            t2 = time.perf_counter()
+            t_inf += t1 - t0
+            t_ctv += t2 - t1
+            rows.extend(prows)
+            eortc_sources[pid] = source
+            m = patient_masks(p)
+            overlay_cases.append(
+                (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
+            )
+            for name, ctv in ctvs.items():
+                native = out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
+                write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
+        per_patient = pd.DataFrame(rows)
+        summary = summary_table(per_patient)
+        wilcoxon = wilcoxon_table(per_patient)
+        for name, df in (("per_patient", per_patient), ("summary", summary), ("wilcoxon", wilcoxon)):
+            write_csv_atomic(out / f"{name}.csv", df)
 
-    figures = [plot_metric_boxes(per_patient.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
-                                 {(r.metric, r.reference, r.other): r.p_value for r in wilcoxon.itertuples()})]  # fmt: skip
-    chosen = [pid for pid, _ in sorted(overlay_cases, key=lambda kv: -kv[1])[: cfg.ctv.overlay_patients]]
-    for pid in chosen:
-        p = load_patient(prep, pid)
-        m = patient_masks(p)
-        prob = predict_probability(model, p)
-        ctvs, _, _ = evaluate_patient(prob, threshold, p, cfg)
-        figures.append(plot_contours(
-            p.feature("nT1c"), ctvs, (m["cel_prog"] | m["t2l_prog"]) & m["brain"],
-            out / f"fig4_contours_{names[pid]}.png", f"patient {names[pid]}",
-            second_background=p.feature("nFLAIR"), spacing=p.spacing, lesion=m["cel"] | m["t2l"],
-        ))  # fmt: skip
-    roc = _rf_roc_curves(cfg)
-    if roc:
-        figures.append(
-            plot_roc_curves(roc, out / "fig1_rf_roc.png", "Voxel-wise progression models (5-fold CV)")
-        )
+        figures = [plot_metric_boxes(per_patient.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
+                                     {(r.metric, r.reference, r.other): r.p_value for r in wilcoxon.itertuples()})]  # fmt: skip
+        chosen = [pid for pid, _ in sorted(overlay_cases, key=lambda kv: -kv[1])[: cfg.ctv.overlay_patients]]
+        for pid in chosen:
+            p = load_patient(prep, pid)
+            m = patient_masks(p)
+            prob = predict_probability(model, p)
+            ctvs, _, _ = evaluate_patient(prob, threshold, p, cfg)
+            figures.append(plot_contours(
+                p.feature("nT1c"), ctvs, (m["cel_prog"] | m["t2l_prog"]) & m["brain"],
+                out / f"fig4_contours_{names[pid]}.png", f"patient {names[pid]}",
+                second_background=p.feature("nFLAIR"), spacing=p.spacing, lesion=m["cel"] | m["t2l"],
+            ))  # fmt: skip
+        roc = _rf_roc_curves(cfg)
+        if roc:
+            figures.append(
+                plot_roc_curves(roc, out / "fig1_rf_roc.png", "Voxel-wise progression models (5-fold CV)")
+            )
+    out = final_out
+    figures = [out / Path(f).name for f in figures]  # every figure lies at the folder's top level
 
     with tracker.run("evaluate", base_tags("evaluate", split.dataset_digest, split.digest)) as run:
         run.params({"evaluate": {"split": split_name, "model_uri": model_uri, "threshold": threshold,

@@ -14,12 +14,8 @@ without a sidecar, which the next run redoes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ctvlab import __version__
-from ctvlab.atomic import TMP_PREFIX, digest, save_npy_atomic, sha256_file, write_json_atomic
+from ctvlab.atomic import atomic_folder, digest, save_npy_atomic, sha256_file, write_json_atomic
 from ctvlab.config import FEATURES, PreprocessConfig
 from ctvlab.data.layout import CATEGORIES, CATEGORY_CODES, MASKS, PrepPaths, voxel_table_schema
 from ctvlab.errors import DataError
@@ -315,26 +311,13 @@ def voxel_table(row: ManifestRow, arrays: PreparedArrays):
 
 
 def _write_partition(voxels_dir: Path, patient_id: str, table) -> Path:
-    """Write voxels/patient_id=<id>/part-0.parquet atomically: a temporary folder renamed into place.
-
-    A folder cannot be renamed onto a non-empty one, so an old partition is first moved aside under a
-    temporary name (readers skip names starting with ".tmp-") and deleted after the swap.
-    """
+    """Write voxels/patient_id=<id>/part-0.parquet atomically: a temporary folder swapped into place
+    (`atomic.atomic_folder`; readers skip the ".tmp-" names it uses meanwhile)."""
     import pyarrow.parquet as pq
 
     final = voxels_dir / f"patient_id={patient_id}"
-    token = secrets.token_hex(4)
-    tmp = voxels_dir / f"{TMP_PREFIX}{token}-patient_id={patient_id}"
-    old = voxels_dir / f"{TMP_PREFIX}{token}-old-patient_id={patient_id}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(final) as tmp:
         pq.write_table(table, tmp / VOXEL_FILE)
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(final, old)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return final / VOXEL_FILE
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctvlab.atomic import write_csv_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError
 
@@ -153,9 +154,9 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
         table = pd.concat(per_patient, ignore_index=True)
         tests = pairwise_wilcoxon(table, sets)
         best_df = pd.DataFrame(best_rows)
-        table.to_csv(out / "per_patient.csv", index=False)
-        tests.to_csv(out / "wilcoxon.csv", index=False)
-        best_df.to_csv(out / "best_per_set.csv", index=False)
+        write_csv_atomic(out / "per_patient.csv", table)
+        write_csv_atomic(out / "wilcoxon.csv", tests)
+        write_csv_atomic(out / "best_per_set.csv", best_df)
         fig = plot_ablation(table, sets, tests, out / "fig2b_modalities.png")
         summary = table.groupby("modality_set")[list(ABLATION_METRICS)].mean()
         run.metrics({f"{s}_{m}_mean": float(summary.loc[s, m]) for s in sets for m in ABLATION_METRICS})

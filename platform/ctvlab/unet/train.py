@@ -15,7 +15,6 @@ as in the study) as a state dict plus a JSON spec, logs it to MLflow and registe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -442,20 +441,18 @@ def provenance_spec(prep: Path, split) -> dict[str, Any]:
 
 
 def export_model(checkpoint, dst: Path, extra_spec: dict[str, Any]) -> Path:
-    """Copy the weights (state dict only) and the model spec out of a checkpoint into `dst`."""
+    """Copy the weights (state dict only) and the model spec out of a checkpoint into `dst`.
+
+    The new folder is built beside the old one and swapped in, so the previous model stays until the new
+    one is complete."""
+    from ctvlab.atomic import atomic_folder
+
     dst = Path(dst)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    with checkpoint.as_directory() as d:
+    with atomic_folder(dst) as tmp, checkpoint.as_directory() as d:
         shutil.copy2(Path(d) / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
         spec = json.loads((Path(d) / SPEC_FILE).read_text())
-    spec.update(extra_spec)
-    (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
-    os.replace(tmp, dst)
+        spec.update(extra_spec)
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
     return dst
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctvlab.atomic import atomic_folder
 from ctvlab.config import BetaSchedule, GridSpace, SearchSpace, StudyConfig, TuneConfig, UNetConfig
 from ctvlab.errors import CtvlabError, DataError
 
@@ -608,11 +609,8 @@ def _finish_search(
     model_uri = None
     if src.exists():
         model_dir = Path(cfg.results_dir, "model").resolve()
-        staged = model_dir.with_name(f".tmp-{model_dir.name}")  # complete before it replaces the old one
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(src, staged)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        staged.rename(model_dir)
+        with atomic_folder(model_dir) as staged:  # the old model stays until the new one is complete
+            shutil.copytree(src, staged, dirs_exist_ok=True)
         log.artifact(model_dir, "model")
         if register:
             version = tracker.register_model(cfg.unet.registered_model_name, parent, "model",
