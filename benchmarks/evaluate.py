@@ -4,7 +4,7 @@
                                             [--base-features 48] [--threads 2] [--repeats 3]
 
 For every test patient of a prepared dataset (default: the demo's), times (a) the network's inference
-on the full 3 mm grid (`ctvlab.ctv.evaluate.predict_probability`, what `ctvlab evaluate` runs) and (b) the
+on the full 3 mm grid (`ctvlab.unet.inference.predict_probability`, what `ctvlab evaluate` runs) and (b) the
 evaluation proper (`evaluate_patient`: model, RTOG and EORTC CTVs with millimetre margins, then
 sensitivity, specificity, Dice, HD95, Tversky, PCC, volume and progression coverage for each). Each is the
 median of `--repeats` runs after one warm-up.
@@ -65,9 +65,10 @@ def main() -> None:
     import torch
 
     from ctvlab.config import StudyConfig
-    from ctvlab.ctv.evaluate import evaluate_patient, load_model, predict_probability
+    from ctvlab.ctv.evaluate import evaluate_patient
     from ctvlab.data.readers import load_patient
     from ctvlab.splits import load_split
+    from ctvlab.unet.inference import load_model, predict_probability
 
     if not (args.data / "splits.json").exists():
         raise SystemExit(

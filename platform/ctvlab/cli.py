@@ -69,12 +69,23 @@ def validate(
     config: Annotated[
         Path | None, Opt("--config", "-c", help="Study config whose cohort.limits cap file sizes.")
     ] = None,
+    purpose: Annotated[
+        str,
+        Opt(
+            "--for",
+            help="study: everything the study needs; predict: outcome columns and progression "
+            "masks may be empty.",
+        ),
+    ] = "study",
 ) -> None:
     """Check a cohort before any compute: every file loads, grids agree, masks are binary, values sane."""
+    from ctvlab.ingest.manifest import PURPOSES
     from ctvlab.ingest.validate import print_validation, validate_cohort
 
+    if purpose not in PURPOSES:
+        raise typer.BadParameter(f"--for must be one of: {', '.join(PURPOSES)}")
     limits = _study(config).cohort.limits if config else None
-    report = validate_cohort(cohort, limits=limits)
+    report = validate_cohort(cohort, purpose=purpose, limits=limits)
     if json_out:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     else:
@@ -331,6 +342,37 @@ def evaluate(
     print_evaluation(
         evaluate_study(cfg, data, model_uri=model_uri, split_name=split_name, console=console), console
     )
+
+
+@app.command()
+def predict(
+    raw: Annotated[
+        Path, typer.Argument(help="Cohort folder (manifest.csv); outcomes may be empty.", resolve_path=True)
+    ],
+    out: Annotated[Path, Opt("--out", help="Output folder: one sub-folder per patient.", resolve_path=True)],
+    patient: Annotated[
+        list[str] | None, Opt("--patient", help="Predict only this patient (repeat for several).")
+    ] = None,
+    model: Annotated[
+        str,
+        Opt("--model", help="models:/name@alias, models:/name/version, runs:/id/model or a model folder."),
+    ] = "models:/ctvlab-unet@champion",
+    threshold: Annotated[
+        float | None, Opt("--threshold", help="Model CTV threshold (default: the model's, else 0.5).")
+    ] = None,
+    device: Annotated[str | None, Opt("--device", help="cpu or cuda (default: cuda when present).")] = None,
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Apply a trained model to new patients: probability and CTVs on the native T1c grid, overlay, report."""
+    from ctvlab.ctv.predict import predict_cohort, print_prediction
+
+    cfg = _stage_config(config, None, tracking_uri)
+    console = _console()
+    outcome = predict_cohort(raw, out, cfg, model_uri=model, patients=patient, threshold=threshold,
+                             device=device, console=console)  # fmt: skip
+    print_prediction(outcome, console)
+    raise typer.Exit(1 if outcome.failed else 0)
 
 
 @app.command()

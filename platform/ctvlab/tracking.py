@@ -255,17 +255,34 @@ class Tracker:
         if Path(model_uri).exists():
             return Path(model_uri)
         if model_uri.startswith("models:/"):
-            name, _, version = model_uri[len("models:/") :].partition("/")
+            model_uri = self.model_version(model_uri).source
+        if not model_uri.startswith("runs:/"):
+            raise ValueError(f"unsupported model URI {model_uri!r}: use models:/, runs:/ or a folder")
+        run_id, _, path = model_uri[len("runs:/") :].partition("/")
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+
+    def model_version(self, model_uri: str):
+        """The registered version behind `models:/name/version`, `models:/name/latest` or `models:/name@alias`.
+
+        Raises:
+            ValueError: no such model, version or alias.
+        """
+        from mlflow.exceptions import MlflowException
+
+        rest = model_uri[len("models:/") :]
+        try:
+            if "@" in rest:
+                name, _, alias = rest.partition("@")
+                return self.client.get_model_version_by_alias(name, alias)
+            name, _, version = rest.partition("/")
             if version in ("", "latest"):
                 versions = self.client.search_model_versions(f"name='{name}'")
                 if not versions:
                     raise ValueError(f"no version of model {name!r} is registered")
                 version = str(max(int(v.version) for v in versions))
-            model_uri = self.client.get_model_version(name, version).source
-        if not model_uri.startswith("runs:/"):
-            raise ValueError(f"unsupported model URI {model_uri!r}: use models:/, runs:/ or a folder")
-        run_id, _, path = model_uri[len("runs:/") :].partition("/")
-        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+            return self.client.get_model_version(name, version)
+        except MlflowException as e:
+            raise ValueError(f"{model_uri}: {e.message}") from None
 
     def model_version_run(self, model_uri: str) -> str | None:
         """The run id that produced a registered model version (`models:/name/version|latest`)."""

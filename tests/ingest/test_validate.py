@@ -486,3 +486,30 @@ def test_read_volume_reads_every_voxel(tmp_path):
     vol = read_volume(tmp_path / "x.nii.gz")
     assert np.array_equal(vol.data, data) and vol.oriented
     assert np.allclose(vol.affine, np.diag([1.0, 2.0, 3.0, 1.0]))
+
+
+def test_validate_for_predict_needs_no_outcomes(phantom_cohort):
+    """`ctvlab validate --for predict`: outcome columns and progression masks may be empty; what the
+    network and the CTVs need is still required; the study still needs everything."""
+    from typer.testing import CliRunner
+
+    from ctvlab.cli import app
+    from ctvlab.ingest.manifest import OUTCOME_COLUMNS, PROGRESSION_MASK_COLUMNS
+
+    path = phantom_cohort / "manifest.csv"
+    with open(path, newline="") as fh:
+        records = list(csv.DictReader(fh))
+    for r in records:
+        for column in OUTCOME_COLUMNS + PROGRESSION_MASK_COLUMNS:
+            r[column] = ""
+    records[0]["t2l_mask"] = ""  # the CTVs are built around the T2L: still required for prediction
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    predict = validate_cohort(phantom_cohort, progress=False, purpose="predict")
+    assert [p.patient_id for p in predict.patients if not p.valid] == [records[0]["patient_id"]]
+    assert not any(p.valid for p in validate_cohort(phantom_cohort, progress=False).patients)
+    result = CliRunner().invoke(app, ["validate", str(phantom_cohort), "--for", "predict"])
+    assert result.exit_code == 1 and "t2l_mask" in result.output
+    assert CliRunner().invoke(app, ["validate", str(phantom_cohort), "--for", "nonsense"]).exit_code != 0

@@ -1,6 +1,7 @@
 """`ctvlab evaluate`: the model CTV against the RTOG and EORTC CTVs on held-out patients.
 
-For each patient of the chosen split: the network's probability on the full 3 mm grid, the three CTVs
+For each patient of the chosen split: the network's probability on the full 3 mm grid
+(`ctvlab.unet.inference`, the same input as training), the three CTVs
 (`ctvlab.ctv.construct`), their metrics against the composite lesion target (`ctvlab.ctv.metrics`), how
 much of the progression beyond the pre-RT lesion each covers, and the CTVs as NIfTI masks on the 3 mm grid
 and on the patient's original T1c grid. Tables follow the study's Supplementary Tables 1 (mean ± SD per
@@ -27,9 +28,9 @@ import pandas as pd
 
 from ctvlab.atomic import atomic_folder, write_csv_atomic
 from ctvlab.config import StudyConfig
-from ctvlab.data.layout import FEATURES
 from ctvlab.data.readers import PreparedPatient, load_patient
 from ctvlab.errors import CtvlabError, DataError
+from ctvlab.unet.inference import LoadedModel, load_model, predict_probability
 
 CTV_ORDER = ("model", "rtog", "eortc")
 TABLE_METRICS = (
@@ -42,67 +43,6 @@ TABLE_METRICS = (
     "volume_cm3",
     "progression_coverage",
 )
-
-
-# --- the model -----------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedModel:
-    net: Any
-    spec: dict[str, Any]
-    device: Any
-
-
-def load_model(model_dir: str | Path, device: str | None = None) -> LoadedModel:
-    """Rebuild the network from `model.json` and load `weights.pt` (a plain state dict, weights_only)."""
-    import torch
-
-    from ctvlab.unet.model import model_from_spec
-    from ctvlab.unet.train import SPEC_FILE, WEIGHTS_FILE
-
-    model_dir = Path(model_dir)
-    try:
-        spec = json.loads((model_dir / SPEC_FILE).read_text())
-        state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise DataError(
-            f"{model_dir} is not a ctvlab model folder: {Path(e.filename).name} is missing"
-        ) from None
-    try:
-        net = model_from_spec(spec)
-    except ValueError as e:
-        raise DataError(f"{model_dir / SPEC_FILE}: {e}") from None
-    net.load_state_dict(state)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net.to(dev).eval()
-    return LoadedModel(net, spec, dev)
-
-
-def predict_probability(model: LoadedModel, patient: PreparedPatient) -> np.ndarray:
-    """The network's probability (X, Y, Z) on the patient's full 3 mm grid.
-
-    The network is fully convolutional: the whole grid is padded to a multiple of 8, predicted in one
-    pass, and cropped back; voxels outside the brain get probability 0.
-    """
-    import torch
-
-    from ctvlab.unet.inputs import crop_or_pad, fit_shape, minmax_within_brain, select_channels, uncrop
-
-    brain = patient.mask("brain") > 0
-    x = minmax_within_brain(select_channels(patient.features, FEATURES, model.spec["modality_set"]), brain)
-    full = tuple(x.shape[1:])
-    box = tuple(slice(0, s) for s in full)
-    shape = fit_shape(full, multiple=8)
-    xin = torch.from_numpy(crop_or_pad(x, box, shape)[None]).to(model.device)
-    with torch.no_grad():
-        if model.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model.net(xin)
-        else:
-            logits = model.net(xin)
-    prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
-    return (uncrop(prob, box, shape, full) * brain).astype(np.float32)
 
 
 def resolve_model(

@@ -54,6 +54,10 @@ MASK_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 PATH_COLUMNS: tuple[str, ...] = IMAGE_COLUMNS + MASK_COLUMNS
 COLUMNS: tuple[str, ...] = CLINICAL_COLUMNS + PATH_COLUMNS
+# What only follow-up can tell: prediction (`ctvlab predict`) runs before it, so these may be empty there.
+OUTCOME_COLUMNS: tuple[str, ...] = ("progression_type", "pfs_months", "os_months")
+PROGRESSION_MASK_COLUMNS: tuple[str, ...] = ("cel_progression_mask", "t2l_progression_mask")
+PURPOSES: tuple[str, ...] = ("study", "predict")
 
 # patient ids name folders, hive partitions and files: keep them to a portable character set.
 PATIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -137,6 +141,24 @@ class ManifestRow(BaseModel):
         return {c: (v.value if isinstance(v := getattr(self, c), StrEnum) else v) for c in CLINICAL_COLUMNS}
 
 
+class PredictionRow(ManifestRow):
+    """A patient to predict (`ctvlab predict`): outcome fields and progression masks may be empty, because
+    prediction happens before follow-up; everything the network and the CTVs need is still required."""
+
+    model_config = ConfigDict(extra="forbid", title="ctvlab prediction manifest row")
+
+    progression_type: ProgressionType | None = None
+    pfs_months: float | None = Field(None, ge=0, le=600, description="Progression-free survival (months).")
+    os_months: float | None = Field(None, ge=0, le=600, description="Overall survival (months).")
+    cel_progression_mask: RelPath | None = None
+    t2l_progression_mask: RelPath | None = None
+
+    @field_validator(*OUTCOME_COLUMNS, *PROGRESSION_MASK_COLUMNS, mode="before")
+    @classmethod
+    def _empty_outcome_is_missing(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+
 class ManifestProblem(BaseModel):
     """A problem found while reading the manifest (before any image is opened)."""
 
@@ -146,8 +168,13 @@ class ManifestProblem(BaseModel):
     message: str
 
 
-def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestProblem], list[str]]:
+def read_manifest(
+    root: str | Path, purpose: str = "study"
+) -> tuple[list[ManifestRow], list[ManifestProblem], list[str]]:
     """Parse `root/manifest.csv` against the row schema.
+
+    `purpose` "study" needs every column; "predict" parses `PredictionRow`s, whose outcome columns and
+    progression masks may be empty or absent from the header.
 
     Returns:
         (rows that parsed, problems, the ids of every row in file order, parsed or not). A row with a
@@ -155,6 +182,12 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
         patient never hides the rest of the cohort. Duplicate ids are reported for every occurrence
         after the first, and those rows are left out.
     """
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    row_model = PredictionRow if purpose == "predict" else ManifestRow
+    optional = set(MRSI_COLUMNS) | (
+        set(OUTCOME_COLUMNS + PROGRESSION_MASK_COLUMNS) if purpose == "predict" else set()
+    )
     root = Path(root)
     path = root / MANIFEST_NAME
     problems: list[ManifestProblem] = []
@@ -195,7 +228,7 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
                 )
             )
             return [], problems, []
-        missing = [c for c in COLUMNS if c not in header and c not in MRSI_COLUMNS]
+        missing = [c for c in COLUMNS if c not in header and c not in optional]
         unknown = [c for c in header if c not in COLUMNS]
         if missing:
             problems.append(
@@ -256,7 +289,7 @@ def read_manifest(root: str | Path) -> tuple[list[ManifestRow], list[ManifestPro
                 seen[pid] = line
                 folded[pid.casefold()] = (pid, line)
             try:
-                rows.append(ManifestRow.model_validate(record))
+                rows.append(row_model.model_validate(record))
             except ValidationError as e:
                 for err in e.errors():
                     col = ".".join(str(p) for p in err["loc"]) or None

@@ -810,12 +810,18 @@ def _raw_records(root: Path) -> list[dict[str, str]]:
 
 
 def validate_cohort(
-    root: str | Path, progress: bool = True, num_workers: int | None = None, limits: InputLimits | None = None
+    root: str | Path,
+    progress: bool = True,
+    num_workers: int | None = None,
+    limits: InputLimits | None = None,
+    purpose: str = "study",
 ) -> ValidationReport:
     """Validate a cohort folder: its manifest, then every patient's files.
 
     Args:
         root: the cohort folder holding manifest.csv.
+        purpose: "study" (everything the study needs) or "predict" (what `ctvlab predict` needs: outcome
+            columns and progression masks may be empty; a file that is given is still checked).
         progress: show a progress bar on stderr when it is a terminal.
         num_workers: patients checked in parallel (threads; decompression releases the GIL). Default:
             up to 4, bounded by the CPU count. Output order is the manifest's, whatever the schedule.
@@ -834,7 +840,7 @@ def validate_cohort(
         )
         return report
     try:
-        rows, mproblems, ids = read_manifest(root)
+        rows, mproblems, ids = read_manifest(root, purpose)
         records = _raw_records(root) if ids else []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         report.cohort_problems.append(

@@ -189,6 +189,9 @@ def prepare_arrays(row: ManifestRow, raw_root: Path, cfg: PreprocessConfig) -> P
 
     masks: dict[str, np.ndarray] = {}
     for name, column in MASK_SOURCES.items():
+        if column not in paths:  # a progression mask of a patient to predict: no follow-up yet
+            masks[name] = np.zeros(shape, dtype=bool)
+            continue
         data, aff = _load_nifti(row, column, paths[column])
         masks[name] = resample_mask(data > 0.5, aff, affine, shape, cfg.mask_threshold, coords(aff))
     brain = masks["brain"]

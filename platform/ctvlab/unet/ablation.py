@@ -39,8 +39,8 @@ class AblationOutcome:
 def test_metrics(model_dir: Path, prep: Path, patient_ids: list[str], threshold: float = 0.5) -> pd.DataFrame:
     """Per-patient sensitivity, specificity and PCC of a model's thresholded prediction (Fig. 2b)."""
     from ctvlab.ctv import metrics as M
-    from ctvlab.ctv.evaluate import load_model, predict_probability
     from ctvlab.data.readers import load_patient
+    from ctvlab.unet.inference import load_model, predict_probability
 
     model = load_model(model_dir)
     rows = []

@@ -1,8 +1,14 @@
 """Network inputs from prepared volumes: channel selection, min-max normalisation, crop and pad.
 
 All arrays are NumPy, spatial axes last: features (C, X, Y, Z) on the 3 mm grid of the prepared
-dataset, masks (X, Y, Z). The network sees a fixed-size box around the brain (every spatial size a
-multiple of 8, for three poolings); `uncrop` puts its predictions back on the full 3 mm grid.
+dataset, masks (X, Y, Z). The network sees the patient's whole 3 mm grid centred in a fixed input grid
+(every spatial size a multiple of 8, for three poolings); `uncrop` puts its predictions back on the full
+3 mm grid.
+
+`network_input` is the one place that builds what the network sees, for training, validation,
+evaluation, ablation and prediction alike: with instance normalisation the amount of zero background
+around the brain changes the normalisation statistics, so a patient padded to another grid gets another
+prediction. The grid a model was trained on is recorded in its spec (`input_shape`).
 """
 
 from __future__ import annotations
@@ -101,6 +107,44 @@ def union_bbox(boxes: Sequence[Box]) -> Box:
 def fit_shape(shape: Sequence[int], multiple: int = 8) -> tuple[int, ...]:
     """Each size rounded up to a multiple of `multiple` (8: the U-Net pools three times)."""
     return tuple(int(-(-int(n) // multiple) * multiple) for n in shape)
+
+
+def full_box(shape: Sequence[int]) -> Box:
+    """The box of a whole grid (the network sees the whole prepared 3 mm grid, not a crop)."""
+    return tuple(slice(0, int(n)) for n in shape)  # type: ignore[return-value]
+
+
+def network_grid(shape: Sequence[int], trained: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """The network's input grid for a patient grid of `shape` (X, Y, Z).
+
+    The model's training grid (`trained`, the spec's `input_shape`) where the patient fits in it, which is
+    every training and validation patient by construction; per axis where a new patient is larger, that
+    axis grows to the next multiple of 8 instead of cropping away part of the brain.
+    """
+    fitted = fit_shape(shape, multiple=8)
+    if trained is None:
+        return fitted  # type: ignore[return-value]
+    return tuple(max(int(a), int(b)) for a, b in zip(fitted, trained, strict=True))  # type: ignore[return-value]
+
+
+def network_input(
+    features: np.ndarray,
+    feature_names: Sequence[str],
+    brain: np.ndarray,
+    modality_set: str,
+    grid: Sequence[int],
+) -> np.ndarray:
+    """What the network sees of one patient: float32 (C, *grid).
+
+    Args:
+        features: (F, X, Y, Z) prepared feature channels named by `feature_names` (NaN = missing).
+        brain: (X, Y, Z) brain mask (nonzero = brain).
+        modality_set: the input channels (`MODALITY_SETS`).
+        grid: the network's spatial input shape (`network_grid`); the whole (X, Y, Z) grid is centred in
+            it (cropped centrally along an axis where the grid is smaller, which `network_grid` avoids).
+    """
+    image = minmax_within_brain(select_channels(features, feature_names, modality_set), brain)
+    return crop_or_pad(image, full_box(features.shape[1:]), grid)
 
 
 def box_shape(box: Box) -> tuple[int, int, int]:

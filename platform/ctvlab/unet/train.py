@@ -15,6 +15,7 @@ as in the study) as a state dict plus a JSON spec, logs it to MLflow and registe
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -28,11 +29,10 @@ import numpy as np
 from ctvlab.config import StudyConfig, UNetConfig
 from ctvlab.data.layout import FEATURES, MASKS, MODALITY_SETS
 from ctvlab.errors import CtvlabError, DataError
+from ctvlab.unet.inference import SPEC_FILE, WEIGHTS_FILE
 
 SELECTION_METRIC = "val_tversky"  # Methods: model selection by Tversky at α = 0.02, β = 0.98
 MODEL_ARTIFACT = "model"
-WEIGHTS_FILE = "weights.pt"
-SPEC_FILE = "model.json"
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
 VAL_KEYS = ("tversky", "pcc", "dice", "sensitivity", "specificity")
@@ -50,19 +50,31 @@ HOLD_LIMIT_S = 600
 def prepare_row(row: dict[str, Any], modality_set: str, out_shape: Sequence[int]) -> dict[str, Any]:
     """A prepared patient row (features, masks) -> network example on the fixed training grid.
 
-    Deterministic: channel selection, min-max normalisation within the brain (missing MRSI = 0), centre
-    padding of the whole 3 mm grid to `out_shape`. Augmentation happens later, per epoch, on the worker.
+    Deterministic: the image is `ctvlab.unet.inputs.network_input` (what evaluation and prediction feed
+    the network too); label and brain are placed on the same grid. Augmentation happens later, per
+    epoch, on the worker.
     """
-    from ctvlab.unet.inputs import prepare_example
+    from ctvlab.unet.inputs import crop_or_pad, full_box, network_input
 
     features, masks = row["features"], row["masks"]
-    box = tuple(slice(0, s) for s in features.shape[1:])
-    ex = prepare_example(features, FEATURES, masks, MASKS, modality_set, box, tuple(out_shape))
-    return {"patient_id": row["patient_id"], **ex}
+    for needed in ("brain", "target"):
+        if needed not in MASKS:
+            raise DataError(f"the prepared masks lack the {needed!r} channel; re-run preprocessing.")
+    brain = masks[MASKS.index("brain")] > 0
+    target = masks[MASKS.index("target")] > 0
+    box, grid = full_box(features.shape[1:]), tuple(out_shape)
+    return {
+        "patient_id": row["patient_id"],
+        "image": network_input(features, FEATURES, brain, modality_set, grid),
+        "label": crop_or_pad(target[None].astype(np.float32), box, grid),
+        "brain": crop_or_pad(brain[None].astype(np.float32), box, grid),
+    }
 
 
 def input_shape(prep: Path, patient_ids: Iterable[str]) -> tuple[int, int, int]:
-    """The fixed network grid: the largest prepared grid among the given patients, a multiple of 8."""
+    """The fixed network grid of a training run: the largest prepared grid among the given patients,
+    a multiple of 8. It is recorded in the model's spec (`input_shape`) so that inference feeds every
+    later patient the same grid (`ctvlab.unet.inputs.network_grid`)."""
     from ctvlab.data.readers import load_dataset_meta
     from ctvlab.unet.inputs import fit_shape
 
@@ -143,7 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     in_channels = len(MODALITY_SETS[ucfg.model.modality_set])
     model = build_unet(ucfg.model, in_channels)
-    spec = model_spec(ucfg.model, in_channels)
+    # The grid every patient of this run is padded to; inference pads later patients to it too.
+    spec = {**model_spec(ucfg.model, in_channels), "input_shape": list(config["input_shape"])}
     optimizer = build_optimizer(model.parameters(), ucfg.optim)
     loss_fn = make_loss(ucfg.loss)
 
@@ -577,7 +590,7 @@ def train_unet(
     model_dir = Path(cfg.results_dir, "model").resolve()
     export_model(ckpt, model_dir, {
         **provenance_spec(prep, split),
-        "input_shape": list(input_shape(prep, train_ids + val_ids)), "mlflow_run_id": mlflow_run_id,
+        "mlflow_run_id": mlflow_run_id,
     })  # fmt: skip
     log = tracker.logger(mlflow_run_id)
     history = _history(result)

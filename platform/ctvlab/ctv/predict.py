@@ -1,0 +1,269 @@
+"""`ctvlab predict`: apply a trained model to new patients and write their CTVs on the native T1c grid.
+
+For each patient of a cohort folder (its manifest may leave the outcome columns and progression masks
+empty; `ctvlab validate --for predict` checks it): the 3 mm inputs by the preprocessing of the study
+(`ctvlab.preprocess.patient.prepare_arrays`), the probability from the network on the input grid it was
+trained on (`ctvlab.unet.inference`), then, on the patient's native T1c grid:
+
+- `probability.nii.gz`: the probability resampled (trilinear) from the 3 mm grid;
+- `ctv_model.nii.gz`, `ctv_rtog.nii.gz`, `ctv_eortc.nii.gz`: the CTVs built on the native grid
+  (`ctvlab.ctv.construct.build_ctvs`) from the resampled probability and the native masks, so that
+  contours follow the native voxels instead of 3 mm steps; margins in mm of the native spacing;
+- `overlay.png`: axial slices of the T1c with the three contours;
+- `report.json`: CTV volumes, the threshold and where it came from, the model URI and version, and the
+  sha256 of every input file.
+
+Every NIfTI carries the T1c's affine and qform/sform codes. A patient's folder is written under a
+temporary name and renamed when complete; a patient that fails is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctvlab.atomic import TMP_PREFIX, sha256_file, write_json_atomic
+from ctvlab.config import StudyConfig
+from ctvlab.errors import CtvlabError, DataError
+from ctvlab.unet.inference import LoadedModel, load_model, predict_arrays
+
+DEFAULT_MODEL_URI = "models:/ctvlab-unet@champion"
+# Used only when neither --threshold nor the model's spec gives one (a model that records no threshold
+# chosen on its validation patients).
+FALLBACK_THRESHOLD = 0.5
+# What report.json repeats from the model's spec: enough to tell which model and data made the CTVs.
+MODEL_FIELDS = ("modality_set", "base_features", "input_shape", "split_digest", "dataset_digest")
+OUTPUT_FILES = ("probability.nii.gz", "ctv_model.nii.gz", "ctv_rtog.nii.gz", "ctv_eortc.nii.gz",
+                "overlay.png", "report.json")  # fmt: skip
+
+
+@dataclass
+class ResolvedModel:
+    model: LoadedModel
+    uri: str
+    version: str | None
+    threshold: float
+    threshold_source: str
+
+
+@dataclass
+class PredictionOutcome:
+    out_dir: Path
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds_per_patient: float = float("nan")
+
+
+def resolve_model(
+    model_uri: str, tracker_factory, threshold: float | None = None, device: str | None = None
+) -> ResolvedModel:
+    """Load the model behind a local folder, `models:/name/version|latest`, `models:/name@alias` or
+    `runs:/id/path`; `tracker_factory()` gives the `ctvlab.tracking.Tracker` for registry URIs."""
+    version = None
+    with tempfile.TemporaryDirectory() as dl:
+        if Path(model_uri).is_dir():
+            folder = Path(model_uri)
+        else:
+            tracker = tracker_factory()
+            try:
+                if model_uri.startswith("models:/"):
+                    version = str(tracker.model_version(model_uri).version)
+                folder = tracker.download_model(model_uri, dl)
+            except Exception as e:
+                raise CtvlabError(
+                    f"cannot load model {model_uri} from {tracker.tracking_uri}: {e}. Give --model with a "
+                    "registered version (models:/ctvlab-unet/3), alias, runs:/ URI or a model folder."
+                ) from None
+        model = load_model(folder, device)
+    if threshold is not None:
+        source = "--threshold"
+    elif model.spec.get("threshold") is not None:
+        threshold, source = float(model.spec["threshold"]), "the model's validation threshold"
+    else:
+        threshold, source = FALLBACK_THRESHOLD, "default (the model records no validation threshold)"
+    return ResolvedModel(model, model_uri, version, float(threshold), source)
+
+
+def _native_image(data: np.ndarray, t1c, dtype) -> Any:
+    """A NIfTI image of `data` with the T1c's affine, qform and sform (and their codes)."""
+    import nibabel as nib
+
+    header = t1c.header.copy()
+    header.set_data_dtype(dtype)
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), t1c.affine, header)
+    img.set_qform(t1c.get_qform(), code=int(t1c.header["qform_code"]))
+    img.set_sform(t1c.get_sform(), code=int(t1c.header["sform_code"]))
+    img.header.set_slope_inter(1.0, 0.0)
+    return img
+
+
+def _native_masks(row, raw_root: Path, t1c) -> dict[str, np.ndarray]:
+    """The masks the CTVs need, on the T1c grid (resampled when a mask comes on another grid)."""
+    import nibabel as nib
+
+    from ctvlab.preprocess.grid import resample_mask
+    from ctvlab.preprocess.patient import MASK_SOURCES
+
+    paths = row.paths(raw_root)
+    out = {}
+    for name in ("brain", "cel", "t2l", "cavity", "critical"):
+        path = paths[MASK_SOURCES[name]]
+        try:
+            img = nib.load(str(path))
+            data = np.asarray(img.dataobj).reshape(img.shape[:3]) > 0.5
+        except Exception as e:
+            raise DataError(f"patient {row.patient_id}: {MASK_SOURCES[name]} file {path}: {e}") from None
+        if img.shape[:3] == t1c.shape[:3] and np.allclose(img.affine, t1c.affine, atol=1e-4):
+            out[name] = data
+        else:
+            out[name] = resample_mask(data, img.affine, t1c.affine, tuple(t1c.shape[:3]))
+    return out
+
+
+def predict_patient(
+    row, raw_root: Path, resolved: ResolvedModel, cfg: StudyConfig, dst: Path
+) -> dict[str, Any]:
+    """Predict one patient and write its files into the empty folder `dst`; return its report."""
+    import nibabel as nib
+
+    from ctvlab.ctv.construct import build_ctvs
+    from ctvlab.ctv.figures import plot_contours
+    from ctvlab.preprocess.grid import resample
+    from ctvlab.preprocess.patient import prepare_arrays
+
+    raw_root = Path(raw_root)
+    pid = row.patient_id
+    t0 = time.perf_counter()
+    arrays = prepare_arrays(row, raw_root, cfg.preprocess)
+    prob3 = predict_arrays(resolved.model, arrays.features, arrays.mask("brain"))
+    t_net = time.perf_counter() - t0
+
+    t1c_path = row.paths(raw_root)["t1c"]
+    t1c = nib.load(str(t1c_path))
+    shape = tuple(int(n) for n in t1c.shape[:3])
+    # Trilinear from the 3 mm grid: the model CTV is then a level set of a smooth map on the fine grid.
+    prob = np.clip(resample(prob3, arrays.affine, t1c.affine, shape), 0.0, 1.0).astype(np.float32)
+    masks = _native_masks(row, raw_root, t1c)
+    prob *= masks["brain"]
+    spacing = tuple(float(s) for s in np.linalg.norm(t1c.affine[:3, :3], axis=0))
+    ctvs = build_ctvs(prob, resolved.threshold, masks, spacing, cfg.ctv)
+
+    nib.save(_native_image(prob, t1c, np.float32), dst / "probability.nii.gz")
+    for name, ctv in ctvs.items():
+        nib.save(_native_image(ctv, t1c, np.uint8), dst / f"ctv_{name}.nii.gz")
+    background = np.asarray(t1c.get_fdata(dtype=np.float32)).reshape(shape)
+    lesion = masks["cel"] | masks["t2l"]
+    plot_contours(background, ctvs, lesion, dst / "overlay.png", f"patient {pid}: CTVs (pre-RT lesion hatched)",
+                  spacing=spacing, lesion=lesion)  # fmt: skip
+    voxel_cm3 = float(np.prod(spacing)) / 1000.0
+    report = {
+        "patient_id": pid,
+        "model_uri": resolved.uri,
+        "model_version": resolved.version,
+        "model": {k: resolved.model.spec.get(k) for k in MODEL_FIELDS},
+        "threshold": resolved.threshold,
+        "threshold_source": resolved.threshold_source,
+        "volumes_cm3": {name: float(ctv.sum()) * voxel_cm3 for name, ctv in ctvs.items()},
+        "grid": {"shape": list(shape), "spacing_mm": list(spacing), "affine": t1c.affine.tolist()},
+        "inputs_sha256": {c: sha256_file(p) for c, p in sorted(row.paths(raw_root).items())},
+        "seconds": {"network": round(t_net, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+    write_json_atomic(dst / "report.json", report)
+    return report
+
+
+def predict_cohort(
+    raw: Path,
+    out: Path,
+    cfg: StudyConfig,
+    *,
+    model_uri: str = DEFAULT_MODEL_URI,
+    patients: Sequence[str] | None = None,
+    threshold: float | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    console=None,
+) -> PredictionOutcome:
+    """Predict every patient (or the chosen ones) of the cohort `raw` into `out/<patient_id>/`.
+
+    Raises:
+        CtvlabError: the manifest cannot be read, a chosen patient is not in it, or the model cannot be
+            loaded. A patient whose files fail is recorded in `failed` and skipped.
+    """
+    from ctvlab.ingest.manifest import read_manifest
+
+    raw, out = Path(raw).resolve(), Path(out).resolve()
+    rows, problems, ids = read_manifest(raw, "predict")
+    if not ids and problems:
+        raise DataError(f"{raw}: {problems[0].message}")
+    by_id = {r.patient_id: r for r in rows}
+    wanted = list(patients) if patients else ids
+    unknown = [p for p in wanted if p not in ids]
+    if unknown:
+        raise DataError(f"{raw / 'manifest.csv'}: no patient {', '.join(unknown)}")
+
+    def tracker():
+        from ctvlab.tracking import Tracker
+
+        return Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
+
+    resolved = resolve_model(model_uri, tracker, threshold, device)
+    outcome = PredictionOutcome(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for pid in _progress(wanted, progress, console):
+        row = by_id.get(pid)
+        if row is None:
+            why = "; ".join(f"{p.column}: {p.message}" for p in problems if p.patient_id == pid)
+            outcome.failed[pid] = f"patient {pid}: {raw / 'manifest.csv'}: {why or 'row cannot be read'}"
+            continue
+        tmp = out / f"{TMP_PREFIX}{pid}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            predict_patient(row, raw, resolved, cfg, tmp)
+        except (CtvlabError, ValueError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            msg = str(e) if str(e).startswith(f"patient {pid}") else f"patient {pid}: {e}"
+            outcome.failed[pid] = msg  # reported by `print_prediction`; the other patients go on
+            continue
+        final = out / pid
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        outcome.done.append(pid)
+    if outcome.done:
+        outcome.seconds_per_patient = (time.perf_counter() - t0) / len(outcome.done)
+    write_json_atomic(out / "predict.json", {
+        "model_uri": resolved.uri, "model_version": resolved.version, "threshold": resolved.threshold,
+        "done": outcome.done, "failed": outcome.failed,
+    })  # fmt: skip
+    return outcome
+
+
+def _progress(items, enabled: bool, console):
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("predicting", total=len(items))
+        for it in items:
+            yield it
+            bar.advance(task)
+
+
+def print_prediction(outcome: PredictionOutcome, console) -> None:
+    console.print(f"predicted {len(outcome.done)} patient(s) into {outcome.out_dir} "
+                  f"({outcome.seconds_per_patient:.1f} s per patient)")  # fmt: skip
+    for msg in outcome.failed.values():
+        console.print(f"[red]failed:[/] {msg}")

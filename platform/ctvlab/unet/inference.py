@@ -1,0 +1,100 @@
+"""Loading a trained U-Net and predicting a patient's probability map (evaluation, ablation, prediction).
+
+A model folder holds `weights.pt` (a plain state dict) and `model.json` (the spec: architecture, modality
+set, and `input_shape`, the grid it was trained on). The probability is computed on exactly the input the
+training and validation passes saw (`ctvlab.unet.inputs.network_input` on the spec's grid), so a
+validation patient gets the same map here as in the training loop's validation pass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctvlab.data.layout import FEATURES
+from ctvlab.errors import DataError
+
+WEIGHTS_FILE = "weights.pt"
+SPEC_FILE = "model.json"
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode on `device`, with the spec it was built from."""
+
+    net: Any
+    spec: dict[str, Any]
+    device: Any
+
+    @property
+    def trained_grid(self) -> tuple[int, int, int] | None:
+        """The input grid of training (None for a model exported before the spec recorded it)."""
+        shape = self.spec.get("input_shape")
+        return tuple(int(n) for n in shape) if shape else None  # type: ignore[return-value]
+
+
+def load_model(model_dir: str | Path, device: str | None = None) -> LoadedModel:
+    """Rebuild the network from `model.json` and load `weights.pt` (weights_only: no pickled code runs).
+
+    Raises:
+        DataError: the folder lacks either file or the spec does not describe a ctvlab U-Net.
+    """
+    import torch
+
+    from ctvlab.unet.model import model_from_spec
+
+    model_dir = Path(model_dir)
+    try:
+        spec = json.loads((model_dir / SPEC_FILE).read_text())
+        state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise DataError(
+            f"{model_dir} is not a ctvlab model folder: {Path(e.filename).name} is missing"
+        ) from None
+    try:
+        net = model_from_spec(spec)
+    except ValueError as e:
+        raise DataError(f"{model_dir / SPEC_FILE}: {e}") from None
+    net.load_state_dict(state)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net.to(dev).eval()
+    return LoadedModel(net, spec, dev)
+
+
+def predict_arrays(model: LoadedModel, features: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The network's probability (X, Y, Z) on a patient's full 3 mm grid.
+
+    Args:
+        model: a loaded model.
+        features: (F, X, Y, Z) prepared feature channels in `FEATURES` order (NaN = missing).
+        brain: (X, Y, Z) brain mask; voxels outside it get probability 0.
+
+    Returns:
+        float32 (X, Y, Z) in [0, 1].
+    """
+    import torch
+
+    from ctvlab.unet.inputs import full_box, network_grid, network_input, uncrop
+
+    inside = np.asarray(brain) > 0
+    full = tuple(int(n) for n in features.shape[1:])
+    grid = network_grid(full, model.trained_grid)
+    x = network_input(features, FEATURES, inside, model.spec["modality_set"], grid)
+    xin = torch.from_numpy(x[None]).to(model.device)
+    with torch.no_grad():
+        if model.device.type == "cuda":  # as in training: bf16 autocast on GPU
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model.net(xin)
+        else:
+            logits = model.net(xin)
+    prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+    return (uncrop(prob, full_box(full), grid, full) * inside).astype(np.float32)
+
+
+def predict_probability(model: LoadedModel, patient) -> np.ndarray:
+    """`predict_arrays` of a prepared patient (`ctvlab.data.readers.PreparedPatient`)."""
+    return predict_arrays(model, patient.features, patient.mask("brain"))

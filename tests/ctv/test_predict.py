@@ -1,0 +1,145 @@
+"""`ctvlab predict` on phantom patients whose manifest has no outcomes and no progression masks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctvlab.ctv.predict import OUTPUT_FILES, predict_cohort
+from ctvlab.data.readers import load_patient
+from ctvlab.errors import CtvlabError
+from ctvlab.ingest.manifest import OUTCOME_COLUMNS, PROGRESSION_MASK_COLUMNS
+from ctvlab.ingest.validate import validate_cohort
+from ctvlab.preprocess.grid import resample
+from ctvlab.splits import load_split
+from ctvlab.unet.inference import load_model, predict_probability
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+def prediction_cohort(prepared_phantom: Path, dst: Path, ids: list[str]) -> Path:
+    """The phantom patients `ids` as a cohort before follow-up: outcomes and progression masks empty."""
+    src = prepared_phantom.parent / "cohort"
+    dst.mkdir()
+    with open(src / "manifest.csv", newline="") as fh:
+        records = [r for r in csv.DictReader(fh) if r["patient_id"] in ids]
+    for r in records:
+        shutil.copytree(src / r["patient_id"], dst / r["patient_id"])
+        for column in OUTCOME_COLUMNS + PROGRESSION_MASK_COLUMNS:
+            r[column] = ""
+    with open(dst / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def prediction(trained_phantom, prepared_phantom, tmp_path_factory):
+    cfg, trained = trained_phantom
+    ids = load_split(prepared_phantom).patients("test")[:2]
+    raw = prediction_cohort(prepared_phantom, tmp_path_factory.mktemp("predict") / "raw", ids)
+    out = raw.parent / "out"
+    outcome = predict_cohort(raw, out, cfg, model_uri=trained.model_uri, threshold=0.5, progress=False)
+    return cfg, trained, raw, outcome
+
+
+def test_validate_for_predict_accepts_what_the_study_refuses(prediction):
+    _, _, raw, _ = prediction
+    assert validate_cohort(raw, progress=False, purpose="predict").ok
+    assert not validate_cohort(raw, progress=False).ok  # the study needs outcomes and progression masks
+
+
+def test_outputs_on_the_native_t1c_grid(prediction):
+    _, trained, raw, outcome = prediction
+    assert outcome.done and not outcome.failed
+    for pid in outcome.done:
+        t1c = nib.load(raw / pid / "t1c.nii.gz")
+        folder = outcome.out_dir / pid
+        assert sorted(p.name for p in folder.iterdir()) == sorted(OUTPUT_FILES)
+        report = json.loads((folder / "report.json").read_text())
+        assert report["model_uri"] == trained.model_uri
+        assert report["model_version"] == trained.model_uri.rsplit("/", 1)[1]
+        assert report["threshold"] == 0.5
+        assert set(report["inputs_sha256"]) >= {"t1c", "brain_mask"}
+        assert not {"cel_progression_mask", "t2l_progression_mask"} & set(report["inputs_sha256"])
+        for name in ("probability", "ctv_model", "ctv_rtog", "ctv_eortc"):
+            img = nib.load(folder / f"{name}.nii.gz")
+            assert img.shape == t1c.shape
+            np.testing.assert_allclose(img.affine, t1c.affine, atol=1e-6)
+            assert int(img.header["qform_code"]) == int(t1c.header["qform_code"])
+            assert int(img.header["sform_code"]) == int(t1c.header["sform_code"])
+            if name.startswith("ctv_"):
+                data = np.asanyarray(img.dataobj)
+                voxel_cm3 = np.prod(t1c.header.get_zooms()[:3]) / 1000
+                assert report["volumes_cm3"][name[4:]] == pytest.approx(data.sum() * voxel_cm3)
+        assert (folder / "overlay.png").stat().st_size > 10_000
+
+
+def test_probability_is_evaluations_map_resampled(prediction, prepared_phantom):
+    # The same network input as evaluation: the 3 mm map of the prepared patient, resampled to the T1c grid.
+    _, trained, raw, outcome = prediction
+    model = load_model(trained.model_dir, device="cpu")
+    for pid in outcome.done:
+        p = load_patient(prepared_phantom, pid)
+        t1c = nib.load(raw / pid / "t1c.nii.gz")
+        brain = np.asanyarray(nib.load(raw / pid / "brain_mask.nii.gz").dataobj) > 0.5
+        expected = resample(predict_probability(model, p), p.affine, t1c.affine, t1c.shape) * brain
+        got = np.asanyarray(nib.load(outcome.out_dir / pid / "probability.nii.gz").dataobj)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_model_ctv_follows_the_resampled_probability(prediction):
+    # Built on the native grid: it holds every brain voxel at or above the threshold that is connected
+    # to the lesion, so it is not a 3 mm staircase (it differs from the 3 mm mask resampled).
+    _, _, raw, outcome = prediction
+    pid = outcome.done[0]
+    prob = np.asanyarray(nib.load(outcome.out_dir / pid / "probability.nii.gz").dataobj)
+    ctv = np.asanyarray(nib.load(outcome.out_dir / pid / "ctv_model.nii.gz").dataobj) > 0
+    lesion = (np.asanyarray(nib.load(raw / pid / "t2l_mask.nii.gz").dataobj) > 0.5) | (
+        np.asanyarray(nib.load(raw / pid / "cel_mask.nii.gz").dataobj) > 0.5
+    )
+    critical = np.asanyarray(nib.load(raw / pid / "critical_mask.nii.gz").dataobj) > 0.5
+    assert ctv[lesion & ~critical].all()
+    inside = (prob >= 0.5) & ~critical
+    assert ctv[inside].mean() > 0.99  # islands detached from the lesion may be dropped
+
+
+def test_unknown_alias_is_a_clear_error(prediction, tmp_path):
+    cfg, _, raw, _ = prediction
+    with pytest.raises(CtvlabError, match="models:/ctvlab-unet@nosuchalias"):
+        predict_cohort(
+            raw, tmp_path / "out", cfg, model_uri="models:/ctvlab-unet@nosuchalias", progress=False
+        )
+
+
+def test_cli_skips_a_bad_patient_and_exits_non_zero(prediction, tmp_path):
+    cfg, trained, raw, _ = prediction
+    bad_raw = tmp_path / "raw"
+    shutil.copytree(raw, bad_raw)
+    with open(bad_raw / "manifest.csv", newline="") as fh:
+        first, second = [r["patient_id"] for r in csv.DictReader(fh)]
+    (bad_raw / first / "flair.nii.gz").write_bytes(b"not a NIfTI file")
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'platform'}{os.pathsep}{REPO}", "COLUMNS": "500"}
+    out = subprocess.run(
+        [sys.executable, "-m", "ctvlab.cli", "predict", str(bad_raw), "--out", str(tmp_path / "out"),
+         "--model", str(trained.model_dir), "--threshold", "0.5", "--tracking-uri", cfg.tracking.tracking_uri],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 1, text
+    assert "Traceback" not in text
+    assert f"patient {first}" in text and "flair.nii.gz" in text
+    assert (tmp_path / "out" / second / "report.json").exists()
+    assert not (tmp_path / "out" / first).exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-")]

@@ -1,0 +1,60 @@
+"""One network input: evaluation's probability map equals the training loop's validation pass."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ctvlab.data.readers import PreparedPatient, load_patient
+from ctvlab.splits import load_split
+from ctvlab.unet.inference import load_model, predict_probability
+from ctvlab.unet.inputs import network_grid, uncrop
+from ctvlab.unet.train import batch_to_tensors, input_shape, prepare_row
+
+pytestmark = pytest.mark.ray
+
+
+def validation_pass(model, patient, grid) -> np.ndarray:
+    """The training loop's validation forward pass (`train._validate`) of one patient, on the full grid."""
+    import torch
+
+    ex = prepare_row({"patient_id": patient.patient_id, "features": patient.features, "masks": patient.masks},
+                     model.spec["modality_set"], grid)  # fmt: skip
+    x, _, brain = batch_to_tensors([ex], model.device)
+    with torch.no_grad():
+        prob = torch.sigmoid(model.net(x).float())[0, 0].cpu().numpy()
+    full = patient.features.shape[1:]
+    box = tuple(slice(0, n) for n in full)
+    return uncrop(prob * brain[0, 0].cpu().numpy(), box, grid, full)
+
+
+def test_evaluation_equals_the_validation_pass(trained_phantom, prepared_phantom):
+    _, trained = trained_phantom
+    split = load_split(prepared_phantom)
+    grid = input_shape(prepared_phantom, split.patients("train") + split.patients("val"))
+    spec = json.loads((trained.model_dir / "model.json").read_text())
+    assert tuple(spec["input_shape"]) == grid
+    model = load_model(trained.model_dir, device="cpu")
+    patients = [load_patient(prepared_phantom, pid) for pid in split.patients("val")]
+    # The phantom's grids are all alike; a patient with a smaller grid (4 voxels of background fewer on
+    # each side in x) is what tells the training grid from the patient's own grid padded to a multiple of 8
+    # (what inference fed the network before): with instance norm the two give different maps.
+    p = patients[0]
+    patients.append(PreparedPatient("smaller", p.features[:, 4:-4], p.masks[:, 4:-4], p.sidecar))
+    assert network_grid(patients[-1].features.shape[1:]) != grid
+    for p in patients:
+        np.testing.assert_allclose(predict_probability(model, p), validation_pass(model, p, grid), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "trained", "expected"),
+    [
+        ((50, 61, 40), (64, 64, 48), (64, 64, 48)),  # fits: the training grid
+        ((70, 61, 40), (64, 64, 48), (72, 64, 48)),  # larger along x: grows there, never crops the brain
+        ((50, 61, 40), None, (56, 64, 40)),  # no recorded grid (older model): next multiple of 8
+    ],
+)
+def test_network_grid(shape, trained, expected):
+    assert network_grid(shape, trained) == expected
