@@ -515,6 +515,11 @@ class TrackingConfig(Strict):
         "the working directory.",
     )
     experiment: str | None = Field(None, description="MLflow experiment; default: the study name.")
+    log_patient_images: bool = Field(
+        False,
+        description="Also send native-grid CTVs and MRI-slice figures to the tracking store (opt-in: they "
+        "show a patient's anatomy; the 3 mm CTVs and the metrics are enough to review a study).",
+    )
 
 
 class RayConfig(Strict):

@@ -85,6 +85,11 @@ def test_figures_and_mlflow_run(evaluation, prepared_phantom):
     assert artifacts and not any("P00" in a for a in artifacts)  # pseudonyms only
     per_patient = tracker.client.download_artifacts(out.run_id, "tables/per_patient.csv")
     assert "P00" not in Path(per_patient).read_text()
+    # Anatomy at full resolution stays local unless the study opts in (tracking.log_patient_images).
+    assert not cfg.tracking.log_patient_images
+    assert not tracker.client.list_artifacts(out.run_id, "ctv_native")
+    logged = [a.path for a in tracker.client.list_artifacts(out.run_id, "figures")]
+    assert "figures/fig3_metric_boxes.png" in logged and not any("fig4_contours_" in a for a in logged)
 
 
 def test_leakage_guard_refuses_the_training_patients(trained_phantom, prepared_phantom):

@@ -45,6 +45,9 @@ TABLE_METRICS = (
 )
 
 
+PATIENT_FIGURE_PREFIX = "fig4_contours_"  # MRI slices of one patient: logged only on opt-in
+
+
 def resolve_model(
     cfg: StudyConfig,
     tracker,
@@ -285,7 +288,7 @@ def evaluate_study(
             ctvs, _, _ = evaluate_patient(prob, threshold, p, cfg)
             figures.append(plot_contours(
                 p.feature("nT1c"), ctvs, (m["cel_prog"] | m["t2l_prog"]) & m["brain"],
-                out / f"fig4_contours_{names[pid]}.png", f"patient {names[pid]}",
+                out / f"{PATIENT_FIGURE_PREFIX}{names[pid]}.png", f"patient {names[pid]}",
                 second_background=p.feature("nFLAIR"), spacing=p.spacing, lesion=m["cel"] | m["t2l"],
             ))  # fmt: skip
         roc = _rf_roc_curves(cfg)
@@ -318,10 +321,14 @@ def evaluate_study(
             run.table(pd.DataFrame({"threshold": list(threshold_table), "mean_val_tversky": list(threshold_table.values())}),
                       "threshold_choice.csv")  # fmt: skip
         run.json({names[k]: v for k, v in eortc_sources.items()}, "eortc_gtv_source.json", "tables")
+        # Native-grid CTVs and MRI-slice figures show a patient's anatomy at full resolution: they stay in
+        # the results folder unless the study opts in (tracking.log_patient_images).
+        share_images = cfg.tracking.log_patient_images
         for f in figures:
-            run.artifact(f, "figures")
+            if share_images or not Path(f).name.startswith(PATIENT_FIGURE_PREFIX):
+                run.artifact(f, "figures")
         with tempfile.TemporaryDirectory() as d:  # CTV files under pseudonyms: ids never reach MLflow
-            for sub in ("ctv_3mm", "ctv_native"):
+            for sub in ("ctv_3mm", "ctv_native") if share_images else ("ctv_3mm",):
                 (Path(d) / sub).mkdir()
                 for f in sorted((out / sub).glob("*.nii.gz")):
                     pid, _, rest = f.name.rpartition("_")

@@ -128,6 +128,9 @@ class ValidationReport(BaseModel):
     root: str
     patients: list[PatientResult]
     cohort_problems: list[Problem]
+    # What preprocessing works from (never printed): the rows that parsed, and every row's id in file order.
+    rows: list[ManifestRow] = Field(default_factory=list, exclude=True)
+    manifest_ids: list[str] = Field(default_factory=list, exclude=True)
 
     @computed_field
     @property
@@ -857,6 +860,7 @@ def validate_cohort(
         )
         return report
 
+    report.rows, report.manifest_ids = list(rows), list(ids)
     parsed = {r.patient_id: r for r in rows}
     jobs: list[Callable[[], PatientResult]] = []
     for i, pid in enumerate(ids):

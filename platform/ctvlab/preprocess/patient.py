@@ -123,12 +123,25 @@ class PreparedArrays:
         return self.masks[MASKS.index(name)]
 
 
-def _load_nifti(row: ManifestRow, column: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(data float32 (X, Y, Z), affine) of one input file."""
+def open_nifti(path: Path):
+    """A NIfTI-1/2 image read by its content, not its name: gzip when the bytes say so, whatever the
+    extension (validation reports a misnamed file; preprocessing still reads what is there)."""
+    import gzip
+
     import nibabel as nib
 
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    klass = nib.Nifti2Image if 540 in sizes and 348 not in sizes else nib.Nifti1Image
+    return klass.from_bytes(raw)
+
+
+def _load_nifti(row: ManifestRow, column: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(data float32 (X, Y, Z), affine) of one input file."""
     try:
-        img = nib.load(str(path))
+        img = open_nifti(path)
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except FileNotFoundError:
         raise DataError(f"patient {row.patient_id}: {column} file {path} is missing") from None
@@ -172,9 +185,7 @@ def prepare_arrays(row: ManifestRow, raw_root: Path, cfg: PreprocessConfig) -> P
     affine, shape = reference_grid(brain_native > 0.5, brain_aff, cfg.voxel_mm, cfg.bbox_margin_mm)
     del brain_native
 
-    import nibabel as nib
-
-    t1c_img = nib.load(str(paths["t1c"]))
+    t1c_img = open_nifti(paths["t1c"])
     native_affine = np.asarray(t1c_img.affine, dtype=np.float64)
     native_shape = tuple(int(n) for n in t1c_img.shape[:3])
 

@@ -39,7 +39,7 @@ from ctvlab.atomic import TMP_PREFIX, atomic_path, digest, write_json_atomic
 from ctvlab.config import FEATURES, PreprocessConfig
 from ctvlab.data.layout import CATEGORY_CODES, MASKS, PrepPaths
 from ctvlab.errors import DataError, InfrastructureError
-from ctvlab.ingest.manifest import ManifestRow, read_manifest
+from ctvlab.ingest.manifest import ManifestRow
 from ctvlab.lock import exclusive
 from ctvlab.preprocess.patient import output_settings, process_or_skip, read_sidecar, settings_hash
 
@@ -331,8 +331,10 @@ def preprocess_cohort(
         for p in validation.patients
         if not p.valid
     ]
-    manifest_rows, _, manifest_ids = read_manifest(raw)
-    rows = [r for r in manifest_rows if r.patient_id in valid]
+    # The rows validation parsed and accepted: the manifest is not read a second time, so what is prepared
+    # is exactly what was checked.
+    manifest_ids = validation.manifest_ids
+    rows = [r for r in validation.rows if r.patient_id in valid]
     if not rows:
         first = "; ".join(f"{p.patient_id}: {(p.problems or ['invalid'])[0]}" for p in invalid[:3])
         raise DataError(
