@@ -99,6 +99,12 @@ def _saturate(d, a):
     return d, a
 
 
+def _rgb(d):
+    rgb = np.zeros(d.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = np.clip(d, 0, 255)
+    return rgb
+
+
 def _same_bytes(root: Path):
     shutil.copy(root / "P000" / "adc.nii.gz", root / "P001" / "adc.nii.gz")
 
@@ -120,7 +126,9 @@ HOSTILE = [
     ("sform vs qform", _header(_move_qform), "flair", "sform and qform place the image 43.3 mm apart"),
     ("complex data", lambda r: _rewrite(r / "P001" / "flair.nii.gz", lambda d, a: (d.astype(np.complex64), a)),
      "flair", "holds complex64 values"),
-    ("4-D image", lambda r: _rewrite(r / "P001" / "t1.nii.gz", lambda d, a: (np.stack([d, d], -1), a)), "t1",
+        ("RGB data", lambda r: _rewrite(r / "P001" / "flair.nii.gz", lambda d, a: (_rgb(d), a)), "flair",
+     "holds RGB colour values"),
+("4-D image", lambda r: _rewrite(r / "P001" / "t1.nii.gz", lambda d, a: (np.stack([d, d], -1), a)), "t1",
      "is 4-D"),
     ("saturated", lambda r: _rewrite(r / "P001" / "t1c.nii.gz", _saturate), "t1c", "is saturated"),
     ("voxel size", lambda r: _rewrite(r / "P001" / "t1.nii.gz", lambda d, a: (d, np.diag([30.0, 2, 2, 1]) @ a)),

@@ -375,9 +375,8 @@ def _load(col: str, root: Path, out: _Problems) -> Volume | None:
         out.add(col, f"is {data.ndim}-D with shape {data.shape}; expected a 3-D volume", _FIX_REEXPORT)
         return None
     if data.dtype.kind not in "biuf":
-        out.add(
-            col, f"holds {data.dtype} values; expected real numbers", "save it as a scalar (float32) image"
-        )
+        kind = "RGB colour" if data.dtype.names else str(data.dtype)
+        out.add(col, f"holds {kind} values; expected real numbers", "save it as a scalar (float32) image")
         return None
     aff = vol.affine
     if not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
