@@ -317,6 +317,7 @@ class _Problems:
         self.limits = limits or InputLimits()
         self.items: list[Problem] = []
         self.digests: dict[str, str] = {}  # column → content digest of the images read
+        self.resolved: dict[str, str] = {}  # column → the file its path resolved to
 
     def add(self, column: str | None, message: str, fix: str, severity: Severity = "error") -> None:
         path = self.paths.get(column) if column else None
@@ -355,6 +356,7 @@ def _load(col: str, root: Path, out: _Problems) -> Volume | None:
     except UnsafeInputError as e:
         out.add(col, str(e), e.fix)
         return None
+    out.resolved[col] = str(path)
     try:
         vol = read_volume(path, out.limits)
     except UnreadableFileError as e:
@@ -651,6 +653,7 @@ def check_files(
     clinical: dict | None = None,
     limits: InputLimits | None = None,
     digests: dict[str, str] | None = None,
+    resolved: dict[str, str] | None = None,
 ) -> list[Problem]:
     """Check every file of one patient, each independently of the others.
 
@@ -661,6 +664,7 @@ def check_files(
         clinical: manifest fields read by consistency warnings (`resection`, `progression_type`).
         limits: size caps (default `InputLimits()`).
         digests: filled with column → content digest of each image read (for cohort-wide checks).
+        resolved: filled with column → the file each path resolved to (for cohort-wide checks).
 
     Returns:
         The problems found, in manifest column order (T1c and brain mask first: the others are checked
@@ -686,6 +690,8 @@ def check_files(
             out.guard(col, lambda col=col: _check_file(col, root, ref, clinical, out))
     if digests is not None:
         digests.update(out.digests)
+    if resolved is not None:
+        resolved.update(out.resolved)
     return out.items
 
 
@@ -733,21 +739,12 @@ def _patient(
             )
         )
     digests: dict[str, str] = {}
-    problems += check_files(root, patient_id, paths, clinical, limits, digests)
+    resolved: dict[str, str] = {}
+    problems += check_files(root, patient_id, paths, clinical, limits, digests, resolved)
     return PatientResult(
         patient_id=patient_id, line=line, has_mrsi=len(mrsi_set) == len(MRSI_COLUMNS), problems=problems,
-        file_digests=digests, resolved_paths=_resolved(root, paths), manifest_paths=dict(paths),
+        file_digests=digests, resolved_paths=resolved, manifest_paths=dict(paths),
     )  # fmt: skip
-
-
-def _resolved(root: Path, paths: dict[str, str]) -> dict[str, str]:
-    out = {}
-    for col, rel in paths.items():
-        try:
-            out[col] = str(resolve_inside(root, rel))
-        except UnsafeInputError:
-            continue
-    return out
 
 
 # --- manifest problems -------------------------------------------------------------------------------
