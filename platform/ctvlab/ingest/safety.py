@@ -154,6 +154,15 @@ def _gunzip_one_member(raw: bytes, limits: InputLimits) -> bytes:
     return bytes(out)
 
 
+def nifti_class(raw: bytes):
+    """nibabel's NIfTI-1 or NIfTI-2 image class for decompressed bytes, by the header size they start
+    with (either byte order); None when they are neither."""
+    import nibabel as nib
+
+    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    return nib.Nifti1Image if 348 in sizes else nib.Nifti2Image if 540 in sizes else None
+
+
 def check_header(header, limits: InputLimits) -> None:
     """What a NIfTI header, as stored in the file, announces before the voxels are read: array size and
     usable scaling. (nibabel ignores a non-finite slope when it loads an image, but other readers may not:

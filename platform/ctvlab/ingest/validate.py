@@ -58,6 +58,7 @@ from ctvlab.ingest.manifest import (
 from ctvlab.ingest.safety import (
     UnsafeInputError,
     check_header,
+    nifti_class,
     output_grid_voxels,
     qform_sform_mismatch_mm,
     read_capped,
@@ -189,7 +190,6 @@ def read_volume(path: Path, limits: InputLimits | None = None) -> Volume:
         UnreadableFileError: the file is truncated, corrupt, over a limit, not what its name says, or not
             NIfTI.
     """
-    import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError
 
@@ -202,8 +202,7 @@ def read_volume(path: Path, limits: InputLimits | None = None) -> Volume:
         raise UnreadableFileError("the file is empty (0 bytes)")
     if len(raw) < 348:
         raise UnreadableFileError(f"too short for a NIfTI header ({len(raw)} bytes)")
-    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
-    klass = nib.Nifti1Image if 348 in sizes else nib.Nifti2Image if 540 in sizes else None
+    klass = nifti_class(raw)
     if klass is None:
         raise UnreadableFileError("not a NIfTI-1 or NIfTI-2 file (unknown header size)")
     try:

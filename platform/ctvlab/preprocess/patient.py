@@ -130,12 +130,12 @@ def open_nifti(path: Path):
 
     import nibabel as nib
 
+    from ctvlab.ingest.safety import nifti_class
+
     raw = Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
-    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
-    klass = nib.Nifti2Image if 540 in sizes and 348 not in sizes else nib.Nifti1Image
-    return klass.from_bytes(raw)
+    return (nifti_class(raw) or nib.Nifti1Image).from_bytes(raw)  # not NIfTI: nibabel says why
 
 
 def _load_nifti(row: ManifestRow, column: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
