@@ -121,7 +121,7 @@ def main() -> None:
     cfg.train.cpus_per_worker = args.threads
     cfg.train.use_gpu = args.use_gpu
     cfg.train.mixed_precision = args.mixed_precision
-    shape = input_shape(args.data, train_ids + val_ids)
+    shape = input_shape(args.data)
     device = torch.device("cuda" if args.use_gpu else "cpu")
     torch.set_num_threads(args.threads)
     n = len(train_ids)

@@ -1,4 +1,4 @@
-"""The job scripts: every job parses the standard options, and the pipeline job runs on a real Ray cluster
+"""The job scripts: every job takes exactly its `ctvlab` command's options, and the pipeline job runs on a real Ray cluster
 submitted through the Job Submission API, as `ray job submit` does."""
 
 from __future__ import annotations
@@ -28,12 +28,48 @@ def test_every_stage_has_a_job():
     assert not names & {"ray", "mlflow", "torch", "xgboost", "monai", "sklearn", "platform"}
 
 
-@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.stem)
-def test_job_takes_the_standard_options(job):
-    out = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, timeout=60)
+# Each job script runs one `ctvlab` command (ctvlab.jobkit.run_command).
+COMMAND_OF_JOB = {"synthesize": "synth", "validate_cohort": "validate", "preprocess_cohort": "preprocess",
+                  "split_patients": "split", "voxel_cv": "rf-cv", "voxel_stats": "stats", "train_unet": "train",
+                  "tune_unet": "tune", "evaluate_ctvs": "evaluate", "predict": "predict", "run_study": "run"}  # fmt: skip
+# What every job needs on a cluster: the study, its overrides, where the results go, a smoke check.
+JOB_OPTIONS = {"--config", "--set", "--workdir", "--smoke-test"}
+COMPUTE_OPTIONS = JOB_OPTIONS | {"--tracking-uri", "--address"}
+REQUIRED_OPTIONS = {"synth": JOB_OPTIONS, "validate": JOB_OPTIONS, "predict": {"--config", "--tracking-uri"}}
+
+
+def command_options(command: str) -> set[str]:
+    """Every option name `ctvlab COMMAND` declares (from the command's own definition, not its help text)."""
+    import typer
+
+    from ctvlab.cli import app
+
+    click_command = typer.main.get_command(app).commands[command]
+    return {name for p in click_command.params for name in p.opts + p.secondary_opts if name.startswith("--")}
+
+
+def help_options(job: Path) -> set[str]:
+    import re
+
+    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
+    out = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, timeout=60,
+                         env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    for option in ("--config", "--address", "--smoke-test", "--tracking-uri"):
-        assert option in out.stdout
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", out.stdout)) - {"--help"}
+
+
+def test_every_job_runs_a_command():
+    assert set(COMMAND_OF_JOB) == {p.stem for p in JOBS}
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.stem)
+def test_job_accepts_exactly_its_commands_options(job):
+    """A job is its command's twin: the same option names (read from the job's own --help), so a flag
+    that works on the command line works in `ray job submit`, and the other way round."""
+    command = COMMAND_OF_JOB[job.stem]
+    expected = command_options(command) - {"--help"}
+    assert help_options(job) == expected
+    assert REQUIRED_OPTIONS.get(command, COMPUTE_OPTIONS) <= expected
 
 
 def test_job_with_a_bad_config_fails_without_traceback(tmp_path):

@@ -43,6 +43,10 @@ def _check_run(tracker: Tracker, run_id: str) -> None:
     assert run.data.metrics == {"auc_mean": 0.81, "auc_sd": 0.05}
     assert run.data.tags["ctvlab.stage"] == "rf-cv"
     assert run.data.tags["ctvlab.git_commit"]
+    assert run.data.tags["mlflow.note.content"].startswith("Voxel-wise progression model")  # UI description
+    # opens in the UI's model-training view, not MLflow 3's GenAI view (traces, sessions)
+    kind = tracker.client.get_experiment(tracker.experiment_id).tags.get("mlflow.experimentKind")
+    assert kind == "custom_model_development"
     assert run.inputs.dataset_inputs[0].dataset.name == "prepared"
     assert [f.path for f in tracker.client.list_artifacts(run_id, "tables")] == ["tables/folds.csv"]
     children = tracker.find_runs(f"tags.mlflow.parentRunId = '{run_id}'")
@@ -97,6 +101,16 @@ def test_authenticated_server_accepts_a_study_logged_with_credentials(mlflow_aut
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     tracker = Tracker("ctvlab-auth", uri)
     _check_run(Tracker("ctvlab-auth", uri), _log_a_run(tracker))
+
+
+def test_an_experiment_made_before_the_kind_tag_gets_it(tracking_uri, experiment):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp_id = client.create_experiment(experiment)
+    assert "mlflow.experimentKind" not in client.get_experiment(exp_id).tags
+    Tracker(experiment, tracking_uri)
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_failed_block_marks_run_failed(tracking_uri, experiment):

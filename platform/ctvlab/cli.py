@@ -27,7 +27,9 @@ Opt = typer.Option
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    # soft_wrap off a terminal: a job's log or a redirected file keeps each message on one searchable line
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, soft_wrap=not stream.isatty())
 
 
 @app.command()
@@ -41,19 +43,23 @@ def synth(
     report: Annotated[
         Path | None, Opt("--report", help="Print the statistics of an existing cohort.")
     ] = None,
-    config: Annotated[Path | None, Opt("--config", help="Study config whose `synth` section to use.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
 ) -> None:
-    """Generate a synthetic cohort on the MNI152 anatomy, or report on one (--report DIR)."""
+    """Generate a synthetic cohort on the MNI152 anatomy (default --out: <workdir>/cohort), or report on
+    one (--report DIR)."""
     from ctvlab.synth.report import cohort_report, print_report
 
     if report is not None:
         print_report(cohort_report(report), _console())
         return
-    if out is None:
-        raise typer.BadParameter("give --out DIR to generate, or --report DIR to report on a cohort")
     from ctvlab.synth.cohort import generate_cohort
 
-    cfg = _study(config).synth
+    study = _settings(config, set_, workdir, smoke_test)
+    out = out if out is not None else study.raw_dir
+    cfg = study.synth
     updates = {k: v for k, v in {"n_patients": patients, "seed": seed}.items() if v is not None}
     if null:
         updates["null"] = True
@@ -64,11 +70,16 @@ def synth(
 
 @app.command()
 def validate(
-    cohort: Annotated[Path, typer.Argument(help="Cohort folder holding manifest.csv.")],
+    cohort: Annotated[
+        Path | None, typer.Argument(help="Cohort folder holding manifest.csv (default: the config's cohort).")
+    ] = None,
     json_out: Annotated[bool, Opt("--json", help="Print the report as JSON.")] = False,
     config: Annotated[
-        Path | None, Opt("--config", "-c", help="Study config whose cohort.limits cap file sizes.")
+        Path | None, Opt("--config", "-c", help="Study config (its cohort.limits cap file sizes).")
     ] = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
     purpose: Annotated[
         str,
         Opt(
@@ -84,8 +95,9 @@ def validate(
 
     if purpose not in PURPOSES:
         raise typer.BadParameter(f"--for must be one of: {', '.join(PURPOSES)}")
-    limits = _study(config).cohort.limits if config else None
-    report = validate_cohort(cohort, purpose=purpose, limits=limits)
+    cfg = _settings(config, set_, workdir, smoke_test)
+    report = validate_cohort(cohort if cohort is not None else cfg.raw_dir, purpose=purpose,
+                             limits=cfg.cohort.limits, progress=sys.stderr.isatty())  # fmt: skip
     if json_out:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     else:
@@ -104,42 +116,109 @@ def schemas(
         _console().print(f"wrote {path}")
 
 
-# --- options shared by the stage commands --------------------------------------------------------------
+# --- options shared by the commands -----------------------------------------------------------------
+# Every job script under jobs/ runs one of these commands with the same options (`ctvlab.jobkit`).
 
 ConfigOpt = Annotated[
     Path | None, Opt("--config", "-c", help="Study config (YAML); default: the study's settings.")
 ]
+SetOpt = Annotated[
+    list[str] | None,
+    Opt("--set", help="Override one config setting, e.g. --set unet.train.epochs=2 (repeatable)."),
+]
+WorkdirOpt = Annotated[
+    Path | None, Opt("--workdir", help="The study's working directory (default: the config's workdir).")
+]
+SmokeOpt = Annotated[bool, Opt("--smoke-test", help="Tiny CPU-only settings, results under <workdir>/smoke.")]
 # Paths are made absolute: Ray workers (local or on a cluster) do not share the shell's working directory.
 DataOpt = Annotated[
-    Path,
-    Opt("--data", help="Prepared dataset folder (the output of `ctvlab preprocess`).", resolve_path=True),
+    Path | None,
+    Opt(
+        "--data",
+        help="Prepared dataset folder (default: <workdir>/prep); results go beside it, in ../results.",
+        resolve_path=True,
+    ),
 ]
 TrackingOpt = Annotated[
     str | None,
     Opt("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."),
 ]
-AddressOpt = Annotated[str | None, Opt("--address", help="Ray cluster address (default: a local Ray).")]
+AddressOpt = Annotated[
+    str | None, Opt("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+]
 
 
-def _stage_config(
-    config: Path | None, data: Path | None = None, tracking_uri: str | None = None, address: str | None = None
+def _settings(
+    config: Path | None,
+    sets: list[str] | None = None,
+    workdir: Path | None = None,
+    smoke_test: bool = False,
+    data: Path | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
 ):
-    """The study config with command-line overrides. With --data, results go next to the prepared data
-    (PREP/../results), as `ctvlab run` lays them out."""
-    cfg = _study(config)
-    if data is not None:
+    """The study config with the command line's overrides, in this order: the file (or the defaults),
+    `--set`, `--workdir`, `--smoke-test` (results under <workdir>/smoke), `--data` (the working directory
+    is its parent, as `ctvlab run` lays it out), `--tracking-uri`, `--address`.
+
+    Inside a submitted Ray job the results must go to absolute paths (`ctvlab.jobkit.settle_job_paths`),
+    and the job says where they are when it starts and when it ends."""
+    import os
+
+    from ctvlab.config import apply_smoke_test, load_config, parse_overrides, validate_config
+    from ctvlab.jobkit import in_submitted_job, settle_job_paths, where_line
+
+    overrides = parse_overrides(sets or [])
+    if config is not None:
+        cfg = load_config(config, overrides)
+    else:
+        cfg = validate_config(_nested(overrides), source="--set")
+    if workdir is not None:
+        cfg.workdir = workdir
+    if smoke_test or cfg.smoke_test:
+        cfg = apply_smoke_test(cfg)
+    if data is not None and workdir is None:
         cfg.workdir = Path(data).resolve().parent
     if tracking_uri:
         cfg.tracking.tracking_uri = tracking_uri
-    if address:
-        cfg.ray.address = address
+    cfg.ray.address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if in_submitted_job():
+        settle_job_paths(cfg, os.environ.get("MLFLOW_TRACKING_URI"))
+        _JOB_WHERE.append(where_line(cfg))
+        _console(stderr=True).print(_JOB_WHERE[-1])
     return cfg
+
+
+_JOB_WHERE: list[str] = []
+
+
+def _nested(overrides: dict) -> dict:
+    from ctvlab.config import set_dotted
+
+    data: dict = {}
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return data
+
+
+def _data(cfg, data: Path | None) -> Path:
+    return Path(data) if data is not None else Path(cfg.prep_dir).resolve()
 
 
 @app.command()
 def preprocess(
-    raw: Annotated[Path, Opt("--raw", help="Cohort folder (manifest.csv + NIfTI files).", resolve_path=True)],
-    out: Annotated[Path, Opt("--out", help="Prepared dataset folder to write.", resolve_path=True)],
+    raw: Annotated[
+        Path | None,
+        Opt(
+            "--raw",
+            help="Cohort folder (manifest.csv + NIfTI files); default: the config's cohort.",
+            resolve_path=True,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        Opt("--out", help="Prepared dataset folder to write (default: <workdir>/prep).", resolve_path=True),
+    ] = None,
     voxel_mm: Annotated[float | None, Opt("--voxel-mm", help="Output voxel size in mm (default 3).")] = None,
     ring_mm: Annotated[
         float | None, Opt("--ring-mm", help="Analysis ring around the T2L in mm (default 40).")
@@ -151,8 +230,12 @@ def preprocess(
             help="Delete old outputs of patients that are invalid, failed or no longer in the manifest.",
         ),
     ] = False,
-    address: AddressOpt = None,
     config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
+    tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Resample to 3 mm, normalise to the NAV mode, derive regions; write volumes and voxel tables (Ray Data).
 
@@ -160,7 +243,9 @@ def preprocess(
     marked stale), 2 for a cohort-level problem (nothing touched), 4 for an infrastructure error."""
     from ctvlab.preprocess.pipeline import preprocess_cohort, print_preprocess_report
 
-    cfg = _stage_config(config, address=address)
+    cfg = _settings(config, set_, workdir, smoke_test, None, tracking_uri, address)
+    raw = raw if raw is not None else Path(cfg.raw_dir).resolve()
+    out = out if out is not None else Path(cfg.prep_dir).resolve()
     pcfg = cfg.preprocess.model_copy(
         update={k: v for k, v in {"voxel_mm": voxel_mm, "ring_mm": ring_mm}.items() if v is not None}
     )
@@ -172,15 +257,20 @@ def preprocess(
 
 @app.command()
 def split(
-    data: DataOpt,
+    data: DataOpt = None,
     seed: Annotated[int | None, Opt("--seed", help="Random seed (default 0).")] = None,
     config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
     tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Draw the patient splits: train/val/test for the U-Net and 5 CV folds for the voxel models."""
     from ctvlab.stages import split_stage
 
-    cfg = _stage_config(config, data, tracking_uri)
+    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
+    data = _data(cfg, data)
     if seed is not None:
         cfg.split.seed = seed
     result, run_id = split_stage(cfg, data)
@@ -194,7 +284,7 @@ def split(
 
 @app.command("rf-cv")
 def rf_cv(
-    data: DataOpt,
+    data: DataOpt = None,
     model: Annotated[str | None, Opt("--model", help="rf or xgboost (default: the config's).")] = None,
     target: Annotated[
         str | None, Opt("--target", help="nel, cel or any (default: the config's targets).")
@@ -207,13 +297,17 @@ def rf_cv(
         bool, Opt("--serial", help="Run the folds one after another instead of as Ray tasks.")
     ] = False,
     config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ) -> None:
     """Voxel-wise progression models with 5-fold patient-grouped CV (ROC AUC, importances, ROC curves)."""
     from ctvlab.stages import rf_cv_stage
 
-    cfg = _stage_config(config, data, tracking_uri, address)
+    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
+    data = _data(cfg, data)
     if model:
         cfg.voxel_models.model = model
     targets = ["nel", "cel"] if all_ else ([target] if target else None)
@@ -243,14 +337,19 @@ def rf_cv(
 
 @app.command()
 def stats(
-    data: DataOpt,
+    data: DataOpt = None,
     config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
     tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Per-patient medians per voxel category; Wilcoxon and Mann-Whitney tests vs stable NAV."""
     from ctvlab.stages import stats_stage
 
-    cfg = _stage_config(config, data, tracking_uri)
+    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
+    data = _data(cfg, data)
     result, run_id = stats_stage(cfg, data)
     from rich.table import Table
 
@@ -268,20 +367,24 @@ def stats(
 
 @app.command()
 def train(
-    data: DataOpt,
-    config: ConfigOpt = None,
+    data: DataOpt = None,
     num_workers: Annotated[int | None, Opt("--num-workers", help="Ray Train workers (DDP ranks).")] = None,
     use_gpu: Annotated[bool, Opt("--use-gpu", help="One GPU per worker (NCCL, bf16 autocast).")] = False,
     resume: Annotated[
         bool, Opt("--resume", help="Continue the last interrupted run from its checkpoint.")
     ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ) -> None:
     """Train the 3D U-Net on Ray Train; log curves and register the best model in MLflow."""
     from ctvlab.unet.train import train_unet
 
-    cfg = _stage_config(config, data, tracking_uri, address)
+    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
+    data = _data(cfg, data)
     if num_workers is not None:
         cfg.unet.train.num_workers = num_workers
     if use_gpu:
@@ -296,19 +399,23 @@ def train(
 
 @app.command()
 def tune(
-    data: DataOpt,
-    config: ConfigOpt = None,
+    data: DataOpt = None,
     resume: Annotated[
         bool, Opt("--resume", help="Restore the last interrupted search (finished trials are kept).")
     ] = False,
     ablation: Annotated[
         bool, Opt("--ablation", help="Modality ablation (Fig. 2): a random search per input set.")
     ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ) -> None:
     """Hyperparameter search on Ray Tune (grid, then random search), or the modality ablation."""
-    cfg = _stage_config(config, data, tracking_uri, address)
+    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
+    data = _data(cfg, data)
     console = _console()
     if ablation:
         from ctvlab.unet.ablation import print_ablation, run_ablation
@@ -322,7 +429,7 @@ def tune(
 
 @app.command()
 def evaluate(
-    data: DataOpt,
+    data: DataOpt = None,
     model_uri: Annotated[
         str | None,
         Opt(
@@ -332,12 +439,17 @@ def evaluate(
     ] = None,
     split_name: Annotated[str, Opt("--split", help="Patients to evaluate: test (default) or val.")] = "test",
     config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
     tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Model CTV vs RTOG and EORTC CTVs: metrics, Wilcoxon tests, figures, NIfTI CTVs, one MLflow run."""
     from ctvlab.ctv.evaluate import evaluate_study, print_evaluation
 
-    cfg = _stage_config(config, data, tracking_uri)
+    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
+    data = _data(cfg, data)
     console = _console()
     print_evaluation(
         evaluate_study(cfg, data, model_uri=model_uri, split_name=split_name, console=console), console
@@ -367,7 +479,7 @@ def predict(
     """Apply a trained model to new patients: probability and CTVs on the native T1c grid, overlay, report."""
     from ctvlab.ctv.predict import predict_cohort, print_prediction
 
-    cfg = _stage_config(config, None, tracking_uri)
+    cfg = _settings(config, tracking_uri=tracking_uri)
     console = _console()
     outcome = predict_cohort(raw, out, cfg, model_uri=model, patients=patient, threshold=threshold,
                              device=device, console=console)  # fmt: skip
@@ -377,10 +489,12 @@ def predict(
 
 @app.command()
 def run(
-    config: Annotated[Path, Opt("--config", "-c", help="Study config, e.g. jobs/configs/demo.yaml.")],
-    smoke_test: Annotated[
-        bool, Opt("--smoke-test", help="Tiny CPU-only settings, results under <workdir>/smoke.")
-    ] = False,
+    config: Annotated[
+        Path | None, Opt("--config", "-c", help="Study config, e.g. jobs/configs/demo.yaml.")
+    ] = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
     force: Annotated[bool, Opt("--force", help="Run every stage even when its outputs are current.")] = False,
     keep_going: Annotated[
         bool, Opt("--keep-going", help="After a failed stage, still run the stages that do not need it.")
@@ -391,16 +505,9 @@ def run(
     """The whole study: cohort → validate → preprocess → split → voxel models, stats → search → evaluate.
 
     Stops at the first failed stage (exit code of its error) unless --keep-going."""
-    from ctvlab.config import apply_smoke_test
     from ctvlab.pipeline import run_study
 
-    cfg = _study(config)
-    if smoke_test or cfg.smoke_test:
-        cfg = apply_smoke_test(cfg)
-    if tracking_uri:
-        cfg.tracking.tracking_uri = tracking_uri
-    if address:
-        cfg.ray.address = address
+    cfg = _settings(config, set_, workdir, smoke_test, None, tracking_uri, address)
     run_study(cfg, _console(), force=force, keep_going=keep_going)
 
 
@@ -435,24 +542,28 @@ def ui(
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
 
 
-def _study(config: Path | None):
-    from ctvlab.config import StudyConfig, load_config
-
-    return load_config(config) if config else StudyConfig()
-
-
-def main() -> None:
-    """Console-script entry point: user errors become one message and a non-zero exit code."""
+def main(args: list[str] | None = None, prog_name: str | None = None, command: str | None = None) -> None:
+    """Console-script entry point (and the job scripts'): user errors become one message and a non-zero
+    exit code. With `command`, `args` are that command's alone. Inside a submitted job, the last line says again where the results are."""
     from ctvlab.errors import CtvlabError
 
+    code: int | str | None = 0
     try:
-        app()
+        if command is None:
+            app(args=args, prog_name=prog_name)
+        else:  # one command on its own, as a job script runs it
+            typer.main.get_command(app).commands[command].main(args=args, prog_name=prog_name)
+    except SystemExit as e:
+        code = e.code
     except CtvlabError as e:
         _console(stderr=True).print(f"[bold red]error:[/] {e}")
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except KeyboardInterrupt:
         _console(stderr=True).print("[yellow]interrupted[/]")
-        sys.exit(130)
+        code = 130
+    for line in _JOB_WHERE:
+        _console(stderr=True).print(line)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

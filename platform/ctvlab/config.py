@@ -403,7 +403,6 @@ class TrainConfig(Strict):
     mixed_precision: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast on GPU, off on CPU."
     )
-    crop_to_brain: bool = Field(True, description="Crop inputs to the cohort's brain bounding box.")
     threshold: Fraction = Field(0.5, description="Probability threshold for validation metrics.")
     seed: int = 0
 
@@ -627,7 +626,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}.")
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return validate_config(data, source=str(path))
 
 
@@ -651,7 +650,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
@@ -660,6 +659,25 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"override {key}: '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set` items (`section.key=value`, the value in YAML: `2`, `0.5`, `[16, 32]`, `true`) as a dict.
+
+    Raises:
+        ConfigError: an item without `=` or with a value that is not YAML.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set unet.train.epochs=2")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+    return out
 
 
 def apply_smoke_test(cfg: StudyConfig) -> StudyConfig:

@@ -1,4 +1,4 @@
-"""The common shape of every script under jobs/: parse, load the config, run one function, exit.
+"""Job scripts under jobs/: each runs one `ctvlab` command with the same options.
 
 Each job works the same locally (`python jobs/<name>.py --config ...`) and on a cluster
 (`ray job submit --address ... --working-dir . -- python jobs/<name>.py --config ...`; inside a submitted
@@ -14,65 +14,21 @@ when it ends.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "demo.yaml"
 
 
-def run_job(main: Callable[[Any, argparse.Namespace], int | None], description: str,
-            add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:  # fmt: skip
-    """Parse the standard options (and the job's own), load the config, call `main(cfg, args)`, exit.
+def run_command(command: str) -> None:
+    """Run `ctvlab COMMAND` with this script's arguments, exactly as the command line would, and exit.
 
-    A `CtvlabError` prints its message and exits with its code; nothing prints a traceback for a
+    A job script is the command's twin on a cluster: the same options, the same defaults, the same exit
+    codes. A `CtvlabError` prints its message and exits with its code; nothing prints a traceback for a
     problem the user can fix.
     """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="study config (YAML)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
-    parser.add_argument("--smoke-test", action="store_true", help="tiny CPU-only settings, a few minutes")
-    parser.add_argument(
-        "--workdir", type=Path, default=None, help="the study's working directory (default: the config's)"
-    )
-    if add_args:
-        add_args(parser)
-    args = parser.parse_args()
+    from ctvlab.cli import main
 
-    from rich.console import Console
-
-    from ctvlab.config import apply_smoke_test, load_config
-    from ctvlab.errors import CtvlabError
-
-    # soft_wrap: a job log is no terminal; a message wrapped at 80 columns would be hard to search
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
-    try:
-        cfg = load_config(args.config)
-        if args.workdir:
-            cfg.workdir = args.workdir
-        if args.smoke_test or cfg.smoke_test:
-            cfg = apply_smoke_test(cfg)
-        if args.tracking_uri:
-            cfg.tracking.tracking_uri = args.tracking_uri
-        cfg.ray.address = args.address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        if in_submitted_job():
-            settle_job_paths(cfg, os.environ.get("MLFLOW_TRACKING_URI"))
-        where = where_line(cfg)
-        console.print(where)
-        code = main(cfg, args)
-        if in_submitted_job():
-            console.print(where)
-    except CtvlabError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    sys.exit(code or 0)
+    main(sys.argv[1:], prog_name=f"python jobs/{Path(sys.argv[0]).name}", command=command)
 
 
 def in_submitted_job() -> bool:

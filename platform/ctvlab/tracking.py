@@ -33,6 +33,20 @@ TAG_SPLIT = "ctvlab.split_digest"
 TAG_STAGE = "ctvlab.stage"
 TAG_VERSION = "ctvlab.version"
 TAG_COMMIT = "ctvlab.git_commit"
+# The MLflow UI opens an experiment of this kind in its model-training view (runs, metrics, charts, models),
+# not in the GenAI view (traces, sessions) that MLflow 3 infers for an experiment without the tag.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+NOTE = "mlflow.note.content"  # the run's description in the UI
+STAGE_DESCRIPTIONS = {
+    "split": "Patient-stratified splits: U-Net train/val/test roles and the voxel models' 5 CV folds.",
+    "rf-cv": "Voxel-wise progression model, 5-fold patient-grouped CV: ROC AUC, ROC curves, importances.",
+    "stats": "Per-patient medians per voxel category; paired tests of progressed vs stable NAV voxels.",
+    "train": "One 3D U-Net training run (Ray Train): training curves, checkpoints, the registered model.",
+    "tune": "Hyperparameter search (Ray Tune): grid then random search; each trial is a child run.",
+    "tune-trial": "One trial of the hyperparameter search: its settings and validation curves.",
+    "ablation": "Modality ablation (Fig. 2): one random search per input set.",
+    "evaluate": "Model CTV vs the RTOG and EORTC CTVs on the test patients: metrics, tests, figures.",
+}
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -170,10 +184,13 @@ class Tracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
+            for key, value in EXPERIMENT_KIND.items():
+                if exp.tags.get(key) != value:
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
             return exp.experiment_id
         try:
             return self.client.create_experiment(
-                name, artifact_location=artifact_location(self.tracking_uri, name)
+                name, artifact_location=artifact_location(self.tracking_uri, name), tags=EXPERIMENT_KIND
             )
         except Exception:  # created concurrently by another process
             exp = self.client.get_experiment_by_name(name)
@@ -188,6 +205,9 @@ class Tracker:
         self, name: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None
     ) -> str:
         all_tags = {TAG_VERSION: ctvlab.__version__, TAG_COMMIT: git_commit(), **(tags or {})}
+        stage = all_tags.get(TAG_STAGE)
+        if stage in STAGE_DESCRIPTIONS:
+            all_tags.setdefault(NOTE, STAGE_DESCRIPTIONS[str(stage)])
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(

@@ -426,12 +426,10 @@ def test_printed_report_has_one_line_per_problem(phantom_cohort):
 
 @pytest.mark.slow
 def test_synthetic_cohort_validates(tmp_path):
-    cohort = pytest.importorskip(
-        "ctvlab.synth.cohort", reason="the synthetic cohort generator is not written yet"
-    )
     from ctvlab.config import SynthConfig
+    from ctvlab.synth.cohort import generate_cohort
 
-    cohort.generate_cohort(tmp_path, SynthConfig(n_patients=2, seed=0, num_workers=1))
+    generate_cohort(tmp_path, SynthConfig(n_patients=2, seed=0, num_workers=1))
     report = validate_cohort(tmp_path, progress=False)
     assert report.ok, [format_problem(p) for p in report.problems()]
     assert report.n_valid == 2

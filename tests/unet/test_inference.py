@@ -33,7 +33,7 @@ def validation_pass(model, patient, grid) -> np.ndarray:
 def test_evaluation_equals_the_validation_pass(trained_phantom, prepared_phantom):
     _, trained = trained_phantom
     split = load_split(prepared_phantom)
-    grid = input_shape(prepared_phantom, split.patients("train") + split.patients("val"))
+    grid = input_shape(prepared_phantom)
     spec = json.loads((trained.model_dir / "model.json").read_text())
     assert tuple(spec["input_shape"]) == grid
     model = load_model(trained.model_dir, device="cpu")

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,17 +71,14 @@ def prepare_row(row: dict[str, Any], modality_set: str, out_shape: Sequence[int]
     }
 
 
-def input_shape(prep: Path, patient_ids: Iterable[str]) -> tuple[int, int, int]:
-    """The fixed network grid of a training run: the largest prepared grid among the given patients,
-    a multiple of 8. It is recorded in the model's spec (`input_shape`) so that inference feeds every
-    later patient the same grid (`ctvlab.unet.inputs.network_grid`)."""
+def input_shape(prep: Path) -> tuple[int, int, int]:
+    """The fixed network grid of a training run: the largest grid of the prepared dataset, a multiple of 8.
+    It is recorded in the model's spec (`input_shape`) so that inference feeds every later patient the same
+    grid (`ctvlab.unet.inputs.network_grid`)."""
     from ctvlab.data.readers import load_dataset_meta
     from ctvlab.unet.inputs import fit_shape
 
-    meta = load_dataset_meta(prep)
-    shapes = meta.get("shapes") or {}
-    wanted = [tuple(shapes[p]) for p in patient_ids if p in shapes]
-    base = np.max(np.asarray(wanted), axis=0) if wanted else np.asarray(meta["max_shape"])
+    base = load_dataset_meta(prep)["max_shape"]
     return tuple(int(s) for s in fit_shape(tuple(int(x) for x in base), multiple=8))
 
 
@@ -392,7 +389,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     tcfg = ucfg.train
-    shape = input_shape(prep, list(train_ids) + list(val_ids))
+    shape = input_shape(prep)
     train_ds, val_ds = build_datasets(
         prep, train_ids, val_ids, ucfg.model.modality_set, shape, tcfg.data_cpus
     )
