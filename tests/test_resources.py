@@ -20,7 +20,7 @@ from ctvlab.resources import (
     unfit_reasons,
 )
 from ctvlab.tracking import artifact_location
-from ctvlab.unet.tune import progress_line, trial_state_line
+from ctvlab.unet.tune import progress_line, trial_done_line, trial_state_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,3 +179,9 @@ def test_a_stall_watch_survives_pickling_by_tune():
     finally:
         watch.stop()
     assert copy.timeout_s == 100 and copy.observe(0, []) is None
+
+
+def test_a_finished_trial_says_its_best_validation_score():
+    line = trial_done_line("s1", "a1", {"best_val_tversky": 0.78312, "epoch": 3}, 2, 5)
+    assert line == "search s1: trial a1 finished (2 of 5 so far) after 4 epochs: best val Tversky 0.7831"
+    assert trial_done_line("s1", "a2", {}, 3, 5).endswith("(3 of 5 so far): no validation score")

@@ -73,6 +73,7 @@ def rf_cv_stage(
     """
     from ctvlab.atomic import write_csv_atomic, write_json_atomic
     from ctvlab.ctv.figures import plot_roc_curves
+    from ctvlab.progress import StepProgress
     from ctvlab.runtime import init_ray
     from ctvlab.voxel_models.cv import run_grid
     from ctvlab.voxel_models.plots import plot_importances
@@ -83,7 +84,11 @@ def rf_cv_stage(
     targets = targets or list(vcfg.targets)
     subgroups = subgroups or list(vcfg.subgroups)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    results = run_grid(prep, split.folds(), vcfg, targets, subgroups, parallel=parallel)
+    folds = split.folds()
+    steps = len(targets) * len(subgroups) * len(set(folds.values()))
+    with StepProgress(f"{vcfg.model} CV", steps) as progress:
+        results = run_grid(prep, folds, vcfg, targets, subgroups, parallel=parallel,
+                           on_fold=lambda t, s, r: progress.step(f"{t}/{s} fold {r.fold}: AUC {r.auc:.3f}"))  # fmt: skip
     tracker = tracker_for(cfg)
     for (target, subgroup), res in results.items():
         out = Path(cfg.results_dir, "rf_cv", f"{vcfg.model}-{target}-{subgroup}")

@@ -172,3 +172,13 @@ def test_training_that_can_never_fit_fails_before_it_starts(prepared_phantom, tm
     assert "the training run can never fit on this cluster: it needs 9.5 CPU" in str(e.value)
     assert "the Ray cluster has 8 CPU" in str(e.value) and "unet.train.num_workers" in str(e.value)
     assert not (tmp_path / "train_last_run.json").exists()  # nothing started
+
+
+def test_each_epoch_of_a_training_run_prints_one_progress_line():
+    from ctvlab.unet.train import epoch_line
+
+    line = epoch_line(
+        2, 60, {"train_loss": 0.41234, "val_tversky": 0.7, "is_best": 1, "val_pcc": float("nan")}
+    )
+    assert line == "epoch 3/60 · train loss 0.4123 · val Tversky 0.7000 · best so far"
+    assert epoch_line(0, 4, {"train_loss": float("nan")}) == "epoch 1/4"

@@ -29,8 +29,14 @@ def test_parallel_and_serial_cv_agree_and_folds_are_patient_disjoint(voxel_prep,
     # rows come in a fixed order (by patient, then voxel), whatever order Ray Data's blocks finish in
     assert all(df["patient_id"].cat.codes.is_monotonic_increasing for df in data.frames.values())
 
-    parallel = run_cv(voxel_prep, folds, cfg, "cel", data=data)
-    serial = run_cv(voxel_prep, folds, cfg, "cel", parallel=False, data=data)
+    reported = {"parallel": [], "serial": []}
+    parallel = run_cv(voxel_prep, folds, cfg, "cel", data=data, on_fold=reported["parallel"].append)
+    serial = run_cv(
+        voxel_prep, folds, cfg, "cel", parallel=False, data=data, on_fold=reported["serial"].append
+    )
+    # every fold is reported once, as it finishes (in any order when parallel), and the result keeps fold order
+    assert sorted(r.fold for r in reported["parallel"]) == [f.fold for f in parallel.folds] == list(range(5))
+    assert [r.auc for r in reported["serial"]] == list(serial.aucs)
     np.testing.assert_array_equal(parallel.aucs, serial.aucs)
     assert parallel.pooled_roc()[2] == serial.pooled_roc()[2]
     assert parallel.auc_mean > 0.7 and not math.isnan(parallel.auc_std)

@@ -82,6 +82,22 @@ def input_shape(prep: Path) -> tuple[int, int, int]:
     return tuple(int(s) for s in fit_shape(tuple(int(x) for x in base), multiple=8))
 
 
+def epoch_line(epoch: int, epochs: int, metrics: dict[str, Any]) -> str:
+    """One progress line per epoch of a training run (it reaches the driver's log through Ray)."""
+    parts = [f"epoch {epoch + 1}/{epochs}"]
+    for key, label in (
+        ("train_loss", "train loss"),
+        ("val_loss", "val loss"),
+        (SELECTION_METRIC, "val Tversky"),
+    ):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and np.isfinite(value):
+            parts.append(f"{label} {value:.4f}")
+    if metrics.get("is_best"):
+        parts.append("best so far")
+    return " · ".join(parts)
+
+
 def autocast_context(device, mode: str):
     """bf16 autocast on CUDA (mode auto/bf16); a no-op on CPU, where bf16 convolutions are slow."""
     import contextlib
@@ -234,6 +250,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save = rank == 0 and (improved or last or (epoch + 1) % tcfg.checkpoint_every == 0)
         if tracker_logger is not None:
             tracker_logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if rank == 0 and config.get("print_epochs"):  # a search reports its trials itself
+            print(epoch_line(epoch, tcfg.epochs, metrics), flush=True)
         if save:
             with tempfile.TemporaryDirectory() as d:
                 state = {
@@ -547,7 +565,7 @@ def train_unet(
     )
 
     extra = {"mlflow_run_id": mlflow_run_id, "experiment": tracker.experiment_name,
-             "tracking_uri": tracker.tracking_uri}  # fmt: skip
+             "tracking_uri": tracker.tracking_uri, "print_epochs": True}  # fmt: skip
     if inject_failure_at is not None:
         extra["inject_failure"] = {"epoch": inject_failure_at, "marker": str(storage / f"{run_name}.fault")}
     if os.environ.get(HOLD_ENV):

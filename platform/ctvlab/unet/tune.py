@@ -421,6 +421,16 @@ def trial_state_line(trial_id: str, status: str, epoch: int | None, epochs: int)
     return f"{trial_id} {status.lower()}"
 
 
+def trial_done_line(name: str, trial_id: str, result: dict, done: int, total: int) -> str:
+    """A finished trial and its best validation Tversky (the selection metric)."""
+    best = result.get("best_val_tversky")
+    score = f"best val Tversky {best:.4f}" if isinstance(best, (int, float)) else "no validation score"
+    epochs = (
+        f" after {int(result['epoch']) + 1} epochs" if isinstance(result.get("epoch"), (int, float)) else ""
+    )
+    return f"search {name}: trial {trial_id} finished ({done} of {total} so far){epochs}: {score}"
+
+
 def progress_line(name: str, states: list[str], pending: list[str]) -> str:
     """One line per progress report: every unfinished trial, and what the cluster cannot schedule."""
     line = f"search {name}: " + (" · ".join(states) or "no trial running")
@@ -437,12 +447,15 @@ def _progress_callback(name: str, epochs: int, watch, every_s: float):
     class SearchProgress(Callback):
         def __init__(self):
             self.last = time.monotonic()
+            self.finished = 0
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             watch.progress()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             watch.progress()
+            self.finished += 1
+            say(trial_done_line(name, trial.trial_id, trial.last_result or {}, self.finished, len(trials)))
 
         def on_step_end(self, iteration, trials, **info):
             if time.monotonic() - self.last < every_s:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -511,6 +511,7 @@ def run_cv(
     features: list[str] | str | None = None,
     parallel: bool = True,
     data: FoldData | None = None,
+    on_fold: Callable[[FoldResult], None] | None = None,
 ) -> CVResult:
     """Patient-grouped cross-validation of one voxel model.
 
@@ -528,6 +529,7 @@ def run_cv(
         parallel: run the folds as concurrent Ray tasks (`cfg.cpus_per_fold` CPUs each); False runs them
             one after another in this process. Both give the same numbers.
         data: rows already read with `load_fold_data` for the same fold map (reused across a grid).
+        on_fold: called with each fold's result as soon as it is done (progress reporting).
 
     Raises:
         LeakageError: see `load_fold_data`; or a patient on both sides of a fold.
@@ -562,24 +564,25 @@ def run_cv(
 
         refs = data.refs()
         task = ray.remote(num_cpus=cfg.cpus_per_fold)(_run_fold)
-        futures = [
-            task.remote(k, target, feats, cfg, chosen_set, refs[k], *[refs[j] for j in fold_ids if j != k])
+        pending = {
+            task.remote(k, target, feats, cfg, chosen_set, refs[k], *[refs[j] for j in fold_ids if j != k]): k
             for k in fold_ids
-        ]
-        results = ray.get(futures)
+        }
+        done: dict[int, FoldResult] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            k = pending.pop(ready[0])
+            done[k] = ray.get(ready[0])
+            if on_fold:
+                on_fold(done[k])
+        results = [done[k] for k in fold_ids]
     else:
-        results = [
-            _run_fold(
-                k,
-                target,
-                feats,
-                cfg,
-                chosen_set,
-                data.frames[k],
-                *[data.frames[j] for j in fold_ids if j != k],
-            )
-            for k in fold_ids
-        ]
+        results = []
+        for k in fold_ids:
+            others = [data.frames[j] for j in fold_ids if j != k]
+            results.append(_run_fold(k, target, feats, cfg, chosen_set, data.frames[k], *others))
+            if on_fold:
+                on_fold(results[-1])
     cv_s = time.perf_counter() - t0
     return CVResult(
         target=target,
@@ -605,15 +608,19 @@ def run_grid(
     subgroups: Sequence[str] = ("all", "early", "late"),
     features: list[str] | str | None = None,
     parallel: bool = True,
+    on_fold: Callable[[str, str, FoldResult], None] | None = None,
 ) -> dict[tuple[str, str], CVResult]:
-    """The study's grid (targets × subgroups) on rows read once; keys are (target, subgroup)."""
+    """The study's grid (targets × subgroups) on rows read once; keys are (target, subgroup).
+
+    `on_fold(target, subgroup, fold_result)` is called as each fold finishes."""
     feats = resolve_features(features, cfg.features)
     data = load_fold_data(prep, folds, feats)
-    return {
-        (t, s): run_cv(prep, folds, cfg, t, s, feats, parallel=parallel, data=data)
-        for t in targets
-        for s in subgroups
-    }
+    out = {}
+    for t in targets:
+        for s in subgroups:
+            report = (lambda r, t=t, s=s: on_fold(t, s, r)) if on_fold else None
+            out[(t, s)] = run_cv(prep, folds, cfg, t, s, feats, parallel=parallel, data=data, on_fold=report)
+    return out
 
 
 @dataclass
