@@ -91,7 +91,8 @@ def validate(
 ) -> None:
     """Check a cohort before any compute: every file loads, grids agree, masks are binary, values sane."""
     from ctvlab.ingest.manifest import PURPOSES
-    from ctvlab.ingest.validate import print_validation, validate_cohort
+    from ctvlab.ingest.report import print_validation
+    from ctvlab.ingest.validate import validate_cohort
 
     if purpose not in PURPOSES:
         raise typer.BadParameter(f"--for must be one of: {', '.join(PURPOSES)}")

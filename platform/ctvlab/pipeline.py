@@ -246,7 +246,8 @@ def _cohort(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
 
 
 def _validate(cfg: StudyConfig, console) -> StageRecord:
-    from ctvlab.ingest.validate import print_validation, validate_cohort
+    from ctvlab.ingest.report import print_validation
+    from ctvlab.ingest.validate import validate_cohort
 
     report = validate_cohort(cfg.raw_dir, progress=False, limits=cfg.cohort.limits)
     if not report.ok:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from ctvlab.config import InputLimits
-from ctvlab.ingest.validate import format_problem, validate_cohort
+from ctvlab.ingest.report import format_problem
+from ctvlab.ingest.validate import validate_cohort
 from tests.ingest.test_validate import IDS, _edit_manifest, _rewrite
 
 ROOT = Path(__file__).resolve().parents[2]

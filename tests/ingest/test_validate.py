@@ -15,16 +15,9 @@ import pytest
 from rich.console import Console
 
 from ctvlab.ingest.manifest import MRSI_COLUMNS, read_manifest
-from ctvlab.ingest.validate import (
-    describe_affine_difference,
-    format_problem,
-    inside_grid,
-    print_validation,
-    read_volume,
-    resample_nearest,
-    validate_cohort,
-    validate_patient,
-)
+from ctvlab.ingest.report import format_problem, print_validation
+from ctvlab.ingest.validate import validate_cohort, validate_patient
+from ctvlab.ingest.volume import describe_affine_difference, inside_grid, read_volume, resample_nearest
 from tests.phantoms import grid_affine
 
 IDS = ["P000", "P001", "P002", "P003"]
