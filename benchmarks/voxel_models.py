@@ -64,12 +64,12 @@ def _pyarrow_read_s(prep: Path, ids: list[str], columns: list[str]) -> float:
 def _one_fold(data, cfg, fold: int = 0, target: str = "cel"):
     import pandas as pd
 
-    from ctvlab.voxel_models.cv import _fold_seed, fit_predict_fold
+    from ctvlab.voxel_models.fold import fit_predict_fold, fold_seed
 
     train = pd.concat([df for k, df in data.frames.items() if k != fold], ignore_index=True)
     t0 = time.perf_counter()
     r = fit_predict_fold(
-        train, data.frames[fold], data.features, target, cfg, _fold_seed(cfg.seed, fold), fold
+        train, data.frames[fold], data.features, target, cfg, fold_seed(cfg.seed, fold), fold
     )
     return r, time.perf_counter() - t0
 
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ctvlab.config import VoxelModelConfig
     from ctvlab.runtime import init_ray
-    from ctvlab.voxel_models.cv import load_fold_data, run_cv
+    from ctvlab.voxel_models.cv import run_cv
+    from ctvlab.voxel_models.folddata import load_fold_data
 
     out: dict = {"cores": os.cpu_count(), "load_before": os.getloadavg()}
     print(f"cores {out['cores']}, load average {out['load_before'][0]:.1f}")

@@ -10,7 +10,8 @@ import pytest
 
 from ctvlab.data.readers import read_patients
 from ctvlab.errors import LeakageError
-from ctvlab.voxel_models.cv import load_fold_data, run_cv, validate_fold_map
+from ctvlab.voxel_models.cv import run_cv
+from ctvlab.voxel_models.folddata import load_fold_data, validate_fold_map
 from tests.voxel_models.conftest import tiny_config
 from tests.voxel_models.fabricate import patient_ids, round_robin_folds
 
@@ -80,7 +81,7 @@ def test_bad_fold_maps_are_leakage(folds, message):
 
 
 def test_cv_refuses_data_read_for_another_fold_map(voxel_prep):
-    from ctvlab.voxel_models.cv import FoldData
+    from ctvlab.voxel_models.folddata import FoldData
 
     data = FoldData(frames={}, features=[], folds={"P000": 0, "P001": 1}, read_s=0.0)
     with pytest.raises(LeakageError, match="another fold map"):

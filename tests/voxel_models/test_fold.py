@@ -17,7 +17,8 @@ import pytest
 from ctvlab.config import FEATURES
 from ctvlab.data.layout import MRSI_FEATURES
 from ctvlab.errors import LeakageError
-from ctvlab.voxel_models.cv import _run_fold, fit_predict_fold, hanley_mcneil_se
+from ctvlab.voxel_models.cv import _run_fold
+from ctvlab.voxel_models.fold import fit_predict_fold, hanley_mcneil_se
 from ctvlab.voxel_models.labels import FEATURE_SETS, label_rows
 from tests.voxel_models.conftest import tiny_config
 
