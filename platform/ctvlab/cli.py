@@ -356,11 +356,13 @@ def stats(
 
     tests = result.tests.sort_values("wilcoxon_p")
     t = Table(title="Stable NAV vs progressed voxels (per-patient medians)")
-    for col in ("feature", "category", "pairs", "median diff", "Wilcoxon p", "Mann-Whitney p"):
+    for col in ("feature", "category", "pairs (zero diff.)", "median diff", "Wilcoxon p", "Holm p",
+                "Mann-Whitney p", "Holm p"):  # fmt: skip
         t.add_column(col)
     for r in tests.head(20).itertuples():
-        t.add_row(r.feature, r.category, str(r.n_pairs), f"{r.median_difference:+.3f}", f"{r.wilcoxon_p:.2g}",
-                  f"{r.mannwhitney_p:.2g}")  # fmt: skip
+        t.add_row(r.feature, r.category, f"{r.n_pairs} ({r.n_zero})", f"{r.median_difference:+.3f}",
+                  f"{r.wilcoxon_p:.2g}", f"{r.wilcoxon_p_holm:.2g}", f"{r.mannwhitney_p:.2g}",
+                  f"{r.mannwhitney_p_holm:.2g}")  # fmt: skip
     console = _console()
     console.print(t)
     console.print(f"tables and box plots: {Path(cfg.results_dir, 'stats')}; MLflow run {run_id}")

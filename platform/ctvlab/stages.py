@@ -157,7 +157,8 @@ def stats_stage(cfg: StudyConfig, prep: Path):
         run.metrics(result.summary())
         tests = result.tests
         for r in tests.itertuples():
-            run.metrics({f"p_wilcoxon.{r.feature}.{r.category.replace('->', '_to_')}": r.wilcoxon_p})
+            key = f"{r.feature}.{r.category.replace('->', '_to_')}"
+            run.metrics({f"p_wilcoxon.{key}": r.wilcoxon_p, f"p_wilcoxon_holm.{key}": r.wilcoxon_p_holm})
         for name, df in frames.items():
             run.table(df, f"{name}.csv")
         run.artifact(fig, "figures")

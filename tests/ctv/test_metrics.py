@@ -16,9 +16,9 @@ from ctvlab.ctv.metrics import (
     confusion,
     coverage,
     ctv_metrics,
+    ctv_wilcoxon,
     dice,
     hd95,
-    paired_wilcoxon,
     pcc,
     pcc_weights,
     sensitivity,
@@ -298,7 +298,7 @@ def test_choose_threshold_refuses_mismatched_inputs():
 # --- paired tests ----------------------------------------------------------------------------------------
 
 
-def test_paired_wilcoxon_pairs_by_patient_and_skips_missing_values():
+def test_ctv_wilcoxon_pairs_by_patient_skips_missing_values_and_adjusts_by_holm():
     from scipy.stats import wilcoxon
 
     model = np.array([0.90, 0.85, 0.80, 0.95, 0.70, 0.88, 0.91])
@@ -309,7 +309,16 @@ def test_paired_wilcoxon_pairs_by_patient_and_skips_missing_values():
         for i, v in enumerate(values)
     ]
     table = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # row order must not matter
-    p = paired_wilcoxon(table, reference="model", metrics=["dice", "hd95_mm", "pcc"])
-    assert p[("dice", "model", "rtog")] == pytest.approx(wilcoxon(model, rtog).pvalue)
-    assert p[("hd95_mm", "model", "rtog")] == pytest.approx(wilcoxon(model[1:], rtog[1:]).pvalue)
-    assert ("pcc", "model", "rtog") not in p
+    got = ctv_wilcoxon(table, reference="model", metrics=["dice", "hd95_mm", "pcc"]).set_index(
+        ["metric", "other"]
+    )
+    p_dice, p_hd = wilcoxon(model, rtog).pvalue, wilcoxon(model[1:], rtog[1:]).pvalue
+    assert got.loc[("dice", "rtog"), "p_value"] == pytest.approx(p_dice)
+    assert got.loc[("hd95_mm", "rtog"), "p_value"] == pytest.approx(p_hd)
+    assert (got.loc[("dice", "rtog"), "n"], got.loc[("hd95_mm", "rtog"), "n"]) == (7, 6)
+    assert ("pcc", "rtog") not in got.index
+    # Holm over the two tests, by hand: the smaller p doubled, the larger at least that
+    lo, hi = sorted([p_dice, p_hd])
+    hand = {lo: min(1.0, 2 * lo), hi: max(min(1.0, 2 * lo), hi)}
+    assert got.loc[("dice", "rtog"), "p_holm"] == pytest.approx(hand[p_dice])
+    assert got.loc[("hd95_mm", "rtog"), "p_holm"] == pytest.approx(hand[p_hd])

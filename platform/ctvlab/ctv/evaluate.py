@@ -141,15 +141,12 @@ def summary_table(per_patient: pd.DataFrame) -> pd.DataFrame:
 
 def wilcoxon_table(per_patient: pd.DataFrame) -> pd.DataFrame:
     """Wilcoxon signed-rank p-values, model vs RTOG and model vs EORTC, for every metric."""
-    from ctvlab.ctv.metrics import paired_wilcoxon
+    from ctvlab.ctv.metrics import WILCOXON_COLUMNS, ctv_wilcoxon
 
     if "model" not in set(per_patient["ctv"]):
-        return pd.DataFrame(columns=["metric", "reference", "other", "p_value"])
-    p = paired_wilcoxon(per_patient.rename(columns={"patient_id": "patient"}), reference="model",
+        return pd.DataFrame(columns=WILCOXON_COLUMNS)
+    return ctv_wilcoxon(per_patient.rename(columns={"patient_id": "patient"}), reference="model",
                         metrics=[m for m in TABLE_METRICS if m != "progression_coverage"])  # fmt: skip
-    return pd.DataFrame(
-        [{"metric": k[0], "reference": k[1], "other": k[2], "p_value": v} for k, v in p.items()]
-    )
 
 
 def write_ctv_nifti(ctv: np.ndarray, p: PreparedPatient, out_3mm: Path, out_native: Path | None) -> None:
@@ -279,7 +276,7 @@ def evaluate_study(
             write_csv_atomic(out / f"{name}.csv", df)
 
         figures = [plot_metric_boxes(per_patient.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
-                                     {(r.metric, r.reference, r.other): r.p_value for r in wilcoxon.itertuples()})]  # fmt: skip
+                                     {(r.metric, r.reference, r.other): r.p_holm for r in wilcoxon.itertuples()})]  # fmt: skip
         chosen = [pid for pid, _ in sorted(overlay_cases, key=lambda kv: -kv[1])[: cfg.ctv.overlay_patients]]
         for pid in chosen:
             p = load_patient(prep, pid)
@@ -310,6 +307,7 @@ def evaluate_study(
                 if k not in ("ctv", "n"):
                     flat[f"{r['ctv']}_{k}"] = v
         flat.update({f"p_{r.metric}_model_vs_{r.other}": r.p_value for r in wilcoxon.itertuples()})
+        flat.update({f"p_holm_{r.metric}_model_vs_{r.other}": r.p_holm for r in wilcoxon.itertuples()})
         flat["threshold"] = threshold
         flat["seconds_inference_per_patient"] = t_inf / len(ids)
         flat["seconds_ctv_metrics_per_patient"] = t_ctv / len(ids)
@@ -392,7 +390,7 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
     if len(outcome.wilcoxon):
         w = outcome.wilcoxon
         lines = [
-            f"{r.metric}: model vs {r.other} p = {r.p_value:.3g}"
+            f"{r.metric}: model vs {r.other} p = {r.p_value:.3g} (Holm {r.p_holm:.3g}, n = {r.n})"
             for r in w.itertuples()
             if r.metric in ("sensitivity", "specificity", "pcc")
         ]

@@ -12,7 +12,6 @@ inches × `dpi`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from ctvlab.atomic import atomic_path
 from ctvlab.ctv.metrics import METRICS
+from ctvlab.statistics import stars
 
 __all__ = [
     "CTV_COLOURS",
@@ -54,16 +54,6 @@ CONTOUR_PANEL_INCHES = 4.0  # each slice panel is a square of this size
 ROC_FIGSIZE = (5.5, 5.5)
 
 
-def stars(p: float) -> str:
-    """Significance marks of the study's figures: * p < 0.05, ** p < 0.01, *** p < 0.001, else "ns"."""
-    if p is None or math.isnan(p):
-        return ""
-    for level, mark in ((0.001, "***"), (0.01, "**"), (0.05, "*")):
-        if p < level:
-            return mark
-    return "ns"
-
-
 def plot_metric_boxes(
     per_patient,
     out: Path,
@@ -78,7 +68,7 @@ def plot_metric_boxes(
             (columns "patient", "ctv", "metric", "value"). CTVs are drawn in the order model, RTOG,
             EORTC (then any others); missing values (NaN) are left out of their box.
         out: PNG path (BOX_FIGSIZE inches × dpi pixels).
-        pvalues: {(metric, ctv_a, ctv_b): p} from `ctvlab.ctv.metrics.paired_wilcoxon`; each pair gets
+        pvalues: {(metric, ctv_a, ctv_b): p} (Holm-adjusted, from `ctvlab.ctv.metrics.ctv_wilcoxon`); each pair gets
             a bracket with its stars.
         dpi: pixels per inch.
 

@@ -32,9 +32,9 @@ __all__ = [
     "confusion",
     "coverage",
     "ctv_metrics",
+    "ctv_wilcoxon",
     "dice",
     "hd95",
-    "paired_wilcoxon",
     "pcc",
     "pcc_weights",
     "sensitivity",
@@ -238,12 +238,16 @@ def choose_threshold(
     return chosen, table
 
 
-def paired_wilcoxon(
+WILCOXON_COLUMNS = ["metric", "reference", "other", "n", "n_zero", "median_difference", "p_value", "p_holm"]
+
+
+def ctv_wilcoxon(
     per_patient,
     reference: str = "model",
     metrics: Iterable[str] = METRICS,
-) -> dict[tuple[str, str, str], float]:
-    """Wilcoxon signed-rank p-values between CTVs, paired by patient (Methods, Model evaluation).
+):
+    """Wilcoxon signed-rank tests between CTVs, paired by patient (Methods, Model evaluation), with Holm's
+    adjustment over the whole table (`ctvlab.statistics`).
 
     Args:
         per_patient: pandas DataFrame with columns "patient", "ctv" and one column per metric.
@@ -251,12 +255,15 @@ def paired_wilcoxon(
         metrics: metric columns to test.
 
     Returns:
-        {(metric, reference, other): p}. Patients with a missing value in either CTV are left out of
-        that test; with no non-zero difference left, p is NaN (no test is possible).
+        A DataFrame with `WILCOXON_COLUMNS`, one row per (metric, other CTV). Patients with a missing value
+        in either CTV are left out of that test; `n` pairs were ranked after dropping `n_zero` zero
+        differences; with no non-zero difference left, p is NaN (no test is possible).
     """
-    from scipy.stats import wilcoxon
+    import pandas as pd
 
-    out: dict[tuple[str, str, str], float] = {}
+    from ctvlab.statistics import holm, paired_wilcoxon
+
+    rows = []
     ctvs = [c for c in dict.fromkeys(per_patient["ctv"]) if c != reference]
     for metric in metrics:
         if metric not in per_patient.columns:
@@ -265,13 +272,12 @@ def paired_wilcoxon(
         for other in ctvs:
             if reference not in wide.columns or other not in wide.columns:
                 continue
-            pair = wide[[reference, other]].dropna()
-            diff = (pair[reference] - pair[other]).to_numpy()
-            if np.count_nonzero(diff) == 0:
-                out[(metric, reference, other)] = math.nan
-                continue
-            out[(metric, reference, other)] = float(wilcoxon(pair[reference], pair[other]).pvalue)
-    return out
+            t = paired_wilcoxon(wide[reference].to_numpy(), wide[other].to_numpy())
+            rows.append({"metric": metric, "reference": reference, "other": other, "n": t.n, "n_zero": t.n_zero,
+                         "median_difference": t.median_difference, "p_value": t.p})  # fmt: skip
+    table = pd.DataFrame(rows, columns=WILCOXON_COLUMNS[:-1])
+    table["p_holm"] = holm(table["p_value"].to_numpy())
+    return table
 
 
 def _ratio(num: float, den: float, empty: float) -> float:

@@ -54,19 +54,21 @@ def test_metrics(model_dir: Path, prep: Path, patient_ids: list[str], threshold:
 
 
 def pairwise_wilcoxon(per_patient: pd.DataFrame, sets: list[str]) -> pd.DataFrame:
-    """Wilcoxon signed-rank test for every pair of sets and metric, paired by patient."""
-    from scipy.stats import wilcoxon
+    """Wilcoxon signed-rank test for every pair of sets and metric, paired by patient; Holm over the table."""
+    from ctvlab.statistics import holm, paired_wilcoxon
 
     rows = []
     for metric in ABLATION_METRICS:
         wide = per_patient.pivot(index="patient_id", columns="modality_set", values=metric)
         for a, b in itertools.combinations(sets, 2):
-            pair = wide[[a, b]].dropna()
-            diff = pair[a] - pair[b]
-            p = float(wilcoxon(pair[a], pair[b]).pvalue) if len(pair) and np.any(diff != 0) else float("nan")
-            rows.append({"metric": metric, "set_a": a, "set_b": b, "n": len(pair),
-                         "median_difference": float(diff.median()) if len(pair) else float("nan"), "p_value": p})  # fmt: skip
-    return pd.DataFrame(rows)
+            t = paired_wilcoxon(wide[a].to_numpy(), wide[b].to_numpy())
+            rows.append({"metric": metric, "set_a": a, "set_b": b, "n": t.n, "n_zero": t.n_zero,
+                         "median_difference": t.median_difference, "p_value": t.p})  # fmt: skip
+    table = pd.DataFrame(
+        rows, columns=["metric", "set_a", "set_b", "n", "n_zero", "median_difference", "p_value"]
+    )
+    table["p_holm"] = holm(table["p_value"].to_numpy())
+    return table
 
 
 def plot_ablation(per_patient: pd.DataFrame, sets: list[str], tests: pd.DataFrame, out: Path) -> Path:
@@ -77,7 +79,7 @@ def plot_ablation(per_patient: pd.DataFrame, sets: list[str], tests: pd.DataFram
     from matplotlib.figure import Figure
 
     from ctvlab.atomic import atomic_path
-    from ctvlab.ctv.figures import stars
+    from ctvlab.statistics import stars
 
     fig = Figure(figsize=(4 * len(ABLATION_METRICS), 4))
     for i, metric in enumerate(ABLATION_METRICS):
@@ -98,7 +100,7 @@ def plot_ablation(per_patient: pd.DataFrame, sets: list[str], tests: pd.DataFram
                     & (tests["set_b"].isin([s, "all"]))
                 ]
                 if len(row):
-                    ax.text(j + 1, top * 1.02, stars(float(row["p_value"].iloc[0])), ha="center")
+                    ax.text(j + 1, top * 1.02, stars(float(row["p_holm"].iloc[0])), ha="center")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     with atomic_path(out) as tmp:

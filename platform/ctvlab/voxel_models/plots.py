@@ -12,24 +12,16 @@ import numpy as np
 import pandas as pd
 
 from ctvlab.atomic import atomic_path
+from ctvlab.statistics import VOXEL_STAR_LEVELS, stars
 
-__all__ = ["p_stars", "plot_category_boxes", "plot_importances"]
+__all__ = ["plot_category_boxes", "plot_importances"]
 
-# Significance levels of the paper's figures: *, **, ***, **** for p < 0.05, 0.01, 0.001, 0.0001.
-STAR_LEVELS = (0.05, 0.01, 0.001, 0.0001)
 CATEGORY_COLOURS = {
     "NAV->NAV": "#9e9e9e",
     "NAV->NEL": "#4c72b0",
     "NAV->CEL": "#c44e52",
     "NEL->CEL": "#dd8452",
 }
-
-
-def p_stars(p: float, levels: tuple[float, ...] = STAR_LEVELS) -> str:
-    """'*' per level that p falls below ('' for p ≥ 0.05 or NaN)."""
-    if p is None or math.isnan(p):
-        return ""
-    return "*" * sum(p < level for level in levels)
 
 
 def _figure(width_in: float, height_in: float):
@@ -85,7 +77,8 @@ def plot_category_boxes(
     Args:
         medians: `StatsResult.medians` (patient_id, category, feature, median, ...).
         out: PNG path.
-        tests: `StatsResult.tests`; stars above each progressed category mark its p-value vs NAV→NAV.
+        tests: `StatsResult.tests`; stars above each progressed category mark its Holm-adjusted p-value vs
+            NAV→NAV (*, **, ***, **** below 0.05, 0.01, 0.001, 0.0001: the study's levels).
         test: which p-value gives the stars: "wilcoxon" or "mannwhitney".
     """
     from ctvlab.voxel_models.stats import CATEGORY_ORDER
@@ -96,7 +89,7 @@ def plot_category_boxes(
     nrows = max(1, math.ceil(len(features) / ncols))
     fig = _figure(3.2 * ncols, 2.8 * nrows)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    p_col = f"{test}_p"
+    p_col = f"{test}_p_holm"
     rng = np.random.default_rng(0)
     for ax, f in zip(axes, features, strict=False):
         per = medians.loc[medians["feature"] == f]
@@ -116,7 +109,13 @@ def plot_category_boxes(
             for x, c in zip(positions, cats, strict=True):
                 row = tests.loc[(tests["feature"] == f) & (tests["category"] == c)]
                 if len(row):
-                    ax.text(x, hi + 0.05 * span, p_stars(float(row[p_col].iloc[0])), ha="center", va="bottom")
+                    ax.text(
+                        x,
+                        hi + 0.05 * span,
+                        stars(float(row[p_col].iloc[0]), VOXEL_STAR_LEVELS, ns=""),
+                        ha="center",
+                        va="bottom",
+                    )
         ax.set_xticks(positions, [c.replace("->", "→") for c in cats], rotation=30, fontsize=7)
         ax.set_title(f, fontsize=9)
     for ax in axes[len(features) :]:

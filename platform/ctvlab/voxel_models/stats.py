@@ -26,9 +26,12 @@ __all__ = ["CATEGORY_ORDER", "StatsResult", "category_medians", "compare_categor
 
 CATEGORY_ORDER: tuple[str, ...] = (STABLE, *PROGRESSED)
 MEDIAN_COLUMNS = ["patient_id", "category", "feature", "median", "n_voxels"]
+# Per test: n_pairs patients with both categories, of which n_zero had a zero difference (dropped before
+# ranking: `ctvlab.statistics.paired_wilcoxon`); Holm-adjusted p-values over the whole table (one family per
+# test kind); `significant` judges the primary test's Holm-adjusted p.
 TEST_COLUMNS = [
-    "feature", "category", "n_pairs", "median_difference", "wilcoxon_p",
-    "n_stable", "n_progressed", "mannwhitney_p", "significant",
+    "feature", "category", "n_pairs", "n_zero", "median_difference", "wilcoxon_p", "wilcoxon_p_holm",
+    "n_stable", "n_progressed", "mannwhitney_p", "mannwhitney_p_holm", "significant",
 ]  # fmt: skip
 
 
@@ -96,7 +99,9 @@ def compare_categories(medians: pd.DataFrame, cfg: StatsConfig) -> pd.DataFrame:
 
     A p-value is NaN where a test cannot run: no patients, or (Wilcoxon) every paired difference is zero.
     """
-    from scipy.stats import mannwhitneyu, wilcoxon
+    from scipy.stats import mannwhitneyu
+
+    from ctvlab.statistics import holm, paired_wilcoxon
 
     rows = []
     for f in cfg.features:
@@ -111,22 +116,26 @@ def compare_categories(medians: pd.DataFrame, cfg: StatsConfig) -> pd.DataFrame:
             if cat not in wide.columns:
                 continue
             pairs = wide[[STABLE, cat]].dropna()
-            diff = (pairs[cat] - pairs[STABLE]).to_numpy()
+            test = paired_wilcoxon(pairs[cat].to_numpy(), pairs[STABLE].to_numpy())
             progressed_all = wide[cat].dropna().to_numpy()
-            w_p = float(wilcoxon(diff).pvalue) if diff.size and np.any(diff != 0) else float("nan")
             mw_p = (
                 float(mannwhitneyu(progressed_all, stable_all, alternative="two-sided").pvalue)
                 if progressed_all.size and stable_all.size
                 else float("nan")
             )
-            primary = w_p if cfg.primary_test == "wilcoxon" else mw_p
-            rows.append(
-                (
-                    f, cat, int(diff.size), float(np.median(diff)) if diff.size else float("nan"), w_p,
-                    int(stable_all.size), int(progressed_all.size), mw_p, bool(primary < cfg.significance),
-                )
-            )  # fmt: skip
-    return pd.DataFrame(rows, columns=TEST_COLUMNS)
+            rows.append({
+                "feature": f, "category": cat, "n_pairs": len(pairs), "n_zero": test.n_zero,
+                "median_difference": test.median_difference, "wilcoxon_p": test.p,
+                "n_stable": int(stable_all.size), "n_progressed": int(progressed_all.size), "mannwhitney_p": mw_p,
+            })  # fmt: skip
+    tests = pd.DataFrame(
+        rows, columns=[c for c in TEST_COLUMNS if not c.endswith("_holm") and c != "significant"]
+    )
+    tests["wilcoxon_p_holm"] = holm(tests["wilcoxon_p"].to_numpy())
+    tests["mannwhitney_p_holm"] = holm(tests["mannwhitney_p"].to_numpy())
+    primary = tests["wilcoxon_p_holm" if cfg.primary_test == "wilcoxon" else "mannwhitney_p_holm"]
+    tests["significant"] = (primary < cfg.significance).to_numpy(dtype=bool)
+    return tests[TEST_COLUMNS]
 
 
 def voxel_statistics(prep: str | Path, patient_ids: Sequence[str] | None, cfg: StatsConfig) -> StatsResult:
