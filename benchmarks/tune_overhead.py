@@ -48,7 +48,7 @@ def main() -> None:
 
     from ctvlab.config import SearchSpace, StudyConfig
     from ctvlab.runtime import init_ray
-    from ctvlab.unet.tune import BEST_TARGET
+    from ctvlab.study import BEST_SELECTION_METRIC
 
     prep = args.data.resolve()
     if not (prep / "splits.json").exists():
@@ -76,14 +76,14 @@ def main() -> None:
     print(
         f"      {wall - ideal:.1f} s beyond the ideal, {(wall - ideal) / args.trials * args.concurrency:.1f} s per trial slot"
     )
-    best_fifo = table.loc[table[BEST_TARGET].idxmax()]
+    best_fifo = table.loc[table[BEST_SELECTION_METRIC].idxmax()]
     if not args.no_asha:
         wall_a, table_a = search(cfg, prep, "overhead-asha", args.trials, asha=True)
         epochs, epochs_a = int(table["epochs_run"].sum()), int(table_a["epochs_run"].sum())
-        best_a = table_a.loc[table_a[BEST_TARGET].idxmax()]
+        best_a = table_a.loc[table_a[BEST_SELECTION_METRIC].idxmax()]
         print(f"ASHA: wall {wall_a:.1f} s ({wall_a / wall:.2f}× FIFO) · epochs {epochs_a} of {epochs} "
-              f"({1 - epochs_a / epochs:.0%} saved) · best val Tversky {best_a[BEST_TARGET]:.3f} "
-              f"(FIFO {best_fifo[BEST_TARGET]:.3f})")  # fmt: skip
+              f"({1 - epochs_a / epochs:.0%} saved) · best val Tversky {best_a[BEST_SELECTION_METRIC]:.3f} "
+              f"(FIFO {best_fifo[BEST_SELECTION_METRIC]:.3f})")  # fmt: skip
         print("      (the two searches draw the same configurations: Tune's random generator is seeded)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

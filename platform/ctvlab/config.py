@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ctvlab.errors import ConfigError
+from ctvlab.study import FEATURES, TVERSKY_ALPHA, TVERSKY_BETA
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -316,8 +317,8 @@ class BetaSchedule(Strict):
     """
 
     kind: Literal["constant", "linear", "step"] = "constant"
-    start: Fraction = Field(0.98, description="β at epoch 0 (study optimum 0.98, so α = 0.02).")
-    end: Fraction = Field(0.98, description="β after the ramp or the step (unused by constant).")
+    start: Fraction = Field(TVERSKY_BETA, description="β at epoch 0 (study optimum 0.98, so α = 0.02).")
+    end: Fraction = Field(TVERSKY_BETA, description="β after the ramp or the step (unused by constant).")
     ramp_epochs: int = Field(10, ge=1, description="linear: epochs from start to end.")
     step_epoch: int = Field(10, ge=0, description="step: the epoch from which β = end.")
 
@@ -498,8 +499,12 @@ class CTVConfig(Strict):
         min_length=1,
         description="Thresholds tried on the validation split.",
     )
-    tversky_alpha: Fraction = Field(0.02, description="Tversky weight of false positives (study: 0.02).")
-    tversky_beta: Fraction = Field(0.98, description="Tversky weight of false negatives (study: 0.98).")
+    tversky_alpha: Fraction = Field(
+        TVERSKY_ALPHA, description="Tversky weight of false positives (study: 0.02)."
+    )
+    tversky_beta: Fraction = Field(
+        TVERSKY_BETA, description="Tversky weight of false negatives (study: 0.98)."
+    )
     overlay_patients: int = Field(3, ge=0, description="Patients drawn in the contour figure.")
     write_native_grid: bool = Field(True, description="Also resample CTVs to each patient's T1c grid.")
 
@@ -592,15 +597,6 @@ class StudyConfig(Strict):
     @property
     def results_dir(self) -> Path:
         return self.workdir / "results"
-
-
-# The 13 voxel features of the study (SPEC: Voxel-wise random forest), in the channel order of the
-# prepared volumes. Defined here because configs default to it; ctvlab.data.layout re-exports it.
-FEATURES: tuple[str, ...] = (
-    "nT1c", "nT1", "nFLAIR", "nADC", "nFA",
-    "nCho", "nCre", "nNAA", "nLac", "nLip",
-    "CNI", "CCrI", "CrNI",
-)  # fmt: skip
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:

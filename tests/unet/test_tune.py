@@ -17,8 +17,9 @@ import yaml
 
 from ctvlab.config import GridSpace, SearchSpace
 from ctvlab.splits import load_split
+from ctvlab.study import BEST_SELECTION_METRIC
 from ctvlab.tracking import Tracker
-from ctvlab.unet.tune import BEST_TARGET, narrow_space, tune_study
+from ctvlab.unet.tune import narrow_space, tune_study
 from tests.conftest import tiny_study
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ def test_narrow_space_around_the_best_grid_cell(best_lr, best_bf, expected_lr, e
             "lr": lr,
             "base_features": bf,
             "batch_size": 1,
-            BEST_TARGET: 0.9 if (lr, bf) == (best_lr, best_bf) else 0.1,
+            BEST_SELECTION_METRIC: 0.9 if (lr, bf) == (best_lr, best_bf) else 0.1,
         }
         for lr in grid.lr
         for bf in grid.base_features

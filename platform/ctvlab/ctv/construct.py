@@ -23,7 +23,6 @@ from scipy import ndimage
 from ctvlab.config import CTVConfig
 
 __all__ = [
-    "CTV_NAMES",
     "build_ctvs",
     "clip_ctv",
     "eortc_ctv",
@@ -33,7 +32,6 @@ __all__ = [
     "rtog_ctv",
 ]
 
-CTV_NAMES: tuple[str, ...] = ("model", "rtog", "eortc")
 
 # Masks that build_ctvs needs, by their names in ctvlab.data.layout.MASKS.
 _NEEDED_MASKS: tuple[str, ...] = ("cel", "t2l", "cavity", "brain", "critical")

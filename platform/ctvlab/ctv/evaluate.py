@@ -30,9 +30,9 @@ from ctvlab.atomic import atomic_folder, write_csv_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.data.readers import PreparedPatient, load_patient
 from ctvlab.errors import CtvlabError, DataError
+from ctvlab.study import CTV_NAMES
 from ctvlab.unet.inference import LoadedModel, load_model, predict_probability
 
-CTV_ORDER = ("model", "rtog", "eortc")
 TABLE_METRICS = (
     "sensitivity",
     "specificity",
@@ -114,7 +114,7 @@ def evaluate_patient(
     lesion = masks["cel"] | masks["t2l"]
     progression = (masks["cel_prog"] | masks["t2l_prog"]) & masks["brain"] & ~lesion
     rows = []
-    for name in CTV_ORDER:
+    for name in CTV_NAMES:
         if name not in ctvs:
             continue
         m = ctv_metrics(ctvs[name], masks["target"], masks["brain"], p.spacing,
@@ -128,7 +128,7 @@ def evaluate_patient(
 def summary_table(per_patient: pd.DataFrame) -> pd.DataFrame:
     """Supplementary Table 1: mean ± SD of every metric per CTV (NaN values left out, counted in n)."""
     rows = []
-    for ctv in [c for c in CTV_ORDER if c in set(per_patient["ctv"])]:
+    for ctv in [c for c in CTV_NAMES if c in set(per_patient["ctv"])]:
         sub = per_patient[per_patient["ctv"] == ctv]
         row: dict[str, Any] = {"ctv": ctv, "n": len(sub)}
         for m in TABLE_METRICS:

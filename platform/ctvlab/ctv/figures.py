@@ -20,6 +20,7 @@ import numpy as np
 from ctvlab.atomic import atomic_path
 from ctvlab.ctv.metrics import METRICS
 from ctvlab.statistics import stars
+from ctvlab.study import CTV_NAMES
 
 __all__ = [
     "CTV_COLOURS",
@@ -47,7 +48,6 @@ _METRIC_LABELS: dict[str, str] = {
     "tversky": "Tversky (α=0.02, β=0.98)",
     "pcc": "PCC",
 }
-_CTV_ORDER: tuple[str, ...] = ("model", "rtog", "eortc")
 
 BOX_FIGSIZE = (12.0, 7.5)  # inches: 2 rows × 3 metrics
 CONTOUR_PANEL_INCHES = 4.0  # each slice panel is a square of this size
@@ -79,7 +79,7 @@ def plot_metric_boxes(
 
     table = _wide_table(per_patient)
     present = list(dict.fromkeys(table["ctv"]))
-    ctvs = [c for c in _CTV_ORDER if c in present] + [c for c in present if c not in _CTV_ORDER]
+    ctvs = [c for c in CTV_NAMES if c in present] + [c for c in present if c not in CTV_NAMES]
     fig = Figure(figsize=BOX_FIGSIZE)
     axes = fig.subplots(2, 3).ravel()
     rng = np.random.default_rng(0)  # fixed jitter: the same table gives the same image

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ctvlab.study import TVERSKY_ALPHA, TVERSKY_BETA
+
 __all__ = [
     "METRICS",
     "choose_threshold",
@@ -79,7 +81,11 @@ def dice(pred: np.ndarray, target: np.ndarray, brain: np.ndarray) -> float:
 
 
 def tversky(
-    pred: np.ndarray, target: np.ndarray, brain: np.ndarray, alpha: float = 0.02, beta: float = 0.98
+    pred: np.ndarray,
+    target: np.ndarray,
+    brain: np.ndarray,
+    alpha: float = TVERSKY_ALPHA,
+    beta: float = TVERSKY_BETA,
 ) -> float:
     """TP / (TP + α·FP + β·FN) within the brain; 1.0 when both are empty.
 
@@ -163,8 +169,8 @@ def ctv_metrics(
     target: np.ndarray,
     brain: np.ndarray,
     spacing: Sequence[float],
-    alpha: float = 0.02,
-    beta: float = 0.98,
+    alpha: float = TVERSKY_ALPHA,
+    beta: float = TVERSKY_BETA,
 ) -> dict[str, float]:
     """Every per-patient metric of one CTV against the target.
 
@@ -193,8 +199,8 @@ def choose_threshold(
     targets: Sequence[np.ndarray],
     brains: Sequence[np.ndarray],
     grid: Sequence[float],
-    alpha: float = 0.02,
-    beta: float = 0.98,
+    alpha: float = TVERSKY_ALPHA,
+    beta: float = TVERSKY_BETA,
     *,
     lesions: Sequence[np.ndarray] | None = None,
     criticals: Sequence[np.ndarray] | None = None,

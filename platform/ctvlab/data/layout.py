@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ctvlab.config import FEATURES
+from ctvlab.study import FEATURES
 
 __all__ = [
     "CATEGORIES",

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ctvlab.config import FEATURES
 from ctvlab.data.layout import CATEGORY_CODES, MASKS
+from ctvlab.study import FEATURES
 
 __all__ = [
     "PATIENT_CLINICAL_FIELDS",

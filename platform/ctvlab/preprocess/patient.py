@@ -24,7 +24,7 @@ import numpy as np
 
 from ctvlab import __version__
 from ctvlab.atomic import atomic_folder, digest, save_npy_atomic, sha256_file, write_json_atomic
-from ctvlab.config import FEATURES, PreprocessConfig
+from ctvlab.config import PreprocessConfig
 from ctvlab.data.layout import CATEGORIES, CATEGORY_CODES, MASKS, PrepPaths, voxel_table_schema
 from ctvlab.errors import DataError
 from ctvlab.ingest.manifest import ManifestRow
@@ -37,6 +37,7 @@ from ctvlab.preprocess.grid import (
     source_coords,
 )
 from ctvlab.preprocess.normalize import INDEX_FEATURES, NAVModeError, normalise_to_nav
+from ctvlab.study import FEATURES
 
 __all__ = [
     "FEATURE_SOURCES",

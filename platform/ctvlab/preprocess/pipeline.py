@@ -36,12 +36,13 @@ from pydantic import BaseModel, computed_field
 
 from ctvlab import __version__
 from ctvlab.atomic import TMP_PREFIX, atomic_path, digest, write_json_atomic
-from ctvlab.config import FEATURES, PreprocessConfig
+from ctvlab.config import PreprocessConfig
 from ctvlab.data.layout import CATEGORY_CODES, MASKS, PrepPaths
 from ctvlab.errors import DataError, InfrastructureError
 from ctvlab.ingest.manifest import ManifestRow
 from ctvlab.lock import exclusive
 from ctvlab.preprocess.patient import output_settings, process_or_skip, read_sidecar, settings_hash
+from ctvlab.study import FEATURES
 
 if TYPE_CHECKING:
     from rich.console import Console

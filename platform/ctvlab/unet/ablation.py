@@ -113,9 +113,10 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     from ctvlab.runtime import init_ray
     from ctvlab.splits import load_split
     from ctvlab.stages import pseudonymised, tracker_for
+    from ctvlab.study import BEST_SELECTION_METRIC
     from ctvlab.tracking import base_tags
     from ctvlab.unet.train import provenance_spec
-    from ctvlab.unet.tune import BEST_TARGET, best_trial, random_param_space, run_search
+    from ctvlab.unet.tune import best_trial, random_param_space, run_search
 
     t0 = time.perf_counter()
     prep = Path(prep or cfg.prep_dir).resolve()
@@ -145,12 +146,12 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
                                 num_samples=cfg.tune.ablation_samples, parent_run_id=set_run, extra_spec=extra)  # fmt: skip
             best = best_trial(trials)
             tracker.logger(set_run).table(trials.drop(columns=["path", "model_dir"]), "trials.csv", "search")
-            tracker.logger(set_run).metrics({BEST_TARGET: float(best[BEST_TARGET])})
+            tracker.logger(set_run).metrics({BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC])})
             tracker.end_run(set_run)
             model_dir = Path(best["model_dir"])
             m = test_metrics(model_dir, prep, test_ids, cfg.unet.train.threshold)
             per_patient.append(m.assign(modality_set=s))
-            best_rows.append({"modality_set": s, BEST_TARGET: float(best[BEST_TARGET]), "lr": best["lr"],
+            best_rows.append({"modality_set": s, BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC]), "lr": best["lr"],
                               "base_features": best["base_features"], "batch_size": best["batch_size"],
                               "loss": best["loss"]})  # fmt: skip
         table = pd.concat(per_patient, ignore_index=True)

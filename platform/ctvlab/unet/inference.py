@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ctvlab.data.layout import FEATURES
 from ctvlab.errors import DataError
+from ctvlab.study import FEATURES
 
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"

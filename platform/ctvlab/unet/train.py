@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from ctvlab.config import StudyConfig, UNetConfig
-from ctvlab.data.layout import FEATURES, MASKS, MODALITY_SETS
+from ctvlab.data.layout import MASKS, MODALITY_SETS
 from ctvlab.errors import CtvlabError, DataError
+from ctvlab.study import BEST_SELECTION_METRIC, FEATURES, SELECTION_METRIC
 from ctvlab.unet.inference import SPEC_FILE, WEIGHTS_FILE
 
-SELECTION_METRIC = "val_tversky"  # Methods: model selection by Tversky at α = 0.02, β = 0.98
 MODEL_ARTIFACT = "model"
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
@@ -243,7 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         improved = bool(np.isfinite(score) and score > best)
         if improved:
             best, best_epoch = float(score), epoch
-        metrics.update({"best_val_tversky": best, "best_epoch": best_epoch, "is_best": int(improved)})
+        metrics.update({BEST_SELECTION_METRIC: best, "best_epoch": best_epoch, "is_best": int(improved)})
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
         last = epoch == tcfg.epochs - 1

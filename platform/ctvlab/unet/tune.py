@@ -30,9 +30,8 @@ import pandas as pd
 from ctvlab.atomic import atomic_folder
 from ctvlab.config import BetaSchedule, GridSpace, SearchSpace, StudyConfig, TuneConfig, UNetConfig
 from ctvlab.errors import CtvlabError, DataError
+from ctvlab.study import BEST_SELECTION_METRIC, SELECTION_METRIC
 
-TARGET = "val_tversky"
-BEST_TARGET = "best_val_tversky"
 TRIAL_PARAMS = ("lr", "base_features", "batch_size", "loss", "beta_schedule", "modality_set")
 
 
@@ -109,12 +108,12 @@ def narrow_space(grid_results: pd.DataFrame, grid: GridSpace, space: SearchSpace
 
     Args:
         grid_results: one row per finished grid trial with columns lr, base_features, batch_size and
-            BEST_TARGET.
+            BEST_SELECTION_METRIC.
     """
-    ok = grid_results.dropna(subset=[BEST_TARGET])
+    ok = grid_results.dropna(subset=[BEST_SELECTION_METRIC])
     if ok.empty:
         return space
-    best = ok.loc[ok[BEST_TARGET].idxmax()]
+    best = ok.loc[ok[BEST_SELECTION_METRIC].idxmax()]
     lo, hi = _neighbours(list(grid.lr), float(best["lr"]))
     b = float(best["lr"])
     ratio = (hi / lo) ** 0.5 if hi > lo else 3.0
@@ -298,7 +297,7 @@ def run_search(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=TARGET, mode="max", num_samples=num_samples, scheduler=scheduler,
+                metric=SELECTION_METRIC, mode="max", num_samples=num_samples, scheduler=scheduler,
                 # The limit goes to the generator: Tune ignores `max_concurrent_trials` next to one.
                 search_alg=tune.search.BasicVariantGenerator(
                     random_state=tcfg.seed, max_concurrent=at_once
@@ -392,7 +391,9 @@ def best_stored_checkpoint(run_dir: Path) -> Path | None:
             history = json.loads((d / HISTORY_FILE).read_text())
         except (OSError, ValueError, KeyError):
             continue
-        score = next((h.get(TARGET, math.nan) for h in history if h.get("epoch") == epoch), math.nan)
+        score = next(
+            (h.get(SELECTION_METRIC, math.nan) for h in history if h.get("epoch") == epoch), math.nan
+        )
         scored.append((score if math.isfinite(score) else -math.inf, epoch, d))
     return max(scored)[2] if scored else None
 
@@ -423,7 +424,7 @@ def trial_state_line(trial_id: str, status: str, epoch: int | None, epochs: int)
 
 def trial_done_line(name: str, trial_id: str, result: dict, done: int, total: int) -> str:
     """A finished trial and its best validation Tversky (the selection metric)."""
-    best = result.get("best_val_tversky")
+    best = result.get(BEST_SELECTION_METRIC)
     score = f"best val Tversky {best:.4f}" if isinstance(best, (int, float)) else "no validation score"
     epochs = (
         f" after {int(result['epoch']) + 1} epochs" if isinstance(result.get("epoch"), (int, float)) else ""
@@ -479,7 +480,9 @@ def trials_table(grid) -> pd.DataFrame:
         metrics = r.metrics or {}
         df = r.metrics_dataframe
         best = (
-            float(df[TARGET].max()) if df is not None and TARGET in df else metrics.get(BEST_TARGET, np.nan)
+            float(df[SELECTION_METRIC].max())
+            if df is not None and SELECTION_METRIC in df
+            else metrics.get(BEST_SELECTION_METRIC, np.nan)
         )
         rows.append(
             {
@@ -491,8 +494,8 @@ def trials_table(grid) -> pd.DataFrame:
                 "loss": cfg.get("loss"),
                 "beta_schedule": json.dumps(cfg.get("beta_schedule"), sort_keys=True),
                 "modality_set": cfg.get("modality_set"),
-                BEST_TARGET: best,
-                "last_" + TARGET: metrics.get(TARGET, np.nan),
+                BEST_SELECTION_METRIC: best,
+                "last_" + SELECTION_METRIC: metrics.get(SELECTION_METRIC, np.nan),
                 "epochs_run": int(df["epoch"].max() + 1) if df is not None and "epoch" in df else 0,
                 "train_seconds": float(df["epoch_seconds"].sum())
                 if df is not None and "epoch_seconds" in df
@@ -516,10 +519,10 @@ def _error_line(error: BaseException | None) -> str:
 
 
 def best_trial(trials: pd.DataFrame) -> pd.Series:
-    ok = trials[(trials["status"] != "ERROR") & trials[BEST_TARGET].notna()]
+    ok = trials[(trials["status"] != "ERROR") & trials[BEST_SELECTION_METRIC].notna()]
     if ok.empty:
         raise CtvlabError("every trial of the search failed; see the trial errors in the summary table")
-    return ok.loc[ok[BEST_TARGET].idxmax()]
+    return ok.loc[ok[BEST_SELECTION_METRIC].idxmax()]
 
 
 def tune_study(
@@ -615,7 +618,7 @@ def _finish_search(
     best_params = {k: best[k] for k in TRIAL_PARAMS if k in best and best[k] is not None}
     log.params({"best": best_params})
     n_failed = int((trials["status"] == "ERROR").sum())
-    log.metrics({BEST_TARGET: float(best[BEST_TARGET]), "n_trials": len(trials), "n_failed": n_failed,
+    log.metrics({BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC]), "n_trials": len(trials), "n_failed": n_failed,
                  "trial_epochs_total": int(trials["epochs_run"].sum())})  # fmt: skip
     src = Path(best["model_dir"])
     model_dir = None
@@ -634,7 +637,7 @@ def _finish_search(
     tracker.end_run(parent, "FINISHED")
     return SearchOutcome(
         name=name, parent_run_id=parent, trials=trials, best_params=best_params,
-        best_metric=float(best[BEST_TARGET]), best_model_dir=model_dir, space=space.model_dump(mode="json"),
+        best_metric=float(best[BEST_SELECTION_METRIC]), best_model_dir=model_dir, space=space.model_dump(mode="json"),
         n_failed=n_failed, elapsed_s=time.perf_counter() - t0, model_uri=model_uri,
     )  # fmt: skip
 
@@ -642,15 +645,24 @@ def _finish_search(
 def print_search(outcome: SearchOutcome, console) -> None:
     from rich.table import Table
 
-    t = outcome.trials.sort_values(BEST_TARGET, ascending=False)
+    t = outcome.trials.sort_values(BEST_SELECTION_METRIC, ascending=False)
     table = Table(title=f"search {outcome.name}: {len(t)} trials, {outcome.n_failed} failed, "
                         f"{outcome.elapsed_s / 60:.1f} min")  # fmt: skip
-    for col in ("step", "lr", "base_features", "batch_size", "loss", BEST_TARGET, "epochs_run", "status"):
+    for col in (
+        "step",
+        "lr",
+        "base_features",
+        "batch_size",
+        "loss",
+        BEST_SELECTION_METRIC,
+        "epochs_run",
+        "status",
+    ):
         table.add_column(col, justify="right")
     for r in t.head(15).to_dict("records"):
         table.add_row(
             str(r.get("step", "")), f"{r['lr']:.2e}" if r["lr"] is not None else "", str(r["base_features"]),
-            str(r["batch_size"]), str(r["loss"]), f"{r[BEST_TARGET]:.4f}", str(r["epochs_run"]), r["status"],
+            str(r["batch_size"]), str(r["loss"]), f"{r[BEST_SELECTION_METRIC]:.4f}", str(r["epochs_run"]), r["status"],
         )  # fmt: skip
     console.print(table)
     console.print(f"best: {outcome.best_params} → validation Tversky {outcome.best_metric:.4f}")

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ctvlab.config import FEATURES
 from ctvlab.data.layout import CATEGORY_CODES
 from ctvlab.errors import DataError, LeakageError
 from ctvlab.splits import check_disjoint
+from ctvlab.study import FEATURES
 from ctvlab.voxel_models.labels import (
     resolve_features,
 )

@@ -13,9 +13,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from ctvlab.config import FEATURES
 from ctvlab.data.layout import DIFFUSION_FEATURES, MRSI_FEATURES
 from ctvlab.errors import ConfigError, DataError
+from ctvlab.study import FEATURES
 
 __all__ = [
     "ANATOMICAL_FEATURES",
