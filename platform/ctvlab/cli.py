@@ -322,6 +322,7 @@ def rf_cv(
         "subgroup",
         "patients",
         "AUC mean ± SD",
+        "distance-to-T2L AUC",
         "pooled AUC",
         "top features (permutation)",
     ):
@@ -329,7 +330,13 @@ def rf_cv(
     for (tg, sg), r in results.items():
         top = ", ".join(r.importance_table().index[:3])
         t.add_row(
-            tg, sg, str(r.n_patients), f"{r.auc_mean:.3f} ± {r.auc_std:.3f}", f"{r.pooled_roc()[2]:.3f}", top
+            tg,
+            sg,
+            str(r.n_patients),
+            f"{r.auc_mean:.3f} ± {r.auc_std:.3f}",
+            f"{r.auc_distance:.3f}",
+            f"{r.pooled_roc()[2]:.3f}",
+            top,
         )
     console = _console()
     console.print(t)

@@ -98,11 +98,14 @@ def rf_cv_stage(
             write_csv_atomic(out / f"{name}.csv", df)
         fpr, tpr, auc = res.pooled_roc()
         write_json_atomic(out / "roc.json", {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": auc,
-                                             "auc_mean": res.auc_mean, "auc_std": res.auc_std})  # fmt: skip
+                                             "auc_mean": res.auc_mean, "auc_std": res.auc_std,
+                                             "auc_distance": res.auc_distance})  # fmt: skip
         title = f"{vcfg.model.upper()} {target.upper()} progression, {subgroup} patients"
         figs = [
             plot_roc_curves(
-                res.roc_curves(), out / "roc.png", f"{title}: AUC {res.auc_mean:.2f} ± {res.auc_std:.2f}"
+                res.roc_curves(),
+                out / "roc.png",
+                f"{title}: AUC {res.auc_mean:.2f} ± {res.auc_std:.2f} (distance to T2L {res.auc_distance:.2f})",
             ),
             plot_importances(res.importance_table(), out / "importances.png", f"{title}: feature importance"),
         ]

@@ -126,11 +126,20 @@ class PrepPaths:
         return self.voxels / f"patient_id={patient_id}"
 
 
+# Distance (mm) from a voxel's centre to the nearest pre-RT T2L voxel (0 inside): the baseline a sceptic
+# tries first ("progression happens next to the lesion"), scored beside every voxel model.
+DISTANCE_COLUMN = "dist_t2l_mm"
+# Version of the prepared files' layout; part of preprocessing's settings hash, so a dataset prepared
+# under an older layout is prepared again rather than read with missing columns.
+PREPARED_FORMAT = 2
+
+
 def voxel_table_schema():
     """Arrow schema of the files under voxels/ (patient_id comes from the hive partition folder).
 
     One row per brain voxel within the ring. Features are null where the value is missing (MRSI
-    outside the PRESS box or not acquired). `voxel_index` is the C-order flat index into (X, Y, Z).
+    outside the PRESS box or not acquired). `voxel_index` is the C-order flat index into (X, Y, Z);
+    `dist_t2l_mm` the voxel's distance to the pre-RT T2L in mm.
     """
     import pyarrow as pa
 
@@ -141,5 +150,6 @@ def voxel_table_schema():
             pa.field("category", pa.string(), nullable=False),
             pa.field("cohort", pa.string(), nullable=False),
             pa.field("pfs_months", pa.float32(), nullable=False),
+            pa.field(DISTANCE_COLUMN, pa.float32(), nullable=False),
         ]
     )

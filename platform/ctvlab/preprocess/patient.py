@@ -25,7 +25,14 @@ import numpy as np
 from ctvlab import __version__
 from ctvlab.atomic import atomic_folder, digest, save_npy_atomic, sha256_file, write_json_atomic
 from ctvlab.config import PreprocessConfig
-from ctvlab.data.layout import CATEGORIES, CATEGORY_CODES, MASKS, PrepPaths, voxel_table_schema
+from ctvlab.data.layout import (
+    CATEGORIES,
+    CATEGORY_CODES,
+    MASKS,
+    PREPARED_FORMAT,
+    PrepPaths,
+    voxel_table_schema,
+)
 from ctvlab.errors import DataError
 from ctvlab.ingest.manifest import ManifestRow
 from ctvlab.preprocess import regions
@@ -74,8 +81,10 @@ _FOUR = ("NAV->NAV", "NAV->NEL", "NAV->CEL", "NEL->CEL")
 
 
 def output_settings(cfg: PreprocessConfig) -> dict[str, Any]:
-    """The settings that determine the prepared files (execution settings left out)."""
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in EXECUTION_FIELDS}
+    """The settings that determine the prepared files (execution settings left out), with the layout's
+    version."""
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in EXECUTION_FIELDS}
+    return {"prepared_format": PREPARED_FORMAT, **settings}
 
 
 def settings_hash(cfg: PreprocessConfig) -> str:
@@ -306,7 +315,8 @@ def summarise(row: ManifestRow, arrays: PreparedArrays, in_hash: str) -> dict[st
 def voxel_table(row: ManifestRow, arrays: PreparedArrays):
     """The patient's voxel rows (`layout.voxel_table_schema`): one per voxel inside the ring.
 
-    voxel_index is the C-order flat index into (X, Y, Z); NaN features become nulls.
+    voxel_index is the C-order flat index into (X, Y, Z); NaN features become nulls; dist_t2l_mm is the
+    distance (mm, with the grid's spacing) to the nearest pre-RT T2L voxel.
     """
     import pyarrow as pa
 
@@ -315,12 +325,14 @@ def voxel_table(row: ManifestRow, arrays: PreparedArrays):
     values = arrays.features.reshape(len(FEATURES), -1)[:, idx]
     names = np.array([CATEGORY_CODES[k] for k in range(len(CATEGORY_CODES))], dtype=object)
     codes = arrays.mask("category").ravel()[idx]
+    distance = regions.distance_mm(arrays.mask("t2l").astype(bool), arrays.spacing)
     columns = [pa.array(idx.astype(np.int32), type=pa.int32())]
     columns += [pa.array(v, mask=np.isnan(v), type=pa.float32()) for v in values]
     columns += [
         pa.array(names[codes].tolist(), type=pa.string()),
         pa.array([row.cohort.value] * idx.size, type=pa.string()),
         pa.array(np.full(idx.size, row.pfs_months, dtype=np.float32), type=pa.float32()),
+        pa.array(distance.ravel()[idx].astype(np.float32), type=pa.float32()),
     ]
     return pa.Table.from_arrays(columns, schema=schema)
 

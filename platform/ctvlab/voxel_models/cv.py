@@ -219,6 +219,13 @@ class CVResult:
         return float(valid.mean()) if valid.size else float("nan")
 
     @property
+    def auc_distance(self) -> float:
+        """Mean over the valid folds of the distance-to-T2L baseline's AUC on the same test rows."""
+        d = np.array([f.auc_distance for f in self.folds], float)
+        d = d[~np.isnan(d)]
+        return float(d.mean()) if d.size else float("nan")
+
+    @property
     def auc_std(self) -> float:
         """Sample standard deviation (ddof = 1) of the valid fold AUCs."""
         valid = self.aucs[~np.isnan(self.aucs)]
@@ -266,7 +273,8 @@ class CVResult:
         return table.sort_values("permutation", ascending=False, na_position="last")
 
     def fold_table(self) -> pd.DataFrame:
-        cols = ["fold", "auc", "reason", *COUNT_FIELDS, "fit_s", "predict_s", "permutation_s", "cpu_s"]
+        cols = ["fold", "auc", "auc_distance", "reason", *COUNT_FIELDS, "fit_s", "predict_s", "permutation_s",
+                "cpu_s"]  # fmt: skip
         return pd.DataFrame([{c: getattr(f, c) for c in cols} for f in self.folds], columns=cols)
 
     def to_frames(self) -> dict[str, pd.DataFrame]:
@@ -284,6 +292,7 @@ class CVResult:
             "auc_mean": self.auc_mean,
             "auc_std": self.auc_std,
             "auc_pooled": self.pooled_roc()[2],
+            "auc_distance": self.auc_distance,
             "n_folds_valid": float(np.sum(~np.isnan(self.aucs))),
             "n_patients": float(self.n_patients),
             "n_voxels_test": float(sum(f.n_test for f in self.folds)),

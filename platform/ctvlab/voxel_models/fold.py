@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ctvlab.config import VoxelModelConfig
+from ctvlab.data.layout import DISTANCE_COLUMN
 from ctvlab.voxel_models.labels import (
     label_rows,
 )
@@ -64,6 +65,9 @@ class FoldResult:
     permutation_s: float = 0.0
     cpu_s: float = 0.0
     impute_values: dict[str, float] | None = None
+    # The baseline on the same test rows: AUC of "the nearer the pre-RT T2L, the likelier progression"
+    # (score = −distance); NaN where the test fold lacks a class or the rows carry no distance.
+    auc_distance: float = float("nan")
 
 
 def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
@@ -186,6 +190,7 @@ def fit_predict_fold(
     tr, y_tr = label_rows(train, target)
     te, y_te = label_rows(test, target)
     x_tr, x_te = _matrix(tr, features), _matrix(te, features)
+    d_te = te[DISTANCE_COLUMN].to_numpy(np.float32) if DISTANCE_COLUMN in te.columns else None
     pid_tr, pid_te = _patient_ids(tr), _patient_ids(te)
     dropped_tr = dropped_te = 0
     impute_values = None
@@ -196,6 +201,7 @@ def fit_predict_fold(
             dropped_tr, dropped_te = int((~keep_tr).sum()), int((~keep_te).sum())
             x_tr, y_tr, pid_tr = x_tr[keep_tr], y_tr[keep_tr], pid_tr[keep_tr]
             x_te, y_te, pid_te = x_te[keep_te], y_te[keep_te], pid_te[keep_te]
+            d_te = d_te[keep_te] if d_te is not None else None
         else:
             impute_values = _nav_values(x_tr, y_tr, features)
             fill = np.array([impute_values[f] for f in features], np.float32)
@@ -237,6 +243,7 @@ def fit_predict_fold(
 
     both_classes = counts["test_pos"] > 0 and counts["test_neg"] > 0
     auc = float(roc_auc_score(y_te, scores)) if both_classes else float("nan")
+    auc_distance = float(roc_auc_score(y_te, -d_te)) if both_classes and d_te is not None else float("nan")
     reason = None if both_classes else "test fold lacks a class: AUC undefined"
     t0 = time.perf_counter()
     permutation = (
@@ -257,6 +264,7 @@ def fit_predict_fold(
         permutation_s=time.perf_counter() - t0,
         cpu_s=time.process_time() - cpu0,
         impute_values=impute_values,
+        auc_distance=auc_distance,
         **counts,
     )
 

@@ -78,7 +78,7 @@ def load_fold_data(
         LeakageError: the fold map lists a patient twice, uses one fold only, or names a patient that the
             prepared data does not hold (a split drawn for other data).
     """
-    from ctvlab.data.layout import PrepPaths
+    from ctvlab.data.layout import DISTANCE_COLUMN, PrepPaths
     from ctvlab.data.readers import read_voxels
 
     fold_of = validate_fold_map(folds)
@@ -95,7 +95,9 @@ def load_fold_data(
     t0 = time.perf_counter()
     ids = sorted(fold_of)
     with _parquet_datasource_v1():
-        table = _concat_arrow(read_voxels(prep, ids, columns=["voxel_index", "category", *features]))
+        table = _concat_arrow(
+            read_voxels(prep, ids, columns=["voxel_index", "category", DISTANCE_COLUMN, *features])
+        )
     frame = _compact_frame(table, features, ids)
     # Ray Data returns blocks in completion order; a fixed row order keeps bootstraps, and so results,
     # identical from run to run.
@@ -143,7 +145,10 @@ def _concat_arrow(ds):
 
 
 def _compact_frame(table, features: Sequence[str], patient_ids: Sequence[str]) -> pd.DataFrame:
-    """Arrow voxel rows → pandas with categoricals and float32 NumPy columns (NaN where null)."""
+    """Arrow voxel rows → pandas with categoricals and float32 NumPy columns (NaN where null), the features
+    and the distance to the T2L."""
+    from ctvlab.data.layout import DISTANCE_COLUMN
+
     category = _categorical(table.column("category"), _CATEGORY_DTYPE)
     if (category.codes < 0).any():
         bad = sorted(set(table.column("category").to_pandas()[category.codes < 0].astype(str)))
@@ -154,7 +159,7 @@ def _compact_frame(table, features: Sequence[str], patient_ids: Sequence[str]) -
         "patient_id": _categorical(table.column("patient_id"), pd.CategoricalDtype(list(patient_ids))),
         "category": category,
     }
-    for f in features:
+    for f in (*features, DISTANCE_COLUMN):
         data[f] = table.column(f).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return pd.DataFrame(data)
 
