@@ -37,8 +37,8 @@ def main() -> None:
     import torch
 
     from ctvlab.config import StudyConfig
-    from ctvlab.ctv.predict import predict_cohort
     from ctvlab.ingest.manifest import read_manifest
+    from ctvlab.stages.predict import predict_cohort
     from evaluate import study_size_model
 
     torch.set_num_threads(args.threads)

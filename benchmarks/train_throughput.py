@@ -37,10 +37,10 @@ def plain_loop(prep: Path, ids: list[str], cfg, shape, epochs: int, device, dumm
     from ctvlab.data.layout import MODALITY_SETS
     from ctvlab.data.readers import load_patient
     from ctvlab.unet.augment import build_augmentation
+    from ctvlab.unet.batches import autocast_context, batch_to_tensors, prepare_row
     from ctvlab.unet.losses import make_loss
     from ctvlab.unet.model import build_unet
     from ctvlab.unet.optim import build_optimizer
-    from ctvlab.unet.train import autocast_context, batch_to_tensors, prepare_row
 
     torch.manual_seed(0)
     model = build_unet(cfg.model, len(MODALITY_SETS[cfg.model.modality_set])).to(device)
@@ -82,7 +82,8 @@ def plain_loop(prep: Path, ids: list[str], cfg, shape, epochs: int, device, dumm
 def ray_train(prep: Path, train_ids: list[str], val_ids: list[str], cfg) -> list[dict]:
     """Per-epoch metrics reported by the Ray Train worker (one worker, its Ray Data shard)."""
     from ctvlab.runtime import init_ray
-    from ctvlab.unet.train import _history, build_trainer
+    from ctvlab.stages.train import _history
+    from ctvlab.unet.train import build_trainer
 
     init_ray()
     with tempfile.TemporaryDirectory() as storage:
@@ -104,7 +105,7 @@ def main() -> None:
 
     from ctvlab.config import UNetConfig
     from ctvlab.splits import load_split
-    from ctvlab.unet.train import input_shape
+    from ctvlab.unet.batches import input_shape
 
     if not (args.data / "splits.json").exists():
         raise SystemExit(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # the package, without install
 
-from ctvlab.jobkit import run_command
+from ctvlab.cli import run_job
 
 if __name__ == "__main__":
-    run_command("synth")
+    run_job("synth")

@@ -157,7 +157,7 @@ def tiny_study(workdir: Path, tracking_uri: str, **unet_train) -> StudyConfig:  
 def trained_phantom(prepared_phantom, tmp_path_factory, _session_tracking_uri):
     """One small U-Net trained with 2 gloo DDP workers on the phantom (4 epochs), shared by the training
     and evaluation tests: (study config, TrainOutcome). Ray Train's start-up costs tens of seconds."""
-    from ctvlab.unet.train import train_unet
+    from ctvlab.stages.train import train_unet
 
     workdir = tmp_path_factory.mktemp("trained_phantom")
     cfg = tiny_study(workdir, _session_tracking_uri, epochs=4, num_workers=2, cpus_per_worker=1)

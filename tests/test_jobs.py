@@ -28,7 +28,7 @@ def test_every_stage_has_a_job():
     assert not names & {"ray", "mlflow", "torch", "xgboost", "monai", "sklearn", "platform"}
 
 
-# Each job script runs one `ctvlab` command (ctvlab.jobkit.run_command).
+# Each job script runs one `ctvlab` command (ctvlab.cli.run_job).
 COMMAND_OF_JOB = {"synthesize": "synth", "validate_cohort": "validate", "preprocess_cohort": "preprocess",
                   "split_patients": "split", "voxel_cv": "rf-cv", "voxel_stats": "stats", "train_unet": "train",
                   "tune_unet": "tune", "evaluate_ctvs": "evaluate", "predict": "predict", "run_study": "run"}  # fmt: skip

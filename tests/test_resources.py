@@ -20,7 +20,7 @@ from ctvlab.resources import (
     unfit_reasons,
 )
 from ctvlab.tracking import artifact_location
-from ctvlab.unet.tune import progress_line, trial_done_line, trial_state_line
+from ctvlab.unet.search_progress import progress_line, trial_done_line, trial_state_line
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -107,18 +107,18 @@ class Recorder:
     """Stand-ins for the expensive stages; `ran` lists what ran, `fail` names a stage to raise in."""
 
     def __init__(self, monkeypatch):
-        import ctvlab.ctv.evaluate
-        import ctvlab.stages
-        import ctvlab.unet.train
+        import ctvlab.stages.analysis
+        import ctvlab.stages.evaluate
+        import ctvlab.stages.train
 
         self.ran: list[str] = []
         self.fail: str | None = None
         self.trained = 0
-        monkeypatch.setattr(ctvlab.stages, "rf_cv_stage", self.rf_cv)
-        monkeypatch.setattr(ctvlab.stages, "stats_stage", self.stats)
-        monkeypatch.setattr(ctvlab.unet.train, "train_unet", self.train)
-        monkeypatch.setattr(ctvlab.ctv.evaluate, "evaluate_study", self.evaluate)
-        monkeypatch.setattr(ctvlab.ctv.evaluate, "print_evaluation", lambda *a, **k: None)
+        monkeypatch.setattr(ctvlab.stages.analysis, "rf_cv_stage", self.rf_cv)
+        monkeypatch.setattr(ctvlab.stages.analysis, "stats_stage", self.stats)
+        monkeypatch.setattr(ctvlab.stages.train, "train_unet", self.train)
+        monkeypatch.setattr(ctvlab.stages.evaluate, "evaluate_study", self.evaluate)
+        monkeypatch.setattr(ctvlab.stages.evaluate, "print_evaluation", lambda *a, **k: None)
 
     def _enter(self, name: str) -> None:
         self.ran.append(name)

@@ -3,6 +3,9 @@
 Heavy libraries (torch, ray, mlflow) are imported inside the functions that need them, so that
 `ctvlab --help` answers at once. A `CtvlabError` is printed as a message and exits non-zero; it never
 shows a traceback.
+
+About 600 lines in one module on purpose: typer declares each command's options in its signature, and one
+file lets a reader compare every command's options at a glance (the job scripts run these same commands).
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ def split(
     address: AddressOpt = None,
 ) -> None:
     """Draw the patient splits: train/val/test for the U-Net and 5 CV folds for the voxel models."""
-    from ctvlab.stages import split_stage
+    from ctvlab.stages.analysis import split_stage
 
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
@@ -305,7 +308,7 @@ def rf_cv(
     address: AddressOpt = None,
 ) -> None:
     """Voxel-wise progression models with 5-fold patient-grouped CV (ROC AUC, importances, ROC curves)."""
-    from ctvlab.stages import rf_cv_stage
+    from ctvlab.stages.analysis import rf_cv_stage
 
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
@@ -354,7 +357,7 @@ def stats(
     address: AddressOpt = None,
 ) -> None:
     """Per-patient medians per voxel category; Wilcoxon and Mann-Whitney tests vs stable NAV."""
-    from ctvlab.stages import stats_stage
+    from ctvlab.stages.analysis import stats_stage
 
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
@@ -391,7 +394,7 @@ def train(
     address: AddressOpt = None,
 ) -> None:
     """Train the 3D U-Net on Ray Train; log curves and register the best model in MLflow."""
-    from ctvlab.unet.train import train_unet
+    from ctvlab.stages.train import train_unet
 
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
@@ -428,11 +431,11 @@ def tune(
     data = _data(cfg, data)
     console = _console()
     if ablation:
-        from ctvlab.unet.ablation import print_ablation, run_ablation
+        from ctvlab.stages.ablation import print_ablation, run_ablation
 
         print_ablation(run_ablation(cfg, data), console)
         return
-    from ctvlab.unet.tune import print_search, tune_study
+    from ctvlab.stages.tune import print_search, tune_study
 
     print_search(tune_study(cfg, data, resume=resume), console)
 
@@ -456,7 +459,7 @@ def evaluate(
     address: AddressOpt = None,
 ) -> None:
     """Model CTV vs RTOG and EORTC CTVs: metrics, Wilcoxon tests, figures, NIfTI CTVs, one MLflow run."""
-    from ctvlab.ctv.evaluate import evaluate_study, print_evaluation
+    from ctvlab.stages.evaluate import evaluate_study, print_evaluation
 
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
@@ -487,7 +490,7 @@ def predict(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Apply a trained model to new patients: probability and CTVs on the native T1c grid, overlay, report."""
-    from ctvlab.ctv.predict import predict_cohort, print_prediction
+    from ctvlab.stages.predict import predict_cohort, print_prediction
 
     cfg = _settings(config, tracking_uri=tracking_uri)
     console = _console()
@@ -574,6 +577,14 @@ def main(args: list[str] | None = None, prog_name: str | None = None, command: s
     for line in _JOB_WHERE:
         _console(stderr=True).print(line)
     sys.exit(code)
+
+
+def run_job(command: str) -> None:
+    """A job script's whole body: run `ctvlab COMMAND` with the script's arguments, exactly as the command
+    line would (the same options, defaults and exit codes), and exit."""
+    from pathlib import Path
+
+    main(sys.argv[1:], prog_name=f"python jobs/{Path(sys.argv[0]).name}", command=command)
 
 
 if __name__ == "__main__":

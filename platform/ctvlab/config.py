@@ -5,6 +5,9 @@ such as the loss, the β schedule or the modality set are values chosen by name,
 keys are errors that name the key and the file, so a typo never silently falls back to a default.
 
 The JSON Schema of `StudyConfig` is exported to `schemas/config.schema.json` (see `ctvlab.schemas`).
+
+About 700 lines in one module on purpose: the settings of every stage form one validated document (one
+JSON Schema, one `--set` namespace), and each default sits beside its description.
 """
 
 from __future__ import annotations

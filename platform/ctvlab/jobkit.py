@@ -1,4 +1,5 @@
-"""Job scripts under jobs/: each runs one `ctvlab` command with the same options.
+"""What a job script under jobs/ needs beyond its command (`ctvlab.cli.run_job`): inside `ray job submit`,
+results must go to absolute paths.
 
 Each job works the same locally (`python jobs/<name>.py --config ...`) and on a cluster
 (`ray job submit --address ... --working-dir . -- python jobs/<name>.py --config ...`; inside a submitted
@@ -15,20 +16,7 @@ when it ends.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-
-
-def run_command(command: str) -> None:
-    """Run `ctvlab COMMAND` with this script's arguments, exactly as the command line would, and exit.
-
-    A job script is the command's twin on a cluster: the same options, the same defaults, the same exit
-    codes. A `CtvlabError` prints its message and exits with its code; nothing prints a traceback for a
-    problem the user can fix.
-    """
-    from ctvlab.cli import main
-
-    main(sys.argv[1:], prog_name=f"python jobs/{Path(sys.argv[0]).name}", command=command)
 
 
 def in_submitted_job() -> bool:

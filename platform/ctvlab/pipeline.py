@@ -10,6 +10,9 @@ skips unchanged patients on its own.
 
 A stage that fails stops the run (after the summary); with `keep_going` the stages that do not need its
 outputs still run, and the run fails at the end.
+
+About 420 lines: one function per stage of the run and the stamp logic they share, read top to bottom in
+the order the study runs.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ def run_study(cfg: StudyConfig, console=None, force: bool = False, keep_going: b
 def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_going: bool) -> StudyOutcome:
     from rich.console import Console
 
-    from ctvlab.stages import tracker_for
+    from ctvlab.tracking import tracker_for
 
     console = console or Console(highlight=False)
     from ctvlab.resources import check_study_fits
@@ -280,7 +283,7 @@ def _preprocess(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord
 
 def _split(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
     from ctvlab.splits import load_split
-    from ctvlab.stages import split_stage
+    from ctvlab.stages.analysis import split_stage
 
     key = stage_key("split", cfg, state["inputs"])
     if not force and stamps.current("split", key):
@@ -302,7 +305,7 @@ def _split(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
 
 
 def _voxel_models(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
-    from ctvlab.stages import rf_cv_stage
+    from ctvlab.stages.analysis import rf_cv_stage
 
     key = stage_key("voxel_models", cfg, state["inputs"])
     if not force and stamps.current("voxel_models", key):
@@ -314,7 +317,7 @@ def _voxel_models(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force
 
 
 def _stats(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
-    from ctvlab.stages import stats_stage
+    from ctvlab.stages.analysis import stats_stage
 
     key = stage_key("stats", cfg, state["inputs"])
     if not force and stamps.current("stats", key):
@@ -341,14 +344,14 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
         state["inputs"]["model"] = stamp["model_digest"]
         return StageRecord(name, "skipped (current)", detail=str(stamp.get("model_uri")))
     if cfg.pipeline.search:
-        from ctvlab.unet.tune import tune_study
+        from ctvlab.stages.tune import tune_study
 
         out = tune_study(cfg, cfg.prep_dir)
         state["model_uri"] = out.model_uri
         detail = f"{len(out.trials)} trials, best val Tversky {out.best_metric:.3f} → {out.model_uri}"
         run_ids = [out.parent_run_id]
     else:
-        from ctvlab.unet.train import train_unet
+        from ctvlab.stages.train import train_unet
 
         out = train_unet(cfg, cfg.prep_dir)
         state["model_uri"] = out.model_uri
@@ -360,7 +363,7 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
 
 
 def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
-    from ctvlab.unet.ablation import run_ablation
+    from ctvlab.stages.ablation import run_ablation
 
     key = stage_key("ablation", cfg, state["inputs"])
     if not force and stamps.current("ablation", key):
@@ -371,7 +374,7 @@ def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bo
 
 
 def _evaluate(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], console, force: bool) -> StageRecord:
-    from ctvlab.ctv.evaluate import evaluate_study, print_evaluation
+    from ctvlab.stages.evaluate import evaluate_study, print_evaluation
 
     key = stage_key("evaluate", cfg, state["inputs"])
     if (

@@ -310,3 +310,11 @@ def pseudonym(patient_id: str, salt: bytes) -> str:
 def pseudonymise(prep: str | Path, ids: Iterable[str]) -> dict[str, str]:
     salt = ensure_salt(prep)
     return {pid: pseudonym(pid, salt) for pid in ids}
+
+
+def pseudonymised(prep: str | Path, df, column: str = "patient_id"):
+    """A copy of DataFrame `df` whose patient ids are replaced by the dataset's keyed pseudonyms."""
+    names = pseudonymise(prep, df[column].astype(str).unique())
+    out = df.copy()
+    out[column] = out[column].astype(str).map(names)
+    return out

@@ -7,6 +7,9 @@ concurrent trials can provoke.
 
 Privacy: MLflow never receives patient ids. Callers pass pseudonyms from `ctvlab.splits.pseudonymise`
 (a keyed hash whose salt stays in the prepared dataset folder).
+
+About 420 lines: the only module that imports mlflow, so every MLflow call ctvlab makes (runs, artifacts,
+the registry, authentication errors) is here and nowhere else.
 """
 
 from __future__ import annotations
@@ -409,3 +412,9 @@ def base_tags(
     if split_digest:
         tags[TAG_SPLIT] = split_digest
     return tags
+
+
+def tracker_for(cfg) -> Tracker:
+    """The tracker of a study config: its experiment (`tracking.experiment`, else the study's name) in its
+    store (`tracking.tracking_uri`, else `MLFLOW_TRACKING_URI`, else ./mlflow.db)."""
+    return Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)

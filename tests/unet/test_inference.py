@@ -9,9 +9,9 @@ import pytest
 
 from ctvlab.data.readers import PreparedPatient, load_patient
 from ctvlab.splits import load_split
+from ctvlab.unet.batches import batch_to_tensors, input_shape, prepare_row
 from ctvlab.unet.inference import load_model, predict_probability
 from ctvlab.unet.inputs import network_grid, uncrop
-from ctvlab.unet.train import batch_to_tensors, input_shape, prepare_row
 
 pytestmark = pytest.mark.ray
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 import yaml
 
+from ctvlab.stages.train import train_unet
 from ctvlab.tracking import Tracker
-from ctvlab.unet.train import HOLD_ENV, SPEC_FILE, WEIGHTS_FILE, train_unet
+from ctvlab.unet.train import HOLD_ENV, SPEC_FILE, WEIGHTS_FILE
 from tests.conftest import tiny_study
 
 pytestmark = pytest.mark.ray
@@ -128,7 +129,7 @@ from pathlib import Path
 from ctvlab.config import StudyConfig
 from ctvlab.resources import ResourceError
 from ctvlab.runtime import init_ray
-from ctvlab.unet.train import train_unet
+from ctvlab.stages.train import train_unet
 
 cfg = StudyConfig.model_validate(yaml.safe_load(Path(sys.argv[1]).read_text()))
 init_ray(num_cpus=2)
@@ -175,7 +176,7 @@ def test_training_that_can_never_fit_fails_before_it_starts(prepared_phantom, tm
 
 
 def test_each_epoch_of_a_training_run_prints_one_progress_line():
-    from ctvlab.unet.train import epoch_line
+    from ctvlab.unet.batches import epoch_line
 
     line = epoch_line(
         2, 60, {"train_loss": 0.41234, "val_tversky": 0.7, "is_best": 1, "val_pcc": float("nan")}

@@ -17,9 +17,10 @@ import yaml
 
 from ctvlab.config import GridSpace, SearchSpace
 from ctvlab.splits import load_split
+from ctvlab.stages.tune import tune_study
 from ctvlab.study import BEST_SELECTION_METRIC
 from ctvlab.tracking import Tracker
-from ctvlab.unet.tune import narrow_space, tune_study
+from ctvlab.unet.spaces import narrow_space
 from tests.conftest import tiny_study
 
 REPO = Path(__file__).resolve().parents[2]

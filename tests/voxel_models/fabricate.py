@@ -92,7 +92,9 @@ def fabricate_patient(pid: str, index: int, spec: FabricSpec) -> tuple[pd.DataFr
     frame["pfs_months"] = np.float32(pfs)
     # distance to the T2L: progressed voxels lie nearer on average (the baseline has some skill)
     progressed = category != "NAV->NAV"
-    frame["dist_t2l_mm"] = np.where(progressed, rng.uniform(0, 20, n), rng.uniform(0, 40, n)).astype(np.float32)
+    frame["dist_t2l_mm"] = np.where(progressed, rng.uniform(0, 20, n), rng.uniform(0, 40, n)).astype(
+        np.float32
+    )
     progression = "both" if (category == "NAV->NEL").any() and (category != "NAV->NEL").any() else "T2L"
     row = {
         "patient_id": pid,

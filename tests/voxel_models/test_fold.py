@@ -142,7 +142,7 @@ def mann_whitney_auc(y: np.ndarray, score: np.ndarray) -> float:
 def test_distance_baseline_is_scored_on_the_models_own_test_rows(voxel_split, missing):
     """Beside every fold's AUC: the AUC of −distance to the T2L on exactly the rows the model was scored
     on (after the missing-value policy drops rows), by the pairwise definition."""
-    train, test = voxel_split
+    _, test = voxel_split
     result = _fit(voxel_split, ALL, model="rf", rf_missing=missing)
     rows, y = label_rows(test, "cel")
     if missing == "covered_only":

@@ -37,7 +37,12 @@ def _patient_rows(i: int) -> pd.DataFrame:
     flair = [1.0] * 7 + [1.2 + 0.01 * i] * 5 + [1.5] * 4 + [1.8] * 6 + [2.0] * 3
     data = {f: [None] * len(cats) for f in FEATURES}
     data.update(
-        voxel_index=list(range(len(cats))), CNI=cni, nFLAIR=flair, category=cats, cohort="SOC", pfs_months=5.0,
+        voxel_index=list(range(len(cats))),
+        CNI=cni,
+        nFLAIR=flair,
+        category=cats,
+        cohort="SOC",
+        pfs_months=5.0,
         dist_t2l_mm=1.0,
     )
     return pd.DataFrame(data)

@@ -20,6 +20,9 @@
 
 The output folder must be reachable at the same path from every Ray node (a shared filesystem) when
 `address` names a cluster. A second `preprocess` on the same output folder is refused while one runs.
+
+About 500 lines: the cohort-level rules (validation gate, stale outputs, infrastructure errors, the Ray
+Data pipeline, the report) share one state of the run, so they live in one module.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import stat
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,115 +26,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ctvlab.atomic import atomic_folder
-from ctvlab.config import BetaSchedule, GridSpace, SearchSpace, StudyConfig, TuneConfig, UNetConfig
-from ctvlab.errors import CtvlabError, DataError
+from ctvlab.config import StudyConfig
+from ctvlab.errors import CtvlabError
 from ctvlab.study import BEST_SELECTION_METRIC, SELECTION_METRIC
+from ctvlab.unet.search_progress import progress_callback, say
+from ctvlab.unet.spaces import trial_unet_config
 
 TRIAL_PARAMS = ("lr", "base_features", "batch_size", "loss", "beta_schedule", "modality_set")
 
 
 # --- search spaces (pure) ------------------------------------------------------------------------
-
-
-def trial_unet_config(base: UNetConfig, params: dict[str, Any], tcfg: TuneConfig) -> UNetConfig:
-    """The U-Net settings of one trial: the study's settings with the trial's sampled values."""
-    u = base.model_copy(deep=True)
-    if "lr" in params:
-        u.optim.lr = float(params["lr"])
-    if "base_features" in params:
-        u.model.base_features = int(params["base_features"])
-    if "batch_size" in params:
-        u.train.batch_size = int(params["batch_size"])
-    if "loss" in params:
-        u.loss.name = params["loss"]
-    if "beta_schedule" in params:
-        u.loss.beta = BetaSchedule.model_validate(params["beta_schedule"])
-    if "modality_set" in params:
-        u.model.modality_set = params["modality_set"]
-    u.train.epochs = tcfg.epochs_per_trial
-    u.train.cpus_per_worker = tcfg.cpus_per_trial
-    if tcfg.gpus_per_trial > 0:
-        u.train.use_gpu = True
-        u.train.gpus_per_worker = tcfg.gpus_per_trial
-    u.train.checkpoint_every = max(u.train.checkpoint_every, tcfg.epochs_per_trial)  # best + last suffice
-    return u
-
-
-def grid_param_space(grid: GridSpace, space: SearchSpace, modality_set: str) -> dict[str, Any]:
-    from ray import tune
-
-    return {
-        "lr": tune.grid_search(list(grid.lr)),
-        "base_features": tune.grid_search(list(grid.base_features)),
-        "batch_size": tune.grid_search(list(grid.batch_size)),
-        "loss": space.loss[0],
-        "beta_schedule": space.beta_schedule[0].model_dump(mode="json"),
-        "modality_set": modality_set,
-    }
-
-
-def random_param_space(space: SearchSpace, modality_set: str) -> dict[str, Any]:
-    from ray import tune
-
-    def choice(values):
-        return tune.choice(values) if len(values) > 1 else values[0]
-
-    return {
-        "lr": tune.loguniform(space.lr.low, space.lr.high) if space.lr.high > space.lr.low else space.lr.low,
-        "base_features": choice(list(space.base_features)),
-        "batch_size": choice(list(space.batch_size)),
-        "loss": choice(list(space.loss)),
-        "beta_schedule": choice([b.model_dump(mode="json") for b in space.beta_schedule]),
-        "modality_set": modality_set,
-    }
-
-
-def _neighbours(values: list[float], best: float) -> tuple[float, float]:
-    """The grid values on either side of `best` (itself at an edge of the grid)."""
-    ordered = sorted(set(values))
-    i = ordered.index(best)
-    return ordered[max(i - 1, 0)], ordered[min(i + 1, len(ordered) - 1)]
-
-
-def narrow_space(grid_results: pd.DataFrame, grid: GridSpace, space: SearchSpace) -> SearchSpace:
-    """Random-search ranges from the grid step: around the best grid cell, bounded by its neighbours.
-
-    Learning rate: log-uniform between the geometric midpoints of the best grid value and its neighbours
-    (the best value ×/÷ the grid ratio at an edge). Base features and batch size: the choices of the
-    configured space strictly between the best grid value's neighbours, open beyond an edge of the grid,
-    and always the best value itself.
-
-    Args:
-        grid_results: one row per finished grid trial with columns lr, base_features, batch_size and
-            BEST_SELECTION_METRIC.
-    """
-    ok = grid_results.dropna(subset=[BEST_SELECTION_METRIC])
-    if ok.empty:
-        return space
-    best = ok.loc[ok[BEST_SELECTION_METRIC].idxmax()]
-    lo, hi = _neighbours(list(grid.lr), float(best["lr"]))
-    b = float(best["lr"])
-    ratio = (hi / lo) ** 0.5 if hi > lo else 3.0
-    low = math.sqrt(lo * b) if lo < b else b / ratio
-    high = math.sqrt(hi * b) if hi > b else b * ratio
-
-    def between(choices: list[int], grid_values: list[int], best_value: int) -> list[int]:
-        lo_, hi_ = _neighbours(list(grid_values), best_value)
-        above = lo_ < best_value  # at an edge of the grid, the range stays open beyond it
-        below = hi_ > best_value
-        kept = {c for c in choices if (not above or c > lo_) and (not below or c < hi_)}
-        return sorted(kept | {best_value})
-
-    return space.model_copy(
-        update={
-            "lr": space.lr.model_copy(update={"low": low, "high": high}),
-            "base_features": between(
-                list(space.base_features), list(grid.base_features), int(best["base_features"])
-            ),
-            "batch_size": between(list(space.batch_size), list(grid.batch_size), int(best["batch_size"])),
-        }
-    )
 
 
 # --- the trial -----------------------------------------------------------------------------------
@@ -215,7 +115,7 @@ class SearchOutcome:
     model_uri: str | None = None
 
 
-def _param_space_with_hooks(space: dict[str, Any], fail_trials: int) -> dict[str, Any]:
+def param_space_with_hooks(space: dict[str, Any], fail_trials: int) -> dict[str, Any]:
     if fail_trials:
         from ray import tune
 
@@ -275,7 +175,7 @@ def run_search(
         f"search {name}", cfg.ray.stall_timeout_s, poll_s=min(10.0, cfg.ray.stall_timeout_s / 5),
         report_every_s=every, on_stall=res.interrupt_main, say=say,
     )  # fmt: skip
-    progress = _progress_callback(name, tcfg.epochs_per_trial, watch, every)
+    progress = progress_callback(name, tcfg.epochs_per_trial, watch, every)
     path = storage / "tune" / name
     asha = tcfg.asha.enabled if use_asha is None else use_asha
     if resume and tune.Tuner.can_restore(str(path)):
@@ -404,74 +304,6 @@ def trial_model_dir(storage: str | Path, search_name: str, trial_id: str) -> Pat
     return Path(storage) / f"{search_name}-{trial_id}" / "model"
 
 
-def say(line: str) -> None:
-    """A progress line on stderr (a submitted job's log shows it)."""
-    import sys
-
-    print(line, file=sys.stderr, flush=True)
-
-
-def trial_state_line(trial_id: str, status: str, epoch: int | None, epochs: int) -> str:
-    """What one trial is doing or waiting for, in a few words."""
-    if status == "PENDING":
-        return f"{trial_id} waiting for a trial slot"
-    if status == "RUNNING" and epoch is None:
-        return f"{trial_id} preparing its data and waiting for its training workers"
-    if status == "RUNNING":
-        return f"{trial_id} epoch {epoch + 1}/{epochs}"
-    return f"{trial_id} {status.lower()}"
-
-
-def trial_done_line(name: str, trial_id: str, result: dict, done: int, total: int) -> str:
-    """A finished trial and its best validation Tversky (the selection metric)."""
-    best = result.get(BEST_SELECTION_METRIC)
-    score = f"best val Tversky {best:.4f}" if isinstance(best, (int, float)) else "no validation score"
-    epochs = (
-        f" after {int(result['epoch']) + 1} epochs" if isinstance(result.get("epoch"), (int, float)) else ""
-    )
-    return f"search {name}: trial {trial_id} finished ({done} of {total} so far){epochs}: {score}"
-
-
-def progress_line(name: str, states: list[str], pending: list[str]) -> str:
-    """One line per progress report: every unfinished trial, and what the cluster cannot schedule."""
-    line = f"search {name}: " + (" · ".join(states) or "no trial running")
-    if pending:
-        line += f" · pending on the cluster: {'; '.join(pending)}"
-    return line
-
-
-def _progress_callback(name: str, epochs: int, watch, every_s: float):
-    """A Tune callback: each result counts as progress for the stall watch; every `every_s` seconds a
-    line says what each unfinished trial is doing or waiting for."""
-    from ray.tune import Callback
-
-    class SearchProgress(Callback):
-        def __init__(self):
-            self.last = time.monotonic()
-            self.finished = 0
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            watch.progress()
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            watch.progress()
-            self.finished += 1
-            say(trial_done_line(name, trial.trial_id, trial.last_result or {}, self.finished, len(trials)))
-
-        def on_step_end(self, iteration, trials, **info):
-            if time.monotonic() - self.last < every_s:
-                return
-            self.last = time.monotonic()
-            states = [
-                trial_state_line(t.trial_id, t.status, (t.last_result or {}).get("epoch"), epochs)
-                for t in trials
-                if t.status in ("PENDING", "RUNNING", "PAUSED")
-            ]
-            say(progress_line(name, states, watch.last_pending))
-
-    return SearchProgress()
-
-
 def trials_table(grid) -> pd.DataFrame:
     """One row per trial: its parameters, best and last validation Tversky, epochs run, status, error."""
     rows = []
@@ -523,149 +355,3 @@ def best_trial(trials: pd.DataFrame) -> pd.Series:
     if ok.empty:
         raise CtvlabError("every trial of the search failed; see the trial errors in the summary table")
     return ok.loc[ok[BEST_SELECTION_METRIC].idxmax()]
-
-
-def tune_study(
-    cfg: StudyConfig, prep: Path | None = None, *, resume: bool = False, fail_trials: int = 0
-) -> SearchOutcome:
-    """The study's two-step search (grid, then random search in the narrowed ranges); registers the best.
-
-    Args:
-        fail_trials: test hook: this many extra grid cells raise on purpose (fault-tolerance tests).
-    """
-    from ctvlab.atomic import write_json_atomic
-    from ctvlab.runtime import init_ray
-    from ctvlab.splits import load_split
-    from ctvlab.stages import tracker_for
-    from ctvlab.tracking import base_tags
-    from ctvlab.unet.train import provenance_spec
-
-    t0 = time.perf_counter()
-    prep = Path(prep or cfg.prep_dir).resolve()
-    split = load_split(prep)
-    if not split.patients("train") or not split.patients("val"):
-        raise DataError(f"the split of {prep} has no training or no validation patients")
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    from ctvlab.resources import check_study_fits
-
-    check_study_fits(cfg, search=True)
-    tracker = tracker_for(cfg)
-    pointer = Path(cfg.workdir, "tune_last_search.json").resolve()
-    state = json.loads(pointer.read_text()) if resume and pointer.exists() else None
-    if resume and state is None:
-        raise CtvlabError(f"nothing to resume: no earlier search recorded in {pointer}")
-    if state is None:
-        name = time.strftime("search-%Y%m%d-%H%M%S")
-        parent = tracker.start_run("tune", base_tags("tune", split.dataset_digest, split.digest))
-        state = {"name": name, "parent_run_id": parent, "phase": "grid", "split_digest": split.digest,
-                 "dataset_digest": split.dataset_digest}  # fmt: skip
-        tracker.logger(parent).params({"tune": cfg.tune.model_dump(mode="json")})
-        tracker.logger(parent).json(cfg.tune.model_dump(mode="json"), "search_space.json", "search")
-        write_json_atomic(pointer, state)
-    elif (state.get("split_digest"), state.get("dataset_digest")) != (split.digest, split.dataset_digest):
-        # The split digest alone misses a dataset prepared again with other settings.
-        raise CtvlabError("cannot resume the search: the prepared data or the split changed since it started")
-    name, parent = state["name"], state["parent_run_id"]
-    log = tracker.logger(parent)
-    modality = cfg.unet.model.modality_set
-    tcfg = cfg.tune
-    extra_spec = provenance_spec(prep, split)
-
-    space = tcfg.space
-    grid_trials = pd.DataFrame()
-    if tcfg.run_grid:
-        grid_space = _param_space_with_hooks(grid_param_space(tcfg.grid, tcfg.space, modality), fail_trials)
-        grid_trials = run_search(cfg, prep, grid_space, name=f"{name}-grid", num_samples=1, parent_run_id=parent,
-                                 resume=resume and state["phase"] == "grid", use_asha=False, extra_spec=extra_spec)  # fmt: skip
-        space = narrow_space(grid_trials, tcfg.grid, tcfg.space)
-        log.json(space.model_dump(mode="json"), "narrowed_space.json", "search")
-        state["phase"] = "random"
-        write_json_atomic(pointer, state)
-    random_space = random_param_space(space, modality)
-    if not tcfg.run_grid:
-        random_space = _param_space_with_hooks(random_space, fail_trials)
-    random_trials = run_search(cfg, prep, random_space, name=f"{name}-random", num_samples=tcfg.num_samples,
-                               parent_run_id=parent, resume=resume and state["phase"] == "random",
-                               extra_spec=extra_spec)  # fmt: skip
-    trials = pd.concat(
-        [grid_trials.assign(step="grid"), random_trials.assign(step="random")], ignore_index=True
-    )
-    outcome = _finish_search(
-        cfg, tracker, parent, name, trials, space, t0, split.digest, dataset_digest=split.dataset_digest
-    )
-    state["phase"] = "done"
-    write_json_atomic(pointer, state)
-    return outcome
-
-
-def _finish_search(
-    cfg,
-    tracker,
-    parent,
-    name,
-    trials,
-    space,
-    t0,
-    split_digest: str,
-    register: bool = True,
-    dataset_digest: str | None = None,
-) -> SearchOutcome:
-    """Log the summary to the parent run, copy the best trial's model to results/, register it."""
-    best = best_trial(trials)
-    log = tracker.logger(parent)
-    shown = trials.drop(columns=["path", "model_dir"])
-    log.table(shown, "trials.csv", "search")
-    best_params = {k: best[k] for k in TRIAL_PARAMS if k in best and best[k] is not None}
-    log.params({"best": best_params})
-    n_failed = int((trials["status"] == "ERROR").sum())
-    log.metrics({BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC]), "n_trials": len(trials), "n_failed": n_failed,
-                 "trial_epochs_total": int(trials["epochs_run"].sum())})  # fmt: skip
-    src = Path(best["model_dir"])
-    model_dir = None
-    model_uri = None
-    if src.exists():
-        model_dir = Path(cfg.results_dir, "model").resolve()
-        with atomic_folder(model_dir) as staged:  # the old model stays until the new one is complete
-            shutil.copytree(src, staged, dirs_exist_ok=True)
-        log.artifact(model_dir, "model")
-        if register:
-            version = tracker.register_model(cfg.unet.registered_model_name, parent, "model",
-                                             tags={"search": name, "split_digest": split_digest,
-                                                   "dataset_digest": dataset_digest or ""})  # fmt: skip
-            model_uri = f"models:/{cfg.unet.registered_model_name}/{version.version}"
-            log.tags({"ctvlab.registered_model": model_uri})
-    tracker.end_run(parent, "FINISHED")
-    return SearchOutcome(
-        name=name, parent_run_id=parent, trials=trials, best_params=best_params,
-        best_metric=float(best[BEST_SELECTION_METRIC]), best_model_dir=model_dir, space=space.model_dump(mode="json"),
-        n_failed=n_failed, elapsed_s=time.perf_counter() - t0, model_uri=model_uri,
-    )  # fmt: skip
-
-
-def print_search(outcome: SearchOutcome, console) -> None:
-    from rich.table import Table
-
-    t = outcome.trials.sort_values(BEST_SELECTION_METRIC, ascending=False)
-    table = Table(title=f"search {outcome.name}: {len(t)} trials, {outcome.n_failed} failed, "
-                        f"{outcome.elapsed_s / 60:.1f} min")  # fmt: skip
-    for col in (
-        "step",
-        "lr",
-        "base_features",
-        "batch_size",
-        "loss",
-        BEST_SELECTION_METRIC,
-        "epochs_run",
-        "status",
-    ):
-        table.add_column(col, justify="right")
-    for r in t.head(15).to_dict("records"):
-        table.add_row(
-            str(r.get("step", "")), f"{r['lr']:.2e}" if r["lr"] is not None else "", str(r["base_features"]),
-            str(r["batch_size"]), str(r["loss"]), f"{r[BEST_SELECTION_METRIC]:.4f}", str(r["epochs_run"]), r["status"],
-        )  # fmt: skip
-    console.print(table)
-    console.print(f"best: {outcome.best_params} → validation Tversky {outcome.best_metric:.4f}")
-    console.print(
-        f"model: {outcome.best_model_dir} registered as {outcome.model_uri}; MLflow run {outcome.parent_run_id}"
-    )

@@ -1,31 +1,15 @@
-"""Stage functions: each runs one step of the study on a prepared dataset and records it in MLflow.
-
-They join the pure library code (splits, voxel models, statistics) to the tracking module; the CLI, the
-jobs and `ctvlab run` call them. Patient ids never reach MLflow: tables are pseudonymised first.
-"""
+"""The analysis stages: the patient split, the voxel models' cross-validation and the voxel statistics, each
+run on a prepared dataset and recorded in MLflow. Patient ids never reach MLflow: tables are pseudonymised
+first."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from ctvlab.config import StudyConfig
-from ctvlab.splits import Split, load_split, pseudonymise, write_split
-from ctvlab.tracking import Tracker, base_tags
-
-
-def tracker_for(cfg: StudyConfig) -> Tracker:
-    return Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
-
-
-def pseudonymised(prep: Path, df: pd.DataFrame, column: str = "patient_id") -> pd.DataFrame:
-    """A copy of `df` whose patient ids are replaced by the dataset's keyed pseudonyms."""
-    names = pseudonymise(prep, df[column].astype(str).unique())
-    out = df.copy()
-    out[column] = out[column].astype(str).map(names)
-    return out
+from ctvlab.splits import Split, load_split, pseudonymised, write_split
+from ctvlab.tracking import base_tags, tracker_for
 
 
 def split_stage(cfg: StudyConfig, prep: Path) -> tuple[Split, str]:

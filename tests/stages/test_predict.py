@@ -14,13 +14,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctvlab.ctv.predict import OUTPUT_FILES, predict_cohort
 from ctvlab.data.readers import load_patient
 from ctvlab.errors import CtvlabError
 from ctvlab.ingest.manifest import OUTCOME_COLUMNS, PROGRESSION_MASK_COLUMNS
 from ctvlab.ingest.validate import validate_cohort
 from ctvlab.preprocess.grid import resample
 from ctvlab.splits import load_split
+from ctvlab.stages.predict import OUTPUT_FILES, predict_cohort
 from ctvlab.unet.inference import load_model, predict_probability
 
 pytestmark = pytest.mark.ray

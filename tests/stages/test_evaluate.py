@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctvlab.ctv.evaluate import evaluate_study
 from ctvlab.data.readers import load_patient
 from ctvlab.errors import LeakageError
 from ctvlab.ingest.manifest import read_manifest
 from ctvlab.splits import load_split
+from ctvlab.stages.evaluate import evaluate_study
 from ctvlab.tracking import Tracker
 
 pytestmark = pytest.mark.ray

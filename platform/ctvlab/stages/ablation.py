@@ -1,0 +1,115 @@
+"""The modality-ablation stage (`ctvlab tune --ablation`, Fig. 2): one random search per input set, each best
+model scored on the test patients, paired tests between the sets, one MLflow run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ctvlab.atomic import write_csv_atomic
+from ctvlab.config import StudyConfig
+from ctvlab.errors import CtvlabError
+from ctvlab.unet.ablation import ABLATION_METRICS, pairwise_wilcoxon, plot_ablation, test_metrics
+
+
+@dataclass
+class AblationOutcome:
+    run_id: str
+    per_patient: pd.DataFrame  # patient_id, modality_set, metrics
+    tests: pd.DataFrame  # metric, set_a, set_b, p_value, median_difference
+    best: pd.DataFrame  # one row per set: best params and validation Tversky
+    figure: Path
+    out_dir: Path
+    elapsed_s: float
+
+
+def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
+    """A random search per modality set, the best model of each on the test split, tests between sets."""
+    from ctvlab.runtime import init_ray
+    from ctvlab.splits import load_split, pseudonymised
+    from ctvlab.study import BEST_SELECTION_METRIC
+    from ctvlab.tracking import base_tags, tracker_for
+    from ctvlab.unet.spaces import random_param_space
+    from ctvlab.unet.train import provenance_spec
+    from ctvlab.unet.tune import best_trial, run_search
+
+    t0 = time.perf_counter()
+    prep = Path(prep or cfg.prep_dir).resolve()
+    split = load_split(prep)
+    test_ids = split.patients("test")
+    if not test_ids:
+        raise CtvlabError(f"the split of {prep} has no test patients")
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    from ctvlab.resources import check_study_fits
+
+    check_study_fits(cfg, search=True)
+    tracker = tracker_for(cfg)
+    sets = list(cfg.tune.ablation_sets)
+    out = Path(cfg.results_dir, "ablation").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    extra = provenance_spec(prep, split)
+    with tracker.run("ablation", base_tags("ablation", split.dataset_digest, split.digest)) as run:
+        run.params({"ablation": {"sets": sets, "samples_per_set": cfg.tune.ablation_samples,
+                                 "epochs_per_trial": cfg.tune.epochs_per_trial}})  # fmt: skip
+        per_patient, best_rows = [], []
+        for s in sets:
+            set_run = tracker.start_run(
+                f"tune-{s}", base_tags("tune", split.dataset_digest, split.digest), run.run_id
+            )
+            trials = run_search(cfg, prep, random_param_space(cfg.tune.space, s), name=f"ablation-{stamp}-{s}",
+                                num_samples=cfg.tune.ablation_samples, parent_run_id=set_run, extra_spec=extra)  # fmt: skip
+            best = best_trial(trials)
+            tracker.logger(set_run).table(trials.drop(columns=["path", "model_dir"]), "trials.csv", "search")
+            tracker.logger(set_run).metrics({BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC])})
+            tracker.end_run(set_run)
+            model_dir = Path(best["model_dir"])
+            m = test_metrics(model_dir, prep, test_ids, cfg.unet.train.threshold)
+            per_patient.append(m.assign(modality_set=s))
+            best_rows.append({"modality_set": s, BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC]), "lr": best["lr"],
+                              "base_features": best["base_features"], "batch_size": best["batch_size"],
+                              "loss": best["loss"]})  # fmt: skip
+        table = pd.concat(per_patient, ignore_index=True)
+        tests = pairwise_wilcoxon(table, sets)
+        best_df = pd.DataFrame(best_rows)
+        write_csv_atomic(out / "per_patient.csv", table)
+        write_csv_atomic(out / "wilcoxon.csv", tests)
+        write_csv_atomic(out / "best_per_set.csv", best_df)
+        fig = plot_ablation(table, sets, tests, out / "fig2b_modalities.png")
+        summary = table.groupby("modality_set")[list(ABLATION_METRICS)].mean()
+        run.metrics({f"{s}_{m}_mean": float(summary.loc[s, m]) for s in sets for m in ABLATION_METRICS})
+        run.table(pseudonymised(prep, table), "per_patient.csv")
+        run.table(tests, "wilcoxon.csv")
+        run.table(best_df, "best_per_set.csv")
+        run.artifact(fig, "figures")
+        run_id = run.run_id
+    return AblationOutcome(run_id, table, tests, best_df, fig, out, time.perf_counter() - t0)
+
+
+def print_ablation(outcome: AblationOutcome, console) -> None:
+    from rich.table import Table
+
+    summary = outcome.per_patient.groupby("modality_set")[list(ABLATION_METRICS)].agg(["mean", "std"])
+    t = Table(title="Modality ablation on the test split (Fig. 2b)")
+    t.add_column("inputs")
+    for m in ABLATION_METRICS:
+        t.add_column(m, justify="right")
+    for s in outcome.best["modality_set"]:
+        t.add_row(
+            s,
+            *[
+                f"{summary.loc[s, (m, 'mean')]:.3f} ± {summary.loc[s, (m, 'std')]:.3f}"
+                for m in ABLATION_METRICS
+            ],
+        )
+    console.print(t)
+    if "all" in set(outcome.best["modality_set"]):
+        w = outcome.tests[(outcome.tests["set_b"] == "all") | (outcome.tests["set_a"] == "all")]
+        for r in w[w["metric"] == "pcc"].itertuples():
+            console.print(
+                f"PCC {r.set_a} vs {r.set_b}: median difference {r.median_difference:+.3f}, p = {r.p_value:.3g}"
+            )
+    console.print(f"figure {outcome.figure}; MLflow run {outcome.run_id}")

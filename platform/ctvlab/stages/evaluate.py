@@ -1,0 +1,317 @@
+"""`ctvlab evaluate`: the model CTV against the RTOG and EORTC CTVs on held-out patients.
+
+For each patient of the chosen split: the network's probability on the full 3 mm grid
+(`ctvlab.unet.inference`, the same input as training), the three CTVs and their metrics
+(`ctvlab.ctv.evaluate`), the CTVs as NIfTI masks on the 3 mm grid and on the patient's original T1c grid.
+Tables follow the study's Supplementary Tables 1 (mean ± SD per CTV) and 2 (per patient), with Wilcoxon
+signed-rank tests of the model against each standard CTV; figures follow Figs. 1, 3 and 4. Everything is
+written under `results/evaluate/` and logged to one MLflow run.
+
+The leakage guard: the model's spec lists the pseudonyms of its training and validation patients; none
+may be among the evaluated patients.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctvlab.atomic import atomic_folder, write_csv_atomic
+from ctvlab.config import StudyConfig
+from ctvlab.ctv.evaluate import (
+    PATIENT_FIGURE_PREFIX,
+    evaluate_patient,
+    patient_masks,
+    summary_table,
+    wilcoxon_table,
+    write_ctv_nifti,
+)
+from ctvlab.data.readers import load_patient
+from ctvlab.errors import CtvlabError, DataError
+from ctvlab.unet.inference import LoadedModel, load_model, predict_probability
+
+
+def resolve_model(
+    cfg: StudyConfig,
+    tracker,
+    model_uri: str | None,
+    workdir: Path,
+    split_digest: str | None = None,
+    dataset_digest: str | None = None,
+) -> tuple[Path, str]:
+    """A local model folder for `model_uri` (models:/name/version, runs:/id/model, a folder).
+
+    Without a URI: the latest registered version of the study's model that was trained on this split of
+    this prepared dataset (its `split_digest` and `dataset_digest` tags: the split digest alone stays the
+    same when the data under it is prepared again), so that a shared registry holding other studies'
+    versions never hands over a model of other data; then the study's own `results/model`.
+    """
+    if model_uri is None:
+        name = cfg.unet.registered_model_name
+        try:
+            versions = tracker.client.search_model_versions(f"name='{name}'")
+        except Exception:
+            versions = []
+        ours = [
+            v
+            for v in versions
+            if (split_digest is None or v.tags.get("split_digest") == split_digest)
+            and (dataset_digest is None or v.tags.get("dataset_digest") == dataset_digest)
+        ]
+        if ours:
+            model_uri = f"models:/{name}/{max(int(v.version) for v in ours)}"
+        elif Path(cfg.results_dir, "model").exists():
+            model_uri = str(Path(cfg.results_dir, "model").resolve())
+        else:
+            raise CtvlabError(
+                f"no model to evaluate: no version of {name!r} in {tracker.tracking_uri} was trained on this "
+                f"split, and there is no {Path(cfg.results_dir, 'model')}; train one (`ctvlab train` or "
+                "`ctvlab tune`) or pass --model-uri"
+            )
+    local = Path(model_uri)
+    if local.exists():
+        return local, model_uri
+    try:
+        return tracker.download_model(model_uri, workdir), model_uri
+    except Exception as e:
+        raise CtvlabError(f"cannot load model {model_uri}: {e}") from None
+
+
+@dataclass
+class EvaluationOutcome:
+    run_id: str
+    model_uri: str
+    threshold: float
+    per_patient: pd.DataFrame
+    summary: pd.DataFrame
+    wilcoxon: pd.DataFrame
+    out_dir: Path
+    figures: list[Path]
+    seconds_inference: float
+    seconds_ctv_metrics: float
+
+
+def choose_validation_threshold(model: LoadedModel, prep: Path, val_ids: Sequence[str], cfg: StudyConfig):
+    from ctvlab.ctv.metrics import choose_threshold
+
+    probs, targets, brains, lesions, criticals = [], [], [], [], []
+    for pid in val_ids:
+        p = load_patient(prep, pid)
+        m = patient_masks(p)
+        probs.append(predict_probability(model, p))
+        targets.append(m["target"])
+        brains.append(m["brain"])
+        lesions.append(m["cel"] | m["t2l"])
+        criticals.append(m["critical"])
+    return choose_threshold(probs, targets, brains, cfg.ctv.threshold_grid, cfg.ctv.tversky_alpha,
+                            cfg.ctv.tversky_beta, lesions=lesions, criticals=criticals)  # fmt: skip
+
+
+def evaluate_study(
+    cfg: StudyConfig,
+    prep: Path | None = None,
+    *,
+    model_uri: str | None = None,
+    split_name: str = "test",
+    progress: bool = True,
+    console=None,
+) -> EvaluationOutcome:
+    """Evaluate the model CTV and the standard CTVs on one split; write tables, figures, NIfTI; log all."""
+    from ctvlab.ctv.figures import plot_contours, plot_metric_boxes, plot_roc_curves
+    from ctvlab.splits import check_disjoint, load_split, pseudonymise, pseudonymised
+    from ctvlab.tracking import base_tags, tracker_for
+
+    prep = Path(prep or cfg.prep_dir).resolve()
+    split = load_split(prep)
+    ids = split.patients(split_name)
+    if not ids:
+        raise DataError(f"the {split_name} split of {prep} has no patients")
+    tracker = tracker_for(cfg)
+    out = Path(cfg.results_dir, "evaluate").resolve()
+    with tempfile.TemporaryDirectory() as dl:
+        model_dir, model_uri = resolve_model(
+            cfg, tracker, model_uri, Path(dl), split.digest, split.dataset_digest
+        )
+        model = load_model(model_dir)
+    names = pseudonymise(prep, set(ids) | set(split.patients("val")))
+    trained_on = set(model.spec.get("train_patients", [])) | set(model.spec.get("val_patients", []))
+    if not trained_on:
+        raise CtvlabError(
+            f"{model_uri} does not record its training patients; the leakage guard cannot check it"
+        )
+    check_disjoint(
+        **{"model training patients": trained_on, f"{split_name} patients": {names[i] for i in ids}}
+    )
+    # Disjointness was checked above by patient, which is what matters; say that the split moved.
+    if model.spec.get("split_digest") not in (None, split.digest) and console is not None:
+        console.print("[yellow]note:[/] the model was trained with another split of this dataset")
+
+    if cfg.ctv.threshold == "validation":
+        threshold, threshold_table = choose_validation_threshold(model, prep, split.patients("val"), cfg)
+    else:
+        threshold, threshold_table = float(cfg.ctv.threshold), {}
+
+    # Built beside the previous evaluation and swapped in: the old results stay until the new ones exist.
+    final_out = out
+    with atomic_folder(final_out) as out:
+        (out / "ctv_3mm").mkdir()
+        (out / "ctv_native").mkdir()
+        rows, t_inf, t_ctv, eortc_sources = [], 0.0, 0.0, {}
+        overlay_cases: list[tuple[str, float]] = []
+        for pid in _progress(ids, progress, console, "evaluating"):
+            p = load_patient(prep, pid)
+            t0 = time.perf_counter()
+            prob = predict_probability(model, p)
+            t1 = time.perf_counter()
+            ctvs, prows, source = evaluate_patient(prob, threshold, p, cfg)
+            t2 = time.perf_counter()
+            t_inf += t1 - t0
+            t_ctv += t2 - t1
+            rows.extend(prows)
+            eortc_sources[pid] = source
+            m = patient_masks(p)
+            overlay_cases.append(
+                (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
+            )
+            for name, ctv in ctvs.items():
+                native = out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
+                write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
+        per_patient = pd.DataFrame(rows)
+        summary = summary_table(per_patient)
+        wilcoxon = wilcoxon_table(per_patient)
+        for name, df in (("per_patient", per_patient), ("summary", summary), ("wilcoxon", wilcoxon)):
+            write_csv_atomic(out / f"{name}.csv", df)
+
+        figures = [plot_metric_boxes(per_patient.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
+                                     {(r.metric, r.reference, r.other): r.p_holm for r in wilcoxon.itertuples()})]  # fmt: skip
+        chosen = [pid for pid, _ in sorted(overlay_cases, key=lambda kv: -kv[1])[: cfg.ctv.overlay_patients]]
+        for pid in chosen:
+            p = load_patient(prep, pid)
+            m = patient_masks(p)
+            prob = predict_probability(model, p)
+            ctvs, _, _ = evaluate_patient(prob, threshold, p, cfg)
+            figures.append(plot_contours(
+                p.feature("nT1c"), ctvs, (m["cel_prog"] | m["t2l_prog"]) & m["brain"],
+                out / f"{PATIENT_FIGURE_PREFIX}{names[pid]}.png", f"patient {names[pid]}",
+                second_background=p.feature("nFLAIR"), spacing=p.spacing, lesion=m["cel"] | m["t2l"],
+            ))  # fmt: skip
+        roc = _rf_roc_curves(cfg)
+        if roc:
+            figures.append(
+                plot_roc_curves(roc, out / "fig1_rf_roc.png", "Voxel-wise progression models (5-fold CV)")
+            )
+    out = final_out
+    figures = [out / Path(f).name for f in figures]  # every figure lies at the folder's top level
+
+    with tracker.run("evaluate", base_tags("evaluate", split.dataset_digest, split.digest)) as run:
+        run.params({"evaluate": {"split": split_name, "model_uri": model_uri, "threshold": threshold,
+                                 "n_patients": len(ids)}, "ctv": cfg.ctv.model_dump(mode="json")})  # fmt: skip
+        run.tags({"ctvlab.model_uri": model_uri})
+        run.dataset("prepared", split.dataset_digest, str(prep), context="evaluation")
+        flat = {}
+        for r in summary.to_dict("records"):
+            for k, v in r.items():
+                if k not in ("ctv", "n"):
+                    flat[f"{r['ctv']}_{k}"] = v
+        flat.update({f"p_{r.metric}_model_vs_{r.other}": r.p_value for r in wilcoxon.itertuples()})
+        flat.update({f"p_holm_{r.metric}_model_vs_{r.other}": r.p_holm for r in wilcoxon.itertuples()})
+        flat["threshold"] = threshold
+        flat["seconds_inference_per_patient"] = t_inf / len(ids)
+        flat["seconds_ctv_metrics_per_patient"] = t_ctv / len(ids)
+        run.metrics(flat)
+        run.table(pseudonymised(prep, per_patient), "per_patient.csv")
+        run.table(summary, "summary.csv")
+        run.table(wilcoxon, "wilcoxon.csv")
+        if threshold_table:
+            run.table(pd.DataFrame({"threshold": list(threshold_table), "mean_val_tversky": list(threshold_table.values())}),
+                      "threshold_choice.csv")  # fmt: skip
+        run.json({names[k]: v for k, v in eortc_sources.items()}, "eortc_gtv_source.json", "tables")
+        # Native-grid CTVs and MRI-slice figures show a patient's anatomy at full resolution: they stay in
+        # the results folder unless the study opts in (tracking.log_patient_images).
+        share_images = cfg.tracking.log_patient_images
+        for f in figures:
+            if share_images or not Path(f).name.startswith(PATIENT_FIGURE_PREFIX):
+                run.artifact(f, "figures")
+        with tempfile.TemporaryDirectory() as d:  # CTV files under pseudonyms: ids never reach MLflow
+            for sub in ("ctv_3mm", "ctv_native") if share_images else ("ctv_3mm",):
+                (Path(d) / sub).mkdir()
+                for f in sorted((out / sub).glob("*.nii.gz")):
+                    pid, _, rest = f.name.rpartition("_")
+                    shutil.copy2(f, Path(d) / sub / f"{names[pid]}_{rest}")
+                run.artifact(Path(d) / sub, sub)
+        run_id = run.run_id
+    return EvaluationOutcome(run_id, model_uri, threshold, per_patient, summary, wilcoxon, out, figures,
+                             t_inf / len(ids), t_ctv / len(ids))  # fmt: skip
+
+
+def _rf_roc_curves(cfg: StudyConfig) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Pooled ROC curves saved by `ctvlab rf-cv` (results/rf_cv/*/roc.json), if any."""
+    curves = {}
+    for f in sorted(Path(cfg.results_dir, "rf_cv").glob("*/roc.json")):
+        d = json.loads(f.read_text())
+        curves[f.parent.name] = (np.asarray(d["fpr"]), np.asarray(d["tpr"]), float(d["auc"]))
+    return curves
+
+
+def _progress(items, enabled: bool, console, label: str):
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(label, total=len(items))
+        for it in items:
+            yield it
+            bar.advance(task)
+
+
+# The study's test-set results (SPEC: CTV evaluation; the paper's Supplementary Table 1), mean ± SD.
+STUDY_RESULTS = {
+    "model": {"sensitivity": (0.92, 0.11), "specificity": (0.89, 0.05), "pcc": (0.81, 0.09)},
+    "rtog": {"sensitivity": (0.95, 0.08), "specificity": (0.79, 0.11), "pcc": (0.79, 0.09)},
+    "eortc": {"sensitivity": (0.74, 0.21), "specificity": (0.92, 0.03), "pcc": (0.68, 0.19)},
+}
+
+
+def print_evaluation(outcome: EvaluationOutcome, console) -> None:
+    """Supplementary Table 1 in the terminal, with the study's values beside ours."""
+    from rich.table import Table
+
+    table = Table(title=f"CTVs on {len(outcome.per_patient['patient_id'].unique())} patients "
+                        f"(threshold {outcome.threshold:.2f}); study values in brackets")  # fmt: skip
+    metrics = ("sensitivity", "specificity", "dice", "hd95_mm", "tversky", "pcc", "volume_cm3")
+    table.add_column("CTV")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for r in outcome.summary.to_dict("records"):
+        cells = []
+        for m in metrics:
+            cell = f"{r[f'{m}_mean']:.2f} ± {r[f'{m}_sd']:.2f}"
+            ref = STUDY_RESULTS.get(r["ctv"], {}).get(m)
+            if ref:
+                cell += f" [{ref[0]:.2f} ± {ref[1]:.2f}]"
+            cells.append(cell)
+        table.add_row(r["ctv"], *cells)
+    console.print(table)
+    if len(outcome.wilcoxon):
+        w = outcome.wilcoxon
+        lines = [
+            f"{r.metric}: model vs {r.other} p = {r.p_value:.3g} (Holm {r.p_holm:.3g}, n = {r.n})"
+            for r in w.itertuples()
+            if r.metric in ("sensitivity", "specificity", "pcc")
+        ]
+        console.print("Wilcoxon signed-rank: " + "; ".join(lines))
+    console.print(f"tables, figures and CTV NIfTI files: {outcome.out_dir}")
+    console.print(f"MLflow run {outcome.run_id}; model {outcome.model_uri}")
+    console.print(
+        f"per patient: inference {outcome.seconds_inference:.2f} s, CTVs + metrics {outcome.seconds_ctv_metrics:.2f} s"
+    )

@@ -1,0 +1,186 @@
+"""The training stage (`ctvlab train`): one U-Net training run on Ray Train with its MLflow run, checkpoints,
+resume, the best model exported and registered."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctvlab.config import StudyConfig
+from ctvlab.errors import CtvlabError, DataError
+from ctvlab.unet.train import (
+    HISTORY_FILE,
+    HOLD_ENV,
+    MODEL_ARTIFACT,
+    best_checkpoint,
+    build_trainer,
+    export_model,
+    provenance_spec,
+)
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished training run produced."""
+
+    run_id: str | None
+    model_dir: Path
+    model_uri: str | None
+    best_metrics: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train_unet(
+    cfg: StudyConfig,
+    prep: Path | None = None,
+    *,
+    resume: bool = False,
+    run_name: str | None = None,
+    register: bool = True,
+    parent_run_id: str | None = None,
+    inject_failure_at: int | None = None,
+    console=None,
+) -> TrainOutcome:
+    """Train the U-Net of `cfg.unet` on the split of a prepared dataset; log and register the best model.
+
+    Args:
+        cfg: the study config (unet, split, tracking, ray sections).
+        prep: prepared dataset folder (default: the study's).
+        resume: continue the last interrupted run of this study from its latest checkpoint.
+        run_name: Ray run name (default: a new timestamped one, or the last one when resuming).
+        register: register the best model in the MLflow Model Registry.
+        parent_run_id: nest the MLflow run under this one (used by the search).
+        inject_failure_at: test hook: rank 0 raises once at this epoch (fault-tolerance tests).
+    """
+    from ctvlab.runtime import init_ray
+    from ctvlab.splits import check_disjoint, load_split, pseudonymise
+    from ctvlab.tracking import Tracker, base_tags
+
+    prep = Path(prep or cfg.prep_dir).resolve()
+    split = load_split(prep)
+    train_ids, val_ids, test_ids = split.patients("train"), split.patients("val"), split.patients("test")
+    check_disjoint(train=train_ids, val=val_ids, test=test_ids)
+    if not train_ids or not val_ids:
+        raise DataError(f"the split of {prep} has no training or no validation patients")
+    ucfg = cfg.unet
+    storage = Path(cfg.workdir, "ray").resolve()
+    pointer = Path(cfg.workdir, "train_last_run.json").resolve()
+    previous = json.loads(pointer.read_text()) if pointer.exists() else None
+    if resume:
+        if previous is None:
+            raise CtvlabError(f"nothing to resume: no earlier training run recorded in {pointer}")
+        if (previous.get("split_digest"), previous.get("dataset_digest")) != (
+            split.digest,
+            split.dataset_digest,
+        ):
+            # The split digest alone misses a dataset prepared again with other settings.
+            raise CtvlabError(
+                "cannot resume: the prepared data or the split changed since that run; start a new run instead"
+            )
+        run_name = run_name or previous["run_name"]
+        mlflow_run_id = previous.get("mlflow_run_id")
+    else:
+        run_name = run_name or time.strftime("unet-%Y%m%d-%H%M%S")
+        mlflow_run_id = None
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    from ctvlab.resources import check_study_fits
+
+    check_study_fits(cfg, search=False)
+    tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
+    names = pseudonymise(prep, train_ids + val_ids)
+    if mlflow_run_id is None:
+        mlflow_run_id = tracker.start_run(
+            "train", base_tags("train", split.dataset_digest, split.digest), parent_run_id=parent_run_id
+        )
+        log = tracker.logger(mlflow_run_id)
+        log.params({"unet": ucfg.model_dump(mode="json"), "n_train": len(train_ids), "n_val": len(val_ids)})
+        log.dataset("prepared", split.dataset_digest, str(prep), context="training")
+        log.json({"train": sorted(names[p] for p in train_ids), "val": sorted(names[p] for p in val_ids)},
+                 "patients.json", "split")  # fmt: skip
+    from ctvlab.atomic import write_json_atomic
+
+    write_json_atomic(
+        pointer,
+        {
+            "run_name": run_name,
+            "mlflow_run_id": mlflow_run_id,
+            "split_digest": split.digest,
+            "dataset_digest": split.dataset_digest,
+        },
+    )
+
+    extra = {"mlflow_run_id": mlflow_run_id, "experiment": tracker.experiment_name,
+             "tracking_uri": tracker.tracking_uri, "print_epochs": True}  # fmt: skip
+    if inject_failure_at is not None:
+        extra["inject_failure"] = {"epoch": inject_failure_at, "marker": str(storage / f"{run_name}.fault")}
+    if os.environ.get(HOLD_ENV):
+        extra["hold"] = {"epoch": int(os.environ[HOLD_ENV]), "marker": str(storage / f"{run_name}.held")}
+    from ctvlab.resources import ResourceError, StallWatch, interrupt_main
+
+    # Ray Data (building the datasets) and Ray Train (starting its worker group) wait for resources without
+    # a word: the watch stops the run, as Ctrl+C would, when demands stay pending with no progress for
+    # ray.stall_timeout_s.
+    watch = StallWatch("training", cfg.ray.stall_timeout_s, poll_s=min(10.0, cfg.ray.stall_timeout_s / 5),
+                       report_every_s=cfg.ray.progress_every_s, on_stall=interrupt_main)  # fmt: skip
+    try:
+        with watch:
+            trainer = build_trainer(
+                prep, ucfg, train_ids, val_ids, storage_path=storage, run_name=run_name, loop_extra=extra
+            )
+            result = trainer.fit()
+    except CtvlabError:
+        tracker.end_run(mlflow_run_id, "FAILED")
+        raise
+    except (Exception, KeyboardInterrupt) as e:  # failed beyond max_failures, or stopped by the watch
+        tracker.end_run(mlflow_run_id, "FAILED")
+        if watch.message:
+            raise ResourceError(watch.message) from None
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise CtvlabError(
+            f"training failed after {ucfg.train.max_failures} restart(s): {e}. Checkpoints are kept in "
+            f"{storage / run_name}; fix the cause and run again with --resume."
+        ) from None
+    if watch.message:  # Ray Train returned after the watch aborted it
+        tracker.end_run(mlflow_run_id, "FAILED")
+        raise ResourceError(watch.message)
+    ckpt, best = best_checkpoint(result)
+    if ckpt is None:
+        raise CtvlabError("training finished without a checkpoint; increase unet.train.epochs")
+    model_dir = Path(cfg.results_dir, "model").resolve()
+    export_model(ckpt, model_dir, {
+        **provenance_spec(prep, split),
+        "mlflow_run_id": mlflow_run_id,
+    })  # fmt: skip
+    log = tracker.logger(mlflow_run_id)
+    history = _history(result)
+    log.metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
+    log.artifact(model_dir, MODEL_ARTIFACT)
+    model_uri = f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT}"
+    if register:
+        version = tracker.register_model(ucfg.registered_model_name, mlflow_run_id, MODEL_ARTIFACT,
+                                         tags={"split_digest": split.digest,
+                                               "dataset_digest": split.dataset_digest})  # fmt: skip
+        model_uri = f"models:/{ucfg.registered_model_name}/{version.version}"
+        log.tags({"ctvlab.registered_model": model_uri})
+    tracker.end_run(mlflow_run_id, "FINISHED")
+    return TrainOutcome(
+        run_id=mlflow_run_id, model_dir=model_dir, model_uri=model_uri,
+        best_metrics={k: float(v) for k, v in best.items() if isinstance(v, (int, float))},
+        best_epoch=int(best.get("epoch", -1)), epochs_run=len(history), history=history,
+    )  # fmt: skip
+
+
+def _history(result) -> list[dict[str, float]]:
+    """Every epoch's reported metrics, from the latest checkpoint (it carries the whole history)."""
+    if result.checkpoint is None:
+        return [result.metrics] if result.metrics else []
+    with result.checkpoint.as_directory() as d:
+        path = Path(d) / HISTORY_FILE
+        return json.loads(path.read_text()) if path.exists() else []

@@ -1,0 +1,164 @@
+"""The hyperparameter-search stage (`ctvlab tune`): the study's two steps on Ray Tune (a grid over learning
+rate and loss, then a random search in the neighbourhood of the grid's best), the trial table, the best
+trial's model exported, logged and registered."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ctvlab.atomic import atomic_folder
+from ctvlab.config import StudyConfig
+from ctvlab.errors import CtvlabError, DataError
+from ctvlab.study import BEST_SELECTION_METRIC
+from ctvlab.unet.spaces import grid_param_space, narrow_space, random_param_space
+from ctvlab.unet.tune import TRIAL_PARAMS, SearchOutcome, best_trial, param_space_with_hooks, run_search
+
+
+def tune_study(
+    cfg: StudyConfig, prep: Path | None = None, *, resume: bool = False, fail_trials: int = 0
+) -> SearchOutcome:
+    """The study's two-step search (grid, then random search in the narrowed ranges); registers the best.
+
+    Args:
+        fail_trials: test hook: this many extra grid cells raise on purpose (fault-tolerance tests).
+    """
+    from ctvlab.atomic import write_json_atomic
+    from ctvlab.runtime import init_ray
+    from ctvlab.splits import load_split
+    from ctvlab.tracking import base_tags, tracker_for
+    from ctvlab.unet.train import provenance_spec
+
+    t0 = time.perf_counter()
+    prep = Path(prep or cfg.prep_dir).resolve()
+    split = load_split(prep)
+    if not split.patients("train") or not split.patients("val"):
+        raise DataError(f"the split of {prep} has no training or no validation patients")
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    from ctvlab.resources import check_study_fits
+
+    check_study_fits(cfg, search=True)
+    tracker = tracker_for(cfg)
+    pointer = Path(cfg.workdir, "tune_last_search.json").resolve()
+    state = json.loads(pointer.read_text()) if resume and pointer.exists() else None
+    if resume and state is None:
+        raise CtvlabError(f"nothing to resume: no earlier search recorded in {pointer}")
+    if state is None:
+        name = time.strftime("search-%Y%m%d-%H%M%S")
+        parent = tracker.start_run("tune", base_tags("tune", split.dataset_digest, split.digest))
+        state = {"name": name, "parent_run_id": parent, "phase": "grid", "split_digest": split.digest,
+                 "dataset_digest": split.dataset_digest}  # fmt: skip
+        tracker.logger(parent).params({"tune": cfg.tune.model_dump(mode="json")})
+        tracker.logger(parent).json(cfg.tune.model_dump(mode="json"), "search_space.json", "search")
+        write_json_atomic(pointer, state)
+    elif (state.get("split_digest"), state.get("dataset_digest")) != (split.digest, split.dataset_digest):
+        # The split digest alone misses a dataset prepared again with other settings.
+        raise CtvlabError("cannot resume the search: the prepared data or the split changed since it started")
+    name, parent = state["name"], state["parent_run_id"]
+    log = tracker.logger(parent)
+    modality = cfg.unet.model.modality_set
+    tcfg = cfg.tune
+    extra_spec = provenance_spec(prep, split)
+
+    space = tcfg.space
+    grid_trials = pd.DataFrame()
+    if tcfg.run_grid:
+        grid_space = param_space_with_hooks(grid_param_space(tcfg.grid, tcfg.space, modality), fail_trials)
+        grid_trials = run_search(cfg, prep, grid_space, name=f"{name}-grid", num_samples=1, parent_run_id=parent,
+                                 resume=resume and state["phase"] == "grid", use_asha=False, extra_spec=extra_spec)  # fmt: skip
+        space = narrow_space(grid_trials, tcfg.grid, tcfg.space)
+        log.json(space.model_dump(mode="json"), "narrowed_space.json", "search")
+        state["phase"] = "random"
+        write_json_atomic(pointer, state)
+    random_space = random_param_space(space, modality)
+    if not tcfg.run_grid:
+        random_space = param_space_with_hooks(random_space, fail_trials)
+    random_trials = run_search(cfg, prep, random_space, name=f"{name}-random", num_samples=tcfg.num_samples,
+                               parent_run_id=parent, resume=resume and state["phase"] == "random",
+                               extra_spec=extra_spec)  # fmt: skip
+    trials = pd.concat(
+        [grid_trials.assign(step="grid"), random_trials.assign(step="random")], ignore_index=True
+    )
+    outcome = _finish_search(
+        cfg, tracker, parent, name, trials, space, t0, split.digest, dataset_digest=split.dataset_digest
+    )
+    state["phase"] = "done"
+    write_json_atomic(pointer, state)
+    return outcome
+
+
+def _finish_search(
+    cfg,
+    tracker,
+    parent,
+    name,
+    trials,
+    space,
+    t0,
+    split_digest: str,
+    register: bool = True,
+    dataset_digest: str | None = None,
+) -> SearchOutcome:
+    """Log the summary to the parent run, copy the best trial's model to results/, register it."""
+    best = best_trial(trials)
+    log = tracker.logger(parent)
+    shown = trials.drop(columns=["path", "model_dir"])
+    log.table(shown, "trials.csv", "search")
+    best_params = {k: best[k] for k in TRIAL_PARAMS if k in best and best[k] is not None}
+    log.params({"best": best_params})
+    n_failed = int((trials["status"] == "ERROR").sum())
+    log.metrics({BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC]), "n_trials": len(trials), "n_failed": n_failed,
+                 "trial_epochs_total": int(trials["epochs_run"].sum())})  # fmt: skip
+    src = Path(best["model_dir"])
+    model_dir = None
+    model_uri = None
+    if src.exists():
+        model_dir = Path(cfg.results_dir, "model").resolve()
+        with atomic_folder(model_dir) as staged:  # the old model stays until the new one is complete
+            shutil.copytree(src, staged, dirs_exist_ok=True)
+        log.artifact(model_dir, "model")
+        if register:
+            version = tracker.register_model(cfg.unet.registered_model_name, parent, "model",
+                                             tags={"search": name, "split_digest": split_digest,
+                                                   "dataset_digest": dataset_digest or ""})  # fmt: skip
+            model_uri = f"models:/{cfg.unet.registered_model_name}/{version.version}"
+            log.tags({"ctvlab.registered_model": model_uri})
+    tracker.end_run(parent, "FINISHED")
+    return SearchOutcome(
+        name=name, parent_run_id=parent, trials=trials, best_params=best_params,
+        best_metric=float(best[BEST_SELECTION_METRIC]), best_model_dir=model_dir, space=space.model_dump(mode="json"),
+        n_failed=n_failed, elapsed_s=time.perf_counter() - t0, model_uri=model_uri,
+    )  # fmt: skip
+
+
+def print_search(outcome: SearchOutcome, console) -> None:
+    from rich.table import Table
+
+    t = outcome.trials.sort_values(BEST_SELECTION_METRIC, ascending=False)
+    table = Table(title=f"search {outcome.name}: {len(t)} trials, {outcome.n_failed} failed, "
+                        f"{outcome.elapsed_s / 60:.1f} min")  # fmt: skip
+    for col in (
+        "step",
+        "lr",
+        "base_features",
+        "batch_size",
+        "loss",
+        BEST_SELECTION_METRIC,
+        "epochs_run",
+        "status",
+    ):
+        table.add_column(col, justify="right")
+    for r in t.head(15).to_dict("records"):
+        table.add_row(
+            str(r.get("step", "")), f"{r['lr']:.2e}" if r["lr"] is not None else "", str(r["base_features"]),
+            str(r["batch_size"]), str(r["loss"]), f"{r[BEST_SELECTION_METRIC]:.4f}", str(r["epochs_run"]), r["status"],
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"best: {outcome.best_params} → validation Tversky {outcome.best_metric:.4f}")
+    console.print(
+        f"model: {outcome.best_model_dir} registered as {outcome.model_uri}; MLflow run {outcome.parent_run_id}"
+    )
