@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ctvlab.config import SynthConfig
-from ctvlab.synth.clinical import STUDY, allocate, draw_cohort, split_normal_ppf
+from ctvlab.synth.clinical import COHORTS, STUDY, STUDY_RANGES, allocate, draw_cohort, split_normal_ppf
 from ctvlab.synth.report import compare_to_study, report_from_plans
 
 
@@ -37,15 +37,16 @@ def test_draw_of_101_patients_matches_table_1():
     assert compare_to_study(report, groups=("all", "SOC", "ATT", "ENZA")) == []
     g = report.groups["all"]
     # categorical fields are allocated exactly at the study's size
-    assert [report.groups[c].n for c in ("SOC", "ATT", "ENZA")] == [44, 27, 30]
+    assert [report.groups[c].n for c in COHORTS] == [STUDY[c].n for c in COHORTS]
     assert tuple(g.resection.values()) == STUDY["all"].resection
     assert tuple(g.progression.values()) == STUDY["all"].progression
     assert tuple(g.pattern.values()) == STUDY["all"].pattern
     for c in ("SOC", "ATT", "ENZA"):
         assert tuple(report.groups[c].pattern.values()) == STUDY[c].pattern
     # ranges stay inside the study's
-    assert g.lesion_cm3.min >= 1.2 and g.lesion_cm3.max <= 153.6
-    assert g.age.min >= 25 and g.age.max <= 77
+    for field in ("lesion_cm3", "age"):
+        low, high = STUDY_RANGES[field]
+        assert getattr(g, field).min >= low and getattr(g, field).max <= high
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
