@@ -168,6 +168,11 @@ class SplitConfig(Strict):
     dl_fractions: tuple[Fraction, Fraction, Fraction] = Field(
         (0.67, 0.16, 0.17), description="Train/val/test fractions of patients, stratified by cohort."
     )
+    dl_counts: tuple[int, int, int] | None = Field(
+        (67, 16, 18),
+        description="Train/val/test patient counts used instead of the fractions when the cohort has exactly "
+        "their sum of patients (the study: 67/16/18 of 101; null: always the fractions).",
+    )
     n_folds: int = Field(5, ge=2, description="Voxel-model cross-validation folds.")
 
     @model_validator(mode="after")

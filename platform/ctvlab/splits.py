@@ -36,28 +36,40 @@ from ctvlab.errors import DataError, LeakageError
 DL_ROLES = ("train", "val", "test")
 
 
-def draw_dl_roles(patients: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> pd.Series:
+def draw_dl_roles(
+    patients: pd.DataFrame,
+    fractions: tuple[float, float, float],
+    seed: int,
+    counts: tuple[int, int, int] | None = None,
+) -> pd.Series:
     """Assign train/val/test by patient, stratified by cohort.
 
     Within each cohort, patients are shuffled and cut by the fractions with largest-remainder rounding;
     then, if the cohort as a whole left val or test empty (tiny cohorts), one training patient of the
     largest cohort moves there, so every role has at least one patient when there are three or more.
+    When `counts` is given and the cohort has exactly their sum of patients, the roles get exactly those
+    counts (the study's 67/16/18 of 101), still stratified: each treatment cohort's share of a role is its
+    proportional share rounded so that rows and columns both add up (`stratified_counts`).
 
     Args:
         patients: one row per patient with `patient_id` and `cohort`.
         fractions: (train, val, test), summing to 1.
         seed: random seed; the same seed and patients give the same roles.
+        counts: (train, val, test) patient counts for a cohort of exactly their sum.
 
     Returns:
         Series of roles indexed like `patients`.
     """
     rng = np.random.default_rng(seed)
     roles = pd.Series("train", index=patients.index, dtype=object)
-    for _, group in sorted(patients.groupby("cohort"), key=lambda kv: str(kv[0])):
+    groups = sorted(patients.groupby("cohort"), key=lambda kv: str(kv[0]))
+    exact = counts is not None and sum(counts) == len(patients)
+    table = stratified_counts([len(g) for _, g in groups], counts) if exact else None
+    for k, (_, group) in enumerate(groups):
         idx = group.sort_values("patient_id").index.to_numpy()
         idx = idx[rng.permutation(len(idx))]
-        counts = _largest_remainder(len(idx), fractions)
-        cut = np.cumsum(counts)
+        per_role = table[k] if table is not None else _largest_remainder(len(idx), fractions)
+        cut = np.cumsum(per_role)
         roles.loc[idx[cut[0] : cut[1]]] = "val"
         roles.loc[idx[cut[1] :]] = "test"
     if len(patients) >= 3:
@@ -68,6 +80,27 @@ def draw_dl_roles(patients: pd.DataFrame, fractions: tuple[float, float, float],
                 candidates = sorted(train.index[patients.loc[train.index, "cohort"] == largest])
                 roles.loc[candidates[rng.integers(len(candidates))]] = role
     return roles
+
+
+def stratified_counts(sizes: list[int], totals: tuple[int, ...]) -> np.ndarray:
+    """An integer table (group × role) whose rows sum to the group sizes and columns to the role totals,
+    each cell within one of its proportional share `size × total / n` (largest remainders first)."""
+    sizes_a, totals_a = np.asarray(sizes), np.asarray(totals)
+    n = int(sizes_a.sum())
+    if n != int(totals_a.sum()):
+        raise ValueError(f"group sizes sum to {n}, role totals to {int(totals_a.sum())}")
+    share = sizes_a[:, None] * totals_a[None, :] / n
+    table = np.floor(share).astype(int)
+    remainder = share - table
+    for flat in np.argsort(-remainder, axis=None, kind="stable"):
+        g, r = np.unravel_index(flat, table.shape)
+        if table[g].sum() < sizes_a[g] and table[:, r].sum() < totals_a[r]:
+            table[g, r] += 1
+    while (table.sum(axis=1) < sizes_a).any():  # rare: the greedy pass filled a column a row still needed
+        g = int(np.flatnonzero(table.sum(axis=1) < sizes_a)[0])
+        r = int(np.flatnonzero(table.sum(axis=0) < totals_a)[0])
+        table[g, r] += 1
+    return table
 
 
 def _largest_remainder(n: int, fractions: Iterable[float]) -> np.ndarray:
@@ -122,7 +155,7 @@ def make_splits(patients: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     table = pd.DataFrame(
         {
             "patient_id": patients["patient_id"].astype(str),
-            "dl_role": draw_dl_roles(patients, cfg.dl_fractions, cfg.seed),
+            "dl_role": draw_dl_roles(patients, cfg.dl_fractions, cfg.seed, cfg.dl_counts),
             "rf_fold": draw_rf_folds(patients, cfg.n_folds, cfg.seed),
         }
     )
