@@ -106,3 +106,18 @@ def test_patient_bootstrap_intervals_cover_the_true_auc():
         covered["per_patient"] += per_patient.low <= true_per_patient <= per_patient.high
     # nominal 95%: with 30 replicates, fewer than 24 covered would be far outside chance (binomial p < 0.001)
     assert covered["pooled"] >= 24 and covered["per_patient"] >= 24, covered
+
+
+def test_weighted_auc_with_unit_weights_is_sklearns_auc_and_weights_act_as_repeats():
+    from sklearn.metrics import roc_auc_score
+
+    from ctvlab.statistics import weighted_auc_factory
+
+    rng = np.random.default_rng(5)
+    y = rng.random(500) < 0.3
+    score = np.round(rng.normal(0, 1, 500) + y, 1)  # rounded: many ties
+    auc = weighted_auc_factory(y, score)
+    assert auc(np.ones(500)) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    w = rng.integers(0, 4, 500)
+    repeated = np.repeat(np.arange(500), w)
+    assert auc(w) == pytest.approx(roc_auc_score(y[repeated], score[repeated]), abs=1e-12)

@@ -10,6 +10,7 @@ file lets a reader compare every command's options at a glance (the job scripts 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -150,6 +151,14 @@ TrackingOpt = Annotated[
 AddressOpt = Annotated[
     str | None, Opt("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 ]
+
+
+def _with_ci(estimate: float, intervals, which: int) -> str:
+    """`0.812 [0.78, 0.85]`: an AUC with its patient-level bootstrap interval, when there is one."""
+    if intervals is None:
+        return f"{estimate:.3f}" if estimate == estimate else "-"
+    iv = intervals[which]
+    return f"{iv.estimate:.3f} [{iv.low:.2f}, {iv.high:.2f}]"
 
 
 def _settings(
@@ -326,7 +335,8 @@ def rf_cv(
         "patients",
         "AUC mean ± SD",
         "distance-to-T2L AUC",
-        "pooled AUC",
+        "pooled AUC [95% CI]",
+        "per-patient AUC [95% CI]",
         "top features (permutation)",
     ):
         t.add_column(col)
@@ -338,7 +348,8 @@ def rf_cv(
             str(r.n_patients),
             f"{r.auc_mean:.3f} ± {r.auc_std:.3f}",
             f"{r.auc_distance:.3f}",
-            f"{r.pooled_roc()[2]:.3f}",
+            _with_ci(r.pooled_roc()[2], r.auc_intervals(0), 0),
+            _with_ci(math.nan, r.auc_intervals(0), 1),
             top,
         )
     console = _console()

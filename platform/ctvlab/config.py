@@ -266,6 +266,9 @@ class VoxelModelConfig(Strict):
         3.0, description="With class_balance=subsample: stable voxels kept per progressed voxel."
     )
     permutation_repeats: int = Field(3, ge=1, description="Shuffles per feature for permutation importance.")
+    bootstrap_resamples: int = Field(
+        1000, ge=0, description="Patient-level bootstrap resamples for the AUCs' 95% intervals (0: none)."
+    )
     max_test_rows_for_permutation: int = Field(
         10_000,
         ge=1000,

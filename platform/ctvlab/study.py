@@ -24,5 +24,7 @@ TVERSKY_BETA = 0.98
 SELECTION_METRIC = "val_tversky"
 BEST_SELECTION_METRIC = "best_" + SELECTION_METRIC
 
-# The CTVs compared, in the order of every table and figure: the model's, RTOG's, EORTC's.
-CTV_NAMES: tuple[str, ...] = ("model", "rtog", "eortc")
+# The CTVs compared, in the order of every table and figure: the model's, RTOG's, EORTC's, and the fair
+# control the paper lacks: a uniform margin around the lesion grown to the model CTV's volume ("isovolume",
+# the protocol of PREDICT-GBM), which asks whether the model puts its volume in the right place.
+CTV_NAMES: tuple[str, ...] = ("model", "rtog", "eortc", "isovolume")

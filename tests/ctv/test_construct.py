@@ -265,3 +265,43 @@ def test_model_ctv_matches_a_whole_grid_reference(seed):
     reference = ndimage.binary_fill_holes(reference) & ~critical
     assert (reference & ~union).any() and (union & ~reference & ~critical).any()  # filled, dropped
     np.testing.assert_array_equal(model_ctv(prob, 0.55, lesion, brain, critical), reference)
+
+
+# --- the iso-volume control --------------------------------------------------------------------------
+
+
+def test_isovolume_of_one_voxel_and_its_six_neighbours_is_a_1_mm_margin():
+    from ctvlab.ctv.construct import isovolume_ctv
+
+    lesion = np.zeros((9, 9, 9), bool)
+    lesion[4, 4, 4] = True
+    brain, critical = np.ones_like(lesion), np.zeros_like(lesion)
+    ctv, margin = isovolume_ctv(lesion, brain, critical, (1.0, 1.0, 1.0), 7)
+    assert margin == 1.0 and ctv.sum() == 7  # the voxel and its face neighbours, by hand
+    ctv, margin = isovolume_ctv(lesion, brain, critical, (1.0, 1.0, 1.0), 9)  # 7 is nearer than 19 (√2 mm)
+    assert margin == 1.0 and ctv.sum() == 7
+    ctv, margin = isovolume_ctv(lesion, brain, critical, (1.0, 1.0, 1.0), 14)
+    assert margin == pytest.approx(np.sqrt(2)) and ctv.sum() == 19
+
+
+@pytest.mark.parametrize("spacing", [(3.0, 3.0, 3.0), (1.0, 1.0, 2.5)])
+def test_isovolume_matches_the_target_volume_within_one_voxel_layer(spacing):
+    from scipy import ndimage
+
+    from ctvlab.ctv.construct import isovolume_ctv
+
+    rng = np.random.default_rng(3)
+    shape = (40, 44, 36)
+    lesion = np.zeros(shape, bool)
+    lesion[15:22, 18:25, 14:19] = True
+    brain = ndimage.binary_erosion(np.ones(shape, bool), iterations=2)
+    critical = np.zeros(shape, bool)
+    critical[30:34, 10:30, 10:20] = True
+    dist = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+    allowed = brain & ~critical
+    for target in rng.integers(300, 6000, size=5):
+        ctv, margin = isovolume_ctv(lesion, brain, critical, spacing, int(target))
+        # it is the uniform margin's CTV, clipped like the others
+        assert np.array_equal(ctv, allowed & (dist <= margin + 1e-6))
+        layer = int((allowed & (dist > margin - max(spacing)) & (dist <= margin + 1e-6)).sum())
+        assert abs(int(ctv.sum()) - int(target)) <= layer

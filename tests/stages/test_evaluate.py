@@ -29,10 +29,15 @@ def test_tables_hold_every_test_patient_and_ctv(evaluation, prepared_phantom):
     _, out = evaluation
     test_ids = load_split(prepared_phantom).patients("test")
     assert sorted(out.per_patient["patient_id"].unique()) == test_ids
-    assert sorted(out.per_patient["ctv"].unique()) == ["eortc", "model", "rtog"]
-    assert list(out.summary["ctv"]) == ["model", "rtog", "eortc"]
+    assert sorted(out.per_patient["ctv"].unique()) == ["eortc", "isovolume", "model", "rtog"]
+    assert list(out.summary["ctv"]) == ["model", "rtog", "eortc", "isovolume"]
     assert {"sensitivity_mean", "specificity_sd", "pcc_mean", "hd95_mm_mean"} <= set(out.summary.columns)
-    assert set(out.wilcoxon["other"]) == {"rtog", "eortc"}
+    assert set(out.wilcoxon["other"]) == {"rtog", "eortc", "isovolume"}
+    assert {"n", "n_zero", "p_value", "p_holm"} <= set(out.wilcoxon.columns)
+    # the iso-volume control has the model CTV's volume within one 3 mm voxel layer of its surface
+    vol = out.per_patient.pivot(index="patient_id", columns="ctv", values="volume_cm3")
+    assert ((vol["isovolume"] - vol["model"]).abs() / vol["model"] < 0.25).all()
+    assert (out.per_patient.loc[out.per_patient["ctv"] == "isovolume", "margin_mm"] >= 0).all()
     assert 0.0 < out.threshold < 1.0  # chosen on the validation patients
 
 

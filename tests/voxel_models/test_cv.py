@@ -44,6 +44,19 @@ def test_parallel_and_serial_cv_agree_and_folds_are_patient_disjoint(voxel_prep,
     assert [f.n_test_patients for f in parallel.folds] == [3, 3, 3, 3, 2]
     assert sum(f.n_test for f in parallel.folds) == sum(f.n_train for f in parallel.folds) / 4
 
+    # pooled and per-patient AUC with patient-level bootstrap intervals; ids stay out of every table
+    pooled, per_patient = parallel.auc_intervals(300, seed=0)
+    assert pooled.estimate == pytest.approx(parallel.pooled_roc()[2], abs=1e-12)
+    assert (
+        pooled.low <= pooled.estimate <= pooled.high
+        and per_patient.low <= per_patient.estimate <= per_patient.high
+    )
+    summary_ci = parallel.summary()
+    assert (summary_ci["auc_pooled_ci_low"], summary_ci["auc_per_patient"]) == (
+        pooled.low,
+        per_patient.estimate,
+    )
+
     frames = parallel.to_frames()
     assert list(frames["folds"]["auc"]) == list(parallel.aucs)
     assert set(frames["importances"]["feature"]) == set(parallel.features)

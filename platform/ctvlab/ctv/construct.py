@@ -244,6 +244,44 @@ def build_ctvs(
     return ctvs
 
 
+def isovolume_ctv(
+    lesion: np.ndarray,
+    brain: np.ndarray,
+    critical: np.ndarray,
+    spacing: Sequence[float],
+    n_voxels: int,
+) -> tuple[np.ndarray, float]:
+    """A uniform margin around the lesion, clipped like the other CTVs, grown until its volume is the
+    nearest it can be to `n_voxels` (the model CTV's): the iso-volume control of PREDICT-GBM.
+
+    The CTV at margin m is brain ∧ ¬critical ∧ (distance to the lesion ≤ m), Euclidean in mm with the
+    spacing; its volume steps up at each distinct distance, so the chosen margin is the step whose volume
+    is nearest `n_voxels` (the larger on a tie). The result is within one voxel layer of `n_voxels`.
+
+    Returns:
+        (the CTV, its margin in mm). An empty lesion or `n_voxels` ≤ 0 gives the clipped lesion, margin 0.
+    """
+    lesion = np.asarray(lesion, dtype=bool)
+    allowed = np.asarray(brain, dtype=bool) & ~np.asarray(critical, dtype=bool)
+    if not lesion.any() or n_voxels <= 0:
+        return lesion & allowed, 0.0
+    dist = ndimage.distance_transform_edt(~lesion, sampling=_check_spacing(spacing, lesion.ndim))
+    d = np.sort(dist[allowed])
+    if d.size == 0:
+        return lesion & allowed, 0.0
+    k = min(int(n_voxels), d.size)
+    upper = float(d[k - 1])
+    margin = upper
+    below = d[d < upper - _MARGIN_TOLERANCE_MM]
+    if below.size:
+        lower = float(below[-1])
+        n_upper = int(np.searchsorted(d, upper + _MARGIN_TOLERANCE_MM, side="right"))
+        n_lower = int(np.searchsorted(d, lower + _MARGIN_TOLERANCE_MM, side="right"))
+        if abs(n_lower - n_voxels) < abs(n_upper - n_voxels):
+            margin = lower
+    return allowed & (dist <= margin + _MARGIN_TOLERANCE_MM), margin
+
+
 def _check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
     sp = tuple(float(s) for s in spacing)
     if len(sp) != ndim or not all(s > 0 for s in sp):

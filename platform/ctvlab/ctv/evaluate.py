@@ -42,13 +42,21 @@ def patient_masks(p: PreparedPatient) -> dict[str, np.ndarray]:
 def evaluate_patient(
     prob: np.ndarray | None, threshold: float, p: PreparedPatient, cfg: StudyConfig
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], str]:
-    """The CTVs of one patient and one metrics row per CTV; also which GTV the EORTC CTV used."""
-    from ctvlab.ctv.construct import build_ctvs, eortc_gtv
+    """The CTVs of one patient and one metrics row per CTV; also which GTV the EORTC CTV used.
+
+    With a model CTV, the iso-volume control joins them: a uniform margin around the lesion with the model
+    CTV's volume (`ctvlab.ctv.construct.isovolume_ctv`; its row records the margin in `margin_mm`)."""
+    from ctvlab.ctv.construct import build_ctvs, eortc_gtv, isovolume_ctv
     from ctvlab.ctv.metrics import coverage, ctv_metrics
 
     masks = patient_masks(p)
     ctvs = build_ctvs(prob, threshold, masks, p.spacing, cfg.ctv)
     lesion = masks["cel"] | masks["t2l"]
+    margins: dict[str, float] = {}
+    if "model" in ctvs:
+        ctvs["isovolume"], margins["isovolume"] = isovolume_ctv(
+            lesion, masks["brain"], masks["critical"], p.spacing, int(ctvs["model"].sum())
+        )
     progression = (masks["cel_prog"] | masks["t2l_prog"]) & masks["brain"] & ~lesion
     rows = []
     for name in CTV_NAMES:
@@ -57,7 +65,9 @@ def evaluate_patient(
         m = ctv_metrics(ctvs[name], masks["target"], masks["brain"], p.spacing,
                         cfg.ctv.tversky_alpha, cfg.ctv.tversky_beta)  # fmt: skip
         m["progression_coverage"] = coverage(ctvs[name], progression)
-        rows.append({"patient_id": p.patient_id, "ctv": name, **m})
+        rows.append(
+            {"patient_id": p.patient_id, "ctv": name, **m, "margin_mm": margins.get(name, float("nan"))}
+        )
     source = eortc_gtv(masks["cel"], masks["cavity"], masks["t2l"] if cfg.ctv.eortc_fallback_t2l else None)[1]
     return ctvs, rows, source
 

@@ -36,10 +36,13 @@ CTV_COLOURS: dict[str, tuple[float, float, float]] = {
     "model": (1.0, 0.0, 0.0),
     "eortc": (0.0, 0.8, 0.0),
     "rtog": (1.0, 1.0, 0.0),
+    "isovolume": (0.2, 0.6, 1.0),  # not in the paper: the uniform margin of the model CTV's volume
 }
-CTV_LABELS: dict[str, str] = {"model": "Deep learning", "rtog": "RTOG", "eortc": "EORTC"}
+CTV_LABELS: dict[str, str] = {"model": "Deep learning", "rtog": "RTOG", "eortc": "EORTC",
+                              "isovolume": "Uniform margin, same volume"}  # fmt: skip
 # Box colours of Fig. 3 (yellow boxes are unreadable on white; the hue stays the same).
-_BOX_COLOURS: dict[str, str] = {"model": "tab:red", "rtog": "goldenrod", "eortc": "tab:green"}
+_BOX_COLOURS: dict[str, str] = {"model": "tab:red", "rtog": "goldenrod", "eortc": "tab:green",
+                                "isovolume": "tab:blue"}  # fmt: skip
 _METRIC_LABELS: dict[str, str] = {
     "sensitivity": "Sensitivity",
     "specificity": "Specificity",

@@ -75,6 +75,7 @@ def rf_cv_stage(
                            on_fold=lambda t, s, r: progress.step(f"{t}/{s} fold {r.fold}: AUC {r.auc:.3f}"))  # fmt: skip
     tracker = tracker_for(cfg)
     for (target, subgroup), res in results.items():
+        res.auc_intervals(vcfg.bootstrap_resamples, seed=cfg.split.seed)
         out = Path(cfg.results_dir, "rf_cv", f"{vcfg.model}-{target}-{subgroup}")
         out.mkdir(parents=True, exist_ok=True)
         frames = res.to_frames()

@@ -302,6 +302,9 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
             cells.append(cell)
         table.add_row(r["ctv"], *cells)
     console.print(table)
+    if "isovolume" in set(outcome.summary["ctv"]):
+        console.print("isovolume: a uniform margin around the lesion with the model CTV's volume (the fair "
+                      "control: does the model put its volume in the right place?)")  # fmt: skip
     if len(outcome.wilcoxon):
         w = outcome.wilcoxon
         lines = [

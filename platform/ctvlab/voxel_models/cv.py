@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -203,6 +204,7 @@ class CVResult:
     wall_s: float
     n_unassigned: int = 0
     _pooled: tuple[np.ndarray, np.ndarray, float] | None = field(default=None, repr=False)
+    _intervals: tuple[Any, Any] | None = field(default=None, repr=False)
 
     @property
     def cpu_s(self) -> float:
@@ -286,6 +288,21 @@ class CVResult:
             "roc": pd.DataFrame({"fpr": fpr, "tpr": tpr}),
         }
 
+    def auc_intervals(self, n_boot: int = 1000, seed: int = 0):
+        """The pooled AUC and the mean per-patient AUC over every fold's test voxels, each with a
+        patient-level bootstrap 95% interval (`ctvlab.statistics.auc_with_patient_ci`); None without
+        patient ids or resamples. Computed once per result."""
+        from ctvlab.statistics import auc_with_patient_ci
+
+        if self._intervals is None and n_boot > 0:
+            folds = [f for f in self.folds if f.test_patients is not None and len(f.y_test)]
+            if folds and all(f.test_patients[0] is not None for f in folds):
+                self._intervals = auc_with_patient_ci(
+                    np.concatenate([f.y_test for f in folds]), np.concatenate([f.scores for f in folds]),
+                    np.concatenate([f.test_patients for f in folds]).astype(str), n_boot=n_boot, seed=seed,
+                )  # fmt: skip
+        return self._intervals
+
     def summary(self) -> dict[str, float]:
         """Flat numeric metrics (MLflow-safe names)."""
         out: dict[str, float] = {
@@ -308,6 +325,11 @@ class CVResult:
         }
         for f in self.folds:
             out[f"auc_fold{f.fold}"] = f.auc
+        if self._intervals is not None:
+            pooled, per_patient = self._intervals
+            out.update({"auc_pooled_ci_low": pooled.low, "auc_pooled_ci_high": pooled.high,
+                        "auc_per_patient": per_patient.estimate, "auc_per_patient_ci_low": per_patient.low,
+                        "auc_per_patient_ci_high": per_patient.high})  # fmt: skip
         return out
 
     def params(self) -> dict[str, str]:

@@ -68,6 +68,8 @@ class FoldResult:
     # The baseline on the same test rows: AUC of "the nearer the pre-RT T2L, the likelier progression"
     # (score = −distance); NaN where the test fold lacks a class or the rows carry no distance.
     auc_distance: float = float("nan")
+    # The patient of each test row (for patient-level statistics; never written to a table or a run).
+    test_patients: np.ndarray | None = None
 
 
 def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
@@ -265,6 +267,7 @@ def fit_predict_fold(
         cpu_s=time.process_time() - cpu0,
         impute_values=impute_values,
         auc_distance=auc_distance,
+        test_patients=pid_te,
         **counts,
     )
 
