@@ -77,3 +77,28 @@ def test_stage_by_stage_session_runs_as_written(tmp_path, ray_local, monkeypatch
         (r.data.tags.get("ctvlab.stage"), r.info.run_name) for r in runs if r.info.status == "RUNNING"
     ]
     assert not left_open
+
+
+def readme_ctvlab_commands() -> list[list[str]]:
+    """Every `ctvlab …` line inside the README's code blocks (comments and shell continuations dropped)."""
+    commands = []
+    for block in re.findall(r"```\n(.*?)```", README, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line.startswith("ctvlab "):
+                commands.append(shlex.split(line.replace("$PWD", "/abs")))
+    return commands
+
+
+@pytest.mark.parametrize("argv", readme_ctvlab_commands(), ids=lambda a: " ".join(a[1:3]))
+def test_every_readme_command_is_accepted_as_written(argv):
+    """Each command line of the README parses against the command's real options and arguments (a renamed
+    or removed option fails here); the session above also runs its commands."""
+    command = typer.main.get_command(app).commands[argv[1]]
+    try:
+        command.make_context(argv[1], argv[2:])
+    except typer.Exit:
+        pass  # --help and friends
+    except Exception as e:  # typer's own click raises its UsageError subclasses here
+        message = e.format_message() if hasattr(e, "format_message") else repr(e)
+        pytest.fail(f"README: `{' '.join(argv)}`: {message}")
