@@ -82,6 +82,9 @@ def test_figures_and_mlflow_run(evaluation, prepared_phantom):
     tracker = Tracker(cfg.name, cfg.tracking.tracking_uri)
     run = tracker.client.get_run(out.run_id)
     assert run.data.tags["ctvlab.stage"] == "evaluate"
+    # the run's description (what the MLflow UI shows first) is the CTV table beside the study's
+    note = run.data.tags["mlflow.note.content"]
+    assert "| model |" in note and "[0.92]" in note and "| isovolume |" in note
     assert run.data.tags["ctvlab.split_digest"] == load_split(prepared_phantom).digest
     assert {"model_sensitivity_mean", "rtog_specificity_mean", "eortc_pcc_mean", "threshold"} <= set(
         run.data.metrics
