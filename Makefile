@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@rm -rf platform/ctvlab.egg-info  # build metadata of the editable install; the venv holds its own copy
 	@touch $(STAMP)
 
 demo: $(STAMP)

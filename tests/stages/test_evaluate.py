@@ -48,6 +48,10 @@ def test_rtog_covers_the_whole_phantom_target(evaluation):
     rtog = out.per_patient[out.per_patient["ctv"] == "rtog"]
     assert (rtog["sensitivity"] == 1.0).all()
     assert (rtog["progression_coverage"] == 1.0).all()
+    # every false positive of a 2 cm margin lies inside the 4 cm ring, which holds fewer true negatives
+    # than the brain: specificity within the ring can only be lower
+    assert (rtog["specificity_ring"] <= rtog["specificity"] + 1e-12).all()
+    assert (rtog["specificity_ring"] < 1.0).all()
 
 
 def test_ctv_files_on_both_grids(evaluation, prepared_phantom):

@@ -19,6 +19,7 @@ from ctvlab.study import CTV_NAMES
 TABLE_METRICS = (
     "sensitivity",
     "specificity",
+    "specificity_ring",  # within the 4 cm ring around the T2L: where a margin can spare tissue at all
     "dice",
     "hd95_mm",
     "tversky",
@@ -35,7 +36,7 @@ PATIENT_FIGURE_PREFIX = "fig4_contours_"  # MRI slices of one patient: logged on
 
 
 def patient_masks(p: PreparedPatient) -> dict[str, np.ndarray]:
-    names = ("brain", "cel", "t2l", "cavity", "critical", "target", "cel_prog", "t2l_prog")
+    names = ("brain", "cel", "t2l", "cavity", "critical", "target", "cel_prog", "t2l_prog", "ring")
     return {n: p.mask(n) > 0 for n in names}
 
 
@@ -47,7 +48,7 @@ def evaluate_patient(
     With a model CTV, the iso-volume control joins them: a uniform margin around the lesion with the model
     CTV's volume (`ctvlab.ctv.construct.isovolume_ctv`; its row records the margin in `margin_mm`)."""
     from ctvlab.ctv.construct import build_ctvs, eortc_gtv, isovolume_ctv
-    from ctvlab.ctv.metrics import coverage, ctv_metrics
+    from ctvlab.ctv.metrics import coverage, ctv_metrics, specificity
 
     masks = patient_masks(p)
     ctvs = build_ctvs(prob, threshold, masks, p.spacing, cfg.ctv)
@@ -65,6 +66,7 @@ def evaluate_patient(
         m = ctv_metrics(ctvs[name], masks["target"], masks["brain"], p.spacing,
                         cfg.ctv.tversky_alpha, cfg.ctv.tversky_beta)  # fmt: skip
         m["progression_coverage"] = coverage(ctvs[name], progression)
+        m["specificity_ring"] = specificity(ctvs[name], masks["target"], masks["brain"] & masks["ring"])
         rows.append(
             {"patient_id": p.patient_id, "ctv": name, **m, "margin_mm": margins.get(name, float("nan"))}
         )

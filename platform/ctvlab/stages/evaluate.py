@@ -313,7 +313,16 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
 
     table = Table(title=f"CTVs on {len(outcome.per_patient['patient_id'].unique())} patients "
                         f"(threshold {outcome.threshold:.2f}); study values in brackets")  # fmt: skip
-    metrics = ("sensitivity", "specificity", "dice", "hd95_mm", "tversky", "pcc", "volume_cm3")
+    metrics = (
+        "sensitivity",
+        "specificity",
+        "specificity_ring",
+        "dice",
+        "hd95_mm",
+        "tversky",
+        "pcc",
+        "volume_cm3",
+    )
     table.add_column("CTV")
     for m in metrics:
         table.add_column(m, justify="right")
