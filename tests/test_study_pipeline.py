@@ -148,7 +148,7 @@ class Recorder:
         out = Path(cfg.results_dir, "evaluate")
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.csv").write_text("x\n1\n")
-        return SimpleNamespace(out_dir=out, run_id="run-eval")
+        return SimpleNamespace(out_dir=out, run_id="run-eval", model_uri=str(model_uri))
 
 
 @pytest.fixture

@@ -375,6 +375,8 @@ def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bo
 
 def _evaluate(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], console, force: bool) -> StageRecord:
     from ctvlab.stages.evaluate import evaluate_study, print_evaluation
+    from ctvlab.stages.registry import crown
+    from ctvlab.tracking import tracker_for
 
     key = stage_key("evaluate", cfg, state["inputs"])
     if (
@@ -386,6 +388,10 @@ def _evaluate(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], console, 
     out = evaluate_study(cfg, cfg.prep_dir, model_uri=state.get("model_uri"), console=console)
     state["evaluation"] = out
     print_evaluation(out, console)
+    # The study's evaluated model is its champion: `ctvlab predict` uses models:/<name>@champion by default.
+    version = crown(tracker_for(cfg), cfg, out.model_uri, out)
+    if version is not None:
+        console.print(f"models:/{cfg.unet.registered_model_name}@champion is now version {version}")
     stamps.write("evaluate", key)
     return StageRecord("evaluate", "ran", detail=str(out.out_dir), run_ids=[out.run_id])
 

@@ -335,6 +335,12 @@ def _create_salt(path: Path) -> None:
         os.close(dir_fd)
 
 
+def salt_fingerprint(prep: str | Path) -> str:
+    """A digest of the dataset's pseudonym salt (never the salt): models record it, so that pseudonyms made
+    under another salt are never compared with this dataset's."""
+    return hashlib.sha256(b"ctvlab salt fingerprint\0" + ensure_salt(prep)).hexdigest()[:16]
+
+
 def pseudonym(patient_id: str, salt: bytes) -> str:
     """Stable keyed pseudonym of a patient id (HMAC-SHA256): what MLflow sees instead of the id."""
     return "pt-" + hmac.new(salt, patient_id.encode(), hashlib.sha256).hexdigest()[:12]

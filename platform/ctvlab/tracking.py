@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import ctvlab
-from ctvlab.errors import CtvlabError
+from ctvlab.errors import CtvlabError, InfrastructureError
 
 DEFAULT_DB = "mlflow.db"
 TAG_DATASET = "ctvlab.dataset_digest"
@@ -110,6 +110,10 @@ def scrub_text(text: str, names: Mapping[str, str]) -> str:
 
 class TrackingAuthError(CtvlabError):
     """The tracking server refused this client's credentials (or their absence)."""
+
+
+class TrackingError(InfrastructureError):
+    """The tracking store or registry could not be read or written (exit 4: fix it and run again)."""
 
 
 def _http_status(error: Exception) -> int | None:
@@ -269,6 +273,16 @@ class Tracker:
             name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
         )
 
+    @_retry_locked
+    def set_alias(self, name: str, alias: str, version: str | int) -> None:
+        """Point registry alias `alias` (e.g. champion, candidate) of model `name` at `version`."""
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    @_retry_locked
+    def describe_version(self, name: str, version: str | int, description: str) -> None:
+        """Set a registered version's description (its model card, Markdown)."""
+        self.client.update_model_version(name, str(version), description=description)
+
     def download_model(self, model_uri: str, dst: str | Path) -> Path:
         """Download a model's artifacts (`models:/name/version|latest`, `runs:/id/path`, or a local folder).
 
@@ -283,6 +297,23 @@ class Tracker:
             raise ValueError(f"unsupported model URI {model_uri!r}: use models:/, runs:/ or a folder")
         run_id, _, path = model_uri[len("runs:/") :].partition("/")
         return Path(self.client.download_artifacts(run_id, path, str(dst)))
+
+    def search_versions(self, name: str) -> list[Any]:
+        """Every registered version of model `name` (none when the model is not registered yet).
+
+        Raises:
+            TrackingError: the registry cannot be read (an unreachable server is an error, not "no model").
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return list(self.client.search_model_versions(f"name='{name}'"))
+        except MlflowException as e:
+            if "RESOURCE_DOES_NOT_EXIST" in str(e) or "not found" in str(e).lower():
+                return []
+            raise TrackingError(
+                f"cannot read the model registry of {self.tracking_uri}: {e.message}"
+            ) from None
 
     def model_version(self, model_uri: str):
         """The registered version behind `models:/name/version`, `models:/name/latest` or `models:/name@alias`.

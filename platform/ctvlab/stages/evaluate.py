@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,10 +57,7 @@ def resolve_model(
     """
     if model_uri is None:
         name = cfg.unet.registered_model_name
-        try:
-            versions = tracker.client.search_model_versions(f"name='{name}'")
-        except Exception:
-            versions = []
+        versions = tracker.search_versions(name)
         ours = [
             v
             for v in versions
@@ -141,6 +139,7 @@ def evaluate_study(
             cfg, tracker, model_uri, Path(dl), split.digest, split.dataset_digest
         )
         model = load_model(model_dir)
+    check_provenance(model.spec, model_uri, prep, split)
     names = pseudonymise(prep, set(ids) | set(split.patients("val")))
     trained_on = set(model.spec.get("train_patients", [])) | set(model.spec.get("val_patients", []))
     if not trained_on:
@@ -150,9 +149,6 @@ def evaluate_study(
     check_disjoint(
         **{"model training patients": trained_on, f"{split_name} patients": {names[i] for i in ids}}
     )
-    # Disjointness was checked above by patient, which is what matters; say that the split moved.
-    if model.spec.get("split_digest") not in (None, split.digest) and console is not None:
-        console.print("[yellow]note:[/] the model was trained with another split of this dataset")
 
     if cfg.ctv.threshold == "validation":
         threshold, threshold_table = choose_validation_threshold(model, prep, split.patients("val"), cfg)
@@ -274,6 +270,31 @@ def _progress(items, enabled: bool, console, label: str):
         for it in items:
             yield it
             bar.advance(task)
+
+
+def check_provenance(spec: dict[str, Any], model_uri: str, prep: Path, split) -> None:
+    """Refuse a model trained on other data: another prepared dataset, another split, or pseudonyms made
+    under another salt (then its recorded training patients cannot be compared with these at all).
+
+    Raises:
+        LeakageError: (exit 3) naming what differs.
+    """
+    from ctvlab.errors import LeakageError
+    from ctvlab.splits import salt_fingerprint
+
+    ours = {"dataset_digest": split.dataset_digest, "split_digest": split.digest,
+            "salt_fingerprint": salt_fingerprint(prep)}  # fmt: skip
+    differ = [
+        f"{k} {str(spec[k])[:12]} (this data: {v[:12]})"
+        for k, v in ours.items()
+        if spec.get(k) not in (None, "", v)
+    ]
+    if differ:
+        raise LeakageError(
+            f"{model_uri} was trained on other data: {'; '.join(differ)}. Its training patients cannot be "
+            f"checked against the patients of {prep}. Evaluate it on the data it was trained on, or train a "
+            "model on this split (`ctvlab tune` or `ctvlab train`)."
+        )
 
 
 def evaluation_note(summary: pd.DataFrame, wilcoxon: pd.DataFrame, n_patients: int, threshold: float) -> str:

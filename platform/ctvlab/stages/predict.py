@@ -40,7 +40,14 @@ DEFAULT_MODEL_URI = "models:/ctvlab-unet@champion"
 # chosen on its validation patients).
 FALLBACK_THRESHOLD = 0.5
 # What report.json repeats from the model's spec: enough to tell which model and data made the CTVs.
-MODEL_FIELDS = ("modality_set", "base_features", "input_shape", "split_digest", "dataset_digest")
+MODEL_FIELDS = (
+    "modality_set",
+    "base_features",
+    "input_shape",
+    "split_digest",
+    "dataset_digest",
+    "salt_fingerprint",
+)
 OUTPUT_FILES = ("probability.nii.gz", "ctv_model.nii.gz", "ctv_rtog.nii.gz", "ctv_eortc.nii.gz",
                 "overlay.png", "report.json")  # fmt: skip
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, DataError
+from ctvlab.stages.registry import log_model
+from ctvlab.stages.registry import register as register_model
 from ctvlab.unet.train import (
     HISTORY_FILE,
     HOLD_ENV,
@@ -161,12 +163,11 @@ def train_unet(
     log = tracker.logger(mlflow_run_id)
     history = _history(result)
     log.metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
-    log.artifact(model_dir, MODEL_ARTIFACT)
+    log_model(log, model_dir, MODEL_ARTIFACT)
     model_uri = f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT}"
     if register:
-        version = tracker.register_model(ucfg.registered_model_name, mlflow_run_id, MODEL_ARTIFACT,
-                                         tags={"split_digest": split.digest,
-                                               "dataset_digest": split.dataset_digest})  # fmt: skip
+        spec = json.loads((model_dir / "model.json").read_text())
+        version = register_model(tracker, cfg, mlflow_run_id, spec, artifact_path=MODEL_ARTIFACT)
         model_uri = f"models:/{ucfg.registered_model_name}/{version.version}"
         log.tags({"ctvlab.registered_model": model_uri})
     tracker.end_run(mlflow_run_id, "FINISHED")

@@ -14,6 +14,8 @@ import pandas as pd
 from ctvlab.atomic import atomic_folder
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, DataError
+from ctvlab.stages.registry import log_model
+from ctvlab.stages.registry import register as register_model
 from ctvlab.study import BEST_SELECTION_METRIC
 from ctvlab.unet.spaces import grid_param_space, narrow_space, random_param_space
 from ctvlab.unet.tune import TRIAL_PARAMS, SearchOutcome, best_trial, param_space_with_hooks, run_search
@@ -120,11 +122,12 @@ def _finish_search(
         model_dir = Path(cfg.results_dir, "model").resolve()
         with atomic_folder(model_dir) as staged:  # the old model stays until the new one is complete
             shutil.copytree(src, staged, dirs_exist_ok=True)
-        log.artifact(model_dir, "model")
+        log_model(log, model_dir, "model")
         if register:
-            version = tracker.register_model(cfg.unet.registered_model_name, parent, "model",
-                                             tags={"search": name, "split_digest": split_digest,
-                                                   "dataset_digest": dataset_digest or ""})  # fmt: skip
+            spec = json.loads((model_dir / "model.json").read_text())
+            spec.setdefault("split_digest", split_digest)
+            spec.setdefault("dataset_digest", dataset_digest or "")
+            version = register_model(tracker, cfg, parent, spec, extra_tags={"search": name})
             model_uri = f"models:/{cfg.unet.registered_model_name}/{version.version}"
             log.tags({"ctvlab.registered_model": model_uri})
     tracker.end_run(parent, "FINISHED")

@@ -37,6 +37,16 @@ class LoadedModel:
         return tuple(int(n) for n in shape) if shape else None  # type: ignore[return-value]
 
 
+def model_folder(path: Path) -> Path:
+    """The folder holding weights.pt and model.json: `path` itself, or, for a logged MLflow model (an
+    `MLmodel` file beside `artifacts/`), the model folder inside it (`ctvlab.unet.pyfunc`)."""
+    if (path / "MLmodel").is_file() and not (path / SPEC_FILE).is_file():
+        inner = sorted(p.parent for p in (path / "artifacts").rglob(SPEC_FILE))
+        if inner:
+            return inner[0]
+    return path
+
+
 def load_model(model_dir: str | Path, device: str | None = None) -> LoadedModel:
     """Rebuild the network from `model.json` and load `weights.pt` (weights_only: no pickled code runs).
 
@@ -47,7 +57,7 @@ def load_model(model_dir: str | Path, device: str | None = None) -> LoadedModel:
 
     from ctvlab.unet.model import model_from_spec
 
-    model_dir = Path(model_dir)
+    model_dir = model_folder(Path(model_dir))
     try:
         spec = json.loads((model_dir / SPEC_FILE).read_text())
         state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)

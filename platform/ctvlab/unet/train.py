@@ -352,14 +352,15 @@ def best_checkpoint(result):
 
 
 def provenance_spec(prep: Path, split) -> dict[str, Any]:
-    """What a model records about its data: the dataset and split digests and the pseudonyms of the
-    patients it was trained and selected on, which evaluation's leakage guard checks."""
-    from ctvlab.splits import pseudonymise
+    """What a model records about its data: the dataset and split digests, the salt's fingerprint and the
+    pseudonyms of the patients it was trained and selected on, which evaluation's leakage guard checks."""
+    from ctvlab.splits import pseudonymise, salt_fingerprint
 
     train_ids, val_ids = split.patients("train"), split.patients("val")
     names = pseudonymise(prep, train_ids + val_ids)
     return {
         "split_digest": split.digest, "dataset_digest": split.dataset_digest,
+        "salt_fingerprint": salt_fingerprint(prep),
         "train_patients": sorted(names[p] for p in train_ids), "val_patients": sorted(names[p] for p in val_ids),
     }  # fmt: skip
 

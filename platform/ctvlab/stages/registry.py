@@ -1,0 +1,103 @@
+"""A trained model leaves a stage as an MLflow model (`ctvlab.unet.pyfunc`), registered with its provenance
+as tags, a registry alias (`candidate` for a search's or a training run's best, `champion` for the study's
+evaluated model) and a model card as the version's description."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ctvlab.config import StudyConfig
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+PROVENANCE_TAGS = ("dataset_digest", "split_digest", "salt_fingerprint")
+DISCLAIMER = "Research use only. Not a medical device; not for clinical decisions."
+
+
+def log_model(logger, model_dir: str | Path, artifact_path: str = "model") -> None:
+    """Log a model folder to the run as an MLflow pyfunc model under `artifact_path`."""
+    from ctvlab.unet.pyfunc import save_pyfunc
+
+    with tempfile.TemporaryDirectory() as d:
+        logger.artifact(save_pyfunc(model_dir, Path(d) / "model"), artifact_path)
+
+
+def register(tracker, cfg: StudyConfig, run_id: str, spec: dict[str, Any], extra_tags: dict[str, str] | None = None,
+             artifact_path: str = "model", alias: str | None = CANDIDATE):  # fmt: skip
+    """Register the run's logged model; tag it with its provenance, point `alias` at it, write its card."""
+    name = cfg.unet.registered_model_name
+    tags = {k: str(spec[k]) for k in PROVENANCE_TAGS if spec.get(k)}
+    version = tracker.register_model(name, run_id, artifact_path, tags={**tags, **(extra_tags or {})})
+    if alias:
+        tracker.set_alias(name, alias, version.version)
+    tracker.describe_version(name, version.version, model_card(cfg, spec, run_id))
+    return version
+
+
+def model_card(cfg: StudyConfig, spec: dict[str, Any], run_id: str, evaluation=None) -> str:
+    """The registered version's description (Markdown): what the model is, what it was trained on, how it
+    did on the test patients beside the study, what it is for and what it is not for."""
+    from ctvlab.stages.evaluate import STUDY_RESULTS
+
+    lines = [
+        f"# {cfg.unet.registered_model_name}: 3D U-Net for the clinical target volume of glioblastoma",
+        "",
+        f"**{DISCLAIMER}**",
+        "",
+        "## Model",
+        f"- inputs: {spec.get('modality_set')} ({spec.get('in_channels')} channels"
+        + (f": {', '.join(spec['channels'])}" if spec.get("channels") else "") + "), 3 mm grid "
+        + f"{spec.get('input_shape')}; output: per-voxel probability of progression",
+        f"- network: {spec.get('architecture')} with {spec.get('base_features')} base features, "
+        f"{spec.get('norm')} normalisation; model CTV threshold {spec.get('threshold', 'chosen at evaluation')}",
+        f"- training run: `{run_id}` (MLflow); study `{cfg.name}`",
+        "",
+        "## Data",
+        f"- prepared dataset digest `{spec.get('dataset_digest', '?')}`, split digest `{spec.get('split_digest', '?')}`,"
+        f" pseudonym-salt fingerprint `{spec.get('salt_fingerprint', '?')}`",
+        f"- {len(spec.get('train_patients', []))} training and {len(spec.get('val_patients', []))} validation "
+        "patients (pseudonyms in the model's spec); evaluation refuses a model whose digests differ from its data",
+    ]  # fmt: skip
+    if evaluation is not None:
+        lines += ["", f"## Test patients ({evaluation.per_patient['patient_id'].nunique()}), mean ± SD "
+                  "[the study's value]", "", "| CTV | sensitivity | specificity | PCC |", "|---|---|---|---|"]  # fmt: skip
+        for r in evaluation.summary.to_dict("records"):
+            cells = []
+            for m in ("sensitivity", "specificity", "pcc"):
+                ref = STUDY_RESULTS.get(r["ctv"], {}).get(m)
+                cells.append(
+                    f"{r[f'{m}_mean']:.2f} ± {r[f'{m}_sd']:.2f}" + (f" [{ref[0]:.2f}]" if ref else "")
+                )
+            lines.append(f"| {r['ctv']} | {' | '.join(cells)} |")
+        lines.append(f"\nEvaluation run: `{evaluation.run_id}`.")
+    lines += [
+        "",
+        "## Intended use",
+        "Research on radiotherapy target definition from pre-radiotherapy diffusion and metabolic MRI "
+        "(Tran et al., npj Digital Medicine 2025), on cohorts prepared by ctvlab's preprocessing.",
+        "",
+        "## Limitations",
+        "- Trained on the cohort above only (a synthetic cohort unless the study says otherwise); not "
+        "validated on other scanners, protocols or institutions.",
+        "- Needs co-registered T1c, FLAIR, ADC, FA and MRSI inputs as ctvlab prepares them; missing MRSI is "
+        "filled as in training, which lowers sensitivity.",
+        "- The CTV is a region where progression is likely, not a dose prescription.",
+    ]
+    return "\n".join(lines)
+
+
+def crown(tracker, cfg: StudyConfig, model_uri: str, evaluation) -> str | None:
+    """After the study's evaluation: point the `champion` alias at the evaluated registered version and add
+    the test results to its card. Returns the version, or None when the model is not a registered one."""
+    from ctvlab.unet.inference import load_model
+
+    if not model_uri.startswith("models:/"):
+        return None
+    version = tracker.model_version(model_uri)
+    with tempfile.TemporaryDirectory() as d:
+        spec = load_model(tracker.download_model(model_uri, d), device="cpu").spec
+    tracker.set_alias(version.name, CHAMPION, version.version)
+    tracker.describe_version(version.name, version.version, model_card(cfg, spec, version.run_id, evaluation))
+    return str(version.version)
