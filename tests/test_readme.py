@@ -80,13 +80,17 @@ def test_stage_by_stage_session_runs_as_written(tmp_path, ray_local, monkeypatch
 
 
 def readme_ctvlab_commands() -> list[list[str]]:
-    """Every `ctvlab …` line inside the README's code blocks (comments and shell continuations dropped)."""
-    commands = []
-    for block in re.findall(r"```\n(.*?)```", README, flags=re.S):
-        for line in block.splitlines():
-            line = line.split("  #", 1)[0].strip()
-            if line.startswith("ctvlab "):
-                commands.append(shlex.split(line.replace("$PWD", "/abs")))
+    """Every `ctvlab …` line inside the README's shell code blocks (comments dropped)."""
+    commands, fence = [], None
+    for line in README.splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:].strip()
+            continue
+        if fence not in ("", "sh", "bash"):  # outside a block, or a Python/YAML/ini block
+            continue
+        line = line.split("  #", 1)[0].strip()
+        if line.startswith("ctvlab "):
+            commands.append(shlex.split(line.replace("$PWD", "/abs")))
     return commands
 
 
