@@ -121,7 +121,7 @@ class PatientPlan:
 
 
 def patient_id(index: int, n: int) -> str:
-    """`SYN001`, `SYN002`, ... (more digits for cohorts of 1000 or more)."""
+    """The letters SYN and the patient's 1-based number in three digits (more for cohorts of 1000 or more)."""
     return f"SYN{index + 1:0{max(3, len(str(n)))}d}"
 
 
