@@ -178,14 +178,10 @@ def _settings(
     and the job says where they are when it starts and when it ends."""
     import os
 
-    from ctvlab.config import apply_smoke_test, load_config, parse_overrides, validate_config
+    from ctvlab.config import apply_smoke_test, load_config, parse_overrides
     from ctvlab.jobkit import in_submitted_job, settle_job_paths, where_line
 
-    overrides = parse_overrides(sets or [])
-    if config is not None:
-        cfg = load_config(config, overrides)
-    else:
-        cfg = validate_config(_nested(overrides), source="--set")
+    cfg = load_config(config, parse_overrides(sets or []))
     if workdir is not None:
         cfg.workdir = workdir
     if smoke_test or cfg.smoke_test:
@@ -203,15 +199,6 @@ def _settings(
 
 
 _JOB_WHERE: list[str] = []
-
-
-def _nested(overrides: dict) -> dict:
-    from ctvlab.config import set_dotted
-
-    data: dict = {}
-    for key, value in overrides.items():
-        set_dotted(data, key, value)
-    return data
 
 
 def _data(cfg, data: Path | None) -> Path:

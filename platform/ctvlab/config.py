@@ -610,17 +610,23 @@ class StudyConfig(Strict):
         return self.workdir / "results"
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Load a study config from YAML, apply dotted-key overrides, and validate it.
 
     Args:
-        path: YAML file. Missing sections take their defaults; unknown keys are errors.
+        path: YAML file, or None for the study's defaults. Missing sections take their defaults; unknown
+            keys are errors.
         overrides: {"unet.train.epochs": 3, ...} applied on top of the file.
 
     Raises:
         ConfigError: the file is missing, is not YAML, or has unknown keys or invalid values; the
             message names the file and every offending key.
     """
+    if path is None:
+        data: dict[str, Any] = {}
+        for key, value in (overrides or {}).items():
+            set_dotted(data, key, value)
+        return validate_config(data, source="--set")
     path = Path(path)
     try:
         text = path.read_text()

@@ -4,6 +4,7 @@ evaluated model) and a model card as the version's description."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -91,13 +92,13 @@ def model_card(cfg: StudyConfig, spec: dict[str, Any], run_id: str, evaluation=N
 def crown(tracker, cfg: StudyConfig, model_uri: str, evaluation) -> str | None:
     """After the study's evaluation: point the `champion` alias at the evaluated registered version and add
     the test results to its card. Returns the version, or None when the model is not a registered one."""
-    from ctvlab.unet.inference import load_model
+    from ctvlab.unet.inference import SPEC_FILE, model_folder
 
     if not model_uri.startswith("models:/"):
         return None
     version = tracker.model_version(model_uri)
     with tempfile.TemporaryDirectory() as d:
-        spec = load_model(tracker.download_model(model_uri, d), device="cpu").spec
+        spec = json.loads((model_folder(tracker.download_model(model_uri, d)) / SPEC_FILE).read_text())
     tracker.set_alias(version.name, CHAMPION, version.version)
     tracker.describe_version(version.name, version.version, model_card(cfg, spec, version.run_id, evaluation))
     return str(version.version)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ctvlab.data.layout import CATEGORY_CODES
+from ctvlab.data.layout import CATEGORY_CODES, DISTANCE_COLUMN
 from ctvlab.errors import DataError, LeakageError
 from ctvlab.splits import check_disjoint
 from ctvlab.study import FEATURES
@@ -78,7 +78,7 @@ def load_fold_data(
         LeakageError: the fold map lists a patient twice, uses one fold only, or names a patient that the
             prepared data does not hold (a split drawn for other data).
     """
-    from ctvlab.data.layout import DISTANCE_COLUMN, PrepPaths
+    from ctvlab.data.layout import PrepPaths
     from ctvlab.data.readers import read_voxels
 
     fold_of = validate_fold_map(folds)
@@ -147,8 +147,6 @@ def _concat_arrow(ds):
 def _compact_frame(table, features: Sequence[str], patient_ids: Sequence[str]) -> pd.DataFrame:
     """Arrow voxel rows → pandas with categoricals and float32 NumPy columns (NaN where null), the features
     and the distance to the T2L."""
-    from ctvlab.data.layout import DISTANCE_COLUMN
-
     category = _categorical(table.column("category"), _CATEGORY_DTYPE)
     if (category.codes < 0).any():
         bad = sorted(set(table.column("category").to_pandas()[category.codes < 0].astype(str)))
