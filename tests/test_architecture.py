@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"atomic", "lock", "progress", "statistics", "tracking", "resources", "runtime"},
     {"data"},
     {"splits", "ingest"},
-    {"synth", "preprocess"},
+    {"synth", "preprocess", "dicom"},
     {"voxel_models", "ctv"},
     {"unet"},
     {"stages"},

@@ -3,8 +3,10 @@ command table's commands exist, and every job script the cluster section names i
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,18 @@ from ctvlab.tracking import Tracker
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 SESSION_MARK = "A stage-by-stage session on a synthetic cohort"
+PREDICT_MARK = "Continuing the stage-by-stage session above"
+PYTHON_MARK = "Loading it in Python"
 
 
-def readme_session() -> list[list[str]]:
-    block = README.split(SESSION_MARK, 1)[1].split("```", 2)[1]
-    return [shlex.split(line) for line in block.strip().splitlines()]
+def readme_block(mark: str) -> str:
+    """The first code block after `mark`, without its fence line."""
+    block = README.split(mark, 1)[1].split("```", 2)[1]
+    return block.split("\n", 1)[1] if not block.startswith("\n") else block
+
+
+def readme_session(mark: str = SESSION_MARK) -> list[list[str]]:
+    return [shlex.split(line) for line in readme_block(mark).strip().splitlines()]
 
 
 def test_every_command_in_the_table_exists():
@@ -44,9 +53,10 @@ def test_the_job_scripts_the_readme_names_exist():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_stage_by_stage_session_runs_as_written(tmp_path, ray_local, monkeypatch):
+def test_stage_by_stage_session_runs_as_written(tmp_path, ray_local, monkeypatch, dciodvfy):
     """The README's session, exactly as written, in a folder laid out like the checkout (its `jobs/configs`),
-    with its own MLflow store."""
+    with its own MLflow store; then its continuation in "Using a trained model" (DICOM in, prediction,
+    RTSTRUCT out) and the Python that loads the registered model."""
     import shutil
 
     shutil.copytree(REPO / "jobs" / "configs", tmp_path / "jobs" / "configs")
@@ -77,6 +87,23 @@ def test_stage_by_stage_session_runs_as_written(tmp_path, ray_local, monkeypatch
         (r.data.tags.get("ctvlab.stage"), r.info.run_name) for r in runs if r.info.status == "RUNNING"
     ]
     assert not left_open
+
+    predict = readme_session(PREDICT_MARK)
+    assert [c[1] for c in predict] == ["export-dicom", "import-dicom", "validate", "predict"]
+    for argv in predict:
+        result = runner.invoke(app, argv[1:])
+        assert result.exit_code == 0, (argv, result.output[-3000:])
+    ctv = tmp_path / "runs" / "new" / "ctv" / "SYN002"
+    report = json.loads((ctv / "report.json").read_text())
+    assert report["model_uri"] == "models:/ctvlab-unet@candidate" and report["rtstruct"]["rois"]
+    check = subprocess.run([dciodvfy, str(ctv / "rtstruct.dcm")], capture_output=True, text=True)
+    assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+
+    snippet = readme_block(PYTHON_MARK)
+    assert "mlflow.pyfunc.load_model" in snippet
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert scope["probability"].shape[:2] == (1, 1) and 0 <= scope["probability"].min() <= 1
 
 
 def readme_ctvlab_commands() -> list[list[str]]:

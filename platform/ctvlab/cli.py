@@ -484,18 +484,78 @@ def predict(
         float | None, Opt("--threshold", help="Model CTV threshold (default: the model's, else 0.5).")
     ] = None,
     device: Annotated[str | None, Opt("--device", help="cpu or cuda (default: cuda when present).")] = None,
+    rtstruct: Annotated[
+        bool, Opt("--rtstruct", help="Also write the CTVs as one DICOM RTSTRUCT (needs --dicom-ref).")
+    ] = False,
+    dicom_ref: Annotated[
+        Path | None,
+        Opt(
+            "--dicom-ref",
+            help="The planning series: its folder, or a folder of <patient_id>/ series folders.",
+            resolve_path=True,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Apply a trained model to new patients: probability and CTVs on the native T1c grid, overlay, report."""
     from ctvlab.stages.predict import predict_cohort, print_prediction
 
-    cfg = _settings(config, tracking_uri=tracking_uri)
+    if rtstruct != (dicom_ref is not None):
+        raise typer.BadParameter("--rtstruct and --dicom-ref go together")
+    cfg = _settings(config, tracking_uri=tracking_uri, address=address)
     console = _console()
     outcome = predict_cohort(raw, out, cfg, model_uri=model, patients=patient, threshold=threshold,
-                             device=device, console=console)  # fmt: skip
+                             device=device, console=console, dicom_ref=dicom_ref)  # fmt: skip
     print_prediction(outcome, console)
     raise typer.Exit(1 if outcome.failed else 0)
+
+
+@app.command("export-dicom")
+def export_dicom_(
+    raw: Annotated[Path, typer.Argument(help="Cohort folder (manifest.csv).")],
+    out: Annotated[Path, Opt("--out", help="The new DICOM folder (must not exist).", resolve_path=True)],
+    patient: Annotated[
+        list[str] | None, Opt("--patient", help="Export only this patient (repeat for several).")
+    ] = None,
+) -> None:
+    """Write a cohort's images as DICOM MR series and its masks as one RTSTRUCT per patient."""
+    from ctvlab.dicom.export import export_cohort
+
+    console = _console()
+    done = export_cohort(raw, out, patient, progress=lambda pid: console.print(f"exported patient {pid}"))
+    console.print(
+        f"wrote {out} ({len(done)} patient(s)): <patient>/<column>/ series, <patient>/masks/rtstruct.dcm"
+    )
+
+
+@app.command("import-dicom")
+def import_dicom_(
+    dicom_dir: Annotated[
+        Path, typer.Argument(help="Folder of DICOM files (any nesting, one or many patients).")
+    ],
+    out: Annotated[Path, Opt("--out", help="The new cohort folder (must not exist).", resolve_path=True)],
+    series: Annotated[
+        Path, Opt("--series", help="Series map (YAML): which series and ROIs fill which manifest column.")
+    ],
+    patient: Annotated[
+        list[str] | None, Opt("--patient", help="Import only this PatientID (repeat for several).")
+    ] = None,
+    clinical: Annotated[
+        Path | None,
+        Opt("--clinical", help="CSV of clinical columns by patient_id (default: the series map's)."),
+    ] = None,
+) -> None:
+    """Convert DICOM series (dcm2niix) and RTSTRUCT masks into a cohort folder in ctvlab's layout."""
+    from ctvlab.dicom.importer import import_dicom
+
+    console = _console()
+    outcome = import_dicom(dicom_dir, out, series, patient, clinical=clinical,
+                           progress=lambda pid: console.print(f"imported patient {pid}"))  # fmt: skip
+    filled = ", ".join(f"{c} ({len(v)})" for c, v in outcome.columns.items() if c != "patient_id")
+    console.print(f"wrote {outcome.out} ({len(outcome.patients)} patient(s)); columns filled: {filled}")
+    console.print(f"next: ctvlab validate {outcome.out} --for predict")
 
 
 @app.command()

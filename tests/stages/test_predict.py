@@ -152,3 +152,42 @@ def test_cli_skips_a_bad_patient_and_exits_non_zero(prediction, tmp_path):
     assert (tmp_path / "out" / second / "report.json").exists()
     assert not (tmp_path / "out" / first).exists()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_ray_tasks_write_the_same_ctvs_and_a_valid_rtstruct(prediction, tmp_path, dciodvfy):
+    """Each patient as a Ray task (what `jobs/predict.py` does on a cluster), with `--rtstruct` on the
+    planning series `ctvlab export-dicom` wrote: the same NIfTI outputs as in-process prediction, and an
+    RTSTRUCT that dciodvfy accepts whose contours, filled back by an independent reader, are the CTVs."""
+    from typer.testing import CliRunner
+
+    from ctvlab.cli import app
+    from tests.dicom.test_dicom import dice, pillow_read, validator_errors
+
+    cfg, trained, raw, serial = prediction
+    assert (
+        CliRunner().invoke(app, ["export-dicom", str(raw), "--out", str(tmp_path / "dicom")]).exit_code == 0
+    )
+    on_ray = cfg.model_copy(deep=True)
+    on_ray.ray.address = "auto"  # the session's Ray is running: the tasks go to it
+    out = predict_cohort(raw, tmp_path / "out", on_ray, model_uri=trained.model_uri, threshold=0.5,
+                         progress=False, dicom_ref=tmp_path / "dicom")  # fmt: skip
+    assert sorted(out.done) == sorted(serial.done) and not out.failed
+    for pid in out.done:
+        for name in ("probability", "ctv_model", "ctv_rtog", "ctv_eortc"):
+            a = nib.load(serial.out_dir / pid / f"{name}.nii.gz").get_fdata()
+            b = nib.load(out.out_dir / pid / f"{name}.nii.gz").get_fdata()
+            assert np.allclose(a, b, atol=1e-6), (pid, name)
+        rt = out.out_dir / pid / "rtstruct.dcm"
+        assert validator_errors(dciodvfy, rt) == []
+        report = json.loads((out.out_dir / pid / "report.json").read_text())
+        assert report["rtstruct"]["series_description"] == "T1C"
+        read, _, points = pillow_read(rt, tmp_path / "dicom" / pid / "t1c")
+        ctv_img = nib.load(out.out_dir / pid / "ctv_rtog.nii.gz")
+        for roi, name in (("CTV_model", "model"), ("CTV_RTOG", "rtog"), ("CTV_EORTC", "eortc")):
+            ctv = np.asarray(nib.load(out.out_dir / pid / f"ctv_{name}.nii.gz").dataobj) > 0
+            assert dice(read[roi], ctv) >= 0.95 if ctv.any() else not read[roi].any(), (pid, roi)
+        rtog = np.asarray(ctv_img.dataobj) > 0
+        inv = np.linalg.inv(ctv_img.affine)
+        inside = [rtog[tuple(np.rint(nib.affines.apply_affine(inv, p * [-1, -1, 1])).astype(int).T)].mean()
+                  for p in points]  # fmt: skip
+        assert min(inside) > 0  # LPS flipped to RAS lands on CTV voxels (RAS read as LPS would not)

@@ -11,7 +11,12 @@ trained on (`ctvlab.unet.inference`), then, on the patient's native T1c grid:
   contours follow the native voxels instead of 3 mm steps; margins in mm of the native spacing;
 - `overlay.png`: axial slices of the T1c with the three contours;
 - `report.json`: CTV volumes, the threshold and where it came from, the model URI and version, and the
-  sha256 of every input file.
+  sha256 of every input file;
+- with a planning series (`--rtstruct --dicom-ref`): `rtstruct.dcm`, the three CTVs as ROIs `CTV_model`,
+  `CTV_RTOG`, `CTV_EORTC` on that series' frame of reference (`ctvlab.dicom.rtstruct`).
+
+Locally the patients run one after another in this process; given a Ray cluster (`--address`, or inside a
+submitted job) each patient is a Ray task, with the model shared through the object store.
 
 Every NIfTI carries the T1c's affine and qform/sform codes. A patient's folder is written under a
 temporary name and renamed when complete; a patient that fails is reported and skipped.
@@ -48,6 +53,8 @@ MODEL_FIELDS = (
     "dataset_digest",
     "salt_fingerprint",
 )
+RTSTRUCT_FILE = "rtstruct.dcm"
+ROI_NAMES = {"model": "CTV_model", "rtog": "CTV_RTOG", "eortc": "CTV_EORTC"}
 OUTPUT_FILES = ("probability.nii.gz", "ctv_model.nii.gz", "ctv_rtog.nii.gz", "ctv_eortc.nii.gz",
                 "overlay.png", "report.json")  # fmt: skip
 
@@ -135,8 +142,20 @@ def _native_masks(row, raw_root: Path, t1c) -> dict[str, np.ndarray]:
     return out
 
 
+def planning_series(dicom_ref: Path, pid: str, n_patients: int) -> Path:
+    """The folder of a patient's planning series: `<dicom_ref>/<pid>/` when it exists, else `dicom_ref`
+    itself for a single patient."""
+    per_patient = Path(dicom_ref) / pid
+    if per_patient.is_dir():
+        return per_patient
+    if n_patients == 1:
+        return Path(dicom_ref)
+    raise DataError(f"patient {pid}: no planning series folder {per_patient} (with several patients, "
+                    "--dicom-ref holds one <patient_id>/ folder per patient)")  # fmt: skip
+
+
 def predict_patient(
-    row, raw_root: Path, resolved: ResolvedModel, cfg: StudyConfig, dst: Path
+    row, raw_root: Path, resolved: ResolvedModel, cfg: StudyConfig, dst: Path, series_dir: Path | None = None
 ) -> dict[str, Any]:
     """Predict one patient and write its files into the empty folder `dst`; return its report."""
     import nibabel as nib
@@ -183,8 +202,41 @@ def predict_patient(
         "inputs_sha256": {c: sha256_file(p) for c, p in sorted(row.paths(raw_root).items())},
         "seconds": {"network": round(t_net, 3), "total": round(time.perf_counter() - t0, 3)},
     }
+    if series_dir is not None:
+        from ctvlab.dicom.rtstruct import write_rtstruct
+
+        try:
+            ref = write_rtstruct(series_dir, {ROI_NAMES[n]: c for n, c in ctvs.items()}, t1c.affine,
+                                 dst / RTSTRUCT_FILE, description=f"ctvlab CTVs ({resolved.uri})")  # fmt: skip
+        except CtvlabError as e:
+            raise DataError(f"patient {pid}: RTSTRUCT on {series_dir}: {e}") from None
+        report["rtstruct"] = {"file": RTSTRUCT_FILE, "planning_folder": str(series_dir), **ref,
+                              "rois": [ROI_NAMES[n] for n, c in ctvs.items() if c.any()]}  # fmt: skip
     write_json_atomic(dst / "report.json", report)
     return report
+
+
+def predict_into(row, raw: Path, resolved: ResolvedModel, cfg: StudyConfig, out: Path,
+                 series_dir: Path | None) -> str | None:  # fmt: skip
+    """Predict one patient into `out/<patient_id>/` (written under a temporary name, then renamed); the
+    reason it failed, or None."""
+    pid = row.patient_id
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{pid}-", dir=out))
+    try:
+        predict_patient(row, raw, resolved, cfg, tmp, series_dir)
+    except (CtvlabError, ValueError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return str(e) if str(e).startswith(f"patient {pid}") else f"patient {pid}: {e}"
+    final = out / pid
+    if final.exists():
+        shutil.rmtree(final)  # this patient's earlier prediction, replaced by a complete new one
+    os.replace(tmp, final)
+    return None
+
+
+def _predict_task(row, raw: Path, resolved: ResolvedModel, cfg: StudyConfig, out: Path,
+                  series_dir: Path | None) -> tuple[str, str | None]:  # fmt: skip
+    return row.patient_id, predict_into(row, raw, resolved, cfg, out, series_dir)
 
 
 def predict_cohort(
@@ -198,6 +250,7 @@ def predict_cohort(
     device: str | None = None,
     progress: bool = True,
     console=None,
+    dicom_ref: Path | None = None,
 ) -> PredictionOutcome:
     """Predict every patient (or the chosen ones) of the cohort `raw` into `out/<patient_id>/`.
 
@@ -225,28 +278,30 @@ def predict_cohort(
     resolved = resolve_model(model_uri, tracker, threshold, device)
     outcome = PredictionOutcome(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    for pid in _progress(wanted, progress, console):
+    todo = []
+    for pid in wanted:
         row = by_id.get(pid)
         if row is None:
             why = "; ".join(f"{p.column}: {p.message}" for p in problems if p.patient_id == pid)
             outcome.failed[pid] = f"patient {pid}: {raw / 'manifest.csv'}: {why or 'row cannot be read'}"
             continue
-        tmp = out / f"{TMP_PREFIX}{pid}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
-            predict_patient(row, raw, resolved, cfg, tmp)
-        except (CtvlabError, ValueError, OSError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            msg = str(e) if str(e).startswith(f"patient {pid}") else f"patient {pid}: {e}"
-            outcome.failed[pid] = msg  # reported by `print_prediction`; the other patients go on
+            series = planning_series(dicom_ref, pid, len(wanted)) if dicom_ref is not None else None
+        except DataError as e:
+            outcome.failed[pid] = str(e)
             continue
-        final = out / pid
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        outcome.done.append(pid)
+        todo.append((row, series))
+    t0 = time.perf_counter()
+    if cfg.ray.address:
+        results = _on_ray(todo, raw, resolved, cfg, out, device, progress, console)
+    else:
+        results = ((r.patient_id, predict_into(r, raw, resolved, cfg, out, s))
+                   for r, s in _progress(todo, progress, console))  # fmt: skip
+    for pid, failure in results:
+        if failure is None:
+            outcome.done.append(pid)
+        else:
+            outcome.failed[pid] = failure  # reported by `print_prediction`; the other patients go on
     if outcome.done:
         outcome.seconds_per_patient = (time.perf_counter() - t0) / len(outcome.done)
     write_json_atomic(out / "predict.json", {
@@ -254,6 +309,23 @@ def predict_cohort(
         "done": outcome.done, "failed": outcome.failed,
     })  # fmt: skip
     return outcome
+
+
+def _on_ray(todo, raw, resolved, cfg, out, device, progress, console):
+    """One Ray task per patient on the cluster at `cfg.ray.address`; the model goes once into the object
+    store. Yields (patient_id, failure) as tasks finish."""
+    import ray
+
+    from ctvlab.runtime import init_ray
+
+    init_ray(cfg.ray.address)
+    gpus = 1 if (device or "").startswith("cuda") else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_predict_task)
+    model_ref = ray.put(resolved)
+    pending = [task.remote(row, raw, model_ref, cfg, out, series) for row, series in todo]
+    for _ in _progress(list(range(len(pending))), progress, console):
+        (done,), pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done)
 
 
 def _progress(items, enabled: bool, console):
