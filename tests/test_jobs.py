@@ -3,6 +3,7 @@ submitted through the Job Submission API, as `ray job submit` does."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -143,6 +144,12 @@ EXCLUDES = [".venv", ".git", "runs", "mlflow.db", "mlartifacts", "mlruns", "*.eg
 def submit_study(client, workdir: str, *extra: str) -> str:
     """Submit the demo's smoke study as a user would: the checkout as the working directory, results in
     `workdir`."""
+    return submit(client, f"jobs/run_study.py --config jobs/configs/demo.yaml --smoke-test --workdir {workdir}",
+                  *extra)  # fmt: skip
+
+
+def submit(client, script_and_args: str, *extra: str) -> str:
+    """Submit `python <script_and_args>` with the checkout as the job's working directory."""
     import requests
 
     job_id = f"ctvlab-test-{secrets.token_hex(6)}"  # a fixed id makes a retried submission safe
@@ -150,8 +157,7 @@ def submit_study(client, workdir: str, *extra: str) -> str:
     while True:
         try:
             return client.submit_job(
-                entrypoint=f"{sys.executable} jobs/run_study.py --config jobs/configs/demo.yaml --smoke-test "
-                f"--workdir {workdir} {' '.join(extra)}",
+                entrypoint=f"{sys.executable} {script_and_args} {' '.join(extra)}",
                 runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES},
                 submission_id=job_id,
             )
@@ -204,6 +210,18 @@ def test_pipeline_job_submitted_to_a_ray_cluster_succeeds(ray_cluster, tmp_path)
         smoke / "mlflow.db", smoke / "mlruns", raw=smoke / "cohort", prep=smoke / "prep"
     )
 
+    # The study's model, through its `champion` alias, applied to two patients as a job: one Ray task each.
+    ids = sorted(p.name for p in (smoke / "cohort").iterdir() if p.is_dir())[:2]
+    out = tmp_path / "predicted"
+    job = submit(ray_cluster, f"jobs/predict.py {smoke / 'cohort'} --out {out} --tracking-uri {uri}",
+                 *[f"--patient {i}" for i in ids])  # fmt: skip
+    status, logs = wait_for_job(ray_cluster, job, 300)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert f"predicted 2 patient(s) into {out}" in " ".join(logs.split())
+    for pid in ids:
+        report = json.loads((out / pid / "report.json").read_text())
+        assert report["model_uri"] == "models:/ctvlab-unet@champion" and report["model_version"]
+
 
 def assert_no_identifying_strings(db: Path, artifacts: Path, raw: Path, prep: Path) -> None:
     """Every byte of the tracking store (database and artifacts, compressed files opened) is free of every raw
@@ -245,3 +263,16 @@ def test_a_job_that_cannot_fit_or_would_lose_its_results_fails_at_once(ray_clust
     status, logs = wait_for_job(ray_cluster, submit_study(ray_cluster, "runs/demo"), 120)
     assert status == JobStatus.FAILED
     assert "workdir 'runs/demo/smoke' is relative" in logs, logs[-3000:]
+
+
+def test_a_prediction_job_refuses_an_output_in_its_temporary_working_directory(tmp_path, monkeypatch):
+    """Inside a job, `--out results` resolves into the copy of the checkout that Ray deletes afterwards."""
+    from ctvlab.errors import ConfigError
+    from ctvlab.jobkit import check_job_output
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--out .* temporary copy"):
+        check_job_output(tmp_path / "results", "sqlite:////abs/mlflow.db")
+    with pytest.raises(ConfigError, match="relative SQLite path"):
+        check_job_output(tmp_path.parent / "elsewhere", "sqlite:///mlflow.db")
+    check_job_output(tmp_path.parent / "elsewhere", "sqlite:////abs/mlflow.db")  # absolute both: accepted

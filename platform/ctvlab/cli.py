@@ -169,10 +169,12 @@ def _settings(
     data: Path | None = None,
     tracking_uri: str | None = None,
     address: str | None = None,
+    out: Path | None = None,
 ):
     """The study config with the command line's overrides, in this order: the file (or the defaults),
     `--set`, `--workdir`, `--smoke-test` (results under <workdir>/smoke), `--data` (the working directory
-    is its parent, as `ctvlab run` lays it out), `--tracking-uri`, `--address`.
+    is its parent, as `ctvlab run` lays it out), `--tracking-uri`, `--address`. `out`: the one output folder
+    of a command that writes nowhere else (`predict`).
 
     Inside a submitted Ray job the results must go to absolute paths (`ctvlab.jobkit.settle_job_paths`),
     and the job says where they are when it starts and when it ends."""
@@ -191,7 +193,13 @@ def _settings(
     if tracking_uri:
         cfg.tracking.tracking_uri = tracking_uri
     cfg.ray.address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if in_submitted_job():
+    if in_submitted_job() and out is not None:  # a command whose results all go to --out
+        from ctvlab.jobkit import check_job_output
+
+        check_job_output(out, cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        _JOB_WHERE.append(f"results: {Path(out).resolve()}")
+        _console(stderr=True).print(_JOB_WHERE[-1])
+    elif in_submitted_job():
         settle_job_paths(cfg, os.environ.get("MLFLOW_TRACKING_URI"))
         _JOB_WHERE.append(where_line(cfg))
         _console(stderr=True).print(_JOB_WHERE[-1])
@@ -504,7 +512,7 @@ def predict(
 
     if rtstruct != (dicom_ref is not None):
         raise typer.BadParameter("--rtstruct and --dicom-ref go together")
-    cfg = _settings(config, tracking_uri=tracking_uri, address=address)
+    cfg = _settings(config, tracking_uri=tracking_uri, address=address, out=out)
     console = _console()
     outcome = predict_cohort(raw, out, cfg, model_uri=model, patients=patient, threshold=threshold,
                              device=device, console=console, dicom_ref=dicom_ref)  # fmt: skip

@@ -59,6 +59,25 @@ def settle_job_paths(cfg, env_tracking_uri: str | None) -> None:
         cfg.tracking.tracking_uri = f"sqlite:///{Path(cfg.workdir) / 'mlflow.db'}"
 
 
+def check_job_output(out: Path, tracking_uri: str | None) -> None:
+    """Inside a submitted job, for a command that writes to `--out` (`ctvlab predict`): refuse an output
+    folder inside the job's temporary working directory (a relative `--out` resolves there) and a relative
+    SQLite store.
+
+    Raises:
+        ConfigError: with how to fix each problem.
+    """
+    from ctvlab.errors import ConfigError
+
+    problems = job_path_problems(Path("/"), tracking_uri)
+    if Path(out).resolve().is_relative_to(Path.cwd().resolve()):
+        problems.insert(0, f"--out {out} lies in the job's temporary copy of its working directory: give an "
+                           "absolute path on storage that outlives the job")  # fmt: skip
+    if problems:
+        raise ConfigError("a submitted job runs in a temporary copy of its working directory that Ray deletes "
+                          "when the job ends, so its results must go to absolute paths: " + "; ".join(problems) + ".")  # fmt: skip
+
+
 def where_line(cfg) -> str:
     """Where this job's results and MLflow runs are."""
     from ctvlab.tracking import resolve_tracking_uri
