@@ -167,17 +167,22 @@ def trained_phantom(prepared_phantom, tmp_path_factory, _session_tracking_uri):
 @pytest.fixture(scope="session")
 def dciodvfy() -> str:
     """dicom3tools' DICOM validator; installed with apt (Debian package dicom3tools) when missing."""
+    import fcntl
     import shutil
     import subprocess
+    import tempfile
 
     found = shutil.which("dciodvfy")
     if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        for cmd in (["apt-get", "install", "-y", "-q", "dicom3tools"], ["apt-get", "update", "-q"],
-                    ["apt-get", "install", "-y", "-q", "dicom3tools"]):  # fmt: skip
-            subprocess.run(cmd, capture_output=True, timeout=600)
+        with open(Path(tempfile.gettempdir()) / "ctvlab-tests-apt.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one test process installs, another waits for it
+            steps = (["apt-get", "install", "-y", "-q", "dicom3tools"], ["apt-get", "update", "-q"],
+                     ["apt-get", "install", "-y", "-q", "dicom3tools"])  # fmt: skip
+            for cmd in steps:
+                if (found := shutil.which("dciodvfy")) is not None:
+                    break
+                subprocess.run(cmd, capture_output=True, timeout=600)
             found = shutil.which("dciodvfy")
-            if found:
-                break
     if found is None:
         pytest.skip("dciodvfy (Debian package dicom3tools) is missing and cannot be installed here (needs "
                     "apt-get as root)")  # fmt: skip

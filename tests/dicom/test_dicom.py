@@ -180,7 +180,7 @@ def exported(tmp_path_factory):
 def test_import_dicom_round_trip(exported, tmp_path):
     out = tmp_path / "imported"
     result = CliRunner().invoke(app, [
-        "import-dicom", str(exported / "dicom"), "--out", str(out), "--series", str(REPO / "jobs/configs/series.yaml"),
+        "import-dicom", str(exported / "dicom"), "--out", str(out), "--series", str(REPO / "jobs/series.yaml"),
         "--clinical", str(exported / "dicom" / "clinical.csv"),
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -224,7 +224,7 @@ def test_import_dicom_errors_name_the_patient_and_write_nothing(exported, tmp_pa
 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    series_map = str(REPO / "jobs/configs/series.yaml")
+    series_map = str(REPO / "jobs/series.yaml")
     code, text = ctvlab(
         capsys, "import-dicom", str(exported / "dicom"), "--out", str(out), "--series", series_map
     )

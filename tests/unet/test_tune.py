@@ -108,20 +108,21 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice"])
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    # Tune saves its experiment state every 10 s or more by default; every 4 s here, to wait less.
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "TUNE_GLOBAL_CHECKPOINT_S": "4"}
     cmd = [sys.executable, "-m", "ctvlab.cli", "tune", "--data", str(prep), "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 400
     try:
         # "Finished" is what a resume reads: a trial recorded TERMINATED in the experiment state that Tune
-        # has synced to storage (every >= 10 s), not a model file on disk, which the trial writes before
-        # Tune records it. Kill a moment after such a sync, well before the next one.
+        # has synced to storage (every 4 s), not a model file on disk, which the trial writes before Tune
+        # records it. Kill a moment after such a sync, well before the next one.
         while not _recorded_finished_trials(tmp_path):
             assert proc.poll() is None, "the search ended before it could be interrupted"
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        time.sleep(2)  # let the sync that wrote it finish copying the searcher's state beside it
+        time.sleep(1)  # let the sync that wrote it finish copying the searcher's state beside it
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -64,9 +64,7 @@ class SeriesMap(BaseModel):
     @field_validator("series")
     @classmethod
     def _images(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
-        unknown = sorted(set(v) - set(IMAGE_COLUMNS))
-        if unknown:
-            raise ValueError(f"not image columns: {', '.join(unknown)} (known: {', '.join(IMAGE_COLUMNS)})")
+        _only(v, IMAGE_COLUMNS, "image")
         if "t1c" not in v:
             raise ValueError("t1c is required: it is the grid of every mask")
         return v
@@ -74,10 +72,14 @@ class SeriesMap(BaseModel):
     @field_validator("rois")
     @classmethod
     def _masks(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
-        unknown = sorted(set(v) - set(MASK_COLUMNS))
-        if unknown:
-            raise ValueError(f"not mask columns: {', '.join(unknown)} (known: {', '.join(MASK_COLUMNS)})")
+        _only(v, MASK_COLUMNS, "mask")
         return v
+
+
+def _only(mapping: dict, known: tuple[str, ...], kind: str) -> None:
+    unknown = sorted(set(mapping) - set(known))
+    if unknown:
+        raise ValueError(f"not {kind} columns: {', '.join(unknown)} (known: {', '.join(known)})")
 
 
 def load_series_map(path: Path) -> SeriesMap:
