@@ -41,6 +41,13 @@ def ray_local():
     shutdown_ray()
 
 
+def session_ray_address() -> str:
+    """The GCS address of the session's running Ray (`ray_local`), for a subprocess to join it."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.fixture(scope="session")
 def _session_tracking_uri(tmp_path_factory) -> str:
     # Creating an MLflow SQLite store runs its migrations (seconds): one store for the session, and

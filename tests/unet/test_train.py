@@ -18,7 +18,7 @@ import yaml
 from ctvlab.stages.train import train_unet
 from ctvlab.tracking import Tracker
 from ctvlab.unet.train import HOLD_ENV, SPEC_FILE, WEIGHTS_FILE
-from tests.conftest import tiny_study
+from tests.conftest import session_ray_address, tiny_study
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,9 @@ def test_resume_after_killed_run_continues_the_epochs(prepared_phantom, tmp_path
     cfg = tiny_study(tmp_path, _session_tracking_uri, epochs=6, checkpoint_every=1)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    cmd = [sys.executable, "-m", "ctvlab.cli", "train", "--data", str(prep), "--config", str(config)]
+    # The command joins the session's running Ray rather than starting one of its own.
+    cmd = [sys.executable, "-m", "ctvlab.cli", "train", "--data", str(prep), "--config", str(config),
+           "--address", session_ray_address()]  # fmt: skip
     # The run stops at the start of epoch 3, after reporting epoch 2's checkpoint; it is killed once Ray has
     # recorded that checkpoint as the run's latest. Nothing is written after that point, so the kill is not
     # a race with the checkpoint bookkeeping.

@@ -21,7 +21,7 @@ from ctvlab.stages.tune import tune_study
 from ctvlab.study import BEST_SELECTION_METRIC
 from ctvlab.tracking import Tracker
 from ctvlab.unet.spaces import narrow_space
-from tests.conftest import tiny_study
+from tests.conftest import session_ray_address, tiny_study
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,7 +110,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     # Tune saves its experiment state every 10 s or more by default; every 4 s here, to wait less.
     env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "TUNE_GLOBAL_CHECKPOINT_S": "4"}
-    cmd = [sys.executable, "-m", "ctvlab.cli", "tune", "--data", str(prep), "--config", str(config)]
+    # The command joins the session's running Ray rather than starting one of its own.
+    cmd = [sys.executable, "-m", "ctvlab.cli", "tune", "--data", str(prep), "--config", str(config),
+           "--address", session_ray_address()]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 400
