@@ -30,26 +30,28 @@ def _config() -> dict[str, Any]:
     return StudyConfig.model_json_schema()
 
 
-# name -> generator. Later stages register their prepared-data schemas here.
-GENERATORS: dict[str, Callable[[], dict[str, Any]]] = {
-    "manifest.schema.json": _manifest,
-    "config.schema.json": _config,
-}
+def _series_map() -> dict[str, Any]:
+    from ctvlab.dicom.importer import SeriesMap
+
+    schema = SeriesMap.model_json_schema()
+    schema["description"] = (
+        "The series map of `ctvlab import-dicom --series` (YAML); example: jobs/series.yaml."
+    )
+    return schema
 
 
-def _register_optional() -> None:
-    try:
-        from ctvlab.data.schemas import SCHEMAS  # prepared-data schemas, when present
-    except ImportError:
-        return
-    GENERATORS.update(SCHEMAS)
+def generators() -> dict[str, Callable[[], dict[str, Any]]]:
+    """File name -> the function that builds that schema."""
+    from ctvlab.data.schemas import SCHEMAS  # the prepared dataset's files
+
+    return {"manifest.schema.json": _manifest, "config.schema.json": _config,
+            "series_map.schema.json": _series_map, **SCHEMAS}  # fmt: skip
 
 
 def render_all() -> dict[str, str]:
     """File name -> JSON text of every schema."""
-    _register_optional()
     out = {}
-    for name, gen in sorted(GENERATORS.items()):
+    for name, gen in sorted(generators().items()):
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **gen()}
         out[name] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out
