@@ -185,3 +185,16 @@ def test_a_finished_trial_says_its_best_validation_score():
     line = trial_done_line("s1", "a1", {"best_val_tversky": 0.78312, "epoch": 3}, 2, 5)
     assert line == "search s1: trial a1 finished (2 of 5 so far) after 4 epochs: best val Tversky 0.7831"
     assert trial_done_line("s1", "a2", {}, 3, 5).endswith("(3 of 5 so far): no validation score")
+
+
+def test_a_local_mlflow_store_is_refused_on_a_cluster_of_several_nodes():
+    """Trials on another node cannot reach the head's SQLite file; one node, or a server, is fine."""
+    from ctvlab.errors import ConfigError
+    from ctvlab.runtime import is_local_store, refuse_local_store_on_cluster
+
+    assert is_local_store("sqlite:////abs/mlflow.db") and is_local_store("file:///abs/mlruns")
+    assert is_local_store("/abs/mlruns") and not is_local_store("http://10.0.0.5:5000")
+    with pytest.raises(ConfigError, match=r"2 nodes .* tracking server"):
+        refuse_local_store_on_cluster("sqlite:////abs/mlflow.db", alive_nodes=2)
+    refuse_local_store_on_cluster("sqlite:////abs/mlflow.db", alive_nodes=1)
+    refuse_local_store_on_cluster("https://mlflow.internal", alive_nodes=8)

@@ -64,3 +64,31 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def is_local_store(tracking_uri: str) -> bool:
+    """A store that lives in one machine's files (SQLite, a file store or a bare path), not a server."""
+    scheme = tracking_uri.split(":", 1)[0].lower() if "://" in tracking_uri else ""
+    return scheme in ("", "sqlite", "file")
+
+
+def refuse_local_store_on_cluster(tracking_uri: str, alive_nodes: int | None = None) -> None:
+    """Trials and training workers log to MLflow from whichever node they run on: on a cluster of several
+    nodes a store in one machine's files is either missing there or shared over a network file system, which
+    SQLite does not survive. `alive_nodes` defaults to the running Ray cluster's.
+
+    Raises:
+        ConfigError: several nodes and a local store, with what to use instead.
+    """
+    from ctvlab.errors import ConfigError
+
+    if alive_nodes is None:
+        import ray
+
+        alive_nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if alive_nodes > 1 and is_local_store(tracking_uri):
+        raise ConfigError(
+            f"the MLflow store {tracking_uri} is a local file, but the Ray cluster has {alive_nodes} nodes whose "
+            "trials and training workers all log to it: run an MLflow tracking server (README, 'MLflow for "
+            "teams') and pass --tracking-uri http://HOST:PORT or set MLFLOW_TRACKING_URI"
+        )

@@ -28,10 +28,10 @@ class AblationOutcome:
 
 def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     """A random search per modality set, the best model of each on the test split, tests between sets."""
-    from ctvlab.runtime import init_ray
+    from ctvlab.runtime import init_ray, refuse_local_store_on_cluster
     from ctvlab.splits import load_split, pseudonymised
     from ctvlab.study import BEST_SELECTION_METRIC
-    from ctvlab.tracking import base_tags, tracker_for
+    from ctvlab.tracking import base_tags, resolve_tracking_uri, tracker_for
     from ctvlab.unet.spaces import random_param_space
     from ctvlab.unet.train import provenance_spec
     from ctvlab.unet.tune import best_trial, run_search
@@ -43,6 +43,7 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     if not test_ids:
         raise CtvlabError(f"the split of {prep} has no test patients")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    refuse_local_store_on_cluster(resolve_tracking_uri(cfg.tracking.tracking_uri))
     from ctvlab.resources import check_study_fits
 
     check_study_fits(cfg, search=True)

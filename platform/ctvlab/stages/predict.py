@@ -322,10 +322,14 @@ def _on_ray(todo, raw, resolved, cfg, out, device, progress, console):
     gpus = 1 if (device or "").startswith("cuda") else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_predict_task)
     model_ref = ray.put(resolved)
-    pending = [task.remote(row, raw, model_ref, cfg, out, series) for row, series in todo]
+    owner = {task.remote(row, raw, model_ref, cfg, out, series): row.patient_id for row, series in todo}
+    pending = list(owner)
     for _ in _progress(list(range(len(pending))), progress, console):
         (done,), pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done)
+        try:
+            yield ray.get(done)
+        except ray.exceptions.RayError as e:  # the task's worker died (after its retry): this patient only
+            yield owner[done], f"patient {owner[done]}: its Ray task failed: {str(e).splitlines()[0]}"
 
 
 def _progress(items, enabled: bool, console):

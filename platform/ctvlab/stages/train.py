@@ -59,9 +59,9 @@ def train_unet(
         parent_run_id: nest the MLflow run under this one (used by the search).
         inject_failure_at: test hook: rank 0 raises once at this epoch (fault-tolerance tests).
     """
-    from ctvlab.runtime import init_ray
+    from ctvlab.runtime import init_ray, refuse_local_store_on_cluster
     from ctvlab.splits import check_disjoint, load_split, pseudonymise
-    from ctvlab.tracking import Tracker, base_tags
+    from ctvlab.tracking import Tracker, base_tags, resolve_tracking_uri
 
     prep = Path(prep or cfg.prep_dir).resolve()
     split = load_split(prep)
@@ -91,6 +91,7 @@ def train_unet(
         mlflow_run_id = None
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    refuse_local_store_on_cluster(resolve_tracking_uri(cfg.tracking.tracking_uri))
     from ctvlab.resources import check_study_fits
 
     check_study_fits(cfg, search=False)

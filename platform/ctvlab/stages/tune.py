@@ -30,9 +30,9 @@ def tune_study(
         fail_trials: test hook: this many extra grid cells raise on purpose (fault-tolerance tests).
     """
     from ctvlab.atomic import write_json_atomic
-    from ctvlab.runtime import init_ray
+    from ctvlab.runtime import init_ray, refuse_local_store_on_cluster
     from ctvlab.splits import load_split
-    from ctvlab.tracking import base_tags, tracker_for
+    from ctvlab.tracking import base_tags, resolve_tracking_uri, tracker_for
     from ctvlab.unet.train import provenance_spec
 
     t0 = time.perf_counter()
@@ -41,6 +41,7 @@ def tune_study(
     if not split.patients("train") or not split.patients("val"):
         raise DataError(f"the split of {prep} has no training or no validation patients")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    refuse_local_store_on_cluster(resolve_tracking_uri(cfg.tracking.tracking_uri))
     from ctvlab.resources import check_study_fits
 
     check_study_fits(cfg, search=True)
