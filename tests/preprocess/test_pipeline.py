@@ -370,3 +370,22 @@ def test_an_infrastructure_error_fails_the_stage_and_keeps_every_output(prepared
     monkeypatch.setattr(patient_module, "save_npy_atomic", real_save)
     again = preprocess_cohort(raw, prep, CFG, progress=False, engine="serial")
     assert again.ok and again.processed == ["P002"] and again.digest is not None
+
+
+def test_a_volume_changed_after_preprocessing_is_refused_on_load(prepared_phantom, tmp_path):
+    """A prepared volume edited (or corrupted) after preprocessing no longer has the sha256 its sidecar
+    recorded: the first load names the patient and the file instead of training on it."""
+    pid = sorted(p.stem for p in (prepared_phantom / "volumes").glob("*.json"))[0]
+    src, dst = PrepPaths(prepared_phantom), PrepPaths(tmp_path)
+    dst.features(pid).parent.mkdir(parents=True)
+    for f in (src.features(pid), src.masks(pid), src.sidecar(pid)):
+        shutil.copy(f, dst.features(pid).parent / f.name)
+    assert load_patient(tmp_path, pid).features.shape[0] == 13  # as written: accepted
+
+    features = np.load(dst.features(pid))
+    features[0, 0, 0, 0] += 1.0
+    np.save(dst.features(pid), features)
+    with pytest.raises(
+        DataError, match=f"patient {pid}: prepared file .*{pid}.npy changed since preprocessing"
+    ):
+        load_patient(tmp_path, pid)

@@ -43,13 +43,41 @@ class PreparedPatient:
         return tuple(self.sidecar["spacing_mm"])
 
 
+# (path, size, mtime) of the volume files this process has checked against their sidecar's sha256.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _verify(patient_id: str, path: Path, expected: str | None) -> None:
+    """The first time this process loads a volume file (as it is now), its sha256 must be the one its
+    sidecar recorded when preprocessing wrote it."""
+    from ctvlab.atomic import sha256_file
+
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    if expected is not None and sha256_file(path) != expected:
+        raise DataError(f"patient {patient_id}: prepared file {path} changed since preprocessing wrote it (its "
+                        "sha256 differs from the sidecar's): run `ctvlab preprocess` again")  # fmt: skip
+    _VERIFIED.add(key)
+
+
 def load_patient(prep: str | Path, patient_id: str, mmap: bool = False) -> PreparedPatient:
+    """A prepared patient's volumes and sidecar; each volume file is checked against the sha256 its sidecar
+    recorded the first time this process loads it.
+
+    Raises:
+        DataError: a file is missing or changed since preprocessing.
+    """
     paths = PrepPaths(prep)
     try:
+        sidecar = json.loads(paths.sidecar(patient_id).read_text())
+        outputs = sidecar.get("outputs", {})
+        for name, path in (("features", paths.features(patient_id)), ("masks", paths.masks(patient_id))):
+            _verify(patient_id, path, outputs.get(name, {}).get("sha256"))
         mode = "r" if mmap else None
         features = np.load(paths.features(patient_id), mmap_mode=mode, allow_pickle=False)
         masks = np.load(paths.masks(patient_id), mmap_mode=mode, allow_pickle=False)
-        sidecar = json.loads(paths.sidecar(patient_id).read_text())
     except FileNotFoundError as e:
         raise DataError(
             f"patient {patient_id}: prepared file {e.filename} is missing; run `ctvlab preprocess` again"
