@@ -9,6 +9,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,6 +110,12 @@ def ray_cluster(tmp_path, request):
     env.pop(
         "MLFLOW_TRACKING_URI", None
     )  # jobs inherit the cluster's environment: choose their store themselves
+    # `ray start` records its address in Ray's temporary folder for later `address="auto"` lookups; killed,
+    # it leaves the record behind, and Ray's State API (which Ray Train's placement-group cleaner calls
+    # at the end of every training run) then waits on the dead address for its full timeout. Put back
+    # what was there before.
+    address_file = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
+    previous = address_file.read_bytes() if address_file.exists() else None
     log = open(tmp_path / "ray_start.log", "wb")  # noqa: SIM115 (the child process owns it)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard']}"
@@ -135,6 +142,10 @@ def ray_cluster(tmp_path, request):
                 except subprocess.TimeoutExpired:
                     continue
         log.close()
+        if previous is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_bytes(previous)
 
 
 EXCLUDES = [".venv", ".git", "runs", "mlflow.db", "mlartifacts", "mlruns", "*.egg-info", "__pycache__",
