@@ -11,13 +11,10 @@ as spectroscopy software exports them (their NaN outside the PRESS box has no DI
 from __future__ import annotations
 
 import csv
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ctvlab.atomic import TMP_PREFIX
+from ctvlab.atomic import atomic_folder
 from ctvlab.errors import ConfigError, DataError
 from ctvlab.ingest.manifest import (
     ANATOMY_COLUMNS,
@@ -83,9 +80,7 @@ def export_cohort(raw: Path, out: Path, patients: Sequence[str] | None = None,
         raise DataError(
             f"{raw / 'manifest.csv'}: cannot export patient {', '.join(bad)}{': ' + why if why else ''}"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         with open(tmp / CLINICAL_FILE, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(CLINICAL_COLUMNS))
             w.writeheader()
@@ -94,8 +89,4 @@ def export_cohort(raw: Path, out: Path, patients: Sequence[str] | None = None,
             export_patient(by_id[pid], raw, tmp / pid)
             if progress is not None:
                 progress(pid)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return wanted

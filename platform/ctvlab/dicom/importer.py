@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ctvlab.atomic import TMP_PREFIX
+from ctvlab.atomic import atomic_folder
 from ctvlab.errors import ConfigError, DataError
 from ctvlab.ingest.manifest import (
     CLINICAL_COLUMNS,
@@ -101,6 +101,7 @@ class Series:
     description: str
     modality: str
     files: list[Path] = field(default_factory=list)
+    headers: list = field(default_factory=list)  # each file's dataset without pixel data, read once
     sop_class: str = ""
 
 
@@ -129,6 +130,7 @@ def index_dicom(folder: Path) -> dict[str, PatientDicom]:
                                             str(getattr(ds, "Modality", "") or ""),
                                             sop_class=str(getattr(ds, "SOPClassUID", ""))))  # fmt: skip
         s.files.append(path)
+        s.headers.append(ds)
     return patients
 
 
@@ -176,7 +178,6 @@ def rtstruct_masks(patient: PatientDicom, t1c: Series, wanted_rois: dict[str, li
                    out_dir: Path) -> dict[str, str]:  # fmt: skip
     """Rasterise the ROIs of the RTSTRUCT that references the T1c series onto the converted T1c's grid."""
     import nibabel as nib
-    import pydicom
 
     from ctvlab.dicom.rtstruct import rasterise, read_rois
     from ctvlab.preprocess.grid import resample_mask
@@ -184,7 +185,7 @@ def rtstruct_masks(patient: PatientDicom, t1c: Series, wanted_rois: dict[str, li
     structs = [s for s in patient.series.values() if s.sop_class == RTSTRUCT_SOP_CLASS]
     chosen = []
     for s in structs:
-        ds = pydicom.dcmread(s.files[0], stop_before_pixels=True)
+        ds = s.headers[0]  # an RTSTRUCT has no pixel data: the header is the whole file
         refs = {str(rs.SeriesInstanceUID) for f in ds.ReferencedFrameOfReferenceSequence
                 for st in getattr(f, "RTReferencedStudySequence", [])
                 for rs in getattr(st, "RTReferencedSeriesSequence", [])}  # fmt: skip
@@ -195,10 +196,10 @@ def rtstruct_masks(patient: PatientDicom, t1c: Series, wanted_rois: dict[str, li
                         f"{t1c.description!r}; the series map names ROIs, so exactly one is needed")  # fmt: skip
     from ctvlab.dicom.geometry import series_affine
 
-    series_aff, slices = series_affine([pydicom.dcmread(f, stop_before_pixels=True) for f in t1c.files])
+    series_aff, slices = series_affine(t1c.headers)
     shape = (int(slices[0].Columns), int(slices[0].Rows), len(slices))
     path = chosen[0].files[0]
-    rois = {name.lower(): (name, c) for name, c in read_rois(path).items()}
+    rois = {name.lower(): (name, c) for name, c in read_rois(chosen[0].headers[0]).items()}
     t1c_img = nib.load(str(t1c_nifti))
     written = {}
     for column, wanted in wanted_rois.items():
@@ -273,10 +274,8 @@ def import_dicom(dicom_dir: Path, out: Path, series_map_path: Path, patients: li
     clinical_rows = _clinical(
         clinical if clinical is not None else (base / smap.clinical if smap.clinical else None)
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))  # this run's own
     rows, columns = [], defaultdict(list)
-    try:
+    with atomic_folder(out) as tmp:
         for pid in ids:
             p = found[pid]
             pdir = tmp / pid
@@ -314,8 +313,4 @@ def import_dicom(dicom_dir: Path, out: Path, series_map_path: Path, patients: li
             w = csv.DictWriter(f, fieldnames=list(COLUMNS))
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ImportOutcome(out, ids, dict(columns))

@@ -4,7 +4,7 @@ rt-utils traces each slice's contours (OpenCV) and builds the RTSTRUCT's modules
 from their NIfTI grid onto the series' grid (`ctvlab.dicom.geometry.series_affine`), then mends two things
 in rt-utils 1.2.7's output: ContourData written as raw Python floats (over the 16 characters a decimal
 string may hold, which validators reject) and contour points placed with the two in-plane spacings swapped
-(exact only for square pixels). The file is written under a temporary name and renamed.
+(exact only for square pixels). The file is written atomically (`ctvlab.atomic.atomic_path`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctvlab.atomic import TMP_PREFIX
+from ctvlab.atomic import atomic_path
 from ctvlab.errors import DataError
 
 # ROI names, display colours (RGB) of the written structures, in the order of the CTVs.
@@ -189,23 +189,19 @@ def write_rtstruct(series_dir: Path, masks: Mapping[str, np.ndarray], affine: np
     ds.OperatorsName = ""
     ds.StructureSetLabel, ds.SeriesDescription = "CTV", description
     ds.ApprovalStatus = "UNAPPROVED"  # research output, for review by the treating team
-    out = Path(out)
-    tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
-    with _quiet_pydicom():
+    with _quiet_pydicom(), atomic_path(out) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
     return {"series_instance_uid": str(ref.SeriesInstanceUID),
             "series_description": str(getattr(ref, "SeriesDescription", "")),
             "frame_of_reference_uid": str(rt.frame_of_reference_uid)}  # fmt: skip
 
 
-def read_rois(path: Path) -> dict[str, list[np.ndarray]]:
-    """ROI name -> its contours, each an (N, 3) array of patient (LPS) points, from an RTSTRUCT file."""
+def read_rois(source) -> dict[str, list[np.ndarray]]:
+    """ROI name -> its contours, each an (N, 3) array of patient (LPS) points, from an RTSTRUCT file or
+    its already-read dataset."""
     import pydicom
 
-    ds = pydicom.dcmread(path)
+    ds = source if isinstance(source, pydicom.Dataset) else pydicom.dcmread(source)
     names = {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence}
     out: dict[str, list[np.ndarray]] = {name: [] for name in names.values()}
     for roi in getattr(ds, "ROIContourSequence", []):

@@ -43,11 +43,17 @@ def scaling(data: np.ndarray) -> tuple[float, float]:
     return float(format_number_as_ds(span / 32000.0)), 0.0  # as the DS it is written as
 
 
-def stored_values(data: np.ndarray) -> np.ndarray:
-    """The values a DICOM reader gets back from `write_series(data)` (NaN stored as 0)."""
+def quantise(data: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The int16 pixels `write_series` stores for `data` (NaN as 0), with their slope and intercept."""
     slope, inter = scaling(data)
     q = np.rint((np.nan_to_num(np.asarray(data, dtype=np.float64)) - inter) / slope)
-    return q.clip(-32768, 32767) * slope + inter
+    return q.clip(-32768, 32767).astype(np.int16), slope, inter
+
+
+def stored_values(data: np.ndarray) -> np.ndarray:
+    """The values a DICOM reader gets back from `write_series(data)` (NaN stored as 0)."""
+    q, slope, inter = quantise(data)
+    return q * slope + inter
 
 
 def write_series(image, out_dir: Path, ids: SeriesIds, description: str, series_number: int) -> list[Path]:
@@ -57,9 +63,7 @@ def write_series(image, out_dir: Path, ids: SeriesIds, description: str, series_
     from pydicom.valuerep import format_number_as_ds
 
     data = np.asarray(image.dataobj).reshape(image.shape[:3])
-    slope, inter = scaling(data)
-    stored = np.rint((np.nan_to_num(data.astype(np.float64)) - inter) / slope).clip(-32768, 32767)
-    stored = stored.astype(np.int16)
+    stored, slope, inter = quantise(data)
     geom = slices_of(image.affine, data.shape[2])
     ds_ = [format_number_as_ds(float(v)) for v in geom.pixel_spacing]
     series_uid = generate_uid()

@@ -19,13 +19,11 @@ Locally the patients run one after another in this process; given a Ray cluster 
 submitted job) each patient is a Ray task, with the model shared through the object store.
 
 Every NIfTI carries the T1c's affine and qform/sform codes. A patient's folder is written under a
-temporary name and renamed when complete; a patient that fails is reported and skipped.
+temporary name and swapped in when complete (`ctvlab.atomic.atomic_folder`); a patient that fails is reported and skipped.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -35,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ctvlab.atomic import TMP_PREFIX, sha256_file, write_json_atomic
+from ctvlab.atomic import atomic_folder, sha256_file, write_json_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, DataError
 from ctvlab.unet.inference import LoadedModel, load_model, predict_arrays
@@ -221,16 +219,11 @@ def predict_into(row, raw: Path, resolved: ResolvedModel, cfg: StudyConfig, out:
     """Predict one patient into `out/<patient_id>/` (written under a temporary name, then renamed); the
     reason it failed, or None."""
     pid = row.patient_id
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{pid}-", dir=out))
     try:
-        predict_patient(row, raw, resolved, cfg, tmp, series_dir)
+        with atomic_folder(out / pid) as tmp:  # replaces this patient's earlier prediction when complete
+            predict_patient(row, raw, resolved, cfg, tmp, series_dir)
     except (CtvlabError, ValueError, OSError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         return str(e) if str(e).startswith(f"patient {pid}") else f"patient {pid}: {e}"
-    final = out / pid
-    if final.exists():
-        shutil.rmtree(final)  # this patient's earlier prediction, replaced by a complete new one
-    os.replace(tmp, final)
     return None
 
 
