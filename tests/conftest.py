@@ -79,19 +79,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def start_mlflow_server(root: Path, extra_args: list[str] = (), extra_env: dict[str, str] | None = None):
-    """Run a real `mlflow server` on 127.0.0.1 (a free port) with its stores under `root`; yields
-    (its http:// URI, the command line it was started with)."""
+def start_mlflow_server(
+    root: Path, extra_args: list[str] = (), extra_env: dict[str, str] | None = None, port: int | None = None
+):
+    """Run a real `mlflow server` on 127.0.0.1 (`port`, else a free one) with its stores under `root`;
+    yields (its http:// URI, the command line it was started with). Stopped when the block ends."""
     import subprocess
     import sys
     import time
     import urllib.request
 
-    port = free_port()
+    port = port or free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--workers", "1", *extra_args]  # fmt: skip
-    log = open(root / "server.log", "wb")  # noqa: SIM115 (the child process owns it)
+    log = open(root / "server.log", "ab")  # noqa: SIM115 (the child process owns it)
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(extra_env or {})}
     )

@@ -414,6 +414,11 @@ def train(
         f"best epoch {outcome.best_epoch}: {best}\nmodel: {outcome.model_dir}\nregistered: {outcome.model_uri} "
         f"(MLflow run {outcome.run_id})"
     )
+    if outcome.metrics_replayed:
+        _console().print(
+            f"the tracking server missed {outcome.metrics_replayed} epoch value(s) during training; they were "
+            "logged from the checkpoint's history, so the run's curves are complete"
+        )
 
 
 @app.command()

@@ -371,15 +371,7 @@ class RunLogger:
 
     @_retry_locked
     def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = []
-        for k, v in sorted(flatten(metrics).items()):
-            if isinstance(v, bool):
-                v = int(v)
-            if isinstance(v, (int, float)) and math.isfinite(float(v)):
-                items.append(Metric(k, float(v), now, step or 0))
+        items = _metric_entities(metrics, step)
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
@@ -432,6 +424,128 @@ class RunLogger:
         entity = ds._to_mlflow_entity()
         tags = [InputTag(key="mlflow.data.context", value=context)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
+
+
+# While the tracking server is down, a training loop must not wait out MLflow's default retries (7, with
+# exponential backoff: minutes per call) at every epoch: one quick attempt, then the values wait locally.
+QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _quick_requests() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in QUICK_RETRIES}
+    os.environ.update(QUICK_RETRIES)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _unreachable(error: BaseException) -> bool:
+    """True for a tracking store that did not answer (connection refused, timeout, 5xx, locked SQLite),
+    False for a refusal that retrying would not change (a bad request, no such run)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, MlflowException):
+        code = getattr(error, "get_http_status_code", lambda: None)()
+        text = str(error)
+        return (code is not None and code >= 500) or any(
+            s in text for s in ("Max retries exceeded", "Connection refused", "timed out", "database is locked")
+        )
+    return False
+
+
+class BufferedMetrics:
+    """The per-epoch metrics of one run, kept locally while the tracking server cannot be reached.
+
+    Each batch carries the timestamp of the moment it was measured, so sending it again after a lost
+    answer writes the same values (MLflow stores a metric point once per key, step, timestamp and
+    value): replaying is idempotent. Used by a training loop: no experiment lookup at start, one quick
+    attempt per epoch, the backlog sent first when the server answers again.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, say=print):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+        self.run_id = run_id
+        self.pending: list[Any] = []
+        self.replayed = 0
+        self.outage_since: float | None = None
+        self.say = say
+
+    def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.pending.extend(_metric_entities(metrics, step))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send the backlog; False while the server stays unreachable (the values are kept)."""
+        while self.pending:
+            batch = self.pending[:500]
+            try:
+                with _quick_requests():
+                    self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as e:
+                if not _unreachable(e):
+                    raise
+                if self.outage_since is None:
+                    self.outage_since = time.monotonic()
+                    self.say(f"tracking server unreachable ({type(e).__name__}); training goes on, metrics are "
+                             "kept here and sent when it answers again")  # fmt: skip
+                return False
+            del self.pending[: len(batch)]
+            if self.outage_since is not None:
+                self.replayed += len(batch)
+        if self.outage_since is not None:
+            self.say(f"tracking server answers again: replayed {self.replayed} buffered metric value(s)")
+            self.outage_since = None
+        return True
+
+
+def _metric_entities(metrics: Mapping[str, Any], step: int | None) -> list[Any]:
+    """MLflow Metric entities of the finite numeric values (booleans as 0/1), stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = []
+    for k, v in sorted(flatten(metrics).items()):
+        if isinstance(v, bool):
+            v = int(v)
+        if isinstance(v, (int, float)) and math.isfinite(float(v)):
+            items.append(Metric(k, float(v), now, step or 0))
+    return items
+
+
+def complete_curve(log: RunLogger, history: list[Mapping[str, Any]], skip: tuple[str, ...] = ("epoch",)) -> int:
+    """Log every (metric, epoch) of a training history that the run does not hold yet; the number logged.
+
+    The history comes from the run's checkpoint, which training writes whatever the tracking server's
+    state: values lost to an outage that outlived the training loop are sent here.
+    """
+    from mlflow.entities import Metric
+
+    if not history:
+        return 0
+    keys = sorted({k for row in history for k in row if k not in skip})
+    have = {k: {m.step for m in log.client.get_metric_history(log.run_id, k)} for k in keys}
+    now = int(time.time() * 1000)
+    missing = [
+        Metric(k, float(row[k]), now, int(row["epoch"]))
+        for row in history
+        for k in keys
+        if k in row and isinstance(row[k], (int, float)) and math.isfinite(float(row[k]))
+        and int(row["epoch"]) not in have[k]
+    ]  # fmt: skip
+    for i in range(0, len(missing), 500):
+        log.client.log_batch(log.run_id, metrics=missing[i : i + 500])
+    return len(missing)
 
 
 def base_tags(

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import yaml
 from ctvlab.stages.train import train_unet
 from ctvlab.tracking import Tracker
 from ctvlab.unet.train import HOLD_ENV, SPEC_FILE, WEIGHTS_FILE
-from tests.conftest import session_ray_address, tiny_study
+from tests.conftest import free_port, session_ray_address, start_mlflow_server, tiny_study
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -100,6 +101,55 @@ def test_resume_after_killed_run_continues_the_epochs(prepared_phantom, tmp_path
     assert pointer["run_name"] == killed_run["run_name"] and pointer["mlflow_run_id"] == out.run_id
     curve = Tracker(cfg.name, _session_tracking_uri).client.get_metric_history(out.run_id, "train_loss")
     assert sorted(m.step for m in curve) == list(range(6))
+
+
+@pytest.mark.slow
+def test_tracking_server_down_mid_training_loses_no_epoch(prepared_phantom, tmp_path):
+    """A real `mlflow server` is stopped after epoch 1's checkpoint and started again (same port, same
+    store) once epoch 4's exists: training goes on through the outage and the curve ends complete, each
+    epoch once (values the server missed are sent when it answers again, or from the checkpoint's
+    history at the end)."""
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    ready, up_again, done = threading.Event(), threading.Event(), threading.Event()
+    outage: list[tuple[int, int]] = []
+
+    def server_life() -> None:
+        with start_mlflow_server(root, port=port):
+            ready.set()
+            _wait_for_checkpoint(tmp_path, 1, done)
+        stopped_after = max(_checkpoint_epochs(tmp_path))
+        _wait_for_checkpoint(tmp_path, stopped_after + 2, done)  # two epochs reported with no server
+        outage.append((stopped_after, max(_checkpoint_epochs(tmp_path))))
+        with start_mlflow_server(root, port=port):
+            up_again.set()
+            done.wait(300)
+
+    life = threading.Thread(target=server_life, daemon=True)
+    life.start()
+    try:
+        assert ready.wait(180), "the mlflow server did not start"
+        cfg = tiny_study(tmp_path, uri, epochs=8, checkpoint_every=1, val_every=1)
+        out = train_unet(cfg, prepared_phantom, register=False)
+        assert up_again.is_set() and outage  # the server went down after epoch 1 and came back
+        assert [h["epoch"] for h in out.history] == list(range(8))
+        client = Tracker(cfg.name, uri).client
+        for key in ("train_loss", "val_tversky", "best_val_tversky"):
+            steps = [m.step for m in client.get_metric_history(out.run_id, key)]
+            assert sorted(steps) == list(range(8)), (key, steps)
+        assert client.get_run(out.run_id).info.status == "FINISHED"
+    finally:
+        done.set()
+        life.join(60)
+
+
+def _wait_for_checkpoint(workdir: Path, epoch: int, stop: threading.Event) -> None:
+    deadline = time.monotonic() + 300
+    while not stop.is_set() and max(_checkpoint_epochs(workdir), default=-1) < epoch:
+        assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} within 5 minutes"
+        time.sleep(0.1)
 
 
 def _recorded_latest_epoch(workdir: Path) -> int | None:

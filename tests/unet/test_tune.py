@@ -95,13 +95,14 @@ def test_small_search_logs_parent_children_and_survives_a_failing_trial(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_interrupted_search_resumes_without_rerunning_finished_trials(
+def test_search_killed_in_its_random_phase_resumes_without_rerunning_the_grid_or_finished_trials(
     prepared_phantom, tmp_path, _session_tracking_uri
 ):
     prep = tmp_path / "prep"
     shutil.copytree(prepared_phantom, prep)  # the CLI writes next to the prepared data
     cfg = tiny_study(tmp_path, _session_tracking_uri)
-    cfg.tune.run_grid = False
+    cfg.tune.run_grid = True  # a one-cell grid, then the random phase in which the search is killed
+    cfg.tune.grid = GridSpace(lr=[1e-3], base_features=[4], batch_size=[1])
     cfg.tune.num_samples = 2
     cfg.tune.epochs_per_trial = 2
     cfg.tune.max_concurrent_trials = 1
@@ -130,20 +131,25 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
         proc.wait()
     finished_before = _recorded_finished_trials(tmp_path)
     assert len(finished_before) == 1  # one at a time: the second had not finished when the search was killed
+    grid_before = _recorded_finished_trials(tmp_path, "grid")
+    assert len(grid_before) == 1
+    assert json.loads((tmp_path / "tune_last_search.json").read_text())["phase"] == "random"
 
     out = tune_study(cfg, prep, resume=True)
-    assert len(out.trials) == 2 and out.n_failed == 0
+    assert len(out.trials) == 3 and out.n_failed == 0
+    assert sorted(out.trials["step"]) == ["grid", "random", "random"]
+    assert out.trials.loc[out.trials["step"] == "grid", "trial_id"].tolist() == grid_before
     tracker = Tracker(cfg.name, _session_tracking_uri)
-    for trial_id in finished_before:
+    for trial_id in finished_before + grid_before:
         runs = tracker.find_runs(f"tags.`ctvlab.trial_id` = '{trial_id}'")
         assert len(runs) == 1, f"finished trial {trial_id} ran again"
     assert json.loads((tmp_path / "tune_last_search.json").read_text())["phase"] == "done"
 
 
-def _recorded_finished_trials(workdir: Path) -> list[str]:
-    """Ids of the random-phase trials that Tune's stored experiment state records as TERMINATED."""
+def _recorded_finished_trials(workdir: Path, phase: str = "random") -> list[str]:
+    """Ids of the trials of one phase that Tune's stored experiment state records as TERMINATED."""
     finished = []
-    for state_file in workdir.glob("ray/tune/*random*/experiment_state-*.json"):
+    for state_file in workdir.glob(f"ray/tune/*{phase}*/experiment_state-*.json"):
         try:
             trials = json.loads(state_file.read_text())["trial_data"]
             states = [json.loads(t[0]) for t in trials]

@@ -14,11 +14,11 @@ from ctvlab.errors import CtvlabError, DataError
 from ctvlab.stages.registry import log_model
 from ctvlab.stages.registry import register as register_model
 from ctvlab.unet.train import (
-    HISTORY_FILE,
     HOLD_ENV,
     MODEL_ARTIFACT,
     best_checkpoint,
     build_trainer,
+    checkpoint_history,
     export_model,
     provenance_spec,
 )
@@ -35,6 +35,7 @@ class TrainOutcome:
     best_epoch: int
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
+    metrics_replayed: int = 0  # epoch values the tracking server missed during training, logged at the end
 
 
 def train_unet(
@@ -61,7 +62,7 @@ def train_unet(
     """
     from ctvlab.runtime import init_ray, refuse_local_store_on_cluster
     from ctvlab.splits import check_disjoint, load_split, pseudonymise
-    from ctvlab.tracking import Tracker, base_tags, resolve_tracking_uri
+    from ctvlab.tracking import Tracker, base_tags, complete_curve, resolve_tracking_uri
 
     prep = Path(prep or cfg.prep_dir).resolve()
     split = load_split(prep)
@@ -162,7 +163,8 @@ def train_unet(
         "mlflow_run_id": mlflow_run_id,
     })  # fmt: skip
     log = tracker.logger(mlflow_run_id)
-    history = _history(result)
+    history = checkpoint_history(result)
+    replayed = complete_curve(log, history)
     log.metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
     log_model(log, model_dir, MODEL_ARTIFACT)
     model_uri = f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT}"
@@ -176,13 +178,8 @@ def train_unet(
         run_id=mlflow_run_id, model_dir=model_dir, model_uri=model_uri,
         best_metrics={k: float(v) for k, v in best.items() if isinstance(v, (int, float))},
         best_epoch=int(best.get("epoch", -1)), epochs_run=len(history), history=history,
+        metrics_replayed=replayed,
     )  # fmt: skip
 
 
-def _history(result) -> list[dict[str, float]]:
-    """Every epoch's reported metrics, from the latest checkpoint (it carries the whole history)."""
-    if result.checkpoint is None:
-        return [result.metrics] if result.metrics else []
-    with result.checkpoint.as_directory() as d:
-        path = Path(d) / HISTORY_FILE
-        return json.loads(path.read_text()) if path.exists() else []
+

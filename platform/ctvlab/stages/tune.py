@@ -18,6 +18,7 @@ from ctvlab.stages.registry import log_model
 from ctvlab.stages.registry import register as register_model
 from ctvlab.study import BEST_SELECTION_METRIC
 from ctvlab.unet.spaces import grid_param_space, narrow_space, random_param_space
+from ctvlab.unet.search_progress import say
 from ctvlab.unet.tune import TRIAL_PARAMS, SearchOutcome, best_trial, param_space_with_hooks, run_search
 
 
@@ -69,13 +70,20 @@ def tune_study(
 
     space = tcfg.space
     grid_trials = pd.DataFrame()
-    if tcfg.run_grid:
+    if tcfg.run_grid and state["phase"] != "grid":
+        # A finished grid is never run again: its trial table was recorded when it ended.
+        grid_trials = pd.DataFrame(state["grid_trials"])
+        space = narrow_space(grid_trials, tcfg.grid, tcfg.space)
+        say(f"search {name}: the grid finished before the interruption ({len(grid_trials)} trials); resuming "
+            "the random search")  # fmt: skip
+    elif tcfg.run_grid:
         grid_space = param_space_with_hooks(grid_param_space(tcfg.grid, tcfg.space, modality), fail_trials)
         grid_trials = run_search(cfg, prep, grid_space, name=f"{name}-grid", num_samples=1, parent_run_id=parent,
-                                 resume=resume and state["phase"] == "grid", use_asha=False, extra_spec=extra_spec)  # fmt: skip
+                                 resume=resume, use_asha=False, extra_spec=extra_spec)  # fmt: skip
         space = narrow_space(grid_trials, tcfg.grid, tcfg.space)
         log.json(space.model_dump(mode="json"), "narrowed_space.json", "search")
         state["phase"] = "random"
+        state["grid_trials"] = json.loads(grid_trials.to_json(orient="records"))
         write_json_atomic(pointer, state)
     random_space = random_param_space(space, modality)
     if not tcfg.run_grid:

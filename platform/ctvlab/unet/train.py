@@ -176,6 +176,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+    if tracker_logger is not None:
+        tracker_logger.flush()  # what is still unsent is logged by the driver from the checkpoint's history
 
 
 def _hold_until_killed(marker: Path, epoch: int) -> None:
@@ -230,12 +232,22 @@ def _optimizer_to(optimizer, device) -> None:
 
 
 def _rank0_logger(config: dict[str, Any]):
+    """The run's metric logger, which keeps the values while the tracking server is unreachable."""
     run_id = config.get("mlflow_run_id")
     if not run_id:
         return None
-    from ctvlab.tracking import Tracker
+    from ctvlab.tracking import BufferedMetrics
 
-    return Tracker(config["experiment"], config["tracking_uri"]).logger(run_id)
+    return BufferedMetrics(config["tracking_uri"], run_id, say=lambda m: print(m, flush=True))
+
+
+def checkpoint_history(result) -> list[dict[str, float]]:
+    """Every epoch's reported metrics, from the latest checkpoint (it carries the whole history)."""
+    if result.checkpoint is None:
+        return [result.metrics] if result.metrics else []
+    with result.checkpoint.as_directory() as d:
+        path = Path(d) / HISTORY_FILE
+        return json.loads(path.read_text()) if path.exists() else []
 
 
 # --- the driver --------------------------------------------------------------------------------------

@@ -62,8 +62,8 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ctvlab.tracking import Tracker, base_tags
-    from ctvlab.unet.train import best_checkpoint, build_trainer, export_model
+    from ctvlab.tracking import Tracker, base_tags, complete_curve
+    from ctvlab.unet.train import best_checkpoint, build_trainer, checkpoint_history, export_model
 
     study = StudyConfig.model_validate(ctx.study)
     ucfg = trial_unet_config(study.unet, params, study.tune)
@@ -85,6 +85,7 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
             callbacks=[TuneReportCallback()],
         )  # fmt: skip
         result = trainer.fit()
+        complete_curve(log, checkpoint_history(result))  # epochs an unreachable server missed
         ckpt, best = best_checkpoint(result)
         if ckpt is not None:
             model_dir = export_model(ckpt, trial_model_dir(ctx.storage, ctx.search_name, trial_id),
