@@ -17,6 +17,7 @@ from ctvlab.unet.train import (
     HOLD_ENV,
     MODEL_ARTIFACT,
     best_checkpoint,
+    best_summary,
     build_trainer,
     checkpoint_history,
     export_model,
@@ -165,7 +166,7 @@ def train_unet(
     log = tracker.logger(mlflow_run_id)
     history = checkpoint_history(result)
     replayed = complete_curve(log, history)
-    log.metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
+    log.metrics(best_summary(best, history))
     log_model(log, model_dir, MODEL_ARTIFACT)
     model_uri = f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT}"
     if register:

@@ -241,6 +241,13 @@ def _rank0_logger(config: dict[str, Any]):
     return BufferedMetrics(config["tracking_uri"], run_id, say=lambda m: print(m, flush=True))
 
 
+def best_summary(best: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, float]:
+    """The best epoch's validation metrics as `best_<name>`, except those the epochs already log as a
+    running best (a second point at step 0 would bend that curve)."""
+    per_epoch = set(history[-1]) if history else set()
+    return {f"best_{k}": v for k, v in best.items() if k.startswith("val_") and f"best_{k}" not in per_epoch}
+
+
 def checkpoint_history(result) -> list[dict[str, float]]:
     """Every epoch's reported metrics, from the latest checkpoint (it carries the whole history)."""
     if result.checkpoint is None:

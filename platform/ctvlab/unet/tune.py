@@ -63,7 +63,7 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ctvlab.tracking import Tracker, base_tags, complete_curve
-    from ctvlab.unet.train import best_checkpoint, build_trainer, checkpoint_history, export_model
+    from ctvlab.unet.train import best_checkpoint, best_summary, build_trainer, checkpoint_history, export_model
 
     study = StudyConfig.model_validate(ctx.study)
     ucfg = trial_unet_config(study.unet, params, study.tune)
@@ -85,14 +85,15 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
             callbacks=[TuneReportCallback()],
         )  # fmt: skip
         result = trainer.fit()
-        complete_curve(log, checkpoint_history(result))  # epochs an unreachable server missed
+        history = checkpoint_history(result)
+        complete_curve(log, history)  # epochs an unreachable server missed
         ckpt, best = best_checkpoint(result)
         if ckpt is not None:
             model_dir = export_model(ckpt, trial_model_dir(ctx.storage, ctx.search_name, trial_id),
                                      {**ctx.extra_spec, "trial_id": trial_id,
                                                                   "mlflow_run_id": run_id})  # fmt: skip
             log.artifact(model_dir, "model")
-        log.metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
+        log.metrics(best_summary(best, history))
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
