@@ -82,3 +82,19 @@ def test_a_live_holder_and_a_holder_on_another_host_are_never_overridden(tmp_pat
     with pytest.raises(LockedError, match="other-node"), exclusive(tmp_path, "second"):
         pass
     assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == "other-node"
+
+
+def test_single_stage_commands_take_the_working_directory_lock(tmp_path):
+    """A stage run on its own writes the same results and pointer files as `ctvlab run`: while another
+    process holds the working directory, each is refused before it touches anything."""
+    workdir = tmp_path / "work"
+    commands = [["split"], ["rf-cv"], ["stats"], ["train"], ["tune"], ["tune", "--ablation"], ["evaluate"]]
+    with exclusive(workdir, "ctvlab run"):
+        procs = [(c, _ctvlab(*c, "--workdir", str(workdir))) for c in commands]
+        errors = [(c, p.communicate(timeout=120)[1]) for c, p in procs]
+        results = [(c, p.returncode, err) for (c, p), (_, err) in zip(procs, errors, strict=True)]
+    for command, _, err in results:
+        assert f"pid {os.getpid()}" in err and "ctvlab run" in err, (command, err[-1500:])
+        assert "Traceback" not in err, (command, err[-1500:])
+    assert [code for _, code, _ in results] == [LockedError.exit_code] * len(commands)
+    assert sorted(p.name for p in workdir.iterdir()) == []  # the lock went with its holder; nothing written

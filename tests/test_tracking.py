@@ -121,3 +121,49 @@ def test_failed_block_marks_run_failed(tracking_uri, experiment):
 
 
 # Concurrent writers: tests/unet/test_tune.py runs 8 concurrent Tune trials against SQLite and a server.
+
+
+def test_a_run_that_cannot_be_marked_failed_keeps_its_own_error(
+    tracking_uri, experiment, monkeypatch, capsys
+):
+    tracker = Tracker(experiment, tracking_uri)
+    # A store that cannot take the status (the server went down with the stage): the stage's error still
+    # surfaces, and the lost status is reported.
+    parent = tracker.start_run("search")
+
+    def store_down(*_args, **_kwargs):
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(tracker, "end_run", store_down)
+    with pytest.raises(KeyError, match="trial table"), tracker.failing(parent):
+        raise KeyError("trial table")
+    assert f"could not mark MLflow run {parent} FAILED" in capsys.readouterr().err
+    monkeypatch.undo()
+    tracker.reopen_run(parent)
+    assert tracker.client.get_run(parent).info.status == "RUNNING"
+
+
+def test_buffered_metrics_keep_values_through_an_outage_and_replay_them_once(tracking_uri, experiment):
+    from ctvlab.tracking import BufferedMetrics
+
+    tracker = Tracker(experiment, tracking_uri)
+    run_id = tracker.start_run("train")
+    said: list[str] = []
+    buffered = BufferedMetrics(tracking_uri, run_id, say=said.append)
+    real = buffered.client.log_batch
+    buffered.metrics({"loss": 0.9}, step=0)
+    buffered.client.log_batch = lambda *a, **k: (_ for _ in ()).throw(ConnectionError("refused"))
+    buffered.metrics({"loss": 0.8}, step=1)
+    buffered.metrics({"loss": 0.7, "skipped": float("nan")}, step=2)
+    assert len(buffered.pending) == 2 and "unreachable" in said[0] and len(said) == 1
+    sent_twice = buffered.pending[0]
+    buffered.client.log_batch = real
+    real(run_id, metrics=[sent_twice])  # an answer lost on the way back: the server has it already
+    buffered.metrics({"loss": 0.6}, step=3)
+    assert buffered.pending == [] and buffered.replayed == 2 and "replayed 2" in said[-1]
+    curve = tracker.client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in curve) == [(0, 0.9), (1, 0.8), (2, 0.7), (3, 0.6)]
+
+    # A refusal that retrying cannot change is raised, not buffered.
+    with pytest.raises(Exception, match="(?i)run .* not found|RESOURCE_DOES_NOT_EXIST"):
+        BufferedMetrics(tracking_uri, "0" * 32).metrics({"loss": 1.0}, step=0)

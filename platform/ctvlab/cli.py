@@ -209,6 +209,14 @@ def _settings(
 _JOB_WHERE: list[str] = []
 
 
+def _one_writer(cfg, command: str):
+    """The working directory's lock for one stage's command (the one `ctvlab run` takes): a second
+    command writing the same results and pointer files is refused (exit 5), naming the holder."""
+    from ctvlab.lock import exclusive
+
+    return exclusive(Path(cfg.workdir).resolve(), f"ctvlab {command}")
+
+
 def _data(cfg, data: Path | None) -> Path:
     return Path(data) if data is not None else Path(cfg.prep_dir).resolve()
 
@@ -281,7 +289,8 @@ def split(
     data = _data(cfg, data)
     if seed is not None:
         cfg.split.seed = seed
-    result, run_id = split_stage(cfg, data)
+    with _one_writer(cfg, "split"):
+        result, run_id = split_stage(cfg, data)
     counts = result.table["dl_role"].value_counts()
     _console().print(
         f"split {result.digest[:12]}: train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
@@ -320,7 +329,8 @@ def rf_cv(
         cfg.voxel_models.model = model
     targets = ["nel", "cel"] if all_ else ([target] if target else None)
     subgroups = ["all", "early", "late"] if all_ else ([subgroup] if subgroup else None)
-    results = rf_cv_stage(cfg, data, targets=targets, subgroups=subgroups, parallel=not serial)
+    with _one_writer(cfg, "rf-cv"):
+        results = rf_cv_stage(cfg, data, targets=targets, subgroups=subgroups, parallel=not serial)
     from rich.table import Table
 
     t = Table(title=f"{cfg.voxel_models.model} voxel models, 5-fold patient-grouped CV")
@@ -367,7 +377,8 @@ def stats(
 
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
-    result, run_id = stats_stage(cfg, data)
+    with _one_writer(cfg, "stats"):
+        result, run_id = stats_stage(cfg, data)
     from rich.table import Table
 
     tests = result.tests.sort_values("wilcoxon_p")
@@ -408,7 +419,8 @@ def train(
         cfg.unet.train.num_workers = num_workers
     if use_gpu:
         cfg.unet.train.use_gpu = True
-    outcome = train_unet(cfg, data, resume=resume)
+    with _one_writer(cfg, "train"):
+        outcome = train_unet(cfg, data, resume=resume)
     best = ", ".join(f"{k} {v:.3f}" for k, v in sorted(outcome.best_metrics.items()) if k.startswith("val_"))
     _console().print(
         f"best epoch {outcome.best_epoch}: {best}\nmodel: {outcome.model_dir}\nregistered: {outcome.model_uri} "
@@ -444,11 +456,13 @@ def tune(
     if ablation:
         from ctvlab.stages.ablation import print_ablation, run_ablation
 
-        print_ablation(run_ablation(cfg, data), console)
+        with _one_writer(cfg, "tune --ablation"):
+            print_ablation(run_ablation(cfg, data), console)
         return
     from ctvlab.stages.tune import print_search, tune_study
 
-    print_search(tune_study(cfg, data, resume=resume), console)
+    with _one_writer(cfg, "tune"):
+        print_search(tune_study(cfg, data, resume=resume), console)
 
 
 @app.command()
@@ -475,9 +489,9 @@ def evaluate(
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
     console = _console()
-    print_evaluation(
-        evaluate_study(cfg, data, model_uri=model_uri, split_name=split_name, console=console), console
-    )
+    with _one_writer(cfg, "evaluate"):
+        outcome = evaluate_study(cfg, data, model_uri=model_uri, split_name=split_name, console=console)
+    print_evaluation(outcome, console)
 
 
 @app.command()

@@ -232,15 +232,35 @@ class Tracker:
     ) -> Iterator[RunLogger]:
         """A run that ends FINISHED, or FAILED (KILLED on Ctrl-C) when the block raises."""
         run_id = self.start_run(name, tags, parent_run_id)
-        try:
+        with self.failing(run_id):
             yield RunLogger(self, run_id)
-        except KeyboardInterrupt:
-            self.end_run(run_id, "KILLED")
-            raise
-        except BaseException:
-            self.end_run(run_id, "FAILED")
-            raise
         self.end_run(run_id, "FINISHED")
+
+    @contextlib.contextmanager
+    def failing(self, run_id: str) -> Iterator[None]:
+        """Mark `run_id` FAILED (KILLED on Ctrl-C) if the block raises, then let the error go on: a store
+        that cannot take the status is reported, never put in the place of the error that ended the run."""
+        try:
+            yield
+        except BaseException as error:
+            self.end_failed(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
+
+    def end_failed(self, run_id: str, status: str = "FAILED") -> None:
+        """End a run whose work raised. Called while that error propagates, so a store that cannot take
+        the status is reported on stderr instead of replacing the error."""
+        try:
+            self.end_run(run_id, status)
+        except Exception as e:  # the original error matters more; say what could not be recorded
+            import sys
+
+            print(f"warning: could not mark MLflow run {run_id} {status} in {self.tracking_uri}: {e}",
+                  file=sys.stderr)  # fmt: skip
+
+    @_retry_locked
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a resumed search continues its parent run)."""
+        self.client.update_run(run_id, status="RUNNING")
 
     def logger(self, run_id: str) -> RunLogger:
         return RunLogger(self, run_id)
@@ -457,7 +477,8 @@ def _unreachable(error: BaseException) -> bool:
         code = getattr(error, "get_http_status_code", lambda: None)()
         text = str(error)
         return (code is not None and code >= 500) or any(
-            s in text for s in ("Max retries exceeded", "Connection refused", "timed out", "database is locked")
+            s in text
+            for s in ("Max retries exceeded", "Connection refused", "timed out", "database is locked")
         )
     return False
 
@@ -477,7 +498,8 @@ class BufferedMetrics:
         self.client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
         self.run_id = run_id
         self.pending: list[Any] = []
-        self.replayed = 0
+        self.replayed = 0  # values sent after an outage, over the run
+        self.backlog = 0  # values held when the last attempt failed
         self.outage_since: float | None = None
         self.say = say
 
@@ -495,17 +517,17 @@ class BufferedMetrics:
             except Exception as e:
                 if not _unreachable(e):
                     raise
+                self.backlog = len(self.pending)
                 if self.outage_since is None:
                     self.outage_since = time.monotonic()
                     self.say(f"tracking server unreachable ({type(e).__name__}); training goes on, metrics are "
                              "kept here and sent when it answers again")  # fmt: skip
                 return False
             del self.pending[: len(batch)]
-            if self.outage_since is not None:
-                self.replayed += len(batch)
         if self.outage_since is not None:
-            self.say(f"tracking server answers again: replayed {self.replayed} buffered metric value(s)")
-            self.outage_since = None
+            self.replayed += self.backlog
+            self.say(f"tracking server answers again: replayed {self.backlog} buffered metric value(s)")
+            self.outage_since, self.backlog = None, 0
         return True
 
 
@@ -523,7 +545,9 @@ def _metric_entities(metrics: Mapping[str, Any], step: int | None) -> list[Any]:
     return items
 
 
-def complete_curve(log: RunLogger, history: list[Mapping[str, Any]], skip: tuple[str, ...] = ("epoch",)) -> int:
+def complete_curve(
+    log: RunLogger, history: list[Mapping[str, Any]], skip: tuple[str, ...] = ("epoch",)
+) -> int:
     """Log every (metric, epoch) of a training history that the run does not hold yet; the number logged.
 
     The history comes from the run's checkpoint, which training writes whatever the tracking server's

@@ -58,15 +58,15 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
                                  "epochs_per_trial": cfg.tune.epochs_per_trial}})  # fmt: skip
         per_patient, best_rows = [], []
         for s in sets:
-            set_run = tracker.start_run(
+            with tracker.run(
                 f"tune-{s}", base_tags("tune", split.dataset_digest, split.digest), run.run_id
-            )
-            trials = run_search(cfg, prep, random_param_space(cfg.tune.space, s), name=f"ablation-{stamp}-{s}",
-                                num_samples=cfg.tune.ablation_samples, parent_run_id=set_run, extra_spec=extra)  # fmt: skip
-            best = best_trial(trials)
-            tracker.logger(set_run).table(trials.drop(columns=["path", "model_dir"]), "trials.csv", "search")
-            tracker.logger(set_run).metrics({BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC])})
-            tracker.end_run(set_run)
+            ) as set_log:  # a search that fails ends its run FAILED, and so does the ablation's
+                trials = run_search(cfg, prep, random_param_space(cfg.tune.space, s), name=f"ablation-{stamp}-{s}",
+                                    num_samples=cfg.tune.ablation_samples, parent_run_id=set_log.run_id,
+                                    extra_spec=extra)  # fmt: skip
+                best = best_trial(trials)
+                set_log.table(trials.drop(columns=["path", "model_dir"]), "trials.csv", "search")
+                set_log.metrics({BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC])})
             model_dir = Path(best["model_dir"])
             m = test_metrics(model_dir, prep, test_ids, cfg.unet.train.threshold)
             per_patient.append(m.assign(modality_set=s))

@@ -140,10 +140,10 @@ def train_unet(
             )
             result = trainer.fit()
     except CtvlabError:
-        tracker.end_run(mlflow_run_id, "FAILED")
+        tracker.end_failed(mlflow_run_id)
         raise
     except (Exception, KeyboardInterrupt) as e:  # failed beyond max_failures, or stopped by the watch
-        tracker.end_run(mlflow_run_id, "FAILED")
+        tracker.end_failed(mlflow_run_id)
         if watch.message:
             raise ResourceError(watch.message) from None
         if isinstance(e, KeyboardInterrupt):
@@ -153,7 +153,7 @@ def train_unet(
             f"{storage / run_name}; fix the cause and run again with --resume."
         ) from None
     if watch.message:  # Ray Train returned after the watch aborted it
-        tracker.end_run(mlflow_run_id, "FAILED")
+        tracker.end_failed(mlflow_run_id)
         raise ResourceError(watch.message)
     ckpt, best = best_checkpoint(result)
     if ckpt is None:
@@ -181,6 +181,3 @@ def train_unet(
         best_epoch=int(best.get("epoch", -1)), epochs_run=len(history), history=history,
         metrics_replayed=replayed,
     )  # fmt: skip
-
-
-

@@ -17,8 +17,8 @@ from ctvlab.errors import CtvlabError, DataError
 from ctvlab.stages.registry import log_model
 from ctvlab.stages.registry import register as register_model
 from ctvlab.study import BEST_SELECTION_METRIC
-from ctvlab.unet.spaces import grid_param_space, narrow_space, random_param_space
 from ctvlab.unet.search_progress import say
+from ctvlab.unet.spaces import grid_param_space, narrow_space, random_param_space
 from ctvlab.unet.tune import TRIAL_PARAMS, SearchOutcome, best_trial, param_space_with_hooks, run_search
 
 
@@ -34,7 +34,6 @@ def tune_study(
     from ctvlab.runtime import init_ray, refuse_local_store_on_cluster
     from ctvlab.splits import load_split
     from ctvlab.tracking import base_tags, resolve_tracking_uri, tracker_for
-    from ctvlab.unet.train import provenance_spec
 
     t0 = time.perf_counter()
     prep = Path(prep or cfg.prep_dir).resolve()
@@ -62,6 +61,21 @@ def tune_study(
     elif (state.get("split_digest"), state.get("dataset_digest")) != (split.digest, split.dataset_digest):
         # The split digest alone misses a dataset prepared again with other settings.
         raise CtvlabError("cannot resume the search: the prepared data or the split changed since it started")
+    parent = state["parent_run_id"]
+    if resume:
+        tracker.reopen_run(parent)  # an interrupted search's parent ended FAILED or KILLED
+    with tracker.failing(parent):
+        outcome = _search(cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split)
+    state["phase"] = "done"
+    write_json_atomic(pointer, state)
+    return outcome
+
+
+def _search(cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split) -> SearchOutcome:
+    """The grid (unless it finished before an interruption), the random search, the summary."""
+    from ctvlab.atomic import write_json_atomic
+    from ctvlab.unet.train import provenance_spec
+
     name, parent = state["name"], state["parent_run_id"]
     log = tracker.logger(parent)
     modality = cfg.unet.model.modality_set
@@ -94,12 +108,9 @@ def tune_study(
     trials = pd.concat(
         [grid_trials.assign(step="grid"), random_trials.assign(step="random")], ignore_index=True
     )
-    outcome = _finish_search(
+    return _finish_search(
         cfg, tracker, parent, name, trials, space, t0, split.digest, dataset_digest=split.dataset_digest
     )
-    state["phase"] = "done"
-    write_json_atomic(pointer, state)
-    return outcome
 
 
 def _finish_search(

@@ -63,7 +63,13 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ctvlab.tracking import Tracker, base_tags, complete_curve
-    from ctvlab.unet.train import best_checkpoint, best_summary, build_trainer, checkpoint_history, export_model
+    from ctvlab.unet.train import (
+        best_checkpoint,
+        best_summary,
+        build_trainer,
+        checkpoint_history,
+        export_model,
+    )
 
     study = StudyConfig.model_validate(ctx.study)
     ucfg = trial_unet_config(study.unet, params, study.tune)
@@ -95,7 +101,7 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
             log.artifact(model_dir, "model")
         log.metrics(best_summary(best, history))
     except BaseException:
-        tracker.end_run(run_id, "FAILED")
+        tracker.end_failed(run_id)
         raise
     tracker.end_run(run_id, "FINISHED")
 
