@@ -145,6 +145,7 @@ class Recorder:
 
     def evaluate(self, cfg, prep, model_uri=None, console=None):
         self._enter("evaluate")
+        self.evaluated_model = json.loads((Path(model_uri) / "model.json").read_text())["n"]
         out = Path(cfg.results_dir, "evaluate")
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.csv").write_text("x\n1\n")
@@ -183,6 +184,53 @@ def test_a_new_ring_reruns_preprocessing_and_everything_after_it(study):
     third = run_study(changed)
     assert _statuses(third)["preprocess"] == "ran"
     assert rec.ran == ["voxel_models", "stats", "model", "evaluate"]  # none "skipped (current)" on old data
+
+
+def _touch_one_flair(cfg: StudyConfig) -> StudyConfig:
+    """One input file changes: a patient's FLAIR, brighter by one unit in one voxel."""
+    import nibabel as nib
+    import numpy as np
+
+    path = next(Path(cfg.cohort.raw_dir).glob("*/flair.nii.gz"))
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).copy()
+    data.flat[data.size // 2] += 1
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    return cfg
+
+
+# (what changes, the change, the stages that must run again; the others are reported current)
+E2E_ROWS = [
+    (
+        "one input file",
+        _touch_one_flair,
+        ["preprocess", "split", "voxel_models", "stats", "model", "evaluate"],
+    ),
+    ("split.seed", _set("split.seed", 7), ["split", "voxel_models", "stats", "model", "evaluate"]),
+    ("voxel_models.model", _set("voxel_models.model", "xgboost"), ["voxel_models"]),
+    ("stats.primary_test", _set("stats.primary_test", "mannwhitney"), ["stats"]),
+    ("unet.train.epochs", _set("unet.train.epochs", 5), ["model", "evaluate"]),
+    ("ctv.rtog_margin_mm", _set("ctv.rtog_margin_mm", 25.0), ["evaluate"]),
+]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(("what", "change", "rerun"), E2E_ROWS, ids=[r[0] for r in E2E_ROWS])
+def test_one_change_reruns_its_stage_and_those_downstream_and_evaluates_the_matching_model(
+    study, what, change, rerun
+):
+    cfg, rec = study
+    run_study(cfg)
+    rec.ran.clear()
+    outcome = run_study(change(cfg))
+    ran = [r.name for r in outcome.stages if r.status == "ran"]
+    recorded = [s for s in rerun if s not in ("preprocess", "split")]
+    assert rec.ran == recorded, what
+    for stage in ("preprocess", "split"):
+        assert (stage in ran) == (stage in rerun), (what, stage, ran)
+    assert all(r.status in ("ran", "skipped (current)", "given", "off") for r in outcome.stages), outcome.stages
+    # Evaluation ran on the model of this run's data and settings: the one trained last.
+    assert rec.evaluated_model == rec.trained == (2 if "model" in rerun else 1), what
 
 
 @pytest.mark.ray
