@@ -3,6 +3,7 @@ submitted through the Job Submission API, as `ray job submit` does."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ctvlab.tracking import Tracker
-from tests.conftest import free_port
+from tests.conftest import free_port, start_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = sorted(p for p in (REPO / "jobs").glob("*.py"))
@@ -91,19 +92,50 @@ def ray_cluster(tmp_path, request):
 
     It has the machine's real CPUs, as plain `ray start --head` gives; a test may ask for fewer with
     `@pytest.mark.parametrize("ray_cluster", [N], indirect=True)`."""
-    num_cpus = getattr(request, "param", None)
-    ray_bin = Path(sys.executable).with_name("ray")
-    ports = {name: free_port() for name in ("gcs", "dashboard", "agent_http", "agent_grpc", "runtime_env",
-                                             "metrics", "node_manager", "object_manager")}  # fmt: skip
+    with start_ray_cluster(tmp_path, getattr(request, "param", None)) as (client, _):
+        yield client
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    """A head and a worker node, each its own `ray start` on 127.0.0.1 with its own ports and temporary
+    folder, 2 logical CPUs each: the layout of a team's cluster, on one machine. Yields (client, node ids)."""
+    with start_ray_cluster(tmp_path, 2, worker_cpus=2) as (client, nodes):
+        yield client, nodes
+
+
+def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    ports = {name: free_port() for name in ("agent_http", "agent_grpc", "runtime_env", "metrics",
+                                             "node_manager", "object_manager")}  # fmt: skip
     cmd = [
-        str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        f"--port={ports['gcs']}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={ports['dashboard']}", f"--dashboard-agent-listen-port={ports['agent_http']}",
-        f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
-        f"--metrics-export-port={ports['metrics']}",
+        str(Path(sys.executable).with_name("ray")), "start", "--block", "--node-ip-address=127.0.0.1",
+        f"--dashboard-agent-listen-port={ports['agent_http']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        f"--runtime-env-agent-port={ports['runtime_env']}", f"--metrics-export-port={ports['metrics']}",
         f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
-        "--disable-usage-stats", *([f"--num-cpus={num_cpus}"] if num_cpus else []),
+        "--disable-usage-stats", *args,
     ]  # fmt: skip
+    with open(log, "wb") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 10)):
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@contextlib.contextmanager
+def start_ray_cluster(tmp_path: Path, num_cpus: int | None, worker_cpus: int | None = None):
+    """Yields (a Job Submission client, the alive nodes' ids) of a cluster started with `ray start`; with
+    `worker_cpus`, a worker node joins the head, each node with its own short temporary folder (Ray's
+    socket paths must stay under the Unix limit)."""
+    import shutil
+
+    gcs, dashboard = free_port(), free_port()
     token = secrets.token_hex(32)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}  # fmt: skip
@@ -116,36 +148,66 @@ def ray_cluster(tmp_path, request):
     # what was there before.
     address_file = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
     previous = address_file.read_bytes() if address_file.exists() else None
-    log = open(tmp_path / "ray_start.log", "wb")  # noqa: SIM115 (the child process owns it)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard']}"
+    temps: list[str] = []
+    head_args = ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={dashboard}", *([f"--num-cpus={num_cpus}"] if num_cpus else [])]  # fmt: skip
+    if worker_cpus:
+        temps.append(tempfile.mkdtemp(prefix="rh-"))
+        head_args.append(f"--temp-dir={temps[-1]}")
+    procs = [_ray_start(head_args, env, tmp_path / "ray_head.log")]
+    address = f"http://127.0.0.1:{dashboard}"
     try:
         from ray.job_submission import JobSubmissionClient
 
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
-                client.list_jobs()
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "ray_start.log").read_text()[-3000:]) from None
-                time.sleep(1)
-        yield client
+        client = _wait_for_dashboard(address, token, procs[0], tmp_path / "ray_head.log")
+        if worker_cpus:
+            temps.append(tempfile.mkdtemp(prefix="rw-"))
+            procs.append(_ray_start([f"--address=127.0.0.1:{gcs}", f"--num-cpus={worker_cpus}",
+                                     f"--temp-dir={temps[-1]}"], env, tmp_path / "ray_worker.log"))  # fmt: skip
+        nodes = _wait_for_nodes(client, 2 if worker_cpus else 1, procs, tmp_path)
+        assert isinstance(client, JobSubmissionClient)
+        yield client, nodes
     finally:
-        for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 10)):
-            if proc.poll() is None:
-                os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(timeout=wait)
-                except subprocess.TimeoutExpired:
-                    continue
-        log.close()
+        for proc in reversed(procs):
+            _stop(proc)
         if previous is None:
             address_file.unlink(missing_ok=True)
         else:
             address_file.write_bytes(previous)
+        for t in temps:
+            shutil.rmtree(t, ignore_errors=True)
+
+
+def _wait_for_dashboard(address: str, token: str, proc: subprocess.Popen, log: Path):
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+            client.list_jobs()
+            return client
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(log.read_text()[-3000:]) from None
+            time.sleep(1)
+
+
+def _wait_for_nodes(client, n: int, procs: list[subprocess.Popen], tmp_path: Path) -> list[str]:
+    """The ids of the cluster's alive nodes, once there are `n` (the dashboard's node list)."""
+    import requests
+
+    deadline = time.monotonic() + 120
+    while True:
+        r = requests.get(f"{client._address}/nodes?view=summary", headers=client._headers, timeout=10)
+        summary = r.json()["data"]["summary"] if r.ok else []
+        alive = [n_["raylet"]["nodeId"] for n_ in summary if n_["raylet"].get("state") == "ALIVE"]
+        if len(alive) >= n:
+            return alive
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            logs = "".join(f.read_text()[-2000:] for f in tmp_path.glob("ray_*.log"))
+            raise RuntimeError(f"{len(alive)} of {n} Ray nodes came up: {logs}")
+        time.sleep(1)
 
 
 EXCLUDES = [".venv", ".git", "runs", "mlflow.db", "mlartifacts", "mlruns", "*.egg-info", "__pycache__",
@@ -198,41 +260,51 @@ def wait_for_job(client, job_id: str, limit_s: float):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_pipeline_job_submitted_to_a_ray_cluster_succeeds(ray_cluster, tmp_path):
-    """The smoke study on a cluster with the machine's own CPUs (a 2-core laptop included) finishes, with
-    its results and MLflow runs in the absolute workdir it was given, not in Ray's temporary copy."""
+def test_pipeline_job_on_a_two_node_cluster_tracks_through_a_server(two_node_cluster, tmp_path):
+    """The smoke study as a team runs it: submitted to a head and a worker node, tracked through a real
+    `mlflow server`. Preprocessing tasks and search trials run on both nodes; results land in the absolute
+    workdir it was given, not in Ray's temporary copy; the tracking store holds no patient id or path."""
     from ray.job_submission import JobStatus
 
+    client, nodes = two_node_cluster
     workdir = tmp_path / "study"
-    one_trial = "--set tune.num_samples=1"  # the search's mechanics are tested in tests/unet/test_tune.py
-    status, logs = wait_for_job(ray_cluster, submit_study(ray_cluster, str(workdir), one_trial), 900)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "ctvlab run: summary" in logs
-    smoke = workdir / "smoke"
-    uri = f"sqlite:///{smoke / 'mlflow.db'}"
-    assert f"results: {smoke}" in logs and uri in logs  # the job says where everything is
+    server = tmp_path / "server"
+    server.mkdir()
+    with start_mlflow_server(server) as (uri, _):
+        status, logs = wait_for_job(client, submit_study(client, str(workdir), f"--tracking-uri {uri}"), 900)
+        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+        assert "ctvlab run: summary" in logs
+        smoke = workdir / "smoke"
+        assert f"results: {smoke}" in logs and uri in logs  # the job says where everything is
+        assert (smoke / "results" / "evaluate" / "summary.csv").is_file()
 
-    assert (smoke / "results" / "evaluate" / "summary.csv").is_file()
-    runs = Tracker("ctvlab-demo", uri).find_runs()
-    stages = {r.data.tags.get("ctvlab.stage") for r in runs}
-    assert {"split", "rf-cv", "stats", "tune", "tune-trial", "evaluate"} <= stages
-    assert all(r.info.status == "FINISHED" for r in runs if r.data.tags.get("ctvlab.stage") != "tune-trial")
-    assert all(r.info.artifact_uri.startswith((smoke / "mlruns").as_uri()) for r in runs)
+        runs = Tracker("ctvlab-demo", uri).find_runs()
+        stages = {r.data.tags.get("ctvlab.stage") for r in runs}
+        assert {"split", "rf-cv", "stats", "tune", "tune-trial", "evaluate"} <= stages
+        assert all(
+            r.info.status == "FINISHED" for r in runs if r.data.tags.get("ctvlab.stage") != "tune-trial"
+        )
+        trial_nodes = {
+            r.data.tags["ctvlab.ray_node"] for r in runs if r.data.tags.get("ctvlab.stage") == "tune-trial"
+        }
+        report = json.loads((smoke / "prep" / "preprocess_report.json").read_text())
+        assert set(report["nodes"].values()) == set(nodes), report["nodes"]  # patients on both nodes
+        assert trial_nodes == set(nodes), trial_nodes  # trials on both nodes
+
+        # The study's model, through its `champion` alias, applied to two patients as a job: a Ray task each.
+        ids = sorted(p.name for p in (smoke / "cohort").iterdir() if p.is_dir())[:2]
+        out = tmp_path / "predicted"
+        job = submit(client, f"jobs/predict.py {smoke / 'cohort'} --out {out} --tracking-uri {uri}",
+                     *[f"--patient {i}" for i in ids])  # fmt: skip
+        status, logs = wait_for_job(client, job, 300)
+        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+        assert f"predicted 2 patient(s) into {out}" in " ".join(logs.split())
+        for pid in ids:
+            report = json.loads((out / pid / "report.json").read_text())
+            assert report["model_uri"] == "models:/ctvlab-unet@champion" and report["model_version"]
     assert_no_identifying_strings(
-        smoke / "mlflow.db", smoke / "mlruns", raw=smoke / "cohort", prep=smoke / "prep"
+        server / "backend.db", server / "artifacts", raw=smoke / "cohort", prep=smoke / "prep"
     )
-
-    # The study's model, through its `champion` alias, applied to two patients as a job: one Ray task each.
-    ids = sorted(p.name for p in (smoke / "cohort").iterdir() if p.is_dir())[:2]
-    out = tmp_path / "predicted"
-    job = submit(ray_cluster, f"jobs/predict.py {smoke / 'cohort'} --out {out} --tracking-uri {uri}",
-                 *[f"--patient {i}" for i in ids])  # fmt: skip
-    status, logs = wait_for_job(ray_cluster, job, 300)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert f"predicted 2 patient(s) into {out}" in " ".join(logs.split())
-    for pid in ids:
-        report = json.loads((out / pid / "report.json").read_text())
-        assert report["model_uri"] == "models:/ctvlab-unet@champion" and report["model_version"]
 
 
 def assert_no_identifying_strings(db: Path, artifacts: Path, raw: Path, prep: Path) -> None:

@@ -114,6 +114,7 @@ class Recorder:
         self.ran: list[str] = []
         self.fail: str | None = None
         self.trained = 0
+        self.resumed: list[bool] = []
         monkeypatch.setattr(ctvlab.stages.analysis, "rf_cv_stage", self.rf_cv)
         monkeypatch.setattr(ctvlab.stages.analysis, "stats_stage", self.stats)
         monkeypatch.setattr(ctvlab.stages.train, "train_unet", self.train)
@@ -134,13 +135,18 @@ class Recorder:
         result = SimpleNamespace(summary=lambda: {"n_significant": 0}, tests=[])
         return result, "run-stats"
 
-    def train(self, cfg, prep):
+    def train(self, cfg, prep, resume=False, settings_key=None):
+        # As train_unet does: the pointer names the run's settings at its start and says when it finished.
+        self.resumed.append(resume)
+        pointer = Path(cfg.workdir, "train_last_run.json")
+        pointer.write_text(json.dumps({"settings_key": settings_key, "finished": False}))
         self._enter("model")
         self.trained += 1
         model = Path(cfg.results_dir, "model")
         model.mkdir(parents=True, exist_ok=True)
         (model / "model.json").write_text(json.dumps({"n": self.trained}))
         (model / "weights.pt").write_bytes(b"weights %d" % self.trained)
+        pointer.write_text(json.dumps({"settings_key": settings_key, "finished": True}))
         return SimpleNamespace(model_uri=str(model), best_metrics={}, run_id="run-train")
 
     def evaluate(self, cfg, prep, model_uri=None, console=None):
@@ -228,7 +234,9 @@ def test_one_change_reruns_its_stage_and_those_downstream_and_evaluates_the_matc
     assert rec.ran == recorded, what
     for stage in ("preprocess", "split"):
         assert (stage in ran) == (stage in rerun), (what, stage, ran)
-    assert all(r.status in ("ran", "skipped (current)", "given", "off") for r in outcome.stages), outcome.stages
+    assert all(r.status in ("ran", "skipped (current)", "given", "off") for r in outcome.stages), (
+        outcome.stages
+    )
     # Evaluation ran on the model of this run's data and settings: the one trained last.
     assert rec.evaluated_model == rec.trained == (2 if "model" in rerun else 1), what
 
@@ -245,6 +253,25 @@ def test_a_failed_stage_stops_the_run_unless_keep_going(study):
     with pytest.raises(StageFailed, match="stats broke"):
         run_study(cfg, keep_going=True)
     assert rec.ran == ["stats", "model", "evaluate"]  # voxel models current; the rest do not need stats
+
+
+@pytest.mark.ray
+def test_ctvlab_run_continues_an_interrupted_training_run_of_the_same_settings(study):
+    cfg, rec = study
+    rec.fail = "model"  # the training run starts (its pointer written) and dies
+    with pytest.raises(CtvlabError, match="model broke"):
+        run_study(cfg)
+    rec.fail = None
+    outcome = run_study(cfg)
+    assert rec.resumed == [False, True]  # continued, not started again
+    assert "continued the interrupted run" in {r.name: r.detail for r in outcome.stages}["train"]
+
+    rec.fail = "model"  # interrupted again, then the settings change: a new run, not the old one's
+    with pytest.raises(CtvlabError):
+        run_study(_set("unet.train.epochs", 5)(cfg))
+    rec.fail = None
+    run_study(_set("unet.train.epochs", 7)(cfg))
+    assert rec.resumed[-1] is False
 
 
 @pytest.mark.ray

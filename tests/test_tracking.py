@@ -165,5 +165,5 @@ def test_buffered_metrics_keep_values_through_an_outage_and_replay_them_once(tra
     assert sorted((m.step, m.value) for m in curve) == [(0, 0.9), (1, 0.8), (2, 0.7), (3, 0.6)]
 
     # A refusal that retrying cannot change is raised, not buffered.
-    with pytest.raises(Exception, match="(?i)run .* not found|RESOURCE_DOES_NOT_EXIST"):
+    with pytest.raises(Exception, match=r"(?i)run .* not found|RESOURCE_DOES_NOT_EXIST"):
         BufferedMetrics(tracking_uri, "0" * 32).metrics({"loss": 1.0}, step=0)

@@ -343,19 +343,25 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
         state["model_uri"] = stamp.get("model_uri")
         state["inputs"]["model"] = stamp["model_digest"]
         return StageRecord(name, "skipped (current)", detail=str(stamp.get("model_uri")))
+    from ctvlab.stages.train import interrupted_run
+
+    # A search or training run of these very settings and data that was interrupted is continued.
+    pointer = Path(cfg.workdir, "tune_last_search.json" if cfg.pipeline.search else "train_last_run.json")
+    resume = interrupted_run(pointer, key)
+    again = "continued the interrupted run: " if resume else ""
     if cfg.pipeline.search:
         from ctvlab.stages.tune import tune_study
 
-        out = tune_study(cfg, cfg.prep_dir)
+        out = tune_study(cfg, cfg.prep_dir, resume=resume, settings_key=key)
         state["model_uri"] = out.model_uri
-        detail = f"{len(out.trials)} trials, best val Tversky {out.best_metric:.3f} → {out.model_uri}"
+        detail = f"{again}{len(out.trials)} trials, best val Tversky {out.best_metric:.3f} → {out.model_uri}"
         run_ids = [out.parent_run_id]
     else:
         from ctvlab.stages.train import train_unet
 
-        out = train_unet(cfg, cfg.prep_dir)
+        out = train_unet(cfg, cfg.prep_dir, resume=resume, settings_key=key)
         state["model_uri"] = out.model_uri
-        detail = f"best val Tversky {out.best_metrics.get('val_tversky', float('nan')):.3f} → {out.model_uri}"
+        detail = f"{again}best val Tversky {out.best_metrics.get('val_tversky', float('nan')):.3f} → {out.model_uri}"
         run_ids = [out.run_id]
     state["inputs"]["model"] = model_digest(model_dir)
     stamps.write("model", key, model_uri=state["model_uri"], model_digest=state["inputs"]["model"])

@@ -93,6 +93,7 @@ class PreprocessReport(BaseModel):
     errors: list[FailedPatient] = []
     stale: list[str] = []
     pruned: list[str] = []
+    nodes: dict[str, str] = {}  # patient -> the Ray node that processed it (ray engine)
     cohort_problems: list[str]
     digest: str | None
     n_prepared: int
@@ -210,8 +211,11 @@ def write_dataset_tables(out: Path, patient_ids: list[str], cfg: PreprocessConfi
 
 def _process_item(item: dict[str, Any], raw: str, out: str, cfg: str) -> dict[str, str]:
     """Ray Data map function: one manifest row (as JSON) in, one status row out."""
+    import ray
+
     row = ManifestRow.model_validate_json(item["row"])
-    return process_or_skip(row, Path(raw), Path(out), PreprocessConfig.model_validate_json(cfg))
+    result = process_or_skip(row, Path(raw), Path(out), PreprocessConfig.model_validate_json(cfg))
+    return {**result, "node": ray.get_runtime_context().get_node_id()}
 
 
 def local_concurrency(cfg: PreprocessConfig) -> int:
@@ -435,6 +439,7 @@ def _prepare(
         errors=errors,
         stale=stale,
         pruned=pruned,
+        nodes={pid: r["node"] for pid, r in results.items() if r.get("node")},
         cohort_problems=cohort_problems,
         digest=dataset_digest,
         n_prepared=len(done),

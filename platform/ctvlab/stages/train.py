@@ -49,6 +49,7 @@ def train_unet(
     parent_run_id: str | None = None,
     inject_failure_at: int | None = None,
     console=None,
+    settings_key: str | None = None,
 ) -> TrainOutcome:
     """Train the U-Net of `cfg.unet` on the split of a prepared dataset; log and register the best model.
 
@@ -60,6 +61,8 @@ def train_unet(
         register: register the best model in the MLflow Model Registry.
         parent_run_id: nest the MLflow run under this one (used by the search).
         inject_failure_at: test hook: rank 0 raises once at this epoch (fault-tolerance tests).
+        settings_key: `ctvlab run`'s key of the model stage, recorded in the run's pointer file so that an
+            interrupted run of the same settings and data is continued (`interrupted_run`).
     """
     from ctvlab.runtime import init_ray, refuse_local_store_on_cluster
     from ctvlab.splits import check_disjoint, load_split, pseudonymise
@@ -110,15 +113,15 @@ def train_unet(
                  "patients.json", "split")  # fmt: skip
     from ctvlab.atomic import write_json_atomic
 
-    write_json_atomic(
-        pointer,
-        {
-            "run_name": run_name,
-            "mlflow_run_id": mlflow_run_id,
-            "split_digest": split.digest,
-            "dataset_digest": split.dataset_digest,
-        },
-    )
+    record = {
+        "run_name": run_name,
+        "mlflow_run_id": mlflow_run_id,
+        "split_digest": split.digest,
+        "dataset_digest": split.dataset_digest,
+        "settings_key": settings_key,
+        "finished": False,
+    }
+    write_json_atomic(pointer, record)
 
     extra = {"mlflow_run_id": mlflow_run_id, "experiment": tracker.experiment_name,
              "tracking_uri": tracker.tracking_uri, "print_epochs": True}  # fmt: skip
@@ -175,9 +178,21 @@ def train_unet(
         model_uri = f"models:/{ucfg.registered_model_name}/{version.version}"
         log.tags({"ctvlab.registered_model": model_uri})
     tracker.end_run(mlflow_run_id, "FINISHED")
+    write_json_atomic(pointer, {**record, "finished": True})
     return TrainOutcome(
         run_id=mlflow_run_id, model_dir=model_dir, model_uri=model_uri,
         best_metrics={k: float(v) for k, v in best.items() if isinstance(v, (int, float))},
         best_epoch=int(best.get("epoch", -1)), epochs_run=len(history), history=history,
         metrics_replayed=replayed,
     )  # fmt: skip
+
+
+def interrupted_run(pointer: Path, settings_key: str) -> bool:
+    """True when `pointer` (train_last_run.json, tune_last_search.json) records a run of these settings
+    (`ctvlab run`'s stage key) that started and did not finish: `ctvlab run` continues it."""
+    try:
+        state = json.loads(Path(pointer).read_text())
+    except (OSError, ValueError):
+        return False
+    unfinished = state.get("phase") != "done" if "phase" in state else not state.get("finished", True)
+    return state.get("settings_key") == settings_key and unfinished

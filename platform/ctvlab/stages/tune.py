@@ -23,12 +23,20 @@ from ctvlab.unet.tune import TRIAL_PARAMS, SearchOutcome, best_trial, param_spac
 
 
 def tune_study(
-    cfg: StudyConfig, prep: Path | None = None, *, resume: bool = False, fail_trials: int = 0
+    cfg: StudyConfig,
+    prep: Path | None = None,
+    *,
+    resume: bool = False,
+    fail_trials: int = 0,
+    settings_key: str | None = None,
 ) -> SearchOutcome:
     """The study's two-step search (grid, then random search in the narrowed ranges); registers the best.
 
     Args:
+        resume: continue the search recorded in `tune_last_search.json`, skipping finished phases and trials.
         fail_trials: test hook: this many extra grid cells raise on purpose (fault-tolerance tests).
+        settings_key: `ctvlab run`'s key of the model stage, recorded so that `ctvlab run` continues an
+            interrupted search of the same settings and data.
     """
     from ctvlab.atomic import write_json_atomic
     from ctvlab.runtime import init_ray, refuse_local_store_on_cluster
@@ -54,7 +62,7 @@ def tune_study(
         name = time.strftime("search-%Y%m%d-%H%M%S")
         parent = tracker.start_run("tune", base_tags("tune", split.dataset_digest, split.digest))
         state = {"name": name, "parent_run_id": parent, "phase": "grid", "split_digest": split.digest,
-                 "dataset_digest": split.dataset_digest}  # fmt: skip
+                 "dataset_digest": split.dataset_digest, "settings_key": settings_key}  # fmt: skip
         tracker.logger(parent).params({"tune": cfg.tune.model_dump(mode="json")})
         tracker.logger(parent).json(cfg.tune.model_dump(mode="json"), "search_space.json", "search")
         write_json_atomic(pointer, state)

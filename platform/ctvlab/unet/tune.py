@@ -59,6 +59,7 @@ class SearchContext:
 
 def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
     """Tune function trainable: one U-Net training run with the trial's parameters (a Ray Train driver)."""
+    import ray
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -77,8 +78,10 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
     trial_id = tctx.get_trial_id()
     tracker = Tracker(ctx.experiment, ctx.tracking_uri)
     shown = {k: params[k] for k in TRIAL_PARAMS if k in params}
+    node = ray.get_runtime_context().get_node_id()  # where the trial ran, for a cluster's post-mortems
     run_id = tracker.start_run(f"trial-{trial_id}", {**base_tags("tune-trial"), "ctvlab.trial_id": trial_id,
-                                                     "ctvlab.search": ctx.search_name}, ctx.parent_run_id)  # fmt: skip
+                                                     "ctvlab.search": ctx.search_name, "ctvlab.ray_node": node},
+                               ctx.parent_run_id)  # fmt: skip
     log = tracker.logger(run_id)
     log.params({"trial": shown, "unet": ucfg.model_dump(mode="json")})
     try:
