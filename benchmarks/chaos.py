@@ -1,0 +1,325 @@
+"""Kill a smoke study with SIGKILL at random moments across its stages, resume it each time, and compare
+its final outputs with an uninterrupted run's.
+
+    python benchmarks/chaos.py --kills 20 --out /tmp/ctvlab-chaos
+
+1. Starts one local Ray cluster (`ray start --head`, its own temporary folder, 4 logical CPUs) that every
+   run joins with `--address`, as runs on a team's cluster do: a kill ends the driver and Ray cleans up
+   its tasks, trials and training workers.
+2. Reference: `ctvlab run --config jobs/configs/demo.yaml --smoke-test` uninterrupted, timing each stage.
+   With `--determinism`, a second uninterrupted run shows which outputs are reproducible at all.
+3. Chaos: `--kills` moments drawn uniformly over the reference run's timeline, sorted. Each moment falls in
+   one stage at some offset into it; an attempt starts `ctvlab run` in the chaos folder, waits until that
+   stage starts (or a later one, when the resumed run has already passed it), waits the offset, and kills
+   the run's whole process group with SIGKILL. Then the next attempt resumes. After the last kill one
+   more run finishes the study.
+4. Compares the two runs' outputs by content digest: the cohort (NIfTI by decoded bytes), the prepared
+   dataset and split digests, the voxel-model and statistics tables (timings dropped, pseudonyms mapped
+   back to ids: each prepared dataset has its own salt). Those must be equal. The network's weights and
+   the evaluation that follows from them are compared too, beside a second uninterrupted run
+   (`--determinism`): training with concurrent trials is not bit-reproducible run to run, so there the
+   question is whether the chaos run differs more than two clean runs do. Counts the patients that
+   reached the prepared dataset and the split.
+
+Prints: kills survived (attempts that were killed and whose work the next run resumed), the stages the
+kills fell in, outputs equal (per output), patients lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
+STAGE_LINE = re.compile(r"▶ \d+/\d+ (.+?)\s*$")
+DONE_LINE = re.compile(r"✓ ran in (\d+) s")
+SUMMARY = "ctvlab run: summary"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cluster(log: Path) -> tuple[subprocess.Popen, str, str]:
+    """A one-node Ray cluster of 4 logical CPUs with its own temporary folder: (process, address, temp)."""
+    temp = tempfile.mkdtemp(prefix="rc-")
+    port = free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+           "--num-cpus=4", "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"ray start failed:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    return proc, address, temp
+
+
+def stop(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def launch(workdir: Path, address: str, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ctvlab.cli", "run", "--config", str(CONFIG), "--smoke-test",
+           "--workdir", str(workdir), "--address", address,
+           "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": str(REPO / "platform")}  # fmt: skip
+    fh = open(log, "w")  # noqa: SIM115 (the child owns it until it ends)
+    return subprocess.Popen(
+        cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=workdir
+    )
+
+
+def stages_seen(log: Path) -> list[str]:
+    return [
+        m.group(1) for line in log.read_text(errors="replace").splitlines() if (m := STAGE_LINE.search(line))
+    ]
+
+
+def reference_run(workdir: Path, address: str) -> tuple[float, list[tuple[str, float, float]]]:
+    """An uninterrupted run: its duration and each stage's (name, start, end) in seconds from launch."""
+    workdir.mkdir(parents=True)
+    log = workdir / "run.log"
+    t0 = time.monotonic()
+    proc = launch(workdir, address, log)
+    seen: list[tuple[str, float]] = []
+    while proc.poll() is None:
+        names = stages_seen(log)
+        for name in names[len(seen) :]:
+            seen.append((name, time.monotonic() - t0))
+        time.sleep(0.2)
+    total = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"the reference run failed:\n{log.read_text()[-3000:]}")
+    for name in stages_seen(log)[len(seen) :]:
+        seen.append((name, total))
+    timeline = [
+        (name, start, seen[i + 1][1] if i + 1 < len(seen) else total) for i, (name, start) in enumerate(seen)
+    ]
+    return total, timeline
+
+
+def chaos_run(workdir: Path, address: str, moments: list[tuple[str, float]], order: list[str]) -> dict:
+    """Attempts killed at `moments` ((stage, offset s)), then one run to the end."""
+    workdir.mkdir(parents=True)
+    kills, completed_early, landed = 0, 0, []
+    for i, (stage, offset) in enumerate(moments):
+        log = workdir / f"attempt-{i:02d}.log"
+        proc = launch(workdir, address, log)
+        target = order.index(stage)
+        started_at = None
+        while proc.poll() is None:
+            names = stages_seen(log)
+            reached = [order.index(n) for n in names if n in order]
+            if started_at is None and reached and max(reached) >= target:
+                started_at = time.monotonic()
+            if started_at is not None and time.monotonic() - started_at >= offset:
+                break
+            time.sleep(0.05)
+        if proc.poll() is None:
+            names = stages_seen(log)
+            landed.append(names[-1] if names else "start-up")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            print(
+                f"  kill {kills:2d}: in {landed[-1]} ({offset:.1f} s into the targeted stage {stage})",
+                flush=True,
+            )
+        else:
+            completed_early += 1
+            print(
+                f"  attempt {i + 1}: the run finished (exit {proc.returncode}) before its kill in {stage}",
+                flush=True,
+            )
+    log = workdir / "final.log"
+    proc = launch(workdir, address, log)
+    proc.wait()
+    return {"kills": kills, "completed_early": completed_early, "landed": landed, "final_exit": proc.returncode,
+            "final_log": log}  # fmt: skip
+
+
+# --- comparing outputs ---------------------------------------------------------------------------------
+
+
+def file_digest(path: Path) -> str:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)  # gzip headers carry a time stamp; the image does not
+    return hashlib.sha256(data).hexdigest()
+
+
+def folder_digest(folder: Path, pattern: str = "*") -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob(pattern) if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(file_digest(f).encode())
+    return h.hexdigest()
+
+
+def model_digest(folder: Path) -> str:
+    import torch
+
+    state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].numpy().tobytes())
+    return h.hexdigest()
+
+
+TIMING = ("fit_s", "predict_s", "permutation_s", "cpu_s", "seconds")
+
+
+def table_digest(folder: Path, pattern: str, prep: Path) -> str:
+    """Digest of CSV tables with run-specific columns removed: timings, and the pseudonyms (keyed by each
+    prepared dataset's own random salt) mapped back to patient ids."""
+    import pandas as pd
+
+    from ctvlab.splits import pseudonymise
+
+    cohort = pd.read_csv(prep.parent / "cohort" / "manifest.csv")["patient_id"].astype(str)
+    back = {v: k for k, v in pseudonymise(prep, cohort).items()}
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob(pattern)):
+        df = pd.read_csv(f)
+        df = df.drop(columns=[c for c in df.columns if c in TIMING or c.endswith("_seconds")])
+        df = df.replace(back)
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(df.to_csv(index=False).encode())
+    return h.hexdigest()
+
+
+def outputs(workdir: Path) -> dict[str, str]:
+    """Digests of the outputs that do not depend on the trained network (reproducible run to run)."""
+    smoke = workdir / "smoke"
+    res, prep = smoke / "results", smoke / "prep"
+    return {
+        "cohort (images, masks, manifest)": folder_digest(smoke / "cohort"),
+        "prepared dataset (digest)": json.loads((prep / "dataset.json").read_text())["digest"],
+        "split (digest)": json.loads((prep / "splits.json").read_text())["digest"],
+        "voxel-model CV tables": table_digest(res / "rf_cv", "*.csv", prep),
+        "statistics tables": table_digest(res / "stats", "*.csv", prep),
+    }
+
+
+def model_outputs(workdir: Path) -> dict[str, str]:
+    """The trained network and what follows from it: reproducible only as far as training is."""
+    res = workdir / "smoke" / "results"
+    return {
+        "model weights": model_digest(res / "model"),
+        "evaluation tables": table_digest(res / "evaluate", "*.csv", workdir / "smoke" / "prep"),
+    }
+
+
+def model_pcc(workdir: Path) -> float:
+    import pandas as pd
+
+    t = pd.read_csv(workdir / "smoke" / "results" / "evaluate" / "per_patient.csv")
+    return float(t.loc[t["ctv"] == "model", "pcc"].mean())
+
+
+def patients(workdir: Path) -> tuple[int, int, int]:
+    """(patients in the cohort, in the prepared dataset, in the split)."""
+    import pandas as pd
+
+    smoke = workdir / "smoke"
+    cohort = pd.read_csv(smoke / "cohort" / "manifest.csv")
+    report = json.loads((smoke / "prep" / "preprocess_report.json").read_text())
+    split = pd.read_parquet(smoke / "prep" / "splits.parquet")
+    return len(cohort), int(report["n_prepared"]), int(split["patient_id"].nunique())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "ctvlab-chaos")
+    p.add_argument("--determinism", action="store_true", help="also a second uninterrupted run")
+    args = p.parse_args()
+    if args.out.exists():
+        raise SystemExit(
+            f"{args.out} exists: give a new --out (this benchmark never deletes a folder it did not create)"
+        )
+    args.out.mkdir(parents=True)
+    proc, address, temp = start_cluster(args.out / "ray.log")
+    try:
+        t0 = time.monotonic()
+        total, timeline = reference_run(args.out / "reference", address)
+        print(
+            f"reference run: {total:.0f} s; stages: "
+            + ", ".join(f"{n} {e - s:.0f} s" for n, s, e in timeline)
+        )
+        rng = random.Random(args.seed)
+        moments = []
+        for t in sorted(rng.uniform(0, total) for _ in range(args.kills)):
+            name, start, _ = next(((n, s, e) for n, s, e in timeline if s <= t < e), timeline[-1])
+            moments.append((name, t - start))
+        order = [n for n, _, _ in timeline]
+        ref2 = None
+        if args.determinism:
+            reference_run(args.out / "reference-2", address)
+            ref2 = True
+        result = chaos_run(args.out / "chaos", address, moments, order)
+        elapsed = time.monotonic() - t0
+    finally:
+        stop(proc)
+        shutil.rmtree(temp, ignore_errors=True)
+
+    ref, got = outputs(args.out / "reference"), outputs(args.out / "chaos")
+    n_cohort, n_prep, n_split = patients(args.out / "chaos")
+    final_ok = result["final_exit"] == 0 and SUMMARY in result["final_log"].read_text(errors="replace")
+    print()
+    print(
+        f"kills survived: {result['kills'] if final_ok else 0} of {result['kills']} (attempts that finished before "
+        f"their kill: {result['completed_early']}); final run exit {result['final_exit']}"
+    )
+    landed = {s: result["landed"].count(s) for s in dict.fromkeys(result["landed"])}
+    print("kills per stage: " + ", ".join(f"{s} {n}" for s, n in landed.items()))
+    equal = sum(ref[k] == got[k] for k in ref)
+    print(f"outputs equal: {equal} of {len(ref)} (those that do not depend on the trained network)")
+    for k in ref:
+        print(f"  {'equal    ' if ref[k] == got[k] else 'DIFFERENT'} {k}")
+    runs = ["reference", "chaos"] + (["reference-2"] if ref2 is not None else [])
+    models = {r: model_outputs(args.out / r) for r in runs}
+    for k in models["reference"]:
+        same = [r for r in runs[1:] if models[r][k] == models["reference"][k]]
+        print(f"  {k}: equal to the reference in {', '.join(same) or 'no other run'}")
+    print(
+        "  model CTV PCC (test patients' mean): "
+        + ", ".join(f"{r} {model_pcc(args.out / r):.4f}" for r in runs)
+    )
+    print(f"patients lost: {n_cohort - n_prep} of {n_cohort} (prepared {n_prep}, in the split {n_split})")
+    print(f"wall time {elapsed / 60:.1f} min; runs under {args.out} (kept; delete them when done)")
+    sys.exit(0 if final_ok and equal == len(ref) and n_prep == n_cohort == n_split else 1)
+
+
+if __name__ == "__main__":
+    main()
