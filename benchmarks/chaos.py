@@ -8,11 +8,11 @@ its final outputs with an uninterrupted run's.
    its tasks, trials and training workers.
 2. Reference: `ctvlab run --config jobs/configs/demo.yaml --smoke-test` uninterrupted, timing each stage.
    With `--determinism`, a second uninterrupted run shows which outputs are reproducible at all.
-3. Chaos: `--kills` moments drawn uniformly over the reference run's timeline, sorted. Each moment falls in
-   one stage at some offset into it; an attempt starts `ctvlab run` in the chaos folder, waits until that
-   stage starts (or a later one, when the resumed run has already passed it), waits the offset, and kills
-   the run's whole process group with SIGKILL. Then the next attempt resumes. After the last kill one
-   more run finishes the study.
+3. Chaos: `--kills` moments, each in a stage drawn uniformly among the stages that last 2 s or more in
+   the reference run, at an offset drawn uniformly within that stage's duration; in stage order. An
+   attempt starts `ctvlab run` in the chaos folder, waits until that stage starts (or a later one, when the
+   resumed run has already passed it), waits the offset, and kills the run's whole process group with
+   SIGKILL. Then the next attempt resumes. After the last kill one more run finishes the study.
 4. Compares the two runs' outputs by content digest: the cohort (NIfTI by decoded bytes), the prepared
    dataset and split digests, the voxel-model and statistics tables (timings dropped, pseudonyms mapped
    back to ids: each prepared dataset has its own salt). Those must be equal. The network's weights and
@@ -278,11 +278,12 @@ def main() -> None:
             + ", ".join(f"{n} {e - s:.0f} s" for n, s, e in timeline)
         )
         rng = random.Random(args.seed)
-        moments = []
-        for t in sorted(rng.uniform(0, total) for _ in range(args.kills)):
-            name, start, _ = next(((n, s, e) for n, s, e in timeline if s <= t < e), timeline[-1])
-            moments.append((name, t - start))
         order = [n for n, _, _ in timeline]
+        # Each kill: a stage drawn uniformly among those that last long enough to be hit, a moment drawn
+        # uniformly within it (stage order kept: the run advances as a real interrupted study would).
+        long_enough = [(n, e - s) for n, s, e in timeline if e - s >= 2.0]
+        picks = sorted((rng.choice(long_enough) for _ in range(args.kills)), key=lambda x: order.index(x[0]))
+        moments = [(name, rng.uniform(0.0, duration)) for name, duration in picks]
         ref2 = None
         if args.determinism:
             reference_run(args.out / "reference-2", address)
