@@ -12,7 +12,9 @@ its final outputs with an uninterrupted run's.
    the reference run, at an offset drawn uniformly within that stage's duration; in stage order. An
    attempt starts `ctvlab run` in the chaos folder, waits until that stage starts (or a later one, when the
    resumed run has already passed it), waits the offset, and kills the run's whole process group with
-   SIGKILL. Then the next attempt resumes. After the last kill one more run finishes the study.
+   SIGKILL. Then the next attempt resumes. A resumed run that finishes before its kill completes that
+   study, and the remaining moments go to a new one, so every moment gets its kill. Each study is finally
+   run to the end once more.
 4. Compares the two runs' outputs by content digest: the cohort (NIfTI by decoded bytes), the prepared
    dataset and split digests, the voxel-model and statistics tables (timings dropped, pseudonyms mapped
    back to ids: each prepared dataset has its own salt). Those must be equal. The network's weights and
@@ -126,44 +128,67 @@ def reference_run(workdir: Path, address: str) -> tuple[float, list[tuple[str, f
     return total, timeline
 
 
-def chaos_run(workdir: Path, address: str, moments: list[tuple[str, float]], order: list[str]) -> dict:
-    """Attempts killed at `moments` ((stage, offset s)), then one run to the end."""
-    workdir.mkdir(parents=True)
-    kills, completed_early, landed = 0, 0, []
-    for i, (stage, offset) in enumerate(moments):
-        log = workdir / f"attempt-{i:02d}.log"
-        proc = launch(workdir, address, log)
-        target = order.index(stage)
-        started_at = None
-        while proc.poll() is None:
-            names = stages_seen(log)
-            reached = [order.index(n) for n in names if n in order]
-            if started_at is None and reached and max(reached) >= target:
-                started_at = time.monotonic()
-            if started_at is not None and time.monotonic() - started_at >= offset:
-                break
-            time.sleep(0.05)
-        if proc.poll() is None:
-            names = stages_seen(log)
-            landed.append(names[-1] if names else "start-up")
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            print(
-                f"  kill {kills:2d}: in {landed[-1]} ({offset:.1f} s into the targeted stage {stage})",
-                flush=True,
-            )
-        else:
-            completed_early += 1
-            print(
-                f"  attempt {i + 1}: the run finished (exit {proc.returncode}) before its kill in {stage}",
-                flush=True,
-            )
-    log = workdir / "final.log"
+def attempt(
+    workdir: Path, address: str, log: Path, stage: str, offset: float, order: list[str]
+) -> str | None:
+    """One `ctvlab run`, killed `offset` s after `stage` (or a later one) starts: the stage it was in, or
+    None when the run finished first."""
     proc = launch(workdir, address, log)
+    target = order.index(stage)
+    started_at = None
+    while proc.poll() is None:
+        reached = [order.index(n) for n in stages_seen(log) if n in order]
+        if started_at is None and reached and max(reached) >= target:
+            started_at = time.monotonic()
+        if started_at is not None and time.monotonic() - started_at >= offset:
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        return None
+    names = stages_seen(log)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return {"kills": kills, "completed_early": completed_early, "landed": landed, "final_exit": proc.returncode,
-            "final_log": log}  # fmt: skip
+    return names[-1] if names else "start-up"
+
+
+def chaos_run(root: Path, address: str, moments: list[tuple[str, float]], order: list[str]) -> dict:
+    """Attempts killed at `moments` ((stage, offset s)), each resuming the last. A resumed run can finish
+    before its kill (it had less left to do than the reference): that study is then complete, and the
+    remaining moments go to a new study, so that every moment gets its kill. Each study is finally run to
+    the end once more."""
+    studies: list[Path] = []
+    pending = list(moments)
+    kills, landed, finished_early, missed = 0, [], 0, 0
+    while pending:
+        workdir = root / f"study-{len(studies) + 1}"
+        workdir.mkdir(parents=True)
+        studies.append(workdir)
+        killed_here = 0
+        while pending:
+            stage, offset = pending[0]
+            where = attempt(
+                workdir, address, workdir / f"attempt-{kills + missed:02d}.log", stage, offset, order
+            )
+            if where is None:
+                finished_early += 1
+                print(f"  {workdir.name}: the resumed run finished before its kill in {stage}", flush=True)
+                if killed_here == 0:  # even a fresh study outran it: this moment cannot be hit
+                    pending.pop(0)
+                    missed += 1
+                break
+            pending.pop(0)
+            kills += 1
+            killed_here += 1
+            landed.append(where)
+            print(f"  kill {kills:2d} ({workdir.name}): in {where} ({offset:.1f} s into {stage})", flush=True)
+    finals = {}
+    for workdir in studies:
+        log = workdir / "final.log"
+        proc = launch(workdir, address, log)
+        proc.wait()
+        finals[workdir] = proc.returncode == 0 and SUMMARY in log.read_text(errors="replace")
+    return {"kills": kills, "landed": landed, "finished_early": finished_early, "missed": missed,
+            "studies": studies, "finals": finals}  # fmt: skip
 
 
 # --- comparing outputs ---------------------------------------------------------------------------------
@@ -294,21 +319,35 @@ def main() -> None:
         stop(proc)
         shutil.rmtree(temp, ignore_errors=True)
 
-    ref, got = outputs(args.out / "reference"), outputs(args.out / "chaos")
-    n_cohort, n_prep, n_split = patients(args.out / "chaos")
-    final_ok = result["final_exit"] == 0 and SUMMARY in result["final_log"].read_text(errors="replace")
+    ref = outputs(args.out / "reference")
+    studies, finals = result["studies"], result["finals"]
     print()
     print(
-        f"kills survived: {result['kills'] if final_ok else 0} of {result['kills']} (attempts that finished before "
-        f"their kill: {result['completed_early']}); final run exit {result['final_exit']}"
+        f"kills survived: {result['kills'] if all(finals.values()) else 0} of {result['kills']} "
+        f"across {len(studies)} studies (resumed runs that finished before their kill: {result['finished_early']}; "
+        f"moments no run reached: {result['missed']}); final runs "
+        + ", ".join(f"{w.name} {'ok' if ok else 'FAILED'}" for w, ok in finals.items())
     )
     landed = {s: result["landed"].count(s) for s in dict.fromkeys(result["landed"])}
     print("kills per stage: " + ", ".join(f"{s} {n}" for s, n in landed.items()))
-    equal = sum(ref[k] == got[k] for k in ref)
-    print(f"outputs equal: {equal} of {len(ref)} (those that do not depend on the trained network)")
-    for k in ref:
-        print(f"  {'equal    ' if ref[k] == got[k] else 'DIFFERENT'} {k}")
-    runs = ["reference", "chaos"] + (["reference-2"] if ref2 is not None else [])
+    n_equal, n_compared, lost, total_patients = 0, 0, 0, 0
+    for w in studies:
+        got = outputs(w)
+        same = [k for k in ref if ref[k] == got[k]]
+        n_equal, n_compared = n_equal + len(same), n_compared + len(ref)
+        print(
+            f"outputs equal in {w.name}: {len(same)} of {len(ref)} (those that do not depend on the trained network)"
+        )
+        for k in ref:
+            print(f"  {'equal    ' if k in same else 'DIFFERENT'} {k}")
+        n_cohort, n_prep, n_split = patients(w)
+        lost += n_cohort - min(n_prep, n_split)
+        total_patients += n_cohort
+    runs = [
+        "reference",
+        *(["reference-2"] if ref2 is not None else []),
+        *(str(w.relative_to(args.out)) for w in studies),
+    ]
     models = {r: model_outputs(args.out / r) for r in runs}
     for k in models["reference"]:
         same = [r for r in runs[1:] if models[r][k] == models["reference"][k]]
@@ -317,9 +356,9 @@ def main() -> None:
         "  model CTV PCC (test patients' mean): "
         + ", ".join(f"{r} {model_pcc(args.out / r):.4f}" for r in runs)
     )
-    print(f"patients lost: {n_cohort - n_prep} of {n_cohort} (prepared {n_prep}, in the split {n_split})")
+    print(f"outputs equal: {n_equal} of {n_compared}; patients lost: {lost} of {total_patients}")
     print(f"wall time {elapsed / 60:.1f} min; runs under {args.out} (kept; delete them when done)")
-    sys.exit(0 if final_ok and equal == len(ref) and n_prep == n_cohort == n_split else 1)
+    sys.exit(0 if all(finals.values()) and n_equal == n_compared and lost == 0 else 1)
 
 
 if __name__ == "__main__":
