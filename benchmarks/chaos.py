@@ -294,6 +294,8 @@ def main() -> None:
             f"{args.out} exists: give a new --out (this benchmark never deletes a folder it did not create)"
         )
     args.out.mkdir(parents=True)
+    # A terminated benchmark stops its cluster too (the `finally` below runs on SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     proc, address, temp = start_cluster(args.out / "ray.log")
     try:
         t0 = time.monotonic()
