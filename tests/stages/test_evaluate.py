@@ -39,6 +39,10 @@ def test_tables_hold_every_test_patient_and_ctv(evaluation, prepared_phantom):
     assert ((vol["isovolume"] - vol["model"]).abs() / vol["model"] < 0.25).all()
     assert (out.per_patient.loc[out.per_patient["ctv"] == "isovolume", "margin_mm"] >= 0).all()
     assert 0.0 < out.threshold < 1.0  # chosen on the validation patients
+    # the paper's per-patient comparisons, over the same test patients, written beside the other tables
+    comparisons = out.comparisons.set_index("comparison")
+    assert comparisons.loc["model PCC > RTOG PCC (% of patients)", "n"] == len(test_ids)
+    assert (out.out_dir / "comparisons.csv").read_text().startswith("comparison,value,n,study")
 
 
 def test_rtog_covers_the_whole_phantom_target(evaluation):

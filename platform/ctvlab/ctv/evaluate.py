@@ -1,7 +1,7 @@
 """One patient's CTV evaluation, given the network's probability: the three CTVs (`ctvlab.ctv.construct`),
 their metrics against the composite lesion target (`ctvlab.ctv.metrics`), how much of the progression
 beyond the pre-RT lesion each covers; the tables over patients (Supplementary Tables 1 and 2, Wilcoxon
-tests) and the CTVs written as NIfTI. The stage that runs it over a split is `ctvlab.stages.evaluate`.
+tests, the per-patient comparisons of the paper's Results) and the CTVs written as NIfTI. The stage that runs it over a split is `ctvlab.stages.evaluate`.
 """
 
 from __future__ import annotations
@@ -86,6 +86,51 @@ def summary_table(per_patient: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_sd"] = float(vals.std(ddof=1)) if vals.notna().sum() > 1 else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# The paper's per-patient comparisons (Results, "CTV evaluation"; Supplementary Fig. 4), with its values.
+MISS_FRACTION = 0.13  # "only missing more than 13% of the lesion in 3 patients"
+EARLY_PFS_MONTHS = 7.0  # the study's median PFS: early < 7 months ≤ late
+COMPARISON_COLUMNS = ["comparison", "value", "n", "study"]
+
+
+def comparison_table(per_patient: pd.DataFrame, clinical: pd.DataFrame) -> pd.DataFrame:
+    """Per-patient comparisons of the model CTV: how often it beats RTOG and EORTC by PCC (ties are not
+    wins), how many patients it misses more than 13% of the progression in, its PCC in early and late
+    progressors and per treatment cohort; each beside the study's value where the paper gives one.
+
+    Args:
+        per_patient: the evaluation's rows (patient_id, ctv, sensitivity, pcc, ...).
+        clinical: patient_id, cohort and pfs_months of the same patients (prep's patients.parquet).
+    """
+    if "model" not in set(per_patient["ctv"]):
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    pcc = per_patient.pivot_table(index="patient_id", columns="ctv", values="pcc", aggfunc="first")
+    sens = per_patient[per_patient["ctv"] == "model"].set_index("patient_id")["sensitivity"]
+    info = clinical.set_index("patient_id").reindex(pcc.index)
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, n: int, study: float = float("nan")) -> None:
+        rows.append({"comparison": name, "value": float(value), "n": int(n), "study": study})
+
+    for other, study in (("rtog", 72.0), ("eortc", 94.0)):
+        if other in pcc:
+            both = pcc[["model", other]].dropna()
+            add(f"model PCC > {other.upper()} PCC (% of patients)", 100.0 * (both["model"] > both[other]).mean()
+                if len(both) else float("nan"), len(both), study)  # fmt: skip
+    valid = sens.dropna()
+    add(f"patients whose model CTV misses > {MISS_FRACTION:.0%} of the progression", (valid < 1 - MISS_FRACTION).sum(),
+        len(valid), 3.0)  # fmt: skip
+    model_pcc = pcc["model"]
+    early = info["pfs_months"] < EARLY_PFS_MONTHS
+    for name, mask, study in (("early", early, 0.803), ("late", ~early, 0.815)):
+        vals = model_pcc[mask].dropna()
+        add(f"model PCC, {name} progressors (PFS {'<' if name == 'early' else '≥'} {EARLY_PFS_MONTHS:g} months)",
+            vals.mean() if len(vals) else float("nan"), len(vals), study)  # fmt: skip
+    for cohort in sorted(info["cohort"].dropna().unique()):
+        vals = model_pcc[info["cohort"] == cohort].dropna()
+        add(f"model PCC, {cohort} cohort", vals.mean(), len(vals))
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
 def wilcoxon_table(per_patient: pd.DataFrame) -> pd.DataFrame:

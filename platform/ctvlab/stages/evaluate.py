@@ -29,13 +29,14 @@ from ctvlab.atomic import atomic_folder, write_csv_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.ctv.evaluate import (
     PATIENT_FIGURE_PREFIX,
+    comparison_table,
     evaluate_patient,
     patient_masks,
     summary_table,
     wilcoxon_table,
     write_ctv_nifti,
 )
-from ctvlab.data.readers import load_patient
+from ctvlab.data.readers import load_patient, read_patients
 from ctvlab.errors import CtvlabError, DataError
 from ctvlab.unet.inference import LoadedModel, load_model, predict_probability
 
@@ -95,6 +96,7 @@ class EvaluationOutcome:
     figures: list[Path]
     seconds_inference: float
     seconds_ctv_metrics: float
+    comparisons: pd.DataFrame | None = None
 
 
 def choose_validation_threshold(model: LoadedModel, prep: Path, val_ids: Sequence[str], cfg: StudyConfig):
@@ -183,7 +185,12 @@ def evaluate_study(
         per_patient = pd.DataFrame(rows)
         summary = summary_table(per_patient)
         wilcoxon = wilcoxon_table(per_patient)
-        for name, df in (("per_patient", per_patient), ("summary", summary), ("wilcoxon", wilcoxon)):
+        comparisons = comparison_table(
+            per_patient, read_patients(prep)[["patient_id", "cohort", "pfs_months"]]
+        )
+        tables = (("per_patient", per_patient), ("summary", summary), ("wilcoxon", wilcoxon),
+                  ("comparisons", comparisons))  # fmt: skip
+        for name, df in tables:
             write_csv_atomic(out / f"{name}.csv", df)
 
         figures = [plot_metric_boxes(per_patient.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
@@ -228,6 +235,7 @@ def evaluate_study(
         run.table(pseudonymised(prep, per_patient), "per_patient.csv")
         run.table(summary, "summary.csv")
         run.table(wilcoxon, "wilcoxon.csv")
+        run.table(comparisons, "comparisons.csv")
         if threshold_table:
             run.table(pd.DataFrame({"threshold": list(threshold_table), "mean_val_tversky": list(threshold_table.values())}),
                       "threshold_choice.csv")  # fmt: skip
@@ -247,7 +255,7 @@ def evaluate_study(
                 run.artifact(Path(d) / sub, sub)
         run_id = run.run_id
     return EvaluationOutcome(run_id, model_uri, threshold, per_patient, summary, wilcoxon, out, figures,
-                             t_inf / len(ids), t_ctv / len(ids))  # fmt: skip
+                             t_inf / len(ids), t_ctv / len(ids), comparisons)  # fmt: skip
 
 
 def _rf_roc_curves(cfg: StudyConfig) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
@@ -368,6 +376,12 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
             if r.metric in ("sensitivity", "specificity", "pcc")
         ]
         console.print("Wilcoxon signed-rank: " + "; ".join(lines))
+    if outcome.comparisons is not None and len(outcome.comparisons):
+        parts = []
+        for r in outcome.comparisons.itertuples():
+            study = f" [study {r.study:g}]" if r.study == r.study else ""
+            parts.append(f"{r.comparison}: {r.value:.3g} (n = {r.n}){study}")
+        console.print("Per patient: " + "; ".join(parts))
     console.print(f"tables, figures and CTV NIfTI files: {outcome.out_dir}")
     console.print(f"MLflow run {outcome.run_id}; model {outcome.model_uri}")
     console.print(
