@@ -23,7 +23,9 @@ def test_win_rates_misses_and_subgroups_are_counted_by_hand():
     per_patient = pd.DataFrame(
         _rows("A", (0.95, 0.80), rtog=0.70, eortc=0.60)  # beats both
         + _rows("B", (0.80, 0.60), rtog=0.75, eortc=0.50)  # beats EORTC only; misses 20% (> 13%)
-        + _rows("C", (0.87, 0.70), rtog=0.70, eortc=0.65)  # ties RTOG (no win), beats EORTC; misses exactly 13%
+        + _rows(
+            "C", (0.87, 0.70), rtog=0.70, eortc=0.65
+        )  # ties RTOG (no win), beats EORTC; misses exactly 13%
         + _rows("D", (0.50, 0.40), rtog=0.90, eortc=0.80)  # beats neither; misses 50%
     )
     clinical = pd.DataFrame({"patient_id": ["A", "B", "C", "D"], "cohort": ["SOC", "SOC", "ATT", "ENZA"],

@@ -47,6 +47,7 @@ PRED = _box(BRAIN.shape, (7, 5, 5), (19, 15, 15))
 HAND = {
     "sensitivity": 800 / 1000,
     "specificity": 6600 / 7000,
+    "ppv": 800 / 1200,
     "dice": 1600 / 2200,
     "tversky": 800 / (800 + 0.02 * 400 + 0.98 * 200),
     "pcc": 7200 / 9200,
@@ -64,7 +65,9 @@ def test_confusion_counts_only_within_the_brain():
     assert confusion(PRED, TARGET, brain) == (400, 200, 100, 4000 - 700)
 
 
-@pytest.mark.parametrize("name", ["sensitivity", "specificity", "dice", "tversky", "pcc", "volume_cm3"])
+@pytest.mark.parametrize(
+    "name", ["sensitivity", "specificity", "ppv", "dice", "tversky", "pcc", "volume_cm3"]
+)
 def test_hand_computed_metrics_of_the_shifted_box(name):
     got = ctv_metrics(PRED, TARGET, BRAIN, (3.0, 3.0, 3.0))
     assert got[name] == pytest.approx(HAND[name], rel=1e-12)
@@ -127,10 +130,10 @@ EMPTY = np.zeros_like(BRAIN)
     ("pred", "target", "expected"),
     [
         # empty prediction: nothing found, nothing wrongly included
-        (EMPTY, TARGET, {"sensitivity": 0.0, "specificity": 1.0, "dice": 0.0, "tversky": 0.0, "pcc": 0.0,
-                         "hd95_mm": math.nan, "volume_cm3": 0.0}),
+        (EMPTY, TARGET, {"sensitivity": 0.0, "specificity": 1.0, "ppv": math.nan, "dice": 0.0, "tversky": 0.0,
+                         "pcc": 0.0, "hd95_mm": math.nan, "volume_cm3": 0.0}),
         # empty target: sensitivity undefined, every predicted voxel a false positive
-        (PRED, EMPTY, {"sensitivity": math.nan, "specificity": 6800 / 8000, "dice": 0.0, "tversky": 0.0,
+        (PRED, EMPTY, {"sensitivity": math.nan, "specificity": 6800 / 8000, "ppv": 0.0, "dice": 0.0, "tversky": 0.0,
                        "pcc": 0.0, "hd95_mm": math.nan, "volume_cm3": 1.2}),
         # both empty: perfect agreement
         (EMPTY, EMPTY, {"sensitivity": math.nan, "specificity": 1.0, "dice": 1.0, "tversky": 1.0,
@@ -322,3 +325,20 @@ def test_ctv_wilcoxon_pairs_by_patient_skips_missing_values_and_adjusts_by_holm(
     hand = {lo: min(1.0, 2 * lo), hi: max(min(1.0, 2 * lo), hi)}
     assert got.loc[("dice", "rtog"), "p_holm"] == pytest.approx(hand[p_dice])
     assert got.loc[("hd95_mm", "rtog"), "p_holm"] == pytest.approx(hand[p_hd])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overlap_metrics_match_scikit_learn_on_random_masks(seed):
+    """Sensitivity is recall, PPV precision, specificity the recall of the negative class, all within
+    the brain: scikit-learn's implementations on the brain voxels agree."""
+    from sklearn.metrics import precision_score, recall_score
+
+    rng = np.random.default_rng(seed)
+    brain = _ball((16, 16, 16), (8, 8, 8), 7)
+    target = rng.random(brain.shape) < 0.2
+    pred = rng.random(brain.shape) < 0.3
+    got = ctv_metrics(pred, target, brain, (2.0, 2.0, 2.0))
+    y, p = target[brain], pred[brain]
+    assert got["sensitivity"] == pytest.approx(recall_score(y, p))
+    assert got["ppv"] == pytest.approx(precision_score(y, p))
+    assert got["specificity"] == pytest.approx(recall_score(~y, ~p))

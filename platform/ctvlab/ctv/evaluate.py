@@ -20,6 +20,7 @@ TABLE_METRICS = (
     "sensitivity",
     "specificity",
     "specificity_ring",  # within the 4 cm ring around the T2L: where a margin can spare tissue at all
+    "ppv",  # positive predictive value: the share of the CTV that progressed
     "dice",
     "hd95_mm",
     "tversky",

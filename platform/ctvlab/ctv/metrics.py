@@ -10,6 +10,7 @@ Edge cases never divide by zero; each has a defined value:
 | metric | no target voxels | no predicted voxels | neither |
 |---|---|---|---|
 | sensitivity TP/(TP+FN) | NaN | 0 | NaN |
+| positive predictive value TP/(TP+FP) | 0 | NaN | NaN |
 | specificity TN/(TN+FP) | NaN only when the target fills the brain | 1 | 1 |
 | Dice, Tversky, PCC | 0 | 0 | 1 (perfect agreement) |
 | hd95_mm | NaN | NaN | 0.0 |
@@ -175,8 +176,9 @@ def ctv_metrics(
     """Every per-patient metric of one CTV against the target.
 
     Returns:
-        {"sensitivity", "specificity", "dice", "hd95_mm", "tversky", "pcc", "volume_cm3"}: the overlap
-        metrics within the brain; hd95_mm between the brain-restricted masks; volume_cm3 of the whole
+        {"sensitivity", "specificity", "ppv", "dice", "hd95_mm", "tversky", "pcc", "volume_cm3"}: the
+        overlap metrics within the brain (ppv: the positive predictive value, the share of the CTV that
+        progressed); hd95_mm between the brain-restricted masks; volume_cm3 of the whole
         `pred` (voxel count × voxel volume).
     """
     pred, target, brain = (np.asarray(a, dtype=bool) for a in (pred, target, brain))
@@ -186,6 +188,7 @@ def ctv_metrics(
     return {
         "sensitivity": _ratio(tp, tp + fn, empty=math.nan),
         "specificity": _ratio(tn, tn + fp, empty=math.nan),
+        "ppv": _ratio(tp, tp + fp, empty=math.nan),
         "dice": _ratio(2 * tp, 2 * tp + fp + fn, empty=1.0),
         "hd95_mm": hd95(pred & brain, target & brain, spacing),
         "tversky": _tversky_index(tp, fp, fn, alpha, beta),
