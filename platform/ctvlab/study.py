@@ -24,7 +24,11 @@ TVERSKY_BETA = 0.98
 SELECTION_METRIC = "val_tversky"
 BEST_SELECTION_METRIC = "best_" + SELECTION_METRIC
 
-# The CTVs compared, in the order of every table and figure: the model's, RTOG's, EORTC's, and the fair
+# The CTVs compared, in the order of every table and figure: the model's, RTOG's, EORTC's, the fair
 # control the paper lacks: a uniform margin around the lesion grown to the model CTV's volume ("isovolume",
 # the protocol of PREDICT-GBM), which asks whether the model puts its volume in the right place.
-CTV_NAMES: tuple[str, ...] = ("model", "rtog", "eortc", "isovolume")
+CTV_NAMES: tuple[str, ...] = ("model", "rtog", "eortc", "isovolume", "lesion")
+# "lesion": the pre-RT lesion (CEL ∪ T2L) with no margin at all, the paper's Supplementary Table 1 row that
+# shows why Dice and PPV mislead (the best of both, yet the worst CTV). A row in the tables, never tested
+# against the model and never drawn.
+REFERENCE_ONLY_CTVS: tuple[str, ...] = ("lesion",)

@@ -29,8 +29,15 @@ def test_tables_hold_every_test_patient_and_ctv(evaluation, prepared_phantom):
     _, out = evaluation
     test_ids = load_split(prepared_phantom).patients("test")
     assert sorted(out.per_patient["patient_id"].unique()) == test_ids
-    assert sorted(out.per_patient["ctv"].unique()) == ["eortc", "isovolume", "model", "rtog"]
-    assert list(out.summary["ctv"]) == ["model", "rtog", "eortc", "isovolume"]
+    assert sorted(out.per_patient["ctv"].unique()) == ["eortc", "isovolume", "lesion", "model", "rtog"]
+    assert list(out.summary["ctv"]) == ["model", "rtog", "eortc", "isovolume", "lesion"]
+    # the bare pre-RT lesion: a table row (the paper's "pre-RT lesion only"), never tested or written
+    lesion = out.per_patient[out.per_patient["ctv"] == "lesion"].set_index("patient_id")
+    rtog = out.per_patient[out.per_patient["ctv"] == "rtog"].set_index("patient_id")
+    assert (lesion["volume_cm3"] < rtog["volume_cm3"]).all() and (
+        lesion["sensitivity"] <= rtog["sensitivity"]
+    ).all()
+    assert not list((out.out_dir / "ctv_3mm").glob("*_lesion.nii.gz"))
     assert {"sensitivity_mean", "specificity_sd", "pcc_mean", "hd95_mm_mean"} <= set(out.summary.columns)
     assert set(out.wilcoxon["other"]) == {"rtog", "eortc", "isovolume"}
     assert {"n", "n_zero", "p_value", "p_holm"} <= set(out.wilcoxon.columns)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ctvlab.config import StudyConfig
 from ctvlab.data.readers import PreparedPatient
-from ctvlab.study import CTV_NAMES
+from ctvlab.study import CTV_NAMES, REFERENCE_ONLY_CTVS
 
 TABLE_METRICS = (
     "sensitivity",
@@ -59,6 +59,7 @@ def evaluate_patient(
         ctvs["isovolume"], margins["isovolume"] = isovolume_ctv(
             lesion, masks["brain"], masks["critical"], p.spacing, int(ctvs["model"].sum())
         )
+    ctvs["lesion"] = lesion & masks["brain"]  # no margin: the paper's "pre-RT lesion only" row
     progression = (masks["cel_prog"] | masks["t2l_prog"]) & masks["brain"] & ~lesion
     rows = []
     for name in CTV_NAMES:
@@ -140,7 +141,8 @@ def wilcoxon_table(per_patient: pd.DataFrame) -> pd.DataFrame:
 
     if "model" not in set(per_patient["ctv"]):
         return pd.DataFrame(columns=WILCOXON_COLUMNS)
-    return ctv_wilcoxon(per_patient.rename(columns={"patient_id": "patient"}), reference="model",
+    tested = per_patient[~per_patient["ctv"].isin(REFERENCE_ONLY_CTVS)]
+    return ctv_wilcoxon(tested.rename(columns={"patient_id": "patient"}), reference="model",
                         metrics=[m for m in TABLE_METRICS if m != "progression_coverage"])  # fmt: skip
 
 

@@ -38,6 +38,7 @@ from ctvlab.ctv.evaluate import (
 )
 from ctvlab.data.readers import load_patient, read_patients
 from ctvlab.errors import CtvlabError, DataError
+from ctvlab.study import REFERENCE_ONLY_CTVS
 from ctvlab.unet.inference import LoadedModel, load_model, predict_probability
 
 
@@ -179,7 +180,7 @@ def evaluate_study(
             overlay_cases.append(
                 (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
             )
-            for name, ctv in ctvs.items():
+            for name, ctv in _drawn(ctvs).items():
                 native = out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
                 write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
         per_patient = pd.DataFrame(rows)
@@ -193,7 +194,8 @@ def evaluate_study(
         for name, df in tables:
             write_csv_atomic(out / f"{name}.csv", df)
 
-        figures = [plot_metric_boxes(per_patient.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
+        drawn = per_patient[~per_patient["ctv"].isin(REFERENCE_ONLY_CTVS)]
+        figures = [plot_metric_boxes(drawn.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
                                      {(r.metric, r.reference, r.other): r.p_holm for r in wilcoxon.itertuples()})]  # fmt: skip
         chosen = [pid for pid, _ in sorted(overlay_cases, key=lambda kv: -kv[1])[: cfg.ctv.overlay_patients]]
         for pid in chosen:
@@ -202,7 +204,7 @@ def evaluate_study(
             prob = predict_probability(model, p)
             ctvs, _, _ = evaluate_patient(prob, threshold, p, cfg)
             figures.append(plot_contours(
-                p.feature("nT1c"), ctvs, (m["cel_prog"] | m["t2l_prog"]) & m["brain"],
+                p.feature("nT1c"), _drawn(ctvs), (m["cel_prog"] | m["t2l_prog"]) & m["brain"],
                 out / f"{PATIENT_FIGURE_PREFIX}{names[pid]}.png", f"patient {names[pid]}",
                 second_background=p.feature("nFLAIR"), spacing=p.spacing, lesion=m["cel"] | m["t2l"],
             ))  # fmt: skip
@@ -256,6 +258,12 @@ def evaluate_study(
         run_id = run.run_id
     return EvaluationOutcome(run_id, model_uri, threshold, per_patient, summary, wilcoxon, out, figures,
                              t_inf / len(ids), t_ctv / len(ids), comparisons)  # fmt: skip
+
+
+def _drawn(ctvs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The CTVs that are drawn and written as NIfTI: not the table-only rows (the bare pre-RT lesion is
+    an input mask already)."""
+    return {k: v for k, v in ctvs.items() if k not in REFERENCE_ONLY_CTVS}
 
 
 def _rf_roc_curves(cfg: StudyConfig) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
@@ -368,6 +376,9 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
     if "isovolume" in set(outcome.summary["ctv"]):
         console.print("isovolume: a uniform margin around the lesion with the model CTV's volume (the fair "
                       "control: does the model put its volume in the right place?)")  # fmt: skip
+    if "lesion" in set(outcome.summary["ctv"]):
+        console.print("lesion: the pre-RT lesion with no margin (the paper's \"pre-RT lesion only\" row: the best "
+                      "Dice and PPV, yet it misses every infiltrating cell that later progresses)")  # fmt: skip
     if len(outcome.wilcoxon):
         w = outcome.wilcoxon
         lines = [
