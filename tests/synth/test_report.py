@@ -7,7 +7,14 @@ import pytest
 from rich.console import Console
 
 from ctvlab.errors import DataError
-from ctvlab.synth.report import cohort_report, lesion_volume_cm3, print_report, recurrence_pattern
+from ctvlab.synth.report import (
+    PatientStats,
+    between_cohorts,
+    cohort_report,
+    lesion_volume_cm3,
+    print_report,
+    recurrence_pattern,
+)
 
 SPACING = (1.0, 1.0, 3.0)  # anisotropic: distances along z count three times
 
@@ -95,3 +102,31 @@ def test_report_on_phantom_cohort(phantom_cohort):
 def test_report_without_manifest_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="manifest"):
         cohort_report(tmp_path)
+
+
+def _patient(pid: str, cohort: str, pfs: float, os_: float) -> PatientStats:
+    return PatientStats(patient_id=pid, cohort=cohort, sex="M", age=50, resection="GTR", progression_type="T2L",
+                        pfs_months=pfs, os_months=os_)  # fmt: skip
+
+
+def test_between_cohort_tests_match_hand_computed_values():
+    """PFS 1,2,3 | 4,5,6 | 7,8,9 (SOC | ATT | ENZA): Kruskal–Wallis H = 12/(9·10)·(6² + 15² + 24²)/3 − 3·10
+    = 7.2, p = exp(−7.2/2) (χ² with 2 degrees of freedom). OS of ATT all above SOC's (3 vs 3): the exact
+    two-sided Mann–Whitney p is 2/C(6,3) = 0.1."""
+    patients = [
+        _patient(f"S{i}", "SOC", pfs, os_) for i, (pfs, os_) in enumerate([(1, 10), (2, 11), (3, 12)])
+    ]
+    patients += [
+        _patient(f"A{i}", "ATT", pfs, os_) for i, (pfs, os_) in enumerate([(4, 20), (5, 21), (6, 22)])
+    ]
+    patients += [_patient(f"E{i}", "ENZA", pfs, 15.0) for i, pfs in enumerate([7, 8, 9])]
+    tests = {t["comparison"]: t for t in between_cohorts(patients)}
+    assert tests["PFS SOC vs ATT vs ENZA"]["p"] == pytest.approx(np.exp(-3.6), rel=1e-9)
+    assert tests["PFS SOC vs ATT vs ENZA"]["study_p"] == 0.021
+    assert tests["OS ATT vs SOC"]["p"] == pytest.approx(0.1, rel=1e-9)
+    assert tests["OS ATT vs SOC"]["test"] == "Mann–Whitney"
+
+
+def test_between_cohort_tests_need_two_patients_per_group():
+    tests = between_cohorts([_patient("S1", "SOC", 1, 10), _patient("A1", "ATT", 2, 12)])
+    assert all(np.isnan(t["p"]) for t in tests)

@@ -312,6 +312,38 @@ def _fmt_pattern(g: GroupStats) -> str:
     return "/".join(f"{v:.0f}" for v in g.pattern_pct.values())
 
 
+# Table 1's between-cohort comparisons (Results, "Patient characteristics"): (quantity, cohorts, study p).
+STUDY_BETWEEN_COHORTS: tuple[tuple[str, tuple[str, ...], float], ...] = (
+    ("pfs_months", ("SOC", "ATT", "ENZA"), 0.021),
+    ("os_months", ("ATT", "SOC"), 0.0012),
+    ("os_months", ("ENZA", "SOC"), 0.22),
+    ("os_months", ("ENZA", "ATT"), 0.14),
+)
+
+
+def between_cohorts(patients: Iterable[PatientStats]) -> list[dict[str, object]]:
+    """The study's between-cohort tests on this cohort: PFS across the three cohorts (Kruskal–Wallis), OS
+    between pairs (two-sided Mann–Whitney). The paper does not name its tests; these are the rank tests
+    for "do the cohorts differ" without censoring (every patient here progressed and died). A test with a
+    group under 2 patients gives NaN."""
+    from scipy import stats
+
+    patients = list(patients)
+    out = []
+    for field, cohorts, study_p in STUDY_BETWEEN_COHORTS:
+        groups = [[float(getattr(p, field)) for p in patients if p.cohort == c] for c in cohorts]
+        p_value = float("nan")
+        if all(len(g) >= 2 for g in groups):
+            if len(groups) > 2:
+                p_value = float(stats.kruskal(*groups).pvalue)
+            else:
+                p_value = float(stats.mannwhitneyu(*groups, alternative="two-sided").pvalue)
+        test = "Kruskal–Wallis" if len(cohorts) > 2 else "Mann–Whitney"
+        label = f"{'PFS' if field == 'pfs_months' else 'OS'} {' vs '.join(cohorts)}"
+        out.append({"comparison": label, "test": test, "p": p_value, "study_p": study_p})
+    return out
+
+
 def print_report(report: CohortReport, console: Console) -> None:
     """Print the cohort's Table 1 and recurrence pattern beside the study's."""
     from rich.table import Table
@@ -349,5 +381,9 @@ def print_report(report: CohortReport, console: Console) -> None:
             f"farthest new progression voxel from the pre-RT T2L: median {np.median(far):.1f} mm, "
             f"max {far.max():.1f} mm ({len(measured)} patients measured)"
         )
+    tests = between_cohorts(report.patients)
+    console.print("between cohorts: " + "; ".join(
+        f"{t['comparison']} {t['test']} p = {t['p']:.2g} [study {t['study_p']:g}]" for t in tests
+    ))  # fmt: skip
     for message in report.problems:
         console.print(f"[yellow]warning:[/] {message}")
