@@ -484,6 +484,11 @@ class TuneConfig(Strict):
         default_factory=lambda: ["anat", "anat_diff", "anat_mrsi", "all"]
     )
     ablation_samples: int = Field(15, ge=1, description="Random-search trials per modality set (Fig. 2).")
+    ablation_loss: LossName = Field(
+        "pcc+bce",
+        description="The one loss every input set of the ablation trains with (the study: PCC + BCE), so "
+        "that the sets differ in their inputs alone.",
+    )
     seed: int = 0
 
 

@@ -42,6 +42,13 @@ def test_ablation_mechanics(prepared_phantom, tmp_path, tracking_uri):
     assert ((p >= 0) & (p <= 1)).all()
     assert list(out.best["modality_set"]) == ["anat", "all"]
     assert out.figure.is_file() and out.figure.stat().st_size > 0
+    # Fig. 2a: each set's best trial's validation PCC per epoch, from its MLflow run
+    assert out.curves_figure.is_file() and out.curves_figure.stat().st_size > 0
+    for s in ("anat", "all"):
+        curve = out.curves[out.curves["modality_set"] == s]
+        assert list(curve["epoch"]) == [0, 1] and curve["value"].between(0, 1).all()
+    # One loss for every set (the study's PCC + BCE), whatever the search space says
+    assert set(out.best["loss"]) == {"pcc+bce"} and cfg.tune.space.loss == ["dice"]
 
     # Each set's best model was trained without the test patients it is evaluated on.
     names = set(pseudonymise(prepared_phantom, test_ids).values())

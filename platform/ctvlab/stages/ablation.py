@@ -3,6 +3,7 @@ model scored on the test patients, paired tests between the sets, one MLflow run
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,14 @@ import pandas as pd
 from ctvlab.atomic import write_csv_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError
-from ctvlab.unet.ablation import ABLATION_METRICS, pairwise_wilcoxon, plot_ablation, test_metrics
+from ctvlab.unet.ablation import (
+    ABLATION_METRICS,
+    pairwise_wilcoxon,
+    plot_ablation,
+    plot_curves,
+    test_metrics,
+    validation_curves,
+)
 
 
 @dataclass
@@ -24,6 +32,8 @@ class AblationOutcome:
     figure: Path
     out_dir: Path
     elapsed_s: float
+    curves: pd.DataFrame | None = None  # Fig. 2a: modality_set, epoch, validation PCC of the best trial
+    curves_figure: Path | None = None
 
 
 def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
@@ -53,21 +63,25 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     extra = provenance_spec(prep, split)
+    # One loss for every set (the study's PCC + BCE): the sets differ in their inputs alone.
+    space = cfg.tune.space.model_copy(update={"loss": [cfg.tune.ablation_loss]})
+    best_runs: dict[str, str] = {}
     with tracker.run("ablation", base_tags("ablation", split.dataset_digest, split.digest)) as run:
         run.params({"ablation": {"sets": sets, "samples_per_set": cfg.tune.ablation_samples,
-                                 "epochs_per_trial": cfg.tune.epochs_per_trial}})  # fmt: skip
+                                 "epochs_per_trial": cfg.tune.epochs_per_trial, "loss": cfg.tune.ablation_loss}})  # fmt: skip
         per_patient, best_rows = [], []
         for s in sets:
             with tracker.run(
                 f"tune-{s}", base_tags("tune", split.dataset_digest, split.digest), run.run_id
             ) as set_log:  # a search that fails ends its run FAILED, and so does the ablation's
-                trials = run_search(cfg, prep, random_param_space(cfg.tune.space, s), name=f"ablation-{stamp}-{s}",
+                trials = run_search(cfg, prep, random_param_space(space, s), name=f"ablation-{stamp}-{s}",
                                     num_samples=cfg.tune.ablation_samples, parent_run_id=set_log.run_id,
                                     extra_spec=extra)  # fmt: skip
                 best = best_trial(trials)
                 set_log.table(trials.drop(columns=["path", "model_dir"]), "trials.csv", "search")
                 set_log.metrics({BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC])})
             model_dir = Path(best["model_dir"])
+            best_runs[s] = json.loads((model_dir / "model.json").read_text())["mlflow_run_id"]
             m = test_metrics(model_dir, prep, test_ids, cfg.unet.train.threshold)
             per_patient.append(m.assign(modality_set=s))
             best_rows.append({"modality_set": s, BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC]), "lr": best["lr"],
@@ -80,14 +94,21 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
         write_csv_atomic(out / "wilcoxon.csv", tests)
         write_csv_atomic(out / "best_per_set.csv", best_df)
         fig = plot_ablation(table, sets, tests, out / "fig2b_modalities.png")
+        curves = validation_curves(tracker.client, best_runs)
+        write_csv_atomic(out / "validation_curves.csv", curves)
+        curves_fig = plot_curves(curves, sets, out / "fig2a_validation_pcc.png")
         summary = table.groupby("modality_set")[list(ABLATION_METRICS)].mean()
         run.metrics({f"{s}_{m}_mean": float(summary.loc[s, m]) for s in sets for m in ABLATION_METRICS})
         run.table(pseudonymised(prep, table), "per_patient.csv")
         run.table(tests, "wilcoxon.csv")
         run.table(best_df, "best_per_set.csv")
         run.artifact(fig, "figures")
+        run.artifact(curves_fig, "figures")
+        run.table(curves, "validation_curves.csv")
         run_id = run.run_id
-    return AblationOutcome(run_id, table, tests, best_df, fig, out, time.perf_counter() - t0)
+    return AblationOutcome(
+        run_id, table, tests, best_df, fig, out, time.perf_counter() - t0, curves, curves_fig
+    )
 
 
 def print_ablation(outcome: AblationOutcome, console) -> None:
@@ -113,4 +134,4 @@ def print_ablation(outcome: AblationOutcome, console) -> None:
             console.print(
                 f"PCC {r.set_a} vs {r.set_b}: median difference {r.median_difference:+.3f}, p = {r.p_value:.3g}"
             )
-    console.print(f"figure {outcome.figure}; MLflow run {outcome.run_id}")
+    console.print(f"figures {outcome.figure}, {outcome.curves_figure}; MLflow run {outcome.run_id}")

@@ -54,6 +54,42 @@ def pairwise_wilcoxon(per_patient: pd.DataFrame, sets: list[str]) -> pd.DataFram
     return table
 
 
+def validation_curves(client, run_ids: dict[str, str], metric: str = "val_pcc") -> pd.DataFrame:
+    """Per-epoch `metric` of each set's best trial (its MLflow run): modality_set, epoch, value."""
+    rows = [
+        {"modality_set": s, "epoch": m.step, "value": m.value}
+        for s, run_id in run_ids.items()
+        for m in client.get_metric_history(run_id, metric)
+    ]
+    return pd.DataFrame(rows, columns=["modality_set", "epoch", "value"]).sort_values(
+        ["modality_set", "epoch"]
+    )
+
+
+def plot_curves(curves: pd.DataFrame, sets: list[str], out: Path) -> Path:
+    """Fig. 2a: the validation PCC of each input set's best trial against the epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from ctvlab.atomic import atomic_path
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for s in sets:
+        c = curves[curves["modality_set"] == s]
+        ax.plot(c["epoch"], c["value"], marker="o", markersize=3, label=s)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation PCC")
+    ax.set_title("Best trial per input set (Fig. 2a)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return out
+
+
 def plot_ablation(per_patient: pd.DataFrame, sets: list[str], tests: pd.DataFrame, out: Path) -> Path:
     """Fig. 2b: box plots of sensitivity, specificity and PCC per input set, stars vs `all`."""
     import matplotlib
