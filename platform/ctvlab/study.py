@@ -29,6 +29,6 @@ BEST_SELECTION_METRIC = "best_" + SELECTION_METRIC
 # the protocol of PREDICT-GBM), which asks whether the model puts its volume in the right place.
 CTV_NAMES: tuple[str, ...] = ("model", "rtog", "eortc", "isovolume", "lesion")
 # "lesion": the pre-RT lesion (CEL ∪ T2L) with no margin at all, the paper's Supplementary Table 1 row that
-# shows why Dice and PPV mislead (the best of both, yet the worst CTV). A row in the tables, never tested
-# against the model and never drawn.
+# shows why Dice and PPV mislead (the study's best of both, yet the worst CTV). A row in the tables, never
+# tested against the model and never drawn.
 REFERENCE_ONLY_CTVS: tuple[str, ...] = ("lesion",)

@@ -377,8 +377,8 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
         console.print("isovolume: a uniform margin around the lesion with the model CTV's volume (the fair "
                       "control: does the model put its volume in the right place?)")  # fmt: skip
     if "lesion" in set(outcome.summary["ctv"]):
-        console.print("lesion: the pre-RT lesion with no margin (the paper's \"pre-RT lesion only\" row: the best "
-                      "Dice and PPV, yet it misses every infiltrating cell that later progresses)")  # fmt: skip
+        console.print("lesion: the pre-RT lesion with no margin (the paper's \"pre-RT lesion only\" row, which had "
+                      "the study's best Dice and PPV yet misses every infiltrating cell that later progresses)")  # fmt: skip
     if len(outcome.wilcoxon):
         w = outcome.wilcoxon
         lines = [
