@@ -343,10 +343,11 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
         state["model_uri"] = stamp.get("model_uri")
         state["inputs"]["model"] = stamp["model_digest"]
         return StageRecord(name, "skipped (current)", detail=str(stamp.get("model_uri")))
-    from ctvlab.stages.train import interrupted_run
+    from ctvlab.stages.train import TRAIN_POINTER, interrupted_run
+    from ctvlab.stages.tune import SEARCH_POINTER
 
     # A search or training run of these very settings and data that was interrupted is continued.
-    pointer = Path(cfg.workdir, "tune_last_search.json" if cfg.pipeline.search else "train_last_run.json")
+    pointer = Path(cfg.workdir, SEARCH_POINTER if cfg.pipeline.search else TRAIN_POINTER)
     resume = interrupted_run(pointer, key)
     again = "continued the interrupted run: " if resume else ""
     if cfg.pipeline.search:

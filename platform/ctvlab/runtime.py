@@ -92,3 +92,19 @@ def refuse_local_store_on_cluster(tracking_uri: str, alive_nodes: int | None = N
             "trials and training workers all log to it: run an MLflow tracking server (README, 'MLflow for "
             "teams') and pass --tracking-uri http://HOST:PORT or set MLFLOW_TRACKING_URI"
         )
+
+
+def start_unet_stage(cfg, *, search: bool) -> None:
+    """What every U-Net stage (training, search, ablation) does before it starts: join or start Ray, refuse
+    a local MLflow store on a cluster of several nodes, and check that one trial (`search`) or one training
+    run fits on the cluster.
+
+    Raises:
+        ConfigError: a local store on several nodes. ResourceError: the run can never fit.
+    """
+    from ctvlab.resources import check_study_fits
+    from ctvlab.tracking import resolve_tracking_uri
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    refuse_local_store_on_cluster(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    check_study_fits(cfg, search=search)

@@ -265,6 +265,10 @@ class Tracker:
     def logger(self, run_id: str) -> RunLogger:
         return RunLogger(self, run_id)
 
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every point of one metric of a run, in the order stored."""
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
     def find_runs(self, filter_string: str = "", max_results: int = 1000) -> list[Any]:
         return self.client.search_runs(
             [self.experiment_id], filter_string=filter_string, max_results=max_results,
@@ -390,10 +394,12 @@ class RunLogger:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     @_retry_locked
-    def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+    def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> int:
+        """Log the finite numeric values (the number logged)."""
         items = _metric_entities(metrics, step)
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+        return len(items)
 
     @_retry_locked
     def tags(self, tags: Mapping[str, Any]) -> None:
@@ -553,23 +559,15 @@ def complete_curve(
     The history comes from the run's checkpoint, which training writes whatever the tracking server's
     state: values lost to an outage that outlived the training loop are sent here.
     """
-    from mlflow.entities import Metric
-
-    if not history:
-        return 0
     keys = sorted({k for row in history for k in row if k not in skip})
-    have = {k: {m.step for m in log.client.get_metric_history(log.run_id, k)} for k in keys}
-    now = int(time.time() * 1000)
-    missing = [
-        Metric(k, float(row[k]), now, int(row["epoch"]))
-        for row in history
-        for k in keys
-        if k in row and isinstance(row[k], (int, float)) and math.isfinite(float(row[k]))
-        and int(row["epoch"]) not in have[k]
-    ]  # fmt: skip
-    for i in range(0, len(missing), 500):
-        log.client.log_batch(log.run_id, metrics=missing[i : i + 500])
-    return len(missing)
+    have = {k: {step for step, _ in log.tracker.metric_history(log.run_id, k)} for k in keys}
+    logged = 0
+    for row in history:
+        epoch = int(row["epoch"])
+        missing = {k: row[k] for k in keys if k in row and epoch not in have[k]}
+        if missing:
+            logged += log.metrics(missing, step=epoch)
+    return logged
 
 
 def base_tags(

@@ -38,10 +38,10 @@ class AblationOutcome:
 
 def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     """A random search per modality set, the best model of each on the test split, tests between sets."""
-    from ctvlab.runtime import init_ray, refuse_local_store_on_cluster
+    from ctvlab.runtime import start_unet_stage
     from ctvlab.splits import load_split, pseudonymised
     from ctvlab.study import BEST_SELECTION_METRIC
-    from ctvlab.tracking import base_tags, resolve_tracking_uri, tracker_for
+    from ctvlab.tracking import base_tags, tracker_for
     from ctvlab.unet.spaces import random_param_space
     from ctvlab.unet.train import provenance_spec
     from ctvlab.unet.tune import best_trial, run_search
@@ -52,11 +52,7 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     test_ids = split.patients("test")
     if not test_ids:
         raise CtvlabError(f"the split of {prep} has no test patients")
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    refuse_local_store_on_cluster(resolve_tracking_uri(cfg.tracking.tracking_uri))
-    from ctvlab.resources import check_study_fits
-
-    check_study_fits(cfg, search=True)
+    start_unet_stage(cfg, search=True)
     tracker = tracker_for(cfg)
     sets = list(cfg.tune.ablation_sets)
     out = Path(cfg.results_dir, "ablation").resolve()
@@ -94,7 +90,7 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
         write_csv_atomic(out / "wilcoxon.csv", tests)
         write_csv_atomic(out / "best_per_set.csv", best_df)
         fig = plot_ablation(table, sets, tests, out / "fig2b_modalities.png")
-        curves = validation_curves(tracker.client, best_runs)
+        curves = validation_curves(tracker, best_runs)
         write_csv_atomic(out / "validation_curves.csv", curves)
         curves_fig = plot_curves(curves, sets, out / "fig2a_validation_pcc.png")
         summary = table.groupby("modality_set")[list(ABLATION_METRICS)].mean()

@@ -390,7 +390,7 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
     if outcome.comparisons is not None and len(outcome.comparisons):
         parts = []
         for r in outcome.comparisons.itertuples():
-            study = f" [study {r.study:g}]" if r.study == r.study else ""
+            study = f" [study {r.study:g}]" if pd.notna(r.study) else ""
             parts.append(f"{r.comparison}: {r.value:.3g} (n = {r.n}){study}")
         console.print("Per patient: " + "; ".join(parts))
     console.print(f"tables, figures and CTV NIfTI files: {outcome.out_dir}")

@@ -24,6 +24,8 @@ from ctvlab.unet.train import (
     provenance_spec,
 )
 
+TRAIN_POINTER = "train_last_run.json"  # in the working directory: the last training run, for --resume
+
 
 @dataclass
 class TrainOutcome:
@@ -64,9 +66,9 @@ def train_unet(
         settings_key: `ctvlab run`'s key of the model stage, recorded in the run's pointer file so that an
             interrupted run of the same settings and data is continued (`interrupted_run`).
     """
-    from ctvlab.runtime import init_ray, refuse_local_store_on_cluster
+    from ctvlab.runtime import start_unet_stage
     from ctvlab.splits import check_disjoint, load_split, pseudonymise
-    from ctvlab.tracking import Tracker, base_tags, complete_curve, resolve_tracking_uri
+    from ctvlab.tracking import Tracker, base_tags, complete_curve
 
     prep = Path(prep or cfg.prep_dir).resolve()
     split = load_split(prep)
@@ -76,7 +78,7 @@ def train_unet(
         raise DataError(f"the split of {prep} has no training or no validation patients")
     ucfg = cfg.unet
     storage = Path(cfg.workdir, "ray").resolve()
-    pointer = Path(cfg.workdir, "train_last_run.json").resolve()
+    pointer = Path(cfg.workdir, TRAIN_POINTER).resolve()
     previous = json.loads(pointer.read_text()) if pointer.exists() else None
     if resume:
         if previous is None:
@@ -95,11 +97,7 @@ def train_unet(
         run_name = run_name or time.strftime("unet-%Y%m%d-%H%M%S")
         mlflow_run_id = None
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    refuse_local_store_on_cluster(resolve_tracking_uri(cfg.tracking.tracking_uri))
-    from ctvlab.resources import check_study_fits
-
-    check_study_fits(cfg, search=False)
+    start_unet_stage(cfg, search=False)
     tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
     names = pseudonymise(prep, train_ids + val_ids)
     if mlflow_run_id is None:

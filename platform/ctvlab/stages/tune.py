@@ -21,6 +21,8 @@ from ctvlab.unet.search_progress import say
 from ctvlab.unet.spaces import grid_param_space, narrow_space, random_param_space
 from ctvlab.unet.tune import TRIAL_PARAMS, SearchOutcome, best_trial, param_space_with_hooks, run_search
 
+SEARCH_POINTER = "tune_last_search.json"  # in the working directory: the last search, for --resume
+
 
 def tune_study(
     cfg: StudyConfig,
@@ -39,22 +41,18 @@ def tune_study(
             interrupted search of the same settings and data.
     """
     from ctvlab.atomic import write_json_atomic
-    from ctvlab.runtime import init_ray, refuse_local_store_on_cluster
+    from ctvlab.runtime import start_unet_stage
     from ctvlab.splits import load_split
-    from ctvlab.tracking import base_tags, resolve_tracking_uri, tracker_for
+    from ctvlab.tracking import base_tags, tracker_for
 
     t0 = time.perf_counter()
     prep = Path(prep or cfg.prep_dir).resolve()
     split = load_split(prep)
     if not split.patients("train") or not split.patients("val"):
         raise DataError(f"the split of {prep} has no training or no validation patients")
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    refuse_local_store_on_cluster(resolve_tracking_uri(cfg.tracking.tracking_uri))
-    from ctvlab.resources import check_study_fits
-
-    check_study_fits(cfg, search=True)
+    start_unet_stage(cfg, search=True)
     tracker = tracker_for(cfg)
-    pointer = Path(cfg.workdir, "tune_last_search.json").resolve()
+    pointer = Path(cfg.workdir, SEARCH_POINTER).resolve()
     state = json.loads(pointer.read_text()) if resume and pointer.exists() else None
     if resume and state is None:
         raise CtvlabError(f"nothing to resume: no earlier search recorded in {pointer}")

@@ -54,12 +54,12 @@ def pairwise_wilcoxon(per_patient: pd.DataFrame, sets: list[str]) -> pd.DataFram
     return table
 
 
-def validation_curves(client, run_ids: dict[str, str], metric: str = "val_pcc") -> pd.DataFrame:
+def validation_curves(tracker, run_ids: dict[str, str], metric: str = "val_pcc") -> pd.DataFrame:
     """Per-epoch `metric` of each set's best trial (its MLflow run): modality_set, epoch, value."""
     rows = [
-        {"modality_set": s, "epoch": m.step, "value": m.value}
+        {"modality_set": s, "epoch": step, "value": value}
         for s, run_id in run_ids.items()
-        for m in client.get_metric_history(run_id, metric)
+        for step, value in tracker.metric_history(run_id, metric)
     ]
     return pd.DataFrame(rows, columns=["modality_set", "epoch", "value"]).sort_values(
         ["modality_set", "epoch"]

@@ -84,7 +84,7 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
                                ctx.parent_run_id)  # fmt: skip
     log = tracker.logger(run_id)
     log.params({"trial": shown, "unet": ucfg.model_dump(mode="json")})
-    try:
+    with tracker.failing(run_id):
         if params.get("_inject_failure"):
             raise RuntimeError("injected trial failure (fault-tolerance test hook)")
         trainer = build_trainer(
@@ -103,9 +103,6 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
                                                                   "mlflow_run_id": run_id})  # fmt: skip
             log.artifact(model_dir, "model")
         log.metrics(best_summary(best, history))
-    except BaseException:
-        tracker.end_failed(run_id)
-        raise
     tracker.end_run(run_id, "FINISHED")
 
 
