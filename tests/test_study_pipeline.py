@@ -19,7 +19,7 @@ from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, LeakageError
 from ctvlab.pipeline import STAGE_INPUTS, StageFailed, run_study, stage_key
 
-STAMPED = list(STAGE_INPUTS)  # cohort, split, voxel_models, stats, model, ablation, evaluate
+STAMPED = list(STAGE_INPUTS)  # cohort, split, voxel_models, stats, model, final, ablation, evaluate
 
 
 def _keys(cfg: StudyConfig, dataset: str = "dataset-0") -> dict[str, str]:
@@ -32,7 +32,10 @@ def _keys(cfg: StudyConfig, dataset: str = "dataset-0") -> dict[str, str]:
         keys[stage] = stage_key(stage, cfg, inputs)
         if stage == "split":
             inputs["split"] = digest(cfg.split.model_dump(mode="json"))
-        elif stage == "model":
+        elif stage == "model":  # the search: its best configuration, and a model
+            inputs["search"] = digest(["best configuration", keys[stage]])
+            inputs["model"] = digest(["weights", keys[stage]])
+        elif stage == "final":  # the evaluated model is the final one
             inputs["model"] = digest(["weights", keys[stage]])
     return keys
 
@@ -50,7 +53,7 @@ def _set(path: str, value):
     return change
 
 
-DOWNSTREAM_OF_DATA = {"split", "voxel_models", "stats", "model", "ablation", "evaluate"}
+DOWNSTREAM_OF_DATA = {"split", "voxel_models", "stats", "model", "final", "ablation", "evaluate"}
 
 # (what changes, the config change, the new dataset digest or None, the stages that must re-run)
 ROWS = [
@@ -62,11 +65,17 @@ ROWS = [
         "split.seed",
         _set("split.seed", 7),
         None,
-        {"split", "voxel_models", "stats", "model", "ablation", "evaluate"},
+        {"split", "voxel_models", "stats", "model", "final", "ablation", "evaluate"},
     ),
     ("voxel_models.model", _set("voxel_models.model", "xgboost"), None, {"voxel_models"}),
     ("stats.primary_test", _set("stats.primary_test", "mannwhitney"), None, {"stats"}),
-    ("unet.train.epochs", _set("unet.train.epochs", 5), None, {"model", "ablation", "evaluate"}),
+    # the search's trials train tune.epochs_per_trial epochs: the final model's settings retrain it alone
+    ("unet.train.epochs", _set("unet.train.epochs", 5), None, {"final", "evaluate"}),
+    ("unet.final_loss", _set("unet.final_loss", "pcc+bce"), None, {"final", "evaluate"}),
+    ("unet.train.patience", _set("unet.train.patience", 10), None, {"final", "evaluate"}),
+    ("unet.optim.lr (the search's base)", _set("unet.optim.lr", 1e-4), None,
+     {"model", "final", "ablation", "evaluate"}),  # fmt: skip
+    ("tune.num_samples", _set("tune.num_samples", 3), None, {"model", "final", "ablation", "evaluate"}),
     ("ctv.rtog_margin_mm", _set("ctv.rtog_margin_mm", 25.0), None, {"evaluate"}),
     ("ray.num_cpus (execution only)", _set("ray.num_cpus", 3), None, set()),
     ("tracking.experiment (bookkeeping only)", _set("tracking.experiment", "other"), None, set()),
@@ -110,14 +119,18 @@ class Recorder:
         import ctvlab.stages.analysis
         import ctvlab.stages.evaluate
         import ctvlab.stages.train
+        import ctvlab.stages.tune
 
         self.ran: list[str] = []
         self.fail: str | None = None
         self.trained = 0
+        self.searched = 0
+        self.trained_with: list = []
         self.resumed: list[bool] = []
         monkeypatch.setattr(ctvlab.stages.analysis, "rf_cv_stage", self.rf_cv)
         monkeypatch.setattr(ctvlab.stages.analysis, "stats_stage", self.stats)
         monkeypatch.setattr(ctvlab.stages.train, "train_unet", self.train)
+        monkeypatch.setattr(ctvlab.stages.tune, "tune_study", self.search)
         monkeypatch.setattr(ctvlab.stages.evaluate, "evaluate_study", self.evaluate)
         monkeypatch.setattr(ctvlab.stages.evaluate, "print_evaluation", lambda *a, **k: None)
 
@@ -135,19 +148,31 @@ class Recorder:
         result = SimpleNamespace(summary=lambda: {"n_significant": 0}, tests=[])
         return result, "run-stats"
 
-    def train(self, cfg, prep, resume=False, settings_key=None):
+    def train(self, cfg, prep, resume=False, settings_key=None, run_label="train"):
         # As train_unet does: the pointer names the run's settings at its start and says when it finished.
         self.resumed.append(resume)
+        self.trained_with.append(cfg.unet)
         pointer = Path(cfg.workdir, "train_last_run.json")
         pointer.write_text(json.dumps({"settings_key": settings_key, "finished": False}))
-        self._enter("model")
+        self._enter("final" if run_label == "final" else "model")
         self.trained += 1
         model = Path(cfg.results_dir, "model")
         model.mkdir(parents=True, exist_ok=True)
         (model / "model.json").write_text(json.dumps({"n": self.trained}))
         (model / "weights.pt").write_bytes(b"weights %d" % self.trained)
         pointer.write_text(json.dumps({"settings_key": settings_key, "finished": True}))
-        return SimpleNamespace(model_uri=str(model), best_metrics={}, run_id="run-train")
+        return SimpleNamespace(model_uri=str(model), best_metrics={}, run_id="run-train", best_epoch=0,
+                               epochs_run=cfg.unet.train.epochs)  # fmt: skip
+
+    def search(self, cfg, prep, resume=False, settings_key=None, model_dir=None, register=True):
+        self._enter("search")
+        self.searched += 1
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "model.json").write_text(json.dumps({"n": -self.searched}))  # < 0: a search's model
+        best = {"lr": 3e-4, "base_features": 12, "batch_size": 2, "loss": "tversky", "modality_set": "all",
+                "beta_schedule": json.dumps({"kind": "constant", "start": 0.9, "end": 0.9})}  # fmt: skip
+        return SimpleNamespace(model_uri=str(model_dir) if register else None, trials=[1, 2], best_metric=0.5, best_params=best,
+                               parent_run_id="run-search")  # fmt: skip
 
     def evaluate(self, cfg, prep, model_uri=None, console=None):
         self._enter("evaluate")
@@ -288,3 +313,35 @@ def test_a_leaking_split_is_never_drawn_again(study):
     with pytest.raises(LeakageError):
         run_study(cfg)
     assert splits.read_bytes() == edited
+
+
+@pytest.mark.ray
+def test_the_final_model_trains_the_searchs_best_configuration_and_resumes_without_searching_again(study):
+    cfg, rec = study
+    cfg.pipeline.search = True
+    cfg.unet.train.epochs, cfg.unet.train.patience = 9, 3
+    rec.fail = "final"  # the search finishes, then the final training run starts and dies
+    with pytest.raises(CtvlabError, match="final broke"):
+        run_study(cfg)
+    assert rec.ran == ["voxel_models", "stats", "search", "final"]
+    trained = rec.trained_with[-1]  # the best configuration, the final loss, the final epochs
+    assert (trained.optim.lr, trained.model.base_features, trained.train.batch_size) == (3e-4, 12, 2)
+    assert (trained.loss.name, trained.loss.beta.start) == ("pcc", 0.9)
+    assert (trained.train.epochs, trained.train.patience) == (9, 3)
+
+    rec.fail, rec.ran = None, []
+    outcome = run_study(cfg)
+    assert rec.ran == ["final", "evaluate"] and rec.searched == 1  # the finished search is not run again
+    assert rec.resumed == [False, True]
+    assert "continued the interrupted run" in {r.name: r.detail for r in outcome.stages}["final model"]
+    assert rec.evaluated_model == rec.trained  # evaluation got the final model, not the search's best
+
+    rec.ran = []  # another final loss: a new final model, the same search
+    run_study(_set("unet.final_loss", "pcc+0.5bce")(cfg))
+    assert rec.ran == ["final", "evaluate"] and rec.searched == 1
+    assert rec.trained_with[-1].loss.name == "pcc+0.5bce" and rec.resumed[-1] is False
+
+    rec.ran = []  # no final model: the search's best trial is evaluated, and the search is current
+    run_study(_set("unet.final_loss", None)(cfg))
+    assert rec.ran == ["search", "evaluate"]  # its model lives in results/model then: searched once more
+    assert rec.evaluated_model == -2

@@ -416,6 +416,12 @@ class TrainConfig(Strict):
         "auto", description="auto: bf16 autocast on GPU, off on CPU."
     )
     threshold: Fraction = Field(0.5, description="Probability threshold for validation metrics.")
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="Early stopping: end training after this many validated epochs without a better "
+        "validation Tversky (the best model is kept); None trains every epoch.",
+    )
     seed: int = 0
 
 
@@ -425,6 +431,12 @@ class UNetConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    final_loss: LossName | None = Field(
+        "pcc",
+        description="After a search, the best configuration is trained again with this loss for "
+        "unet.train.epochs (early stopping by unet.train.patience) and that model is evaluated, as in the "
+        "study (PCC, converged at epoch 123). None: the search's best trial is the evaluated model.",
+    )
     registered_model_name: str = "ctvlab-unet"
 
 

@@ -30,13 +30,16 @@ from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, InfrastructureError, LeakageError
 
 # What each stamped stage reads besides its own settings. "dataset": the prepared data's digest
-# (dataset.json); "split": the split digest; "model": the digest of the model folder's files.
+# (dataset.json); "split": the split digest; "search": the digest of the search's best configuration;
+# "model": the digest of the evaluated model folder's files (the final model's, or the search's or training
+# run's when there is no final model).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "cohort": (),
     "split": ("dataset",),
     "voxel_models": ("dataset", "split"),
     "stats": ("dataset", "split"),
     "model": ("dataset", "split"),
+    "final": ("dataset", "split", "search"),
     "ablation": ("dataset", "split"),
     "evaluate": ("dataset", "split", "model"),
 }
@@ -49,17 +52,31 @@ def stage_settings(stage: str, cfg: StudyConfig) -> dict[str, Any]:
         "split": lambda: {"split": cfg.split.model_dump(mode="json")},
         "voxel_models": lambda: {"voxel_models": cfg.voxel_models.model_dump(mode="json")},
         "stats": lambda: {"stats": cfg.stats.model_dump(mode="json")},
-        "model": lambda: {
-            "unet": cfg.unet.model_dump(mode="json"),
-            **({"tune": cfg.tune.model_dump(mode="json")} if cfg.pipeline.search else {}),
-        },
+        "model": lambda: (
+            {"unet": search_unet_settings(cfg), "tune": cfg.tune.model_dump(mode="json")}
+            if cfg.pipeline.search
+            else {"unet": cfg.unet.model_dump(mode="json")}
+        ),
+        "final": lambda: {"unet": cfg.unet.model_dump(mode="json")},
         "ablation": lambda: {
-            "unet": cfg.unet.model_dump(mode="json"),
+            "unet": search_unet_settings(cfg),
             "tune": cfg.tune.model_dump(mode="json"),
         },
         "evaluate": lambda: {"ctv": cfg.ctv.model_dump(mode="json")},
     }
     return dump[stage]()
+
+
+def search_unet_settings(cfg: StudyConfig) -> dict[str, Any]:
+    """The U-Net settings a search's trials use: without the final model's loss, epochs and patience
+    (trials train `tune.epochs_per_trial` epochs), so that changing those retrains the final model only."""
+    dump = cfg.unet.model_dump(mode="json", exclude={"final_loss": True, "train": {"epochs", "patience"}})
+    return dump
+
+
+def final_model_on(cfg: StudyConfig) -> bool:
+    """A final model is trained after the search (the study's PCC retrain), and it is the evaluated one."""
+    return cfg.pipeline.search and cfg.unet.final_loss is not None
 
 
 def stage_key(stage: str, cfg: StudyConfig, inputs: dict[str, str | None]) -> str:
@@ -181,11 +198,12 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
         ),
         ("statistics", cfg.pipeline.stats, ("split",), lambda: _stats(cfg, stamps, state, force)),
         (model_name, True, ("split",), lambda: _model(cfg, stamps, state, force)),
+        ("final model", final_model_on(cfg), (model_name,), lambda: _final(cfg, stamps, state, force)),
         ("ablation", cfg.pipeline.ablation, ("split",), lambda: _ablation(cfg, stamps, state, force)),
         (
             "evaluate",
             cfg.pipeline.evaluate,
-            (model_name,),
+            (model_name, "final model"),
             lambda: _evaluate(cfg, stamps, state, console, force),
         ),
     ]
@@ -331,7 +349,8 @@ def _stats(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
 def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
     name = "search" if cfg.pipeline.search else "train"
     key = stage_key("model", cfg, state["inputs"])
-    model_dir = Path(cfg.results_dir, "model")
+    # With a final model after it, the search's best trial is kept apart from the evaluated model.
+    model_dir = Path(cfg.results_dir, "search_model" if final_model_on(cfg) else "model")
     stamp = stamps.current("model", key)
     # Current only when the folder still holds the very model the stamp recorded.
     if (
@@ -342,7 +361,8 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     ):
         state["model_uri"] = stamp.get("model_uri")
         state["inputs"]["model"] = stamp["model_digest"]
-        return StageRecord(name, "skipped (current)", detail=str(stamp.get("model_uri")))
+        state["best_params"] = stamp.get("best_params")
+        return StageRecord(name, "skipped (current)", detail=str(stamp.get("model_uri") or model_dir))
     from ctvlab.stages.train import TRAIN_POINTER, interrupted_run
     from ctvlab.stages.tune import SEARCH_POINTER
 
@@ -353,9 +373,15 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     if cfg.pipeline.search:
         from ctvlab.stages.tune import tune_study
 
-        out = tune_study(cfg, cfg.prep_dir, resume=resume, settings_key=key)
+        final = final_model_on(cfg)
+        out = tune_study(cfg, cfg.prep_dir, resume=resume, settings_key=key, model_dir=model_dir,
+                         register=not final)  # fmt: skip
         state["model_uri"] = out.model_uri
-        detail = f"{again}{len(out.trials)} trials, best val Tversky {out.best_metric:.3f} → {out.model_uri}"
+        state["best_params"] = out.best_params
+        b = out.best_params
+        best = f"lr {b.get('lr', float('nan')):.1e}, {b.get('base_features')} features, batch {b.get('batch_size')}, {b.get('loss')}"
+        detail = (f"{again}{len(out.trials)} trials, best val Tversky {out.best_metric:.3f} ({best})"
+                  + ("" if final else f" → {out.model_uri}"))  # fmt: skip
         run_ids = [out.parent_run_id]
     else:
         from ctvlab.stages.train import train_unet
@@ -365,8 +391,41 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
         detail = f"{again}best val Tversky {out.best_metrics.get('val_tversky', float('nan')):.3f} → {out.model_uri}"
         run_ids = [out.run_id]
     state["inputs"]["model"] = model_digest(model_dir)
-    stamps.write("model", key, model_uri=state["model_uri"], model_digest=state["inputs"]["model"])
+    stamps.write("model", key, model_uri=state["model_uri"], model_digest=state["inputs"]["model"],
+                 best_params=state.get("best_params"))  # fmt: skip
     return StageRecord(name, "ran", detail=detail, run_ids=[r for r in run_ids if r])
+
+
+def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+    """The study's final model: the search's best configuration trained again with `unet.final_loss` for
+    `unet.train.epochs` (early stopping by `unet.train.patience`). An interrupted final training is
+    continued; the search it starts from is never run again for it."""
+    from ctvlab.stages.train import TRAIN_POINTER, interrupted_run, train_unet
+    from ctvlab.unet.spaces import final_unet_config
+
+    best = state.get("best_params")
+    if not best:
+        raise CtvlabError("the search recorded no best configuration; run it again with --force")
+    inputs = {**state["inputs"], "search": digest(best)}
+    key = stage_key("final", cfg, inputs)
+    model_dir = Path(cfg.results_dir, "model")
+    stamp = stamps.current("final", key)
+    if not force and stamp and stamp.get("model_digest") and stamp["model_digest"] == model_digest(model_dir):
+        state["model_uri"] = stamp.get("model_uri")
+        state["inputs"]["model"] = stamp["model_digest"]
+        return StageRecord("final model", "skipped (current)", detail=str(stamp.get("model_uri")))
+    final_cfg = cfg.model_copy(update={"unet": final_unet_config(cfg.unet, best)})
+    resume = interrupted_run(Path(cfg.workdir, TRAIN_POINTER), key)
+    out = train_unet(final_cfg, cfg.prep_dir, resume=resume, settings_key=key, run_label="final")
+    state["model_uri"] = out.model_uri
+    state["inputs"]["model"] = model_digest(model_dir)
+    stamps.write("final", key, model_uri=out.model_uri, model_digest=state["inputs"]["model"])
+    again = "continued the interrupted run: " if resume else ""
+    stopped = f", stopped early at epoch {out.epochs_run}" if out.epochs_run < final_cfg.unet.train.epochs else ""
+    detail = (f"{again}{final_cfg.unet.loss.name} loss, best val Tversky "
+              f"{out.best_metrics.get('val_tversky', float('nan')):.3f} at epoch {out.best_epoch + 1}{stopped} → "
+              f"{out.model_uri}")  # fmt: skip
+    return StageRecord("final model", "ran", detail=detail, run_ids=[r for r in [out.run_id] if r])
 
 
 def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:

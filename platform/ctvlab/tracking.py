@@ -46,6 +46,8 @@ STAGE_DESCRIPTIONS = {
     "stats": "Per-patient medians per voxel category; paired tests of progressed vs stable NAV voxels.",
     "train": "One 3D U-Net training run (Ray Train): training curves, checkpoints, the registered model.",
     "tune": "Hyperparameter search (Ray Tune): grid then random search; each trial is a child run.",
+    "final": "The final model (Ray Train): the search's best configuration trained again with the final loss "
+    "(the study: PCC) to convergence, with early stopping; the evaluated, registered model.",
     "tune-trial": "One trial of the hyperparameter search: its settings and validation curves.",
     "ablation": "Modality ablation (Fig. 2): one random search per input set.",
     "evaluate": "Model CTV vs the RTOG and EORTC CTVs on the test patients: metrics, tests, figures.",

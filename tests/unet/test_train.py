@@ -50,6 +50,30 @@ def test_two_cpu_workers_train_checkpoint_and_register(trained_phantom):
     assert list(Path(cfg.workdir, "ray").glob("unet-*/checkpoint_*"))
 
 
+def test_early_stopping_ends_training_patience_epochs_after_the_best_and_keeps_the_best(
+    prepared_phantom, tmp_path, tracking_uri
+):
+    # A step far below float32 resolution: the weights, hence the validation Tversky, never change, so
+    # epoch 0 stays the best and training must end at epoch 0 + patience instead of running 8 epochs.
+    cfg = tiny_study(tmp_path, tracking_uri, epochs=8, patience=2, checkpoint_every=1)
+    cfg.unet.optim.name, cfg.unet.optim.lr = "sgd", 1e-20
+    out = train_unet(cfg, prepared_phantom, register=False)
+    assert [h["epoch"] for h in out.history] == [0, 1, 2]
+    assert out.history[-1]["best_epoch"] == 0 and out.epochs_run == 3
+    # The exported model scores the best validation Tversky (all epochs tie here; Ray keeps the newest of
+    # equal checkpoints).
+    exported = json.loads((out.model_dir / SPEC_FILE).read_text())["epoch"]
+    assert out.history[exported]["val_tversky"] == max(h["val_tversky"] for h in out.history)
+
+
+def test_the_early_stopping_rule():
+    from ctvlab.unet.train import early_stop
+
+    assert not early_stop(5, 2, None)  # off
+    assert [early_stop(e, 2, 3) for e in (3, 4, 5, 6)] == [False, False, True, True]
+    assert early_stop(2, -1, 3)  # three epochs with no finite validation score
+
+
 def test_worker_failure_restarts_from_checkpoint(prepared_phantom, tmp_path, tracking_uri):
     cfg = tiny_study(tmp_path, tracking_uri, epochs=3, max_failures=1, checkpoint_every=1)
     out = train_unet(cfg, prepared_phantom, inject_failure_at=1, register=False)

@@ -52,6 +52,7 @@ def train_unet(
     inject_failure_at: int | None = None,
     console=None,
     settings_key: str | None = None,
+    run_label: str = "train",
 ) -> TrainOutcome:
     """Train the U-Net of `cfg.unet` on the split of a prepared dataset; log and register the best model.
 
@@ -65,6 +66,7 @@ def train_unet(
         inject_failure_at: test hook: rank 0 raises once at this epoch (fault-tolerance tests).
         settings_key: `ctvlab run`'s key of the model stage, recorded in the run's pointer file so that an
             interrupted run of the same settings and data is continued (`interrupted_run`).
+        run_label: the MLflow run's name and `ctvlab.stage` tag ("final" for the model trained after a search).
     """
     from ctvlab.runtime import start_unet_stage
     from ctvlab.splits import check_disjoint, load_split, pseudonymise
@@ -102,7 +104,7 @@ def train_unet(
     names = pseudonymise(prep, train_ids + val_ids)
     if mlflow_run_id is None:
         mlflow_run_id = tracker.start_run(
-            "train", base_tags("train", split.dataset_digest, split.digest), parent_run_id=parent_run_id
+            run_label, base_tags(run_label, split.dataset_digest, split.digest), parent_run_id=parent_run_id
         )
         log = tracker.logger(mlflow_run_id)
         log.params({"unet": ucfg.model_dump(mode="json"), "n_train": len(train_ids), "n_val": len(val_ids)})

@@ -31,6 +31,8 @@ def tune_study(
     resume: bool = False,
     fail_trials: int = 0,
     settings_key: str | None = None,
+    model_dir: Path | None = None,
+    register: bool = True,
 ) -> SearchOutcome:
     """The study's two-step search (grid, then random search in the narrowed ranges); registers the best.
 
@@ -39,6 +41,8 @@ def tune_study(
         fail_trials: test hook: this many extra grid cells raise on purpose (fault-tolerance tests).
         settings_key: `ctvlab run`'s key of the model stage, recorded so that `ctvlab run` continues an
             interrupted search of the same settings and data.
+        model_dir: where the best trial's model goes (default: `<results>/model`, the evaluated model).
+        register: register the best trial's model (off when a final model is trained from it).
     """
     from ctvlab.atomic import write_json_atomic
     from ctvlab.runtime import start_unet_stage
@@ -71,13 +75,13 @@ def tune_study(
     if resume:
         tracker.reopen_run(parent)  # an interrupted search's parent ended FAILED or KILLED
     with tracker.failing(parent):
-        outcome = _search(cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split)
+        outcome = _search(cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split, model_dir, register)
     state["phase"] = "done"
     write_json_atomic(pointer, state)
     return outcome
 
 
-def _search(cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split) -> SearchOutcome:
+def _search(cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split, model_dir, register) -> SearchOutcome:
     """The grid (unless it finished before an interruption), the random search, the summary."""
     from ctvlab.atomic import write_json_atomic
     from ctvlab.unet.train import provenance_spec
@@ -114,9 +118,8 @@ def _search(cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split) 
     trials = pd.concat(
         [grid_trials.assign(step="grid"), random_trials.assign(step="random")], ignore_index=True
     )
-    return _finish_search(
-        cfg, tracker, parent, name, trials, space, t0, split.digest, dataset_digest=split.dataset_digest
-    )
+    return _finish_search(cfg, tracker, parent, name, trials, space, t0, split.digest, register=register,
+                          dataset_digest=split.dataset_digest, model_dir=model_dir)  # fmt: skip
 
 
 def _finish_search(
@@ -130,22 +133,29 @@ def _finish_search(
     split_digest: str,
     register: bool = True,
     dataset_digest: str | None = None,
+    model_dir: Path | None = None,
 ) -> SearchOutcome:
     """Log the summary to the parent run, copy the best trial's model to results/, register it."""
     best = best_trial(trials)
     log = tracker.logger(parent)
     shown = trials.drop(columns=["path", "model_dir"])
     log.table(shown, "trials.csv", "search")
-    best_params = {k: best[k] for k in TRIAL_PARAMS if k in best and best[k] is not None}
+    best_params = {  # plain Python values: they are stamped and digested as JSON
+        k: best[k].item() if hasattr(best[k], "item") else best[k]
+        for k in TRIAL_PARAMS
+        if k in best and best[k] is not None
+    }
+    for k in ("base_features", "batch_size"):  # float in a trial table that has empty cells
+        if k in best_params:
+            best_params[k] = int(best_params[k])
     log.params({"best": best_params})
     n_failed = int((trials["status"] == "ERROR").sum())
     log.metrics({BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC]), "n_trials": len(trials), "n_failed": n_failed,
                  "trial_epochs_total": int(trials["epochs_run"].sum())})  # fmt: skip
     src = Path(best["model_dir"])
-    model_dir = None
-    model_uri = None
+    dst, model_dir, model_uri = Path(model_dir or Path(cfg.results_dir, "model")).resolve(), None, None
     if src.exists():
-        model_dir = Path(cfg.results_dir, "model").resolve()
+        model_dir = dst
         with atomic_folder(model_dir) as staged:  # the old model stays until the new one is complete
             shutil.copytree(src, staged, dirs_exist_ok=True)
         log_model(log, model_dir, "model")

@@ -3,6 +3,7 @@ the grid step, the random step and its narrowing around the grid's best (Methods
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -33,6 +34,27 @@ def trial_unet_config(base: UNetConfig, params: dict[str, Any], tcfg: TuneConfig
         u.train.use_gpu = True
         u.train.gpus_per_worker = tcfg.gpus_per_trial
     u.train.checkpoint_every = max(u.train.checkpoint_every, tcfg.epochs_per_trial)  # best + last suffice
+    u.train.patience = None  # ASHA stops a search's weak trials
+    return u
+
+
+def final_unet_config(base: UNetConfig, best: dict[str, Any]) -> UNetConfig:
+    """The final model's settings (Methods: PCC loss, trained to convergence): the search's best
+    configuration with `base.final_loss`, for `base.train.epochs` with `base.train.patience`, on the
+    resources of `base.train` (not a trial's)."""
+    u = base.model_copy(deep=True)
+    if "lr" in best:
+        u.optim.lr = float(best["lr"])
+    if "base_features" in best:
+        u.model.base_features = int(best["base_features"])
+    if "batch_size" in best:
+        u.train.batch_size = int(best["batch_size"])
+    if "beta_schedule" in best:
+        beta = best["beta_schedule"]
+        u.loss.beta = BetaSchedule.model_validate(json.loads(beta) if isinstance(beta, str) else beta)
+    if "modality_set" in best:
+        u.model.modality_set = best["modality_set"]
+    u.loss.name = base.final_loss or u.loss.name
     return u
 
 

@@ -155,7 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update({BEST_SELECTION_METRIC: best, "best_epoch": best_epoch, "is_best": int(improved)})
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-        last = epoch == tcfg.epochs - 1
+        stop = early_stop(epoch, best_epoch, tcfg.patience) if validate_now else False
+        last = epoch == tcfg.epochs - 1 or stop
         save = rank == 0 and (improved or last or (epoch + 1) % tcfg.checkpoint_every == 0)
         if tracker_logger is not None:
             tracker_logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
@@ -176,8 +177,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+        if stop:  # every rank computes the same decision from the gathered metrics
+            if rank == 0 and config.get("print_epochs"):
+                print(f"early stop at epoch {epoch + 1}: no better validation Tversky for {tcfg.patience} "
+                      f"epochs (best: epoch {best_epoch + 1})", flush=True)  # fmt: skip
+            break
     if tracker_logger is not None:
         tracker_logger.flush()  # what is still unsent is logged by the driver from the checkpoint's history
+
+
+def early_stop(epoch: int, best_epoch: int, patience: int | None) -> bool:
+    """True when `patience` epochs have passed since the best one (epochs count from 0)."""
+    return patience is not None and epoch - best_epoch >= patience
 
 
 def _hold_until_killed(marker: Path, epoch: int) -> None:
@@ -361,12 +372,13 @@ def build_trainer(
 
 
 def best_checkpoint(result):
-    """The checkpoint with the highest validation Tversky among those kept (falls back to the latest)."""
+    """The checkpoint with the highest validation Tversky among those kept, the earliest of equals (falls back
+    to the latest)."""
     scored = [
         (c, m) for c, m in (result.best_checkpoints or []) if np.isfinite(m.get(SELECTION_METRIC, np.nan))
     ]
-    if scored:
-        return max(scored, key=lambda cm: cm[1][SELECTION_METRIC])
+    if scored:  # ties: the earliest epoch, the one the training loop reports as best
+        return max(scored, key=lambda cm: (cm[1][SELECTION_METRIC], -cm[1].get("epoch", 0)))
     return result.checkpoint, result.metrics or {}
 
 
