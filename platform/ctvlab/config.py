@@ -256,6 +256,12 @@ class VoxelModelConfig(Strict):
         "normalised maps, ≈0 for the indices); covered_only drops voxels with any missing feature from "
         "training and test folds, so AUCs then describe voxels with MRSI only.",
     )
+    missing_check: bool = Field(
+        True,
+        description="Random forest only: also run both missing-MRSI policies with every feature and with "
+        "the anatomical ones (all patients), and report each policy's AUC gain over anatomy beside the "
+        "chosen one (results/rf_cv/missing_policies.csv). On a --null cohort the gain should be ≈ 0.",
+    )
     class_balance: Literal["balanced", "subsample"] = Field(
         "balanced",
         description="balanced: class weights inversely proportional to class counts; subsample: keep "

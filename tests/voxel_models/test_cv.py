@@ -99,3 +99,33 @@ def test_cv_refuses_data_read_for_another_fold_map(voxel_prep):
     data = FoldData(frames={}, features=[], folds={"P000": 0, "P001": 1}, read_s=0.0)
     with pytest.raises(LeakageError, match="another fold map"):
         run_cv(voxel_prep, {"P000": 1, "P001": 0}, tiny_config(), "cel", data=data)
+
+
+@pytest.fixture(scope="module")
+def null_voxel_prep(tmp_path_factory):
+    from tests.voxel_models.conftest import N_PATIENTS, VOXELS
+    from tests.voxel_models.fabricate import FabricSpec, write_prepared
+
+    return write_prepared(
+        tmp_path_factory.mktemp("null_voxel_prep"), FabricSpec(n_patients=N_PATIENTS, voxels=VOXELS, null=True)
+    )
+
+
+def test_missing_policy_check_finds_the_mrsi_signal_and_none_in_the_null_cohort(voxel_prep, null_voxel_prep):
+    from ctvlab.voxel_models.cv import missing_policy_check
+
+    folds = round_robin_folds(IDS, 5)
+    cfg = tiny_config(model="rf", rf_missing="impute_nav")
+    normal = missing_policy_check(voxel_prep, folds, cfg, ["cel"], parallel=False).set_index("policy")
+    null = missing_policy_check(null_voxel_prep, folds, cfg, ["cel"], parallel=False).set_index("policy")
+    assert list(normal.index) == ["impute_nav", "covered_only"] and normal["chosen"].tolist() == [True, False]
+    # covered_only scores the voxels with MRSI only, its anatomical model on those same voxels
+    assert normal.loc["covered_only", "n_voxels_test"] < normal.loc["impute_nav", "n_voxels_test"]
+    assert (normal["gain"] > 0.1).all()  # the fabricated signal sits in CNI and CCrI
+    assert (null["gain"].abs() < 0.03).all()  # neither policy adds signal where the maps carry none
+    np.testing.assert_allclose(normal["gain"], normal["auc_all"] - normal["auc_anat"])
+
+    # a result already computed with the chosen policy is reused, not recomputed
+    done = {("cel", "all"): run_cv(voxel_prep, folds, cfg, "cel", parallel=False)}
+    again = missing_policy_check(voxel_prep, folds, cfg, ["cel"], done=done, parallel=False)
+    assert again.loc[0, "auc_all"] == done[("cel", "all")].auc_mean

@@ -115,3 +115,16 @@ def test_figures_are_written_as_png(stats_prep, tmp_path):
     for path in (box, bars):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_statistics_by_cohort_equal_each_cohorts_own_statistics(stats_prep):
+    from ctvlab.voxel_models.stats import statistics_by_cohort
+
+    cohorts = {f"P{i:03d}": ("SOC" if i < 3 else "ATT") for i in range(6)}
+    results, table = statistics_by_cohort(stats_prep, cohorts, CFG)
+    assert sorted(results) == ["ATT", "SOC"]
+    for cohort, ids in (("SOC", ["P000", "P001", "P002"]), ("ATT", ["P003", "P004", "P005"])):
+        alone = voxel_statistics(stats_prep, ids, CFG).tests
+        mine = table.loc[table["cohort"] == cohort].drop(columns=["cohort", "n_patients"]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, alone.reset_index(drop=True))  # Holm within the cohort
+        assert (table.loc[table["cohort"] == cohort, "n_patients"] == 3).all()

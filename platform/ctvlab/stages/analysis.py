@@ -59,7 +59,7 @@ def rf_cv_stage(
     from ctvlab.ctv.figures import plot_roc_curves
     from ctvlab.progress import StepProgress
     from ctvlab.runtime import init_ray
-    from ctvlab.voxel_models.cv import run_grid
+    from ctvlab.voxel_models.cv import missing_policy_check, run_grid
     from ctvlab.voxel_models.plots import plot_importances
 
     prep = Path(prep)
@@ -69,11 +69,30 @@ def rf_cv_stage(
     subgroups = subgroups or list(vcfg.subgroups)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     folds = split.folds()
-    steps = len(targets) * len(subgroups) * len(set(folds.values()))
+    check = vcfg.model == "rf" and vcfg.missing_check and "all" in subgroups
+    n_folds = len(set(folds.values()))
+    steps = len(targets) * (len(subgroups) + (3 if check else 0)) * n_folds
     with StepProgress(f"{vcfg.model} CV", steps) as progress:
-        results = run_grid(prep, folds, vcfg, targets, subgroups, parallel=parallel,
-                           on_fold=lambda t, s, r: progress.step(f"{t}/{s} fold {r.fold}: AUC {r.auc:.3f}"))  # fmt: skip
+
+        def step(t, s, r):
+            progress.step(f"{t}/{s} fold {r.fold}: AUC {r.auc:.3f}")
+
+        results = run_grid(prep, folds, vcfg, targets, subgroups, parallel=parallel, on_fold=step)
+        policies = (
+            missing_policy_check(prep, folds, vcfg, targets, done=results, parallel=parallel, on_fold=step)
+            if check
+            else None
+        )
     tracker = tracker_for(cfg)
+    if policies is not None:
+        out = Path(cfg.results_dir, "rf_cv")
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv_atomic(out / "missing_policies.csv", policies)
+        with tracker.run("rf-cv missing MRSI policies", base_tags("rf-cv", split.dataset_digest, split.digest)) as run:
+            run.params({"voxel_models": vcfg.model_dump(mode="json")})
+            for r in policies.itertuples():
+                run.metrics({f"{k}.{r.target}.{r.policy}": getattr(r, k) for k in ("auc_all", "auc_anat", "gain")})
+            run.table(policies, "missing_policies.csv")
     for (target, subgroup), res in results.items():
         res.auc_intervals(vcfg.bootstrap_resamples, seed=cfg.split.seed)
         out = Path(cfg.results_dir, "rf_cv", f"{vcfg.model}-{target}-{subgroup}")
@@ -124,7 +143,8 @@ def stats_stage(cfg: StudyConfig, prep: Path):
     """Voxel statistics over every prepared patient; tables and box plots to results/stats and MLflow."""
     from ctvlab.atomic import write_csv_atomic
     from ctvlab.voxel_models.plots import plot_category_boxes
-    from ctvlab.voxel_models.stats import voxel_statistics
+    from ctvlab.data.readers import read_patients
+    from ctvlab.voxel_models.stats import statistics_by_cohort, voxel_statistics
 
     prep = Path(prep)
     split = load_split(prep)
@@ -138,6 +158,18 @@ def stats_stage(cfg: StudyConfig, prep: Path):
     fig = plot_category_boxes(
         result.medians, out / "category_boxes.png", result.tests, test=cfg.stats.primary_test
     )
+    # Supplementary Fig. 1 by therapy group: each treatment cohort's medians and tests.
+    patients = read_patients(prep)
+    cohorts = dict(zip(patients["patient_id"].astype(str), patients["cohort"].astype(str), strict=True))
+    by_cohort, cohort_tests = statistics_by_cohort(prep, {p: c for p, c in cohorts.items()
+                                                          if p in set(result.medians["patient_id"])}, cfg.stats)  # fmt: skip
+    write_csv_atomic(out / "tests_by_cohort.csv", cohort_tests)
+    figs = [fig] + [
+        plot_category_boxes(r.medians, out / f"category_boxes_{c}.png", r.tests, test=cfg.stats.primary_test,
+                            title=f"{c} cohort ({r.medians['patient_id'].nunique()} patients)")  # fmt: skip
+        for c, r in by_cohort.items()
+        if not r.medians.empty
+    ]
     tracker = tracker_for(cfg)
     with tracker.run("stats", base_tags("stats", split.dataset_digest, split.digest)) as run:
         run.params({"stats": cfg.stats.model_dump(mode="json")})
@@ -149,6 +181,8 @@ def stats_stage(cfg: StudyConfig, prep: Path):
             run.metrics({f"p_wilcoxon.{key}": r.wilcoxon_p, f"p_wilcoxon_holm.{key}": r.wilcoxon_p_holm})
         for name, df in frames.items():
             run.table(df, f"{name}.csv")
-        run.artifact(fig, "figures")
+        run.table(cohort_tests, "tests_by_cohort.csv")
+        for f in figs:
+            run.artifact(f, "figures")
         run_id = run.run_id
     return result, run_id

@@ -198,8 +198,11 @@ def fit_predict_fold(
     impute_values = None
     if cfg.model == "rf":
         if cfg.rf_missing == "covered_only":
-            keep_tr = ~np.isnan(x_tr).any(axis=1)
-            keep_te = ~np.isnan(x_te).any(axis=1)
+            # Voxels with every study feature measured (MRSI coverage), whichever features this model uses:
+            # an anatomical-only model is then compared on the same voxels as the full one.
+            cover = [f for f in dict.fromkeys([*cfg.features, *features]) if f in tr.columns]
+            keep_tr = ~np.isnan(_matrix(tr, cover)).any(axis=1)
+            keep_te = ~np.isnan(_matrix(te, cover)).any(axis=1)
             dropped_tr, dropped_te = int((~keep_tr).sum()), int((~keep_te).sum())
             x_tr, y_tr, pid_tr = x_tr[keep_tr], y_tr[keep_tr], pid_tr[keep_tr]
             x_te, y_te, pid_te = x_te[keep_te], y_te[keep_te], pid_te[keep_te]

@@ -70,7 +70,11 @@ def plot_importances(table: pd.DataFrame, out: str | Path, title: str = "Feature
 
 
 def plot_category_boxes(
-    medians: pd.DataFrame, out: str | Path, tests: pd.DataFrame | None = None, test: str = "wilcoxon"
+    medians: pd.DataFrame,
+    out: str | Path,
+    tests: pd.DataFrame | None = None,
+    test: str = "wilcoxon",
+    title: str | None = None,
 ) -> Path:
     """Box plots of per-patient medians per voxel category, one panel per feature (cf. Supplementary Fig. 1).
 
@@ -80,6 +84,7 @@ def plot_category_boxes(
         tests: `StatsResult.tests`; stars above each progressed category mark its Holm-adjusted p-value vs
             NAV→NAV (*, **, ***, **** below 0.05, 0.01, 0.001, 0.0001: the study's levels).
         test: which p-value gives the stars: "wilcoxon" or "mannwhitney".
+        title: what the medians are of (e.g. one treatment cohort), put before the figure's title.
     """
     from ctvlab.voxel_models.stats import CATEGORY_ORDER
 
@@ -120,5 +125,6 @@ def plot_category_boxes(
         ax.set_title(f, fontsize=9)
     for ax in axes[len(features) :]:
         ax.set_visible(False)
-    fig.suptitle(f"Per-patient medians by voxel category (stars: {test} vs NAV→NAV)")
+    head = f"{title}: per-patient" if title else "Per-patient"
+    fig.suptitle(f"{head} medians by voxel category (stars: {test} vs NAV→NAV)")
     return _save(fig, out)

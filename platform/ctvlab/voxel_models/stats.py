@@ -10,7 +10,7 @@ Both are two-sided and uncorrected for multiple comparisons, as in the paper.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,3 +168,23 @@ def voxel_statistics(prep: str | Path, patient_ids: Sequence[str] | None, cfg: S
         primary_test=cfg.primary_test,
         significance=cfg.significance,
     )
+
+
+def statistics_by_cohort(
+    prep: str | Path, cohorts: Mapping[str, str], cfg: StatsConfig
+) -> tuple[dict[str, StatsResult], pd.DataFrame]:
+    """The voxel statistics of each treatment cohort apart (Supplementary Fig. 1, "by therapy group").
+
+    Args:
+        cohorts: patient id → cohort (SOC, ATT, ENZA).
+
+    Returns:
+        (cohort → StatsResult, every cohort's tests in one table with a `cohort` column). Holm's adjustment
+        runs within each cohort's family of tests, as each cohort is its own figure.
+    """
+    groups: dict[str, list[str]] = {}
+    for pid, cohort in sorted(cohorts.items()):
+        groups.setdefault(str(cohort), []).append(pid)
+    results = {c: voxel_statistics(prep, ids, cfg) for c, ids in sorted(groups.items())}
+    tables = [r.tests.assign(cohort=c, n_patients=len(groups[c])) for c, r in results.items()]
+    return results, (pd.concat(tables, ignore_index=True) if tables else pd.DataFrame())
