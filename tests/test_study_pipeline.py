@@ -73,8 +73,12 @@ ROWS = [
     ("unet.train.epochs", _set("unet.train.epochs", 5), None, {"final", "evaluate"}),
     ("unet.final_loss", _set("unet.final_loss", "pcc+bce"), None, {"final", "evaluate"}),
     ("unet.train.patience", _set("unet.train.patience", 10), None, {"final", "evaluate"}),
-    ("unet.optim.lr (the search's base)", _set("unet.optim.lr", 1e-4), None,
-     {"model", "final", "ablation", "evaluate"}),  # fmt: skip
+    (
+        "unet.optim.lr (the search's base)",
+        _set("unet.optim.lr", 1e-4),
+        None,
+        {"model", "final", "ablation", "evaluate"},
+    ),
     ("tune.num_samples", _set("tune.num_samples", 3), None, {"model", "final", "ablation", "evaluate"}),
     ("ctv.rtog_margin_mm", _set("ctv.rtog_margin_mm", 25.0), None, {"evaluate"}),
     ("ray.num_cpus (execution only)", _set("ray.num_cpus", 3), None, set()),

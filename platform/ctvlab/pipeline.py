@@ -421,7 +421,9 @@ def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     state["inputs"]["model"] = model_digest(model_dir)
     stamps.write("final", key, model_uri=out.model_uri, model_digest=state["inputs"]["model"])
     again = "continued the interrupted run: " if resume else ""
-    stopped = f", stopped early at epoch {out.epochs_run}" if out.epochs_run < final_cfg.unet.train.epochs else ""
+    stopped = (
+        f", stopped early at epoch {out.epochs_run}" if out.epochs_run < final_cfg.unet.train.epochs else ""
+    )
     detail = (f"{again}{final_cfg.unet.loss.name} loss, best val Tversky "
               f"{out.best_metrics.get('val_tversky', float('nan')):.3f} at epoch {out.best_epoch + 1}{stopped} → "
               f"{out.model_uri}")  # fmt: skip

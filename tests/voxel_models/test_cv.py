@@ -107,7 +107,8 @@ def null_voxel_prep(tmp_path_factory):
     from tests.voxel_models.fabricate import FabricSpec, write_prepared
 
     return write_prepared(
-        tmp_path_factory.mktemp("null_voxel_prep"), FabricSpec(n_patients=N_PATIENTS, voxels=VOXELS, null=True)
+        tmp_path_factory.mktemp("null_voxel_prep"),
+        FabricSpec(n_patients=N_PATIENTS, voxels=VOXELS, null=True),
     )
 
 

@@ -125,6 +125,8 @@ def test_statistics_by_cohort_equal_each_cohorts_own_statistics(stats_prep):
     assert sorted(results) == ["ATT", "SOC"]
     for cohort, ids in (("SOC", ["P000", "P001", "P002"]), ("ATT", ["P003", "P004", "P005"])):
         alone = voxel_statistics(stats_prep, ids, CFG).tests
-        mine = table.loc[table["cohort"] == cohort].drop(columns=["cohort", "n_patients"]).reset_index(drop=True)
+        mine = (
+            table.loc[table["cohort"] == cohort].drop(columns=["cohort", "n_patients"]).reset_index(drop=True)
+        )
         pd.testing.assert_frame_equal(mine, alone.reset_index(drop=True))  # Holm within the cohort
         assert (table.loc[table["cohort"] == cohort, "n_patients"] == 3).all()

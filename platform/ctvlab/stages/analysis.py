@@ -88,10 +88,14 @@ def rf_cv_stage(
         out = Path(cfg.results_dir, "rf_cv")
         out.mkdir(parents=True, exist_ok=True)
         write_csv_atomic(out / "missing_policies.csv", policies)
-        with tracker.run("rf-cv missing MRSI policies", base_tags("rf-cv", split.dataset_digest, split.digest)) as run:
+        with tracker.run(
+            "rf-cv missing MRSI policies", base_tags("rf-cv", split.dataset_digest, split.digest)
+        ) as run:
             run.params({"voxel_models": vcfg.model_dump(mode="json")})
             for r in policies.itertuples():
-                run.metrics({f"{k}.{r.target}.{r.policy}": getattr(r, k) for k in ("auc_all", "auc_anat", "gain")})
+                run.metrics(
+                    {f"{k}.{r.target}.{r.policy}": getattr(r, k) for k in ("auc_all", "auc_anat", "gain")}
+                )
             run.table(policies, "missing_policies.csv")
     for (target, subgroup), res in results.items():
         res.auc_intervals(vcfg.bootstrap_resamples, seed=cfg.split.seed)
@@ -142,8 +146,8 @@ def rf_cv_stage(
 def stats_stage(cfg: StudyConfig, prep: Path):
     """Voxel statistics over every prepared patient; tables and box plots to results/stats and MLflow."""
     from ctvlab.atomic import write_csv_atomic
-    from ctvlab.voxel_models.plots import plot_category_boxes
     from ctvlab.data.readers import read_patients
+    from ctvlab.voxel_models.plots import plot_category_boxes
     from ctvlab.voxel_models.stats import statistics_by_cohort, voxel_statistics
 
     prep = Path(prep)
@@ -165,8 +169,13 @@ def stats_stage(cfg: StudyConfig, prep: Path):
                                                           if p in set(result.medians["patient_id"])}, cfg.stats)  # fmt: skip
     write_csv_atomic(out / "tests_by_cohort.csv", cohort_tests)
     figs = [fig] + [
-        plot_category_boxes(r.medians, out / f"category_boxes_{c}.png", r.tests, test=cfg.stats.primary_test,
-                            title=f"{c} cohort ({r.medians['patient_id'].nunique()} patients)")  # fmt: skip
+        plot_category_boxes(
+            r.medians,
+            out / f"category_boxes_{c}.png",
+            r.tests,
+            test=cfg.stats.primary_test,
+            title=f"{c} cohort ({r.medians['patient_id'].nunique()} patients)",
+        )
         for c, r in by_cohort.items()
         if not r.medians.empty
     ]

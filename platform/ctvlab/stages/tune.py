@@ -75,13 +75,17 @@ def tune_study(
     if resume:
         tracker.reopen_run(parent)  # an interrupted search's parent ended FAILED or KILLED
     with tracker.failing(parent):
-        outcome = _search(cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split, model_dir, register)
+        outcome = _search(
+            cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split, model_dir, register
+        )
     state["phase"] = "done"
     write_json_atomic(pointer, state)
     return outcome
 
 
-def _search(cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split, model_dir, register) -> SearchOutcome:
+def _search(
+    cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split, model_dir, register
+) -> SearchOutcome:
     """The grid (unless it finished before an interruption), the random search, the summary."""
     from ctvlab.atomic import write_json_atomic
     from ctvlab.unet.train import provenance_spec
