@@ -19,7 +19,7 @@ from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, LeakageError
 from ctvlab.pipeline import STAGE_INPUTS, StageFailed, run_study, stage_key
 
-STAMPED = list(STAGE_INPUTS)  # cohort, split, voxel_models, stats, model, final, ablation, evaluate
+STAMPED = list(STAGE_INPUTS)  # cohort, split, voxel_models, stats, model, final, losses, ablation, evaluate
 
 
 def _keys(cfg: StudyConfig, dataset: str = "dataset-0") -> dict[str, str]:
@@ -53,7 +53,7 @@ def _set(path: str, value):
     return change
 
 
-DOWNSTREAM_OF_DATA = {"split", "voxel_models", "stats", "model", "final", "ablation", "evaluate"}
+DOWNSTREAM_OF_DATA = {"split", "voxel_models", "stats", "model", "final", "losses", "ablation", "evaluate"}
 
 # (what changes, the config change, the new dataset digest or None, the stages that must re-run)
 ROWS = [
@@ -65,7 +65,7 @@ ROWS = [
         "split.seed",
         _set("split.seed", 7),
         None,
-        {"split", "voxel_models", "stats", "model", "final", "ablation", "evaluate"},
+        {"split", "voxel_models", "stats", "model", "final", "losses", "ablation", "evaluate"},
     ),
     ("voxel_models.model", _set("voxel_models.model", "xgboost"), None, {"voxel_models"}),
     ("stats.primary_test", _set("stats.primary_test", "mannwhitney"), None, {"stats"}),
@@ -73,13 +73,20 @@ ROWS = [
     ("unet.train.epochs", _set("unet.train.epochs", 5), None, {"final", "evaluate"}),
     ("unet.final_loss", _set("unet.final_loss", "pcc+bce"), None, {"final", "evaluate"}),
     ("unet.train.patience", _set("unet.train.patience", 10), None, {"final", "evaluate"}),
+    ("tune.loss_study.betas", _set("tune.loss_study.betas", [0.9]), None, {"losses"}),
+    ("tune.ablation_samples", _set("tune.ablation_samples", 3), None, {"ablation"}),
     (
         "unet.optim.lr (the search's base)",
         _set("unet.optim.lr", 1e-4),
         None,
-        {"model", "final", "ablation", "evaluate"},
+        {"model", "final", "losses", "ablation", "evaluate"},
     ),
-    ("tune.num_samples", _set("tune.num_samples", 3), None, {"model", "final", "ablation", "evaluate"}),
+    (
+        "tune.num_samples",
+        _set("tune.num_samples", 3),
+        None,
+        {"model", "final", "losses", "ablation", "evaluate"},
+    ),
     ("ctv.rtog_margin_mm", _set("ctv.rtog_margin_mm", 25.0), None, {"evaluate"}),
     ("ray.num_cpus (execution only)", _set("ray.num_cpus", 3), None, set()),
     ("tracking.experiment (bookkeeping only)", _set("tracking.experiment", "other"), None, set()),

@@ -442,6 +442,14 @@ def tune(
     ablation: Annotated[
         bool, Opt("--ablation", help="Modality ablation (Fig. 2): a random search per input set.")
     ] = False,
+    losses: Annotated[
+        bool,
+        Opt(
+            "--losses",
+            help="Loss study (Supp. Figs. 2, 3): the last search's best configuration (else the unet "
+            "settings) trained per loss and per Tversky β, scored on the test patients.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     workdir: WorkdirOpt = None,
@@ -449,10 +457,20 @@ def tune(
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ) -> None:
-    """Hyperparameter search on Ray Tune (grid, then random search), or the modality ablation."""
+    """Hyperparameter search on Ray Tune (grid, then random search), the modality ablation or the loss study."""
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
     console = _console()
+    if losses:
+        from ctvlab.splits import load_split
+        from ctvlab.stages.losses import print_loss_study, run_loss_study
+        from ctvlab.stages.tune import last_best_params
+
+        best = last_best_params(cfg, load_split(data))
+        console.print(f"loss study from {'the last search: ' + str(best) if best else 'the unet settings'}")
+        with _one_writer(cfg, "tune --losses"):
+            print_loss_study(run_loss_study(cfg, data, best=best), console)
+        return
     if ablation:
         from ctvlab.stages.ablation import print_ablation, run_ablation
 

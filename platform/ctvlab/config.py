@@ -478,6 +478,22 @@ class ASHAConfig(Strict):
     reduction_factor: float = Field(3.0, gt=1)
 
 
+class LossStudyConfig(Strict):
+    """The loss study (Supp. Figs. 2 and 3): the search's best configuration trained once per loss, and once
+    per Tversky β, every other setting fixed, each scored on the test patients."""
+
+    losses: list[LossName] = Field(
+        default_factory=lambda: ["dice", "tversky", "pcc", "pcc+bce", "pcc+0.5bce"],
+        min_length=1,
+        description="Supp. Fig. 3: the losses compared (tversky at β = 0.98, the study's optimum).",
+    )
+    betas: list[Fraction] = Field(
+        default_factory=lambda: [0.5, 0.7, 0.9, 0.95, 0.98, 0.99],
+        description="Supp. Fig. 2: the constant Tversky β of each run of the sweep (α = 1 − β).",
+    )
+    epochs: int | None = Field(None, ge=1, description="Epochs of each run; default tune.epochs_per_trial.")
+
+
 class TuneConfig(Strict):
     grid: GridSpace = Field(default_factory=GridSpace)
     run_grid: bool = Field(True, description="Run the grid step first and narrow the ranges from it.")
@@ -502,6 +518,7 @@ class TuneConfig(Strict):
         default_factory=lambda: ["anat", "anat_diff", "anat_mrsi", "all"]
     )
     ablation_samples: int = Field(15, ge=1, description="Random-search trials per modality set (Fig. 2).")
+    loss_study: LossStudyConfig = Field(default_factory=LossStudyConfig)
     ablation_loss: LossName = Field(
         "pcc+bce",
         description="The one loss every input set of the ablation trains with (the study: PCC + BCE), so "
@@ -591,6 +608,10 @@ class PipelineConfig(Strict):
     stats: bool = Field(True, description="Per-patient medians per voxel category and paired tests.")
     search: bool = Field(True, description="Hyperparameter search; False trains the `unet` settings once.")
     ablation: bool = Field(False, description="The modality ablation of Fig. 2 (one search per input set).")
+    loss_study: bool = Field(
+        False,
+        description="The loss comparison and Tversky β sweep (Supp. Figs. 3 and 2), from the search's best.",
+    )
     evaluate: bool = Field(True, description="Model, RTOG and EORTC CTVs on the test split.")
 
 

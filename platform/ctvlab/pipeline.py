@@ -40,6 +40,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "stats": ("dataset", "split"),
     "model": ("dataset", "split"),
     "final": ("dataset", "split", "search"),
+    "losses": ("dataset", "split", "search"),
     "ablation": ("dataset", "split"),
     "evaluate": ("dataset", "split", "model"),
 }
@@ -53,18 +54,30 @@ def stage_settings(stage: str, cfg: StudyConfig) -> dict[str, Any]:
         "voxel_models": lambda: {"voxel_models": cfg.voxel_models.model_dump(mode="json")},
         "stats": lambda: {"stats": cfg.stats.model_dump(mode="json")},
         "model": lambda: (
-            {"unet": search_unet_settings(cfg), "tune": cfg.tune.model_dump(mode="json")}
+            {
+                "unet": search_unet_settings(cfg),
+                "tune": cfg.tune.model_dump(mode="json", exclude=SEARCH_ONLY_NOT),
+            }
             if cfg.pipeline.search
             else {"unet": cfg.unet.model_dump(mode="json")}
         ),
         "final": lambda: {"unet": cfg.unet.model_dump(mode="json")},
+        "losses": lambda: {
+            "unet": search_unet_settings(cfg),
+            "loss_study": cfg.tune.loss_study.model_dump(mode="json"),
+            "epochs_per_trial": cfg.tune.epochs_per_trial,
+        },
         "ablation": lambda: {
             "unet": search_unet_settings(cfg),
-            "tune": cfg.tune.model_dump(mode="json"),
+            "tune": cfg.tune.model_dump(mode="json", exclude={"loss_study"}),
         },
         "evaluate": lambda: {"ctv": cfg.ctv.model_dump(mode="json")},
     }
     return dump[stage]()
+
+
+# The tune settings a search does not read: those of the ablation and of the loss study.
+SEARCH_ONLY_NOT = {"loss_study", "ablation_sets", "ablation_samples", "ablation_loss"}
 
 
 def search_unet_settings(cfg: StudyConfig) -> dict[str, Any]:
@@ -199,6 +212,7 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
         ("statistics", cfg.pipeline.stats, ("split",), lambda: _stats(cfg, stamps, state, force)),
         (model_name, True, ("split",), lambda: _model(cfg, stamps, state, force)),
         ("final model", final_model_on(cfg), (model_name,), lambda: _final(cfg, stamps, state, force)),
+        ("loss study", cfg.pipeline.loss_study, (model_name,), lambda: _losses(cfg, stamps, state, force)),
         ("ablation", cfg.pipeline.ablation, ("split",), lambda: _ablation(cfg, stamps, state, force)),
         (
             "evaluate",
@@ -362,6 +376,7 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
         state["model_uri"] = stamp.get("model_uri")
         state["inputs"]["model"] = stamp["model_digest"]
         state["best_params"] = stamp.get("best_params")
+        state["inputs"]["search"] = digest(state["best_params"])
         return StageRecord(name, "skipped (current)", detail=str(stamp.get("model_uri") or model_dir))
     from ctvlab.stages.train import TRAIN_POINTER, interrupted_run
     from ctvlab.stages.tune import SEARCH_POINTER
@@ -391,6 +406,7 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
         detail = f"{again}best val Tversky {out.best_metrics.get('val_tversky', float('nan')):.3f} → {out.model_uri}"
         run_ids = [out.run_id]
     state["inputs"]["model"] = model_digest(model_dir)
+    state["inputs"]["search"] = digest(state.get("best_params"))
     stamps.write("model", key, model_uri=state["model_uri"], model_digest=state["inputs"]["model"],
                  best_params=state.get("best_params"))  # fmt: skip
     return StageRecord(name, "ran", detail=detail, run_ids=[r for r in run_ids if r])
@@ -406,8 +422,7 @@ def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     best = state.get("best_params")
     if not best:
         raise CtvlabError("the search recorded no best configuration; run it again with --force")
-    inputs = {**state["inputs"], "search": digest(best)}
-    key = stage_key("final", cfg, inputs)
+    key = stage_key("final", cfg, state["inputs"])
     model_dir = Path(cfg.results_dir, "model")
     stamp = stamps.current("final", key)
     if not force and stamp and stamp.get("model_digest") and stamp["model_digest"] == model_digest(model_dir):
@@ -428,6 +443,23 @@ def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
               f"{out.best_metrics.get('val_tversky', float('nan')):.3f} at epoch {out.best_epoch + 1}{stopped} → "
               f"{out.model_uri}")  # fmt: skip
     return StageRecord("final model", "ran", detail=detail, run_ids=[r for r in [out.run_id] if r])
+
+
+def _losses(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+    from ctvlab.stages.losses import run_loss_study
+
+    key = stage_key("losses", cfg, state["inputs"])
+    if (
+        not force
+        and stamps.current("losses", key)
+        and Path(cfg.results_dir, "losses", "summary.csv").exists()
+    ):
+        return StageRecord("loss study", "skipped (current)", detail=str(Path(cfg.results_dir, "losses")))
+    out = run_loss_study(cfg, cfg.prep_dir, best=state.get("best_params"))
+    stamps.write("losses", key)
+    n = out.summary.shape[0]
+    return StageRecord("loss study", "ran", detail=f"{n} models on the test patients → {out.out_dir}",
+                       run_ids=[out.run_id])  # fmt: skip
 
 
 def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:

@@ -49,6 +49,8 @@ STAGE_DESCRIPTIONS = {
     "final": "The final model (Ray Train): the search's best configuration trained again with the final loss "
     "(the study: PCC) to convergence, with early stopping; the evaluated, registered model.",
     "tune-trial": "One trial of the hyperparameter search: its settings and validation curves.",
+    "loss-study": "Loss study (Supp. Figs. 2 and 3): the best configuration trained per loss and per Tversky β, "
+    "each scored on the test patients.",
     "ablation": "Modality ablation (Fig. 2): one random search per input set.",
     "evaluate": "Model CTV vs the RTOG and EORTC CTVs on the test patients: metrics, tests, figures.",
 }

@@ -79,8 +79,19 @@ def tune_study(
             cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split, model_dir, register
         )
     state["phase"] = "done"
+    state["best_params"] = outcome.best_params  # what `ctvlab tune --losses` starts from
     write_json_atomic(pointer, state)
     return outcome
+
+
+def last_best_params(cfg: StudyConfig, split) -> dict | None:
+    """The best configuration of the last finished search on this split and data, or None."""
+    try:
+        state = json.loads(Path(cfg.workdir, SEARCH_POINTER).read_text())
+    except (OSError, ValueError):
+        return None
+    same = (state.get("split_digest"), state.get("dataset_digest")) == (split.digest, split.dataset_digest)
+    return state.get("best_params") if same and state.get("phase") == "done" else None
 
 
 def _search(

@@ -36,14 +36,22 @@ def test_metrics(model_dir: Path, prep: Path, patient_ids: list[str], threshold:
     return pd.DataFrame(rows)
 
 
-def pairwise_wilcoxon(per_patient: pd.DataFrame, sets: list[str]) -> pd.DataFrame:
-    """Wilcoxon signed-rank test for every pair of sets and metric, paired by patient; Holm over the table."""
+def pairwise_wilcoxon(
+    per_patient: pd.DataFrame, sets: list[str], by: str = "modality_set", reference: str | None = None
+) -> pd.DataFrame:
+    """Wilcoxon signed-rank test for every pair of sets (or each set against `reference`) and metric, paired
+    by patient; Holm over the table. `by`: the column naming the set (an input set, a loss)."""
     from ctvlab.statistics import holm, paired_wilcoxon
 
     rows = []
+    pairs = (
+        [(reference, s) for s in sets if s != reference]
+        if reference
+        else list(itertools.combinations(sets, 2))
+    )
     for metric in ABLATION_METRICS:
-        wide = per_patient.pivot(index="patient_id", columns="modality_set", values=metric)
-        for a, b in itertools.combinations(sets, 2):
+        wide = per_patient.pivot(index="patient_id", columns=by, values=metric)
+        for a, b in pairs:
             t = paired_wilcoxon(wide[a].to_numpy(), wide[b].to_numpy())
             rows.append({"metric": metric, "set_a": a, "set_b": b, "n": t.n, "n_zero": t.n_zero,
                          "median_difference": t.median_difference, "p_value": t.p})  # fmt: skip
@@ -90,8 +98,17 @@ def plot_curves(curves: pd.DataFrame, sets: list[str], out: Path) -> Path:
     return out
 
 
-def plot_ablation(per_patient: pd.DataFrame, sets: list[str], tests: pd.DataFrame, out: Path) -> Path:
-    """Fig. 2b: box plots of sensitivity, specificity and PCC per input set, stars vs `all`."""
+def plot_ablation(
+    per_patient: pd.DataFrame,
+    sets: list[str],
+    tests: pd.DataFrame,
+    out: Path,
+    by: str = "modality_set",
+    reference: str = "all",
+    title: str | None = None,
+) -> Path:
+    """Fig. 2b: box plots of sensitivity, specificity and PCC per input set (`by`: or per loss), stars vs
+    `reference` (Holm-adjusted Wilcoxon p from `tests`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,24 +120,26 @@ def plot_ablation(per_patient: pd.DataFrame, sets: list[str], tests: pd.DataFram
     fig = Figure(figsize=(4 * len(ABLATION_METRICS), 4))
     for i, metric in enumerate(ABLATION_METRICS):
         ax = fig.add_subplot(1, len(ABLATION_METRICS), i + 1)
-        data = [per_patient.loc[per_patient["modality_set"] == s, metric].dropna().to_numpy() for s in sets]
+        data = [per_patient.loc[per_patient[by] == s, metric].dropna().to_numpy() for s in sets]
         ax.boxplot(data, tick_labels=sets, showfliers=False)
         for j, d in enumerate(data):
             ax.scatter(np.full(len(d), j + 1) + np.linspace(-0.1, 0.1, len(d)), d, s=8, alpha=0.6)
         ax.set_title(metric)
-        if "all" in sets:
+        if reference in sets:
             top = max((np.nanmax(d) for d in data if len(d)), default=1.0)
             for j, s in enumerate(sets):
-                if s == "all":
+                if s == reference:
                     continue
                 row = tests[
                     (tests["metric"] == metric)
-                    & (tests["set_a"].isin([s, "all"]))
-                    & (tests["set_b"].isin([s, "all"]))
+                    & (tests["set_a"].isin([s, reference]))
+                    & (tests["set_b"].isin([s, reference]))
                 ]
                 if len(row):
                     ax.text(j + 1, top * 1.02, stars(float(row["p_holm"].iloc[0])), ha="center")
         ax.tick_params(axis="x", rotation=30)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
