@@ -22,14 +22,6 @@ import json
 import time
 from pathlib import Path
 
-STUDY = {  # SPEC.md, CTV evaluation (test set, mean ± SD)
-    "model": {"sensitivity": (0.92, 0.11), "specificity": (0.89, 0.05), "pcc": (0.81, 0.09)},
-    "rtog": {"sensitivity": (0.95, 0.08), "specificity": (0.79, 0.11), "pcc": (0.79, 0.09)},
-    "eortc": {"sensitivity": (0.74, 0.21), "specificity": (0.92, 0.03), "pcc": (0.68, 0.19)},
-}
-STUDY_AUC = {("cel", "all"): 0.88, ("cel", "early"): 0.94, ("cel", "late"): 0.74,
-             ("nel", "all"): 0.81, ("nel", "early"): 0.83, ("nel", "late"): 0.73}  # fmt: skip
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -48,6 +40,8 @@ def main() -> None:
 
     from ctvlab.config import CohortConfig, SearchSpace, StudyConfig
     from ctvlab.pipeline import run_study
+    from ctvlab.study import STUDY_AUC
+    from ctvlab.study import STUDY_CTV as STUDY
 
     cfg = StudyConfig(name="ctvlab-reproduce" + ("-null" if args.null else ""), workdir=args.workdir)
     cfg.tracking.tracking_uri = args.tracking_uri

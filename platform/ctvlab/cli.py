@@ -628,6 +628,35 @@ def run(
 
 
 @app.command()
+def report(
+    config: Annotated[
+        Path | None, Opt("--config", "-c", help="Study config, e.g. jobs/configs/demo.yaml.")
+    ] = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
+    out: Annotated[
+        Path | None, Opt("--out", help="HTML file (default <workdir>/results/report.html).")
+    ] = None,
+    log: Annotated[bool, Opt("--log/--no-log", help="Also log it to the study's MLflow experiment.")] = True,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """The study's results in one self-contained HTML file, each beside the paper's value (the last stage of
+    `ctvlab run`); outputs that are not current for the config are marked stale."""
+    from ctvlab.errors import CtvlabError
+    from ctvlab.report import build_report, report_stage
+
+    cfg = _settings(config, set_, workdir, smoke_test, None, tracking_uri, None)
+    if not Path(cfg.workdir).is_dir():
+        raise CtvlabError(f"{cfg.workdir} does not exist: nothing to report; run `ctvlab run` first")
+    if log and out is None:
+        path, run_id = report_stage(cfg)
+        _console().print(f"wrote {path}; logged to MLflow run {run_id}")
+    else:
+        _console().print(f"wrote {build_report(cfg, out)}")
+
+
+@app.command()
 def ui(
     port: Annotated[int, Opt("--port", help="Port on 127.0.0.1.")] = 5000,
     tracking_uri: TrackingOpt = None,

@@ -220,6 +220,7 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
             (model_name, "final model"),
             lambda: _evaluate(cfg, stamps, state, console, force),
         ),
+        ("report", True, (), lambda: _report(cfg)),
     ]
     console.rule(f"[bold]ctvlab run[/] · study {cfg.name} · {workdir}")
     unusable: set[str] = set()  # stages that failed or could not run: their outputs are not there
@@ -494,6 +495,37 @@ def _evaluate(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], console, 
         console.print(f"models:/{cfg.unet.registered_model_name}@champion is now version {version}")
     stamps.write("evaluate", key)
     return StageRecord("evaluate", "ran", detail=str(out.out_dir), run_ids=[out.run_id])
+
+
+def current_stages(cfg: StudyConfig) -> dict[str, bool]:
+    """Which stamped stages' outputs in the working directory are current for `cfg`: the stamp a stage
+    wrote matches the key it would have now (settings, the inputs on disk, ctvlab's version). Outputs made
+    outside `ctvlab run` carry no stamp and are reported as not current."""
+    from ctvlab.splits import load_split
+
+    stamps = Stamps(cfg.workdir)
+    try:
+        split = load_split(cfg.prep_dir)
+    except CtvlabError:
+        return dict.fromkeys(STAGE_INPUTS, False)
+    search = stamps.current("model", stage_key("model", cfg, {"dataset": split.dataset_digest,
+                                                                "split": split.digest}))  # fmt: skip
+    inputs = {
+        "dataset": split.dataset_digest,
+        "split": split.digest,
+        "search": digest(search.get("best_params")) if search else None,
+        "model": model_digest(Path(cfg.results_dir, "model")),
+    }
+    return {stage: stamps.current(stage, stage_key(stage, cfg, inputs)) is not None for stage in STAGE_INPUTS}
+
+
+def _report(cfg: StudyConfig) -> StageRecord:
+    """The study's HTML report, written again after every run (it reads the other stages' outputs and marks
+    any that are not current)."""
+    from ctvlab.report import report_stage
+
+    path, run_id = report_stage(cfg)
+    return StageRecord("report", "ran", detail=str(path), run_ids=[run_id])
 
 
 # --- summary -------------------------------------------------------------------------------------------

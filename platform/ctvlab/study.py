@@ -32,3 +32,23 @@ CTV_NAMES: tuple[str, ...] = ("model", "rtog", "eortc", "isovolume", "lesion")
 # shows why Dice and PPV mislead (the study's best of both, yet the worst CTV). A row in the tables, never
 # tested against the model and never drawn.
 REFERENCE_ONLY_CTVS: tuple[str, ...] = ("lesion",)
+
+
+# --- the study's published results, for putting ctvlab's beside them ------------------------------------
+
+# CTV evaluation on the test set (Supp. Table 1 / Results): mean and SD per CTV.
+STUDY_CTV: dict[str, dict[str, tuple[float, float]]] = {
+    "model": {"sensitivity": (0.92, 0.11), "specificity": (0.89, 0.05), "pcc": (0.81, 0.09)},
+    "rtog": {"sensitivity": (0.95, 0.08), "specificity": (0.79, 0.11), "pcc": (0.79, 0.09)},
+    "eortc": {"sensitivity": (0.74, 0.21), "specificity": (0.92, 0.03), "pcc": (0.68, 0.19)},
+}
+# Wilcoxon p of the model vs each standard CTV (Results, "CTV evaluation"): (metric, other CTV) → p.
+STUDY_CTV_P: dict[tuple[str, str], float] = {
+    ("sensitivity", "rtog"): 0.09, ("pcc", "rtog"): 0.09, ("specificity", "rtog"): 0.004,
+    ("sensitivity", "eortc"): 7.3e-6, ("pcc", "eortc"): 0.0001, ("specificity", "eortc"): 0.053,
+}  # fmt: skip
+# Voxel-wise random forests, ROC AUC (5-fold CV): (target, subgroup) → AUC.
+STUDY_AUC: dict[tuple[str, str], float] = {
+    ("cel", "all"): 0.88, ("cel", "early"): 0.94, ("cel", "late"): 0.74,
+    ("nel", "all"): 0.81, ("nel", "early"): 0.83, ("nel", "late"): 0.73,
+}  # fmt: skip

@@ -51,6 +51,7 @@ STAGE_DESCRIPTIONS = {
     "tune-trial": "One trial of the hyperparameter search: its settings and validation curves.",
     "loss-study": "Loss study (Supp. Figs. 2 and 3): the best configuration trained per loss and per Tversky β, "
     "each scored on the test patients.",
+    "report": "The study's report: every table and figure beside the paper's values, one HTML file.",
     "ablation": "Modality ablation (Fig. 2): one random search per input set.",
     "evaluate": "Model CTV vs the RTOG and EORTC CTVs on the test patients: metrics, tests, figures.",
 }
