@@ -34,11 +34,13 @@ def test_every_stage_has_a_job():
 # Each job script runs one `ctvlab` command (ctvlab.cli.run_job).
 COMMAND_OF_JOB = {"synthesize": "synth", "validate_cohort": "validate", "preprocess_cohort": "preprocess",
                   "split_patients": "split", "voxel_cv": "rf-cv", "voxel_stats": "stats", "train_unet": "train",
-                  "tune_unet": "tune", "evaluate_ctvs": "evaluate", "predict": "predict", "run_study": "run"}  # fmt: skip
+                  "tune_unet": "tune", "evaluate_ctvs": "evaluate", "predict": "predict", "run_study": "run",
+                  "study_report": "report"}  # fmt: skip
 # What every job needs on a cluster: the study, its overrides, where the results go, a smoke check.
 JOB_OPTIONS = {"--config", "--set", "--workdir", "--smoke-test"}
 COMPUTE_OPTIONS = JOB_OPTIONS | {"--tracking-uri", "--address"}
-REQUIRED_OPTIONS = {"synth": JOB_OPTIONS, "validate": JOB_OPTIONS, "predict": {"--config", "--tracking-uri"}}
+REQUIRED_OPTIONS = {"synth": JOB_OPTIONS, "validate": JOB_OPTIONS, "predict": {"--config", "--tracking-uri"},
+                    "report": JOB_OPTIONS | {"--tracking-uri"}}  # fmt: skip
 
 
 def command_options(command: str) -> set[str]:

@@ -91,8 +91,10 @@ def test_report_puts_each_result_beside_the_study_and_marks_what_is_not_current(
 
 def test_the_shared_copy_leaves_out_patient_images(tmp_path, prepared_phantom, phantom_cohort):
     cfg = _study(tmp_path, prepared_phantom, phantom_cohort)
-    shared = build_report(cfg, tmp_path / "shared.html", patient_images=False)
+    shared = build_report(cfg, tmp_path / "shared.html", patient_images=False, local_paths=False)
     assert shared.read_text().count("data:image/png;base64,") == 1  # Fig. 3 only, not the contour figure
+    assert str(tmp_path) not in shared.read_text()  # no local folder named
+    assert str(cfg.workdir) in build_report(cfg).read_text()
     assert "left out of this copy" in _text(shared)
     assert not list(tmp_path.glob(".tmp-*"))  # written to a temporary name, then renamed
 

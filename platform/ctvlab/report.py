@@ -80,12 +80,15 @@ class Report:
                 f"<style>{CSS}</style></head><body>{body}</body></html>\n")  # fmt: skip
 
 
-def build_report(cfg: StudyConfig, out: Path | None = None, patient_images: bool = True) -> Path:
+def build_report(
+    cfg: StudyConfig, out: Path | None = None, patient_images: bool = True, local_paths: bool = True
+) -> Path:
     """Write the study's report; returns its path (default `<results>/report.html`).
 
     Args:
         patient_images: include the contour figures that show test patients' anatomy (off for the copy sent
             to a shared tracking server unless `tracking.log_patient_images`).
+        local_paths: name the working directory (off for the copy sent to the tracking server).
     """
     from ctvlab.pipeline import current_stages
 
@@ -94,9 +97,13 @@ def build_report(cfg: StudyConfig, out: Path | None = None, patient_images: bool
     current = current_stages(cfg)
     r = Report()
     r.h(f"ctvlab report · study {cfg.name}", 1)
-    r.p(f"ctvlab {html.escape(__version__)} · generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} · working directory "
-        f"<code>{html.escape(str(Path(cfg.workdir).resolve()))}</code>. Grey values in brackets are the study's "
-        "(Tran et al., npj Digital Medicine 2025).")  # fmt: skip
+    where = (
+        f" · working directory <code>{html.escape(str(Path(cfg.workdir).resolve()))}</code>"
+        if local_paths
+        else ""
+    )
+    r.p(f"ctvlab {html.escape(__version__)} · generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}{where}. Values in "
+        "brackets are the study's (Tran et al., npj Digital Medicine 2025).")  # fmt: skip
     _cohort(r, cfg)
     _split(r, cfg)
     _stats(r, results, current.get("stats", False))
@@ -371,7 +378,8 @@ def _provenance(r: Report, cfg: StudyConfig, current: dict[str, bool]) -> None:
 
 def report_stage(cfg: StudyConfig) -> tuple[Path, str]:
     """Write the report and log it to the study's MLflow run "report" (MLflow renders HTML artifacts); the
-    logged copy leaves out patient contour figures unless `tracking.log_patient_images`. Returns (path, run id)."""
+    logged copy names no local folder and leaves out patient contour figures unless
+    `tracking.log_patient_images`. Returns (path, run id)."""
     import tempfile
 
     from ctvlab.tracking import base_tags, tracker_for
@@ -379,7 +387,8 @@ def report_stage(cfg: StudyConfig) -> tuple[Path, str]:
     path = build_report(cfg)
     tracker = tracker_for(cfg)
     with tracker.run("report", base_tags("report")) as run, tempfile.TemporaryDirectory() as d:
-        shared = path if cfg.tracking.log_patient_images else build_report(cfg, Path(d) / REPORT_FILE, False)
-        run.artifact(shared)
+        run.artifact(
+            build_report(cfg, Path(d) / REPORT_FILE, cfg.tracking.log_patient_images, local_paths=False)
+        )
         run_id = run.run_id
     return path, run_id
