@@ -107,3 +107,11 @@ def test_report_command_refuses_a_missing_working_directory(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode != 0 and "does not exist" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_an_unreadable_output_spoils_its_section_only(tmp_path, prepared_phantom, phantom_cohort):
+    cfg = _study(tmp_path, prepared_phantom, phantom_cohort)
+    (cfg.results_dir / "evaluate" / "summary.csv").write_text("x\n1\n")  # not an evaluation table
+    text = _text(build_report(cfg))
+    assert "could not be read" in text and "KeyError" in text
+    assert "0.81 ± 0.05" in text and "Provenance" in text  # the other sections are there

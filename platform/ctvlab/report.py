@@ -104,15 +104,30 @@ def build_report(
     )
     r.p(f"ctvlab {html.escape(__version__)} · generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}{where}. Values in "
         "brackets are the study's (Tran et al., npj Digital Medicine 2025).")  # fmt: skip
-    _cohort(r, cfg)
-    _split(r, cfg)
-    _stats(r, results, current.get("stats", False))
-    _voxel_models(r, results, current.get("voxel_models", False))
-    _model(r, cfg, current)
-    _evaluation(r, results, current.get("evaluate", False), patient_images)
-    _losses(r, results, current.get("losses", False))
-    _ablation(r, results, current.get("ablation", False))
-    _provenance(r, cfg, current)
+    sections = [
+        lambda: _cohort(r, cfg),
+        lambda: _split(r, cfg),
+        lambda: _stats(r, results, current.get("stats", False)),
+        lambda: _voxel_models(r, results, current.get("voxel_models", False)),
+        lambda: _model(r, cfg, current),
+        lambda: _evaluation(r, results, current.get("evaluate", False), patient_images),
+        lambda: _losses(r, results, current.get("losses", False)),
+        lambda: _ablation(r, results, current.get("ablation", False)),
+        lambda: _provenance(r, cfg, current),
+    ]
+    for section in sections:
+        try:
+            section()
+        except (
+            OSError,
+            KeyError,
+            ValueError,
+            pd.errors.ParserError,
+        ) as e:  # one unreadable output, not the report
+            r.p(
+                f"This section could not be read: {html.escape(type(e).__name__)}: {html.escape(str(e))}",
+                "stale",
+            )
     with atomic_path(out) as tmp:
         Path(tmp).write_text(r.html(f"ctvlab · {cfg.name}"), encoding="utf-8")
     return out
