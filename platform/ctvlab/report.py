@@ -331,6 +331,7 @@ def _evaluation(r: Report, results: Path, is_current: bool, patient_images: bool
         r.p("Per-patient comparisons (Results; Supplementary Fig. 4 by cohort):")
         r.table(pd.read_csv(c).rename(columns={"study": "study value"}))
     for name, caption in (("fig3_metric_boxes.png", "Fig. 3: per-patient metrics per CTV."),
+                          ("supp_fig4_by_cohort.png", "Supp. Fig. 4: the model CTV per treatment cohort."),
                           ("fig1_rf_roc.png", "Fig. 1: voxel-model ROC curves.")):  # fmt: skip
         if (folder / name).exists():
             r.figure(folder / name, caption)

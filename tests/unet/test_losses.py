@@ -1,85 +1,219 @@
-"""The loss study (Supp. Figs. 2 and 3) at tiny size on the phantom: the given configuration trained per loss
-and per Tversky β, every model scored on the test patients, each loss tested against PCC."""
+"""Losses against MONAI and against hand computations of the paper's Eq. 1."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import math
 
-import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss, TverskyLoss
 
-from ctvlab.splits import load_split, pseudonymise
-from ctvlab.stages.losses import run_loss_study, summarise
-from ctvlab.tracking import Tracker
-from ctvlab.unet.ablation import ABLATION_METRICS
-from tests.conftest import tiny_study
+from ctvlab.config import BetaSchedule, LossConfig
+from ctvlab.unet.losses import (
+    LOSSES,
+    SMOOTH,
+    bce_loss,
+    beta_at,
+    dice_loss,
+    make_loss,
+    pcc_alpha_beta,
+    pcc_loss,
+    tversky_loss,
+)
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+def _random_case(seed=0, shape=(3, 1, 6, 5, 4)):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=g) * 2
+    target = (torch.rand(shape, generator=g) < 0.3).float()
+    brain = (torch.rand(shape, generator=g) < 0.7).float()
+    return logits, target * brain, brain
 
 
-def test_loss_study_trains_each_loss_and_beta_from_the_best_configuration(
-    prepared_phantom, tmp_path, tracking_uri
-):
-    cfg = tiny_study(tmp_path, tracking_uri)
-    cfg.name = "loss-study"
-    cfg.tune.loss_study.losses = ["tversky", "pcc", "pcc+bce"]
-    cfg.tune.loss_study.betas = [0.7]  # the sweep adds the study's 0.98, shared with the comparison
-    cfg.tune.loss_study.epochs = 1
-    best = {"lr": 2e-3, "base_features": 4, "batch_size": 1, "loss": "dice", "modality_set": "all"}
-    out = run_loss_study(cfg, prepared_phantom, best=best)
-
-    test_ids = sorted(load_split(prepared_phantom).patients("test"))
-    table = out.per_patient
-    runs = {(r.study, r.loss, None if np.isnan(r.beta) else r.beta) for r in table.itertuples()}
-    assert runs == {("loss", "pcc", None), ("loss", "pcc+bce", None), ("loss", "tversky", 0.98),
-                    ("beta", "tversky", 0.7), ("beta", "tversky", 0.98)}  # fmt: skip
-    for (_, _, _), rows in table.groupby(["study", "loss", "beta"], dropna=False):
-        assert sorted(rows["patient_id"]) == test_ids
-    for m in ABLATION_METRICS:
-        assert table[m].dropna().between(0, 1).all(), m
-    # the comparison's Tversky model is the sweep's β = 0.98 model: the same per-patient values
-    shared = table[(table["loss"] == "tversky") & np.isclose(table["beta"], 0.98)]
-    a, b = (
-        shared[shared["study"] == s].sort_values("patient_id")[list(ABLATION_METRICS)]
-        for s in ("loss", "beta")
+@pytest.mark.parametrize(("alpha", "beta"), [(0.5, 0.5), (0.3, 0.7), (0.02, 0.98), (0.9, 0.1)])
+def test_tversky_equals_monai(alpha, beta):
+    logits, target, _ = _random_case()
+    monai = TverskyLoss(sigmoid=True, alpha=alpha, beta=beta, batch=False, reduction="mean")
+    torch.testing.assert_close(
+        tversky_loss(logits, target, alpha, beta), monai(logits, target), rtol=0, atol=1e-6
     )
-    np.testing.assert_array_equal(a.to_numpy(), b.to_numpy())
-    # each loss against PCC, Holm over the table
-    assert set(zip(out.tests["set_a"], out.tests["set_b"], strict=True)) == {
-        ("pcc", "tversky"),
-        ("pcc", "pcc+bce"),
+
+
+def test_dice_equals_monai():
+    logits, target, _ = _random_case(1)
+    monai = DiceLoss(sigmoid=True, batch=False)
+    torch.testing.assert_close(dice_loss(logits, target), monai(logits, target), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dice", "tversky", "pcc", "bce"])
+def test_voxels_outside_the_brain_do_not_count(name):
+    """With a brain mask, the loss equals the unmasked loss on the brain voxels alone (gathered into a
+    (B, 1, N, 1, 1) volume per patient; here every patient has the same number of brain voxels)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 1, 4, 4, 4, generator=g)
+    brain = torch.zeros(2, 1, 4, 4, 4)
+    brain[0, :, :2] = 1
+    brain[1, :, :, 1:3] = 1
+    target = (torch.rand(2, 1, 4, 4, 4, generator=g) < 0.4).float() * brain
+    fns = {
+        "dice": dice_loss,
+        "tversky": lambda lo, t, m=None: tversky_loss(lo, t, 0.2, 0.8, m),
+        "pcc": pcc_loss,
+        "bce": bce_loss,
     }
-    assert (out.tests["p_holm"].dropna() >= out.tests["p_value"].dropna()).all()
-    for f in out.figures:
-        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fn = fns[name]
 
-    # every run trained the given configuration, one epoch, without the test patients
-    specs = [
-        json.loads(p.read_text())
-        for p in Path(cfg.workdir, "ray", "trials").glob("losses-*/model/model.json")
+    def gather(x):
+        return x[brain.bool()].reshape(2, 1, 32, 1, 1)
+
+    torch.testing.assert_close(fn(logits, target, brain), fn(gather(logits), gather(target)))
+    # And changing the logits outside the brain changes nothing.
+    shifted = logits + 10 * (1 - brain)
+    torch.testing.assert_close(fn(shifted, target, brain), fn(logits, target, brain))
+
+
+def _logit(p: float) -> float:
+    return -math.inf if p == 0 else math.log(p / (1 - p))
+
+
+def _patient(brain_n, target_idx, probs):
+    """A 16-voxel patient as (1, 2, 2, 4): brain = first brain_n voxels, given probabilities."""
+    logits = torch.tensor([_logit(p) for p in probs]).reshape(1, 2, 2, 4)
+    target = torch.zeros(16)
+    target[list(target_idx)] = 1
+    brain = (torch.arange(16) < brain_n).float()
+    return logits, target.reshape(1, 2, 2, 4), brain.reshape(1, 2, 2, 4)
+
+
+def test_pcc_hand_computation():
+    """Eq. 1 per patient, three lesion sizes, written out.
+
+    A: brain 10 voxels, lesion 2 → f = 0.2, β = 1/1.2 = 5/6, α = 1/6.
+       p = .75, .25 on the lesion; .75 on one healthy brain voxel; .75 on 6 voxels outside the brain
+       (ignored). TP = 1, FP = .75, FN = .25 + .75 = 1. PCC = 1 / (1 + .75/6 + 5/6) = 0.510638.
+    B: brain 16, lesion 8 → f = 0.5, β = 2/3, α = 1/3.
+       p = .75 on 4 lesion voxels, .25 on the other 4; .75 on 4 healthy voxels.
+       TP = 4, FP = 3, FN = 4. PCC = 4 / (4 + 1 + 8/3) = 0.521739.
+    C: brain 16, lesion 1 → f = 1/16, β = 16/17, α = 1/17.
+       p = .75 on the lesion, .25 on one healthy voxel. TP = .75, FP = .25, FN = .25.
+       PCC = .75 / (.75 + .25/17 + 4/17) = 0.75.
+    """
+    a = _patient(10, [0, 1], [0.75, 0.25, 0.75] + [0.0] * 7 + [0.75] * 6)
+    b = _patient(16, range(8), [0.75] * 4 + [0.25] * 4 + [0.75] * 4 + [0.0] * 4)
+    c = _patient(16, [0], [0.75, 0.25] + [0.0] * 14)
+    logits, target, brain = (torch.stack(parts) for parts in zip(a, b, c, strict=True))
+    assert logits.shape == (3, 1, 2, 2, 4)
+
+    alpha, beta = pcc_alpha_beta(target, brain)
+    torch.testing.assert_close(beta, torch.tensor([5 / 6, 2 / 3, 16 / 17]))
+    torch.testing.assert_close(alpha, torch.tensor([1 / 6, 1 / 3, 1 / 17]))
+
+    s = SMOOTH
+    pcc = [
+        (1 + s) / (1 + 0.75 / 6 + 5 / 6 * 1 + s),
+        (4 + s) / (4 + 3 / 3 + 2 / 3 * 4 + s),
+        (0.75 + s) / (0.75 + 0.25 / 17 + 16 / 17 * 0.25 + s),
     ]
-    assert len(specs) == 4 and {s["base_features"] for s in specs} == {4}
-    names = set(pseudonymise(prepared_phantom, test_ids).values())
-    assert all(not names & (set(s["train_patients"]) | set(s["val_patients"])) for s in specs)
-    tracker = Tracker(cfg.name, tracking_uri)
-    run = tracker.client.get_run(out.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["ctvlab.stage"] == "loss-study"
-    assert {"pcc_pcc_mean", "pcc_plus_bce_pcc_mean", "tversky_beta_0.7_sensitivity_mean"} <= set(
-        run.data.metrics
+    assert pcc == pytest.approx([0.510638, 0.521739, 0.75], abs=1e-5)
+    expected = sum(1 - v for v in pcc) / 3
+    assert pcc_loss(logits, target, brain).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_pcc_alpha_beta_without_mask_uses_all_voxels():
+    target = torch.zeros(2, 1, 4, 4, 4)
+    target[0, :, :2, :2, :2] = 1  # 8 of 64 voxels: f = 1/8, β = 8/9
+    alpha, beta = pcc_alpha_beta(target)
+    torch.testing.assert_close(beta, torch.tensor([8 / 9, 1.0]))
+    torch.testing.assert_close(alpha, torch.tensor([1 / 9, 0.0]))
+
+
+def test_bce_is_a_per_patient_mean_over_the_brain():
+    logits, target, brain = _random_case(3)
+    per_patient = [
+        F.binary_cross_entropy_with_logits(logits[i][brain[i] > 0], target[i][brain[i] > 0]) for i in range(3)
+    ]
+    torch.testing.assert_close(bce_loss(logits, target, brain), torch.stack(per_patient).mean())
+
+
+@pytest.mark.parametrize(
+    ("kind", "epoch", "expected"),
+    [
+        ("constant", 0, 0.5),
+        ("constant", 50, 0.5),
+        ("linear", 0, 0.5),
+        ("linear", 2, 0.6),
+        ("linear", 5, 0.75),
+        ("linear", 10, 1.0),
+        ("linear", 30, 1.0),
+        ("step", 0, 0.5),
+        ("step", 3, 0.5),
+        ("step", 4, 1.0),
+        ("step", 9, 1.0),
+    ],
+)
+def test_beta_at(kind, epoch, expected):
+    schedule = BetaSchedule(kind=kind, start=0.5, end=1.0, ramp_epochs=10, step_epoch=4)
+    assert beta_at(schedule, epoch) == pytest.approx(expected)
+
+
+def test_make_loss_tversky_follows_the_schedule():
+    logits, target, brain = _random_case(4)
+    cfg = LossConfig(name="tversky", beta=BetaSchedule(kind="step", start=0.6, end=0.9, step_epoch=3))
+    loss = make_loss(cfg)
+    torch.testing.assert_close(loss(logits, target, brain, 2), tversky_loss(logits, target, 0.4, 0.6, brain))
+    torch.testing.assert_close(loss(logits, target, brain, 3), tversky_loss(logits, target, 0.1, 0.9, brain))
+
+
+@pytest.mark.parametrize(
+    ("name", "reference"),
+    [
+        ("dice", lambda lo, t, m: dice_loss(lo, t, m)),
+        ("pcc", lambda lo, t, m: pcc_loss(lo, t, m)),
+        ("pcc+bce", lambda lo, t, m: pcc_loss(lo, t, m) + bce_loss(lo, t, m)),
+        ("pcc+0.5bce", lambda lo, t, m: pcc_loss(lo, t, m) + 0.5 * bce_loss(lo, t, m)),
+    ],
+)
+def test_make_loss_by_name(name, reference):
+    logits, target, brain = _random_case(5)
+    torch.testing.assert_close(
+        make_loss(LossConfig(name=name))(logits, target, brain, 7), reference(logits, target, brain)
     )
-    trials = tracker.client.search_runs([tracker.experiment_id], "tags.`ctvlab.stage` = 'tune-trial'")
-    assert len(trials) == 4
 
 
-def test_summary_keeps_each_run_apart_and_counts_its_patients():
-    import pandas as pd
+def test_registry_covers_the_config_names():
+    from typing import get_args
 
-    table = pd.DataFrame({"patient_id": ["a", "b", "a", "b"], "study": ["loss", "loss", "beta", "beta"],
-                          "loss": ["pcc", "pcc", "tversky", "tversky"], "beta": [np.nan, np.nan, 0.9, 0.9],
-                          "sensitivity": [1.0, 0.5, 0.2, 0.4], "specificity": [0.9, 0.8, 1.0, 1.0],
-                          "pcc": [0.7, 0.5, 0.1, 0.3]})  # fmt: skip
-    s = summarise(table).set_index("study")
-    assert s.loc["loss", "n"] == 2 and np.isnan(s.loc["loss", "beta"]) and s.loc["beta", "beta"] == 0.9
-    assert s.loc["loss", "sensitivity_mean"] == 0.75 and s.loc["beta", "pcc_mean"] == pytest.approx(0.2)
-    assert s.loc["beta", "sensitivity_std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    from ctvlab.config import LossName
+
+    assert set(LOSSES) == set(get_args(LossName))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_float32_under_bf16_autocast(name):
+    logits, target, brain = _random_case(6)
+    logits = logits.bfloat16().requires_grad_()
+    loss = make_loss(LossConfig(name=name))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(logits, target, brain, 0)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, loss(logits.detach().float(), target, brain, 0))
+    value.backward()
+    assert torch.isfinite(logits.grad.float()).all()
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shapes differ"):
+        pcc_loss(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_float32_under_cuda_bf16_autocast(name):
+    logits, target, brain = (t.cuda() for t in _random_case(6))
+    loss = make_loss(LossConfig(name=name))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        value = loss(logits.bfloat16(), target, brain, 0)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, loss(logits.bfloat16().float(), target, brain, 0))

@@ -197,6 +197,7 @@ def evaluate_study(
         drawn = per_patient[~per_patient["ctv"].isin(REFERENCE_ONLY_CTVS)]
         figures = [plot_metric_boxes(drawn.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
                                      {(r.metric, r.reference, r.other): r.p_holm for r in wilcoxon.itertuples()})]  # fmt: skip
+        figures.append(plot_by_cohort(per_patient, read_patients(prep), out / "supp_fig4_by_cohort.png"))
         chosen = [pid for pid, _ in sorted(overlay_cases, key=lambda kv: -kv[1])[: cfg.ctv.overlay_patients]]
         for pid in chosen:
             p = load_patient(prep, pid)
@@ -258,6 +259,18 @@ def evaluate_study(
         run_id = run.run_id
     return EvaluationOutcome(run_id, model_uri, threshold, per_patient, summary, wilcoxon, out, figures,
                              t_inf / len(ids), t_ctv / len(ids), comparisons)  # fmt: skip
+
+
+def plot_by_cohort(per_patient: pd.DataFrame, patients: pd.DataFrame, out: Path) -> Path:
+    """Supp. Fig. 4: the model CTV's sensitivity, specificity and PCC per treatment cohort (test patients).
+    The cohorts are independent groups of a few patients each: no paired test, no stars."""
+    from ctvlab.unet.ablation import plot_ablation
+
+    model = per_patient[per_patient["ctv"] == "model"].merge(patients[["patient_id", "cohort"]], on="patient_id")
+    cohorts = sorted(model["cohort"].dropna().unique())
+    no_tests = pd.DataFrame(columns=["metric", "set_a", "set_b", "p_holm"])
+    return plot_ablation(model, cohorts, no_tests, out, by="cohort", reference="",
+                         title="Model CTV per treatment cohort, test patients (Supp. Fig. 4)")  # fmt: skip
 
 
 def _drawn(ctvs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
