@@ -50,6 +50,7 @@ def main() -> None:
 
     from ctvlab.config import CohortConfig, SearchSpace, StudyConfig
     from ctvlab.pipeline import run_study
+    from ctvlab.stages.losses import run_label
     from ctvlab.study import STUDY_AUC, STUDY_CTV_P
     from ctvlab.study import STUDY_CTV as STUDY
 
@@ -114,7 +115,7 @@ def main() -> None:
         s = pd.read_csv(losses)
         print("\nLoss study on the test patients (Supp. Figs. 2, 3): sensitivity / specificity / PCC")
         for r in s.itertuples():
-            label = r.loss if r.study == "loss" else f"tversky β={r.beta:g}"
+            label = run_label(r.loss, r.study, r.beta)
             print(f"  {label:18} {r.sensitivity_mean:.3f} / {r.specificity_mean:.3f} / {r.pcc_mean:.3f}")
     print(f"\nreport: {results / 'report.html'}")
 

@@ -350,8 +350,9 @@ def _losses(r: Report, results: Path, is_current: bool) -> None:
     if not _state(r, folder, is_current, "pipeline.loss_study"):
         return
     s = pd.read_csv(folder / "summary.csv")
-    s["run"] = [lo if st == "loss" else f"tversky β={b:g}" for lo, st, b in zip(s["loss"], s["study"], s["beta"],
-                                                                               strict=True)]  # fmt: skip
+    from ctvlab.stages.losses import run_label
+
+    s["run"] = [run_label(lo, st, b) for lo, st, b in zip(s["loss"], s["study"], s["beta"], strict=True)]
     cols = ["run", "n"] + [f"{m}_{k}" for m in ("sensitivity", "specificity", "pcc") for k in ("mean", "std")]
     r.table(s[cols])
     r.p("Study: the optimum near β = 0.98 (α = 0.02), specificity dropping sharply above it; PCC + BCE had higher "

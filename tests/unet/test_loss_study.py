@@ -83,3 +83,11 @@ def test_summary_keeps_each_run_apart_and_counts_its_patients():
     assert s.loc["loss", "n"] == 2 and np.isnan(s.loc["loss", "beta"]) and s.loc["beta", "beta"] == 0.9
     assert s.loc["loss", "sensitivity_mean"] == 0.75 and s.loc["beta", "pcc_mean"] == pytest.approx(0.2)
     assert s.loc["beta", "sensitivity_std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+
+
+def test_rows_are_named_by_loss_and_tversky_rows_by_beta():
+    from ctvlab.stages.losses import run_label
+
+    assert run_label("pcc+bce", "loss", float("nan")) == "pcc+bce"
+    assert run_label("tversky", "beta", 0.7) == "tversky β=0.7"
+    assert run_label("tversky", "loss", 0.98) == "tversky β=0.98 (comparison)"

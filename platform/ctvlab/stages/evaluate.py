@@ -266,7 +266,9 @@ def plot_by_cohort(per_patient: pd.DataFrame, patients: pd.DataFrame, out: Path)
     The cohorts are independent groups of a few patients each: no paired test, no stars."""
     from ctvlab.unet.ablation import plot_ablation
 
-    model = per_patient[per_patient["ctv"] == "model"].merge(patients[["patient_id", "cohort"]], on="patient_id")
+    model = per_patient[per_patient["ctv"] == "model"].merge(
+        patients[["patient_id", "cohort"]], on="patient_id"
+    )
     cohorts = sorted(model["cohort"].dropna().unique())
     no_tests = pd.DataFrame(columns=["metric", "set_a", "set_b", "p_holm"])
     return plot_ablation(model, cohorts, no_tests, out, by="cohort", reference="",

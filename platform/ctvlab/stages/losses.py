@@ -142,6 +142,13 @@ def run_loss_study(
     return LossStudyOutcome(run_id, table, summary, tests, figures, out, time.perf_counter() - t0)
 
 
+def run_label(loss: str, study: str, beta: float) -> str:
+    """A row's name: the loss, with β for Tversky (the comparison's Tversky row is the sweep's β = 0.98 run)."""
+    if loss != "tversky":
+        return loss
+    return f"tversky β={beta:g}" + (" (comparison)" if study == "loss" else "")
+
+
 def summarise(per_patient: pd.DataFrame) -> pd.DataFrame:
     """Mean and SD of each metric per run (study, loss, beta), with its patient count."""
     keys = ["study", "loss", "beta"]
@@ -189,7 +196,7 @@ def print_loss_study(outcome: LossStudyOutcome, console) -> None:
     for col in ("run", "n", *ABLATION_METRICS):
         t.add_column(col, justify="right")
     for r in outcome.summary.to_dict("records"):
-        label = r["loss"] if r["study"] == "loss" else f"tversky β={r['beta']:g}"
+        label = run_label(r["loss"], r["study"], r["beta"])
         t.add_row(
             label, str(r["n"]), *[f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in ABLATION_METRICS]
         )
