@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from ctvlab.config import StudyConfig
-from ctvlab.pipeline import Stamps, model_digest, stage_key
-from ctvlab.report import build_report
+from ctvlab.pipeline import Stamps, current_stages, model_digest, stage_key
 from ctvlab.splits import load_split
+from ctvlab.stages.report import build_report as _build
 
 pytestmark = pytest.mark.ray  # the prepared phantom is built with Ray Data
 
@@ -49,6 +49,11 @@ def _study(tmp_path: Path, prepared_phantom: Path, phantom_cohort: Path) -> Stud
     model.mkdir()
     (model / "model.json").write_text(json.dumps({"base_features": 4, "epoch": 3}))
     return cfg
+
+
+def build_report(cfg: StudyConfig, *args, **kw) -> Path:
+    """The report as `ctvlab report` writes it: with the stages' currency read from the working directory."""
+    return _build(cfg, current_stages(cfg), *args, **kw)
 
 
 def _text(path: Path) -> str:

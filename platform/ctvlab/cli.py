@@ -644,16 +644,18 @@ def report(
     """The study's results in one self-contained HTML file, each beside the paper's value (the last stage of
     `ctvlab run`); outputs that are not current for the config are marked stale."""
     from ctvlab.errors import CtvlabError
-    from ctvlab.report import build_report, report_stage
+    from ctvlab.pipeline import current_stages
+    from ctvlab.stages.report import build_report, report_stage
 
     cfg = _settings(config, set_, workdir, smoke_test, None, tracking_uri, None)
     if not Path(cfg.workdir).is_dir():
         raise CtvlabError(f"{cfg.workdir} does not exist: nothing to report; run `ctvlab run` first")
+    current = current_stages(cfg)
     if log and out is None:
-        path, run_id = report_stage(cfg)
+        path, run_id = report_stage(cfg, current)
         _console().print(f"wrote {path}; logged to MLflow run {run_id}")
     else:
-        _console().print(f"wrote {build_report(cfg, out)}")
+        _console().print(f"wrote {build_report(cfg, current, out)}")
 
 
 @app.command()

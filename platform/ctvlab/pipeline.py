@@ -522,9 +522,9 @@ def current_stages(cfg: StudyConfig) -> dict[str, bool]:
 def _report(cfg: StudyConfig) -> StageRecord:
     """The study's HTML report, written again after every run (it reads the other stages' outputs and marks
     any that are not current)."""
-    from ctvlab.report import report_stage
+    from ctvlab.stages.report import report_stage
 
-    path, run_id = report_stage(cfg)
+    path, run_id = report_stage(cfg, current_stages(cfg))
     return StageRecord("report", "ran", detail=str(path), run_ids=[run_id])
 
 

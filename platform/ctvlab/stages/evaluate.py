@@ -9,6 +9,9 @@ written under `results/evaluate/` and logged to one MLflow run.
 
 The leakage guard: the model's spec lists the pseudonyms of its training and validation patients; none
 may be among the evaluated patients.
+
+About 415 lines: the evaluation is one pass over the test patients whose tables, figures and MLflow run
+share their data; the CTV construction and metrics themselves live in `ctvlab.ctv`.
 """
 
 from __future__ import annotations

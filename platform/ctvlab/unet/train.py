@@ -9,7 +9,11 @@ to MLflow. A lost worker restarts the group from the latest checkpoint (`Failure
 continues an interrupted run (same Ray run name and storage) with the same epoch numbering.
 
 After training, the driver writes the best model (selection: validation Tversky at α = 0.02, β = 0.98,
-as in the study) as a state dict plus a JSON spec, logs it to MLflow and registers it.
+as in the study) as a state dict plus a JSON spec, logs it to MLflow and registers it. With
+`train.patience`, training stops early once that many validated epochs pass without a better score.
+
+About 410 lines: the worker loop (epochs, validation, early stopping, checkpoints, the test hooks) and the
+driver's pieces it is built and read with (datasets, trainer, best checkpoint, export) change together.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ study (Supp. Figs. 2 and 3) and the modality ablation (Fig. 2). Every section sa
 current for the study's settings and data (`pipeline.current_stages`); stale or unstamped outputs are
 marked as such, not shown as the study's results. Figures are embedded as PNG (base64), so the file opens
 anywhere, including MLflow's artifact viewer.
+
+About 410 lines: one function per section of the report, in the paper's order, and the small HTML writer
+they share; splitting them apart would scatter one document over several files.
 """
 
 from __future__ import annotations
@@ -81,20 +84,22 @@ class Report:
 
 
 def build_report(
-    cfg: StudyConfig, out: Path | None = None, patient_images: bool = True, local_paths: bool = True
+    cfg: StudyConfig,
+    current: dict[str, bool],
+    out: Path | None = None,
+    patient_images: bool = True,
+    local_paths: bool = True,
 ) -> Path:
     """Write the study's report; returns its path (default `<results>/report.html`).
 
     Args:
         patient_images: include the contour figures that show test patients' anatomy (off for the copy sent
             to a shared tracking server unless `tracking.log_patient_images`).
+        current: stage → whether its outputs are current for `cfg` (`ctvlab.pipeline.current_stages`).
         local_paths: name the working directory (off for the copy sent to the tracking server).
     """
-    from ctvlab.pipeline import current_stages
-
     results = Path(cfg.results_dir)
     out = Path(out or results / REPORT_FILE)
-    current = current_stages(cfg)
     r = Report()
     r.h(f"ctvlab report · study {cfg.name}", 1)
     where = (
@@ -269,10 +274,8 @@ def _voxel_models(r: Report, results: Path, is_current: bool) -> None:
 
 
 def _model(r: Report, cfg: StudyConfig, current: dict[str, bool]) -> None:
-    from ctvlab.pipeline import Stamps
-
     r.h("U-Net: search and final model")
-    stamps = Stamps(cfg.workdir).folder
+    stamps = Path(cfg.workdir, "stamps")  # the stamps `ctvlab run` writes (ctvlab.pipeline.Stamps)
     search = json.loads((stamps / "model.json").read_text()) if (stamps / "model.json").exists() else None
     final = json.loads((stamps / "final.json").read_text()) if (stamps / "final.json").exists() else None
     spec_path = Path(cfg.results_dir, "model", "model.json")
@@ -393,7 +396,7 @@ def _provenance(r: Report, cfg: StudyConfig, current: dict[str, bool]) -> None:
         "equals the key it would have now.")  # fmt: skip
 
 
-def report_stage(cfg: StudyConfig) -> tuple[Path, str]:
+def report_stage(cfg: StudyConfig, current: dict[str, bool]) -> tuple[Path, str]:
     """Write the report and log it to the study's MLflow run "report" (MLflow renders HTML artifacts); the
     logged copy names no local folder and leaves out patient contour figures unless
     `tracking.log_patient_images`. Returns (path, run id)."""
@@ -401,11 +404,12 @@ def report_stage(cfg: StudyConfig) -> tuple[Path, str]:
 
     from ctvlab.tracking import base_tags, tracker_for
 
-    path = build_report(cfg)
+    path = build_report(cfg, current)
     tracker = tracker_for(cfg)
     with tracker.run("report", base_tags("report")) as run, tempfile.TemporaryDirectory() as d:
-        run.artifact(
-            build_report(cfg, Path(d) / REPORT_FILE, cfg.tracking.log_patient_images, local_paths=False)
+        shared = build_report(
+            cfg, current, Path(d) / REPORT_FILE, cfg.tracking.log_patient_images, local_paths=False
         )
+        run.artifact(shared)
         run_id = run.run_id
     return path, run_id
