@@ -13,8 +13,9 @@ from ctvlab.config import BetaSchedule, GridSpace, SearchSpace, TuneConfig, UNet
 from ctvlab.study import BEST_SELECTION_METRIC
 
 
-def trial_unet_config(base: UNetConfig, params: dict[str, Any], tcfg: TuneConfig) -> UNetConfig:
-    """The U-Net settings of one trial: the study's settings with the trial's sampled values."""
+def with_params(base: UNetConfig, params: dict[str, Any]) -> UNetConfig:
+    """`base` with a trial's parameters (lr, base_features, batch_size, loss, beta_schedule, modality_set) set;
+    a β schedule may come as a dict (a trial) or as JSON text (a trials table)."""
     u = base.model_copy(deep=True)
     if "lr" in params:
         u.optim.lr = float(params["lr"])
@@ -25,9 +26,16 @@ def trial_unet_config(base: UNetConfig, params: dict[str, Any], tcfg: TuneConfig
     if "loss" in params:
         u.loss.name = params["loss"]
     if "beta_schedule" in params:
-        u.loss.beta = BetaSchedule.model_validate(params["beta_schedule"])
+        beta = params["beta_schedule"]
+        u.loss.beta = BetaSchedule.model_validate(json.loads(beta) if isinstance(beta, str) else beta)
     if "modality_set" in params:
         u.model.modality_set = params["modality_set"]
+    return u
+
+
+def trial_unet_config(base: UNetConfig, params: dict[str, Any], tcfg: TuneConfig) -> UNetConfig:
+    """The U-Net settings of one trial: the study's settings with the trial's sampled values."""
+    u = with_params(base, params)
     u.train.epochs = tcfg.epochs_per_trial
     u.train.cpus_per_worker = tcfg.cpus_per_trial
     if tcfg.gpus_per_trial > 0:
@@ -42,19 +50,8 @@ def final_unet_config(base: UNetConfig, best: dict[str, Any]) -> UNetConfig:
     """The final model's settings (Methods: PCC loss, trained to convergence): the search's best
     configuration with `base.final_loss`, for `base.train.epochs` with `base.train.patience`, on the
     resources of `base.train` (not a trial's)."""
-    u = base.model_copy(deep=True)
-    if "lr" in best:
-        u.optim.lr = float(best["lr"])
-    if "base_features" in best:
-        u.model.base_features = int(best["base_features"])
-    if "batch_size" in best:
-        u.train.batch_size = int(best["batch_size"])
-    if "beta_schedule" in best:
-        beta = best["beta_schedule"]
-        u.loss.beta = BetaSchedule.model_validate(json.loads(beta) if isinstance(beta, str) else beta)
-    if "modality_set" in best:
-        u.model.modality_set = best["modality_set"]
-    u.loss.name = base.final_loss or u.loss.name
+    u = with_params(base, best)
+    u.loss.name = base.final_loss or base.loss.name
     return u
 
 
