@@ -458,7 +458,7 @@ def _losses(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool
         return StageRecord("loss study", "skipped (current)", detail=str(Path(cfg.results_dir, "losses")))
     out = run_loss_study(cfg, cfg.prep_dir, best=state.get("best_params"))
     stamps.write("losses", key)
-    n = out.summary.shape[0]
+    n = len(out.per_patient[["loss", "beta"]].fillna(-1.0).drop_duplicates())  # the shared Tversky run once
     return StageRecord("loss study", "ran", detail=f"{n} models on the test patients → {out.out_dir}",
                        run_ids=[out.run_id])  # fmt: skip
 

@@ -159,7 +159,7 @@ def _pm(mean: float, sd: float) -> str:
 
 def _cohort(r: Report, cfg: StudyConfig) -> None:
     from ctvlab.errors import CtvlabError
-    from ctvlab.synth.report import GROUPS, between_cohorts, cohort_report, study_groups
+    from ctvlab.synth.report import GROUPS, TABLE1_ROWS, between_cohorts, cohort_report, study_groups
 
     r.h("Cohort (Table 1)")
     try:
@@ -168,30 +168,9 @@ def _cohort(r: Report, cfg: StudyConfig) -> None:
         r.p(f"No cohort report: {html.escape(str(e))}", "missing")
         return
     study = study_groups()
-
-    def summ(s, digits=1):
-        if s.median is None:
-            return "–"
-        return f"{s.median:.{digits}f}" + (
-            f" [{s.min:.{digits}f}–{s.max:.{digits}f}]" if s.min is not None else ""
-        )
-
-    fields = [
-        ("N", lambda g: str(g.n)),
-        ("male %", lambda g: "–" if g.male_pct is None else f"{g.male_pct:.0f}"),
-        ("lesion T2L∪CEL cm³", lambda g: summ(g.lesion_cm3)),
-        ("resection GTR/STR/biopsy", lambda g: "/".join(str(v) for v in g.resection.values())),
-        ("progression CEL/T2L/both", lambda g: "/".join(str(v) for v in g.progression.values())),
-        ("age", lambda g: summ(g.age, 0)),
-        ("PFS months", lambda g: summ(g.pfs_months)),
-        ("OS months", lambda g: summ(g.os_months)),
-        (
-            "recurrence in T2L / ≤ 2 cm / > 2 cm %",
-            lambda g: "/".join(f"{v:.0f}" for v in g.pattern_pct.values()),
-        ),
-    ]
     rows = [
-        {"": label, **{g: f"{fmt(rep.groups[g])} [{fmt(study[g])}]" for g in GROUPS}} for label, fmt in fields
+        {"": label, **{g: f"{fmt(rep.groups[g])} [{fmt(study[g])}]" for g in GROUPS}}
+        for label, fmt in TABLE1_ROWS
     ]
     r.table(pd.DataFrame(rows))
     tests = pd.DataFrame(between_cohorts(rep.patients)).rename(columns={"study_p": "study p"})

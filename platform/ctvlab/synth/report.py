@@ -11,7 +11,7 @@ i.e. (CEL at progression − pre-RT CEL) ∪ (T2L at progression − pre-RT T2L 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -312,6 +312,20 @@ def _fmt_pattern(g: GroupStats) -> str:
     return "/".join(f"{v:.0f}" for v in g.pattern_pct.values())
 
 
+# Table 1's rows: (label, the cell of one group).
+TABLE1_ROWS: tuple[tuple[str, Callable[[GroupStats], str]], ...] = (
+    ("N", lambda g: str(g.n)),
+    ("male %", lambda g: "–" if g.male_pct is None else f"{g.male_pct:.0f}"),
+    ("lesion T2L∪CEL cm³", lambda g: _fmt_summary(g.lesion_cm3)),
+    ("resection GTR/STR/biopsy", lambda g: _fmt_counts(g.resection)),
+    ("progression CEL/T2L/both", lambda g: _fmt_counts(g.progression)),
+    ("age", lambda g: _fmt_summary(g.age, 0)),
+    ("PFS months", lambda g: _fmt_summary(g.pfs_months)),
+    ("OS months", lambda g: _fmt_summary(g.os_months)),
+    ("recurrence in T2L/≤2 cm/>2 cm %", _fmt_pattern),
+)
+
+
 # Table 1's between-cohort comparisons (Results, "Patient characteristics"): (quantity, cohorts, study p).
 STUDY_BETWEEN_COHORTS: tuple[tuple[str, tuple[str, ...], float], ...] = (
     ("pfs_months", ("SOC", "ATT", "ENZA"), 0.021),
@@ -357,18 +371,7 @@ def print_report(report: CohortReport, console: Console) -> None:
     for group in GROUPS:
         table.add_column(f"{group}", justify="right")
         table.add_column("study", justify="right", style="dim")
-    rows = [
-        ("N", lambda g: str(g.n)),
-        ("male %", lambda g: "–" if g.male_pct is None else f"{g.male_pct:.0f}"),
-        ("lesion T2L∪CEL cm³", lambda g: _fmt_summary(g.lesion_cm3)),
-        ("resection GTR/STR/biopsy", lambda g: _fmt_counts(g.resection)),
-        ("progression CEL/T2L/both", lambda g: _fmt_counts(g.progression)),
-        ("age", lambda g: _fmt_summary(g.age, 0)),
-        ("PFS months", lambda g: _fmt_summary(g.pfs_months)),
-        ("OS months", lambda g: _fmt_summary(g.os_months)),
-        ("recurrence in T2L/≤2 cm/>2 cm %", _fmt_pattern),
-    ]
-    for label, fmt in rows:
+    for label, fmt in TABLE1_ROWS:
         cells = []
         for group in GROUPS:
             cells += [fmt(report.groups[group]), fmt(study[group])]
