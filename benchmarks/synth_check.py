@@ -1,15 +1,18 @@
-"""Does the synthetic cohort carry the study's signal? A crude, independent voxel-wise check.
+"""Does the synthetic cohort carry the study's phenomenon? An independent voxel-wise check with targets.
 
 Generates (or reuses) a normal and a `--null` cohort, resamples every map and mask to a 3 mm RAS grid
 through the affines (nibabel + scipy, nothing from ctvlab.preprocess), divides each map by its median in
-normal-appearing voxels, takes the brain voxels within 4 cm of the pre-RT T2L, and fits a random
-forest per patient-grouped 5-fold split for the study's two targets (NAV→NEL, and NAV→CEL or NEL→CEL,
-each against NAV→NAV). Prints AUC with all 13 features, with the anatomical ones only, and of a
-distance-to-lesion score, for both cohorts; plus early/late progressors and feature importances.
+normal-appearing voxels, takes the brain voxels within 4 cm of the pre-RT T2L, and fits a random forest
+per patient-grouped 5-fold split for the study's two targets (NAV→NEL, and NAV→CEL or NEL→CEL, each
+against NAV→NAV). For both cohorts it prints the AUC of all 13 maps, of the anatomical maps, of the
+distance to the pre-RT T2L alone, of anatomy + distance and of all maps + distance; early (PFS < 7 months)
+and late progressors; the standard-of-care CTVs (RTOG: (CEL ∪ T2L) + 20 mm, EORTC: (CEL ∪ cavity) + 15 mm,
+within the brain) against the composite progression target; then every target with ok or OUT.
 
-    python benchmarks/synth_check.py --patients 40 --out /tmp/synth_check
+    python benchmarks/synth_check.py --patients 101 --seed 0 --out /tmp/synth_check
 
-Expected: on the normal cohort AUC(all) > AUC(anatomical); on the null cohort about equal.
+The null cohort is the control: its diffusion and MRSI see the visible lesion only, so they must add
+nothing to anatomy + distance there.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def patient_table(root: Path, row) -> dict[str, np.ndarray] | None:
     cel_prog = ring & ((nav & m["cel_progression_mask"]) | (nel & m["cel_progression_mask"] & ~m["cel_mask"]))
     sel = stable | nav_nel | cel_prog
     return {
-        "X": np.stack([feats[f][sel] for f in FEATURES], 1),
+        "X": np.stack([feats[f][sel] for f in FEATURES] + [dist[sel]], 1),  # the last column: distance
         "y_nel": np.where(nav_nel[sel], 1, np.where(stable[sel], 0, -1)),
         "y_cel": np.where(cel_prog[sel], 1, np.where(stable[sel], 0, -1)),
         "dist": dist[sel],
@@ -122,7 +125,7 @@ def cv_auc(
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.metrics import roc_auc_score
 
-    cols = [FEATURES.index(f) for f in features]
+    cols = [[*FEATURES, "dist"].index(f) for f in features]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(tables))
     folds = np.array_split(order, 5)
@@ -171,44 +174,123 @@ def distance_auc(tables: list[dict], target: str) -> float:
     return float(roc_auc_score(y, -d))
 
 
-def report(name: str, tables: list[dict]) -> None:
-    print(f"\n== {name}: {len(tables)} patients")
+def margin_ctv(region: np.ndarray, brain: np.ndarray, margin_mm: float) -> np.ndarray:
+    return (ndi.distance_transform_edt(~region, sampling=VOXEL_MM) <= margin_mm) & brain
+
+
+def soc_ctvs(root: Path, row) -> dict[str, tuple[float, float]]:
+    """(sensitivity, specificity) of the RTOG and EORTC CTVs against the composite progression target."""
+    paths = row.paths(root)
+    brain_img = nib.load(paths["brain_mask"])
+    aff, shape = target_grid(brain_img)
+    m = {k: resample(nib.load(paths[k]), aff, shape) >= 0.5 for k in MASKS}
+    brain = m["brain_mask"]
+    target = (m["cel_progression_mask"] | m["t2l_progression_mask"]) & brain
+    out = {}
+    ctvs = {"rtog": margin_ctv(m["cel_mask"] | m["t2l_mask"], brain, 20.0),
+            "eortc": margin_ctv(m["cel_mask"] | m["cavity_mask"], brain, 15.0)}  # fmt: skip
+    for name, ctv in ctvs.items():
+        sens = (ctv & target).sum() / max(target.sum(), 1)
+        spec = 1.0 - (ctv & ~target).sum() / max((brain & ~target).sum(), 1)
+        out[name] = (float(sens), float(spec))
+    return out
+
+
+def measure(tables: list[dict]) -> dict[str, float]:
+    """Every AUC the targets need, for one cohort."""
+    out: dict[str, float] = {}
+    with_dist = ["dist"]
     for target in ("y_cel", "y_nel"):
-        n_pos = sum(int((t[target] == 1).sum()) for t in tables)
-        n_neg = sum(int((t[target] == 0).sum()) for t in tables)
-        a_all, s_all, imp = cv_auc(tables, target, FEATURES)
-        a_anat, s_anat, _ = cv_auc(tables, target, ANAT)
-        a_dist = distance_auc(tables, target)
-        early = [t for t in tables if t["pfs"][0] < 7]
-        late = [t for t in tables if t["pfs"][0] >= 7]
-        a_early = cv_auc(early, target, FEATURES)[0] if len(early) >= 5 else float("nan")
-        a_late = cv_auc(late, target, FEATURES)[0] if len(late) >= 5 else float("nan")
-        top = sorted(zip(FEATURES, imp, strict=True), key=lambda p: -p[1])[:5]
-        print(
-            f"{target[2:].upper():4s} pos {n_pos:6d} neg {n_neg:7d} | AUC all {a_all:.3f}±{s_all:.3f} "
-            f"anat {a_anat:.3f}±{s_anat:.3f} distance {a_dist:.3f} | early {a_early:.3f} late {a_late:.3f}"
+        t = target[2:]
+        out[f"{t}_all"] = cv_auc(tables, target, FEATURES)[0]
+        out[f"{t}_anat"] = cv_auc(tables, target, ANAT)[0]
+        out[f"{t}_distance"] = distance_auc(tables, target)
+        out[f"{t}_anat_dist"] = cv_auc(tables, target, ANAT + with_dist)[0]
+        out[f"{t}_all_dist"] = cv_auc(tables, target, FEATURES + with_dist)[0]
+        early = [x for x in tables if x["pfs"][0] < 7]
+        late = [x for x in tables if x["pfs"][0] >= 7]
+        out[f"{t}_early"] = cv_auc(early, target, FEATURES)[0] if len(early) >= 5 else float("nan")
+        out[f"{t}_late"] = cv_auc(late, target, FEATURES)[0] if len(late) >= 5 else float("nan")
+    return out
+
+
+def print_cohort(name: str, r: dict[str, float]) -> None:
+    print(f"\n== {name}")
+    print("target | all | anat | distance | anat+dist | all+dist | early | late")
+    for t in ("cel", "nel"):
+        print(f"{t.upper():6s} | " + " | ".join(f"{r[f'{t}_{k}']:.3f}" for k in
+              ("all", "anat", "distance", "anat_dist", "all_dist", "early", "late")))  # fmt: skip
+
+
+def check_targets(
+    normal: dict[str, float], null: dict[str, float], soc: dict[str, tuple[float, float]]
+) -> int:
+    """Print each target of the synthetic cohort with ok/OUT; the number OUT."""
+    rows = []
+    for t in ("cel", "nel"):
+        rows.append(
+            (
+                f"{t.upper()}: all maps ≥ distance + 0.02",
+                normal[f"{t}_all"] - normal[f"{t}_distance"],
+                0.02,
+                None,
+            )
         )
-        print("      importance: " + ", ".join(f"{f} {v:.3f}" for f, v in top))
+    rows.append(("NEL: diffusion+MRSI add to anatomy+distance (normal) ≥ 0.03",
+                 normal["nel_all_dist"] - normal["nel_anat_dist"], 0.03, None))  # fmt: skip
+    for t in ("cel", "nel"):
+        rows.append((f"{t.upper()}: diffusion+MRSI add nothing on the null cohort ≤ 0.01",
+                     null[f"{t}_all_dist"] - null[f"{t}_anat_dist"], None, 0.01))  # fmt: skip
+    rows.append(("CEL: early − late ≥ 0.08", normal["cel_early"] - normal["cel_late"], 0.08, None))
+    rows.append(("RTOG sensitivity ≥ 0.88", soc["rtog"][0], 0.88, None))
+    rows.append(("RTOG specificity 0.72–0.86", soc["rtog"][1], 0.72, 0.86))
+    rows.append(("EORTC sensitivity 0.64–0.84", soc["eortc"][0], 0.64, 0.84))
+    rows.append(("EORTC specificity 0.87–0.96", soc["eortc"][1], 0.87, 0.96))
+    out = 0
+    print("\n== targets")
+    for label, value, lo, hi in rows:
+        ok = (lo is None or value >= lo) and (hi is None or value <= hi)
+        out += not ok
+        print(f"{'ok ' if ok else 'OUT'} {label}: {value:+.3f}" if "add" in label or "−" in label or "≥ distance" in label
+              else f"{'ok ' if ok else 'OUT'} {label}: {value:.3f}")  # fmt: skip
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--patients", type=int, default=40)
+    p.add_argument("--patients", type=int, default=101)
     p.add_argument("--out", type=Path, default=Path("/tmp/synth_check"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
     args = p.parse_args()
     from ctvlab.config import SynthConfig
+    from ctvlab.ingest.manifest import read_manifest
     from ctvlab.synth.cohort import generate_cohort
+    from ctvlab.synth.report import cohort_report, compare_to_study
 
+    results = {}
     for null in (False, True):
         root = args.out / ("null" if null else "normal")
         cfg = SynthConfig(n_patients=args.patients, seed=args.seed, null=null, num_workers=args.workers)
         if not (root / "manifest.csv").exists():
             t = time.time()
-            generate_cohort(root, cfg)
+            generate_cohort(root, cfg, progress=False)
             print(f"generated {root} in {time.time() - t:.0f} s")
-        report("null cohort" if null else "normal cohort", load_cohort(root))
+        results[null] = measure(load_cohort(root))
+        print_cohort("null cohort" if null else "normal cohort", results[null])
+    root = args.out / "normal"
+    rows, _, _ = read_manifest(root)
+    per = [soc_ctvs(root, r) for r in rows]
+    soc = {
+        k: (float(np.mean([x[k][0] for x in per])), float(np.mean([x[k][1] for x in per])))
+        for k in ("rtog", "eortc")
+    }
+    print(f"\nSOC CTVs (normal cohort, {len(per)} patients): RTOG sensitivity {soc['rtog'][0]:.3f} specificity "
+          f"{soc['rtog'][1]:.3f}; EORTC sensitivity {soc['eortc'][0]:.3f} specificity {soc['eortc'][1]:.3f}")  # fmt: skip
+    problems = compare_to_study(cohort_report(root))
+    print("Table 1 and recurrence pattern: " + ("within tolerance" if not problems else "; ".join(problems)))
+    n_out = check_targets(results[False], results[True], soc) + bool(problems)
+    print(f"\n{n_out} target(s) OUT")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ there, so that every file is consistent with every other through its affine alon
 Sources: the T1 template, grey- and white-matter probability maps of the ICBM152 2009 symmetric template
 shipped inside nilearn (`nilearn.datasets.load_mni152_template`, `..._gm_template`, `..._wm_template`),
 read directly from nilearn's package data so that no download and no heavy import happens. The brain
-mask is the T1 template above 0.2, as `load_mni152_brain_mask` computes it. CSF is brain minus grey
-and white matter; the ventricles are its large connected components near the midline. No atlas with
+mask is what a skull-stripping tool returns: the parenchyma (grey + white matter ≥ 0.5) with the
+ventricles, closed over 2 mm and with its holes filled, so that the CSF outside the brain is left out
+(`load_mni152_brain_mask`'s T1 > 0.2 keeps it). CSF is brain minus grey and white matter; the ventricles are its large connected components near the midline. No atlas with
 the brainstem or thalamus ships with nilearn offline (Harvard-Oxford and AAL are downloads), so the
 critical structures are drawn as ellipsoids at their MNI coordinates and clipped to tissue.
 """
@@ -98,16 +99,17 @@ def load_template() -> Template:
     for a in (gm, wm):
         if a.max() > 1.5:
             a /= 255.0
-    brain = t1 > BRAIN_THRESHOLD
+    head = t1 > BRAIN_THRESHOLD
 
-    # crop to the brain with a 4-voxel margin: a third of the memory and of the interpolation cost
-    idx = np.argwhere(brain)
+    # crop to the head with a 4-voxel margin: a third of the memory and of the interpolation cost
+    idx = np.argwhere(head)
     lo = np.maximum(idx.min(0) - 4, 0)
-    hi = np.minimum(idx.max(0) + 5, brain.shape)
+    hi = np.minimum(idx.max(0) + 5, head.shape)
     sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    t1, gm, wm, brain = t1[sl], gm[sl], wm[sl], brain[sl]
+    t1, gm, wm, head = t1[sl], gm[sl], wm[sl], head[sl]
     affine = affine.copy()
     affine[:3, 3] = apply_affine(affine, lo)
+    brain = parenchymal_mask(gm, wm, head)
 
     gm = np.where(brain, gm, 0.0).astype(np.float32)
     wm = np.where(brain, wm, 0.0).astype(np.float32)
@@ -129,6 +131,21 @@ def load_template() -> Template:
         box_lo=apply_affine(affine, idx.min(0)),
         box_hi=apply_affine(affine, idx.max(0)),
     )
+
+
+def parenchymal_mask(gm: np.ndarray, wm: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """Grey and white matter (≥ 0.5) closed over 2 mm, holes (the ventricles) filled, within `head`."""
+    tissue = (gm + wm) >= 0.5
+    closed = ndi.binary_closing(tissue, structure=ndi.generate_binary_structure(3, 1), iterations=2)
+    return ndi.binary_fill_holes(closed) & head
+
+
+@functools.lru_cache(maxsize=1)
+def brain_depth_mm() -> np.ndarray:
+    """Depth below the brain's surface (mm, 0 outside) on the template grid."""
+    tpl = load_template()
+    spacing = np.abs(np.diag(tpl.affine)[:3])
+    return ndi.distance_transform_edt(tpl.brain >= 0.5, sampling=spacing).astype(np.float32)
 
 
 def ventricle_mask(csf: np.ndarray, xyz: np.ndarray, voxel_cm3: float) -> np.ndarray:
@@ -274,6 +291,29 @@ class GrowthGrid:
     depth_mm: np.ndarray
     critical_mm: np.ndarray
     ventricles_mm: np.ndarray
+    tract_axes: np.ndarray | None = None  # (3, X, Y, Z): squared components of the tract direction
+    tract_coherence: np.ndarray | None = None  # 0..1: how clearly the white matter runs one way
+
+
+TRACT_SMOOTHING_MM = 4.0  # integration scale of the structure tensor
+
+
+def tract_orientation(wm: np.ndarray, spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Where white matter runs, from the structure tensor of its probability map (no tractography atlas
+    ships offline): along a tract the map changes least, so the eigenvector of the smallest eigenvalue is
+    the tract's direction. Returns (the squares of its three components, (3, ...); the coherence
+    (λ₂ − λ₁)/(λ₂ + λ₁): 1 for a clear tube, 0 where no direction stands out)."""
+    grads = np.gradient(wm.astype(np.float64), spacing_mm)
+    sigma = TRACT_SMOOTHING_MM / spacing_mm
+    tensor = np.empty((*wm.shape, 3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            tensor[..., i, j] = tensor[..., j, i] = ndi.gaussian_filter(grads[i] * grads[j], sigma)
+    values, vectors = np.linalg.eigh(tensor)  # ascending eigenvalues
+    along = vectors[..., :, 0]
+    coherence = (values[..., 1] - values[..., 0]) / np.maximum(values[..., 1] + values[..., 0], 1e-12)
+    axes = np.moveaxis(along**2, -1, 0).astype(np.float32)
+    return axes, np.clip(coherence, 0.0, 1.0).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=2)
@@ -295,10 +335,13 @@ def growth_grid(spacing_mm: float) -> GrowthGrid:
     def edt(region: np.ndarray) -> np.ndarray:
         return ndi.distance_transform_edt(region, sampling=spacing_mm).astype(np.float32)
 
+    wm = res(tpl.wm)
+    axes, coherence = tract_orientation(wm, spacing_mm)
     return GrowthGrid(
-        gm=res(tpl.gm), wm=res(tpl.wm), csf=res(tpl.csf), brain=brain, ventricles=ventricles,
+        gm=res(tpl.gm), wm=wm, csf=res(tpl.csf), brain=brain, ventricles=ventricles,
         critical=critical, affine=aff, spacing=float(spacing_mm), depth_mm=edt(brain >= 0.5),
-        critical_mm=edt(critical < 0.5), ventricles_mm=edt(ventricles < 0.5),
+        critical_mm=edt(critical < 0.5), ventricles_mm=edt(ventricles < 0.5), tract_axes=axes,
+        tract_coherence=coherence,
     )  # fmt: skip
 
 

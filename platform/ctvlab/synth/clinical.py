@@ -75,12 +75,17 @@ LESION_RESECTION_CORRELATION = 0.6
 LATE_BEYOND_CORRELATION = 0.5  # how strongly late progression favours recurrence beyond 2 cm
 
 # Ranges of the latent tumour parameters (see ctvlab.synth.tumour).
-LAMBDA_WM_MM = (2.5, 5.0)  # infiltration length √(D/ρ) in white matter, log-uniform
+LAMBDA_WM_MM = (2.5, 5.0)  # the draw that earlier cohorts used (kept so the clinical stream stays)
+# Infiltration length √(D/ρ) in white matter, log-uniform, rank-correlated with how far the tumour
+# recurs beyond the T2L: a diffusely infiltrating tumour (long invisible tail, which diffusion and
+# metabolism see) recurs far from its visible edge, a compact one close to it (Swanson's D/ρ).
+INFILTRATION_MM = (2.5, 8.0)
+INFILTRATION_ADVANCE_CORRELATION = 0.8
 DIFFUSION_RATIO = (5.0, 10.0)  # D white / D grey (Swanson: about 5; wider here for heterogeneity)
 ADVANCE_WITHIN_MM = (4.0, 17.0)  # farthest new voxel beyond the T2L, "within 2 cm" (margin to 20 mm)
 ADVANCE_BEYOND_MM = (23.0, 36.0)  # "beyond 2 cm", inside the 4 cm ring (no progression beyond it)
 NEW_CEL_CM3 = (0.5, 3.0)
-HETEROGENEITY = (0.3, 0.6)  # SD of log D across the brain, per patient
+HETEROGENEITY = (0.5, 1.0)  # SD of log D across the brain, per patient
 # Invisible satellite foci: how often (beyond 2 cm / within 2 cm), how far short of the farthest new
 # voxel, and how dense (always below the T2L threshold).
 SATELLITE_PROBABILITY = {"beyond 2 cm": 0.6, "within 2 cm": 0.3, "within T2L": 0.0}
@@ -92,6 +97,21 @@ RIM_MM = (3.0, 7.0)
 GTR_CAVITY_RADIUS_MM = (10.0, 25.0)  # planned resection cavity, 4–65 cm³
 STR_RESIDUAL_MM = (2.0, 5.0)
 ATT_CEL_SUPPRESSION = 0.15  # bevacizumab raises the density needed to enhance at progression
+# Vasogenic oedema: its share of the pre-RT lesion volume, and how much faster it spreads in white matter.
+OEDEMA_FRACTION = (0.3, 0.7)
+OEDEMA_WM_RATIO = (10.0, 30.0)
+# After RT the tumour's invasiveness field is partly redrawn: correlation exp(−PFS / this) with the one
+# the pre-RT scan reflects, so later progression is less predictable from it.
+POST_RT_MEMORY_MONTHS = 8.0
+ATT_POST_RT_INVASION = 1.5  # anti-angiogenic therapy selects a more invasive phenotype
+# RT's log cell kill where tissue is least radio-resistant: stronger for later progression (a tumour that
+# took long to recur was controlled for long; it regrows from resistant clones that no scan showed).
+RT_KILL = 6.0
+TRACT_ANISOTROPY = (0.5, 0.9)  # how much faster cells migrate along white-matter tracts than across
+# Skull-stripped adult brain volumes (litres; parenchyma with ventricles): mean and SD by sex at 40, and
+# the yearly loss after 40. The template's brain is larger; each patient's head is scaled to one draw.
+BRAIN_LITRES = {"M": (1.35, 0.10), "F": (1.21, 0.09)}
+BRAIN_LOSS_PER_YEAR = 0.003
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,7 @@ class PatientPlan:
     has_mrsi: bool
     registration_mm: float
     tumour: TumourSpec
+    brain_scale: float = 1.0  # linear factor from the template's brain to the patient's
 
     def clinical(self) -> dict[str, object]:
         return {
@@ -244,11 +265,18 @@ def draw_cohort(cfg: SynthConfig) -> list[PatientPlan]:
                 fields[key][i] = v
 
     no_mrsi = set(rng.permutation(n)[: round(cfg.mrsi_missing_fraction * n)].tolist())
+    # Drawn from their own stream, so that the clinical table above stays what it was.
+    extra = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(7,)))
+    template_litres = template_brain_litres()
+    advance = np.array([fields["advance_mm"][i] for i in range(n)], dtype=np.float64)
+    lambdas = np.exp(extra.uniform(*np.log(INFILTRATION_MM), size=n))
+    lambdas = rank_to(extra, lambdas, advance, INFILTRATION_ADVANCE_CORRELATION) if n > 1 else lambdas
     plans = []
     for i in range(n):
         cohort = cohort_of[i]
         cel_prog = cfg.cel_density + (ATT_CEL_SUPPRESSION if cohort == "ATT" else 0.0)
-        lam = float(np.exp(rng.uniform(*np.log(LAMBDA_WM_MM))))
+        rng.uniform(*np.log(LAMBDA_WM_MM))  # the old draw, so that the clinical stream's later draws stay
+        lam = float(lambdas[i])
         cavity_cm3 = 4.0 / 3.0 * np.pi * float(rng.uniform(*GTR_CAVITY_RADIUS_MM)) ** 3 / 1000.0
         advance = fields["advance_mm"][i]
         sat_mm = advance - float(rng.uniform(*SATELLITE_SHORT_MM))
@@ -272,6 +300,16 @@ def draw_cohort(cfg: SynthConfig) -> list[PatientPlan]:
             t2l_density=cfg.t2l_density,
             cel_density=cfg.cel_density,
             cel_density_progression=min(cel_prog, 0.95),
+            oedema_fraction=float(extra.uniform(*OEDEMA_FRACTION)),
+            oedema_wm_ratio=float(extra.uniform(*OEDEMA_WM_RATIO)),
+            post_rt_correlation=float(np.exp(-fields["pfs_months"][i] / POST_RT_MEMORY_MONTHS)),
+            post_rt_invasion=ATT_POST_RT_INVASION if cohort == "ATT" else 1.0,
+            tract_anisotropy=float(extra.uniform(*TRACT_ANISOTROPY)),
+            rt_kill=RT_KILL * (1.0 - float(np.exp(-fields["pfs_months"][i] / POST_RT_MEMORY_MONTHS))),
+        )
+        mean, sd = BRAIN_LITRES[fields["sex"][i]]
+        litres = (mean + sd * float(extra.normal())) * (
+            1.0 - BRAIN_LOSS_PER_YEAR * max(fields["age"][i] - 40.0, 0.0)
         )
         plans.append(
             PatientPlan(
@@ -279,7 +317,15 @@ def draw_cohort(cfg: SynthConfig) -> list[PatientPlan]:
                 age=float(fields["age"][i]), resection=fields["resection"][i],
                 progression_type=fields["progression_type"][i], pfs_months=fields["pfs_months"][i],
                 os_months=fields["os_months"][i], pattern=fields["pattern"][i], has_mrsi=i not in no_mrsi,
-                registration_mm=registration, tumour=spec,
+                registration_mm=registration, tumour=spec, brain_scale=(litres / template_litres) ** (1 / 3),
             )
         )  # fmt: skip
     return plans
+
+
+def template_brain_litres() -> float:
+    """The template's brain-mask volume (litres)."""
+    from ctvlab.synth.anatomy import load_template
+
+    tpl = load_template()
+    return float(tpl.brain.sum() * abs(np.linalg.det(tpl.affine[:3, :3])) / 1e6)

@@ -55,14 +55,21 @@ class FisherKolmogorov:
     """Explicit solver for one tumour: fixed D(x), ρ(x) and grid spacing.
 
     Args:
-        d: diffusivity per cell (mm²/time), 0 where cells cannot go.
+        d: diffusivity per cell (mm²/time), 0 where cells cannot go; with `per_axis`, (ndim, *shape): one
+            diffusivity per grid axis (a diagonal tensor: faster spread along the axes a tract runs along).
         rho: proliferation rate per cell (1/time), scalar or array of `d`'s shape.
         h: grid spacing (mm).
         dt: time step; default: `stable_dt`.
     """
 
-    def __init__(self, d: np.ndarray, rho: float | np.ndarray, h: float, dt: float | None = None):
-        self.faces = face_diffusivities(d)
+    def __init__(
+        self, d: np.ndarray, rho: float | np.ndarray, h: float, dt: float | None = None, per_axis: bool = False
+    ):
+        if per_axis:
+            self.faces = [face_diffusivities(d[axis])[axis] for axis in range(d.shape[0])]
+            d = d.max(axis=0)
+        else:
+            self.faces = face_diffusivities(d)
         self.rho = rho if np.isscalar(rho) else np.asarray(rho, dtype=d.dtype)
         self.h = float(h)
         rho_max = float(np.max(rho))

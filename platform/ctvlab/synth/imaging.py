@@ -16,17 +16,23 @@ What each map shows (what the study relies on, Introduction and Results):
   down, metabolism normal; in no mask. Confounders, as in real brains: FLAIR and diffusion abnormalities
   that are not tumour.
   The indices CNI, CCrI, CrNI are z-scores of the deviation from the patient's normal metabolite ratio.
+- Vasogenic oedema (`oedema`, 0..1, visible at `OEDEMA_VISIBLE`): FLAIR and T1 like visible tumour, ADC
+  up more than infiltration raises it, FA down; metabolites only diluted (Cho/NAA unchanged), so the
+  choline indices tell oedema from tumour where FLAIR cannot.
 Diffusion and metabolism respond to density through `infiltration_response`, a concave curve that is
 already appreciable at densities far below the T2L threshold: the invisible infiltration that decides
-where the tumour grows next. In the null cohort they receive the visible part of the density only.
+where the tumour grows next. In the null cohort they see the visible lesion only: a fixed density over
+the whole T2L, whatever lies in it (`NULL_DENSITY`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# Density at which the infiltration response reaches log(2)/log(1 + 1/U0) ≈ 0.2 of its maximum.
-INFILTRATION_U0 = 0.03
+from ctvlab.synth.tumour import OEDEMA_VISIBLE
+
+# At this density the infiltration response reaches log(2)/log(1 + 1/U0) ≈ 0.16 of its maximum.
+INFILTRATION_U0 = 0.015
 HIDDEN_FLAIR_GAIN = 0.12  # FLAIR rises by up to 12% below the visibility threshold: subtle
 NAV = {  # intensities of pure tissue (arbitrary scanner units; ADC in mm²/s)
     "flair": {"gm": 620.0, "wm": 480.0, "csf": 70.0},
@@ -44,6 +50,11 @@ NECROSIS = {"adc": 1.9e-3, "fa": 0.07, "lac": 1.2, "lip": 3.0}
 # They look like infiltration on FLAIR and diffusion but are metabolically normal and never progress.
 WMH_EFFECT = {"flair": 0.35, "t1": 0.05, "adc": 0.15, "fa": 0.2}
 METABOLITE_EFFECT = {"cho": 1.6, "cre": -0.2, "naa": -0.75}  # relative change at full response
+# Vasogenic oedema at full level: extracellular water raises ADC (to about 1.1e-3 mm²/s in white matter),
+# lowers FA, and dilutes every metabolite alike.
+OEDEMA_EFFECT = {"adc": 0.55, "fa": 0.3, "dilution": 0.15}
+NULL_DENSITY = 0.3  # null cohort: the density diffusion and MRSI see over the whole T2L
+LIPID_SKULL = {"level": 1.5, "depth_mm": 4.0}  # lipid signal bleeding in from the scalp, by depth
 NOISE = {  # standard deviation at noise scale 1
     "anatomical": 0.025,  # fraction of the white-matter intensity
     "adc": 0.04 * 0.75e-3,
@@ -57,7 +68,7 @@ BIAS_AMPLITUDE = 0.05  # multiplicative receive-field inhomogeneity, ± at noise
 def infiltration_response(u: np.ndarray) -> np.ndarray:
     """Concave response in [0, 1] to tumour-cell density: log(1 + u/U0) / log(1 + 1/U0).
 
-    0.08 at u = 0.01, 0.3 at 0.05, 0.6 at the T2L threshold: diffusion and metabolism sense the
+    0.12 at u = 0.01, 0.35 at 0.05, 0.68 at the T2L threshold: diffusion and metabolism sense the
     infiltration well before FLAIR shows it.
     """
     u = np.clip(u, 0.0, 1.0)
@@ -68,6 +79,12 @@ def visibility(u: np.ndarray, threshold: float, width: float = 0.2) -> np.ndarra
     """0 below and 1 above `threshold`, with a linear ramp of ±width·threshold: the visible lesion."""
     lo, hi = threshold * (1 - width), threshold * (1 + width)
     return np.clip((u - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def lesion_visibility(u: np.ndarray, t2l_density: float, oedema: np.ndarray | None) -> np.ndarray:
+    """Visible T2/FLAIR lesion, tumour or oedema alike (0..1)."""
+    vis = visibility(u, t2l_density)
+    return vis if oedema is None else np.maximum(vis, visibility(oedema, OEDEMA_VISIBLE))
 
 
 def tissue_mix(values: dict[str, float], gm: np.ndarray, wm: np.ndarray, csf: np.ndarray) -> np.ndarray:
@@ -83,6 +100,7 @@ def t1_images(
     enhancing: np.ndarray,
     wmh: np.ndarray,
     t2l_density: float,
+    oedema: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(T1, T1c) in scanner units.
 
@@ -90,8 +108,9 @@ def t1_images(
         t1_template: the template's T1 contrast in [0, 1] (0 outside the brain).
         u: tumour-cell density; cavity, necrosis, enhancing: indicators in [0, 1].
         wmh: white-matter hyperintensity burden in [0, 1] (see `ctvlab.synth.anatomy`).
+        oedema: vasogenic oedema level (T1-dark where visible, like tumour).
     """
-    vis = visibility(u, t2l_density)
+    vis = lesion_visibility(u, t2l_density, oedema)
     t1 = T1_SCALE * t1_template * (1.0 - 0.22 * vis) * (1.0 - 0.3 * necrosis) * (1.0 - WMH_EFFECT["t1"] * wmh)
     t1 = t1 * (1.0 - cavity) + FLUID["t1"] * cavity * (t1_template > 0)
     t1c = t1 * (1.0 + 0.8 * enhancing * (1.0 - necrosis) * (1.0 - cavity))
@@ -106,14 +125,19 @@ def flair_image(
     cavity: np.ndarray,
     wmh: np.ndarray,
     t2l_density: float,
+    oedema: np.ndarray | None = None,
 ) -> np.ndarray:
-    """FLAIR: bright in the visible lesion, subtly brighter (≤ 12%) with invisible infiltration, and
-    bright in white-matter hyperintensities, which belong to no lesion mask."""
+    """FLAIR: bright in the visible lesion (tumour or oedema alike), subtly brighter (≤ 12%) with invisible
+    infiltration or faint oedema, and bright in white-matter hyperintensities, which belong to no lesion
+    mask."""
     base = tissue_mix(NAV["flair"], gm, wm, csf) * (1.0 + WMH_EFFECT["flair"] * wmh)
     # the hyperintensity fades beyond the contour instead of stopping at it: the T2L is a threshold on
-    # a gradient, whose faint tail is the invisible infiltration
-    hidden = HIDDEN_FLAIR_GAIN * np.clip(infiltration_response(u) / infiltration_response(t2l_density), 0, 1)
-    lesion = 1.0 + 0.9 * visibility(u, t2l_density) + hidden
+    # a gradient, whose faint tail is the invisible infiltration (or oedema)
+    tail = infiltration_response(u) / infiltration_response(t2l_density)
+    if oedema is not None:
+        tail = np.maximum(tail, oedema / OEDEMA_VISIBLE)
+    hidden = HIDDEN_FLAIR_GAIN * np.clip(tail, 0, 1)
+    lesion = 1.0 + 0.9 * lesion_visibility(u, t2l_density, oedema) + hidden
     brain = gm + wm + csf
     return (base * lesion * (1.0 - cavity) + FLUID["flair"] * cavity * (brain > 0)).astype(np.float32)
 
@@ -127,21 +151,24 @@ def diffusion_maps(
     necrosis: np.ndarray,
     enhancing: np.ndarray,
     wmh: np.ndarray,
+    oedema: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ADC in mm²/s, FA) of a voxel.
 
     Args:
-        u: the density the diffusion maps sense (all of it; the visible part only in the null cohort).
+        u: the density the diffusion maps sense (the null cohort: NULL_DENSITY over the T2L).
         wmh: white-matter hyperintensity burden: ADC up and FA down, like infiltration but unrelated to
             the tumour.
+        oedema: vasogenic oedema level (none in the null cohort).
     """
     r = infiltration_response(u)
+    e = np.zeros_like(r) if oedema is None else np.clip(oedema, 0.0, 1.0)
     brain = gm + wm + csf
     adc = tissue_mix(NAV["adc"], gm, wm, csf) * (1.0 + 0.45 * r) * (1.0 - 0.2 * enhancing)
-    adc = adc * (1.0 + WMH_EFFECT["adc"] * wmh)
+    adc = adc * (1.0 + WMH_EFFECT["adc"] * wmh) * (1.0 + OEDEMA_EFFECT["adc"] * e)
     # FA from the white-matter fraction: partial volume with grey matter and CSF lowers it
     fa_tissue = 0.12 * gm + (0.25 + 0.3 * wm) * wm + 0.04 * csf
-    fa = fa_tissue * (1.0 - 0.45 * r) * (1.0 - WMH_EFFECT["fa"] * wmh)
+    fa = fa_tissue * (1.0 - 0.45 * r) * (1.0 - WMH_EFFECT["fa"] * wmh) * (1.0 - OEDEMA_EFFECT["fa"] * e)
     adc = adc * (1.0 - necrosis) + NECROSIS["adc"] * necrosis * (brain > 0)
     fa = fa * (1.0 - necrosis) + NECROSIS["fa"] * necrosis * (brain > 0)
     adc = adc * (1.0 - cavity) + FLUID["adc"] * cavity * (brain > 0)
@@ -150,22 +177,36 @@ def diffusion_maps(
 
 
 def metabolite_maps(
-    gm: np.ndarray, wm: np.ndarray, csf: np.ndarray, u: np.ndarray, cavity: np.ndarray, necrosis: np.ndarray
+    gm: np.ndarray,
+    wm: np.ndarray,
+    csf: np.ndarray,
+    u: np.ndarray,
+    cavity: np.ndarray,
+    necrosis: np.ndarray,
+    oedema: np.ndarray | None = None,
+    depth_mm: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Cho, Cre, NAA, Lac, Lip concentrations at points (before voxel averaging and noise).
 
     Args:
-        u: the density the spectra sense (all of it; the visible part only in the null cohort).
+        u: the density the spectra sense (the null cohort: NULL_DENSITY over the T2L).
+        oedema: vasogenic oedema level: dilutes every metabolite alike (none in the null cohort).
+        depth_mm: depth below the brain's surface: lipid from the scalp contaminates the outer voxels.
     """
     r = infiltration_response(u)
     live = (1.0 - cavity) * (1.0 - necrosis)
+    dilution = 1.0 if oedema is None else 1.0 - OEDEMA_EFFECT["dilution"] * np.clip(oedema, 0.0, 1.0)
     out = {}
     for name in ("cho", "cre", "naa"):
-        out[name] = tissue_mix(NAV[name], gm, wm, csf) * (1.0 + METABOLITE_EFFECT[name] * r) * live
+        out[name] = tissue_mix(NAV[name], gm, wm, csf) * (1.0 + METABOLITE_EFFECT[name] * r) * live * dilution
     tissue = gm + wm
     out["lac"] = NAV["lac"]["wm"] * tissue * live + 0.3 * u**2 * live + NECROSIS["lac"] * necrosis
     out["lip"] = NAV["lip"]["wm"] * tissue * live + 0.1 * r * live + NECROSIS["lip"] * necrosis + 0.3 * cavity
-    return {k: v.astype(np.float32) for k, v in out.items()}
+    if depth_mm is not None:
+        out["lip"] = out["lip"] + LIPID_SKULL["level"] * np.exp(
+            -np.clip(depth_mm, 0.0, None) / LIPID_SKULL["depth_mm"]
+        )
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
 
 def metabolite_index(y: np.ndarray, x: np.ndarray, iterations: int = 5, cutoff: float = 2.0) -> np.ndarray:

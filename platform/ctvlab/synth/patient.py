@@ -4,13 +4,21 @@ Grids (all in the scanner's world frame, mm):
 - anatomy (T1c, T1, FLAIR, every mask): `cfg.anatomy_mm`, oriented like the head plus a small residual
   tilt of the slice prescription, covering the brain with `cfg.field_of_view_margin_mm` to spare;
 - diffusion (ADC, FA): `cfg.diffusion_mm` (anisotropic), its own small tilt and offset;
-- MRSI: the PRESS box (`cfg.press_box_mm` in voxels of `cfg.mrsi_mm`) oriented like the anatomy grid,
-  centred on the lesion and pushed inwards until it lies in the brain; each MRSI voxel is the average
-  of the underlying maps over 4×4×4 points inside it (partial volume).
+- MRSI: the PRESS box (`cfg.press_box_mm` in voxels of `cfg.mrsi_mm`) placed as a spectroscopist
+  would: over the lesion, with an offset of up to PRESS_OFFSET_MM and a tilt of up to PRESS_TILT_DEG from
+  the anatomy grid, pushed inwards until it lies in the brain. Each MRSI voxel sees the underlying maps
+  through a point-spread function (a Gaussian of MRSI_PSF_SIGMA voxels, sampled at 4×4×4 points per
+  voxel: partial volume and bleeding from the neighbours), and the outer voxels pick up lipid from the
+  scalp.
+
+The head is scaled as well as placed: `plan.brain_scale` shrinks the template (whose brain is larger than
+an adult's) to the patient's brain volume, and every length and volume of the tumour is divided by it
+(in template units) so that the images show the drawn sizes in millimetres.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,7 @@ from ctvlab.synth import imaging
 from ctvlab.synth.anatomy import (
     Template,
     apply_affine,
+    brain_depth_mm,
     covering_shape,
     grid_affine,
     growth_grid,
@@ -38,6 +47,10 @@ from ctvlab.synth.clinical import PatientPlan
 from ctvlab.synth.tumour import TumourCourse, TumourSpec, pre_rt_regions, progression_regions, simulate_tumour
 
 MRSI_SUBSAMPLES = 4  # points per axis averaged into one MRSI voxel
+MRSI_PSF_SIGMA = 0.5  # point-spread (Gaussian SD, in MRSI voxels) of a Hamming-filtered acquisition
+PRESS_OFFSET_MM = 10.0
+PRESS_TILT_DEG = 10.0
+OEDEMA_KEPT = 0.7  # at progression, pre-RT oedema above this level is still visible (the rest resolved)
 MRSI_MIN_BRAIN = 0.25  # MRSI voxels with less brain than this have no usable spectrum (NaN)
 PRESS_MIN_INSIDE = 0.9  # the box is pushed inwards until this fraction of its voxels lies in the brain
 DAYS_PER_MONTH = 30.44
@@ -96,8 +109,9 @@ def grid_fields(
         "wm": tpl_field(tpl.wm) * brain,
         "csf": tpl_field(tpl.csf) * brain,
         "u": sim_field(course.u_pre) * brain,
+        "oedema": sim_field(course.oedema) * brain if course.oedema is not None else None,
     }
-    f.update(pre_rt_regions(f["u"], sim_field(course.depth_mm), spec, course.gtr_density))
+    f.update(pre_rt_regions(f["u"], sim_field(course.depth_mm), spec, course.gtr_density, f["oedema"]))
     for k in ("cavity", "necrosis", "cel", "t2l"):
         f[k] &= brain
     return f
@@ -111,11 +125,13 @@ def mrsi_box(
     cfg: SynthConfig,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Affine and shape of the PRESS box: centred on the lesion, pushed inwards into the brain."""
+    """Affine and shape of the PRESS box: over the lesion with a random offset and tilt, pushed inwards
+    into the brain."""
     shape = tuple(max(1, round(b / m)) for b, m in zip(cfg.press_box_mm, cfg.mrsi_mm, strict=True))
     lo, hi = tpl.brain_box_mm()
     brain_centre = apply_affine(pose, (lo + hi) / 2)
-    centre = lesion_world + rng.uniform(-5.0, 5.0, size=3)
+    centre = lesion_world + rng.uniform(-PRESS_OFFSET_MM, PRESS_OFFSET_MM, size=3)
+    rotation = rotation @ random_rotation(rng, PRESS_TILT_DEG)
     inv_pose = np.linalg.inv(pose)
     for _ in range(20):
         aff = grid_affine(centre, rotation, cfg.mrsi_mm, shape)
@@ -140,28 +156,38 @@ def mrsi_maps(
     noise: float,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """The eight MRSI maps on the PRESS grid: voxel averages of the point-wise metabolite maps, noise,
-    and the indices. NaN where a voxel holds less than MRSI_MIN_BRAIN of brain."""
+    """The eight MRSI maps on the PRESS grid: the point-wise metabolite maps seen through the point-spread
+    function and averaged over each voxel, noise, and the indices. NaN where a voxel holds less than
+    MRSI_MIN_BRAIN of brain."""
     k = MRSI_SUBSAMPLES
-    offsets = (np.arange(k) + 0.5) / k - 0.5
-    sub = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
-    centres = np.argwhere(np.ones(shape))  # C order: matches reshape(shape)
-    ijk = (centres[:, None, :] + sub[None, :, :]).reshape(-1, 3)
+    fine = tuple(n * k for n in shape)
+    ijk = (np.indices(fine).reshape(3, -1).T + 0.5) / k - 0.5  # fine points in MRSI voxel units
     pts = apply_affine(np.linalg.inv(pose), apply_affine(affine, ijk)).T  # (3, N) MNI mm
 
     brain = sample_points(tpl.brain, tpl.affine, pts) >= 0.5
     gm, wm, csf = (sample_points(a, tpl.affine, pts) * brain for a in (tpl.gm, tpl.wm, tpl.csf))
     u = sample_points(course.u_pre, growth_affine, pts) * brain
-    regions = pre_rt_regions(u, sample_points(course.depth_mm, growth_affine, pts), spec, course.gtr_density)
-    seen = np.where(regions["t2l"], u, 0.0) if null else u
+    oedema = sample_points(course.oedema, growth_affine, pts) * brain if course.oedema is not None else None
+    depth = sample_points(course.depth_mm, growth_affine, pts)
+    regions = pre_rt_regions(u, depth, spec, course.gtr_density, oedema)
+    if null:  # the visible lesion only, whatever lies in it
+        seen, oedema = np.where(regions["t2l"], imaging.NULL_DENSITY, 0.0), None
+    else:
+        seen = u
     cav, nec = (regions[r].astype(np.float32) * brain for r in ("cavity", "necrosis"))
-    point_maps = imaging.metabolite_maps(gm, wm, csf, seen, cav, nec)
+    brain_depth = sample_points(brain_depth_mm(), load_template().affine, pts)
+    point_maps = imaging.metabolite_maps(gm, wm, csf, seen, cav, nec, oedema, brain_depth)
 
-    brain_frac = brain.reshape(-1, k**3).mean(1).reshape(shape)
+    def voxels(values: np.ndarray) -> np.ndarray:
+        """Point values → MRSI voxels: the point-spread function, then the mean over each voxel."""
+        v = ndi.gaussian_filter(values.reshape(fine).astype(np.float32), MRSI_PSF_SIGMA * k, mode="nearest")
+        return v.reshape(shape[0], k, shape[1], k, shape[2], k).mean(axis=(1, 3, 5))
+
+    brain_frac = brain.reshape(fine).reshape(shape[0], k, shape[1], k, shape[2], k).mean(axis=(1, 3, 5))
     usable = brain_frac >= MRSI_MIN_BRAIN
     out = {}
     for name, values in point_maps.items():
-        v = values.reshape(-1, k**3).mean(1).reshape(shape)
+        v = voxels(values)
         sd = noise * (
             imaging.NOISE["lac_lip"]
             if name in ("lac", "lip")
@@ -173,6 +199,19 @@ def mrsi_maps(
     out["ccri"] = imaging.metabolite_index(out["cho"], out["cre"])
     out["crni"] = imaging.metabolite_index(out["cre"], out["naa"])
     return out
+
+
+def template_units(spec: TumourSpec, scale: float) -> TumourSpec:
+    """The tumour's lengths and volumes in template units: the template is scaled by `scale` into the
+    patient, so a drawn length l (patient mm) is l / scale template mm, a volume v is v / scale³."""
+    cube = scale**3
+    return replace(
+        spec,
+        lambda_wm_mm=spec.lambda_wm_mm / scale, advance_mm=spec.advance_mm / scale,
+        satellite_mm=spec.satellite_mm / scale, rim_mm=spec.rim_mm / scale,
+        str_residual_mm=spec.str_residual_mm / scale, lesion_cm3=spec.lesion_cm3 / cube,
+        new_cel_cm3=spec.new_cel_cm3 / cube, gtr_cavity_cm3=spec.gtr_cavity_cm3 / cube,
+    )  # fmt: skip
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype: Any) -> None:
@@ -202,14 +241,16 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
     tpl = load_template()
     ggrid = growth_grid(cfg.growth_mm)
     rng = patient_streams(cfg.seed, plan.index)
-    spec = plan.tumour
+    scale = plan.brain_scale
+    spec = template_units(plan.tumour, scale)
     course = simulate_tumour(spec, ggrid, rng["tumour"])
 
-    # the head in the scanner, and the anatomy grid aligned to it up to a small prescription tilt
+    # the head in the scanner (scaled to the patient's brain), and the anatomy grid aligned to it up to a
+    # small prescription tilt
     rot_head = random_rotation(rng["pose"], cfg.max_rotation_deg)
-    pose = rigid(rot_head, rng["pose"].uniform(-cfg.max_translation_mm, cfg.max_translation_mm, 3))
+    pose = rigid(rot_head * scale, rng["pose"].uniform(-cfg.max_translation_mm, cfg.max_translation_mm, 3))
     lo, hi = tpl.brain_box_mm()
-    extent = (hi - lo) + 2.0 * cfg.field_of_view_margin_mm
+    extent = (hi - lo) * scale + 2.0 * cfg.field_of_view_margin_mm
     centre = apply_affine(pose, (lo + hi) / 2.0)
     rot_anat = rot_head @ random_rotation(rng["pose"], cfg.max_rotation_deg / 2.0)
     shape_anat = covering_shape(extent, rot_head.T @ rot_anat, cfg.anatomy_mm)
@@ -231,8 +272,8 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
     brain = a["brain"]
     cav, nec, cel = (a[k].astype(np.float32) for k in ("cavity", "necrosis", "cel"))
     wmh_a = sample(wmh, ggrid.affine, aff_anat, shape_anat, pose) * brain
-    t1, t1c = imaging.t1_images(a["t1"], a["u"], cav, nec, cel, wmh_a, spec.t2l_density)
-    flair = imaging.flair_image(a["gm"], a["wm"], a["csf"], a["u"], cav, wmh_a, spec.t2l_density)
+    t1, t1c = imaging.t1_images(a["t1"], a["u"], cav, nec, cel, wmh_a, spec.t2l_density, a["oedema"])
+    flair = imaging.flair_image(a["gm"], a["wm"], a["csf"], a["u"], cav, wmh_a, spec.t2l_density, a["oedema"])
     bias = imaging.bias_field(shape_anat, rng["anatomy_noise"], imaging.BIAS_AMPLITUDE * cfg.noise)
     sd = imaging.NOISE["anatomical"] * cfg.noise
     wm_level = {"t1": imaging.T1_SCALE * 0.87, "flair": imaging.NAV["flair"]["wm"]}
@@ -244,9 +285,13 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
     for name, img in images.items():
         save(name, _to_int16(img * brain), aff_anat, np.int16)
 
-    disp = smooth_displacement(ggrid.brain.shape, ggrid.spacing, plan.registration_mm, rng["registration"])
+    disp = smooth_displacement(
+        ggrid.brain.shape, ggrid.spacing, plan.registration_mm / scale, rng["registration"]
+    )
     u_prog = misregister(course.u_prog, disp, ggrid.spacing)
     u_prog = sample(u_prog, ggrid.affine, aff_anat, shape_anat, pose) * brain
+    if a["oedema"] is not None:
+        a["oedema_kept"] = a["oedema"] >= OEDEMA_KEPT
     prog = progression_regions(u_prog, a, spec)
     lesion = a["t2l"] | a["cavity"]
     ventricles = (sample(tpl.ventricles, tpl.affine, aff_anat, shape_anat, pose) >= 0.5) & brain & ~lesion
@@ -259,11 +304,14 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
 
     # --- diffusion grid
     d = grid_fields(tpl, course, ggrid.affine, spec, aff_diff, shape_diff, pose, with_t1=False)
-    seen = np.where(d["t2l"], d["u"], 0.0) if cfg.null else d["u"]
+    if cfg.null:  # the visible lesion only, whatever lies in it
+        seen, oedema_seen = np.where(d["t2l"], imaging.NULL_DENSITY, 0.0), None
+    else:
+        seen, oedema_seen = d["u"], d["oedema"]
     adc, fa = imaging.diffusion_maps(
         d["gm"], d["wm"], d["csf"], seen,
         *(d[k].astype(np.float32) for k in ("cavity", "necrosis", "cel")),
-        sample(wmh, ggrid.affine, aff_diff, shape_diff, pose) * d["brain"],
+        sample(wmh, ggrid.affine, aff_diff, shape_diff, pose) * d["brain"], oedema_seen,
     )  # fmt: skip
     adc = imaging.add_noise(adc, imaging.NOISE["adc"] * cfg.noise, rng["diffusion_noise"], d["brain"])
     fa = imaging.add_noise(fa, imaging.NOISE["fa"] * cfg.noise, rng["diffusion_noise"], d["brain"])
@@ -299,18 +347,21 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
         "patient_id": plan.patient_id,
         "pattern": plan.pattern,
         "seed_mni": [round(float(x), 1) for x in course.seed_mni],
-        "advance_mm_target": round(spec.advance_mm, 2),
-        "advance_mm_growth_grid": round(course.advance_mm, 2),
-        "lambda_wm_mm": round(spec.lambda_wm_mm, 3),
+        "advance_mm_target": round(plan.tumour.advance_mm, 2),
+        "advance_mm_growth_grid": round(course.advance_mm * scale, 2),
+        "lambda_wm_mm": round(plan.tumour.lambda_wm_mm, 3),
         "diffusion_ratio": round(spec.diffusion_ratio, 3),
         "rho_per_day": round(rho_per_month / DAYS_PER_MONTH, 6),
-        "d_wm_mm2_per_day": round(spec.lambda_wm_mm**2 * rho_per_month / DAYS_PER_MONTH, 6),
-        "lesion_cm3_target": round(spec.lesion_cm3, 2),
+        "d_wm_mm2_per_day": round(plan.tumour.lambda_wm_mm**2 * rho_per_month / DAYS_PER_MONTH, 6),
+        "lesion_cm3_target": round(plan.tumour.lesion_cm3, 2),
         "t_pre": round(course.t_pre, 4),
         "t_progression": round(course.t_progression, 4),
         "pose": np.round(pose, 6).tolist(),
         "has_mrsi": plan.has_mrsi,
         "registration_mm": round(plan.registration_mm, 3),
-        "satellite_mm": round(spec.satellite_mm, 2),
+        "satellite_mm": round(plan.tumour.satellite_mm, 2),
+        "brain_scale": round(scale, 4),
+        "oedema_fraction": round(plan.tumour.oedema_fraction, 3),
+        "post_rt_correlation": round(plan.tumour.post_rt_correlation, 3),
     }
     return row, params

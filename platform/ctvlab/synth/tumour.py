@@ -14,10 +14,22 @@ all of the enhancing zone and a planned cavity volume; an STR leaves an enhancin
 `str_residual_mm`; a biopsy removes nothing. The pre-RT lesion volume (T2L ∪ CEL, cavity excluded) is
 the drawn one: growth stops when it is reached.
 
+Vasogenic oedema: fluid leaking from the enhancing tumour's broken blood-brain barrier spreads through the
+extracellular space, far more easily along white matter than through grey matter. It is simulated as
+diffusion from the enhancing zone (held at 1) with `oedema_wm_ratio` times faster spread in white matter,
+until the T2L (visible tumour ∪ visible oedema, the cavity excluded) reaches the drawn lesion volume; the
+tumour is grown first to `1 − oedema_fraction` of it. Oedema is bright on FLAIR like tumour, raises ADC,
+and carries no tumour cells: it does not progress, and a margin drawn from its edge is a margin around
+nothing. So the distance to the T2L is a blurred guide to where the cells are; diffusion and metabolism,
+which see the cells, are a sharper one.
+
 After RT the cavity holds no cells and no flux; optionally an invisible satellite focus is added in white
-matter; growth goes on until the drawn recurrence is reached: the farthest newly visible cell lies
-`advance_mm` beyond the pre-RT T2L (T2L or both progression), or `new_cel_cm3` of new enhancement has
-appeared inside it (CEL progression).
+matter; the tumour's invasiveness changes (the random field of D is redrawn with correlation
+`post_rt_correlation` to the pre-RT one, lower for later progression: what the pre-RT scan shows of the
+tumour's behaviour says less the longer it takes to recur; times `post_rt_invasion`, above 1 under
+anti-angiogenic therapy, which selects an invasive phenotype). Growth goes on until the drawn recurrence is
+reached: the farthest newly visible cell lies `advance_mm` beyond the pre-RT T2L (T2L or both
+progression), or `new_cel_cm3` of new enhancement has appeared inside it (CEL progression).
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ctvlab.synth.anatomy import GrowthGrid, apply_affine
-from ctvlab.synth.growth import FisherKolmogorov
+from ctvlab.synth.growth import FisherKolmogorov, stable_dt
 
 # Cells whose tissue fraction (grey + white matter) is below this are outside the simulation domain:
 # tumour cells neither enter CSF nor ventricles (zero-flux boundary).
@@ -40,6 +52,7 @@ SEED_MIN_Z_MM = -5.0
 ACTIVE_THRESHOLD = 1e-8
 SEED_RADIUS_LAMBDA = 2.0
 HETEROGENEITY_MM = 12.0  # correlation length of the random invasiveness field
+OEDEMA_VISIBLE = 0.3  # oedema level (fraction of its source's) visible as T2/FLAIR hyperintensity
 # Longest simulated phase (reference time, ρ = 1): a front crosses a brain (~150 mm) at 2λ ≥ 5 mm per
 # unit well within it. A target the anatomy cannot hold (a lesion larger than its lobe allows, an
 # advance blocked by the brain's surface) ends here instead of running forever.
@@ -72,6 +85,14 @@ class TumourSpec:
         t2l_density, cel_density: visibility thresholds (see module docstring).
         cel_density_progression: enhancement threshold at progression (higher under bevacizumab, which
             suppresses enhancement).
+        oedema_fraction: share of the pre-RT lesion volume that is oedema without visible tumour.
+        oedema_wm_ratio: how much faster oedema spreads in white than in grey matter.
+        post_rt_correlation: correlation of the invasiveness field after RT with the one before.
+        post_rt_invasion: factor on D after RT (anti-angiogenic therapy: more invasive).
+        rt_kill: log cell kill of RT in the least radio-resistant tissue; a smooth random resistance field
+            (never imaged) decides where cells survive to seed the recurrence.
+        tract_anisotropy: 0..1, how much faster cells migrate along white-matter tracts than across them
+            (times the tracts' coherence; see `axis_diffusivities`).
     """
 
     lambda_wm_mm: float
@@ -90,6 +111,12 @@ class TumourSpec:
     t2l_density: float
     cel_density: float
     cel_density_progression: float
+    oedema_fraction: float = 0.0
+    oedema_wm_ratio: float = 20.0
+    post_rt_correlation: float = 1.0
+    post_rt_invasion: float = 1.0
+    rt_kill: float = 0.0
+    tract_anisotropy: float = 0.0
 
 
 @dataclass
@@ -106,6 +133,7 @@ class TumourCourse:
             the pre-RT scan to progression.
         advance_mm: achieved distance of the farthest new T2L cell beyond the pre-RT T2L (growth grid).
         gtr_density: GTR only: cells above this density were resected (at most `cel_density`).
+        oedema: vasogenic oedema at the pre-RT scan, 0..1 (visible at OEDEMA_VISIBLE); no tumour cells.
     """
 
     u_pre: np.ndarray
@@ -116,10 +144,15 @@ class TumourCourse:
     t_progression: float
     advance_mm: float
     gtr_density: float
+    oedema: np.ndarray | None = None
 
 
 def pre_rt_regions(
-    u: np.ndarray, depth_mm: np.ndarray, spec: TumourSpec, gtr_density: float
+    u: np.ndarray,
+    depth_mm: np.ndarray,
+    spec: TumourSpec,
+    gtr_density: float,
+    oedema: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The pre-RT regions from density and depth, on any grid (growth grid or an image grid).
 
@@ -128,7 +161,8 @@ def pre_rt_regions(
 
     Returns:
         boolean arrays "cavity", "necrosis", "cel", "t2l": T2L ⊇ CEL ∪ necrosis, all disjoint from the
-        cavity; CEL = the enhancing zone minus the necrotic core (deeper than `rim_mm`) and the cavity.
+        cavity; CEL = the enhancing zone minus the necrotic core (deeper than `rim_mm`) and the cavity;
+        the T2L holds visible tumour and visible oedema.
     """
     enhancing = u >= spec.cel_density
     if spec.resection == "GTR":
@@ -142,8 +176,12 @@ def pre_rt_regions(
         "cavity": cavity,
         "necrosis": necrosis,
         "cel": enhancing & ~necrosis & ~cavity,
-        "t2l": (u >= spec.t2l_density) & ~cavity,
+        "t2l": ((u >= spec.t2l_density) | _visible_oedema(oedema, u.shape)) & ~cavity,
     }
+
+
+def _visible_oedema(oedema: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    return np.zeros(shape, dtype=bool) if oedema is None else oedema >= OEDEMA_VISIBLE
 
 
 def progression_regions(
@@ -152,7 +190,8 @@ def progression_regions(
     """CEL and T2L at progression (what is visible then), given the pre-RT regions on the same grid.
 
     CEL progression: new enhancement inside the pre-RT T2L, no new non-enhancing lesion. T2L
-    progression: the T2L grows, enhancement stays as it was. Both: both grow.
+    progression: the T2L grows, enhancement stays as it was. Both: both grow. Pre-RT oedema has
+    resolved by then except where it was densest (`pre["oedema_kept"]`, when given).
     """
     keep = ~pre["cavity"] & ~pre["necrosis"]
     new_cel = (u_prog >= spec.cel_density_progression) & keep
@@ -165,6 +204,8 @@ def progression_regions(
     else:
         cel = pre["cel"] | new_cel
         t2l = ((u_prog >= spec.t2l_density) & ~pre["cavity"]) | cel
+    if spec.progression_type != "CEL" and "oedema_kept" in pre:
+        t2l = t2l | (pre["oedema_kept"] & pre["t2l"])
     return {"cel": cel, "t2l": t2l}
 
 
@@ -191,14 +232,61 @@ def diffusivity(grid: GrowthGrid, lambda_wm_mm: float, ratio: float, domain: np.
     return np.where(domain, d, 0.0).astype(np.float32)
 
 
+def gaussian_field(shape: tuple[int, ...], spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """A Gaussian random field of unit SD and correlation length HETEROGENEITY_MM."""
+    g = ndi.gaussian_filter(rng.standard_normal(shape), HETEROGENEITY_MM / spacing_mm, mode="wrap")
+    return (g / max(float(g.std()), 1e-12)).astype(np.float32)
+
+
+def axis_diffusivities(d: np.ndarray, grid: GrowthGrid, strength: float) -> np.ndarray | None:
+    """(3, ...) diffusivities per grid axis that favour the white-matter tract direction: D·(1 − w + 3w·vₐ²)
+    with v the tract's unit direction and w = strength × coherence. The mean over the axes is D (the
+    diagonal of a tensor of trace 3D; the off-diagonal terms are left out, so a tract oblique to the axes
+    favours the axes it runs along). None when there is nothing to favour."""
+    if strength <= 0 or grid.tract_axes is None or grid.tract_coherence is None:
+        return None
+    w = np.float32(strength) * grid.tract_coherence
+    return (d[None] * ((1.0 - w)[None] + 3.0 * w[None] * grid.tract_axes)).astype(np.float32)
+
+
+def _solver(d: np.ndarray, rho: np.ndarray, grid: GrowthGrid, spec: TumourSpec, dt: float | None = None):
+    axes = axis_diffusivities(d, grid, spec.tract_anisotropy)
+    if axes is None:
+        return FisherKolmogorov(d, rho, grid.spacing, dt=dt)
+    if dt is not None:
+        dt = min(dt, stable_dt(float(axes.max()), 1.0, grid.spacing))
+    return FisherKolmogorov(axes, rho, grid.spacing, dt=dt, per_axis=True)
+
+
 def smooth_log_field(
     shape: tuple[int, ...], spacing_mm: float, sd: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """exp(sd·G), G a Gaussian random field of unit SD and correlation length HETEROGENEITY_MM, clipped
-    to ±2 SD (the largest D sets the explicit time step)."""
-    g = ndi.gaussian_filter(rng.standard_normal(shape), HETEROGENEITY_MM / spacing_mm, mode="wrap")
-    g /= max(float(g.std()), 1e-12)
+    """exp(sd·G), G a `gaussian_field`, clipped to ±2 SD (the largest D sets the explicit time step)."""
+    return log_factor(gaussian_field(shape, spacing_mm, rng), sd)
+
+
+def log_factor(g: np.ndarray, sd: float) -> np.ndarray:
     return np.exp(sd * np.clip(g, -2.0, 2.0)).astype(np.float32)
+
+
+def grow_oedema(
+    source: np.ndarray, grid: GrowthGrid, domain: np.ndarray, ratio: float, stop, max_steps: int = 4000
+) -> np.ndarray:
+    """Oedema level in [0, 1]: diffusion from `source` (held at 1), `ratio` times faster in white than in
+    grey matter, none outside `domain`, until `stop(level)` is true."""
+    tissue = np.maximum(grid.gm + grid.wm, 1e-6)
+    d = np.where(domain, (grid.wm + grid.gm / ratio) / tissue, 0.0).astype(np.float32)
+    e = np.where(source, 1.0, 0.0).astype(np.float32)
+    if not source.any():
+        return e
+    solver = FisherKolmogorov(d, 0.0, grid.spacing)
+
+    def held(v: np.ndarray, _t: float) -> bool:
+        v[source] = 1.0
+        return stop(v)
+
+    solver.run(e, stop=held, max_steps=max_steps, active_threshold=1e-4)
+    return e
 
 
 def choose_seed(grid: GrowthGrid, domain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -235,8 +323,9 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
     cell_cm3 = h**3 / 1000.0
     domain = tissue_domain(grid)
     seed = choose_seed(grid, domain, rng)
-    d = diffusivity(grid, spec.lambda_wm_mm, spec.diffusion_ratio, domain)
-    d *= smooth_log_field(d.shape, h, spec.heterogeneity, rng)
+    d_tissue = diffusivity(grid, spec.lambda_wm_mm, spec.diffusion_ratio, domain)
+    g_pre = gaussian_field(d_tissue.shape, h, rng)
+    d = d_tissue * log_factor(g_pre, spec.heterogeneity)
     rho = domain.astype(np.float32)
 
     # a saturated core of radius SEED_RADIUS_LAMBDA·λ: a smaller seed loses cells to diffusion faster
@@ -245,8 +334,9 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
     r = np.sqrt(((np.indices(grid.brain.shape) - seed.reshape(3, 1, 1, 1)) ** 2).sum(0)) * h
     r0 = max(SEED_RADIUS_LAMBDA * spec.lambda_wm_mm, 1.5 * h)
     u = np.where(domain, np.clip(1.0 - (r - r0) / h, 0.0, 1.0), 0.0).astype(np.float32)
-    solver = FisherKolmogorov(d, rho, h)
-    target_cells = spec.lesion_cm3 / cell_cm3
+    solver = _solver(d, rho, grid, spec)
+    lesion_cells = spec.lesion_cm3 / cell_cm3
+    target_cells = lesion_cells * (1.0 - spec.oedema_fraction)  # the rest of the lesion is oedema
     gtr_cells = spec.gtr_cavity_cm3 / cell_cm3
 
     def resected_cells(v: np.ndarray) -> float:
@@ -277,18 +367,39 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
         top = np.partition(u_pre.ravel(), u_pre.size - k)[u_pre.size - k] if k > 0 else 1.0
         gtr_level = float(min(top, spec.cel_density))
     pre = pre_rt_regions(u_pre, depth, spec, gtr_level)
+    oedema = np.zeros(u_pre.shape, dtype=np.float32)
+    if spec.oedema_fraction > 0:
+        source = u_pre >= spec.cel_density
+        if not source.any():
+            source = u_pre >= spec.t2l_density
+        tumour_lesion = pre["t2l"] | pre["cel"]
+        free = domain & ~pre["cavity"]
+
+        def lesion_reached(e: np.ndarray) -> bool:
+            return np.count_nonzero(tumour_lesion | ((e >= OEDEMA_VISIBLE) & free)) >= lesion_cells
+
+        oedema = grow_oedema(source, grid, domain, spec.oedema_wm_ratio, lesion_reached)
+        oedema = np.where(pre["cavity"], 0.0, oedema).astype(np.float32)
+        pre = pre_rt_regions(u_pre, depth, spec, gtr_level, oedema)
     dist_pre = ndi.distance_transform_edt(~pre["t2l"], sampling=h)
     if spec.satellite_mm > 0:
         focus = satellite(domain & (grid.wm >= 0.5), dist_pre, spec, h, rng)
         np.maximum(u_pre, focus, out=u_pre)
         np.maximum(u, focus, out=u)
 
-    # after RT: the cavity holds no cells and no tissue to invade (zero flux through its wall)
+    # after RT: cells die except where a smooth, never-imaged radio-resistance field protects them, and
+    # the cavity holds no cells and no tissue to invade (zero flux through its wall)
     cavity = pre["cavity"]
+    if spec.rt_kill > 0:
+        resistance = 0.5 * (1.0 + np.clip(gaussian_field(u.shape, h, rng), -2.0, 2.0) / 2.0)  # 0..1
+        u *= np.exp(-spec.rt_kill * (1.0 - resistance)).astype(np.float32)
     u[cavity] = 0.0
-    d_post = np.where(cavity, 0.0, d).astype(np.float32)
+    r = spec.post_rt_correlation
+    g_post = r * g_pre + np.sqrt(max(1.0 - r * r, 0.0)) * gaussian_field(d_tissue.shape, h, rng)
+    d_post = d_tissue * log_factor(g_post, spec.heterogeneity) * np.float32(spec.post_rt_invasion)
+    d_post = np.where(cavity, 0.0, d_post).astype(np.float32)
     rho_post = np.where(cavity, 0.0, rho).astype(np.float32)
-    post = FisherKolmogorov(d_post, rho_post, h, dt=solver.dt)
+    post = _solver(d_post, rho_post, grid, spec, dt=min(solver.dt, stable_dt(float(d_post.max()), 1.0, h)))
 
     if spec.progression_type == "CEL":
         inside = pre["t2l"] & ~pre["cel"] & ~pre["necrosis"]
@@ -318,4 +429,5 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
         t_progression=t_prog,
         advance_mm=advance,
         gtr_density=gtr_level,
+        oedema=oedema,
     )
