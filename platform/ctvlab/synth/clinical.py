@@ -79,8 +79,9 @@ LAMBDA_WM_MM = (2.5, 5.0)  # the draw that earlier cohorts used (kept so the cli
 # Infiltration length √(D/ρ) in white matter, log-uniform, rank-correlated with how far the tumour
 # recurs beyond the T2L: a diffusely infiltrating tumour (long invisible tail, which diffusion and
 # metabolism see) recurs far from its visible edge, a compact one close to it (Swanson's D/ρ).
-INFILTRATION_MM = (2.5, 8.0)
-INFILTRATION_ADVANCE_CORRELATION = 0.8
+INFILTRATION_MM = (2.5, 9.0)
+ADVANCE_PER_LAMBDA = 4.0  # a recurrence reaches about this many infiltration lengths beyond the T2L
+INFILTRATION_SCATTER = 0.2  # SD of log λ around that
 DIFFUSION_RATIO = (5.0, 10.0)  # D white / D grey (Swanson: about 5; wider here for heterogeneity)
 ADVANCE_WITHIN_MM = (4.0, 17.0)  # farthest new voxel beyond the T2L, "within 2 cm" (margin to 20 mm)
 ADVANCE_BEYOND_MM = (23.0, 36.0)  # "beyond 2 cm", inside the 4 cm ring (no progression beyond it)
@@ -88,7 +89,7 @@ NEW_CEL_CM3 = (0.5, 3.0)
 HETEROGENEITY = (0.5, 1.0)  # SD of log D across the brain, per patient
 # Invisible satellite foci: how often (beyond 2 cm / within 2 cm), how far short of the farthest new
 # voxel, and how dense (always below the T2L threshold).
-SATELLITE_PROBABILITY = {"beyond 2 cm": 0.6, "within 2 cm": 0.3, "within T2L": 0.0}
+SATELLITE_PROBABILITY = {"beyond 2 cm": 0.95, "within 2 cm": 0.7, "within T2L": 0.0}
 SATELLITE_SHORT_MM = (0.0, 5.0)
 SATELLITE_MIN_MM = 6.0
 SATELLITE_DENSITY = (0.04, 0.12)
@@ -269,8 +270,9 @@ def draw_cohort(cfg: SynthConfig) -> list[PatientPlan]:
     extra = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(7,)))
     template_litres = template_brain_litres()
     advance = np.array([fields["advance_mm"][i] for i in range(n)], dtype=np.float64)
-    lambdas = np.exp(extra.uniform(*np.log(INFILTRATION_MM), size=n))
-    lambdas = rank_to(extra, lambdas, advance, INFILTRATION_ADVANCE_CORRELATION) if n > 1 else lambdas
+    free = np.exp(extra.uniform(*np.log(INFILTRATION_MM), size=n))
+    tied = advance / ADVANCE_PER_LAMBDA * np.exp(INFILTRATION_SCATTER * extra.normal(size=n))
+    lambdas = np.clip(np.where(advance > 0, tied, free), *INFILTRATION_MM)
     plans = []
     for i in range(n):
         cohort = cohort_of[i]
