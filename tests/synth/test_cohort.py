@@ -11,6 +11,7 @@ import pytest
 
 from ctvlab.config import SynthConfig
 from ctvlab.ingest.manifest import MASK_COLUMNS, MRSI_COLUMNS, PATH_COLUMNS, read_manifest
+from ctvlab.synth.patient import PRESS_TILT_DEG
 from ctvlab.synth.cohort import generate_cohort
 from ctvlab.synth.report import cohort_report
 
@@ -69,6 +70,7 @@ def test_manifest_layout(cohorts):
 
 def test_geometry_rules(cohorts):
     root = cohorts["a"]
+    tilts = []
     rows, _, _ = read_manifest(root)
     for r in rows:
         ref = load(root, r.t1c)
@@ -104,13 +106,18 @@ def test_geometry_rules(cohorts):
         if r.has_mrsi:
             img = load(root, r.cni)
             assert img.shape == (8, 8, 4) and img.header.get_zooms() == pytest.approx((10.0, 10.0, 10.0))
-            assert np.allclose(img.affine[:3, :3] / 10.0, ref.affine[:3, :3] / 4.0, atol=1e-6)  # like T1c
+            # the PRESS box is tilted from the T1c's axes by at most PRESS_TILT_DEG
+            relative = (ref.affine[:3, :3] / 4.0).T @ (img.affine[:3, :3] / 10.0)
+            angle = np.degrees(np.arccos(np.clip((np.trace(relative) - 1) / 2, -1, 1)))
+            assert angle <= PRESS_TILT_DEG + 1e-3
+            tilts.append(angle)
             corners = (
                 np.array(np.meshgrid([-0.5, 7.5], [-0.5, 7.5], [-0.5, 3.5], indexing="ij")).reshape(3, -1).T
             )
             ijk = _world(np.linalg.inv(ref.affine), _world(img.affine, corners))
             assert ((ijk >= -0.5) & (ijk <= np.asarray(ref.shape) - 0.5)).all()  # inside the T1c's FOV
             assert np.isfinite(img.get_fdata()).mean() > 0.8
+    assert max(tilts) > 0.5  # a spectroscopist's box is not locked to the slices
 
 
 def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:

@@ -79,8 +79,8 @@ LAMBDA_WM_MM = (2.5, 5.0)  # the draw that earlier cohorts used (kept so the cli
 # Infiltration length √(D/ρ) in white matter, log-uniform, rank-correlated with how far the tumour
 # recurs beyond the T2L: a diffusely infiltrating tumour (long invisible tail, which diffusion and
 # metabolism see) recurs far from its visible edge, a compact one close to it (Swanson's D/ρ).
-INFILTRATION_MM = (2.5, 9.0)
-ADVANCE_PER_LAMBDA = 4.0  # a recurrence reaches about this many infiltration lengths beyond the T2L
+INFILTRATION_MM = (1.5, 15.0)
+ADVANCE_PER_LAMBDA = 2.5  # a recurrence reaches about this many infiltration lengths beyond the T2L
 INFILTRATION_SCATTER = 0.2  # SD of log λ around that
 DIFFUSION_RATIO = (5.0, 10.0)  # D white / D grey (Swanson: about 5; wider here for heterogeneity)
 ADVANCE_WITHIN_MM = (4.0, 17.0)  # farthest new voxel beyond the T2L, "within 2 cm" (margin to 20 mm)
@@ -89,7 +89,7 @@ NEW_CEL_CM3 = (0.5, 3.0)
 HETEROGENEITY = (0.5, 1.0)  # SD of log D across the brain, per patient
 # Invisible satellite foci: how often (beyond 2 cm / within 2 cm), how far short of the farthest new
 # voxel, and how dense (always below the T2L threshold).
-SATELLITE_PROBABILITY = {"beyond 2 cm": 0.95, "within 2 cm": 0.7, "within T2L": 0.0}
+SATELLITE_PROBABILITY = {"beyond 2 cm": 0.9, "within 2 cm": 0.6, "within T2L": 0.0}
 SATELLITE_SHORT_MM = (0.0, 5.0)
 SATELLITE_MIN_MM = 6.0
 SATELLITE_DENSITY = (0.04, 0.12)
@@ -103,11 +103,11 @@ OEDEMA_FRACTION = (0.3, 0.7)
 OEDEMA_WM_RATIO = (10.0, 30.0)
 # After RT the tumour's invasiveness field is partly redrawn: correlation exp(−PFS / this) with the one
 # the pre-RT scan reflects, so later progression is less predictable from it.
-POST_RT_MEMORY_MONTHS = 8.0
+POST_RT_MEMORY_MONTHS = 24.0
 ATT_POST_RT_INVASION = 1.5  # anti-angiogenic therapy selects a more invasive phenotype
 # RT's log cell kill where tissue is least radio-resistant: stronger for later progression (a tumour that
 # took long to recur was controlled for long; it regrows from resistant clones that no scan showed).
-RT_KILL = 6.0
+RT_KILL = 1.5
 TRACT_ANISOTROPY = (0.5, 0.9)  # how much faster cells migrate along white-matter tracts than across
 # Skull-stripped adult brain volumes (litres; parenchyma with ventricles): mean and SD by sex at 40, and
 # the yearly loss after 40. The template's brain is larger; each patient's head is scaled to one draw.

@@ -33,7 +33,10 @@ from ctvlab.synth.tumour import OEDEMA_VISIBLE
 
 # At this density the infiltration response reaches log(2)/log(1 + 1/U0) ≈ 0.16 of its maximum.
 INFILTRATION_U0 = 0.015
-HIDDEN_FLAIR_GAIN = 0.12  # FLAIR rises by up to 12% below the visibility threshold: subtle
+# Below the visibility threshold FLAIR rises by up to 12% with faint oedema (water) but only 4% with
+# infiltrating cells, which add little water: FLAIR's faint tail mostly shows oedema that never progresses.
+HIDDEN_FLAIR_GAIN = 0.12
+HIDDEN_FLAIR_CELLS = 0.04
 NAV = {  # intensities of pure tissue (arbitrary scanner units; ADC in mm²/s)
     "flair": {"gm": 620.0, "wm": 480.0, "csf": 70.0},
     "adc": {"gm": 0.82e-3, "wm": 0.72e-3, "csf": 3.0e-3},
@@ -133,10 +136,10 @@ def flair_image(
     base = tissue_mix(NAV["flair"], gm, wm, csf) * (1.0 + WMH_EFFECT["flair"] * wmh)
     # the hyperintensity fades beyond the contour instead of stopping at it: the T2L is a threshold on
     # a gradient, whose faint tail is the invisible infiltration (or oedema)
-    tail = infiltration_response(u) / infiltration_response(t2l_density)
+    tail = HIDDEN_FLAIR_CELLS * np.clip(infiltration_response(u) / infiltration_response(t2l_density), 0, 1)
     if oedema is not None:
-        tail = np.maximum(tail, oedema / OEDEMA_VISIBLE)
-    hidden = HIDDEN_FLAIR_GAIN * np.clip(tail, 0, 1)
+        tail = np.maximum(tail, HIDDEN_FLAIR_GAIN * np.clip(oedema / OEDEMA_VISIBLE, 0, 1))
+    hidden = tail
     lesion = 1.0 + 0.9 * lesion_visibility(u, t2l_density, oedema) + hidden
     brain = gm + wm + csf
     return (base * lesion * (1.0 - cavity) + FLUID["flair"] * cavity * (brain > 0)).astype(np.float32)

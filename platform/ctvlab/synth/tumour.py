@@ -258,6 +258,12 @@ def _solver(d: np.ndarray, rho: np.ndarray, grid: GrowthGrid, spec: TumourSpec, 
     return FisherKolmogorov(axes, rho, grid.spacing, dt=dt, per_axis=True)
 
 
+def redrawn_field(g: np.ndarray, correlation: float, spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """A `gaussian_field` whose correlation with `g` (another one) is `correlation`: r·g + √(1 − r²)·G."""
+    r = float(np.clip(correlation, -1.0, 1.0))
+    return (r * g + np.sqrt(1.0 - r * r) * gaussian_field(g.shape, spacing_mm, rng)).astype(np.float32)
+
+
 def smooth_log_field(
     shape: tuple[int, ...], spacing_mm: float, sd: float, rng: np.random.Generator
 ) -> np.ndarray:
@@ -333,7 +339,12 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
     # transient that real tumours left long before their first scan
     r = np.sqrt(((np.indices(grid.brain.shape) - seed.reshape(3, 1, 1, 1)) ** 2).sum(0)) * h
     r0 = max(SEED_RADIUS_LAMBDA * spec.lambda_wm_mm, 1.5 * h)
-    u = np.where(domain, np.clip(1.0 - (r - r0) / h, 0.0, 1.0), 0.0).astype(np.float32)
+    # never larger than half the tumour to grow, and with the travelling wave's tail (decay length λ)
+    # from the start: a step-edged seed that is already the lesion's size would show no infiltration
+    target_radius = (3.0 * spec.lesion_cm3 * (1.0 - spec.oedema_fraction) * 1000.0 / (8.0 * np.pi)) ** (1 / 3)
+    r0 = min(r0, max(target_radius, 1.5 * h))
+    lam = max(spec.lambda_wm_mm, 0.5 * h)
+    u = np.where(domain, 1.0 / (1.0 + np.exp(np.clip((r - r0) / lam, -50.0, 50.0))), 0.0).astype(np.float32)
     solver = _solver(d, rho, grid, spec)
     lesion_cells = spec.lesion_cm3 / cell_cm3
     target_cells = lesion_cells * (1.0 - spec.oedema_fraction)  # the rest of the lesion is oedema
@@ -394,8 +405,7 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
         resistance = 0.5 * (1.0 + np.clip(gaussian_field(u.shape, h, rng), -2.0, 2.0) / 2.0)  # 0..1
         u *= np.exp(-spec.rt_kill * (1.0 - resistance)).astype(np.float32)
     u[cavity] = 0.0
-    r = spec.post_rt_correlation
-    g_post = r * g_pre + np.sqrt(max(1.0 - r * r, 0.0)) * gaussian_field(d_tissue.shape, h, rng)
+    g_post = redrawn_field(g_pre, spec.post_rt_correlation, h, rng)
     d_post = d_tissue * log_factor(g_post, spec.heterogeneity) * np.float32(spec.post_rt_invasion)
     d_post = np.where(cavity, 0.0, d_post).astype(np.float32)
     rho_post = np.where(cavity, 0.0, rho).astype(np.float32)
