@@ -82,6 +82,15 @@ LAMBDA_WM_MM = (2.5, 5.0)  # the draw that earlier cohorts used (kept so the cli
 INFILTRATION_MM = (1.5, 15.0)
 ADVANCE_PER_LAMBDA = 2.5  # a recurrence reaches about this many infiltration lengths beyond the T2L
 INFILTRATION_SCATTER = 0.2  # SD of log λ around that
+# A tumour that recurs only as new enhancement inside its T2L (CEL progression) is a compact one: short
+# infiltration length, little invisible tail (Swanson's nodular, low D/ρ tumours).
+COMPACT_MM = (1.5, 3.0)
+# Invasion routes: glioma cells migrate along white-matter bundles far faster than through the rest of
+# the parenchyma, so a tumour infiltrates (and recurs) along one to three routes. Off them D is this
+# fraction of its value on them.
+ROUTES = (1, 3)
+OFF_ROUTE_INVASION = (0.1, 0.3)
+ROUTE_WIDTH_MM = (4.0, 8.0)
 DIFFUSION_RATIO = (5.0, 10.0)  # D white / D grey (Swanson: about 5; wider here for heterogeneity)
 ADVANCE_WITHIN_MM = (4.0, 17.0)  # farthest new voxel beyond the T2L, "within 2 cm" (margin to 20 mm)
 ADVANCE_BEYOND_MM = (23.0, 36.0)  # "beyond 2 cm", inside the 4 cm ring (no progression beyond it)
@@ -270,7 +279,7 @@ def draw_cohort(cfg: SynthConfig) -> list[PatientPlan]:
     extra = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(7,)))
     template_litres = template_brain_litres()
     advance = np.array([fields["advance_mm"][i] for i in range(n)], dtype=np.float64)
-    free = np.exp(extra.uniform(*np.log(INFILTRATION_MM), size=n))
+    free = np.exp(extra.uniform(*np.log(COMPACT_MM), size=n))
     tied = advance / ADVANCE_PER_LAMBDA * np.exp(INFILTRATION_SCATTER * extra.normal(size=n))
     lambdas = np.clip(np.where(advance > 0, tied, free), *INFILTRATION_MM)
     plans = []
@@ -307,6 +316,9 @@ def draw_cohort(cfg: SynthConfig) -> list[PatientPlan]:
             post_rt_correlation=float(np.exp(-fields["pfs_months"][i] / POST_RT_MEMORY_MONTHS)),
             post_rt_invasion=ATT_POST_RT_INVASION if cohort == "ATT" else 1.0,
             tract_anisotropy=float(extra.uniform(*TRACT_ANISOTROPY)),
+            routes=int(extra.integers(ROUTES[0], ROUTES[1] + 1)) if advance > 0 else 0,
+            off_route_invasion=float(extra.uniform(*OFF_ROUTE_INVASION)),
+            route_width_mm=float(extra.uniform(*ROUTE_WIDTH_MM)),
             rt_kill=RT_KILL * (1.0 - float(np.exp(-fields["pfs_months"][i] / POST_RT_MEMORY_MONTHS))),
         )
         mean, sd = BRAIN_LITRES[fields["sex"][i]]

@@ -36,7 +36,7 @@ INFILTRATION_U0 = 0.015
 # Below the visibility threshold FLAIR rises by up to 12% with faint oedema (water) but only 4% with
 # infiltrating cells, which add little water: FLAIR's faint tail mostly shows oedema that never progresses.
 HIDDEN_FLAIR_GAIN = 0.12
-HIDDEN_FLAIR_CELLS = 0.04
+HIDDEN_FLAIR_CELLS = 0.08
 NAV = {  # intensities of pure tissue (arbitrary scanner units; ADC in mm²/s)
     "flair": {"gm": 620.0, "wm": 480.0, "csf": 70.0},
     "adc": {"gm": 0.82e-3, "wm": 0.72e-3, "csf": 3.0e-3},

@@ -208,6 +208,7 @@ def template_units(spec: TumourSpec, scale: float) -> TumourSpec:
     return replace(
         spec,
         lambda_wm_mm=spec.lambda_wm_mm / scale, advance_mm=spec.advance_mm / scale,
+        route_width_mm=spec.route_width_mm / scale,
         satellite_mm=spec.satellite_mm / scale, rim_mm=spec.rim_mm / scale,
         str_residual_mm=spec.str_residual_mm / scale, lesion_cm3=spec.lesion_cm3 / cube,
         new_cel_cm3=spec.new_cel_cm3 / cube, gtr_cavity_cm3=spec.gtr_cavity_cm3 / cube,

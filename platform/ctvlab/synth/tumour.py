@@ -6,6 +6,16 @@ the shape of the density profile depends on λ; the patient's real rates follow 
 progression is reached (`t_progression`) and the drawn PFS: ρ = t_progression / PFS, D = λ²ρ. So "the
 same model run on for the patient's PFS" and the drawn recurrence pattern hold together by construction.
 
+Invasion is not the same in every direction. Glioma cells migrate along white-matter bundles far faster
+than through the rest of the parenchyma, so each infiltrating tumour gets one to three invasion routes
+(`route_field`: half-lines from the seed, Gaussian across) on which D has its full value and off which it
+is `off_route_invasion` (0.1–0.3) times lower; a smooth random field (correlation length
+HETEROGENEITY_MM) and the local tract direction (`axis_diffusivities`) vary it further. The invisible
+tail reaches furthest along the routes, and so does the recurrence: how far and where a tumour recurs is
+written in its sub-visible density, which diffusion and MRSI see, and not in the distance to its visible
+edge. The seed starts as the travelling wave's profile (a logistic of width λ), so even a tumour stopped
+at once by a small drawn volume has its invisible tail.
+
 Density levels (fractions of the carrying capacity), as in Swanson's model of what MRI sees:
 `t2l_density` is the T2/FLAIR visibility threshold (below it: invisible infiltration), `cel_density`
 the level at which the blood-brain barrier breaks down (enhancement). The enhancing zone deeper than
@@ -30,6 +40,9 @@ tumour's behaviour says less the longer it takes to recur; times `post_rt_invasi
 anti-angiogenic therapy, which selects an invasive phenotype). Growth goes on until the drawn recurrence is
 reached: the farthest newly visible cell lies `advance_mm` beyond the pre-RT T2L (T2L or both
 progression), or `new_cel_cm3` of new enhancement has appeared inside it (CEL progression).
+
+About 490 lines in one module: one patient's course, whose phases (growth, resection, oedema, RT, regrowth)
+share the same fields and thresholds; split up, they would pass a dozen arrays between modules.
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ SEED_MIN_DEPTH_MM = 15.0
 SEED_MIN_Z_MM = -5.0
 ACTIVE_THRESHOLD = 1e-8
 SEED_RADIUS_LAMBDA = 2.0
-HETEROGENEITY_MM = 12.0  # correlation length of the random invasiveness field
+HETEROGENEITY_MM = 30.0  # correlation length of the random invasiveness field
 OEDEMA_VISIBLE = 0.3  # oedema level (fraction of its source's) visible as T2/FLAIR hyperintensity
 # Longest simulated phase (reference time, ρ = 1): a front crosses a brain (~150 mm) at 2λ ≥ 5 mm per
 # unit well within it. A target the anatomy cannot hold (a lesion larger than its lobe allows, an
@@ -93,6 +106,10 @@ class TumourSpec:
             (never imaged) decides where cells survive to seed the recurrence.
         tract_anisotropy: 0..1, how much faster cells migrate along white-matter tracts than across them
             (times the tracts' coherence; see `axis_diffusivities`).
+        routes: number of invasion routes: bundles of white matter leaving the tumour, along which its
+            cells migrate at the full D (see `route_field`); 0: none, D is the same in every direction.
+        route_width_mm: the routes' Gaussian half-width (SD), mm.
+        off_route_invasion: factor on D away from the routes (≤ 1).
     """
 
     lambda_wm_mm: float
@@ -117,6 +134,9 @@ class TumourSpec:
     post_rt_invasion: float = 1.0
     rt_kill: float = 0.0
     tract_anisotropy: float = 0.0
+    routes: int = 0
+    route_width_mm: float = 6.0
+    off_route_invasion: float = 1.0
 
 
 @dataclass
@@ -264,6 +284,32 @@ def redrawn_field(g: np.ndarray, correlation: float, spacing_mm: float, rng: np.
     return (r * g + np.sqrt(1.0 - r * r) * gaussian_field(g.shape, spacing_mm, rng)).astype(np.float32)
 
 
+def route_field(
+    shape: tuple[int, ...], seed: np.ndarray, directions: np.ndarray, width_mm: float, spacing_mm: float
+) -> np.ndarray:
+    """1 on the invasion routes, falling to 0 away from them: for each unit direction, a half-line from
+    the seed cell, Gaussian across (SD `width_mm`); the maximum over the routes. The seed's own
+    neighbourhood (within `width_mm`) is on every route."""
+    idx = (np.indices(shape, dtype=np.float32) - seed.reshape(-1, *([1] * len(shape)))) * spacing_mm
+    r2 = (idx**2).sum(0)
+    out = np.exp(-0.5 * r2 / width_mm**2)
+    for v in np.atleast_2d(directions):
+        along = np.tensordot(v.astype(np.float32), idx, axes=1)
+        across2 = np.maximum(r2 - along**2, 0.0)
+        out = np.maximum(out, np.where(along > 0, np.exp(-0.5 * across2 / width_mm**2), 0.0))
+    return out.astype(np.float32)
+
+
+def route_factor(spec: TumourSpec, shape, seed: np.ndarray, spacing_mm: float, rng) -> np.ndarray | float:
+    """The factor on D of `spec`'s invasion routes (1 without routes), directions uniform on the sphere."""
+    if spec.routes <= 0 or spec.off_route_invasion >= 1.0:
+        return 1.0
+    v = rng.normal(size=(spec.routes, 3))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    f = route_field(shape, seed, v, spec.route_width_mm, spacing_mm)
+    return (spec.off_route_invasion + (1.0 - spec.off_route_invasion) * f).astype(np.float32)
+
+
 def smooth_log_field(
     shape: tuple[int, ...], spacing_mm: float, sd: float, rng: np.random.Generator
 ) -> np.ndarray:
@@ -330,6 +376,7 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
     domain = tissue_domain(grid)
     seed = choose_seed(grid, domain, rng)
     d_tissue = diffusivity(grid, spec.lambda_wm_mm, spec.diffusion_ratio, domain)
+    d_tissue = (d_tissue * route_factor(spec, d_tissue.shape, seed, h, rng)).astype(np.float32)
     g_pre = gaussian_field(d_tissue.shape, h, rng)
     d = d_tissue * log_factor(g_pre, spec.heterogeneity)
     rho = domain.astype(np.float32)
