@@ -110,9 +110,10 @@ ATT_CEL_SUPPRESSION = 0.15  # bevacizumab raises the density needed to enhance a
 # Vasogenic oedema: its share of the pre-RT lesion volume, and how much faster it spreads in white matter.
 OEDEMA_FRACTION = (0.3, 0.7)
 OEDEMA_WM_RATIO = (10.0, 30.0)
-# After RT the tumour's invasiveness field is partly redrawn: correlation exp(−PFS / this) with the one
-# the pre-RT scan reflects, so later progression is less predictable from it.
-POST_RT_MEMORY_MONTHS = 24.0
+# After RT the tumour's invasiveness field is partly redrawn: correlation r = exp(−PFS / this) with the
+# one the pre-RT scan reflects, and with probability 1 − r the recurrence also takes an invasion route the
+# pre-RT tumour did not use: later progression is less predictable from the pre-RT scan.
+POST_RT_MEMORY_MONTHS = 12.0
 ATT_POST_RT_INVASION = 1.5  # anti-angiogenic therapy selects a more invasive phenotype
 # RT's log cell kill where tissue is least radio-resistant: stronger for later progression (a tumour that
 # took long to recur was controlled for long; it regrows from resistant clones that no scan showed).

@@ -300,12 +300,20 @@ def route_field(
     return out.astype(np.float32)
 
 
-def route_factor(spec: TumourSpec, shape, seed: np.ndarray, spacing_mm: float, rng) -> np.ndarray | float:
-    """The factor on D of `spec`'s invasion routes (1 without routes), directions uniform on the sphere."""
+def route_directions(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3) unit vectors uniform on the sphere."""
+    v = rng.normal(size=(n, 3))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def route_factor(
+    spec: TumourSpec, shape, seed: np.ndarray, spacing_mm: float, rng, directions: np.ndarray | None = None
+) -> np.ndarray | float:
+    """The factor on D of `spec`'s invasion routes (1 without routes): `directions`, or `spec.routes`
+    directions uniform on the sphere."""
     if spec.routes <= 0 or spec.off_route_invasion >= 1.0:
         return 1.0
-    v = rng.normal(size=(spec.routes, 3))
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    v = route_directions(spec.routes, rng) if directions is None else directions
     f = route_field(shape, seed, v, spec.route_width_mm, spacing_mm)
     return (spec.off_route_invasion + (1.0 - spec.off_route_invasion) * f).astype(np.float32)
 
@@ -375,8 +383,9 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
     cell_cm3 = h**3 / 1000.0
     domain = tissue_domain(grid)
     seed = choose_seed(grid, domain, rng)
-    d_tissue = diffusivity(grid, spec.lambda_wm_mm, spec.diffusion_ratio, domain)
-    d_tissue = (d_tissue * route_factor(spec, d_tissue.shape, seed, h, rng)).astype(np.float32)
+    d_base = diffusivity(grid, spec.lambda_wm_mm, spec.diffusion_ratio, domain)
+    routes = route_directions(max(spec.routes, 0), rng)
+    d_tissue = (d_base * route_factor(spec, d_base.shape, seed, h, rng, routes)).astype(np.float32)
     g_pre = gaussian_field(d_tissue.shape, h, rng)
     d = d_tissue * log_factor(g_pre, spec.heterogeneity)
     rho = domain.astype(np.float32)
@@ -453,6 +462,10 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
         u *= np.exp(-spec.rt_kill * (1.0 - resistance)).astype(np.float32)
     u[cavity] = 0.0
     g_post = redrawn_field(g_pre, spec.post_rt_correlation, h, rng)
+    if spec.routes > 0 and rng.uniform() > spec.post_rt_correlation:
+        # a route the pre-RT tumour did not use: the later the recurrence, the likelier it takes one
+        routes = np.concatenate([routes, route_directions(1, rng)])
+        d_tissue = (d_base * route_factor(spec, d_base.shape, seed, h, rng, routes)).astype(np.float32)
     d_post = d_tissue * log_factor(g_post, spec.heterogeneity) * np.float32(spec.post_rt_invasion)
     d_post = np.where(cavity, 0.0, d_post).astype(np.float32)
     rho_post = np.where(cavity, 0.0, rho).astype(np.float32)
