@@ -196,3 +196,40 @@ def test_the_pre_rt_tumour_has_an_invisible_tail_beyond_its_t2l():
     dist = ndi.distance_transform_edt(~tumour_edge, sampling=grid.spacing)
     shell = [np.median(course.u_pre[(dist > a) & (dist <= a + 3) & ~pre["cavity"]]) for a in (0, 3, 6)]
     assert spec.t2l_density > shell[0] > shell[1] > shell[2] > 1e-3
+
+
+def test_null_maps_are_a_function_of_the_visible_lesion_only():
+    """Two tumours with the same T2L but different invisible tails: the null cohort's MRSI is identical
+    for both (so it cannot know where the tumour will grow), the normal cohort's is not."""
+    from dataclasses import replace
+
+    from ctvlab.synth.anatomy import apply_affine, grid_affine, load_template
+    from ctvlab.synth.patient import mrsi_maps, sensed
+    from ctvlab.synth.tumour import TumourCourse, signed_depth
+
+    grid = growth_grid(3.0)
+    spec = replace(draw_cohort(SynthConfig(n_patients=101, seed=0))[0].tumour, resection="biopsy")
+    centre = np.argwhere(grid.wm >= 0.9).mean(0).round().astype(int)
+    r = np.sqrt((((np.indices(grid.wm.shape) - centre.reshape(3, 1, 1, 1)) * grid.spacing) ** 2).sum(0))
+    u = (1.0 / (1.0 + np.exp((r - 15.0) / 4.0))).astype(np.float32)
+    # the tail changed two cells or more away from any visible cell, so that no interpolated point on the
+    # T2L's edge sees the change
+    near = ndi.binary_dilation(u >= spec.t2l_density, iterations=2)
+    faint_tail = np.where(near, u, 0.3 * u).astype(np.float32)
+    shape = (8, 8, 4)
+    box = grid_affine(apply_affine(grid.affine, centre), np.eye(3), (10.0, 10.0, 10.0), shape)
+
+    def maps(density: np.ndarray, null: bool) -> dict[str, np.ndarray]:
+        depth = signed_depth(density >= spec.cel_density, grid.spacing)
+        course = TumourCourse(density, depth, density, centre, 0.0, 0.0, 0.0, 1.0, np.zeros_like(density))
+        return mrsi_maps(load_template(), course, grid.affine, spec, box, shape, np.eye(4), null, 0.0,
+                         np.random.default_rng(0))  # fmt: skip
+
+    null_a, null_b = maps(u, True), maps(faint_tail, True)
+    normal_a, normal_b = maps(u, False), maps(faint_tail, False)
+    for name in ("cho", "naa", "cni", "ccri"):
+        np.testing.assert_array_equal(null_a[name], null_b[name])
+    assert np.nanmax(np.abs(normal_a["cni"] - normal_b["cni"])) > 0.5
+    t2l = u >= spec.t2l_density
+    seen, oedema = sensed(u, np.ones_like(u), t2l, null=True)
+    assert oedema is None and set(np.unique(seen)) == {0.0, np.float32(0.3)}

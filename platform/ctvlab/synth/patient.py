@@ -117,6 +117,17 @@ def grid_fields(
     return f
 
 
+def sensed(
+    u: np.ndarray, oedema: np.ndarray | None, t2l: np.ndarray, null: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The density and oedema that diffusion and MRSI see. The null cohort's see the visible lesion only:
+    a fixed density over the T2L and no oedema, whatever lies in it or around it, so its maps are a
+    function of the T2L mask and the tissue maps alone."""
+    if null:
+        return np.where(t2l, imaging.NULL_DENSITY, 0.0).astype(np.float32), None
+    return u, oedema
+
+
 def mrsi_box(
     tpl: Template,
     pose: np.ndarray,
@@ -170,10 +181,7 @@ def mrsi_maps(
     oedema = sample_points(course.oedema, growth_affine, pts) * brain if course.oedema is not None else None
     depth = sample_points(course.depth_mm, growth_affine, pts)
     regions = pre_rt_regions(u, depth, spec, course.gtr_density, oedema)
-    if null:  # the visible lesion only, whatever lies in it
-        seen, oedema = np.where(regions["t2l"], imaging.NULL_DENSITY, 0.0), None
-    else:
-        seen = u
+    seen, oedema = sensed(u, oedema, regions["t2l"], null)
     cav, nec = (regions[r].astype(np.float32) * brain for r in ("cavity", "necrosis"))
     brain_depth = sample_points(brain_depth_mm(), load_template().affine, pts)
     point_maps = imaging.metabolite_maps(gm, wm, csf, seen, cav, nec, oedema, brain_depth)
@@ -305,10 +313,7 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
 
     # --- diffusion grid
     d = grid_fields(tpl, course, ggrid.affine, spec, aff_diff, shape_diff, pose, with_t1=False)
-    if cfg.null:  # the visible lesion only, whatever lies in it
-        seen, oedema_seen = np.where(d["t2l"], imaging.NULL_DENSITY, 0.0), None
-    else:
-        seen, oedema_seen = d["u"], d["oedema"]
+    seen, oedema_seen = sensed(d["u"], d["oedema"], d["t2l"], cfg.null)
     adc, fa = imaging.diffusion_maps(
         d["gm"], d["wm"], d["csf"], seen,
         *(d[k].astype(np.float32) for k in ("cavity", "necrosis", "cel")),
