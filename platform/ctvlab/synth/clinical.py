@@ -76,9 +76,10 @@ LATE_BEYOND_CORRELATION = 0.5  # how strongly late progression favours recurrenc
 
 # Ranges of the latent tumour parameters (see ctvlab.synth.tumour).
 LAMBDA_WM_MM = (2.5, 5.0)  # the draw that earlier cohorts used (kept so the clinical stream stays)
-# Infiltration length √(D/ρ) in white matter, log-uniform, rank-correlated with how far the tumour
-# recurs beyond the T2L: a diffusely infiltrating tumour (long invisible tail, which diffusion and
-# metabolism see) recurs far from its visible edge, a compact one close to it (Swanson's D/ρ).
+# Infiltration length √(D/ρ) in white matter on the invasion routes: how far the tumour will recur beyond
+# the T2L over ADVANCE_PER_LAMBDA, with a log-normal scatter, within INFILTRATION_MM. A diffusely
+# infiltrating tumour (long invisible tail, which diffusion and metabolism see) recurs far from its
+# visible edge, a compact one close to it (Swanson's D/ρ).
 INFILTRATION_MM = (1.5, 15.0)
 ADVANCE_PER_LAMBDA = 2.5  # a recurrence reaches about this many infiltration lengths beyond the T2L
 INFILTRATION_SCATTER = 0.2  # SD of log λ around that
@@ -111,13 +112,14 @@ ATT_CEL_SUPPRESSION = 0.15  # bevacizumab raises the density needed to enhance a
 OEDEMA_FRACTION = (0.3, 0.7)
 OEDEMA_WM_RATIO = (10.0, 30.0)
 # After RT the tumour's invasiveness field is partly redrawn: correlation r = exp(−PFS / this) with the
-# one the pre-RT scan reflects, and with probability 1 − r the recurrence also takes an invasion route the
-# pre-RT tumour did not use: later progression is less predictable from the pre-RT scan.
+# one the pre-RT scan reflects, and with probability 1 − r the recurrence escapes along an invasion route
+# the pre-RT tumour did not use instead of its own: later progression is less predictable from the pre-RT
+# scan.
 POST_RT_MEMORY_MONTHS = 12.0
 ATT_POST_RT_INVASION = 1.5  # anti-angiogenic therapy selects a more invasive phenotype
 # RT's log cell kill where tissue is least radio-resistant: stronger for later progression (a tumour that
 # took long to recur was controlled for long; it regrows from resistant clones that no scan showed).
-RT_KILL = 1.5
+RT_KILL = 3.0
 TRACT_ANISOTROPY = (0.5, 0.9)  # how much faster cells migrate along white-matter tracts than across
 # Skull-stripped adult brain volumes (litres; parenchyma with ventricles): mean and SD by sex at 40, and
 # the yearly loss after 40. The template's brain is larger; each patient's head is scaled to one draw.
@@ -280,9 +282,9 @@ def draw_cohort(cfg: SynthConfig) -> list[PatientPlan]:
     extra = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(7,)))
     template_litres = template_brain_litres()
     advance = np.array([fields["advance_mm"][i] for i in range(n)], dtype=np.float64)
-    free = np.exp(extra.uniform(*np.log(COMPACT_MM), size=n))
+    compact = np.exp(extra.uniform(*np.log(COMPACT_MM), size=n))
     tied = advance / ADVANCE_PER_LAMBDA * np.exp(INFILTRATION_SCATTER * extra.normal(size=n))
-    lambdas = np.clip(np.where(advance > 0, tied, free), *INFILTRATION_MM)
+    lambdas = np.clip(np.where(advance > 0, tied, compact), *INFILTRATION_MM)
     plans = []
     for i in range(n):
         cohort = cohort_of[i]

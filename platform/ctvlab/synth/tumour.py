@@ -463,8 +463,9 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
     u[cavity] = 0.0
     g_post = redrawn_field(g_pre, spec.post_rt_correlation, h, rng)
     if spec.routes > 0 and rng.uniform() > spec.post_rt_correlation:
-        # a route the pre-RT tumour did not use: the later the recurrence, the likelier it takes one
-        routes = np.concatenate([routes, route_directions(1, rng)])
+        # the recurrence escapes along a route the pre-RT tumour did not use (RT's high dose covered the
+        # old ones): the later the recurrence, the likelier, and no pre-RT scan shows that route
+        routes = route_directions(1, rng)
         d_tissue = (d_base * route_factor(spec, d_base.shape, seed, h, rng, routes)).astype(np.float32)
     d_post = d_tissue * log_factor(g_post, spec.heterogeneity) * np.float32(spec.post_rt_invasion)
     d_post = np.where(cavity, 0.0, d_post).astype(np.float32)
