@@ -214,7 +214,9 @@ def covered(tables: list[dict]) -> list[dict]:
     for t in tables:
         k = t["mrsi"]
         if k.sum() >= 50:
-            out.append({**{x: t[x][k] for x in ("X", "y_nel", "y_cel", "dist", "mrsi", "pfs")}, "pid": t["pid"]})
+            out.append(
+                {**{x: t[x][k] for x in ("X", "y_nel", "y_cel", "dist", "mrsi", "pfs")}, "pid": t["pid"]}
+            )
     return out
 
 
@@ -266,7 +268,14 @@ def check_targets(
     for t in ("cel", "nel"):
         rows.append((f"{t.upper()}: diffusion+MRSI add nothing on the null cohort ≤ 0.01 (voxels with MRSI)",
                      null[f"cov_{t}_all_dist"] - null[f"cov_{t}_anat_dist"], None, 0.01))  # fmt: skip
-    rows.append(("CEL: early − late ≥ 0.08 (voxels with MRSI)", normal["cov_cel_early"] - normal["cov_cel_late"], 0.08, None))
+    rows.append(
+        (
+            "CEL: early − late ≥ 0.08 (voxels with MRSI)",
+            normal["cov_cel_early"] - normal["cov_cel_late"],
+            0.08,
+            None,
+        )
+    )
     rows.append(("RTOG sensitivity ≥ 0.88", soc["rtog"][0], 0.88, None))
     rows.append(("RTOG specificity 0.72–0.86", soc["rtog"][1], 0.72, 0.86))
     rows.append(("EORTC sensitivity 0.64–0.84", soc["eortc"][0], 0.64, 0.84))

@@ -11,8 +11,8 @@ import pytest
 
 from ctvlab.config import SynthConfig
 from ctvlab.ingest.manifest import MASK_COLUMNS, MRSI_COLUMNS, PATH_COLUMNS, read_manifest
-from ctvlab.synth.patient import PRESS_TILT_DEG
 from ctvlab.synth.cohort import generate_cohort
+from ctvlab.synth.patient import PRESS_TILT_DEG
 from ctvlab.synth.report import cohort_report
 
 ANATOMY = ("t1c", "t1", "flair")

@@ -63,7 +63,12 @@ class FisherKolmogorov:
     """
 
     def __init__(
-        self, d: np.ndarray, rho: float | np.ndarray, h: float, dt: float | None = None, per_axis: bool = False
+        self,
+        d: np.ndarray,
+        rho: float | np.ndarray,
+        h: float,
+        dt: float | None = None,
+        per_axis: bool = False,
     ):
         if per_axis:
             self.faces = [face_diffusivities(d[axis])[axis] for axis in range(d.shape[0])]

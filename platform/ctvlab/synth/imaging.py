@@ -8,7 +8,8 @@ What each map shows (what the study relies on, Introduction and Results):
 - T1 (pre-contrast): the template's T1 contrast, darker in the lesion and in fluid.
 - T1c: T1 plus enhancement where the blood-brain barrier is broken (the CEL).
 - FLAIR: grey brighter than white matter, CSF nulled; bright where the lesion is visible (u ≥ the T2L
-  threshold) and only subtly brighter below it (≤ 12%, fading with the density).
+  threshold, tumour or oedema) and only subtly brighter below it (≤ 12% with faint oedema, ≤ 8% with
+  invisible cells, fading with the level).
 - ADC up and FA down with infiltration (oedema, loss of directionality), including the invisible part;
   ADC lower again in the hypercellular enhancing rim; ADC high, FA low in necrosis and fluid.
 - MRSI: Cho up, NAA down (and Cre slightly down) with tumour-cell density; Lac and Lip in necrosis.
@@ -130,9 +131,9 @@ def flair_image(
     t2l_density: float,
     oedema: np.ndarray | None = None,
 ) -> np.ndarray:
-    """FLAIR: bright in the visible lesion (tumour or oedema alike), subtly brighter (≤ 12%) with invisible
-    infiltration or faint oedema, and bright in white-matter hyperintensities, which belong to no lesion
-    mask."""
+    """FLAIR: bright in the visible lesion (tumour or oedema alike), subtly brighter with faint oedema (≤ 12%)
+    or invisible infiltration (≤ 8%), and bright in white-matter hyperintensities, which belong to no
+    lesion mask."""
     base = tissue_mix(NAV["flair"], gm, wm, csf) * (1.0 + WMH_EFFECT["flair"] * wmh)
     # the hyperintensity fades beyond the contour instead of stopping at it: the T2L is a threshold on
     # a gradient, whose faint tail is the invisible infiltration (or oedema)

@@ -278,7 +278,9 @@ def _solver(d: np.ndarray, rho: np.ndarray, grid: GrowthGrid, spec: TumourSpec, 
     return FisherKolmogorov(axes, rho, grid.spacing, dt=dt, per_axis=True)
 
 
-def redrawn_field(g: np.ndarray, correlation: float, spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
+def redrawn_field(
+    g: np.ndarray, correlation: float, spacing_mm: float, rng: np.random.Generator
+) -> np.ndarray:
     """A `gaussian_field` whose correlation with `g` (another one) is `correlation`: r·g + √(1 − r²)·G."""
     r = float(np.clip(correlation, -1.0, 1.0))
     return (r * g + np.sqrt(1.0 - r * r) * gaussian_field(g.shape, spacing_mm, rng)).astype(np.float32)
