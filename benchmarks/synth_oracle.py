@@ -49,7 +49,7 @@ def main() -> None:
             per.append((roc_auc_score(y, -dist[nav]), roc_auc_score(y, course.u_pre[nav])))
     y = np.concatenate(ys)
     pooled = (roc_auc_score(y, np.concatenate(dists)), roc_auc_score(y, np.concatenate(dens)))
-    print(f"{len(plans)} patients ({len(per)} with T2L progression), seed {args.seed}")
+    print(f"{len(plans)} patients ({len(per)} with tumour newly visible outside the T2L), seed {args.seed}")
     print(f"pooled AUC      distance {pooled[0]:.3f}  true pre-RT density {pooled[1]:.3f}")
     print(f"per-patient AUC distance {np.mean([a for a, _ in per]):.3f}  true pre-RT density "
           f"{np.mean([b for _, b in per]):.3f}")  # fmt: skip
