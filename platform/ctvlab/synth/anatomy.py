@@ -11,9 +11,10 @@ shipped inside nilearn (`nilearn.datasets.load_mni152_template`, `..._gm_templat
 read directly from nilearn's package data so that no download and no heavy import happens. The brain
 mask is what a skull-stripping tool returns: the parenchyma (grey + white matter ≥ 0.5) with the
 ventricles, closed over 2 mm and with its holes filled, so that the CSF outside the brain is left out
-(`load_mni152_brain_mask`'s T1 > 0.2 keeps it). CSF is brain minus grey and white matter; the ventricles are its large connected components near the midline. No atlas with
-the brainstem or thalamus ships with nilearn offline (Harvard-Oxford and AAL are downloads), so the
-critical structures are drawn as ellipsoids at their MNI coordinates and clipped to tissue.
+(`load_mni152_brain_mask`'s T1 > 0.2 keeps it). CSF is brain minus grey and white matter; the ventricles
+are its large connected components near the midline. No atlas with the brainstem or thalamus ships with
+nilearn offline (Harvard-Oxford and AAL are downloads), so the critical structures are drawn as
+ellipsoids at their MNI coordinates and clipped to tissue.
 """
 
 from __future__ import annotations
