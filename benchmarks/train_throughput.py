@@ -1,28 +1,32 @@
-"""Training throughput: Ray Train with Ray Data shards against a plain PyTorch loop, and the data path's cost.
+"""Training throughput: the path before the fast-training work against today's, side by side, and the
+machine's practical limit.
 
-    .venv/bin/python benchmarks/train_throughput.py [--data runs/demo/prep] [--epochs 4] [--base-features 8]
-                                                   [--threads 1] [--use-gpu] [--mixed-precision bf16|off]
+    .venv/bin/python benchmarks/train_throughput.py [--data runs/demo/prep] [--epochs 6] [--base-features 8]
+                                                   [--threads 1 2] [--no-ray] [--json OUT.json]
 
-On the training patients of a prepared dataset's split (default: the demo's, `make demo` makes it), with
-the same U-Net, loss (PCC), optimiser (Ranger) and augmentation:
+On the training and validation patients of a prepared dataset's split (default: the demo's, `make demo`
+makes it), with the same U-Net, loss (PCC), optimiser (Ranger), augmentation and seed:
 
-(a) Ray Train: one `TorchTrainer` worker (`ctvlab.unet.train.build_trainer`, exactly what `ctvlab train`
-    runs) fed by its Ray Data shard; volumes per second from the workers' own per-epoch training time
-    (`train_seconds`: the loop over the shard, validation excluded);
-(b) the plain loop: one process reads the same `.npy` files with NumPy, prepares and augments each
-    example with the same functions, and trains; timed the same way;
-(c) the plain loop on one dummy input already on the device (no reading, no preparing, no augmenting):
-    the step alone. The data path's share of a step is 1 − (c)/(b) (nnU-Net's check of its loader).
+1. The bare step (one process, one fixed input, forward + backward + optimiser step), for each thread
+   count: before (the whole 3 mm grid, every convolution PyTorch's own choice) and now (the region box,
+   `ctvlab.unet.conv`'s oneDNN path); GFLOP per step (PyTorch's FLOP counter), GFLOP/s, and the share of
+   the practical limit: one large 3D convolution (32→32 channels, 48³, batch 1, oneDNN) on the same cores.
+2. The training loop (`ctvlab.unet.loop.run_training` in a `LocalSession`: reading, augmentation, step,
+   validation), before and now, `--epochs` epochs from the same seed, one thread: training volumes per
+   second (first epoch left out as warm-up), and the validation Tversky (α = 0.02, β = 0.98) at every
+   epoch: what is learned in equal epochs.
+3. The same loop on Ray Train (one `TorchTrainer` worker, what `ctvlab train` runs): its volumes per
+   second, so that Ray's share shows (skip with `--no-ray`).
 
-The first epoch of each is warm-up and not counted. Both use `--threads` intra-op threads (Ray Train's
-worker gets as many CPUs). Goals: (a) ≥ 0.85 × (b) on CPU; data path < 10% of a step.
+Goal (the project's): now ≥ 3× before in training volumes per second, validation Tversky no worse.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -30,124 +34,166 @@ from pathlib import Path
 import numpy as np
 
 
-def plain_loop(prep: Path, ids: list[str], cfg, shape, epochs: int, device, dummy: bool) -> list[float]:
-    """Seconds per epoch of a plain PyTorch loop (one process), real or dummy inputs."""
+def unet_config(base_features: int, epochs: int, region: str):
+    from ctvlab.config import UNetConfig
+
+    cfg = UNetConfig()
+    cfg.model.base_features = base_features
+    cfg.model.input_region = region
+    cfg.loss.name = "pcc"
+    cfg.optim.lr = 1e-3
+    cfg.train.epochs = epochs
+    cfg.train.checkpoint_every = epochs
+    return cfg
+
+
+def path_context(now: bool):
+    from ctvlab.unet.conv import aten_only
+
+    return contextlib.nullcontext() if now else aten_only()
+
+
+def large_conv_gflops(threads: int) -> float:
+    """GFLOP/s of one large 3D convolution (forward, oneDNN): the practical limit of these cores."""
     import torch
 
+    torch.set_num_threads(threads)
+    x, w = torch.randn(1, 32, 48, 48, 48), torch.randn(32, 32, 3, 3, 3)
+    flops = 2 * 32 * 32 * 27 * 48**3
+    with torch.no_grad():
+        for _ in range(2):
+            torch.nn.functional.conv3d(x, w, padding=1)
+        t0 = time.perf_counter()
+        n = 5
+        for _ in range(n):
+            torch.nn.functional.conv3d(x, w, padding=1)
+    return flops * n / (time.perf_counter() - t0) / 1e9
+
+
+def bare_step(example: dict, cfg, threads: int, now: bool, steps: int = 6) -> tuple[float, float]:
+    """(seconds per step, GFLOP per step) of the step alone on one example."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     from ctvlab.data.layout import MODALITY_SETS
-    from ctvlab.data.readers import load_patient
-    from ctvlab.unet.augment import build_augmentation
-    from ctvlab.unet.batches import autocast_context, batch_to_tensors, prepare_row
+    from ctvlab.unet.conv import aten_only
+    from ctvlab.unet.loop import train_step
     from ctvlab.unet.losses import make_loss
     from ctvlab.unet.model import build_unet
     from ctvlab.unet.optim import build_optimizer
 
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_unet(cfg.model, len(MODALITY_SETS[cfg.model.modality_set])).to(device)
+    model = build_unet(cfg.model, len(MODALITY_SETS[cfg.model.modality_set]))
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     loss_fn = make_loss(cfg.loss)
-    fixed = None
-    if dummy:
-        p = load_patient(prep, ids[0])
-        ex = prepare_row({"patient_id": ids[0], "features": p.features, "masks": p.masks},
-                         cfg.model.modality_set, shape)  # fmt: skip
-        fixed = batch_to_tensors([ex], device)
+    device = torch.device("cpu")
+    with aten_only(), FlopCounterMode(display=False) as counter:  # count with ATen's ops: the same maths
+        train_step(model, optimizer, loss_fn, [example], 0, device, "off")
     times = []
-    rng = random.Random(0)
-    for epoch in range(epochs):
-        order = list(ids)
-        rng.shuffle(order)
-        augment = build_augmentation(cfg.augment, seed=epoch)
-        t0 = time.perf_counter()
-        for pid in order:
-            if dummy:
-                x, y, brain = fixed
-            else:
-                p = load_patient(prep, pid)
-                ex = prepare_row({"patient_id": pid, "features": p.features, "masks": p.masks},
-                                 cfg.model.modality_set, shape)  # fmt: skip
-                x, y, brain = batch_to_tensors([augment(ex)], device)
-            with autocast_context(device, cfg.train.mixed_precision):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y, brain, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
+    with path_context(now):
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            train_step(model, optimizer, loss_fn, [example], 0, device, "off")
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:])), counter.get_total_flops() / 1e9
 
 
-def ray_train(prep: Path, train_ids: list[str], val_ids: list[str], cfg) -> list[dict]:
-    """Per-epoch metrics reported by the Ray Train worker (one worker, its Ray Data shard)."""
+def training_loop(prep: Path, train_ids, val_ids, cfg, view: dict, now: bool) -> list[dict]:
+    """Every epoch's metrics of `run_training` in one process, one thread."""
+    from ctvlab.unet.loop import LocalSession, load_examples, run_training
+
+    train = load_examples(prep, train_ids, cfg.model.modality_set, view)
+    val = load_examples(prep, val_ids, cfg.model.modality_set, view)
+    config = {"unet": cfg.model_dump(mode="json"), "view": view, "threads_per_worker": 1}
+    with path_context(now):
+        return run_training(config, LocalSession(train, val, lambda m, c: None))
+
+
+def ray_train(prep: Path, train_ids, val_ids, cfg) -> list[dict]:
     from ctvlab.runtime import init_ray
-    from ctvlab.stages.train import _history
-    from ctvlab.unet.train import build_trainer
+    from ctvlab.unet.train import build_trainer, checkpoint_history
 
     init_ray()
     with tempfile.TemporaryDirectory() as storage:
         trainer = build_trainer(prep, cfg, train_ids, val_ids, storage_path=storage, run_name="bench")
-        return _history(trainer.fit())
+        return checkpoint_history(trainer.fit())
+
+
+def volumes_per_second(history: list[dict]) -> float:
+    rows = history[1:] or history
+    return sum(h["train_volumes"] for h in rows) / sum(h["train_seconds"] for h in rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path("runs/demo/prep"), help="prepared dataset with a split")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--base-features", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--use-gpu", action="store_true")
-    ap.add_argument("--mixed-precision", default="auto", choices=["auto", "bf16", "off"])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--no-ray", action="store_true", help="leave out the Ray Train row")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args()
 
-    import torch
-
-    from ctvlab.config import UNetConfig
     from ctvlab.splits import load_split
-    from ctvlab.unet.batches import input_shape
+    from ctvlab.unet.loop import load_examples
+    from ctvlab.unet.train import run_view
 
-    if not (args.data / "splits.json").exists():
-        raise SystemExit(
-            f"{args.data}: no prepared dataset with a split; run `make demo` or pass --data PREP"
-        )
-    split = load_split(args.data)
+    prep = args.data.resolve()
+    if not (prep / "splits.json").exists():
+        raise SystemExit(f"{prep}: no prepared dataset with a split; run `make demo` or pass --data PREP")
+    split = load_split(prep)
     train_ids, val_ids = split.patients("train"), split.patients("val")
-    cfg = UNetConfig()
-    cfg.model.base_features = args.base_features
-    cfg.loss.name = "pcc"
-    cfg.train.epochs = args.epochs
-    cfg.train.checkpoint_every = args.epochs
-    cfg.train.val_every = args.epochs
-    cfg.train.cpus_per_worker = args.threads
-    cfg.train.use_gpu = args.use_gpu
-    cfg.train.mixed_precision = args.mixed_precision
-    shape = input_shape(args.data)
-    device = torch.device("cuda" if args.use_gpu else "cpu")
-    torch.set_num_threads(args.threads)
-    n = len(train_ids)
-    print(f"{n} training volumes of {tuple(shape)}, base features {args.base_features}, {args.threads} "
-          f"thread(s), {device}, {args.epochs} epochs (first is warm-up), load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    before = unet_config(args.base_features, args.epochs, "grid")
+    now = unet_config(args.base_features, args.epochs, "ring")
+    view_before = run_view(prep, before, train_ids, val_ids)
+    view_now = run_view(prep, now, train_ids, val_ids)
+    print(f"{len(train_ids)} training and {len(val_ids)} validation volumes; base features {args.base_features}; "
+          f"input grid before {tuple(view_before['input_shape'])}, now {tuple(view_now['input_shape'])} "
+          f"(the region box); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    out: dict = {"base_features": args.base_features, "epochs": args.epochs, "n_train": len(train_ids),
+                 "grid_before": view_before["input_shape"], "grid_now": view_now["input_shape"], "steps": []}  # fmt: skip
 
-    hist = ray_train(args.data, train_ids, val_ids, cfg)
-    ray_s = [h["train_seconds"] for h in hist[1:]]
-    ray_vols = [h["train_volumes"] for h in hist[1:]]
-    ray_vps = sum(ray_vols) / sum(ray_s)
-    real = plain_loop(args.data, train_ids, cfg, shape, args.epochs, device, dummy=False)[1:]
-    dummy = plain_loop(args.data, train_ids, cfg, shape, args.epochs, device, dummy=True)[1:]
-    plain_vps = n * len(real) / sum(real)
-    dummy_vps = n * len(dummy) / sum(dummy)
-    share = 1 - dummy_vps**-1 / plain_vps**-1
+    ex_before = load_examples(prep, train_ids[:1], "all", view_before)[0]
+    ex_now = load_examples(prep, train_ids[:1], "all", view_now)[0]
+    print("\n1. the bare step (one fixed example)")
     print(
-        f"(a) Ray Train + Ray Data shard : {ray_vps:6.3f} volumes/s  ({np.mean(ray_s) / np.mean(ray_vols):.3f} s/step)"
+        f"{'threads':>7}  {'path':<7} {'s/step':>7} {'GFLOP':>6} {'GFLOP/s':>8} {'limit':>7} {'share':>6} {'speed-up':>8}"
     )
-    print(f"(b) plain PyTorch loop         : {plain_vps:6.3f} volumes/s  ({1 / plain_vps:.3f} s/step)")
-    print(f"(c) plain loop, dummy input    : {dummy_vps:6.3f} volumes/s  ({1 / dummy_vps:.3f} s/step)")
-    print(f"Ray Train / plain loop          : {ray_vps / plain_vps:.3f}   (goal ≥ 0.85)")
-    print(f"data path share of a step       : {100 * share:.1f}%  (goal < 10%)")
-    if device.type == "cuda":
-        print(f"peak GPU memory (plain loop)   : {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    for threads in args.threads:
+        limit = large_conv_gflops(threads)
+        t_b, f_b = bare_step(ex_before, before, threads, now=False)
+        t_n, f_n = bare_step(ex_now, now, threads, now=True)
+        for name, t, f in (("before", t_b, f_b), ("now", t_n, f_n)):
+            print(f"{threads:>7}  {name:<7} {t:7.3f} {f:6.2f} {f / t:8.1f} {limit:7.1f} {f / t / limit:6.0%} "
+                  f"{t_b / t:7.2f}×")  # fmt: skip
+        out["steps"].append({"threads": threads, "limit_gflops": limit, "before_s": t_b, "before_gflop": f_b,
+                             "now_s": t_n, "now_gflop": f_n})  # fmt: skip
+
+    print(f"\n2. the training loop, {args.epochs} epochs, one thread (validation every epoch)")
+    h_before = training_loop(prep, train_ids, val_ids, before, view_before, now=False)
+    h_now = training_loop(prep, train_ids, val_ids, now, view_now, now=True)
+    v_b, v_n = volumes_per_second(h_before), volumes_per_second(h_now)
+    print(f"before: {v_b:.3f} volumes/s   now: {v_n:.3f} volumes/s   →  {v_n / v_b:.2f}× (goal ≥ 3×)")
+    print("val Tversky by epoch   before: " + " ".join(f"{h['val_tversky']:.3f}" for h in h_before))
+    print("                       now:    " + " ".join(f"{h['val_tversky']:.3f}" for h in h_now))
+    best_b, best_n = max(h["val_tversky"] for h in h_before), max(h["val_tversky"] for h in h_now)
+    print(
+        f"best val Tversky in {args.epochs} epochs: before {best_b:.3f}, now {best_n:.3f} ({best_n - best_b:+.3f})"
+    )
+    out["loop"] = {"before_vps": v_b, "now_vps": v_n, "before_val_tversky": [h["val_tversky"] for h in h_before],
+                   "now_val_tversky": [h["val_tversky"] for h in h_now],
+                   "before_epoch_s": [h["epoch_seconds"] for h in h_before],
+                   "now_epoch_s": [h["epoch_seconds"] for h in h_now]}  # fmt: skip
+
+    if not args.no_ray:
+        print("\n3. the same loop (now) on Ray Train, one worker of one CPU")
+        v_r = volumes_per_second(ray_train(prep, train_ids, val_ids, now))
+        print(f"Ray Train: {v_r:.3f} volumes/s  ({v_r / v_n:.2f} × the plain loop; {v_r / v_b:.2f}× before)")
+        out["ray_vps"] = v_r
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -38,13 +38,13 @@ def smoke_demo() -> StudyConfig:
 @pytest.mark.parametrize(
     ("cpus_per_trial", "num_workers", "cluster_cpus", "configured", "expected"),
     [
-        # the demo's smoke search on `ray start --head` on 2 cores: 0.25 + 0.5 held per trial, 0.5 for data
-        (0.5, 1, 2, None, 2),
-        # 0.25 + 1 per trial: one fits beside the data budget (two would starve Ray Data: the silent hang)
-        (1.0, 1, 2, None, 1),
-        (1.0, 2, 8, None, 3),  # (8 - 0.5) // 2.25
+        # one-worker trials train in their own process: they hold their CPUs and need no Ray Data budget
+        (0.5, 1, 2, None, 4),
+        (1.0, 1, 2, None, 2),  # the demo's search on 2 cores
+        (1.0, 2, 8, None, 3),  # Ray Train trials: 0.25 + 2 × 1 held each, 0.5 for data: (8 - 0.5) // 2.25
+        (1.0, 2, 4, None, 1),  # two would starve Ray Data (the silent hang): (4 - 0.5) // 2.25
         (1.0, 1, 8, 2, 2),  # a configured limit below what fits is kept
-        (0.5, 1, 2, 4, 2),  # a configured limit above it is not
+        (0.5, 1, 2, 8, 4),  # a configured limit above it is not
     ],
 )
 def test_trials_at_once_leave_the_data_budget_free(
@@ -74,13 +74,19 @@ def test_the_demo_smoke_study_fits_a_two_core_cluster():
 
 
 def test_a_trial_that_can_never_fit_names_need_have_and_keys():
+    cfg = smoke_demo()
+    cfg.unet.train.num_workers = 2  # a Ray Train trial: driver, workers and the Ray Data budget
     with pytest.raises(ResourceError) as e:
-        check_fits(trial_demand(smoke_demo()), node_cluster({"CPU": 1}))
+        check_fits(trial_demand(cfg), node_cluster({"CPU": 2}))
     msg = str(e.value)
     assert "one trial can never fit on this cluster" in msg
-    assert "needs 1.25 CPU (0.75 CPU held by the run, plus 0.5 kept free for its Ray Data tasks)" in msg
-    assert "the Ray cluster has 1 CPU" in msg
+    assert "needs 2.75 CPU (2.25 CPU held by the run, plus 0.5 kept free for its Ray Data tasks)" in msg
+    assert "the Ray cluster has 2 CPU" in msg
     assert "tune.cpus_per_trial, unet.train.num_workers, unet.train.data_cpus" in msg
+    with pytest.raises(ResourceError) as e:  # a one-worker trial holds its own CPUs only
+        check_fits(trial_demand(smoke_demo()), node_cluster({"CPU": 0.5}))
+    assert "needs 1 CPU (1 CPU held by the run), but the Ray cluster has 0.5 CPU" in str(e.value)
+    assert "Lower tune.cpus_per_trial in the config" in str(e.value)
 
 
 @pytest.mark.parametrize(

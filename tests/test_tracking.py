@@ -120,6 +120,17 @@ def test_failed_block_marks_run_failed(tracking_uri, experiment):
     assert tracker.client.get_run(r.run_id).info.status == "FAILED"
 
 
+@pytest.mark.parametrize(("code", "status"), [(0, "RUNNING"), (None, "RUNNING"), (3, "FAILED")])
+def test_a_clean_exit_is_not_a_failure(tracking_uri, experiment, code, status):
+    """Ray Tune stops a trial that its scheduler ends with SystemExit(0) inside the trial's report: the run
+    is left for the search to close (FINISHED, with how it ended); another exit code is a failure."""
+    tracker = Tracker(experiment, tracking_uri)
+    run_id = tracker.start_run("trial", {})
+    with pytest.raises(SystemExit), tracker.failing(run_id):
+        raise SystemExit(code)
+    assert tracker.client.get_run(run_id).info.status == status
+
+
 # Concurrent writers: tests/unet/test_tune.py runs 8 concurrent Tune trials against SQLite and a server.
 
 

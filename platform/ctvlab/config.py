@@ -393,6 +393,13 @@ class UNetModelConfig(Strict):
         "instance", description="Normalisation after each convolution (group: up to 8 groups)."
     )
     dropout: Fraction = Field(0.0, description="Channel dropout (Dropout3d) after the bottleneck block.")
+    input_region: Literal["ring", "grid"] = Field(
+        "ring",
+        description="What the network sees of a patient. ring: the box of the study's analysis region (the "
+        "brain within preprocess.ring_mm of the pre-RT T2L, where every recurrence of the study happened), "
+        "a third to a half of the whole 3 mm grid and that much cheaper to train and apply; outside it the "
+        "probability is 0. grid: the whole prepared grid.",
+    )
 
 
 class TrainConfig(Strict):
@@ -507,7 +514,9 @@ class TuneConfig(Strict):
         "beside unet.train.data_cpus, never more.",
     )
     cpus_per_trial: PositiveFloat = Field(
-        1.0, description="Ray CPUs of each of a trial's unet.train.num_workers training workers."
+        1.0,
+        description="Ray CPUs of each of a trial's unet.train.num_workers training workers (with one worker, "
+        "the trial's own process, which trains with this many threads, rounded up).",
     )
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs of each of a trial's training workers.")
     trial_max_failures: int = Field(

@@ -2,7 +2,8 @@
 
 A U-Net training run holds Ray resources in up to three places: the trial's own driver (one Tune trial, a
 small CPU share), its Ray Train worker group (a placement group of one bundle per worker), and the Ray Data
-tasks that read and prepare the volumes feeding it. The first two are held for the whole run; the data
+tasks that read and prepare the volumes feeding it. A search trial of one worker is simpler: it trains in
+its own process (`ctvlab.unet.tune`), which holds the trial's CPUs, with no worker group and no Ray Data. The first two are held for the whole run; the data
 tasks come and go. When the held resources take every CPU of the cluster, the data tasks wait forever and
 so does the run, without a word. So every plan keeps `unet.train.data_cpus` free for Ray Data, caps the
 data tasks at that budget, and runs only as many trials at once as fit beside it.
@@ -73,10 +74,18 @@ def training_demand(cfg: StudyConfig) -> RunDemand:
 
 
 def trial_demand(cfg: StudyConfig) -> RunDemand:
-    """What one search trial needs: its driver and its worker group (see `unet.tune.trial_unet_config`:
+    """What one search trial needs. One worker: the trial's own process trains, holding `tune.cpus_per_trial`
+    and `tune.gpus_per_trial`. Several: its driver and its worker group (see `unet.spaces.trial_unet_config`:
     each of the `unet.train.num_workers` workers takes `tune.cpus_per_trial` and `tune.gpus_per_trial`)."""
     tcfg = cfg.tune
     worker = {"CPU": tcfg.cpus_per_trial, **({"GPU": tcfg.gpus_per_trial} if tcfg.gpus_per_trial > 0 else {})}
+    if cfg.unet.train.num_workers == 1:
+        keys = (
+            ("tune.cpus_per_trial", "tune.gpus_per_trial")
+            if tcfg.gpus_per_trial > 0
+            else ("tune.cpus_per_trial",)
+        )
+        return RunDemand("one trial", worker, {}, 0, 0.0, keys)
     keys = ["tune.cpus_per_trial", "unet.train.num_workers", "unet.train.data_cpus"]
     if tcfg.gpus_per_trial > 0:
         keys.append("tune.gpus_per_trial")
@@ -99,9 +108,10 @@ def unfit_reasons(demand: RunDemand, cluster: Cluster) -> list[str]:
     cpus = cluster.total.get("CPU", 0.0)
     need_cpus = held.get("CPU", 0.0) + demand.data_cpus
     if need_cpus > cpus + 1e-9:
+        data = f", plus {demand.data_cpus:g} kept free for its Ray Data tasks" if demand.data_cpus else ""
         reasons.append(
-            f"{need_cpus:g} CPU ({format_resources(held)} held by the run, plus {demand.data_cpus:g} kept free "
-            f"for its Ray Data tasks), but {cluster.source} has {cpus:g} CPU"
+            f"{need_cpus:g} CPU ({format_resources(held)} held by the run{data}), but {cluster.source} has "
+            f"{cpus:g} CPU"
         )
     gpus = cluster.total.get("GPU", 0.0)
     if held.get("GPU", 0.0) > gpus + 1e-9:

@@ -244,9 +244,16 @@ class Tracker:
     @contextlib.contextmanager
     def failing(self, run_id: str) -> Iterator[None]:
         """Mark `run_id` FAILED (KILLED on Ctrl-C) if the block raises, then let the error go on: a store
-        that cannot take the status is reported, never put in the place of the error that ended the run."""
+        that cannot take the status is reported, never put in the place of the error that ended the run.
+
+        A clean `SystemExit` (code 0 or None) is not a failure: it is how Ray Tune stops a trial that its
+        scheduler ends, from inside the trial's report call; the run is left for the caller to close."""
         try:
             yield
+        except SystemExit as stop:
+            if stop.code not in (0, None):
+                self.end_failed(run_id, "FAILED")
+            raise
         except BaseException as error:
             self.end_failed(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             raise

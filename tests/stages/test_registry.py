@@ -22,15 +22,15 @@ from ctvlab.stages.registry import CANDIDATE, CHAMPION, DISCLAIMER, crown
 from ctvlab.study import FEATURES
 from ctvlab.tracking import Tracker
 from ctvlab.unet.inference import load_model, predict_arrays
-from ctvlab.unet.inputs import full_box, network_grid, network_input, uncrop
+from ctvlab.unet.inputs import network_input, network_view
 
 
 def patient_input(model, prep, pid):
     p = load_patient(prep, pid)
     brain = p.mask("brain") > 0
-    grid = network_grid(tuple(p.features.shape[1:]), model.trained_grid)
-    x = network_input(p.features, FEATURES, brain, model.spec["modality_set"], grid)
-    return p, brain, grid, x
+    view = network_view(model.spec, brain, p.mask("t2l"), p.spacing)
+    x = network_input(p.features, FEATURES, brain, model.spec["modality_set"], view)
+    return p, brain, view, x
 
 
 def test_the_registered_version_loads_as_an_mlflow_pyfunc(trained_phantom, prepared_phantom, monkeypatch):
@@ -42,13 +42,14 @@ def test_the_registered_version_loads_as_an_mlflow_pyfunc(trained_phantom, prepa
     pyfunc = mlflow.pyfunc.load_model(trained.model_uri)
     model = load_model(trained.model_dir, device="cpu")
     pid = load_split(prepared_phantom).patients("val")[0]
-    p, brain, grid, x = patient_input(model, prepared_phantom, pid)
+    p, brain, view, x = patient_input(model, prepared_phantom, pid)
     prob = pyfunc.predict(x[None])
-    assert prob.shape == (1, 1, *grid) and prob.dtype == np.float32
+    assert prob.shape == (1, 1, *view.grid) and prob.dtype == np.float32
     # the pyfunc's probability, put back on the patient's grid, is evaluation's own to 1e-5
-    full = tuple(p.features.shape[1:])
-    ours = uncrop(prob[0, 0], full_box(full), grid, full) * brain
-    np.testing.assert_allclose(ours, predict_arrays(model, p.features, brain), atol=1e-5)
+    ours = view.uncrop(prob[0, 0], p.features.shape[1:]) * brain
+    np.testing.assert_allclose(
+        ours, predict_arrays(model, p.features, brain, p.mask("t2l"), p.spacing), atol=1e-5
+    )
     # what MLflow stored beside the network: a tensor signature, an input example, pinned requirements
     meta = pyfunc.metadata
     assert meta.signature.inputs.inputs[0].shape == (-1, model.spec["in_channels"], -1, -1, -1)

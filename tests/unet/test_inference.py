@@ -9,33 +9,32 @@ import pytest
 
 from ctvlab.data.readers import PreparedPatient, load_patient
 from ctvlab.splits import load_split
-from ctvlab.unet.batches import batch_to_tensors, input_shape, prepare_row
+from ctvlab.unet.batches import batch_to_tensors, prepare_row
 from ctvlab.unet.inference import load_model, predict_probability
-from ctvlab.unet.inputs import network_grid, uncrop
+from ctvlab.unet.inputs import network_grid, network_view
 
 pytestmark = pytest.mark.ray
 
 
-def validation_pass(model, patient, grid) -> np.ndarray:
-    """The training loop's validation forward pass (`train._validate`) of one patient, on the full grid."""
+def validation_pass(model, patient) -> np.ndarray:
+    """The training loop's validation forward pass (`loop.validate`) of one patient, on the full grid."""
     import torch
 
-    ex = prepare_row({"patient_id": patient.patient_id, "features": patient.features, "masks": patient.masks},
-                     model.spec["modality_set"], grid)  # fmt: skip
+    row = {"patient_id": patient.patient_id, "features": patient.features, "masks": patient.masks}
+    ex = prepare_row(row, model.spec["modality_set"], model.spec, patient.spacing)
     x, _, brain = batch_to_tensors([ex], model.device)
     with torch.no_grad():
         prob = torch.sigmoid(model.net(x).float())[0, 0].cpu().numpy()
-    full = patient.features.shape[1:]
-    box = tuple(slice(0, n) for n in full)
-    return uncrop(prob * brain[0, 0].cpu().numpy(), box, grid, full)
+    view = network_view(model.spec, patient.mask("brain"), patient.mask("t2l"), patient.spacing)
+    return view.uncrop(prob * brain[0, 0].cpu().numpy(), patient.features.shape[1:])
 
 
 def test_evaluation_equals_the_validation_pass(trained_phantom, prepared_phantom):
     _, trained = trained_phantom
     split = load_split(prepared_phantom)
-    grid = input_shape(prepared_phantom)
     spec = json.loads((trained.model_dir / "model.json").read_text())
-    assert tuple(spec["input_shape"]) == grid
+    assert spec["input_region"] == "ring" and spec["ring_mm"] == 40.0
+    grid = tuple(spec["input_shape"])
     model = load_model(trained.model_dir, device="cpu")
     patients = [load_patient(prepared_phantom, pid) for pid in split.patients("val")]
     # The phantom's grids are all alike; a patient with a smaller grid (4 voxels of background fewer on
@@ -45,7 +44,7 @@ def test_evaluation_equals_the_validation_pass(trained_phantom, prepared_phantom
     patients.append(PreparedPatient("smaller", p.features[:, 4:-4], p.masks[:, 4:-4], p.sidecar))
     assert network_grid(patients[-1].features.shape[1:]) != grid
     for p in patients:
-        np.testing.assert_allclose(predict_probability(model, p), validation_pass(model, p, grid), atol=1e-5)
+        np.testing.assert_allclose(predict_probability(model, p), validation_pass(model, p), atol=1e-5)
 
 
 @pytest.mark.parametrize(

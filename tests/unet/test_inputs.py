@@ -12,7 +12,8 @@ from ctvlab.unet.inputs import (
     crop_or_pad,
     fit_shape,
     minmax_within_brain,
-    prepare_example,
+    network_view,
+    place_box,
     select_channels,
     uncrop,
     union_bbox,
@@ -117,26 +118,127 @@ def test_uncrop_inverts_crop_or_pad(out_shape):
         np.testing.assert_array_equal(back[(..., *box)], x[(..., *box)])
 
 
-def test_prepare_example():
-    shape = (12, 12, 12)
+def _patient(shape=(24, 20, 16)):
+    """Features and masks of a small patient: brain a box, T2L a cube, target the T2L and one far voxel."""
     rng = np.random.default_rng(1)
     features = rng.random((len(FEATURES), *shape)).astype(np.float32) * 5
     features[FEATURES.index("CNI")] = np.nan  # no MRSI for this patient
     masks = np.zeros((len(MASKS), *shape), np.uint8)
-    masks[MASKS.index("brain"), 2:10, 3:9, 1:11] = 1
-    masks[MASKS.index("target"), 4:6, 4:6, 4:6] = 1
-    box = brain_bbox(masks[MASKS.index("brain")])
-    out_shape = fit_shape((8, 6, 10))
-    ex = prepare_example(features, FEATURES, masks, MASKS, "all", box, out_shape)
-    assert ex["image"].shape == (6, 8, 8, 16)
-    assert ex["label"].shape == ex["brain"].shape == (1, 8, 8, 16)
-    assert all(v.dtype == np.float32 for v in ex.values())
-    assert ex["brain"].sum() == 8 * 6 * 10 and ex["label"].sum() == 8
+    masks[MASKS.index("brain"), 1:23, 1:19, 1:15] = 1
+    masks[MASKS.index("t2l"), 4:7, 4:7, 4:7] = 1
+    masks[MASKS.index("target"), 4:7, 4:7, 4:7] = 1
+    masks[MASKS.index("target"), 21, 17, 13] = 1  # beyond the ring's box
+    return {"patient_id": "P1", "features": features, "masks": masks}
+
+
+def test_prepare_row_on_the_whole_grid():
+    from ctvlab.unet.batches import prepare_row
+
+    row = _patient()
+    ex = prepare_row(row, "all", {"input_region": "grid", "input_shape": [24, 24, 16]}, (3.0, 3.0, 3.0))
+    assert ex["image"].shape == (6, 24, 24, 16) and ex["label"].shape == ex["brain"].shape == (1, 24, 24, 16)
+    assert ex["brain"].sum() == 22 * 18 * 14 and ex["label"].sum() == 28
+    assert ex["outside_target"] == 0 and ex["outside_brain"] == 0
+    assert ex["fraction"] == pytest.approx(28 / (22 * 18 * 14))
     image = ex["image"]
-    assert image.min() >= 0 and image.max() <= 1
-    assert not image[:, ex["brain"][0] == 0].any()
+    assert image.min() >= 0 and image.max() <= 1 and not image[:, ex["brain"][0] == 0].any()
     np.testing.assert_array_equal(image[MODALITY_SETS["all"].index("CNI")], 0)
-    # One channel checked end to end against the formula.
-    flair = features[FEATURES.index("nFLAIR")][box]
+    # One channel checked end to end against the formula (the grid is centred: y padded by 2 on each side).
+    flair = row["features"][FEATURES.index("nFLAIR")][1:23, 1:19, 1:15]
     expected = (flair - flair.min()) / (flair.max() - flair.min())
-    np.testing.assert_allclose(image[0][:, 1:7, 3:13], expected, atol=1e-6)
+    np.testing.assert_allclose(image[0][1:23, 3:21, 1:15], expected, atol=1e-6)
+
+
+def test_prepare_row_in_the_ring_region_keeps_the_whole_brain_terms():
+    """The box around the T2L's 6 mm ring (3 mm voxels): the far target voxel is outside it and counted as
+    missed; f is the whole brain's; normalisation is over the whole brain, before the crop."""
+    from ctvlab.unet.batches import prepare_row
+
+    row = _patient()
+    spec = {"input_region": "ring", "ring_mm": 6.0}
+    ex = prepare_row(row, "all", spec, (3.0, 3.0, 3.0))
+    # ring: T2L voxels 4..6 grown by 2 voxels → 2..8 (7 voxels) per axis → grid 8 per axis, box 1..9 or 2..10
+    assert ex["image"].shape == (6, 8, 8, 8)
+    assert ex["label"].sum() == 27 and ex["outside_target"] == 1
+    assert ex["outside_brain"] == 22 * 18 * 14 - ex["brain"].sum()
+    assert ex["fraction"] == pytest.approx(28 / (22 * 18 * 14))
+    view = network_view(spec, row["masks"][MASKS.index("brain")], row["masks"][MASKS.index("t2l")], (3, 3, 3))
+    whole = minmax_within_brain(
+        select_channels(row["features"], FEATURES, "all"), row["masks"][MASKS.index("brain")]
+    )
+    np.testing.assert_array_equal(ex["image"], view.crop(whole))
+
+
+@pytest.mark.parametrize(
+    ("region", "shape", "size", "expected"),
+    [
+        ((slice(4, 8),), (20,), (8,), (slice(2, 10),)),  # centred on the region
+        ((slice(0, 3),), (20,), (8,), (slice(0, 8),)),  # moved inside the grid at the low end
+        ((slice(17, 20),), (20,), (8,), (slice(12, 20),)),  # ... and at the high end
+        ((slice(2, 6),), (6,), (8,), (slice(0, 6),)),  # the grid is smaller than the box: the whole axis
+    ],
+)
+def test_place_box(region, shape, size, expected):
+    # one axis at a time: the function works per axis
+    full = (region[0], slice(0, 4), slice(0, 4))
+    out = place_box(full, (shape[0], 4, 4), (size[0], 4, 4))
+    assert out[0] == expected[0] and out[0].stop - out[0].start == min(size[0], shape[0])
+
+
+def test_network_view_grows_where_a_new_patient_region_is_larger():
+    brain = np.ones((40, 40, 40), bool)
+    t2l = np.zeros_like(brain)
+    t2l[10:30, 18:22, 18:22] = True
+    spec = {"input_region": "ring", "ring_mm": 3.0, "input_shape": [16, 16, 16]}
+    view = network_view(spec, brain, t2l, (3.0, 3.0, 3.0))
+    assert view.grid == (24, 16, 16)  # x: 22 voxels of region → 24; y, z: 6 → the trained 16
+    assert view.box[0] == slice(8, 32)
+
+
+def test_validation_metrics_in_the_box_equal_the_whole_grid_metrics():
+    from ctvlab.ctv import metrics as M
+    from ctvlab.unet.batches import prepare_row, val_metrics_for
+
+    row = _patient()
+    masks = row["masks"]
+    spec = {"input_region": "ring", "ring_mm": 6.0}
+    ex = prepare_row(row, "all", spec, (3.0, 3.0, 3.0))
+    view = network_view(spec, masks[MASKS.index("brain")], masks[MASKS.index("t2l")], (3, 3, 3))
+    prob = np.random.default_rng(2).random(view.grid).astype(np.float32)
+    ours = val_metrics_for(
+        prob, ex["label"][0], ex["brain"][0], 0.5, ex["outside_target"], ex["outside_brain"]
+    )
+    brain, target = masks[MASKS.index("brain")] > 0, masks[MASKS.index("target")] > 0
+    pred = view.uncrop(prob, brain.shape) >= 0.5
+    whole = {
+        k: getattr(M, k)(pred, target, brain)
+        for k in ("tversky", "pcc", "dice", "sensitivity", "specificity")
+    }
+    assert ours == pytest.approx(whole)
+
+
+def test_the_loss_in_the_box_equals_the_whole_brain_loss():
+    """PCC in the box with the whole brain's f and the missed target voxels equals PCC on the whole grid
+    with probability 0 outside the box."""
+    import torch
+
+    from ctvlab.config import LossConfig
+    from ctvlab.unet.batches import loss_extras, prepare_row
+    from ctvlab.unet.losses import make_loss
+
+    row = _patient()
+    masks = row["masks"]
+    spec = {"input_region": "ring", "ring_mm": 6.0}
+    ex = prepare_row(row, "all", spec, (3.0, 3.0, 3.0))
+    view = network_view(spec, masks[MASKS.index("brain")], masks[MASKS.index("t2l")], (3, 3, 3))
+    logits = torch.randn(1, 1, *view.grid)
+    loss = make_loss(LossConfig(name="pcc"))
+    ours = loss(logits, torch.from_numpy(ex["label"][None]), torch.from_numpy(ex["brain"][None]), 0,
+                **loss_extras([ex], torch.device("cpu")))  # fmt: skip
+    full = view.uncrop(logits.numpy(), masks.shape[1:])
+    inside = view.uncrop(np.ones((1, 1, *view.grid), np.float32), masks.shape[1:]) > 0
+    full = np.where(inside, full, -1e4)  # probability 0 outside the box
+    brain = torch.from_numpy(masks[MASKS.index("brain")][None, None].astype(np.float32))
+    target = torch.from_numpy(masks[MASKS.index("target")][None, None].astype(np.float32))
+    whole = loss(torch.from_numpy(full), target, brain, 0)
+    assert float(ours) == pytest.approx(float(whole), rel=1e-5)

@@ -94,6 +94,38 @@ def test_small_search_logs_parent_children_and_survives_a_failing_trial(
 
 
 @pytest.mark.ray
+def test_trials_stopped_by_asha_end_finished_with_their_model_and_how_they_ended(
+    prepared_phantom, tmp_path, tracking_uri
+):
+    """ASHA stops trials inside their report call (Tune raises SystemExit(0) there): a trial that ran without
+    error ends FINISHED with its model and a tag saying when it stopped; FAILED is for errors only."""
+    cfg = tiny_study(tmp_path, tracking_uri)
+    cfg.tune.run_grid = False
+    cfg.tune.num_samples = 4
+    cfg.tune.epochs_per_trial = 3
+    cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice", "pcc"])
+    cfg.tune.max_concurrent_trials = 2
+    cfg.tune.asha.enabled, cfg.tune.asha.grace_period, cfg.tune.asha.reduction_factor = True, 1, 2
+    out = tune_study(cfg, prepared_phantom)
+
+    assert out.n_failed == 0 and (out.trials["status"] != "ERROR").all()
+    assert out.trials["epochs_run"].min() < 3 <= out.trials["epochs_run"].max()  # ASHA stopped some
+    tracker = Tracker(cfg.name, tracking_uri)
+    children = tracker.find_runs(f"tags.mlflow.parentRunId = '{out.parent_run_id}'")
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    by_trial = {c.data.tags["ctvlab.trial_id"]: c for c in children}
+    for row in out.trials.itertuples():
+        run = by_trial[row.trial_id]
+        assert "model" in {a.path for a in tracker.client.list_artifacts(run.info.run_id)}
+        assert len(tracker.client.get_metric_history(run.info.run_id, "val_tversky")) == row.epochs_run
+        if row.epochs_run < 3:
+            assert run.data.tags["ctvlab.stopped_early"] == "true"
+            assert run.data.tags["ctvlab.epochs_run"] == str(int(row.epochs_run))
+        else:
+            assert run.data.tags.get("ctvlab.stopped_early", "false") == "false"
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_search_killed_in_its_random_phase_resumes_without_rerunning_the_grid_or_finished_trials(
     prepared_phantom, tmp_path, _session_tracking_uri

@@ -38,6 +38,7 @@ __all__ = [
     "ctv_wilcoxon",
     "dice",
     "hd95",
+    "overlap_metrics",
     "pcc",
     "pcc_weights",
     "sensitivity",
@@ -113,6 +114,19 @@ def pcc(pred: np.ndarray, target: np.ndarray, brain: np.ndarray) -> float:
     tp, fp, fn, tn = confusion(pred, target, brain)
     alpha, beta = pcc_weights(tp + fn, tp + fp + fn + tn)
     return _tversky_index(tp, fp, fn, alpha, beta)
+
+
+def overlap_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
+    """Sensitivity, specificity, Dice, Tversky (α = 0.02, β = 0.98) and PCC from confusion counts within
+    the brain: the same values (and edge cases) as the mask functions above give for those counts."""
+    alpha, beta = pcc_weights(tp + fn, tp + fp + fn + tn)
+    return {
+        "tversky": _tversky_index(tp, fp, fn, TVERSKY_ALPHA, TVERSKY_BETA),
+        "pcc": _tversky_index(tp, fp, fn, alpha, beta),
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn, empty=1.0),
+        "sensitivity": _ratio(tp, tp + fn, empty=math.nan),
+        "specificity": _ratio(tn, tn + fp, empty=math.nan),
+    }
 
 
 def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float], percentile: float = 95.0) -> float:

@@ -167,7 +167,9 @@ def predict_patient(
     pid = row.patient_id
     t0 = time.perf_counter()
     arrays = prepare_arrays(row, raw_root, cfg.preprocess)
-    prob3 = predict_arrays(resolved.model, arrays.features, arrays.mask("brain"))
+    prob3 = predict_arrays(
+        resolved.model, arrays.features, arrays.mask("brain"), arrays.mask("t2l"), arrays.spacing
+    )
     t_net = time.perf_counter() - t0
 
     t1c_path = row.paths(raw_root)["t1c"]

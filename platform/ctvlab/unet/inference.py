@@ -1,9 +1,10 @@
 """Loading a trained U-Net and predicting a patient's probability map (evaluation, ablation, prediction).
 
 A model folder holds `weights.pt` (a plain state dict) and `model.json` (the spec: architecture, modality
-set, and `input_shape`, the grid it was trained on). The probability is computed on exactly the input the
-training and validation passes saw (`ctvlab.unet.inputs.network_input` on the spec's grid), so a
-validation patient gets the same map here as in the training loop's validation pass.
+set, and what the network sees: `input_region`, `ring_mm`, `input_shape`). The probability is computed on
+exactly the input the training and validation passes saw (`ctvlab.unet.inputs.network_view` and
+`network_input` with the spec's settings), so a validation patient gets the same map here as in the
+training loop's validation pass.
 """
 
 from __future__ import annotations
@@ -75,25 +76,29 @@ def load_model(model_dir: str | Path, device: str | None = None) -> LoadedModel:
     return LoadedModel(net, spec, dev)
 
 
-def predict_arrays(model: LoadedModel, features: np.ndarray, brain: np.ndarray) -> np.ndarray:
+def predict_arrays(
+    model: LoadedModel, features: np.ndarray, brain: np.ndarray, t2l: np.ndarray, spacing
+) -> np.ndarray:
     """The network's probability (X, Y, Z) on a patient's full 3 mm grid.
 
     Args:
         model: a loaded model.
         features: (F, X, Y, Z) prepared feature channels in `FEATURES` order (NaN = missing).
         brain: (X, Y, Z) brain mask; voxels outside it get probability 0.
+        t2l: (X, Y, Z) pre-RT T2L: the region the network sees is drawn around it (`input_region: ring`).
+        spacing: the grid's voxel size (mm).
 
     Returns:
-        float32 (X, Y, Z) in [0, 1].
+        float32 (X, Y, Z) in [0, 1]; 0 outside the box the network saw.
     """
     import torch
 
-    from ctvlab.unet.inputs import full_box, network_grid, network_input, uncrop
+    from ctvlab.unet.inputs import network_input, network_view
 
     inside = np.asarray(brain) > 0
     full = tuple(int(n) for n in features.shape[1:])
-    grid = network_grid(full, model.trained_grid)
-    x = network_input(features, FEATURES, inside, model.spec["modality_set"], grid)
+    view = network_view(model.spec, inside, np.asarray(t2l) > 0, spacing)
+    x = network_input(features, FEATURES, inside, model.spec["modality_set"], view)
     xin = torch.from_numpy(x[None]).to(model.device)
     with torch.no_grad():
         if model.device.type == "cuda":  # as in training: bf16 autocast on GPU
@@ -102,9 +107,11 @@ def predict_arrays(model: LoadedModel, features: np.ndarray, brain: np.ndarray) 
         else:
             logits = model.net(xin)
     prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
-    return (uncrop(prob, full_box(full), grid, full) * inside).astype(np.float32)
+    return (view.uncrop(prob, full) * inside).astype(np.float32)
 
 
 def predict_probability(model: LoadedModel, patient) -> np.ndarray:
     """`predict_arrays` of a prepared patient (`ctvlab.data.readers.PreparedPatient`)."""
-    return predict_arrays(model, patient.features, patient.mask("brain"))
+    return predict_arrays(
+        model, patient.features, patient.mask("brain"), patient.mask("t2l"), patient.spacing
+    )

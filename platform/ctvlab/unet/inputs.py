@@ -1,19 +1,33 @@
-"""Network inputs from prepared volumes: channel selection, min-max normalisation, crop and pad.
+"""Network inputs from prepared volumes: channel selection, min-max normalisation, the region the network
+sees, crop and pad.
 
 All arrays are NumPy, spatial axes last: features (C, X, Y, Z) on the 3 mm grid of the prepared
-dataset, masks (X, Y, Z). The network sees the patient's whole 3 mm grid centred in a fixed input grid
-(every spatial size a multiple of 8, for three poolings); `uncrop` puts its predictions back on the full
-3 mm grid.
+dataset, masks (X, Y, Z). What the network sees of a patient is a `NetworkView`: a box on the patient's
+grid, centred in a fixed input grid (every spatial size a multiple of 8, for three poolings); `uncrop`
+puts its predictions back on the full 3 mm grid (zero outside the box).
+
+Two regions (`unet.model.input_region`):
+- "ring" (default): the box of the study's analysis region, the brain within `ring_mm` (4 cm) of the
+  pre-RT T2L, where every recurrence of the study happened (SPEC: Regions). The input grid is the largest
+  such box of the training patients; a later patient whose region is larger gets a larger grid along
+  that axis. The region is computed from the pre-RT T2L alone, so a new patient gets it as a training
+  patient did. At 3 mm it is a third to a half of the whole grid, and training and inference cost that
+  much less.
+- "grid": the patient's whole prepared grid centred in the largest grid of the training patients (models
+  trained before the region existed record no region and are read as "grid").
 
 `network_input` is the one place that builds what the network sees, for training, validation,
 evaluation, ablation and prediction alike: with instance normalisation the amount of zero background
-around the brain changes the normalisation statistics, so a patient padded to another grid gets another
-prediction. The grid a model was trained on is recorded in its spec (`input_shape`).
+around the brain changes the normalisation statistics, so a patient placed in another grid gets another
+prediction. The view's settings are recorded in the model's spec (`input_region`, `ring_mm`,
+`input_shape`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +35,7 @@ from ctvlab.data.layout import MODALITY_SETS
 from ctvlab.errors import ConfigError, DataError
 
 Box = tuple[slice, slice, slice]
+REGIONS = ("ring", "grid")
 
 
 def select_channels(features: np.ndarray, feature_names: Sequence[str], modality_set: str) -> np.ndarray:
@@ -110,16 +125,16 @@ def fit_shape(shape: Sequence[int], multiple: int = 8) -> tuple[int, ...]:
 
 
 def full_box(shape: Sequence[int]) -> Box:
-    """The box of a whole grid (the network sees the whole prepared 3 mm grid, not a crop)."""
+    """The box of a whole grid."""
     return tuple(slice(0, int(n)) for n in shape)  # type: ignore[return-value]
 
 
 def network_grid(shape: Sequence[int], trained: Sequence[int] | None = None) -> tuple[int, int, int]:
-    """The network's input grid for a patient grid of `shape` (X, Y, Z).
+    """The network's input grid for a box of `shape` (X, Y, Z).
 
-    The model's training grid (`trained`, the spec's `input_shape`) where the patient fits in it, which is
-    every training and validation patient by construction; per axis where a new patient is larger, that
-    axis grows to the next multiple of 8 instead of cropping away part of the brain.
+    The model's training grid (`trained`, the spec's `input_shape`) where the box fits in it, which is
+    every training and validation patient by construction; per axis where a new patient's box is larger,
+    that axis grows to the next multiple of 8 instead of cropping part of it away.
     """
     fitted = fit_shape(shape, multiple=8)
     if trained is None:
@@ -127,24 +142,113 @@ def network_grid(shape: Sequence[int], trained: Sequence[int] | None = None) -> 
     return tuple(max(int(a), int(b)) for a, b in zip(fitted, trained, strict=True))  # type: ignore[return-value]
 
 
+def region_box(brain: np.ndarray, t2l: np.ndarray, spacing: Sequence[float], ring_mm: float) -> Box:
+    """The bounding box of the study's analysis region: brain voxels within `ring_mm` of the pre-RT T2L
+    (`ctvlab.preprocess.regions.ring`, the T2L included).
+
+    Raises:
+        DataError: the T2L or the region is empty.
+    """
+    from ctvlab.preprocess.regions import ring
+
+    t2l = np.asarray(t2l) > 0
+    if not t2l.any():
+        raise DataError("the pre-RT T2L mask is empty: the network's region is defined around it.")
+    region = ring(np.asarray(brain) > 0, t2l, tuple(float(s) for s in spacing), float(ring_mm))
+    if not region.any():
+        raise DataError("no brain voxel lies within the analysis ring of the T2L; check the brain mask.")
+    return brain_bbox(region)
+
+
+def place_box(region: Box, shape: Sequence[int], size: Sequence[int]) -> Box:
+    """A box of `size` centred on `region`, moved inside a grid of `shape` (X, Y, Z).
+
+    Along an axis where the grid is smaller than `size`, the box is the whole axis (`crop_or_pad` centres
+    it in the network grid with zero padding). Where `region` is larger than `size` the box is `region`'s
+    central part; `network_view` never asks for that.
+    """
+    out = []
+    for s, n, m in zip(region, shape, size, strict=True):
+        n, m = int(n), int(m)
+        if n <= m:
+            out.append(slice(0, n))
+            continue
+        centre = (s.start + s.stop) / 2.0
+        start = int(np.clip(np.floor(centre - m / 2.0 + 0.5), 0, n - m))
+        out.append(slice(start, start + m))
+    return tuple(out)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class NetworkView:
+    """What the network sees of one patient: `box` on the patient's grid, centred in an input of `grid`."""
+
+    box: Box
+    grid: tuple[int, int, int]
+
+    def crop(self, x: np.ndarray) -> np.ndarray:
+        """(..., X, Y, Z) on the patient's grid → (..., *grid)."""
+        return crop_or_pad(x, self.box, self.grid)
+
+    def uncrop(self, y: np.ndarray, full_shape: Sequence[int]) -> np.ndarray:
+        """(..., *grid) → (..., *full_shape), zero outside the box."""
+        return uncrop(y, self.box, self.grid, full_shape)
+
+
+def view_settings(spec: Mapping[str, Any]) -> tuple[str, float | None, tuple[int, int, int] | None]:
+    """(region, ring_mm, trained grid) of a model spec; a spec without a region is a "grid" model.
+
+    Raises:
+        DataError: an unknown region, or a "ring" model without `ring_mm`.
+    """
+    region = spec.get("input_region") or "grid"
+    if region not in REGIONS:
+        raise DataError(f"model spec: unknown input_region {region!r}; expected one of {', '.join(REGIONS)}")
+    ring_mm = spec.get("ring_mm")
+    if region == "ring" and not ring_mm:
+        raise DataError("model spec: input_region 'ring' needs ring_mm")
+    shape = spec.get("input_shape")
+    trained = tuple(int(n) for n in shape) if shape else None
+    return region, (float(ring_mm) if ring_mm else None), trained  # type: ignore[return-value]
+
+
+def network_view(
+    spec: Mapping[str, Any], brain: np.ndarray, t2l: np.ndarray, spacing: Sequence[float]
+) -> NetworkView:
+    """The view of a patient for a model (`spec`: `input_region`, `ring_mm`, `input_shape`).
+
+    Args:
+        spec: the model's spec, or the same three keys before training (`input_shape` may be absent).
+        brain, t2l: (X, Y, Z) masks on the patient's prepared grid.
+        spacing: the grid's voxel size in mm.
+    """
+    shape = tuple(int(n) for n in np.shape(brain))
+    region, ring_mm, trained = view_settings(spec)
+    if region == "grid":
+        return NetworkView(full_box(shape), network_grid(shape, trained))
+    roi = region_box(brain, t2l, spacing, ring_mm)  # type: ignore[arg-type]
+    grid = network_grid(box_shape(roi), trained)
+    return NetworkView(place_box(roi, shape, grid), grid)
+
+
 def network_input(
     features: np.ndarray,
     feature_names: Sequence[str],
     brain: np.ndarray,
     modality_set: str,
-    grid: Sequence[int],
+    view: NetworkView,
 ) -> np.ndarray:
-    """What the network sees of one patient: float32 (C, *grid).
+    """What the network sees of one patient: float32 (C, *view.grid).
 
     Args:
         features: (F, X, Y, Z) prepared feature channels named by `feature_names` (NaN = missing).
         brain: (X, Y, Z) brain mask (nonzero = brain).
         modality_set: the input channels (`MODALITY_SETS`).
-        grid: the network's spatial input shape (`network_grid`); the whole (X, Y, Z) grid is centred in
-            it (cropped centrally along an axis where the grid is smaller, which `network_grid` avoids).
+        view: the box and input grid (`network_view`). Normalisation runs over the whole brain before
+            the crop, so the box changes where the network looks, not the values it sees.
     """
     image = minmax_within_brain(select_channels(features, feature_names, modality_set), brain)
-    return crop_or_pad(image, full_box(features.shape[1:]), grid)
+    return view.crop(image)
 
 
 def box_shape(box: Box) -> tuple[int, int, int]:
@@ -202,43 +306,3 @@ def uncrop(y: np.ndarray, box: Box, out_shape: Sequence[int], full_shape: Sequen
         src.append(slice(dst_off, dst_off + n))
     out[(..., *dst)] = y[(..., *src)]
     return out
-
-
-def prepare_example(
-    features: np.ndarray,
-    feature_names: Sequence[str],
-    masks: np.ndarray,
-    mask_names: Sequence[str],
-    modality_set: str,
-    box: Box,
-    out_shape: Sequence[int],
-) -> dict[str, np.ndarray]:
-    """One training or inference example from a prepared patient.
-
-    Args:
-        features: (F, X, Y, Z) float32 feature channels named by `feature_names` (NaN = missing).
-        masks: (M, X, Y, Z) mask channels named by `mask_names` (`ctvlab.data.layout.MASKS`).
-        modality_set: the input channels (`MODALITY_SETS`).
-        box, out_shape: the crop box on the full grid and the network's spatial input shape.
-
-    Returns:
-        {"image": float32 (C, *out_shape) min-max normalised within the brain, "label": float32
-        (1, *out_shape) the composite lesion ("target" mask), "brain": float32 (1, *out_shape)}.
-
-    Raises:
-        DataError: a needed mask channel is missing.
-    """
-    names = list(mask_names)
-    for needed in ("brain", "target"):
-        if needed not in names:
-            raise DataError(
-                f"the masks lack the {needed!r} channel (they have {names}); re-run preprocessing."
-            )
-    brain = masks[names.index("brain")] > 0
-    target = masks[names.index("target")] > 0
-    image = minmax_within_brain(select_channels(features, feature_names, modality_set), brain)
-    return {
-        "image": crop_or_pad(image, box, out_shape),
-        "label": crop_or_pad(target[None].astype(np.float32), box, out_shape),
-        "brain": crop_or_pad(brain[None].astype(np.float32), box, out_shape),
-    }

@@ -7,6 +7,10 @@ averaged over the batch. Reductions run in float32, also under bf16 autocast.
 
 Tversky index TI = TP / (TP + α·FP + β·FN): α weights false positives, β false negatives, as in MONAI's
 `TverskyLoss` and the paper's PCC. Tversky training uses α = 1 − β, β from a schedule over epochs.
+
+When the network sees a box of the brain (`ctvlab.unet.inputs`, region "ring"), two whole-brain terms keep
+the loss the study's: PCC's lesion fraction f comes from the whole brain (`fraction`), and target voxels
+outside the box count as false negatives (`extra_fn`: the probability there is 0).
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ def _no_autocast(device: torch.device):
 
 
 def tp_fp_fn(
-    prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    prob: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    extra_fn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Soft true positives, false positives and false negatives per patient, each (B,).
 
@@ -42,6 +49,7 @@ def tp_fp_fn(
         prob: (B, 1, X, Y, Z) probabilities.
         target: (B, 1, X, Y, Z) in {0, 1}.
         mask: (B, 1, X, Y, Z) brain mask or None; voxels outside it do not count.
+        extra_fn: (B,) target voxels the network did not see (outside its box), added to FN; or None.
     """
     with _no_autocast(prob.device):
         prob, target, mask = _float32(prob, target, mask)
@@ -50,6 +58,8 @@ def tp_fp_fn(
         tp = (prob * target).sum(_SPATIAL).flatten()
         fp = (prob * (1 - target)).sum(_SPATIAL).flatten()
         fn = ((1 - prob) * target).sum(_SPATIAL).flatten()
+        if extra_fn is not None:
+            fn = fn + extra_fn.float().flatten()
     return tp, fp, fn
 
 
@@ -60,9 +70,10 @@ def tversky_index(
     beta: float | torch.Tensor,
     mask: torch.Tensor | None = None,
     smooth: float = SMOOTH,
+    extra_fn: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TI = (TP + s) / (TP + α·FP + β·FN + s) per patient, (B,); α, β scalars or (B,) tensors."""
-    tp, fp, fn = tp_fp_fn(prob, target, mask)
+    tp, fp, fn = tp_fp_fn(prob, target, mask, extra_fn)
     return (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
 
 
@@ -84,30 +95,40 @@ def tversky_loss(
     alpha: float | torch.Tensor,
     beta: float | torch.Tensor,
     mask: torch.Tensor | None = None,
+    extra_fn: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """mean over patients of 1 − TI (α weights FP, β weights FN); a float32 scalar."""
     _check(logits, target, mask)
-    return (1 - tversky_index(_prob(logits), target, alpha, beta, mask)).mean()
+    return (1 - tversky_index(_prob(logits), target, alpha, beta, mask, extra_fn=extra_fn)).mean()
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    extra_fn: torch.Tensor | None = None,
+) -> torch.Tensor:
     """mean over patients of 1 − (2·TP + s) / (2·TP + FP + FN + s); MONAI's `DiceLoss(sigmoid=True)`."""
     _check(logits, target, mask)
-    tp, fp, fn = tp_fp_fn(_prob(logits), target, mask)
+    tp, fp, fn = tp_fp_fn(_prob(logits), target, mask, extra_fn)
     return (1 - (2 * tp + SMOOTH) / (2 * tp + fp + fn + SMOOTH)).mean()
 
 
 def pcc_alpha_beta(
-    target: torch.Tensor, mask: torch.Tensor | None = None
+    target: torch.Tensor, mask: torch.Tensor | None = None, fraction: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-patient Tversky weights of the PCC (Eq. 1): β = 1/(f+1), α = 1 − β.
 
-    f = lesion voxels / brain voxels of each patient (all voxels when `mask` is None). Small lesions
-    give β near 1: missing lesion voxels costs the most where there are few of them.
+    f = lesion voxels / brain voxels of each patient (all voxels when `mask` is None), or `fraction`
+    (B,) when given (the whole brain's, for a network that sees a box of it). Small lesions give β near 1:
+    missing lesion voxels costs the most where there are few of them.
 
     Returns:
         (alpha, beta), each float32 (B,).
     """
+    if fraction is not None:
+        beta = 1.0 / (fraction.float().flatten() + 1.0)
+        return 1.0 - beta, beta
     with _no_autocast(target.device):
         target, mask = _float32(target, mask)
         if mask is None:
@@ -120,11 +141,17 @@ def pcc_alpha_beta(
     return 1.0 - beta, beta
 
 
-def pcc_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def pcc_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    fraction: torch.Tensor | None = None,
+    extra_fn: torch.Tensor | None = None,
+) -> torch.Tensor:
     """mean over patients of 1 − PCC, PCC = TP / (TP + α·FP + β·FN) with each patient's α, β (Eq. 1)."""
     _check(logits, target, mask)
-    alpha, beta = pcc_alpha_beta(target, mask)
-    return (1 - tversky_index(_prob(logits), target, alpha, beta, mask)).mean()
+    alpha, beta = pcc_alpha_beta(target, mask, fraction)
+    return (1 - tversky_index(_prob(logits), target, alpha, beta, mask, extra_fn=extra_fn)).mean()
 
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,30 +178,31 @@ def beta_at(schedule: BetaSchedule, epoch: int) -> float:
     raise ConfigError(f"unknown β schedule {schedule.kind!r}; choose constant, linear or step.")
 
 
-# A registered loss: (logits, target, brain mask or None, Tversky β of the epoch) → scalar.
-# Only "tversky" uses β; the PCC losses derive α, β per patient (Eq. 1).
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+# A registered loss: (logits, target, brain mask or None, Tversky β of the epoch, whole-brain f or None,
+# target voxels outside the box or None) → scalar. Only "tversky" uses β; the PCC losses derive α, β per
+# patient (Eq. 1). BCE averages over the voxels the network sees.
+LossFn = Callable[..., torch.Tensor]
 
 
-def _dice(logits, target, mask, beta):
-    return dice_loss(logits, target, mask)
+def _dice(logits, target, mask, beta, fraction, extra_fn):
+    return dice_loss(logits, target, mask, extra_fn)
 
 
-def _tversky(logits, target, mask, beta):
+def _tversky(logits, target, mask, beta, fraction, extra_fn):
     # α = 1 − β: the study swept β with α + β = 1 (Results; optimum α = 0.02, β = 0.98).
-    return tversky_loss(logits, target, 1.0 - beta, beta, mask)
+    return tversky_loss(logits, target, 1.0 - beta, beta, mask, extra_fn)
 
 
-def _pcc(logits, target, mask, beta):
-    return pcc_loss(logits, target, mask)
+def _pcc(logits, target, mask, beta, fraction, extra_fn):
+    return pcc_loss(logits, target, mask, fraction, extra_fn)
 
 
-def _pcc_bce(logits, target, mask, beta):
-    return pcc_loss(logits, target, mask) + bce_loss(logits, target, mask)
+def _pcc_bce(logits, target, mask, beta, fraction, extra_fn):
+    return pcc_loss(logits, target, mask, fraction, extra_fn) + bce_loss(logits, target, mask)
 
 
-def _pcc_half_bce(logits, target, mask, beta):
-    return pcc_loss(logits, target, mask) + 0.5 * bce_loss(logits, target, mask)
+def _pcc_half_bce(logits, target, mask, beta, fraction, extra_fn):
+    return pcc_loss(logits, target, mask, fraction, extra_fn) + 0.5 * bce_loss(logits, target, mask)
 
 
 LOSSES: dict[str, LossFn] = {
@@ -186,10 +214,9 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
-def make_loss(
-    cfg: LossConfig,
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor]:
-    """The configured loss as `loss(logits, target, brain, epoch) -> scalar` (float32).
+def make_loss(cfg: LossConfig) -> Callable[..., torch.Tensor]:
+    """The configured loss as `loss(logits, target, brain, epoch, fraction=None, outside_fn=None) -> scalar`
+    (float32); `fraction` and `outside_fn` are the batch's whole-brain terms (`batches.loss_extras`).
 
     Raises:
         ConfigError: unknown loss name.
@@ -200,8 +227,13 @@ def make_loss(
     schedule = cfg.beta
 
     def loss(
-        logits: torch.Tensor, target: torch.Tensor, brain: torch.Tensor | None, epoch: int
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        brain: torch.Tensor | None,
+        epoch: int,
+        fraction: torch.Tensor | None = None,
+        outside_fn: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return fn(logits, target, brain, beta_at(schedule, epoch))
+        return fn(logits, target, brain, beta_at(schedule, epoch), fraction, outside_fn)
 
     return loss

@@ -19,6 +19,7 @@ from torch import nn
 
 from ctvlab.config import UNetModelConfig
 from ctvlab.data.layout import MODALITY_SETS
+from ctvlab.unet.conv import Conv3d
 
 SPEC_ARCHITECTURE = "ctvlab.unet.UNet3D"
 SPEC_VERSION = 1
@@ -43,9 +44,10 @@ class ConvBlock(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, norm: str):
         layers: list[nn.Module] = []
         for c_in in (in_channels, out_channels):
-            # No bias: the normalisation that follows removes it.
+            # No bias: the normalisation that follows removes it. `Conv3d`: nn.Conv3d with a faster CPU
+            # path for a batch of one (ctvlab.unet.conv).
             layers += [
-                nn.Conv3d(c_in, out_channels, kernel_size=3, padding=1, bias=False),
+                Conv3d(c_in, out_channels, kernel_size=3, padding=1, bias=False),
                 _norm(norm, out_channels),
                 nn.ReLU(inplace=True),
             ]

@@ -1,259 +1,102 @@
 """Training the 3D U-Net on Ray Train (SPEC: Deep learning CTV).
 
-The driver checks the split (no patient in two roles), builds Ray Datasets over the prepared volumes
-of the training and validation patients, and runs a `TorchTrainer`: each worker receives its shard with
-`get_dataset_shard`, trains with DDP (gloo on CPU, NCCL on GPU, bf16 autocast on GPU), validates every
-epoch on its share of the validation patients, and reports the metrics; rank 0 saves checkpoints (every
-`checkpoint_every` epochs, whenever the selection metric improves, and at the end) and logs the curves
-to MLflow. A lost worker restarts the group from the latest checkpoint (`FailureConfig`); `resume=True`
-continues an interrupted run (same Ray run name and storage) with the same epoch numbering.
+The driver checks the split (no patient in two roles), builds Ray Datasets of the network examples of the
+training and validation patients, and runs a `TorchTrainer` whose workers each run the training loop
+(`ctvlab.unet.loop.run_training`) in a `RayTrainSession`: each receives its shard with
+`get_dataset_shard`, trains with DDP (gloo on CPU, NCCL on GPU, bf16 autocast on GPU), and reports through
+Ray Train; rank 0 validates, saves checkpoints and logs the curves to MLflow. A lost worker restarts the
+group from the latest checkpoint (`FailureConfig`); `resume=True` continues an interrupted run (same Ray
+run name and storage) with the same epoch numbering.
 
 After training, the driver writes the best model (selection: validation Tversky at α = 0.02, β = 0.98,
-as in the study) as a state dict plus a JSON spec, logs it to MLflow and registers it. With
-`train.patience`, training stops early once that many validated epochs pass without a better score.
-
-About 410 lines: the worker loop (epochs, validation, early stopping, checkpoints, the test hooks) and the
-driver's pieces it is built and read with (datasets, trainer, best checkpoint, export) change together.
+as in the study) as a state dict plus a JSON spec, logs it to MLflow and registers it.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
-import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ctvlab.config import UNetConfig
-from ctvlab.data.layout import MODALITY_SETS
-from ctvlab.study import BEST_SELECTION_METRIC, SELECTION_METRIC
-from ctvlab.unet.batches import (
-    autocast_context,
-    batch_to_tensors,
-    epoch_line,
-    input_shape,
-    mean_metrics,
-    prepare_row,
-    val_metrics_for,
-)
+from ctvlab.study import SELECTION_METRIC
+from ctvlab.unet.batches import input_shape, prepare_row, view_spec
 from ctvlab.unet.inference import SPEC_FILE, WEIGHTS_FILE
+from ctvlab.unet.loop import HISTORY_FILE, HOLD_ENV, STATE_FILE, Session, early_stop, run_training
+
+__all__ = ["HISTORY_FILE", "HOLD_ENV", "SPEC_FILE", "STATE_FILE", "WEIGHTS_FILE", "early_stop"]
 
 MODEL_ARTIFACT = "model"
-STATE_FILE = "state.pt"
-HISTORY_FILE = "history.json"
-# Test hook: rank 0 stops at the start of this epoch, after the previous epoch's checkpoint was reported,
-# and waits to be killed. A kill there is a well-defined point for the killed-run resume tests, which a
-# poll of the checkpoint folders is not (Ray records a checkpoint as the run's latest only after it has been
-# persisted and reported).
-HOLD_ENV = "CTVLAB_TEST_HOLD_AT_EPOCH"
-HOLD_LIMIT_S = 600
+_EXAMPLE_KEYS = ("image", "label", "brain", "fraction", "outside_target", "outside_brain")
 
 
-# --- pieces shared by the Ray Train loop, the plain loop of the benchmark and inference ---------------
+class RayTrainSession(Session):
+    """One rank of a Ray Train worker group: Ray Data shards in, `ray.train.report` out."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._train = ray.train.get_dataset_shard("train")
+        self._val = ray.train.get_dataset_shard("val")
+
+    def restored_state(self) -> dict[str, Any] | None:
+        import ray.train
+        import torch
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def train_batches(self, seed: int, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        for batch in self._train.iter_batches(
+            batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=8,
+            local_shuffle_seed=seed, prefetch_batches=1,
+        ):  # fmt: skip
+            yield _examples(batch)
+
+    def val_examples(self) -> Iterator[dict[str, Any]]:
+        for batch in self._val.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
+            yield from _examples(batch)
+
+    def gather(self, values: list) -> list:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, values)
+        return [x for part in parts for x in part]
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        import ray.train
+
+        if checkpoint is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)))
 
 
-# --- the training loop run by every Ray Train worker ----------------------------------------------
+def _examples(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    return [{k: batch[k][i] for k in _EXAMPLE_KEYS if k in batch} for i in range(len(batch["patient_id"]))]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: one DDP rank. `config` holds the resolved UNetConfig and the run settings."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from ctvlab.unet.augment import build_augmentation
-    from ctvlab.unet.losses import make_loss
-    from ctvlab.unet.model import build_unet, model_spec
-    from ctvlab.unet.optim import build_optimizer
-
-    ucfg = UNetConfig.model_validate(config["unet"])
-    tcfg = ucfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    torch.manual_seed(tcfg.seed + rank)
-    device = ray.train.torch.get_device()
-
-    in_channels = len(MODALITY_SETS[ucfg.model.modality_set])
-    model = build_unet(ucfg.model, in_channels)
-    # The grid every patient of this run is padded to; inference pads later patients to it too.
-    spec = {**model_spec(ucfg.model, in_channels), "input_shape": list(config["input_shape"])}
-    optimizer = build_optimizer(model.parameters(), ucfg.optim)
-    loss_fn = make_loss(ucfg.loss)
-
-    start_epoch, best, best_epoch, history = 0, -float("inf"), -1, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
-        best, best_epoch = float(state["best"]), int(state["best_epoch"])
-        history = json.loads(state["history"])
-    model = ray.train.torch.prepare_model(model)
-    _optimizer_to(optimizer, device)
-
-    tracker_logger = _rank0_logger(config) if rank == 0 else None
-    fault = config.get("inject_failure")
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-
-    hold = config.get("hold")
-    for epoch in range(start_epoch, tcfg.epochs):
-        if hold and epoch == hold["epoch"] and rank == 0:
-            _hold_until_killed(Path(hold["marker"]), epoch)
-        if fault and epoch == fault["epoch"] and rank == 0 and not Path(fault["marker"]).exists():
-            Path(fault["marker"]).write_text("failed once\n")
-            raise RuntimeError(f"injected worker failure at epoch {epoch}")
-        t0 = time.perf_counter()
-        model.train()
-        seed = tcfg.seed * 1_000_003 + epoch * 1009 + rank
-        augment = build_augmentation(ucfg.augment, seed=seed)
-        losses, n_vols = [], 0
-        for batch in train_shard.iter_batches(
-            batch_size=tcfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=8,
-            local_shuffle_seed=seed, prefetch_batches=1,
-        ):  # fmt: skip
-            examples = [
-                augment({"image": batch["image"][i], "label": batch["label"][i], "brain": batch["brain"][i]})
-                for i in range(len(batch["patient_id"]))
-            ]
-            x, y, brain = batch_to_tensors(examples, device)
-            with autocast_context(device, tcfg.mixed_precision):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y, brain, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            n_vols += len(examples)
-        train_time = time.perf_counter() - t0
-
-        # Rank 0 validates every validation patient (the val set is small and not split across workers);
-        # the others wait at the gather below.
-        validate_now = (epoch + 1) % tcfg.val_every == 0 or epoch == tcfg.epochs - 1
-        per_patient = _validate(model, val_shard, device, tcfg) if validate_now and rank == 0 else []
-        if world > 1:
-            per_patient = _all_gather(per_patient)
-            losses = _all_gather(losses)
-            n_vols = int(sum(_all_gather([n_vols])))
-        metrics = {
-            "epoch": epoch,
-            "start_epoch": start_epoch,  # where this worker group began: > 0 after a restart or resume
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "train_volumes": n_vols,
-            "epoch_seconds": time.perf_counter() - t0,
-            "train_seconds": train_time,
-            **(mean_metrics(per_patient) if per_patient else {}),
-        }
-        score = metrics.get(SELECTION_METRIC, float("nan"))
-        improved = bool(np.isfinite(score) and score > best)
-        if improved:
-            best, best_epoch = float(score), epoch
-        metrics.update({BEST_SELECTION_METRIC: best, "best_epoch": best_epoch, "is_best": int(improved)})
-        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
-        stop = early_stop(epoch, best_epoch, tcfg.patience) if validate_now else False
-        last = epoch == tcfg.epochs - 1 or stop
-        save = rank == 0 and (improved or last or (epoch + 1) % tcfg.checkpoint_every == 0)
-        if tracker_logger is not None:
-            tracker_logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        if rank == 0 and config.get("print_epochs"):  # a search reports its trials itself
-            print(epoch_line(epoch, tcfg.epochs, metrics), flush=True)
-        if save:
-            with tempfile.TemporaryDirectory() as d:
-                state = {
-                    "model": _unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch, "best": best, "best_epoch": best_epoch,
-                    "history": json.dumps(history),
-                }  # fmt: skip
-                torch.save(state, Path(d) / STATE_FILE)
-                torch.save(_unwrap(model).state_dict(), Path(d) / WEIGHTS_FILE)
-                (Path(d) / SPEC_FILE).write_text(json.dumps({**spec, "epoch": epoch}, indent=2))
-                (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
-        if stop:  # every rank computes the same decision from the gathered metrics
-            if rank == 0 and config.get("print_epochs"):
-                print(f"early stop at epoch {epoch + 1}: no better validation Tversky for {tcfg.patience} "
-                      f"epochs (best: epoch {best_epoch + 1})", flush=True)  # fmt: skip
-            break
-    if tracker_logger is not None:
-        tracker_logger.flush()  # what is still unsent is logged by the driver from the checkpoint's history
-
-
-def early_stop(epoch: int, best_epoch: int, patience: int | None) -> bool:
-    """True when `patience` epochs have passed since the best one (epochs count from 0)."""
-    return patience is not None and epoch - best_epoch >= patience
-
-
-def _hold_until_killed(marker: Path, epoch: int) -> None:
-    """The HOLD_ENV test hook: say where this rank stopped, then wait (bounded) for the test to kill it."""
-    from ctvlab.atomic import write_json_atomic
-
-    write_json_atomic(marker, {"epoch": epoch, "pid": os.getpid()})
-    deadline = time.monotonic() + HOLD_LIMIT_S
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-    raise RuntimeError(f"{HOLD_ENV}: held at epoch {epoch} for {HOLD_LIMIT_S} s and was never killed")
-
-
-def _validate(model, val_shard, device, tcfg) -> list[dict[str, float]]:
-    import torch
-
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for batch in val_shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
-            x, _y, _brain = batch_to_tensors(
-                [{"image": batch["image"][0], "label": batch["label"][0], "brain": batch["brain"][0]}], device
-            )
-            with autocast_context(device, tcfg.mixed_precision):
-                logits = model(x)
-            prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
-            out.append(val_metrics_for(prob, batch["label"][0][0], batch["brain"][0][0], tcfg.threshold))
-    return out
-
-
-def _all_gather(obj: list) -> list:
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return [x for part in parts for x in part]
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
-def _optimizer_to(optimizer, device) -> None:
-    """Move optimizer state loaded on the CPU to the training device (resume on GPU)."""
-    import torch
-
-    for state in optimizer.state.values():
-        if isinstance(state, dict):
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor):
-                    state[k] = v.to(device)
-
-
-def _rank0_logger(config: dict[str, Any]):
-    """The run's metric logger, which keeps the values while the tracking server is unreachable."""
-    run_id = config.get("mlflow_run_id")
-    if not run_id:
-        return None
-    from ctvlab.tracking import BufferedMetrics
-
-    return BufferedMetrics(config["tracking_uri"], run_id, say=lambda m: print(m, flush=True))
+    """Ray Train worker: one DDP rank running the training loop."""
+    run_training(config, RayTrainSession())
 
 
 def best_summary(best: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, float]:
@@ -280,7 +123,7 @@ def build_datasets(
     train_ids: Sequence[str],
     val_ids: Sequence[str],
     modality_set: str,
-    shape,
+    spec: dict[str, Any],
     data_cpus: float = 0.5,
 ):
     """Ray Datasets of ready network examples for the train and val patients.
@@ -299,10 +142,11 @@ def build_datasets(
 
     from ray.data import DataContext, ExecutionResources
 
-    from ctvlab.data.readers import read_volumes
+    from ctvlab.data.readers import load_dataset_meta, read_volumes
     from ctvlab.resources import DATA_TASK_CPUS
 
-    fn = partial(prepare_row, modality_set=modality_set, out_shape=shape)
+    voxel = float(load_dataset_meta(prep)["voxel_mm"])
+    fn = partial(prepare_row, modality_set=modality_set, spec=spec, spacing=(voxel, voxel, voxel))
     ctx = DataContext.get_current()
     before = ctx.execution_options.resource_limits
     # A dataset copies the current context when it is created: the budget applies to these two only.
@@ -332,22 +176,22 @@ def build_trainer(
     loop_extra: dict[str, Any] | None = None,
     callbacks: list | None = None,
 ):
-    """A configured TorchTrainer for one training run (used by `train_unet` and by each Tune trial)."""
+    """A configured TorchTrainer for one training run (used by `train_unet` and by multi-worker trials)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     tcfg = ucfg.train
-    shape = input_shape(prep)
-    train_ds, val_ds = build_datasets(
-        prep, train_ids, val_ids, ucfg.model.modality_set, shape, tcfg.data_cpus
-    )
+    spec = run_view(prep, ucfg, train_ids, val_ids)
+    train_ds, val_ds = build_datasets(prep, train_ids, val_ids, ucfg.model.modality_set, spec, tcfg.data_cpus)
     resources = {"CPU": tcfg.cpus_per_worker}
     if tcfg.use_gpu:
         resources["GPU"] = tcfg.gpus_per_worker
     loop_config = {
         "unet": ucfg.model_dump(mode="json"),
-        "input_shape": list(shape),
-        "threads_per_worker": max(1, int(tcfg.cpus_per_worker)),
+        "view": spec,
+        # Intra-op threads: the worker's CPUs rounded up (1.5 CPUs: two threads; Ray Data's tasks are done
+        # once the datasets are materialised, before the first step).
+        "threads_per_worker": max(1, math.ceil(tcfg.cpus_per_worker)),
         **(loop_extra or {}),
     }
     return TorchTrainer(
@@ -373,6 +217,18 @@ def build_trainer(
         # the same one). Val is not split: rank 0 validates every validation patient.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def run_view(
+    prep: Path, ucfg: UNetConfig, train_ids: Sequence[str], val_ids: Sequence[str]
+) -> dict[str, Any]:
+    """The view keys of a run's model (`batches.view_spec`) with its input grid: the largest region box of
+    its training and validation patients, so that every one of them fits. The region is drawn with the
+    prepared data's own analysis ring (`preprocess.ring_mm` when it was prepared)."""
+    from ctvlab.data.readers import load_dataset_meta
+
+    spec = view_spec(ucfg, float(load_dataset_meta(prep)["settings"]["ring_mm"]))
+    return {**spec, "input_shape": list(input_shape(prep, [*train_ids, *val_ids], spec))}
 
 
 def best_checkpoint(result):
@@ -401,16 +257,23 @@ def provenance_spec(prep: Path, split) -> dict[str, Any]:
 
 
 def export_model(checkpoint, dst: Path, extra_spec: dict[str, Any]) -> Path:
-    """Copy the weights (state dict only) and the model spec out of a checkpoint into `dst`.
+    """Copy the weights (state dict only) and the model spec out of a Ray checkpoint into `dst`."""
+    with checkpoint.as_directory() as d:
+        return export_model_dir(Path(d), dst, extra_spec)
+
+
+def export_model_dir(src: Path, dst: Path, extra_spec: dict[str, Any]) -> Path:
+    """Copy the weights and the model spec of a checkpoint folder into `dst`, the spec updated with
+    `extra_spec`.
 
     The new folder is built beside the old one and swapped in, so the previous model stays until the new
     one is complete."""
     from ctvlab.atomic import atomic_folder
 
     dst = Path(dst)
-    with atomic_folder(dst) as tmp, checkpoint.as_directory() as d:
-        shutil.copy2(Path(d) / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
-        spec = json.loads((Path(d) / SPEC_FILE).read_text())
+    with atomic_folder(dst) as tmp:
+        shutil.copy2(Path(src) / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+        spec = json.loads((Path(src) / SPEC_FILE).read_text())
         spec.update(extra_spec)
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
     return dst

