@@ -17,6 +17,9 @@ makes it), with the same U-Net, loss (PCC), optimiser (Ranger), augmentation and
    epoch: what is learned in equal epochs.
 3. The same loop on Ray Train (one `TorchTrainer` worker, what `ctvlab train` runs): its volumes per
    second, so that Ray's share shows (skip with `--no-ray`).
+4. Where a step's time goes (`--profile`): forward, loss, backward and optimiser step timed apart, and
+   PyTorch's profiler's self time grouped into convolutions, normalisation and the rest, for the demo
+   network and the study's (48 base features), before and now; augmentation and reading per example.
 
 Goal (the project's): now ≥ 3× before in training volumes per second, validation Tversky no worse.
 """
@@ -99,6 +102,59 @@ def bare_step(example: dict, cfg, threads: int, now: bool, steps: int = 6) -> tu
     return float(np.median(times[2:])), counter.get_total_flops() / 1e9
 
 
+def profile_step(example: dict, cfg, threads: int, now: bool, steps: int = 3) -> dict[str, float]:
+    """Seconds per step of each phase and of each kind of operator (profiler self time), on one example."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ctvlab.data.layout import MODALITY_SETS
+    from ctvlab.unet.batches import batch_to_tensors, loss_extras
+    from ctvlab.unet.losses import make_loss
+    from ctvlab.unet.model import build_unet
+    from ctvlab.unet.optim import build_optimizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_unet(cfg.model, len(MODALITY_SETS[cfg.model.modality_set]))
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    loss_fn = make_loss(cfg.loss)
+    device = torch.device("cpu")
+    x, y, brain = batch_to_tensors([example], device)
+    extras = loss_extras([example], device)
+    phases = {"forward": 0.0, "loss": 0.0, "backward": 0.0, "optimiser": 0.0}
+
+    def step(record: bool):
+        t = [time.perf_counter()]
+        logits = model(x)
+        t.append(time.perf_counter())
+        loss = loss_fn(logits, y, brain, 0, **extras)
+        t.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.append(time.perf_counter())
+        optimizer.step()
+        t.append(time.perf_counter())
+        if record:
+            for k, a, b in zip(phases, t, t[1:], strict=False):
+                phases[k] += (b - a) / steps
+
+    with path_context(now):
+        step(False)
+        for _ in range(steps):
+            step(True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step(False)
+    kinds = {"convolutions": 0.0, "normalisation": 0.0, "other operators": 0.0}
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::"):
+            continue
+        name = e.key.lower()
+        kind = "convolutions" if "conv" in name else "normalisation" if "norm" in name else "other operators"
+        kinds[kind] += e.self_cpu_time_total / 1e6 / steps
+    return {**phases, **kinds}
+
+
 def training_loop(prep: Path, train_ids, val_ids, cfg, view: dict, now: bool) -> list[dict]:
     """Every epoch's metrics of `run_training` in one process, one thread."""
     from ctvlab.unet.loop import LocalSession, load_examples, run_training
@@ -132,6 +188,9 @@ def main() -> None:
     ap.add_argument("--base-features", type=int, default=8)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--no-ray", action="store_true", help="leave out the Ray Train row")
+    ap.add_argument(
+        "--profile", action="store_true", help="where a step's time goes (demo and study network)"
+    )
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args()
 
@@ -191,6 +250,42 @@ def main() -> None:
         v_r = volumes_per_second(ray_train(prep, train_ids, val_ids, now))
         print(f"Ray Train: {v_r:.3f} volumes/s  ({v_r / v_n:.2f} × the plain loop; {v_r / v_b:.2f}× before)")
         out["ray_vps"] = v_r
+    if args.profile:
+        print(
+            "\n4. where a step's time goes (seconds per step, 1 thread; profiler self time by operator kind)"
+        )
+        from ctvlab.unet.augment import build_augmentation
+
+        augment = build_augmentation(now.augment, seed=0)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            augment({k: ex_now[k] for k in ("image", "label", "brain")})
+        t_aug = (time.perf_counter() - t0) / 20
+        t0 = time.perf_counter()
+        load_examples(prep, train_ids[:8], "all", view_now)
+        t_read = (time.perf_counter() - t0) / 8
+        print(f"augmentation {t_aug:.3f} s per example (region box); reading and preparing {t_read:.3f} s per "
+              "patient (once per run: the examples stay in memory or in Ray's object store)")  # fmt: skip
+        out["profile"] = {"augment_s": t_aug, "read_s": t_read}
+        cols = (
+            "forward",
+            "loss",
+            "backward",
+            "optimiser",
+            "convolutions",
+            "normalisation",
+            "other operators",
+        )
+        print(f"{'network':<10}{'path':<7}" + "".join(f"{c:>16}" for c in cols))
+        for features in (args.base_features, 48):
+            for name, now_path, view, ex in (
+                ("before", False, view_before, ex_before),
+                ("now", True, view_now, ex_now),
+            ):
+                cfg = unet_config(features, 1, view["input_region"])
+                prof = profile_step(ex, cfg, 1, now_path)
+                print(f"{features:<2} feat.  {name:<7}" + "".join(f"{prof[c]:16.3f}" for c in cols))
+                out["profile"][f"{features}_{name}"] = prof
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

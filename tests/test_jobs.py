@@ -331,17 +331,18 @@ def assert_no_identifying_strings(db: Path, artifacts: Path, raw: Path, prep: Pa
 @pytest.mark.ray
 @pytest.mark.parametrize("ray_cluster", [1], indirect=True)
 def test_a_job_that_cannot_fit_or_would_lose_its_results_fails_at_once(ray_cluster, tmp_path):
-    """On a 1-CPU cluster one smoke trial (0.25 + 0.5 CPU held, 0.5 kept for Ray Data) can never run: the
-    job fails before its first stage with what it needs and has, instead of waiting forever. A relative
-    workdir would write into Ray's temporary copy of the checkout: refused."""
+    """On a 1-CPU cluster the demo's final model (1.5 CPU held by its worker, 0.5 kept for Ray Data) can
+    never run: the job fails before its first stage with what it needs and has, instead of waiting forever
+    (or after the search). A relative workdir would write into Ray's temporary copy of the checkout:
+    refused."""
     from ray.job_submission import JobStatus
 
     job_id = submit_study(ray_cluster, str(tmp_path / "study"))
     t0 = time.monotonic()
     status, logs = wait_for_job(ray_cluster, job_id, 120)
     assert status == JobStatus.FAILED
-    assert "one trial can never fit on this cluster: it needs 1.25 CPU" in logs, logs[-3000:]
-    assert "the Ray cluster has 1 CPU" in logs and "tune.cpus_per_trial" in logs
+    assert "the training run can never fit on this cluster: it needs 2 CPU" in logs, logs[-3000:]
+    assert "the Ray cluster has 1 CPU" in logs and "unet.train.cpus_per_worker" in logs
     assert "Traceback" not in logs
     assert not (tmp_path / "study" / "smoke" / "cohort").exists()  # no stage ran
     print(f"undersized cluster: failed {time.monotonic() - t0:.1f} s after submission")

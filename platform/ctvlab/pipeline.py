@@ -188,6 +188,8 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
     # Before any stage: a U-Net stage that can never fit on this cluster fails now, not after the others.
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_study_fits(cfg, search=cfg.pipeline.search)
+    if cfg.pipeline.search and cfg.unet.final_loss is not None:
+        check_study_fits(cfg, search=False)  # the final model trains on unet.train's resources
     if cfg.pipeline.ablation:
         check_study_fits(cfg, search=True)
     workdir.mkdir(parents=True, exist_ok=True)
