@@ -180,7 +180,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--base-features", type=int, default=8)
-    ap.add_argument("--cohorts", nargs="+", default=["strong", "strong-null", "today"], choices=sorted(SETTINGS))
+    ap.add_argument(
+        "--cohorts", nargs="+", default=["strong", "strong-null", "today"], choices=sorted(SETTINGS)
+    )
     ap.add_argument("--out", type=Path, help="keep cohorts, prepared data, models and tables here")
     ap.add_argument("--quick", action="store_true", help="40 patients, strong and strong-null, 20 epochs")
     ap.add_argument("--power", action="store_true", help="all signal settings and the power curve")

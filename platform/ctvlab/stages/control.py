@@ -60,10 +60,16 @@ def score_patient(
     from ctvlab.ctv.construct import build_ctvs, isovolume_ctv
     from ctvlab.ctv.evaluate import patient_masks
 
-    masks = {**patient_masks(patient), "nav": patient.mask("nav") > 0, "ventricles": patient.mask("ventricles") > 0}
+    masks = {
+        **patient_masks(patient),
+        "nav": patient.mask("nav") > 0,
+        "ventricles": patient.mask("ventricles") > 0,
+    }
     ctvs = build_ctvs(prob, threshold, masks, patient.spacing, cfg.ctv)
     lesion = masks["cel"] | masks["t2l"]
-    iso, iso_margin = isovolume_ctv(lesion, masks["brain"], masks["critical"], patient.spacing, int(ctvs["model"].sum()))
+    iso, iso_margin = isovolume_ctv(
+        lesion, masks["brain"], masks["critical"], patient.spacing, int(ctvs["model"].sum())
+    )
     cand, new = C.candidates(masks), C.new_progression(masks)
     dist = C.lesion_distance(masks, patient.spacing)
     n_new = int(new.sum())
