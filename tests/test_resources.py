@@ -171,7 +171,7 @@ def test_progress_line_says_what_each_trial_waits_for():
     ]
     line = progress_line("search-x", states, ["placement group 1× {0.5 CPU} (PACK)"])
     assert line == (
-        "search search-x: a1 epoch 1/2 · b2 preparing its data and waiting for its training workers · "
+        "search search-x: a1 epoch 1/2 · b2 starting: reading its data (a Ray Train trial also waits for its workers) · "
         "c3 waiting for a trial slot · pending on the cluster: placement group 1× {0.5 CPU} (PACK)"
     )
 

@@ -21,7 +21,7 @@ def trial_state_line(trial_id: str, status: str, epoch: int | None, epochs: int)
     if status == "PENDING":
         return f"{trial_id} waiting for a trial slot"
     if status == "RUNNING" and epoch is None:
-        return f"{trial_id} preparing its data and waiting for its training workers"
+        return f"{trial_id} starting: reading its data (a Ray Train trial also waits for its workers)"
     if status == "RUNNING":
         return f"{trial_id} epoch {epoch + 1}/{epochs}"
     return f"{trial_id} {status.lower()}"
