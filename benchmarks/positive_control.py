@@ -186,7 +186,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="keep cohorts, prepared data, models and tables here")
     ap.add_argument("--quick", action="store_true", help="40 patients, strong and strong-null, 20 epochs")
     ap.add_argument("--power", action="store_true", help="all signal settings and the power curve")
+    ap.add_argument(
+        "--record", action="store_true", help="also write the output to docs/results/positive_control.md"
+    )
     args = ap.parse_args()
+    from record import recorded
+
+    with recorded("positive_control", args.record):
+        run(args)
+
+
+def run(args) -> None:
     if args.quick:
         args.patients, args.epochs, args.cohorts = 40, 20, ["strong", "strong-null"]
     if args.power:

@@ -192,7 +192,17 @@ def main() -> None:
         "--profile", action="store_true", help="where a step's time goes (demo and study network)"
     )
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap.add_argument(
+        "--record", action="store_true", help="also write the output to docs/results/train_throughput.md"
+    )
     args = ap.parse_args()
+    from record import recorded
+
+    with recorded("train_throughput", args.record):
+        run(args)
+
+
+def run(args) -> None:
 
     from ctvlab.splits import load_split
     from ctvlab.unet.loop import load_examples

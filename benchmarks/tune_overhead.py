@@ -49,7 +49,17 @@ def main() -> None:
         "--workers", type=int, default=1, help="training workers per trial (2+: Ray Train trials)"
     )
     ap.add_argument("--no-asha", action="store_true", help="skip the ASHA run")
+    ap.add_argument(
+        "--record", action="store_true", help="also write the output to docs/results/tune_overhead.md"
+    )
     args = ap.parse_args()
+    from record import recorded
+
+    with recorded("tune_overhead", args.record):
+        run(args)
+
+
+def run(args) -> None:
 
     from ctvlab.config import SearchSpace, StudyConfig
     from ctvlab.runtime import init_ray

@@ -76,3 +76,12 @@ def test_unet_gradients_equal_pytorchs_own_convolutions():
     flat_plain = torch.cat([b.flatten() for _, b in grads])
     assert _rel(flat_fast, flat_plain.double()) < 1e-4
     torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_under_torch_compile_the_convolution_is_pytorchs_own():
+    """oneDNN's call cannot be traced with fake tensors: a compiled model takes PyTorch's path and agrees."""
+    torch.manual_seed(2)
+    conv = Conv3d(3, 4, kernel_size=3, padding=1, bias=False)
+    x = torch.randn(1, 3, 8, 8, 8)
+    compiled = torch.compile(conv, backend="eager")
+    torch.testing.assert_close(compiled(x), conv(x), rtol=1e-5, atol=1e-5)

@@ -89,6 +89,7 @@ def takes_onednn_path(x: torch.Tensor, conv: nn.Conv3d) -> bool:
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()  # torch.compile chooses its own kernels
     )
 
 

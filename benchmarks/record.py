@@ -1,0 +1,66 @@
+"""A benchmark's printed output, recorded as it ran into `docs/results/<name>.md`, which the manual includes.
+
+    with recorded("train_throughput", enabled=args.record):
+        ...  # everything printed here also lands in docs/results/train_throughput.md
+
+The file holds the exact command, the date, the machine (CPU count, load average at the start and the end)
+and the output verbatim, so a figure in the docs is always one a run printed, never one typed by hand. It is
+written only when the run completes (a failed run leaves the previous record in place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, s: str) -> int:
+        for stream in self.streams:
+            stream.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def recorded(name: str, enabled: bool = True, note: str = "") -> Iterator[None]:
+    """Tee stdout into `docs/results/<name>.md` (when `enabled`), written once the block completes."""
+    if not enabled:
+        yield
+        return
+    buffer = io.StringIO()
+    load0 = os.getloadavg()[0]
+    started = dt.datetime.now(dt.UTC)
+    before = sys.stdout
+    sys.stdout = _Tee(before, buffer)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout = before
+    minutes = (dt.datetime.now(dt.UTC) - started).total_seconds() / 60
+    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    header = (
+        f"<!-- written by benchmarks/{Path(sys.argv[0]).name}: do not edit by hand -->\n"
+        f"`{command}`, {started:%Y-%m-%d %H:%M} UTC, {minutes:.1f} min; {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()}), load average {load0:.2f} at the start and "
+        f"{os.getloadavg()[0]:.2f} at the end.{(' ' + note) if note else ''}\n\n"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f".{name}.md.tmp"
+    tmp.write_text(header + "```text\n" + buffer.getvalue().rstrip() + "\n```\n")
+    tmp.replace(RESULTS / f"{name}.md")
