@@ -44,8 +44,19 @@ def main() -> None:
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--cohort", type=Path, default=None,
                     help="an existing cohort (e.g. benchmarks/synth.py's) instead of generating one")  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="the synthetic cohort's seed")
+    ap.add_argument(
+        "--record", action="store_true", help="also write the output to docs/results/reproduce.md"
+    )
     args = ap.parse_args()
+    from record import recorded
 
+    name = "reproduce" + ("-null" if args.null else "") + (f"-seed{args.seed}" if args.seed else "")
+    with recorded(name, args.record):
+        run(args)
+
+
+def run(args) -> None:
     import pandas as pd
 
     from ctvlab.config import CohortConfig, SearchSpace, StudyConfig
@@ -56,7 +67,7 @@ def main() -> None:
 
     cfg = StudyConfig(name="ctvlab-reproduce" + ("-null" if args.null else ""), workdir=args.workdir)
     cfg.tracking.tracking_uri = args.tracking_uri
-    cfg.synth.n_patients, cfg.synth.seed, cfg.synth.null = args.patients, 0, args.null
+    cfg.synth.n_patients, cfg.synth.seed, cfg.synth.null = args.patients, args.seed, args.null
     if args.cohort is not None:
         cfg.cohort = CohortConfig(source="raw", raw_dir=args.cohort.resolve())
     cfg.voxel_models.subgroups = ["all", "early", "late"]
