@@ -86,6 +86,11 @@ def read_series(
                     "the folder of the planning series only")  # fmt: skip
 
 
+def series_folder(slices: list) -> str:
+    """The folder that holds a series' files, as the user's path names it."""
+    return str(Path(os.path.commonpath([str(Path(ds.filename).parent) for ds in slices])))
+
+
 def masks_on_series(masks: Mapping[str, np.ndarray], affine: np.ndarray, series_affine: np.ndarray,
                     series_shape: tuple[int, int, int]) -> dict[str, np.ndarray]:  # fmt: skip
     """Each mask (on the NIfTI grid `affine`) on the series grid; refuses a CTV the series cuts off."""
@@ -205,7 +210,7 @@ def write_rtstruct(series_dir: Path, masks: Mapping[str, np.ndarray], affine: np
     affine = np.asarray(affine, dtype=float)
     first = next(iter(masks.values()))
     series_aff, slices = read_series(series_dir, like=(affine, np.shape(first)))
-    where = str(Path(os.path.commonpath([str(Path(ds.filename).parent) for ds in slices])))
+    where = series_folder(slices)
     found = identity.of_series(slices, where)
     if expect is not None:
         identity.check(expect, found, patient or expect.patient_id)
