@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ctvlab.atomic import atomic_folder, write_json_atomic
@@ -96,13 +95,16 @@ def _only(mapping: dict, known: tuple[str, ...], kind: str) -> None:
 
 
 def load_series_map(path: Path) -> SeriesMap:
+    """The series map in the YAML file `path`, read as safely as a config (`ctvlab.config.read_yaml`).
+
+    Raises:
+        ConfigError: the file cannot be read or is not a valid series map; the message names it.
+    """
+    from ctvlab.config import read_yaml
+
+    raw = read_yaml(path, "series map")
     try:
-        raw = yaml.safe_load(Path(path).read_text())
         return SeriesMap.model_validate(raw)
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not YAML: {e}") from None
     except ValidationError as e:
         where = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{path}: {where}") from None

@@ -17,7 +17,7 @@ trained on (`ctvlab.unet.inference`), then, on the patient's native T1c grid:
   model's, unapproved, each ROI naming what drew it. Before anything is predicted, every patient's planning
   series must be that patient's: the PatientID, Patient's Name, study and frame of reference recorded when
   the cohort was imported (`ctvlab import-dicom`'s provenance.json), else the manifest's PatientID
-  (`planning_identity`).
+  (`ctvlab.dicom.planning.planning_identity`).
 
 Locally the patients run one after another in this process; given a Ray cluster (`--address`, or inside a
 submitted job) each patient is a Ray task, with the model shared through the object store.
@@ -40,6 +40,7 @@ import numpy as np
 
 from ctvlab.atomic import atomic_folder, sha256_file, write_json_atomic
 from ctvlab.config import StudyConfig
+from ctvlab.dicom.planning import planning_identity, planning_series
 from ctvlab.errors import CtvlabError, DataError
 from ctvlab.unet.inference import LoadedModel, load_model, predict_arrays
 
@@ -144,50 +145,6 @@ def _native_masks(row, raw_root: Path, t1c) -> dict[str, np.ndarray]:
         else:
             out[name] = resample_mask(data, img.affine, t1c.affine, tuple(t1c.shape[:3]))
     return out
-
-
-def planning_series(dicom_ref: Path, pid: str, n_patients: int) -> Path:
-    """The folder of a patient's planning series: `<dicom_ref>/<pid>/` when it exists, else `dicom_ref`
-    itself for a single patient."""
-    per_patient = Path(dicom_ref) / pid
-    if per_patient.is_dir():
-        return per_patient
-    if n_patients == 1:
-        return Path(dicom_ref)
-    raise DataError(f"patient {pid}: no planning series folder {per_patient} (with several patients, "
-                    "--dicom-ref holds one <patient_id>/ folder per patient)")  # fmt: skip
-
-
-def planning_identity(row, raw: Path, provenance: dict, series_dir: Path):
-    """The identity (`ctvlab.dicom.identity.Identity`) the patient's planning series must have, checked
-    against the series in `series_dir` that `write_rtstruct` would write onto: the one imported
-    (provenance.json) when the cohort came from `ctvlab import-dicom`, else the manifest's PatientID.
-
-    Raises:
-        DataError: the series is another patient's, study's or frame of reference's (both sides named), or
-            cannot be read.
-    """
-    import nibabel as nib
-
-    from ctvlab.dicom import identity
-    from ctvlab.dicom.importer import PROVENANCE_FILE
-    from ctvlab.dicom.rtstruct import read_series, series_folder
-
-    pid = row.patient_id
-    recorded = provenance.get(pid)
-    source = str(raw / PROVENANCE_FILE) if recorded else f"{raw / 'manifest.csv'} (no DICOM provenance)"
-    want = identity.expected(pid, row.dicom_patient_id, recorded, source)
-    try:
-        t1c = nib.load(str(row.paths(raw)["t1c"]))
-        like = (t1c.affine, tuple(t1c.shape[:3]))
-    except Exception:  # the patient's own failure, reported when it is predicted; the series is still checked
-        like = None
-    try:
-        _, slices = read_series(series_dir, like=like)
-    except DataError as e:
-        raise DataError(f"patient {pid}: planning series {series_dir}: {e}") from None
-    identity.check(want, identity.of_series(slices, series_folder(slices)), pid)
-    return want
 
 
 def predict_patient(
@@ -348,6 +305,9 @@ def predict_cohort(
     if dicom_ref is not None:
         from ctvlab.dicom.importer import read_provenance
 
+        if not Path(dicom_ref).is_dir():
+            raise DataError(f"--dicom-ref {dicom_ref} is {'a file' if Path(dicom_ref).exists() else 'not found'}: "
+                            "give the folder of the planning series (or of one <patient_id>/ folder per patient)")  # fmt: skip
         provenance = read_provenance(raw)
     for pid in wanted:
         row = by_id.get(pid)
