@@ -103,6 +103,7 @@ def afile(tmp_path):
         ["import-dicom", "{afile}", "--out", "{tmp}/c", "--series", "{series}"],
         ["import-dicom", "{tmp}", "--out", "{tmp}/c", "--series", "{tmp}"],
         ["import-dicom", "{tmp}", "--out", "{tmp}/c", "--series", "{series}", "--clinical", "{tmp}"],
+        ["import-dicom", "{tmp}", "--out", "{tmp}/c", "--series", "{series}", "--clinical", "{afile}"],
         ["predict", "{tmp}", "--out", "{afile}", "--model", "{tmp}"],
         ["predict", "{tmp}", "--out", "{tmp}/o", "--model", "{tmp}", "--rtstruct", "--dicom-ref", "{afile}"],
         ["report", "--workdir", "{tmp}", "--out", "{tmp}", "--no-log"],

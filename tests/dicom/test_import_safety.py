@@ -202,6 +202,8 @@ def test_rtstruct_written_on_a_two_decimal_series(tmp_path):
         ("uneven", ["not evenly spaced"]),
         ("truncated", ["0006.dcm"]),
         ("no orientation", ["ImageOrientationPatient"]),
+        ("other spacing", ["different PixelSpacing"]),
+        ("other orientation", ["different ImageOrientationPatient"]),
     ],
 )
 def test_a_broken_series_is_refused_naming_the_patient_and_the_users_file(tmp_path, capsys, damage, words):
@@ -223,6 +225,14 @@ def test_a_broken_series_is_refused_naming_the_patient_and_the_users_file(tmp_pa
     elif damage == "no orientation":
         ds = pydicom.dcmread(files[5])
         del ds.ImageOrientationPatient
+        ds.save_as(files[5])
+    elif damage == "other spacing":
+        ds = pydicom.dcmread(files[5])
+        ds.PixelSpacing = ["1.5", "1.5"]
+        ds.save_as(files[5])
+    elif damage == "other orientation":
+        ds = pydicom.dcmread(files[5])
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
         ds.save_as(files[5])
     out = tmp_path / "cohort"
     code, text = import_(capsys, dicom, out, series_map(tmp_path, "series:\n  t1c: ['T1C']\n"))

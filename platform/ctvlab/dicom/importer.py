@@ -321,6 +321,9 @@ def import_dicom(dicom_dir: Path, out: Path, series_map_path: Path, patients: li
     if not dicom_dir.is_dir():
         raise ConfigError(f"{dicom_dir} is {'a file' if dicom_dir.exists() else 'not found'}: give the folder "
                           "that holds the DICOM files")  # fmt: skip
+    clinical_rows = _clinical(  # the small files first: a wrong option is reported before any DICOM is read
+        clinical if clinical is not None else (base / smap.clinical if smap.clinical else None)
+    )
     found = index_dicom(dicom_dir)
     if not found:
         raise DataError(f"{dicom_dir}: no DICOM files")
@@ -335,9 +338,6 @@ def import_dicom(dicom_dir: Path, out: Path, series_map_path: Path, patients: li
                         "tell whose images they are; fill in PatientID, or import the other patients with "
                         "--patient")  # fmt: skip
     cohort_id = safe_patient_ids(ids)
-    clinical_rows = _clinical(
-        clinical if clinical is not None else (base / smap.clinical if smap.clinical else None)
-    )
     rows, columns, provenance = [], defaultdict(list), {}
     with atomic_folder(out) as tmp:
         for dicom_id in ids:
