@@ -7,7 +7,7 @@ import csv
 import jsonschema
 import pytest
 
-from ctvlab.ingest.manifest import COLUMNS, ManifestRow, read_manifest
+from ctvlab.ingest.manifest import COLUMNS, PROVENANCE_COLUMNS, ManifestRow, read_manifest
 from ctvlab.schemas import render_all
 
 
@@ -84,4 +84,4 @@ def test_manifest_rows_satisfy_the_published_schema(phantom_cohort):
     rows, _, _ = read_manifest(phantom_cohort)
     for row in rows:
         jsonschema.validate(row.model_dump(mode="json"), schema)
-    assert set(ManifestRow.model_fields) == set(COLUMNS)
+    assert set(ManifestRow.model_fields) == set(COLUMNS + PROVENANCE_COLUMNS)

@@ -180,7 +180,7 @@ def _settings(
     and the job says where they are when it starts and when it ends."""
     import os
 
-    from ctvlab.config import apply_smoke_test, load_config, parse_overrides
+    from ctvlab.config import apply_smoke_test, check_folder, load_config, parse_overrides
     from ctvlab.jobkit import in_submitted_job, settle_job_paths, where_line
 
     cfg = load_config(config, parse_overrides(sets or []))
@@ -190,6 +190,13 @@ def _settings(
         cfg = apply_smoke_test(cfg)
     if data is not None and workdir is None:
         cfg.workdir = Path(data).resolve().parent
+    # A file where a folder goes is a message here, not a traceback from the first mkdir of some stage.
+    check_folder(
+        cfg.workdir, "--workdir" if workdir is not None else f"workdir (from {config or 'the defaults'})"
+    )
+    for path, option in ((data, "--data"), (out, "--out")):
+        if path is not None:
+            check_folder(path, option)
     if tracking_uri:
         cfg.tracking.tracking_uri = tracking_uri
     cfg.ray.address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -647,6 +654,8 @@ def report(
     from ctvlab.pipeline import current_stages
     from ctvlab.stages.report import build_report, report_stage
 
+    if out is not None and Path(out).is_dir():
+        raise CtvlabError(f"--out {out} is a folder: give the HTML file to write")
     cfg = _settings(config, set_, workdir, smoke_test, None, tracking_uri, None)
     if not Path(cfg.workdir).is_dir():
         raise CtvlabError(f"{cfg.workdir} does not exist: nothing to report; run `ctvlab run` first")

@@ -663,6 +663,106 @@ class StudyConfig(Strict):
         return self.workdir / "results"
 
 
+# A study config is a page of YAML; a series map a few lines. Anything near this is not a config.
+MAX_CONFIG_BYTES = 1 << 20
+# YAML aliases repeat a subtree without copying it: nine anchors of nine aliases each are a few hundred bytes
+# that expand to 9^9 values, and validating or printing them would run for hours. A config is counted as
+# expanded (every alias as a copy of its subtree) and refused beyond this many values.
+MAX_YAML_VALUES = 100_000
+
+
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """The YAML document in the file `path`, read safely: a regular file of at most `MAX_CONFIG_BYTES`,
+    UTF-8 text, no Python tags (`yaml.SafeLoader`), and at most `MAX_YAML_VALUES` values once its aliases
+    are expanded.
+
+    Raises:
+        ConfigError: naming the file and what is wrong (missing, a folder, too large, not UTF-8, not YAML,
+            an alias bomb, a recursive alias, nesting too deep).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; the {what} is a YAML file")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror or e}).") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a {what}")
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is dropped
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} (Latin-1 or "
+                          f"another legacy encoding?); save the {what} as UTF-8") from None  # fmt: skip
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load(text)`, bounded: the document is composed first, its size counted with every alias
+    expanded (`MAX_YAML_VALUES`) and refused when an alias refers to a node that contains it, and only then
+    built into Python values.
+
+    Raises:
+        ConfigError: not YAML, too many values once expanded, a recursive alias, or nesting too deep.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_size(node, {}, set(), source)
+        if n > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: its aliases expand to more than {MAX_YAML_VALUES:,} values (a YAML "
+                              "alias bomb?); write the values out or use fewer aliases")  # fmt: skip
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int], source: str) -> int:
+    """How many values `node` holds with every alias expanded (each node's size counted once, so the count
+    itself stays cheap). Raises ConfigError for an alias to a node that contains it."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise ConfigError(f"{source}: line {node.start_mark.line + 1}: an alias refers to itself (a recursive structure "
+                          "is not a config)")  # fmt: skip
+    open_.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes, open_, source) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(
+            _expanded_size(k, sizes, open_, source) + _expanded_size(v, sizes, open_, source)
+            for k, v in node.value
+        )
+    open_.discard(key)
+    sizes[key] = min(total, MAX_YAML_VALUES + 1)  # enough to refuse; never a number with millions of digits
+    return sizes[key]
+
+
+def check_folder(path: str | Path, what: str) -> None:
+    """Refuse a folder path that an existing file stands in the way of: `path` itself, or a parent of it
+    (`afile/smoke` cannot be made while `afile` is a file).
+
+    Raises:
+        ConfigError: naming the file and the setting or option it came from.
+    """
+    for p in (Path(path), *Path(path).parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "is" if p == Path(path) else f"is inside {p}, which is"
+                raise ConfigError(f"{what} {path} {where} a file, not a folder: give a folder")
+            return
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Load a study config from YAML, apply dotted-key overrides, and validate it.
 
@@ -672,8 +772,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         overrides: {"unet.train.epochs": 3, ...} applied on top of the file.
 
     Raises:
-        ConfigError: the file is missing, is not YAML, or has unknown keys or invalid values; the
-            message names the file and every offending key.
+        ConfigError: the file is missing, a folder, too large, not UTF-8 or not YAML, its aliases expand
+            past `MAX_YAML_VALUES`, or it has unknown keys or invalid values; the message names the file
+            and every offending key.
     """
     if path is None:
         data: dict[str, Any] = {}
@@ -681,14 +782,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             set_dotted(data, key, value)
         return validate_config(data, source="--set")
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror or e}).") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}.")
     for key, value in (overrides or {}).items():
@@ -712,7 +806,9 @@ def format_validation_error(error: ValidationError, source: str) -> str:
                 f"  unknown key '{key}' (check its spelling and section; see schemas/config.schema.json)"
             )
         else:
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+            got = repr(err.get("input"))
+            got = got if len(got) <= 200 else f"{got[:200]}... ({len(got):,} characters)"
+            lines.append(f"  {key}: {err['msg']} (got {got})")
     return "\n".join(lines)
 
 
@@ -739,10 +835,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not eq or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set unet.train.epochs=2")
-        try:
-            out[key] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+        out[key] = parse_yaml(text, f"--set {item!r}") if text.strip() else None
     return out
 
 

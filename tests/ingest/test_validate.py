@@ -320,7 +320,24 @@ MORE = [
      "is constant (0) inside the brain", "error"),
     ("5-D image", lambda r: _rewrite(r / "P001" / "t1.nii.gz", lambda d, a: (d[..., None, None], a)), "t1",
      "is 5-D with shape (48, 56, 48, 1, 1)", "error"),
+    # Misregistered inside the field of view: the grids and placements are right, the content is not.
+    ("FLAIR's registration slipped 1 cm", lambda r: _rewrite(r / "P001" / "flair.nii.gz",
+     lambda d, a: (np.roll(d, 5, axis=1), a)), "flair", "may be misregistered to the T1c", "warning"),
+    ("T1 flipped left-right, header unchanged", lambda r: _rewrite(r / "P001" / "t1.nii.gz",
+     lambda d, a: (d[::-1].copy(), a)), "t1", "mirrored left-right", "warning"),
+    ("ADC placed 12 mm off", lambda r: _translate_axis(r / "P001" / "adc.nii.gz", 2, 12.0), "adc",
+     "may be misregistered to the T1c", "warning"),
+    ("FA flipped left-right, header unchanged", lambda r: _rewrite(r / "P001" / "fa.nii.gz",
+     lambda d, a: (d[::-1].copy(), a)), "fa", "mirrored left-right", "warning"),
 ]  # fmt: skip
+
+
+def _translate_axis(path: Path, axis: int, mm: float):
+    def shift(d, a):
+        a[axis, 3] += mm
+        return d, a
+
+    _rewrite(path, shift)
 
 
 def _flip_byte(path: Path) -> None:

@@ -69,6 +69,9 @@ def export_cohort(raw: Path, out: Path, patients: Sequence[str] | None = None,
     from ctvlab.ingest.manifest import read_manifest
 
     raw, out = Path(raw), Path(out)
+    if not raw.is_dir():
+        raise ConfigError(f"{raw} is {'a file' if raw.exists() else 'not found'}: give the cohort folder that "
+                          "holds manifest.csv")  # fmt: skip
     if out.exists():
         raise ConfigError(f"{out} exists: export-dicom writes a new folder and never into an old one")
     rows, problems, ids = read_manifest(raw, "predict")

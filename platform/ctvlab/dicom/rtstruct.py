@@ -1,10 +1,13 @@
 """The CTVs as one DICOM RT Structure Set on a planning series' frame of reference.
 
-rt-utils traces each slice's contours (OpenCV) and builds the RTSTRUCT's modules; ctvlab maps the masks
-from their NIfTI grid onto the series' grid (`ctvlab.dicom.geometry.series_affine`), then mends two things
-in rt-utils 1.2.7's output: ContourData written as raw Python floats (over the 16 characters a decimal
-string may hold, which validators reject) and contour points placed with the two in-plane spacings swapped
-(exact only for square pixels). The file is written atomically (`ctvlab.atomic.atomic_path`).
+rt-utils builds the RTSTRUCT's modules and references from the series; ctvlab maps the masks from their
+NIfTI grid onto the series' grid (`ctvlab.dicom.geometry.series_affine`) and draws the contours itself, on
+the half-voxel iso-line (`iso_contours`). rt-utils 1.2.7 traces contours through the centres of the
+boundary voxels (OpenCV), which a planning system's centre-inside rule reads back half a voxel small and
+without its one-voxel-wide parts; its ContourData are also raw Python floats (over the 16 characters a
+decimal string may hold) placed with the two in-plane spacings swapped. Its later `contour_mode=
+"voxel_edge"` (qurit/rt-utils PR 141) is not in the release on the registry. The file is written
+atomically (`ctvlab.atomic.atomic_path`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ctvlab import __version__
 from ctvlab.atomic import atomic_path
+from ctvlab.dicom.identity import Identity
 from ctvlab.errors import DataError
 
 # ROI names, display colours (RGB) of the written structures, in the order of the CTVs.
@@ -81,6 +86,11 @@ def read_series(
                     "the folder of the planning series only")  # fmt: skip
 
 
+def series_folder(slices: list) -> str:
+    """The folder that holds a series' files, as the user's path names it."""
+    return str(Path(os.path.commonpath([str(Path(ds.filename).parent) for ds in slices])))
+
+
 def masks_on_series(masks: Mapping[str, np.ndarray], affine: np.ndarray, series_affine: np.ndarray,
                     series_shape: tuple[int, int, int]) -> dict[str, np.ndarray]:  # fmt: skip
     """Each mask (on the NIfTI grid `affine`) on the series grid; refuses a CTV the series cuts off."""
@@ -104,24 +114,53 @@ def masks_on_series(masks: Mapping[str, np.ndarray], affine: np.ndarray, series_
     return out
 
 
-def _fix_contours(ds, first_slice) -> None:
-    """Decimal strings of at most 16 characters, and in-plane spacings where they belong."""
+def iso_contours(plane: np.ndarray) -> list[np.ndarray]:
+    """The closed 0.5 iso-lines of a binary slice (i, j): (N, 2) arrays of (i, j) voxel coordinates, without
+    the repeated closing point (CLOSED_PLANAR closes itself).
+
+    The lines run half-way between inside and outside voxel centres (marching squares, contourpy: the
+    library under matplotlib's contours), so a reader that counts a voxel when its centre lies inside (as
+    planning systems do), combining a slice's contours by even-odd, gets the slice back exactly; a part one
+    voxel wide is a contour one voxel wide, not a line of no area. A zero border makes every line close."""
+    import contourpy
+
+    padded = np.pad(np.asarray(plane, dtype=np.float64), 1).T  # contourpy: z[y, x]; here y = j, x = i
+    gen = contourpy.contour_generator(z=padded, name="serial", line_type=contourpy.LineType.Separate)
+    out = []
+    for line in gen.lines(0.5):
+        line = np.asarray(line, dtype=float) - 1.0  # the padding
+        if len(line) > 1 and np.allclose(line[0], line[-1]):
+            line = line[:-1]
+        if len(line) >= 3:
+            out.append(line)
+    return out
+
+
+def contour_items(mask: np.ndarray, series_aff: np.ndarray, slices: list) -> list:
+    """ContourSequence items of a mask on the series grid (column, row, slice): each slice's iso-lines
+    (`iso_contours`) in patient coordinates (LPS mm), written as decimal strings of at most 16 characters
+    and referencing the slice's image."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
     from pydicom.valuerep import format_number_as_ds
 
-    iop = np.asarray(first_slice.ImageOrientationPatient, dtype=float)
-    rd, cd = iop[:3], iop[3:]
-    origin = np.asarray(first_slice.ImagePositionPatient, dtype=float)
-    ps_rows, ps_cols = (float(v) for v in first_slice.PixelSpacing)
-    for roi in ds.ROIContourSequence:
-        for contour in getattr(roi, "ContourSequence", []):
-            pts = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
-            # rt-utils steps along a row by PixelSpacing[0] and down a column by PixelSpacing[1].
-            d = pts - origin
-            a, b = d @ rd, d @ cd
-            pts = origin + np.outer(a * ps_cols / ps_rows, rd) + np.outer(b * ps_rows / ps_cols, cd) + (
-                d - np.outer(a, rd) - np.outer(b, cd))  # fmt: skip
-            contour.ContourData = [format_number_as_ds(float(v)) for v in pts.ravel()]
-            contour.NumberOfContourPoints = len(pts)
+    from ctvlab.dicom.geometry import lps_to_ras
+
+    items = []
+    for k in np.flatnonzero(mask.any(axis=(0, 1))):
+        for line in iso_contours(mask[:, :, k]):
+            ijk = np.c_[line, np.full(len(line), float(k)), np.ones(len(line))]
+            lps = lps_to_ras((ijk @ series_aff.T)[:, :3])  # the flip is its own inverse
+            image = Dataset()
+            image.ReferencedSOPClassUID = slices[k].SOPClassUID
+            image.ReferencedSOPInstanceUID = slices[k].SOPInstanceUID
+            item = Dataset()
+            item.ContourImageSequence = Sequence([image])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(lps)
+            item.ContourData = [format_number_as_ds(float(v)) for v in lps.ravel()]
+            items.append(item)
+    return items
 
 
 @contextlib.contextmanager
@@ -141,59 +180,88 @@ def _quiet_pydicom():
 
 
 def write_rtstruct(series_dir: Path, masks: Mapping[str, np.ndarray], affine: np.ndarray, out: Path,
-                   description: str = "ctvlab CTVs", kinds: Mapping[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+                   description: str = "ctvlab CTVs", kinds: Mapping[str, str] | None = None, *,
+                   expect: Identity | None = None, patient: str | None = None, label: str = "CTV",
+                   algorithms: Mapping[str, tuple[str, str]] | None = None) -> dict[str, str]:  # fmt: skip
     """Write the masks (ROI name -> mask on the NIfTI grid `affine`) as one RTSTRUCT referencing the series
-    in `series_dir`; returns the series it references (UID, description, frame of reference). `kinds` gives an ROI's RTROIInterpretedType (default CTV); an empty mask
-    is an ROI without contours.
+    in `series_dir`; returns the series it references (UID, description, frame of reference).
+
+    Contours lie on each mask's half-voxel iso-line on the series grid (`iso_contours`): a planning system
+    that counts a voxel when its centre is inside reads the mask back. The structure set carries the series'
+    patient and study identity (rt-utils copies them from the series), `label` as StructureSetLabel,
+    unapproved status, and each ROI's generating algorithm and its description (`algorithms`: ROI name ->
+    (AUTOMATIC | SEMIAUTOMATIC | MANUAL, what made it), empty where not given).
+
+    Args:
+        kinds: an ROI's RTROIInterpretedType (default CTV); an empty mask is an ROI without contours.
+        expect: whose series it must be (`ctvlab.dicom.identity`); a series of another patient, study or
+            frame of reference is refused before anything is written.
+        patient: the patient's id, for messages.
 
     Raises:
-        DataError: the series cannot be read, or does not cover a mask.
+        DataError: the series cannot be read, is not the expected patient's, or does not cover a mask.
     """
     import tempfile
 
     from rt_utils import RTStructBuilder
 
+    from ctvlab.dicom import identity
+
     affine = np.asarray(affine, dtype=float)
     first = next(iter(masks.values()))
     series_aff, slices = read_series(series_dir, like=(affine, np.shape(first)))
+    where = series_folder(slices)
+    found = identity.of_series(slices, where)
+    if expect is not None:
+        identity.check(expect, found, patient or expect.patient_id)
     shape = (int(slices[0].Columns), int(slices[0].Rows), len(slices))
     on_series = masks_on_series(masks, affine, series_aff, shape)
     with tempfile.TemporaryDirectory(prefix="ctvlab-series-") as only:  # rt-utils reads a whole folder
         for n, ds in enumerate(slices):
             os.symlink(Path(ds.filename).resolve(), Path(only, f"{n:05d}.dcm"))
-        # rt-utils prints "[INFO]: ROI mask is empty" for an empty mask and sets dataset attributes that
-        # pydicom 3 deprecates; neither is the user's concern.
+        # rt-utils builds the modules and references; the contours are ctvlab's (`contour_items`), so its
+        # ROIs are added empty. It prints "[INFO]: ROI mask is empty" and sets attributes pydicom 3
+        # deprecates; neither is the user's concern.
+        empty = np.zeros((shape[1], shape[0], shape[2]), dtype=bool)
         with contextlib.redirect_stdout(io.StringIO()), _quiet_pydicom():
             try:
                 rt = RTStructBuilder.create_new(dicom_series_path=only)
             except Exception as e:
-                raise DataError(f"{series_dir}: rt-utils cannot read the series: {e}") from None
-            for name, mask in on_series.items():
-                rt.add_roi(mask=np.ascontiguousarray(mask.transpose(1, 0, 2)), name=name,
-                           color=ROI_COLOURS.get(name, [255, 200, 0]), approximate_contours=False)  # fmt: skip
-    for roi in rt.ds.ROIContourSequence:
-        if "ContourSequence" in roi and len(roi.ContourSequence) == 0:
-            del roi.ContourSequence  # an empty structure: the ROI without contours (Type 3 sequence)
+                raise DataError(f"{where}: rt-utils cannot read the series: {e}") from None
+            for name in on_series:
+                rt.add_roi(mask=empty, name=name, color=ROI_COLOURS.get(name, [255, 200, 0]))
     ds = rt.ds
-    _fix_contours(ds, rt.series_data[0])
+    for roi, mask in zip(ds.ROIContourSequence, on_series.values(), strict=True):
+        items = contour_items(mask, series_aff, slices)
+        if items:
+            roi.ContourSequence = items
+        elif "ContourSequence" in roi:
+            del roi.ContourSequence  # an empty structure: the ROI without contours (Type 3 sequence)
     for obs, roi in zip(ds.RTROIObservationsSequence, ds.StructureSetROISequence, strict=True):
         obs.RTROIInterpretedType = (kinds or {}).get(str(roi.ROIName), "CTV")
         obs.ROIObservationDescription = ""
+        algorithm, what = (algorithms or {}).get(str(roi.ROIName), ("", ""))
+        roi.ROIGenerationAlgorithm = algorithm  # Type 2: empty when ctvlab does not know what drew it
+        if what:
+            roi.ROIGenerationDescription = what[:64]  # LO
     ref = rt.series_data[0]
     ds.Manufacturer, ds.ManufacturerModelName, ds.InstitutionName = "ctvlab", "ctvlab", ""
+    ds.SoftwareVersions = __version__
     # Type 1 and 2 attributes that rt-utils leaves out; the frame of reference is the planning series'.
     ds.FrameOfReferenceUID = rt.frame_of_reference_uid
     ds.PositionReferenceIndicator = getattr(ref, "PositionReferenceIndicator", "")
     ds.ReferringPhysicianName = getattr(ref, "ReferringPhysicianName", "")
     ds.AccessionNumber = getattr(ref, "AccessionNumber", "")
     ds.OperatorsName = ""
-    ds.StructureSetLabel, ds.SeriesDescription = "CTV", description
+    ds.StructureSetLabel, ds.SeriesDescription = label[:16], description[:64]  # SH, LO
+    ds.StructureSetDescription = description
     ds.ApprovalStatus = "UNAPPROVED"  # research output, for review by the treating team
     with _quiet_pydicom(), atomic_path(out) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
     return {"series_instance_uid": str(ref.SeriesInstanceUID),
             "series_description": str(getattr(ref, "SeriesDescription", "")),
-            "frame_of_reference_uid": str(rt.frame_of_reference_uid)}  # fmt: skip
+            "frame_of_reference_uid": str(rt.frame_of_reference_uid),
+            "patient_id": found.patient_id, "study_instance_uid": found.study_instance_uid}  # fmt: skip
 
 
 def read_rois(source) -> dict[str, list[np.ndarray]]:
@@ -211,35 +279,81 @@ def read_rois(source) -> dict[str, list[np.ndarray]]:
     return out
 
 
+# A voxel whose centre lies this close to a contour's line (in voxels) is on the line, hence inside: contours
+# drawn through the centres of boundary voxels (rt-utils, OpenCV, many exporters) keep those voxels, and a
+# part one voxel wide (a contour that runs there and back, with no area) keeps its voxels. Far below the
+# 0.35 voxel by which a centre outside a half-voxel iso-line contour misses it (a concave corner), and far
+# above the rounding of contour points written with two decimals (0.005 mm).
+ON_LINE_VOXELS = 0.05
+
+
 def rasterise(contours: list[np.ndarray], series_aff: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Planar contours (LPS points) filled on the series grid (column, row, slice).
 
-    The contours of a slice combine by even-odd (an inner contour is a hole); a voxel whose centre lies
-    within half a voxel of a contour's line is inside too, so a contour drawn through the centres of the
-    boundary voxels (as rt-utils and most exporters draw them, holes included) keeps those voxels."""
+    A voxel is inside when its centre lies inside the contours of its slice, combined by even-odd (an inner
+    contour is a hole; a planning system's rule), or on a contour's line (within `ON_LINE_VOXELS`). The
+    second rule keeps what exporters mean by contours through the centres of the boundary voxels, including
+    parts one voxel wide that have no area; contours on the half-voxel iso-line (`write_rtstruct`) read back
+    as their mask under either rule.
+
+    Raises:
+        ValueError: a contour does not lie on a slice of the series.
+    """
     from matplotlib.path import Path as Polygon
 
     from ctvlab.dicom.geometry import lps_to_ras
 
     inv = np.linalg.inv(series_aff)
-    interior = np.zeros(shape, dtype=bool)
-    edge = np.zeros(shape, dtype=bool)
+    mask = np.zeros(shape, dtype=bool)
+    inside = {}
     ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     centres = np.c_[ii.ravel(), jj.ravel()]
     for pts in contours:
+        if len(pts) == 0:
+            continue
         ijk = (np.c_[lps_to_ras(pts), np.ones(len(pts))] @ inv.T)[:, :3]
         k = round(float(ijk[:, 2].mean()))
         if not 0 <= k < shape[2] or np.abs(ijk[:, 2] - k).max() > 0.1:
             raise ValueError(f"a contour does not lie on a slice of the series (slice index {ijk[0, 2]:.2f})")
-        poly = Polygon(ijk[:, :2])
-        grown, shrunk = (
-            poly.contains_points(centres, radius=0.49),
-            poly.contains_points(centres, radius=-0.49),
-        )
-        interior[:, :, k] ^= poly.contains_points(centres).reshape(shape[:2])
-        edge[:, :, k] |= (grown ^ shrunk).reshape(shape[:2])
-        if len(ijk) < 3:  # a point or a segment: its voxels
-            for i, j in np.rint(ijk[:, :2]).astype(int):
-                edge[i, j, k] = True
-    mask = interior | edge
+        if len(ijk) >= 3:
+            if k not in inside:
+                inside[k] = np.zeros(shape[:2], dtype=bool)
+            inside[k] ^= Polygon(ijk[:, :2]).contains_points(centres).reshape(shape[:2])
+        for i, j in on_line(ijk[:, :2], ON_LINE_VOXELS):
+            if 0 <= i < shape[0] and 0 <= j < shape[1]:
+                mask[i, j, k] = True
+    for k, plane in inside.items():
+        mask[:, :, k] |= plane
     return mask
+
+
+def on_line(points: np.ndarray, tol: float) -> np.ndarray:
+    """The integer points (voxel centres) within `tol` (< 0.35) of the closed polyline `points` (N, 2).
+
+    For each segment, the lattice points near it are found along its major axis: at each whole value of
+    that axis within its extent, the segment's other coordinate rounded; then the exact distance decides.
+    A lattice point within `tol` of the segment is always one of these (its other coordinate is off by at
+    most tol * sqrt(2) < 0.5), so none is missed, and the work is linear in the contour's length."""
+    start = np.asarray(points, dtype=float).reshape(-1, 2)
+    end = np.roll(start, -1, axis=0)
+    d = end - start
+    major = (np.abs(d[:, 1]) > np.abs(d[:, 0])).astype(int)
+    rows = np.arange(len(start))
+    s0, s1 = start[rows, major], end[rows, major]
+    first = np.ceil(np.minimum(s0, s1) - tol).astype(int)
+    count = np.maximum(np.floor(np.maximum(s0, s1) + tol).astype(int) - first + 1, 0)
+    seg = np.repeat(rows, count)
+    m = np.repeat(first, count) + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
+    dm = d[seg, major[seg]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(dm != 0, (m - s0[seg]) / np.where(dm != 0, dm, 1.0), 0.0)
+    t = np.clip(t, 0.0, 1.0)
+    cand = np.rint(start[seg] + t[:, None] * d[seg]).astype(int)
+    cand[np.arange(len(seg)), major[seg]] = m
+    q = cand - start[seg]
+    length2 = np.einsum("ij,ij->i", d[seg], d[seg])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(length2 > 0, np.einsum("ij,ij->i", q, d[seg]) / np.where(length2 > 0, length2, 1.0), 0.0)
+    s = np.clip(s, 0.0, 1.0)
+    dist = np.linalg.norm(q - s[:, None] * d[seg], axis=1)
+    return np.unique(cand[dist <= tol], axis=0) if len(cand) else np.zeros((0, 2), dtype=int)

@@ -257,6 +257,23 @@ def _check_diffusion_placement(col: str, vol: Volume, brain_mm: np.ndarray, out:
     return True
 
 
+def _check_registration(col: str, vol: Volume, ref: _Reference, out: _Problems) -> None:
+    """A warning when the image is more similar to the T1c moved or mirrored than where it is
+    (`ctvlab.ingest.registration`): a slipped registration or a left-right flip inside the field of view."""
+    from ctvlab.ingest.registration import check_registration
+
+    found = check_registration(vol.data, vol.affine, ref.t1c.data, ref.t1c.affine, ref.brain)
+    if found is not None:
+        out.add(
+            col,
+            f"may be misregistered to the T1c: {found.how}; moved back, it matches the T1c better than where "
+            f"it is (normalised mutual information {found.best_nmi:.2f} vs {found.nmi:.2f})",
+            "check its registration to the T1c (a registration that slipped, or data flipped with the header "
+            "left as it was) and re-register or re-export it",
+            severity="warning",
+        )
+
+
 def _check_mrsi_placement(col: str, vol: Volume, ref: Volume, extent: np.ndarray, out: _Problems) -> None:
     """Most MRSI voxel centres must fall within the brain's extent (`extent` (2, 3): T1c voxel bounds)."""
     ijk = np.indices(vol.data.shape, dtype=np.float64).reshape(3, -1).T
@@ -395,9 +412,11 @@ def _check_file(col: str, root: Path, ref: _Reference | None, clinical: dict, ou
                 _check_mask_content(col, mask, ref.brain, clinical, out)
         elif ref.brain is not None:
             _check_finite_in_brain(col, vol.data, ref.brain, out)
+            _check_registration(col, vol, ref, out)
     elif col in DIFFUSION_COLUMNS:
         if _check_diffusion_placement(col, vol, ref.brain_mm, out) and ref.brain is not None:
             _check_finite_in_brain(col, vol.data, ref.brain_on(vol), out)
+            _check_registration(col, vol, ref, out)
     elif col in MRSI_COLUMNS:
         _check_mrsi_placement(col, vol, ref.t1c, ref.extent, out)
         _check_mrsi_values(col, vol.data, out)

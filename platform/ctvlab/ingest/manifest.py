@@ -54,6 +54,9 @@ MASK_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 PATH_COLUMNS: tuple[str, ...] = IMAGE_COLUMNS + MASK_COLUMNS
 COLUMNS: tuple[str, ...] = CLINICAL_COLUMNS + PATH_COLUMNS
+# Where a patient came from, when the cohort was imported (`ctvlab import-dicom`): optional in every manifest.
+# `dicom_patient_id` is the PatientID as the DICOM header spells it; `patient_id` is then a safe file name.
+PROVENANCE_COLUMNS: tuple[str, ...] = ("dicom_patient_id",)
 # What only follow-up can tell: prediction (`ctvlab predict`) runs before it, so these may be empty there.
 OUTCOME_COLUMNS: tuple[str, ...] = ("progression_type", "pfs_months", "os_months")
 PROGRESSION_MASK_COLUMNS: tuple[str, ...] = ("cel_progression_mask", "t2l_progression_mask")
@@ -107,7 +110,14 @@ class ManifestRow(BaseModel):
     cel_progression_mask: RelPath
     t2l_progression_mask: RelPath
 
-    @field_validator(*MRSI_COLUMNS, mode="before")
+    dicom_patient_id: str | None = Field(
+        None,
+        max_length=64,  # LO, PS3.5 6.2
+        description="The PatientID of the DICOM series this patient was imported from (`ctvlab import-dicom`), "
+        "as the header spells it; `patient_id` is then its safe file name. Empty for other cohorts.",
+    )
+
+    @field_validator(*MRSI_COLUMNS, "dicom_patient_id", mode="before")
     @classmethod
     def _empty_is_missing(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -229,7 +239,7 @@ def read_manifest(
             )
             return [], problems, []
         missing = [c for c in COLUMNS if c not in header and c not in optional]
-        unknown = [c for c in header if c not in COLUMNS]
+        unknown = [c for c in header if c not in COLUMNS + PROVENANCE_COLUMNS]
         if missing:
             problems.append(
                 ManifestProblem(
@@ -338,10 +348,11 @@ def write_manifest(root: str | Path, rows: list[ManifestRow]) -> Path:
     from ctvlab.atomic import atomic_path
 
     path = Path(root) / MANIFEST_NAME
+    extra = tuple(c for c in PROVENANCE_COLUMNS if any(getattr(r, c, None) for r in rows))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
+        writer = csv.DictWriter(fh, fieldnames=list(COLUMNS + extra))
         writer.writeheader()
         for row in rows:
             d = row.model_dump(mode="json")
-            writer.writerow({c: ("" if d[c] is None else d[c]) for c in COLUMNS})
+            writer.writerow({c: ("" if d[c] is None else d[c]) for c in COLUMNS + extra})
     return path

@@ -13,7 +13,11 @@ trained on (`ctvlab.unet.inference`), then, on the patient's native T1c grid:
 - `report.json`: CTV volumes, the threshold and where it came from, the model URI and version, and the
   sha256 of every input file;
 - with a planning series (`--rtstruct --dicom-ref`): `rtstruct.dcm`, the three CTVs as ROIs `CTV_model`,
-  `CTV_RTOG`, `CTV_EORTC` on that series' frame of reference (`ctvlab.dicom.rtstruct`).
+  `CTV_RTOG`, `CTV_EORTC` on that series' frame of reference (`ctvlab.dicom.rtstruct`), labelled a research
+  model's, unapproved, each ROI naming what drew it. Before anything is predicted, every patient's planning
+  series must be that patient's: the PatientID, Patient's Name, study and frame of reference recorded when
+  the cohort was imported (`ctvlab import-dicom`'s provenance.json), else the manifest's PatientID
+  (`ctvlab.dicom.planning.planning_identity`).
 
 Locally the patients run one after another in this process; given a Ray cluster (`--address`, or inside a
 submitted job) each patient is a Ray task, with the model shared through the object store.
@@ -24,6 +28,7 @@ temporary name and swapped in when complete (`ctvlab.atomic.atomic_folder`); a p
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -35,6 +40,7 @@ import numpy as np
 
 from ctvlab.atomic import atomic_folder, sha256_file, write_json_atomic
 from ctvlab.config import StudyConfig
+from ctvlab.dicom.planning import planning_identity, planning_series
 from ctvlab.errors import CtvlabError, DataError
 from ctvlab.unet.inference import LoadedModel, load_model, predict_arrays
 
@@ -52,6 +58,7 @@ MODEL_FIELDS = (
     "salt_fingerprint",
 )
 RTSTRUCT_FILE = "rtstruct.dcm"
+RTSTRUCT_LABEL = "RESEARCH CTV"  # StructureSetLabel (SH, 16 characters): a research model's, unapproved
 ROI_NAMES = {"model": "CTV_model", "rtog": "CTV_RTOG", "eortc": "CTV_EORTC"}
 OUTPUT_FILES = ("probability.nii.gz", "ctv_model.nii.gz", "ctv_rtog.nii.gz", "ctv_eortc.nii.gz",
                 "overlay.png", "report.json")  # fmt: skip
@@ -140,22 +147,17 @@ def _native_masks(row, raw_root: Path, t1c) -> dict[str, np.ndarray]:
     return out
 
 
-def planning_series(dicom_ref: Path, pid: str, n_patients: int) -> Path:
-    """The folder of a patient's planning series: `<dicom_ref>/<pid>/` when it exists, else `dicom_ref`
-    itself for a single patient."""
-    per_patient = Path(dicom_ref) / pid
-    if per_patient.is_dir():
-        return per_patient
-    if n_patients == 1:
-        return Path(dicom_ref)
-    raise DataError(f"patient {pid}: no planning series folder {per_patient} (with several patients, "
-                    "--dicom-ref holds one <patient_id>/ folder per patient)")  # fmt: skip
-
-
 def predict_patient(
-    row, raw_root: Path, resolved: ResolvedModel, cfg: StudyConfig, dst: Path, series_dir: Path | None = None
+    row,
+    raw_root: Path,
+    resolved: ResolvedModel,
+    cfg: StudyConfig,
+    dst: Path,
+    series_dir: Path | None = None,
+    expect=None,
 ) -> dict[str, Any]:
-    """Predict one patient and write its files into the empty folder `dst`; return its report."""
+    """Predict one patient and write its files into the empty folder `dst`; return its report. With a
+    planning series, `expect` is the identity it must have (`planning_identity`)."""
     import nibabel as nib
 
     from ctvlab.ctv.construct import build_ctvs
@@ -207,31 +209,58 @@ def predict_patient(
 
         try:
             ref = write_rtstruct(series_dir, {ROI_NAMES[n]: c for n, c in ctvs.items()}, t1c.affine,
-                                 dst / RTSTRUCT_FILE, description=f"ctvlab CTVs ({resolved.uri})")  # fmt: skip
+                                 dst / RTSTRUCT_FILE, description=f"ctvlab research CTVs ({resolved.uri})",
+                                 expect=expect, patient=pid, label=RTSTRUCT_LABEL,
+                                 algorithms=roi_algorithms(resolved, cfg))  # fmt: skip
         except CtvlabError as e:
-            raise DataError(f"patient {pid}: RTSTRUCT on {series_dir}: {e}") from None
+            message = (
+                str(e)
+                if str(e).startswith(f"patient {pid}")
+                else f"patient {pid}: RTSTRUCT on {series_dir}: {e}"
+            )
+            raise DataError(message) from None
         report["rtstruct"] = {"file": RTSTRUCT_FILE, "planning_folder": str(series_dir), **ref,
                               "rois": [ROI_NAMES[n] for n, c in ctvs.items() if c.any()]}  # fmt: skip
     write_json_atomic(dst / "report.json", report)
     return report
 
 
+def roi_algorithms(resolved: ResolvedModel, cfg: StudyConfig) -> dict[str, tuple[str, str]]:
+    """Each ROI's ROIGenerationAlgorithm and ROIGenerationDescription (LO, at most 64 characters): what drew
+    it. The model is named by its registered version, else by the MLflow run that trained it, else by its
+    folder's name."""
+    from ctvlab import __version__
+
+    model = Path(resolved.uri).name
+    if resolved.version and resolved.uri.startswith("models:/"):  # the registered version, not an alias
+        model = f"models:/{re.split(r'[/@]', resolved.uri[len('models:/') :])[0]}/{resolved.version}"
+    elif resolved.uri.startswith("runs:/"):
+        model = resolved.uri
+    elif resolved.model.spec.get("mlflow_run_id"):
+        model = f"runs:/{resolved.model.spec['mlflow_run_id']}"
+    return {
+        "CTV_model": ("AUTOMATIC", f"ctvlab {__version__} U-Net {model}"[:64]),
+        "CTV_RTOG": ("AUTOMATIC", f"ctvlab {__version__} RTOG rule, {cfg.ctv.rtog_margin_mm:g} mm margin"[:64]),
+        "CTV_EORTC": ("AUTOMATIC", f"ctvlab {__version__} EORTC rule, {cfg.ctv.eortc_margin_mm:g} mm margin"[:64]),
+    }  # fmt: skip
+
+
 def predict_into(row, raw: Path, resolved: ResolvedModel, cfg: StudyConfig, out: Path,
-                 series_dir: Path | None) -> str | None:  # fmt: skip
+                 series_dir: Path | None, expect=None) -> str | None:  # fmt: skip
     """Predict one patient into `out/<patient_id>/` (written under a temporary name, then renamed); the
     reason it failed, or None."""
     pid = row.patient_id
     try:
         with atomic_folder(out / pid) as tmp:  # replaces this patient's earlier prediction when complete
-            predict_patient(row, raw, resolved, cfg, tmp, series_dir)
+            predict_patient(row, raw, resolved, cfg, tmp, series_dir, expect)
     except (CtvlabError, ValueError, OSError) as e:
         return str(e) if str(e).startswith(f"patient {pid}") else f"patient {pid}: {e}"
     return None
 
 
 def _predict_task(row, raw: Path, resolved: ResolvedModel, cfg: StudyConfig, out: Path,
-                  series_dir: Path | None) -> tuple[str, str | None]:  # fmt: skip
-    return row.patient_id, predict_into(row, raw, resolved, cfg, out, series_dir)
+                  series_dir: Path | None, expect=None) -> tuple[str, str | None]:  # fmt: skip
+    return row.patient_id, predict_into(row, raw, resolved, cfg, out, series_dir, expect)
 
 
 def predict_cohort(
@@ -250,8 +279,10 @@ def predict_cohort(
     """Predict every patient (or the chosen ones) of the cohort `raw` into `out/<patient_id>/`.
 
     Raises:
-        CtvlabError: the manifest cannot be read, a chosen patient is not in it, or the model cannot be
-            loaded. A patient whose files fail is recorded in `failed` and skipped.
+        CtvlabError: the manifest cannot be read, a chosen patient is not in it, the model cannot be
+            loaded, or (with `dicom_ref`) a patient's planning series is missing, unreadable or not that
+            patient's (`planning_identity`): then nothing is predicted and nothing written. A patient whose
+            files fail is recorded in `failed` and skipped.
     """
     from ctvlab.ingest.manifest import read_manifest
 
@@ -270,28 +301,43 @@ def predict_cohort(
 
         return Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
 
-    resolved = resolve_model(model_uri, tracker, threshold, device)
     outcome = PredictionOutcome(out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = []
+    todo, refused = [], []
+    provenance = {}
+    if dicom_ref is not None:
+        from ctvlab.dicom.importer import read_provenance
+
+        if not Path(dicom_ref).is_dir():
+            raise DataError(f"--dicom-ref {dicom_ref} is {'a file' if Path(dicom_ref).exists() else 'not found'}: "
+                            "give the folder of the planning series (or of one <patient_id>/ folder per patient)")  # fmt: skip
+        provenance = read_provenance(raw)
     for pid in wanted:
         row = by_id.get(pid)
         if row is None:
             why = "; ".join(f"{p.column}: {p.message}" for p in problems if p.patient_id == pid)
             outcome.failed[pid] = f"patient {pid}: {raw / 'manifest.csv'}: {why or 'row cannot be read'}"
             continue
-        try:
-            series = planning_series(dicom_ref, pid, len(wanted)) if dicom_ref is not None else None
-        except DataError as e:
-            outcome.failed[pid] = str(e)
-            continue
-        todo.append((row, series))
+        series, expect = None, None
+        if dicom_ref is not None:
+            # Whose series it is, for every patient before anything is predicted or written: an RTSTRUCT
+            # on another patient's series is the one output that must never exist.
+            try:
+                series = planning_series(dicom_ref, pid, len(wanted))
+                expect = planning_identity(row, raw, provenance, series)
+            except DataError as e:
+                refused.append(str(e))
+                continue
+        todo.append((row, series, expect))
+    if refused:
+        raise DataError(f"--dicom-ref {dicom_ref}: nothing was predicted: " + " | ".join(refused))
+    resolved = resolve_model(model_uri, tracker, threshold, device)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if cfg.ray.address:
         results = _on_ray(todo, raw, resolved, cfg, out, device, progress, console)
     else:
-        results = ((r.patient_id, predict_into(r, raw, resolved, cfg, out, s))
-                   for r, s in _progress(todo, progress, console))  # fmt: skip
+        results = ((r.patient_id, predict_into(r, raw, resolved, cfg, out, s, x))
+                   for r, s, x in _progress(todo, progress, console))  # fmt: skip
     for pid, failure in results:
         if failure is None:
             outcome.done.append(pid)
@@ -317,7 +363,8 @@ def _on_ray(todo, raw, resolved, cfg, out, device, progress, console):
     gpus = 1 if (device or "").startswith("cuda") else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_predict_task)
     model_ref = ray.put(resolved)
-    owner = {task.remote(row, raw, model_ref, cfg, out, series): row.patient_id for row, series in todo}
+    owner = {task.remote(row, raw, model_ref, cfg, out, series, expect): row.patient_id
+             for row, series, expect in todo}  # fmt: skip
     pending = list(owner)
     for _ in _progress(list(range(len(pending))), progress, console):
         (done,), pending = ray.wait(pending, num_returns=1)
