@@ -45,10 +45,13 @@ import pandas as pd
 SETTINGS: dict[str, dict] = {
     "today": {},
     "today-null": {"null": True},
+    "mild": {"preset": "mild"},
+    "moderate": {"preset": "moderate"},
     "strong": {"preset": "strong"},
     "strong-null": {"preset": "strong", "null": True},
 }
-POWER = ("today-null", "today", "medium", "strong")
+# The power curve's x axis: no signal (the strong cohort's null twin), today's cohort, two stronger ones.
+POWER = ("strong-null", "today", "moderate", "strong")
 
 
 def study_config(workdir: Path, epochs: int, base_features: int):
