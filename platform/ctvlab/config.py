@@ -559,6 +559,14 @@ class CTVConfig(Strict):
         min_length=1,
         description="Thresholds tried on the validation split.",
     )
+    coverage_targets: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.9, 0.95, 0.99],
+        description="Coverage CTVs (ctv_cov90, ...): for each target, the model's threshold is chosen on the "
+        "validation patients by conformal risk control so that, on a new patient like them, the CTV misses on "
+        "average at most 1 − target of the new progression (docs: coverage with a guarantee). A target needs "
+        "at least 1/(1 − target) − 1 calibration patients (19 for 0.95, 99 for 0.99); one out of reach is "
+        "recorded as such. [] for none.",
+    )
     tversky_alpha: Fraction = Field(
         TVERSKY_ALPHA, description="Tversky weight of false positives (study: 0.02)."
     )

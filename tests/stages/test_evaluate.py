@@ -126,3 +126,26 @@ def test_model_spec_records_what_the_guard_checks(trained_phantom):
     spec = json.loads((trained.model_dir / "model.json").read_text())
     assert spec["train_patients"] and spec["val_patients"]
     assert all(p.startswith("pt-") for p in spec["train_patients"] + spec["val_patients"])
+
+
+def test_the_model_carries_its_thresholds_and_evaluation_uses_them(trained_phantom, evaluation, prepared_phantom):
+    """The training run chose the model's CTV thresholds on its validation patients and wrote them into its
+    spec; evaluation (same settings) takes them from there, so `ctvlab predict` builds its CTVs with the very
+    threshold the evaluation used. With one validation patient no coverage target is reachable, and the
+    reason says how many calibration patients each would need."""
+    cfg, trained = trained_phantom
+    _, out = evaluation
+    spec = json.loads((trained.model_dir / "model.json").read_text())
+    assert spec["threshold"] == spec["ctv"]["threshold"] == out.threshold
+    assert spec["ctv"]["n_calibration"] == len(load_split(prepared_phantom).patients("val"))
+    rules = {r["name"]: r for r in spec["ctv"]["coverage"]}
+    assert set(rules) == {"cov90", "cov95", "cov99"}
+    assert rules["cov95"]["threshold"] is None and "at least 19" in rules["cov95"]["reason"]
+    coverage = out.coverage.set_index("ctv")
+    assert list(coverage.index) == ["cov90", "cov95", "cov99", "rtog", "eortc"]
+    assert "at least 99" in coverage.loc["cov99", "reason"]
+    assert (out.out_dir / "coverage.csv").is_file()
+    from ctvlab.stages.predict import resolve_model
+
+    resolved = resolve_model(str(trained.model_dir), lambda: None)
+    assert resolved.threshold == out.threshold and resolved.threshold_source == "the model's validation threshold"

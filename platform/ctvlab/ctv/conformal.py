@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CoverageRule", "crc_threshold", "miss_fractions", "min_calibration_patients", "rcps_threshold"]
+__all__ = ["CoverageRule", "crc_threshold", "min_calibration_patients", "miss_fractions", "rcps_threshold"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ def min_calibration_patients(target: float, bound: float = 1.0) -> int:
     return int(np.ceil(bound / alpha - 1.0 - 1e-9))
 
 
-def miss_fractions(ctv_masks_by_threshold: Sequence[Sequence[np.ndarray]], new: Sequence[np.ndarray]) -> np.ndarray:
+def miss_fractions(
+    ctv_masks_by_threshold: Sequence[Sequence[np.ndarray]], new: Sequence[np.ndarray]
+) -> np.ndarray:
     """L_i(t): the share of patient i's new progression outside its CTV at each threshold.
 
     Args:
@@ -79,7 +81,9 @@ def miss_fractions(ctv_masks_by_threshold: Sequence[Sequence[np.ndarray]], new: 
     return out
 
 
-def crc_threshold(losses: np.ndarray, thresholds: Sequence[float], target: float, bound: float = 1.0) -> CoverageRule:
+def crc_threshold(
+    losses: np.ndarray, thresholds: Sequence[float], target: float, bound: float = 1.0
+) -> CoverageRule:
     """Conformal risk control: the largest threshold whose corrected calibration risk is at most 1 − target.
 
     Args:

@@ -29,6 +29,7 @@ from scipy import ndimage
 __all__ = [
     "candidates",
     "coverage_at",
+    "coverage_summary",
     "ctv_volume",
     "lesion_distance",
     "margin_volume",
@@ -107,3 +108,37 @@ def coverage_at(
             row[sname] = float(np.count_nonzero(chosen & new)) / n_new if n_new else float("nan")
         rows.append(row)
     return rows
+
+
+def coverage_summary(rows, rules: list[dict]) -> pd.DataFrame:  # noqa: F821
+    """Target against achieved: one row per coverage CTV (and RTOG, EORTC for comparison) over the evaluated
+    patients. `rows`: per patient and CTV {"patient_id", "ctv", "miss", "volume_cm3"} (miss NaN without new
+    progression); `rules`: the model's coverage rules (`ctvlab.stages.calibrate`).
+
+    Columns: ctv, target, threshold, n_calibration, calibration_miss, n (patients with new progression),
+    miss (mean achieved miss fraction), miss_low/miss_high (patient-bootstrap 95%), below_target (share of
+    patients covered below the target), volume_cm3 (mean), reason (why a target has no CTV).
+    """
+    import pandas as pd
+
+    from ctvlab.statistics import patient_bootstrap
+
+    df = pd.DataFrame(rows)
+    out = []
+    by_name = {r["name"]: r for r in rules}
+    names = [r["name"] for r in rules] + ["rtog", "eortc"]
+    for name in names:
+        rule = by_name.get(name, {})
+        part = df[df["ctv"] == name] if not df.empty else df
+        miss = part["miss"].dropna().to_numpy(dtype=float) if len(part) else np.array([])
+        ci = patient_bootstrap([str(i) for i in range(miss.size)], lambda idx, m=miss: float(m[idx].mean()))
+        target = rule.get("target", float("nan"))
+        out.append({
+            "ctv": name, "target": target, "threshold": rule.get("threshold"),
+            "n_calibration": rule.get("n_calibration"), "calibration_miss": rule.get("calibration_miss"),
+            "n": int(miss.size), "miss": ci.estimate, "miss_low": ci.low, "miss_high": ci.high,
+            "below_target": float(np.mean(1 - miss < target)) if miss.size and np.isfinite(target) else float("nan"),
+            "volume_cm3": float(part["volume_cm3"].mean()) if len(part) else float("nan"),
+            "reason": rule.get("reason", ""),
+        })  # fmt: skip
+    return pd.DataFrame(out)

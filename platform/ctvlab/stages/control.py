@@ -101,13 +101,13 @@ def score_test_patients(
     """
     from ctvlab.data.readers import load_patient
     from ctvlab.splits import load_split
-    from ctvlab.stages.evaluate import choose_validation_threshold
+    from ctvlab.stages.calibrate import calibration_for
     from ctvlab.unet.inference import load_model, predict_probability
 
     split = load_split(prep)
     model = load_model(model_dir, device="cpu")
     if cfg.ctv.threshold == "validation":
-        threshold, _ = choose_validation_threshold(model, prep, split.patients("val"), cfg)
+        threshold = calibration_for(model, prep, cfg, split.patients("val"))["threshold"]
     else:
         threshold = float(cfg.ctv.threshold)
     ctv_rows, rows = [], []

@@ -10,7 +10,7 @@ written under `results/evaluate/` and logged to one MLflow run.
 The leakage guard: the model's spec lists the pseudonyms of its training and validation patients; none
 may be among the evaluated patients.
 
-About 415 lines: the evaluation is one pass over the test patients whose tables, figures and MLflow run
+About 440 lines: the evaluation is one pass over the test patients whose tables, figures and MLflow run
 share their data; the CTV construction and metrics themselves live in `ctvlab.ctv`.
 """
 
@@ -20,7 +20,6 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from ctvlab.ctv.evaluate import (
 from ctvlab.data.readers import load_patient, read_patients
 from ctvlab.errors import CtvlabError, DataError
 from ctvlab.study import REFERENCE_ONLY_CTVS
-from ctvlab.unet.inference import LoadedModel, load_model, predict_probability
+from ctvlab.unet.inference import load_model, predict_probability
 
 
 def resolve_model(
@@ -101,22 +100,7 @@ class EvaluationOutcome:
     seconds_inference: float
     seconds_ctv_metrics: float
     comparisons: pd.DataFrame | None = None
-
-
-def choose_validation_threshold(model: LoadedModel, prep: Path, val_ids: Sequence[str], cfg: StudyConfig):
-    from ctvlab.ctv.metrics import choose_threshold
-
-    probs, targets, brains, lesions, criticals = [], [], [], [], []
-    for pid in val_ids:
-        p = load_patient(prep, pid)
-        m = patient_masks(p)
-        probs.append(predict_probability(model, p))
-        targets.append(m["target"])
-        brains.append(m["brain"])
-        lesions.append(m["cel"] | m["t2l"])
-        criticals.append(m["critical"])
-    return choose_threshold(probs, targets, brains, cfg.ctv.threshold_grid, cfg.ctv.tversky_alpha,
-                            cfg.ctv.tversky_beta, lesions=lesions, criticals=criticals)  # fmt: skip
+    coverage: pd.DataFrame | None = None
 
 
 def evaluate_study(
@@ -156,8 +140,13 @@ def evaluate_study(
         **{"model training patients": trained_on, f"{split_name} patients": {names[i] for i in ids}}
     )
 
+    from ctvlab.ctv.coverage import coverage_summary
+    from ctvlab.stages.calibrate import calibration_for, coverage_thresholds
+
+    calibration = calibration_for(model, prep, cfg, split.patients("val"))  # the model's own, when current
     if cfg.ctv.threshold == "validation":
-        threshold, threshold_table = choose_validation_threshold(model, prep, split.patients("val"), cfg)
+        threshold = calibration["threshold"]
+        threshold_table = {float(t): v for t, v in calibration["threshold_table"].items()}
     else:
         threshold, threshold_table = float(cfg.ctv.threshold), {}
 
@@ -166,7 +155,7 @@ def evaluate_study(
     with atomic_folder(final_out) as out:
         (out / "ctv_3mm").mkdir()
         (out / "ctv_native").mkdir()
-        rows, t_inf, t_ctv, eortc_sources = [], 0.0, 0.0, {}
+        rows, t_inf, t_ctv, eortc_sources, coverage_rows = [], 0.0, 0.0, {}, []
         overlay_cases: list[tuple[str, float]] = []
         for pid in _progress(ids, progress, console, "evaluating"):
             p = load_patient(prep, pid)
@@ -183,10 +172,16 @@ def evaluate_study(
             overlay_cases.append(
                 (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
             )
-            for name, ctv in _drawn(ctvs).items():
+            cov_ctvs = coverage_ctvs(prob, p, coverage_thresholds(calibration))
+            coverage_rows.extend(
+                coverage_patient_rows(p, {**cov_ctvs, "rtog": ctvs["rtog"], "eortc": ctvs["eortc"]})
+            )
+            for name, ctv in {**_drawn(ctvs), **cov_ctvs}.items():
                 native = out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
                 write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
         per_patient = pd.DataFrame(rows)
+        coverage = coverage_summary(coverage_rows, calibration["coverage"])
+        write_csv_atomic(out / "coverage.csv", coverage)
         summary = summary_table(per_patient)
         wilcoxon = wilcoxon_table(per_patient)
         comparisons = comparison_table(
@@ -235,6 +230,10 @@ def evaluate_study(
         flat.update({f"p_{r.metric}_model_vs_{r.other}": r.p_value for r in wilcoxon.itertuples()})
         flat.update({f"p_holm_{r.metric}_model_vs_{r.other}": r.p_holm for r in wilcoxon.itertuples()})
         flat["threshold"] = threshold
+        for r in coverage.itertuples():  # target against achieved, per coverage CTV
+            if r.ctv.startswith("cov") and r.threshold is not None and r.threshold == r.threshold:
+                flat.update({f"{r.ctv}_threshold": r.threshold, f"{r.ctv}_test_miss": r.miss,
+                             f"{r.ctv}_volume_cm3": r.volume_cm3})  # fmt: skip
         flat["seconds_inference_per_patient"] = t_inf / len(ids)
         flat["seconds_ctv_metrics_per_patient"] = t_ctv / len(ids)
         run.metrics(flat)
@@ -242,6 +241,7 @@ def evaluate_study(
         run.table(summary, "summary.csv")
         run.table(wilcoxon, "wilcoxon.csv")
         run.table(comparisons, "comparisons.csv")
+        run.table(coverage, "coverage.csv")
         if threshold_table:
             run.table(pd.DataFrame({"threshold": list(threshold_table), "mean_val_tversky": list(threshold_table.values())}),
                       "threshold_choice.csv")  # fmt: skip
@@ -261,7 +261,7 @@ def evaluate_study(
                 run.artifact(Path(d) / sub, sub)
         run_id = run.run_id
     return EvaluationOutcome(run_id, model_uri, threshold, per_patient, summary, wilcoxon, out, figures,
-                             t_inf / len(ids), t_ctv / len(ids), comparisons)  # fmt: skip
+                             t_inf / len(ids), t_ctv / len(ids), comparisons, coverage)  # fmt: skip
 
 
 def plot_by_cohort(per_patient: pd.DataFrame, patients: pd.DataFrame, out: Path) -> Path:
@@ -276,6 +276,28 @@ def plot_by_cohort(per_patient: pd.DataFrame, patients: pd.DataFrame, out: Path)
     no_tests = pd.DataFrame(columns=["metric", "set_a", "set_b", "p_holm"])
     return plot_ablation(model, cohorts, no_tests, out, by="cohort", reference="",
                          title="Model CTV per treatment cohort, test patients (Supp. Fig. 4)")  # fmt: skip
+
+
+def coverage_ctvs(prob: np.ndarray, p, thresholds: dict[str, float]) -> dict[str, np.ndarray]:
+    """The model CTV at each coverage rule's threshold (`cov90`, ...), built as the model CTV is."""
+    from ctvlab.ctv.construct import model_ctv
+
+    m = patient_masks(p)
+    return {
+        name: model_ctv(prob, t, m["cel"] | m["t2l"], m["brain"], m["critical"])
+        for name, t in thresholds.items()
+    }
+
+
+def coverage_patient_rows(p, ctvs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per CTV: the share of the patient's new progression it misses (NaN without any) and its volume."""
+    from ctvlab.ctv.coverage import new_progression
+
+    m = {**patient_masks(p), "ventricles": p.mask("ventricles") > 0}
+    new = new_progression(m)
+    n, voxel_cm3 = int(new.sum()), float(np.prod(p.spacing)) / 1000.0
+    return [{"patient_id": p.patient_id, "ctv": name, "miss": float((new & ~ctv).sum()) / n if n else float("nan"),
+             "volume_cm3": float(ctv.sum()) * voxel_cm3} for name, ctv in ctvs.items()]  # fmt: skip
 
 
 def _drawn(ctvs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -391,6 +413,19 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
             cells.append(cell)
         table.add_row(r["ctv"], *cells)
     console.print(table)
+    if outcome.coverage is not None and len(outcome.coverage):
+        parts = []
+        for r in outcome.coverage.itertuples():
+            if r.ctv.startswith("cov") and (r.threshold is None or r.threshold != r.threshold):
+                parts.append(f"{r.ctv}: not reachable ({r.reason})")
+            elif r.ctv.startswith("cov"):
+                parts.append(f"{r.ctv}: threshold {r.threshold:.2f}, misses {r.miss:.1%} on average "
+                             f"(allowed {1 - r.target:.0%}), {r.volume_cm3:.0f} cm³")  # fmt: skip
+            else:
+                parts.append(f"{r.ctv}: misses {r.miss:.1%}, {r.volume_cm3:.0f} cm³")
+        console.print("coverage CTVs (threshold chosen on the validation patients by conformal risk control; "
+                      "miss = share of the new progression outside the CTV, over the test patients): "
+                      + "; ".join(parts))  # fmt: skip
     if "isovolume" in set(outcome.summary["ctv"]):
         console.print("isovolume: a uniform margin around the lesion with the model CTV's volume (the fair "
                       "control: does the model put its volume in the right place?)")  # fmt: skip

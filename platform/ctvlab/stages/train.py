@@ -166,7 +166,12 @@ def train_unet(
         **provenance_spec(prep, split),
         "mlflow_run_id": mlflow_run_id,
     })  # fmt: skip
+    from ctvlab.stages.calibrate import calibrate
+
+    calibration = calibrate(model_dir, prep, cfg, val_ids)  # the CTV thresholds travel with the model
     log = tracker.logger(mlflow_run_id)
+    log.metrics({"ctv_threshold": calibration["threshold"],
+                 **{f"ctv_{r['name']}_threshold": r["threshold"] for r in calibration["coverage"] if r["threshold"] is not None}})  # fmt: skip
     history = checkpoint_history(result)
     replayed = complete_curve(log, history)
     log.metrics(best_summary(best, history))

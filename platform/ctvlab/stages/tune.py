@@ -134,7 +134,8 @@ def _search(
         [grid_trials.assign(step="grid"), random_trials.assign(step="random")], ignore_index=True
     )
     return _finish_search(cfg, tracker, parent, name, trials, space, t0, split.digest, register=register,
-                          dataset_digest=split.dataset_digest, model_dir=model_dir)  # fmt: skip
+                          dataset_digest=split.dataset_digest, model_dir=model_dir,
+                          calibration=(prep, split.patients("val")))  # fmt: skip
 
 
 def _finish_search(
@@ -149,8 +150,10 @@ def _finish_search(
     register: bool = True,
     dataset_digest: str | None = None,
     model_dir: Path | None = None,
+    calibration: tuple[Path, list[str]] | None = None,
 ) -> SearchOutcome:
-    """Log the summary to the parent run, copy the best trial's model to results/, register it."""
+    """Log the summary to the parent run, copy the best trial's model to results/, register it (after
+    choosing its CTV thresholds on the validation patients, `calibration`, when it is the study's model)."""
     best = best_trial(trials)
     log = tracker.logger(parent)
     shown = trials.drop(columns=["path", "model_dir"])
@@ -173,6 +176,10 @@ def _finish_search(
         model_dir = dst
         with atomic_folder(model_dir) as staged:  # the old model stays until the new one is complete
             shutil.copytree(src, staged, dirs_exist_ok=True)
+        if register and calibration is not None:
+            from ctvlab.stages.calibrate import calibrate
+
+            calibrate(model_dir, calibration[0], cfg, calibration[1])
         log_model(log, model_dir, "model")
         if register:
             spec = json.loads((model_dir / "model.json").read_text())
