@@ -31,7 +31,9 @@ def _calibration_maps(prep, n_copies: int = 3, seed: int = 0):
     return maps
 
 
-def test_coverage_rules_take_the_largest_threshold_that_keeps_the_corrected_miss_within_the_target(prepared_phantom):
+def test_coverage_rules_take_the_largest_threshold_that_keeps_the_corrected_miss_within_the_target(
+    prepared_phantom,
+):
     maps = _calibration_maps(prepared_phantom)
     assert len(maps) >= 19  # enough calibration "patients" for 95%
     rules = {r["name"]: r for r in coverage_rules(maps, [0.9, 0.95, 0.99])}
@@ -40,7 +42,9 @@ def test_coverage_rules_take_the_largest_threshold_that_keeps_the_corrected_miss
     ctvs, news = [], []
     for p, prob in maps:
         m = {**patient_masks(p), "ventricles": p.mask("ventricles") > 0}
-        ctvs.append([model_ctv(prob, t, m["cel"] | m["t2l"], m["brain"], m["critical"]) for t in COVERAGE_GRID])
+        ctvs.append(
+            [model_ctv(prob, t, m["cel"] | m["t2l"], m["brain"], m["critical"]) for t in COVERAGE_GRID]
+        )
         news.append(new_progression(m))
     losses = miss_fractions(ctvs, news)
     n = len(maps)

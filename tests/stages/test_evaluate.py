@@ -128,12 +128,14 @@ def test_model_spec_records_what_the_guard_checks(trained_phantom):
     assert all(p.startswith("pt-") for p in spec["train_patients"] + spec["val_patients"])
 
 
-def test_the_model_carries_its_thresholds_and_evaluation_uses_them(trained_phantom, evaluation, prepared_phantom):
+def test_the_model_carries_its_thresholds_and_evaluation_uses_them(
+    trained_phantom, evaluation, prepared_phantom
+):
     """The training run chose the model's CTV thresholds on its validation patients and wrote them into its
     spec; evaluation (same settings) takes them from there, so `ctvlab predict` builds its CTVs with the very
     threshold the evaluation used. With one validation patient no coverage target is reachable, and the
     reason says how many calibration patients each would need."""
-    cfg, trained = trained_phantom
+    _, trained = trained_phantom
     _, out = evaluation
     spec = json.loads((trained.model_dir / "model.json").read_text())
     assert spec["threshold"] == spec["ctv"]["threshold"] == out.threshold
@@ -148,4 +150,7 @@ def test_the_model_carries_its_thresholds_and_evaluation_uses_them(trained_phant
     from ctvlab.stages.predict import resolve_model
 
     resolved = resolve_model(str(trained.model_dir), lambda: None)
-    assert resolved.threshold == out.threshold and resolved.threshold_source == "the model's validation threshold"
+    assert (
+        resolved.threshold == out.threshold
+        and resolved.threshold_source == "the model's validation threshold"
+    )
