@@ -198,3 +198,30 @@ def test_ray_tasks_write_the_same_ctvs_and_a_valid_rtstruct(prediction, tmp_path
             hi = lo.copy()
             hi[:, :2] += frac
             assert (rtog[tuple(lo.T)] != rtog[tuple(hi.T)]).all()
+
+
+def test_coverage_ctvs_the_model_records_are_written_nested(prediction, tmp_path):
+    """A model that records coverage thresholds (90% at 0.4, 95% at 0.2) gives ctv_cov90 ⊆ ctv_cov95, each the
+    model CTV at its threshold (a lower threshold only adds voxels), with their volumes in the report; an
+    unreachable target gives no file."""
+    cfg, trained, raw, _ = prediction
+    model = tmp_path / "model"
+    shutil.copytree(trained.model_dir, model)
+    spec = json.loads((model / "model.json").read_text())
+    spec["ctv"]["coverage"] = [
+        {"target": 0.9, "name": "cov90", "threshold": 0.4, "n_calibration": 20},
+        {"target": 0.95, "name": "cov95", "threshold": 0.2, "n_calibration": 20},
+        {"target": 0.99, "name": "cov99", "threshold": None, "n_calibration": 20, "reason": "too few"},
+    ]
+    (model / "model.json").write_text(json.dumps(spec))
+    pid = sorted(p.name for p in raw.iterdir() if p.is_dir())[0]
+    outcome = predict_cohort(raw, tmp_path / "out", cfg, model_uri=str(model), patients=[pid], progress=False)
+    folder = outcome.out_dir / pid
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted([*OUTPUT_FILES, "ctv_cov90.nii.gz", "ctv_cov95.nii.gz"])
+    cov90, cov95 = (np.asarray(nib.load(folder / f"ctv_{n}.nii.gz").dataobj) > 0 for n in ("cov90", "cov95"))
+    assert cov90.sum() > 0 and not (cov90 & ~cov95).any()
+    prob = np.asarray(nib.load(folder / "probability.nii.gz").dataobj)
+    assert (prob[cov90 & (prob > 0)] > 0).all() and (prob[cov95] >= 0.2).mean() > 0.5  # drawn from the map
+    report = json.loads((folder / "report.json").read_text())
+    assert report["volumes_cm3"]["cov95"] >= report["volumes_cm3"]["cov90"] > 0

@@ -9,11 +9,14 @@ trained on (`ctvlab.unet.inference`), then, on the patient's native T1c grid:
 - `ctv_model.nii.gz`, `ctv_rtog.nii.gz`, `ctv_eortc.nii.gz`: the CTVs built on the native grid
   (`ctvlab.ctv.construct.build_ctvs`) from the resampled probability and the native masks, so that
   contours follow the native voxels instead of 3 mm steps; margins in mm of the native spacing;
+- `ctv_cov90.nii.gz`, ... : the model CTV at each coverage threshold the model records (chosen on its
+  validation patients by conformal risk control, `ctvlab.stages.calibrate`): nested CTVs, each with a mean
+  coverage of the new progression guaranteed on patients like those;
 - `overlay.png`: axial slices of the T1c with the three contours;
 - `report.json`: CTV volumes, the threshold and where it came from, the model URI and version, and the
   sha256 of every input file;
-- with a planning series (`--rtstruct --dicom-ref`): `rtstruct.dcm`, the three CTVs as ROIs `CTV_model`,
-  `CTV_RTOG`, `CTV_EORTC` on that series' frame of reference (`ctvlab.dicom.rtstruct`), labelled a research
+- with a planning series (`--rtstruct --dicom-ref`): `rtstruct.dcm`, the CTVs as ROIs `CTV_model`,
+  `CTV_RTOG`, `CTV_EORTC` (and `CTV_cov90`, ...) on that series' frame of reference (`ctvlab.dicom.rtstruct`), labelled a research
   model's, unapproved, each ROI naming what drew it. Before anything is predicted, every patient's planning
   series must be that patient's: the PatientID, Patient's Name, study and frame of reference recorded when
   the cohort was imported (`ctvlab import-dicom`'s provenance.json), else the manifest's PatientID
@@ -24,6 +27,9 @@ submitted job) each patient is a Ray task, with the model shared through the obj
 
 Every NIfTI carries the T1c's affine and qform/sform codes. A patient's folder is written under a
 temporary name and swapped in when complete (`ctvlab.atomic.atomic_folder`); a patient that fails is reported and skipped.
+
+About 420 lines: the per-patient prediction, its DICOM output and the Ray fan-out share the resolved model
+and the report; the identity checks live in `ctvlab.dicom.planning`.
 """
 
 from __future__ import annotations
@@ -183,6 +189,7 @@ def predict_patient(
     prob *= masks["brain"]
     spacing = tuple(float(s) for s in np.linalg.norm(t1c.affine[:3, :3], axis=0))
     ctvs = build_ctvs(prob, resolved.threshold, masks, spacing, cfg.ctv)
+    ctvs.update(coverage_level_ctvs(prob, masks, resolved.model.spec))
 
     nib.save(_native_image(prob, t1c, np.float32), dst / "probability.nii.gz")
     for name, ctv in ctvs.items():
@@ -208,7 +215,7 @@ def predict_patient(
         from ctvlab.dicom.rtstruct import write_rtstruct
 
         try:
-            ref = write_rtstruct(series_dir, {ROI_NAMES[n]: c for n, c in ctvs.items()}, t1c.affine,
+            ref = write_rtstruct(series_dir, {roi_name(n): c for n, c in ctvs.items()}, t1c.affine,
                                  dst / RTSTRUCT_FILE, description=f"ctvlab research CTVs ({resolved.uri})",
                                  expect=expect, patient=pid, label=RTSTRUCT_LABEL,
                                  algorithms=roi_algorithms(resolved, cfg))  # fmt: skip
@@ -220,9 +227,28 @@ def predict_patient(
             )
             raise DataError(message) from None
         report["rtstruct"] = {"file": RTSTRUCT_FILE, "planning_folder": str(series_dir), **ref,
-                              "rois": [ROI_NAMES[n] for n, c in ctvs.items() if c.any()]}  # fmt: skip
+                              "rois": [roi_name(n) for n, c in ctvs.items() if c.any()]}  # fmt: skip
     write_json_atomic(dst / "report.json", report)
     return report
+
+
+def roi_name(ctv: str) -> str:
+    """The RTSTRUCT ROI of a CTV: CTV_model, CTV_RTOG, CTV_EORTC, and CTV_cov95 for a coverage CTV."""
+    return ROI_NAMES.get(ctv, f"CTV_{ctv}")
+
+
+def coverage_level_ctvs(
+    prob: np.ndarray, masks: dict[str, np.ndarray], spec: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """The model CTV at each coverage threshold the model records (`cov90`, ...; see
+    `ctvlab.stages.calibrate`): nested CTVs, each guaranteeing its mean coverage on patients like the
+    model's validation patients."""
+    from ctvlab.ctv.construct import model_ctv
+    from ctvlab.stages.calibrate import coverage_thresholds
+
+    lesion = masks["cel"] | masks["t2l"]
+    return {name: model_ctv(prob, t, lesion, masks["brain"], masks["critical"])
+            for name, t in coverage_thresholds(spec).items()}  # fmt: skip
 
 
 def roi_algorithms(resolved: ResolvedModel, cfg: StudyConfig) -> dict[str, tuple[str, str]]:
@@ -230,6 +256,7 @@ def roi_algorithms(resolved: ResolvedModel, cfg: StudyConfig) -> dict[str, tuple
     it. The model is named by its registered version, else by the MLflow run that trained it, else by its
     folder's name."""
     from ctvlab import __version__
+    from ctvlab.stages.calibrate import coverage_thresholds
 
     model = Path(resolved.uri).name
     if resolved.version and resolved.uri.startswith("models:/"):  # the registered version, not an alias
@@ -242,6 +269,8 @@ def roi_algorithms(resolved: ResolvedModel, cfg: StudyConfig) -> dict[str, tuple
         "CTV_model": ("AUTOMATIC", f"ctvlab {__version__} U-Net {model}"[:64]),
         "CTV_RTOG": ("AUTOMATIC", f"ctvlab {__version__} RTOG rule, {cfg.ctv.rtog_margin_mm:g} mm margin"[:64]),
         "CTV_EORTC": ("AUTOMATIC", f"ctvlab {__version__} EORTC rule, {cfg.ctv.eortc_margin_mm:g} mm margin"[:64]),
+        **{roi_name(name): ("AUTOMATIC", f"ctvlab {__version__} {name} conformal, {model}"[:64])
+           for name in coverage_thresholds(resolved.model.spec)},
     }  # fmt: skip
 
 
