@@ -35,14 +35,51 @@ class Strict(BaseModel):
 
 
 class SynthConfig(Strict):
-    """The synthetic cohort (see README, "The synthetic cohort")."""
+    """The synthetic cohort (see README, "The synthetic cohort", and docs/synthetic-cohort-ceiling.md).
+
+    Four signal settings move the cohort between "nothing for imaging to find" and a positive control,
+    without making the infiltration visible on T1c or FLAIR: `imaging_strength` (what diffusion and MRSI
+    see of it) and three departures from near-isotropic recurrence (`channelling`, `seeding`,
+    `determinism`). Their defaults are today's cohort; `preset` picks a measured combination by name,
+    and values given beside it override the preset's.
+    """
 
     n_patients: int = Field(101, ge=1, description="Patients to generate (the study had 101).")
     seed: int = Field(0, description="Master seed; patient i uses a stream derived from (seed, i).")
     null: bool = Field(
         False,
         description="Control cohort: diffusion and MRSI reflect only the visible lesion, not the "
-        "invisible infiltration that decides future growth.",
+        "invisible infiltration that decides future growth (the same as imaging_strength 0).",
+    )
+    preset: Literal["today", "mild", "moderate", "strong"] | None = Field(
+        None,
+        description="A named, measured set of the signal settings (see docs/synthetic-cohort-ceiling.md): "
+        "today (the defaults), mild, moderate, strong (a positive control: the true pre-RT density covers "
+        "≥ 0.10 more of the new progression than a 10 mm margin of the same volume). Settings given "
+        "beside it override its values.",
+    )
+    imaging_strength: Fraction = Field(
+        1.0,
+        description="How strongly diffusion and MRSI see the invisible infiltration: 1 its full density, "
+        "0 the visible lesion only (as null: true), in between that fraction of its density. Anatomy "
+        "(T1c, T1, FLAIR, masks) does not depend on it.",
+    )
+    channelling: Fraction = Field(
+        0.0,
+        description="How strictly invasion keeps to white-matter routes: 0 today's straight routes; above 0 "
+        "the routes follow the white matter, D off them falls towards 1% of D on them and the invisible "
+        "tail reaches far along them only.",
+    )
+    seeding: Fraction = Field(
+        0.0,
+        description="Probability that an invasion route carries an invisible focus (below the T2L "
+        "threshold) near the drawn recurrence distance, which grows into the recurrence.",
+    )
+    determinism: Fraction = Field(
+        0.0,
+        description="How deterministically the recurrence follows the pre-RT infiltration: 0 today's "
+        "post-RT chance (a redrawn invasiveness field, new routes, unimaged radio-resistance); 1 none, "
+        "and after RT the tumour regrows where its cells are (D × 0.05) instead of invading new ground.",
     )
     anatomy_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
         (2.0, 2.0, 2.0), description="Voxel size of T1c, T1, FLAIR and all masks (mm)."
@@ -82,10 +119,39 @@ class SynthConfig(Strict):
         10.0, ge=0, description="Margin between the brain and the edge of the anatomy and diffusion grids."
     )
 
+    @staticmethod
+    def presets() -> dict[str, dict[str, float]]:
+        """The named signal settings (measured in docs/synthetic-cohort-ceiling.md): the one registry."""
+        return {
+            "today": {"imaging_strength": 1.0, "channelling": 0.0, "seeding": 0.0, "determinism": 0.0},
+            "mild": {"imaging_strength": 1.0, "channelling": 0.5, "seeding": 0.5, "determinism": 0.5},
+            "moderate": {"imaging_strength": 1.0, "channelling": 0.75, "seeding": 0.75, "determinism": 0.75},
+            "strong": {"imaging_strength": 1.0, "channelling": 1.0, "seeding": 1.0, "determinism": 1.0},
+        }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            values = cls.presets().get(data["preset"])
+            if values is not None:  # an unknown name is left for the Literal to report
+                return {**values, **data}
+        return data
+
+    @property
+    def sensing_strength(self) -> float:
+        """What diffusion and MRSI see of the invisible infiltration: 0 for the null cohort."""
+        return 0.0 if self.null else self.imaging_strength
+
     @model_validator(mode="after")
     def _cel_above_t2l(self) -> SynthConfig:
         if self.cel_density <= self.t2l_density:
             raise ValueError("synth.cel_density must exceed synth.t2l_density (enhancing lesion ⊆ T2 lesion)")
+        if self.null and self.imaging_strength not in (0.0, 1.0):
+            raise ValueError(
+                f"synth.null is imaging_strength 0; it contradicts imaging_strength {self.imaging_strength}: "
+                "set one of them"
+            )
         return self
 
 

@@ -219,17 +219,17 @@ def test_null_maps_are_a_function_of_the_visible_lesion_only():
     shape = (8, 8, 4)
     box = grid_affine(apply_affine(grid.affine, centre), np.eye(3), (10.0, 10.0, 10.0), shape)
 
-    def maps(density: np.ndarray, null: bool) -> dict[str, np.ndarray]:
+    def maps(density: np.ndarray, strength: float) -> dict[str, np.ndarray]:
         depth = signed_depth(density >= spec.cel_density, grid.spacing)
         course = TumourCourse(density, depth, density, centre, 0.0, 0.0, 0.0, 1.0, np.zeros_like(density))
-        return mrsi_maps(load_template(), course, grid.affine, spec, box, shape, np.eye(4), null, 0.0,
+        return mrsi_maps(load_template(), course, grid.affine, spec, box, shape, np.eye(4), strength, 0.0,
                          np.random.default_rng(0))  # fmt: skip
 
-    null_a, null_b = maps(u, True), maps(faint_tail, True)
-    normal_a, normal_b = maps(u, False), maps(faint_tail, False)
+    null_a, null_b = maps(u, 0.0), maps(faint_tail, 0.0)
+    normal_a, normal_b = maps(u, 1.0), maps(faint_tail, 1.0)
     for name in ("cho", "naa", "cni", "ccri"):
         np.testing.assert_array_equal(null_a[name], null_b[name])
     assert np.nanmax(np.abs(normal_a["cni"] - normal_b["cni"])) > 0.5
     t2l = u >= spec.t2l_density
-    seen, oedema = sensed(u, np.ones_like(u), t2l, null=True)
+    seen, oedema = sensed(u, np.ones_like(u), t2l, strength=0.0)
     assert oedema is None and set(np.unique(seen)) == {0.0, np.float32(0.3)}

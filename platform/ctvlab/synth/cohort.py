@@ -1,8 +1,10 @@
 """Generate a synthetic cohort in the manifest layout, patients in parallel.
 
 `out/<patient_id>/<column>.nii.gz` for every path column, `out/synth_params.json` (the generative
-parameters of every patient: seed, rates, pose, ...), and `out/manifest.csv` last, so that a folder with
-a manifest is a complete cohort. Every file is written atomically.
+parameters of every patient: seed, rates, pose, ...), `out/truth/<patient_id>_density_pre.nii.gz` (the true
+pre-RT tumour density on the T1c grid: ground truth for benchmarks, never an input, in no manifest
+column), and `out/manifest.csv` last, so that a folder with a manifest is a complete cohort. Every file is
+written atomically.
 
 Patients are independent: patient i draws from its own random streams (seed, i) and the clinical
 table is drawn once before any image, so the files do not depend on the number of workers or on the
@@ -24,6 +26,16 @@ from ctvlab.ingest.manifest import ManifestRow, write_manifest
 from ctvlab.synth.clinical import PatientPlan, draw_cohort
 
 PARAMS_NAME = "synth_params.json"
+# Settings added after the first cohorts were published: left out of synth_params.json while they hold
+# their defaults, so that a default cohort's files stay byte for byte what they were.
+SIGNAL_SETTINGS = ("preset", "imaging_strength", "channelling", "seeding", "determinism")
+
+
+def recorded_config(cfg: SynthConfig) -> dict:
+    """The settings written to synth_params.json: all but `num_workers` (it changes nothing in the data)
+    and the signal settings that hold their defaults."""
+    at_default = {k for k in SIGNAL_SETTINGS if getattr(cfg, k) == SynthConfig.model_fields[k].default}
+    return cfg.model_dump(mode="json", exclude={"num_workers", *at_default})
 
 
 def _run_one(plan: PatientPlan, cfg: SynthConfig, out: str) -> tuple[int, ManifestRow, dict]:
@@ -88,8 +100,7 @@ def generate_cohort(out: str | Path, cfg: SynthConfig, progress: bool = True) ->
     write_json_atomic(
         out / PARAMS_NAME,
         {
-            # num_workers changes nothing in the data: leave it out so the file is as reproducible
-            "config": cfg.model_dump(mode="json", exclude={"num_workers"}),
+            "config": recorded_config(cfg),
             "patients": [results[i][1] for i in range(len(plans))],
         },
     )

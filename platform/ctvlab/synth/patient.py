@@ -58,6 +58,8 @@ STREAMS = (
     "pose", "tumour", "anatomy_noise", "diffusion_noise", "mrsi_noise", "press", "registration", "wmh",
 )  # fmt: skip
 REGISTRATION_SMOOTHNESS_MM = 15.0  # correlation length of the residual misalignment
+TRUTH_DIR = "truth"  # beside the patients' folders, not in the manifest: ground truth, never an input
+TRUTH_SUFFIX = "_density_pre.nii.gz"
 
 
 def smooth_displacement(
@@ -118,14 +120,25 @@ def grid_fields(
 
 
 def sensed(
-    u: np.ndarray, oedema: np.ndarray | None, t2l: np.ndarray, null: bool
+    u: np.ndarray, oedema: np.ndarray | None, t2l: np.ndarray, strength: float
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The density and oedema that diffusion and MRSI see. The null cohort's see the visible lesion only:
-    a fixed density over the T2L and no oedema, whatever lies in it or around it, so its maps are a
-    function of the T2L mask and the tissue maps alone."""
-    if null:
-        return np.where(t2l, imaging.NULL_DENSITY, 0.0).astype(np.float32), None
-    return u, oedema
+    """The density and oedema that diffusion and MRSI see, at imaging strength 0..1 (`SynthConfig`).
+
+    1: the true density and oedema. 0 (the null cohort): the visible lesion only, a fixed density over the
+    T2L and no oedema, whatever lies in it or around it, so the maps are a function of the T2L mask and the
+    tissue maps alone. In between: strength·(truth) + (1 − strength)·(the null's), so the invisible tail
+    is seen at `strength` times its density and the maps still carry nothing else about it.
+    """
+    if isinstance(strength, bool):  # the argument was once `null: bool`, whose True meant strength 0
+        raise TypeError("sensed: pass the imaging strength as a float in [0, 1] (0: the null cohort)")
+    lesion_only = np.where(t2l, imaging.NULL_DENSITY, 0.0).astype(np.float32)
+    if strength <= 0.0:
+        return lesion_only, None
+    if strength >= 1.0:
+        return u, oedema
+    s = np.float32(strength)
+    seen = (s * u + (np.float32(1.0) - s) * lesion_only).astype(np.float32)
+    return seen, None if oedema is None else (s * oedema).astype(np.float32)
 
 
 def mrsi_box(
@@ -163,13 +176,13 @@ def mrsi_maps(
     affine: np.ndarray,
     shape: tuple[int, int, int],
     pose: np.ndarray,
-    null: bool,
+    strength: float,
     noise: float,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
     """The eight MRSI maps on the PRESS grid: the point-wise metabolite maps seen through the point-spread
     function and averaged over each voxel, noise, and the indices. NaN where a voxel holds less than
-    MRSI_MIN_BRAIN of brain."""
+    MRSI_MIN_BRAIN of brain. `strength`: how much of the invisible infiltration the spectra see (`sensed`)."""
     k = MRSI_SUBSAMPLES
     fine = tuple(n * k for n in shape)
     ijk = (np.indices(fine).reshape(3, -1).T + 0.5) / k - 0.5  # fine points in MRSI voxel units
@@ -181,7 +194,7 @@ def mrsi_maps(
     oedema = sample_points(course.oedema, growth_affine, pts) * brain if course.oedema is not None else None
     depth = sample_points(course.depth_mm, growth_affine, pts)
     regions = pre_rt_regions(u, depth, spec, course.gtr_density, oedema)
-    seen, oedema = sensed(u, oedema, regions["t2l"], null)
+    seen, oedema = sensed(u, oedema, regions["t2l"], strength)
     cav, nec = (regions[r].astype(np.float32) * brain for r in ("cavity", "necrosis"))
     brain_depth = sample_points(brain_depth_mm(), load_template().affine, pts)
     point_maps = imaging.metabolite_maps(gm, wm, csf, seen, cav, nec, oedema, brain_depth)
@@ -218,9 +231,16 @@ def template_units(spec: TumourSpec, scale: float) -> TumourSpec:
         lambda_wm_mm=spec.lambda_wm_mm / scale, advance_mm=spec.advance_mm / scale,
         route_width_mm=spec.route_width_mm / scale,
         satellite_mm=spec.satellite_mm / scale, rim_mm=spec.rim_mm / scale,
+        foci_mm=tuple(f / scale for f in spec.foci_mm), foci_radius_mm=spec.foci_radius_mm / scale,
         str_residual_mm=spec.str_residual_mm / scale, lesion_cm3=spec.lesion_cm3 / cube,
         new_cel_cm3=spec.new_cel_cm3 / cube, gtr_cavity_cm3=spec.gtr_cavity_cm3 / cube,
     )  # fmt: skip
+
+
+def truth_path(cohort: str | Path, patient_id: str) -> Path:
+    """Where a patient's true pre-RT tumour density lies: `<cohort>/truth/<patient_id>_density_pre.nii.gz`.
+    Ground truth for benchmarks, never an input: no manifest column points at it."""
+    return Path(cohort) / TRUTH_DIR / f"{patient_id}{TRUTH_SUFFIX}"
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype: Any) -> None:
@@ -293,6 +313,9 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
     }
     for name, img in images.items():
         save(name, _to_int16(img * brain), aff_anat, np.int16)
+    # the hidden truth, beside the inputs and never in the manifest: what a benchmark scores maps against
+    truth = np.where(a["cavity"], 0.0, a["u"]) * brain  # the cavity holds no cells at the pre-RT scan
+    save_nifti(truth_path(out, plan.patient_id), truth, aff_anat, np.float32)
 
     disp = smooth_displacement(
         ggrid.brain.shape, ggrid.spacing, plan.registration_mm / scale, rng["registration"]
@@ -313,7 +336,7 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
 
     # --- diffusion grid
     d = grid_fields(tpl, course, ggrid.affine, spec, aff_diff, shape_diff, pose, with_t1=False)
-    seen, oedema_seen = sensed(d["u"], d["oedema"], d["t2l"], cfg.null)
+    seen, oedema_seen = sensed(d["u"], d["oedema"], d["t2l"], cfg.sensing_strength)
     adc, fa = imaging.diffusion_maps(
         d["gm"], d["wm"], d["csf"], seen,
         *(d[k].astype(np.float32) for k in ("cavity", "necrosis", "cel")),
@@ -337,7 +360,7 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
             aff_mrsi,
             shape_mrsi,
             pose,
-            cfg.null,
+            cfg.sensing_strength,
             cfg.noise,
             rng["mrsi_noise"],
         )
@@ -370,4 +393,13 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
         "oedema_fraction": round(plan.tumour.oedema_fraction, 3),
         "post_rt_correlation": round(plan.tumour.post_rt_correlation, 3),
     }
+    if plan.tumour.channelling > 0 or plan.tumour.foci_mm or plan.tumour.post_rt_migration != 1.0:
+        # only for the non-default generators, so that a default cohort's file stays what it was
+        params.update(
+            channelling=round(plan.tumour.channelling, 3),
+            off_route_invasion=round(plan.tumour.off_route_invasion, 4),
+            foci_mm=[round(f, 2) for f in plan.tumour.foci_mm],
+            foci_density=round(plan.tumour.foci_density, 3),
+            post_rt_migration=round(plan.tumour.post_rt_migration, 3),
+        )
     return row, params

@@ -41,12 +41,23 @@ anti-angiogenic therapy, which selects an invasive phenotype). Growth goes on un
 reached: the farthest newly visible cell lies `advance_mm` beyond the pre-RT T2L (T2L or both
 progression), or `new_cel_cm3` of new enhancement has appeared inside it (CEL progression).
 
-About 490 lines in one module: one patient's course, whose phases (growth, resection, oedema, RT, regrowth)
+The cohort's signal settings (`SynthConfig.channelling`, `seeding`, `determinism`; all 0 by default, when
+none of this runs) move the course away from near-isotropic recurrence, as `ctvlab.synth.clinical.with_signal`
+sets them per patient: a *channelled* tumour invades along routes that follow the white matter
+(`ctvlab.synth.routes`), off which D falls towards 1% of its value, and its invisible tail (below the T2L
+threshold) reaches far along those routes only; its seed is the lesion itself (`smallest_core`), so that
+growth off the routes does not round the tail off again. *Seeded* foci (`foci_mm`) sit on the routes near
+the drawn recurrence distance, invisible, and grow into the recurrence. A *deterministic* course keeps the
+pre-RT invasiveness after RT, meets no unimaged radio-resistance and barely migrates (`post_rt_migration`):
+the recurrence regrows where the pre-RT cells are. docs/synthetic-cohort-ceiling.md measures what each does.
+
+About 600 lines in one module: one patient's course, whose phases (growth, resection, oedema, RT, regrowth)
 share the same fields and thresholds; split up, they would pass a dozen arrays between modules.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +65,7 @@ from scipy import ndimage as ndi
 
 from ctvlab.synth.anatomy import GrowthGrid, apply_affine
 from ctvlab.synth.growth import FisherKolmogorov, stable_dt
+from ctvlab.synth.routes import geodesic_mm, path_tubes, route_foci, straight_paths, white_matter_paths
 
 # Cells whose tissue fraction (grey + white matter) is below this are outside the simulation domain:
 # tumour cells neither enter CSF nor ventricles (zero-flux boundary).
@@ -70,6 +82,8 @@ OEDEMA_VISIBLE = 0.3  # oedema level (fraction of its source's) visible as T2/FL
 # unit well within it. A target the anatomy cannot hold (a lesion larger than its lobe allows, an
 # advance blocked by the brain's surface) ends here instead of running forever.
 MAX_TIME = 40.0
+CORE_SEARCH_MM = 100.0  # a channelled seed's core is sought up to this radius (a brain's is about 70)
+ROUTE_SPARE_MM = 15.0  # a white-matter route aims this far past the lesion and the drawn recurrence
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,18 @@ class TumourSpec:
             cells migrate at the full D (see `route_field`); 0: none, D is the same in every direction.
         route_width_mm: the routes' Gaussian half-width (SD), mm.
         off_route_invasion: factor on D away from the routes (≤ 1).
+        channelling: 0..1, how strictly invasion keeps to the routes (0: the default straight routes).
+            Above 0 the routes follow the white matter (`ctvlab.synth.routes.white_matter_paths`), the
+            seed's neighbourhood is on them only by 1 − channelling, and the invisible tail the tumour
+            starts with decays over λ·f^(channelling/2), f the factor on D: the travelling wave's decay
+            length √(D/ρ) where the tumour invaded along the routes; its saturated core is sized (by the
+            same fraction) so that the lesion is reached from the start, instead of growing into it.
+        foci_mm: one distance beyond the pre-RT T2L per route (0: none) at which an invisible focus sits
+            on that route (`ctvlab.synth.routes.route_foci`): cells that migrated ahead of the bulk.
+        foci_density: the foci's density (below `t2l_density`).
+        foci_radius_mm: the foci's radius, mm.
+        post_rt_migration: factor on D after RT (1: invasion goes on as before; small: the recurrence
+            regrows where the surviving cells are, so it is written in the pre-RT density).
     """
 
     lambda_wm_mm: float
@@ -137,6 +163,11 @@ class TumourSpec:
     routes: int = 0
     route_width_mm: float = 6.0
     off_route_invasion: float = 1.0
+    channelling: float = 0.0
+    foci_mm: tuple[float, ...] = ()
+    foci_density: float = 0.0
+    foci_radius_mm: float = 0.0
+    post_rt_migration: float = 1.0
 
 
 @dataclass
@@ -379,6 +410,45 @@ def satellite(
     return (spec.satellite_density * np.exp(-0.5 * r2 / sigma**2) * allowed).astype(np.float32)
 
 
+def route_reach_mm(spec: TumourSpec) -> tuple[float, float]:
+    """How far from the seed a white-matter route ends (mm): past the lesion's radius and the drawn
+    recurrence distance, within ROUTE_SPARE_MM more."""
+    near = (3.0 * spec.lesion_cm3 * 1000.0 / (4.0 * np.pi)) ** (1 / 3) + spec.advance_mm
+    return near, near + ROUTE_SPARE_MM
+
+
+def channelled_factor(tubes: np.ndarray, r_mm: np.ndarray, spec: TumourSpec) -> np.ndarray:
+    """The factor on D of a channelled tumour: 1 on its routes (`tubes`: 1 on them, Gaussian across),
+    `off_route_invasion` away from them; the seed's neighbourhood (Gaussian of SD the route width in the
+    distance `r_mm` from the seed) is on them by 1 − channelling."""
+    blob = (1.0 - spec.channelling) * np.exp(-0.5 * (r_mm / spec.route_width_mm) ** 2)
+    off = spec.off_route_invasion
+    return (off + (1.0 - off) * np.maximum(tubes, blob)).astype(np.float32)
+
+
+def channelled_tail(lam: float, tubes: np.ndarray, spec: TumourSpec) -> np.ndarray:
+    """Decay length (mm) of the seed's invisible tail per cell: λ on the routes, λ·√off away from them at
+    full channelling (the travelling wave's √(D/ρ)), λ·f^(channelling/2) in between."""
+    off = spec.off_route_invasion
+    return (lam * (off + (1.0 - off) * tubes) ** (0.5 * spec.channelling)).astype(np.float32)
+
+
+def smallest_core(
+    profile: Callable[[float], np.ndarray],
+    grown: Callable[[np.ndarray, float], bool],
+    hi_mm: float = 100.0,
+) -> float:
+    """The smallest core radius (mm, to within hi_mm / 2^20) whose seed `profile(radius)` is already
+    `grown`: bisection, `grown` being monotone in the radius; `hi_mm` when none is."""
+    if not grown(profile(hi_mm), 0.0):
+        return hi_mm
+    lo, hi = 0.0, hi_mm
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if grown(profile(mid), 0.0) else (mid, hi)
+    return hi
+
+
 def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator) -> TumourCourse:
     """Grow, resect and regrow one tumour (see the module docstring)."""
     h = grid.spacing
@@ -387,23 +457,19 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
     seed = choose_seed(grid, domain, rng)
     d_base = diffusivity(grid, spec.lambda_wm_mm, spec.diffusion_ratio, domain)
     routes = route_directions(max(spec.routes, 0), rng)
-    d_tissue = (d_base * route_factor(spec, d_base.shape, seed, h, rng, routes)).astype(np.float32)
+    r = np.sqrt(((np.indices(grid.brain.shape) - seed.reshape(3, 1, 1, 1)) ** 2).sum(0)) * h
+    channelled = spec.channelling > 0 and len(routes) > 0
+    paths = tubes = None
+    if channelled:
+        paths = white_matter_paths(grid.wm, domain, seed, routes, route_reach_mm(spec), h)
+        tubes = path_tubes(d_base.shape, paths, spec.route_width_mm, h)
+        d_tissue = (d_base * channelled_factor(tubes, r, spec)).astype(np.float32)
+    else:
+        d_tissue = (d_base * route_factor(spec, d_base.shape, seed, h, rng, routes)).astype(np.float32)
     g_pre = gaussian_field(d_tissue.shape, h, rng)
     d = d_tissue * log_factor(g_pre, spec.heterogeneity)
     rho = domain.astype(np.float32)
 
-    # a saturated core of radius SEED_RADIUS_LAMBDA·λ: a smaller seed loses cells to diffusion faster
-    # than it grows (below about πλ) and would spend the whole course in a diffuse, unsaturated
-    # transient that real tumours left long before their first scan
-    r = np.sqrt(((np.indices(grid.brain.shape) - seed.reshape(3, 1, 1, 1)) ** 2).sum(0)) * h
-    r0 = max(SEED_RADIUS_LAMBDA * spec.lambda_wm_mm, 1.5 * h)
-    # never larger than half the tumour to grow, and with the travelling wave's tail (decay length λ)
-    # from the start: a step-edged seed that is already the lesion's size would show no infiltration
-    target_radius = (3.0 * spec.lesion_cm3 * (1.0 - spec.oedema_fraction) * 1000.0 / (8.0 * np.pi)) ** (1 / 3)
-    r0 = min(r0, max(target_radius, 1.5 * h))
-    lam = max(spec.lambda_wm_mm, 0.5 * h)
-    u = np.where(domain, 1.0 / (1.0 + np.exp(np.clip((r - r0) / lam, -50.0, 50.0))), 0.0).astype(np.float32)
-    solver = _solver(d, rho, grid, spec)
     lesion_cells = spec.lesion_cm3 / cell_cm3
     target_cells = lesion_cells * (1.0 - spec.oedema_fraction)  # the rest of the lesion is oedema
     gtr_cells = spec.gtr_cavity_cm3 / cell_cm3
@@ -426,6 +492,47 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
         depth = signed_depth(v >= spec.cel_density, h)
         return np.count_nonzero(pre_rt_regions(v, depth, spec, 1.0)["t2l"]) >= target_cells
 
+    # a saturated core of radius SEED_RADIUS_LAMBDA·λ: a smaller seed loses cells to diffusion faster
+    # than it grows (below about πλ) and would spend the whole course in a diffuse, unsaturated
+    # transient that real tumours left long before their first scan
+    r0 = max(SEED_RADIUS_LAMBDA * spec.lambda_wm_mm, 1.5 * h)
+    # never larger than half the tumour to grow, and with the travelling wave's tail (decay length λ)
+    # from the start: a step-edged seed that is already the lesion's size would show no infiltration
+    target_radius = (3.0 * spec.lesion_cm3 * (1.0 - spec.oedema_fraction) * 1000.0 / (8.0 * np.pi)) ** (1 / 3)
+    r0 = min(r0, max(target_radius, 1.5 * h))
+    lam = max(spec.lambda_wm_mm, 0.5 * h)
+
+    def seed_profile(radius: float, decay: float | np.ndarray) -> np.ndarray:
+        """A saturated core of `radius` mm with the travelling wave's logistic tail of length `decay`."""
+        z = np.clip((r - radius) / decay, -50.0, 50.0)
+        return np.where(domain, 1.0 / (1.0 + np.exp(z)), 0.0).astype(np.float32)
+
+    if channelled:
+        # the visible tumour is today's seed (a saturated core and the travelling wave's logistic edge),
+        # and below the T2L threshold the invisible tail falls off over the channelled length: far along
+        # the routes, hardly at all off them. Grown off the routes, where D is far lower, that tail would
+        # relax back to round, so the seed is (by `channelling`) already the lesion's size
+        tail = channelled_tail(lam, tubes, spec)
+        theta = spec.t2l_density
+        # distances through the tissue, so that the tail does not leap across CSF or a ventricle
+        r_tissue = np.minimum(geodesic_mm(domain, seed, h), 1e4)
+
+        def channelled_profile(radius: float) -> np.ndarray:
+            inner = min(lam, max(radius / SEED_RADIUS_LAMBDA, 0.5 * h))  # a small core stays saturated
+            edge = radius + inner * np.log((1.0 - theta) / theta)  # where the logistic crosses theta
+            z = np.clip((r_tissue - radius) / inner, -50.0, 50.0)
+            beyond = np.maximum(r_tissue - edge, 0.0)
+            u0 = np.where(r_tissue <= edge, 1.0 / (1.0 + np.exp(z)), theta * np.exp(-beyond / tail))
+            return np.where(domain, u0, 0.0).astype(np.float32)
+
+        fitted = smallest_core(channelled_profile, grown, CORE_SEARCH_MM)
+        if fitted < CORE_SEARCH_MM:  # else no core holds the lesion: grow a seed into it
+            u = channelled_profile((1.0 - spec.channelling) * r0 + spec.channelling * fitted)
+        else:
+            u = channelled_profile(r0)
+    else:
+        u = seed_profile(r0, lam)
+    solver = _solver(d, rho, grid, spec)
     max_steps = int(MAX_TIME / solver.dt) + 1
     t_pre = solver.run(u, stop=grown, max_steps=max_steps, active_threshold=ACTIVE_THRESHOLD)
     u_pre = u.copy()
@@ -455,6 +562,13 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
         focus = satellite(domain & (grid.wm >= 0.5), dist_pre, spec, h, rng)
         np.maximum(u_pre, focus, out=u_pre)
         np.maximum(u, focus, out=u)
+    if any(f > 0 for f in spec.foci_mm) and len(routes) > 0:
+        if paths is None:
+            paths = straight_paths(domain, seed, routes)
+        radius = max(spec.foci_radius_mm, h)
+        foci = route_foci(domain, dist_pre, paths, spec.foci_mm, spec.foci_density, radius, h)
+        np.maximum(u_pre, foci, out=u_pre)
+        np.maximum(u, foci, out=u)
 
     # after RT: cells die except where a smooth, never-imaged radio-resistance field protects them, and
     # the cavity holds no cells and no tissue to invade (zero flux through its wall)
@@ -468,8 +582,15 @@ def simulate_tumour(spec: TumourSpec, grid: GrowthGrid, rng: np.random.Generator
         # the recurrence escapes along a route the pre-RT tumour did not use (RT's high dose covered the
         # old ones): the later the recurrence, the likelier, and no pre-RT scan shows that route
         routes = route_directions(1, rng)
-        d_tissue = (d_base * route_factor(spec, d_base.shape, seed, h, rng, routes)).astype(np.float32)
+        if channelled:
+            escape = white_matter_paths(grid.wm, domain, seed, routes, route_reach_mm(spec), h)
+            factor = channelled_factor(path_tubes(d_base.shape, escape, spec.route_width_mm, h), r, spec)
+        else:
+            factor = route_factor(spec, d_base.shape, seed, h, rng, routes)
+        d_tissue = (d_base * factor).astype(np.float32)
     d_post = d_tissue * log_factor(g_post, spec.heterogeneity) * np.float32(spec.post_rt_invasion)
+    if spec.post_rt_migration != 1.0:
+        d_post = d_post * np.float32(spec.post_rt_migration)
     d_post = np.where(cavity, 0.0, d_post).astype(np.float32)
     rho_post = np.where(cavity, 0.0, rho).astype(np.float32)
     post = _solver(d_post, rho_post, grid, spec, dt=min(solver.dt, stable_dt(float(d_post.max()), 1.0, h)))
