@@ -95,3 +95,43 @@ def test_top_k_picks_exactly_k(k):
     masks = _row_patient((3,))
     cand, dist = candidates(masks), lesion_distance(masks, (1.0, 1.0, 1.0))
     assert top_k(np.arange(12.0)[:, None, None], cand, k, dist).sum() == k
+
+
+def test_curve_at_reads_the_best_coverage_within_each_volume():
+    from ctvlab.ctv.coverage import curve_at
+
+    volumes, coverages = np.array([10.0, 30.0, 20.0]), np.array([0.2, 0.9, 0.5])
+    np.testing.assert_allclose(
+        curve_at(volumes, coverages, np.array([5.0, 10.0, 25.0, 40.0])), [np.nan, 0.2, 0.5, 0.9]
+    )
+
+
+def test_volume_curves_of_a_map_that_follows_the_progression_lie_above_the_margin():
+    """The lobe case: the model's CTV covers the whole new progression below 3.3 cm³ (the lobe joins the lesion
+    once the threshold falls below 0.4), the margin only at 8.6 cm³; the gain averaged over the volumes both
+    curves reach (the area between them per unit volume) is large; a patient without new progression has no
+    curve."""
+    import pandas as pd
+
+    from ctvlab.ctv.coverage import volume_curves, volume_gain
+
+    shape = (31, 31, 31)
+    grid3 = np.indices(shape).transpose(1, 2, 3, 0) - 15
+    r = np.linalg.norm(grid3, axis=-1)
+    masks = {k: np.zeros(shape, bool) for k in ("cavity", "ventricles", "cel", "cel_prog", "critical")}
+    masks["brain"] = r <= 15
+    masks["ring"] = masks["brain"]
+    masks["t2l"] = r <= 4
+    masks["t2l_prog"] = masks["t2l"] | ((r > 4) & (r <= 12) & (grid3[..., 0] >= 6))
+    prob = np.clip(1.0 - r / 20.0, 0, 1) * 0.5 + 0.5 * (grid3[..., 0] >= 6) * (r <= 12)
+    rows = volume_curves(prob, masks, (1.0, 1.0, 1.0), np.linspace(0, 1, 51), range(0, 16))
+    curves = pd.DataFrame([{"patient_id": "P1", **row} for row in rows])
+    grid = np.linspace(0.0, 10.0, 21)  # cm³ (1 mm voxels: 1000 voxels a cm³)
+    _, _, diff = volume_gain(curves, grid)
+    model_full = curves[(curves.curve == "model") & (curves.coverage == 1.0)]["volume_cm3"].min()
+    margin_full = curves[(curves.curve == "margin") & (curves.coverage == 1.0)]["volume_cm3"].min()
+    assert model_full < 3.3 and margin_full == pytest.approx(8.607) and model_full < margin_full / 2
+    assert np.isfinite(diff[0]).sum() == 20 and np.nanmean(diff[0]) > 0.3
+    assert np.nanmin(diff[0]) > -0.1  # where the margin leads (small volumes), by little
+    masks["t2l_prog"] = masks["t2l"]
+    assert volume_curves(prob, masks, (1.0, 1.0, 1.0), [0.5], [0]) is None

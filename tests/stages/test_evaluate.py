@@ -154,3 +154,16 @@ def test_the_model_carries_its_thresholds_and_evaluation_uses_them(
         resolved.threshold == out.threshold
         and resolved.threshold_source == "the model's validation threshold"
     )
+
+
+def test_the_coverage_volume_curve_is_drawn_and_logged(evaluation):
+    """The phantom's test patients have new progression: their curves, the figure and the area's metric."""
+    cfg, out = evaluation
+    curves = out.out_dir / "coverage_volume.csv"
+    assert curves.is_file() and (out.out_dir / "coverage_volume.png").is_file()
+    import pandas as pd
+
+    table = pd.read_csv(curves)
+    assert set(table["curve"]) == {"model", "margin"} and table["coverage"].between(0, 1).all()
+    run = Tracker(cfg.name, cfg.tracking.tracking_uri).client.get_run(out.run_id)
+    assert "coverage_volume_gain" in run.data.metrics and "cov90_threshold" not in run.data.metrics

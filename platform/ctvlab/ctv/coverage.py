@@ -142,3 +142,113 @@ def coverage_summary(rows, rules: list[dict]) -> pd.DataFrame:  # noqa: F821
             "reason": rule.get("reason", ""),
         })  # fmt: skip
     return pd.DataFrame(out)
+
+
+def volume_curves(
+    prob: np.ndarray,
+    masks: Mapping[str, np.ndarray],
+    spacing: Sequence[float],
+    thresholds: Sequence[float],
+    margins_mm: Sequence[float],
+) -> list[dict[str, float]] | None:
+    """The coverage-volume curves of one patient: the share of its new progression inside the model CTV at
+    each threshold and inside the uniform margin at each width, against the CTV's volume (cm³).
+
+    Both CTVs are built as evaluated (the model CTV: `construct.model_ctv`; the margin: the lesion grown by
+    m mm, clipped to the brain, critical structures removed, as `construct.isovolume_ctv`). None for a
+    patient without new progression.
+
+    Returns:
+        rows {"curve": "model" | "margin", "setting": threshold or mm, "volume_cm3", "coverage"}.
+    """
+    from ctvlab.ctv.construct import model_ctv
+
+    m = {k: np.asarray(v, dtype=bool) for k, v in masks.items()}
+    new = new_progression(m)
+    n = int(new.sum())
+    if n == 0:
+        return None
+    lesion = m["cel"] | m["t2l"]
+    allowed = m["brain"] & ~m["critical"]
+    voxel_cm3 = float(np.prod(spacing)) / 1000.0
+    dist = lesion_distance(m, spacing)
+    rows = []
+    for t in thresholds:
+        ctv = model_ctv(prob, float(t), lesion, m["brain"], m["critical"])
+        rows.append({"curve": "model", "setting": float(t), "volume_cm3": float(ctv.sum()) * voxel_cm3,
+                     "coverage": float((ctv & new).sum()) / n})  # fmt: skip
+    for mm in margins_mm:
+        ctv = allowed & ((dist <= float(mm) + 1e-6) | lesion)
+        rows.append({"curve": "margin", "setting": float(mm), "volume_cm3": float(ctv.sum()) * voxel_cm3,
+                     "coverage": float((ctv & new).sum()) / n})  # fmt: skip
+    return rows
+
+
+def curve_at(volumes: np.ndarray, coverages: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """A coverage-volume curve read at the volumes of `grid`: the best coverage of any point whose volume is
+    at most that (a step function, as a planner picking the setting that fits the volume would); NaN below
+    the curve's smallest volume."""
+    order = np.argsort(volumes)
+    v, c = (
+        np.asarray(volumes, dtype=float)[order],
+        np.maximum.accumulate(np.asarray(coverages, dtype=float)[order]),
+    )
+    idx = np.searchsorted(v, grid, side="right") - 1
+    return np.where(idx >= 0, c[np.clip(idx, 0, None)], np.nan)
+
+
+def volume_gain(curves: pd.DataFrame, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: F821
+    """Per patient (rows of `curves` with "patient_id"), the model's and the margin's coverage on `grid`
+    (cm³): arrays (patients, grid), and their difference. Where a patient's curve does not reach a volume
+    (its lesion alone is larger, or its whole brain smaller), the value is NaN."""
+    model, margin = [], []
+    for _, part in curves.groupby("patient_id", sort=True):
+        for name, out in (("model", model), ("margin", margin)):
+            c = part[part["curve"] == name]
+            row = curve_at(c["volume_cm3"].to_numpy(), c["coverage"].to_numpy(), grid)
+            row[grid > c["volume_cm3"].max() + 1e-9] = np.nan  # beyond the largest CTV of that curve
+            out.append(row)
+    model_a, margin_a = np.array(model), np.array(margin)
+    return model_a, margin_a, model_a - margin_a
+
+
+def volume_summary(curves: pd.DataFrame, coverage_rows: list[dict], points: int = 60) -> dict:  # noqa: F821
+    """The cohort's coverage-volume comparison: the curves on a common volume grid (0 to the largest RTOG
+    CTV), each patient's gain (the model's coverage minus the margin's, averaged over the volumes both of
+    its curves reach: the area between them over that range), its mean with a patient-bootstrap 95%
+    interval and the Wilcoxon p against 0, and the fixed CTVs' mean (volume, coverage) to mark.
+
+    Args:
+        curves: `volume_curves` rows of every patient, with "patient_id".
+        coverage_rows: per patient and CTV {"ctv", "miss", "volume_cm3"} (`stages.evaluate`).
+    """
+    import pandas as pd
+
+    from ctvlab.statistics import paired_wilcoxon, patient_bootstrap
+
+    rows = pd.DataFrame(coverage_rows)
+    rtog = rows[rows["ctv"] == "rtog"]["volume_cm3"] if len(rows) else pd.Series(dtype=float)
+    top = float(rtog.max()) if len(rtog) else float(curves["volume_cm3"].max())
+    grid = np.linspace(0.0, top, points)
+    model, margin, diff = volume_gain(curves, grid)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_patient = np.nanmean(diff, axis=1)
+    per_patient = per_patient[np.isfinite(per_patient)]
+    ci = patient_bootstrap(
+        [str(i) for i in range(per_patient.size)], lambda idx: float(per_patient[idx].mean())
+    )
+    test = paired_wilcoxon(per_patient, np.zeros_like(per_patient))
+    marks = {}
+    for name, part in rows.groupby("ctv") if len(rows) else []:
+        covered = 1.0 - part["miss"].dropna()
+        if len(covered):
+            marks[name.upper() if name in ("rtog", "eortc") else name] = (
+                float(part["volume_cm3"].mean()),
+                float(covered.mean()),
+            )
+    return {"grid": grid, "model": model, "margin": margin, "marks": marks, "n": int(per_patient.size),
+            "gain": ci.estimate, "low": ci.low, "high": ci.high, "p": test.p}  # fmt: skip

@@ -4,6 +4,8 @@
 - `plot_contours`: axial slices with the CTV contours over T1c and FLAIR, model red, EORTC green,
   RTOG yellow, the progression white and hatched (Fig. 4).
 - `plot_roc_curves`: ROC curves of the voxel-wise models with the chance line (Fig. 1).
+- `plot_coverage_volume`: the share of the new progression covered against CTV volume, the model (its
+  threshold swept) beside the uniform margin (its width swept), with RTOG, EORTC and the coverage CTVs.
 
 Figures are drawn on the Agg canvas directly (no pyplot state, safe in worker threads) and written
 atomically. Each has a fixed size in inches, documented per function, so its pixel size is
@@ -26,6 +28,7 @@ __all__ = [
     "CTV_COLOURS",
     "CTV_LABELS",
     "plot_contours",
+    "plot_coverage_volume",
     "plot_metric_boxes",
     "plot_roc_curves",
     "stars",
@@ -230,6 +233,53 @@ def plot_roc_curves(
     ax.set_aspect("equal")
     ax.set_xlabel("False positive rate")
     ax.set_ylabel("True positive rate")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out, dpi)
+
+
+def plot_coverage_volume(
+    grid: np.ndarray,
+    model: np.ndarray,
+    margin: np.ndarray,
+    marks: Mapping[str, tuple[float, float]],
+    out: Path,
+    title: str,
+    *,
+    dpi: int = 100,
+) -> Path:
+    """Mean coverage of the new progression against CTV volume over patients (6.4 × 4.4 inches).
+
+    Args:
+        grid: volumes (cm³) of the x axis.
+        model, margin: (patients, grid) coverages (NaN where a patient's curve does not reach).
+        marks: {label: (mean volume cm³, mean coverage)} of fixed CTVs (RTOG, EORTC, cov95, ...).
+        out: PNG path.
+        title: figure title.
+    """
+    import warnings
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    with warnings.catch_warnings():  # a grid volume that no patient reaches is an all-NaN column
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, curves, colour in (("model CTV (threshold swept)", model, CTV_COLOURS["model"]),
+                                     ("uniform margin (width swept)", margin, CTV_COLOURS["isovolume"])):  # fmt: skip
+            mean = np.nanmean(curves, axis=0)
+            n = np.sum(np.isfinite(curves), axis=0)
+            se = np.nanstd(curves, axis=0) / np.sqrt(np.maximum(n, 1))
+            ax.plot(grid, mean, color=colour, linewidth=1.8, label=name)
+            ax.fill_between(grid, mean - se, mean + se, color=colour, alpha=0.2, linewidth=0)
+    for label, (v, c) in marks.items():
+        colour = CTV_COLOURS.get(label.lower(), (0.3, 0.3, 0.3))
+        ax.plot([v], [c], marker="o", color=colour, markeredgecolor="k", linestyle="none")
+        ax.annotate(label, (v, c), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    ax.set_xlabel("CTV volume (cm³)")
+    ax.set_ylabel("share of the new progression covered")
+    ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -43,6 +43,8 @@ from ctvlab.errors import CtvlabError, DataError
 from ctvlab.study import REFERENCE_ONLY_CTVS
 from ctvlab.unet.inference import load_model, predict_probability
 
+CURVE_MARGINS_MM = tuple(range(0, 42, 2))  # the uniform margin's widths on the coverage-volume curve
+
 
 def resolve_model(
     cfg: StudyConfig,
@@ -140,8 +142,9 @@ def evaluate_study(
         **{"model training patients": trained_on, f"{split_name} patients": {names[i] for i in ids}}
     )
 
-    from ctvlab.ctv.coverage import coverage_summary
-    from ctvlab.stages.calibrate import calibration_for, coverage_thresholds
+    from ctvlab.ctv.coverage import coverage_summary, volume_curves, volume_summary
+    from ctvlab.ctv.figures import plot_coverage_volume
+    from ctvlab.stages.calibrate import COVERAGE_GRID, calibration_for, coverage_thresholds
 
     calibration = calibration_for(model, prep, cfg, split.patients("val"))  # the model's own, when current
     if cfg.ctv.threshold == "validation":
@@ -155,7 +158,7 @@ def evaluate_study(
     with atomic_folder(final_out) as out:
         (out / "ctv_3mm").mkdir()
         (out / "ctv_native").mkdir()
-        rows, t_inf, t_ctv, eortc_sources, coverage_rows = [], 0.0, 0.0, {}, []
+        rows, t_inf, t_ctv, eortc_sources, coverage_rows, curve_rows = [], 0.0, 0.0, {}, [], []
         overlay_cases: list[tuple[str, float]] = []
         for pid in _progress(ids, progress, console, "evaluating"):
             p = load_patient(prep, pid)
@@ -172,6 +175,9 @@ def evaluate_study(
             overlay_cases.append(
                 (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
             )
+            curve = volume_curves(prob, {**patient_masks(p), "ventricles": p.mask("ventricles") > 0}, p.spacing,
+                                  COVERAGE_GRID, CURVE_MARGINS_MM)  # fmt: skip
+            curve_rows.extend({"patient_id": pid, **r} for r in curve or [])
             cov_ctvs = coverage_ctvs(prob, p, coverage_thresholds(calibration))
             coverage_rows.extend(
                 coverage_patient_rows(p, {**cov_ctvs, "rtog": ctvs["rtog"], "eortc": ctvs["eortc"]})
@@ -182,6 +188,10 @@ def evaluate_study(
         per_patient = pd.DataFrame(rows)
         coverage = coverage_summary(coverage_rows, calibration["coverage"])
         write_csv_atomic(out / "coverage.csv", coverage)
+        curves = pd.DataFrame(curve_rows)
+        volume = volume_summary(curves, coverage_rows) if len(curves) else None
+        if volume is not None:
+            write_csv_atomic(out / "coverage_volume.csv", curves)
         summary = summary_table(per_patient)
         wilcoxon = wilcoxon_table(per_patient)
         comparisons = comparison_table(
@@ -196,6 +206,12 @@ def evaluate_study(
         figures = [plot_metric_boxes(drawn.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
                                      {(r.metric, r.reference, r.other): r.p_holm for r in wilcoxon.itertuples()})]  # fmt: skip
         figures.append(plot_by_cohort(per_patient, read_patients(prep), out / "supp_fig4_by_cohort.png"))
+        if volume is not None:
+            figures.append(plot_coverage_volume(
+                volume["grid"], volume["model"], volume["margin"], volume["marks"], out / "coverage_volume.png",
+                f"Coverage against volume, {volume['n']} test patients: model − margin {volume['gain']:+.3f} "
+                f"[{volume['low']:+.3f}, {volume['high']:+.3f}]",
+            ))  # fmt: skip
         chosen = [pid for pid, _ in sorted(overlay_cases, key=lambda kv: -kv[1])[: cfg.ctv.overlay_patients]]
         for pid in chosen:
             p = load_patient(prep, pid)
@@ -230,6 +246,9 @@ def evaluate_study(
         flat.update({f"p_{r.metric}_model_vs_{r.other}": r.p_value for r in wilcoxon.itertuples()})
         flat.update({f"p_holm_{r.metric}_model_vs_{r.other}": r.p_holm for r in wilcoxon.itertuples()})
         flat["threshold"] = threshold
+        if volume is not None:  # the area between the coverage-volume curves, per unit volume
+            flat.update({"coverage_volume_gain": volume["gain"], "coverage_volume_gain_low": volume["low"],
+                         "coverage_volume_gain_high": volume["high"], "coverage_volume_gain_p": volume["p"]})  # fmt: skip
         for r in coverage.itertuples():  # target against achieved, per coverage CTV
             if r.ctv.startswith("cov") and r.threshold is not None and r.threshold == r.threshold:
                 flat.update({f"{r.ctv}_threshold": r.threshold, f"{r.ctv}_test_miss": r.miss,
@@ -242,6 +261,8 @@ def evaluate_study(
         run.table(wilcoxon, "wilcoxon.csv")
         run.table(comparisons, "comparisons.csv")
         run.table(coverage, "coverage.csv")
+        if volume is not None:
+            run.table(pseudonymised(prep, curves), "coverage_volume.csv")
         if threshold_table:
             run.table(pd.DataFrame({"threshold": list(threshold_table), "mean_val_tversky": list(threshold_table.values())}),
                       "threshold_choice.csv")  # fmt: skip
