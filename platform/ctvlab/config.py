@@ -639,6 +639,12 @@ class CTVConfig(Strict):
     tversky_beta: Fraction = Field(
         TVERSKY_BETA, description="Tversky weight of false negatives (study: 0.98)."
     )
+    uncertainty: Literal["tta", "none"] = Field(
+        "tta",
+        description="Per-voxel uncertainty written beside the probability by evaluate and predict: tta, the "
+        "mean and standard deviation of the probability over the eight mirrored inputs (test-time "
+        "augmentation with the flips the network was trained with; eight forward passes per patient); none.",
+    )
     overlay_patients: int = Field(3, ge=0, description="Patients drawn in the contour figure.")
     write_native_grid: bool = Field(True, description="Also resample CTVs to each patient's T1c grid.")
 

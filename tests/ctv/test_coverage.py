@@ -135,3 +135,24 @@ def test_volume_curves_of_a_map_that_follows_the_progression_lie_above_the_margi
     assert np.nanmin(diff[0]) > -0.1  # where the margin leads (small volumes), by little
     masks["t2l_prog"] = masks["t2l"]
     assert volume_curves(prob, masks, (1.0, 1.0, 1.0), [0.5], [0]) is None
+
+
+def test_reliability_counts_and_ece_on_hand_cases():
+    from ctvlab.ctv.calibration import ReliabilityCounts
+
+    counts = ReliabilityCounts(bins=2)
+    region = np.ones(4, bool)
+    # bin [0, 0.5): predictions 0.2, 0.2, outcome 0, 1 → frequency 0.5, confidence 0.2
+    # bin [0.5, 1]: predictions 0.8, 1.0, outcomes 1, 1 → frequency 1.0, confidence 0.9
+    counts.add(np.array([0.2, 0.2, 0.8, 1.0]), np.array([0, 1, 1, 1], bool), region)
+    table = counts.table()
+    assert list(table["n"]) == [2, 2]
+    np.testing.assert_allclose(table["confidence"], [0.2, 0.9])
+    np.testing.assert_allclose(table["frequency"], [0.5, 1.0])
+    assert counts.ece() == pytest.approx(0.5 * 0.3 + 0.5 * 0.1)
+    # a calibrated predictor: outcomes drawn with the predicted probability → ECE near 0
+    rng = np.random.default_rng(0)
+    p = rng.random(200_000)
+    calibrated = ReliabilityCounts()
+    calibrated.add(p, rng.random(p.size) < p, np.ones(p.size, bool))
+    assert calibrated.ece() < 0.01

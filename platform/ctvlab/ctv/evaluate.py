@@ -164,3 +164,15 @@ def write_ctv_nifti(ctv: np.ndarray, p: PreparedPatient, out_3mm: Path, out_nati
     if out_native is not None and native_affine is not None and native_shape is not None:
         native = resample_mask(ctv, p.affine, np.asarray(native_affine, float), tuple(native_shape))
         save(native, np.asarray(native_affine, float), out_native)
+
+
+def write_map_nifti(data: np.ndarray, p: PreparedPatient, path: Path) -> None:
+    """A float32 map (probability, its spread) as NIfTI on the patient's 3 mm grid."""
+    import nibabel as nib
+
+    from ctvlab.atomic import atomic_path
+
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), p.affine)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)

@@ -10,7 +10,7 @@ written under `results/evaluate/` and logged to one MLflow run.
 The leakage guard: the model's spec lists the pseudonyms of its training and validation patients; none
 may be among the evaluated patients.
 
-About 440 lines: the evaluation is one pass over the test patients whose tables, figures and MLflow run
+About 430 lines: the evaluation is one pass over the test patients whose tables, figures and MLflow run
 share their data; the CTV construction and metrics themselves live in `ctvlab.ctv`.
 """
 
@@ -142,9 +142,8 @@ def evaluate_study(
         **{"model training patients": trained_on, f"{split_name} patients": {names[i] for i in ids}}
     )
 
-    from ctvlab.ctv.coverage import coverage_summary, volume_curves, volume_summary
-    from ctvlab.ctv.figures import plot_coverage_volume
-    from ctvlab.stages.calibrate import COVERAGE_GRID, calibration_for, coverage_thresholds
+    from ctvlab.stages.calibrate import calibration_for
+    from ctvlab.stages.coverage_outputs import CoverageOutputs
 
     calibration = calibration_for(model, prep, cfg, split.patients("val"))  # the model's own, when current
     if cfg.ctv.threshold == "validation":
@@ -158,7 +157,8 @@ def evaluate_study(
     with atomic_folder(final_out) as out:
         (out / "ctv_3mm").mkdir()
         (out / "ctv_native").mkdir()
-        rows, t_inf, t_ctv, eortc_sources, coverage_rows, curve_rows = [], 0.0, 0.0, {}, [], []
+        extra = CoverageOutputs(cfg, model, calibration, out)
+        rows, t_inf, t_ctv, eortc_sources = [], 0.0, 0.0, {}
         overlay_cases: list[tuple[str, float]] = []
         for pid in _progress(ids, progress, console, "evaluating"):
             p = load_patient(prep, pid)
@@ -175,23 +175,11 @@ def evaluate_study(
             overlay_cases.append(
                 (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
             )
-            curve = volume_curves(prob, {**patient_masks(p), "ventricles": p.mask("ventricles") > 0}, p.spacing,
-                                  COVERAGE_GRID, CURVE_MARGINS_MM)  # fmt: skip
-            curve_rows.extend({"patient_id": pid, **r} for r in curve or [])
-            cov_ctvs = coverage_ctvs(prob, p, coverage_thresholds(calibration))
-            coverage_rows.extend(
-                coverage_patient_rows(p, {**cov_ctvs, "rtog": ctvs["rtog"], "eortc": ctvs["eortc"]})
-            )
+            cov_ctvs = extra.add(p, prob, ctvs)
             for name, ctv in {**_drawn(ctvs), **cov_ctvs}.items():
                 native = out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
                 write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
         per_patient = pd.DataFrame(rows)
-        coverage = coverage_summary(coverage_rows, calibration["coverage"])
-        write_csv_atomic(out / "coverage.csv", coverage)
-        curves = pd.DataFrame(curve_rows)
-        volume = volume_summary(curves, coverage_rows) if len(curves) else None
-        if volume is not None:
-            write_csv_atomic(out / "coverage_volume.csv", curves)
         summary = summary_table(per_patient)
         wilcoxon = wilcoxon_table(per_patient)
         comparisons = comparison_table(
@@ -206,12 +194,7 @@ def evaluate_study(
         figures = [plot_metric_boxes(drawn.rename(columns={"patient_id": "patient"}), out / "fig3_metric_boxes.png",
                                      {(r.metric, r.reference, r.other): r.p_holm for r in wilcoxon.itertuples()})]  # fmt: skip
         figures.append(plot_by_cohort(per_patient, read_patients(prep), out / "supp_fig4_by_cohort.png"))
-        if volume is not None:
-            figures.append(plot_coverage_volume(
-                volume["grid"], volume["model"], volume["margin"], volume["marks"], out / "coverage_volume.png",
-                f"Coverage against volume, {volume['n']} test patients: model − margin {volume['gain']:+.3f} "
-                f"[{volume['low']:+.3f}, {volume['high']:+.3f}]",
-            ))  # fmt: skip
+        figures.extend(extra.finish())
         chosen = [pid for pid, _ in sorted(overlay_cases, key=lambda kv: -kv[1])[: cfg.ctv.overlay_patients]]
         for pid in chosen:
             p = load_patient(prep, pid)
@@ -246,13 +229,7 @@ def evaluate_study(
         flat.update({f"p_{r.metric}_model_vs_{r.other}": r.p_value for r in wilcoxon.itertuples()})
         flat.update({f"p_holm_{r.metric}_model_vs_{r.other}": r.p_holm for r in wilcoxon.itertuples()})
         flat["threshold"] = threshold
-        if volume is not None:  # the area between the coverage-volume curves, per unit volume
-            flat.update({"coverage_volume_gain": volume["gain"], "coverage_volume_gain_low": volume["low"],
-                         "coverage_volume_gain_high": volume["high"], "coverage_volume_gain_p": volume["p"]})  # fmt: skip
-        for r in coverage.itertuples():  # target against achieved, per coverage CTV
-            if r.ctv.startswith("cov") and r.threshold is not None and r.threshold == r.threshold:
-                flat.update({f"{r.ctv}_threshold": r.threshold, f"{r.ctv}_test_miss": r.miss,
-                             f"{r.ctv}_volume_cm3": r.volume_cm3})  # fmt: skip
+        flat.update(extra.metrics())
         flat["seconds_inference_per_patient"] = t_inf / len(ids)
         flat["seconds_ctv_metrics_per_patient"] = t_ctv / len(ids)
         run.metrics(flat)
@@ -260,9 +237,7 @@ def evaluate_study(
         run.table(summary, "summary.csv")
         run.table(wilcoxon, "wilcoxon.csv")
         run.table(comparisons, "comparisons.csv")
-        run.table(coverage, "coverage.csv")
-        if volume is not None:
-            run.table(pseudonymised(prep, curves), "coverage_volume.csv")
+        extra.log(run, prep)
         if threshold_table:
             run.table(pd.DataFrame({"threshold": list(threshold_table), "mean_val_tversky": list(threshold_table.values())}),
                       "threshold_choice.csv")  # fmt: skip
@@ -282,7 +257,7 @@ def evaluate_study(
                 run.artifact(Path(d) / sub, sub)
         run_id = run.run_id
     return EvaluationOutcome(run_id, model_uri, threshold, per_patient, summary, wilcoxon, out, figures,
-                             t_inf / len(ids), t_ctv / len(ids), comparisons, coverage)  # fmt: skip
+                             t_inf / len(ids), t_ctv / len(ids), comparisons, extra.coverage)  # fmt: skip
 
 
 def plot_by_cohort(per_patient: pd.DataFrame, patients: pd.DataFrame, out: Path) -> Path:
@@ -297,28 +272,6 @@ def plot_by_cohort(per_patient: pd.DataFrame, patients: pd.DataFrame, out: Path)
     no_tests = pd.DataFrame(columns=["metric", "set_a", "set_b", "p_holm"])
     return plot_ablation(model, cohorts, no_tests, out, by="cohort", reference="",
                          title="Model CTV per treatment cohort, test patients (Supp. Fig. 4)")  # fmt: skip
-
-
-def coverage_ctvs(prob: np.ndarray, p, thresholds: dict[str, float]) -> dict[str, np.ndarray]:
-    """The model CTV at each coverage rule's threshold (`cov90`, ...), built as the model CTV is."""
-    from ctvlab.ctv.construct import model_ctv
-
-    m = patient_masks(p)
-    return {
-        name: model_ctv(prob, t, m["cel"] | m["t2l"], m["brain"], m["critical"])
-        for name, t in thresholds.items()
-    }
-
-
-def coverage_patient_rows(p, ctvs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Per CTV: the share of the patient's new progression it misses (NaN without any) and its volume."""
-    from ctvlab.ctv.coverage import new_progression
-
-    m = {**patient_masks(p), "ventricles": p.mask("ventricles") > 0}
-    new = new_progression(m)
-    n, voxel_cm3 = int(new.sum()), float(np.prod(p.spacing)) / 1000.0
-    return [{"patient_id": p.patient_id, "ctv": name, "miss": float((new & ~ctv).sum()) / n if n else float("nan"),
-             "volume_cm3": float(ctv.sum()) * voxel_cm3} for name, ctv in ctvs.items()]  # fmt: skip
 
 
 def _drawn(ctvs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -15,6 +15,9 @@ progressors (more time to grow), which is also why late progression is harder to
 
 Everything here is a pure function of the config's seed and size: `draw_cohort` is cheap (no images)
 and decides every patient's clinical row and tumour parameters before any image is made.
+
+About 410 lines: the table's draws and each patient's tumour parameters (with the signal settings'
+per-patient draws) are read together, in the order the cohort is drawn.
 """
 
 from __future__ import annotations

@@ -110,6 +110,47 @@ def predict_arrays(
     return (view.uncrop(prob, full) * inside).astype(np.float32)
 
 
+FLIPS = tuple((x, y, z) for x in (False, True) for y in (False, True) for z in (False, True))
+
+
+def predict_with_spread(
+    model: LoadedModel, features: np.ndarray, brain: np.ndarray, t2l: np.ndarray, spacing, flips=FLIPS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Test-time augmentation: the network's probability averaged over mirrored inputs (the flips it was
+    trained with, all eight by default), and its standard deviation over them: a per-voxel uncertainty.
+
+    The spread says where the prediction depends on how the same patient is presented, which is where the
+    network has learnt least; it is not a calibrated probability interval.
+
+    Returns:
+        (mean, sd), float32 (X, Y, Z) on the patient's full grid, 0 outside the box the network saw.
+    """
+    import torch
+
+    from ctvlab.unet.inputs import network_input, network_view
+
+    inside = np.asarray(brain) > 0
+    full = tuple(int(n) for n in features.shape[1:])
+    view = network_view(model.spec, inside, np.asarray(t2l) > 0, spacing)
+    x = torch.from_numpy(network_input(features, FEATURES, inside, model.spec["modality_set"], view)[None])
+    probs = []
+    with torch.no_grad():
+        for flip in flips:
+            dims = [2 + i for i, f in enumerate(flip) if f]
+            xin = (torch.flip(x, dims) if dims else x).to(model.device)
+            if model.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model.net(xin)
+            else:
+                logits = model.net(xin)
+            prob = torch.sigmoid(logits.float())
+            probs.append((torch.flip(prob, dims) if dims else prob)[0, 0].cpu().numpy())
+    stack = np.stack(probs)
+    mean = view.uncrop(stack.mean(axis=0), full) * inside
+    sd = view.uncrop(stack.std(axis=0), full) * inside
+    return mean.astype(np.float32), sd.astype(np.float32)
+
+
 def predict_probability(model: LoadedModel, patient) -> np.ndarray:
     """`predict_arrays` of a prepared patient (`ctvlab.data.readers.PreparedPatient`)."""
     return predict_arrays(
