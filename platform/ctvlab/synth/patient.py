@@ -14,6 +14,8 @@ Grids (all in the scanner's world frame, mm):
 The head is scaled as well as placed: `plan.brain_scale` shrinks the template (whose brain is larger than
 an adult's) to the patient's brain volume, and every length and volume of the tumour is divided by it
 (in template units) so that the images show the drawn sizes in millimetres.
+
+About 400 lines: one patient's steps, from pose to files, share its grids and random streams.
 """
 
 from __future__ import annotations
