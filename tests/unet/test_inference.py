@@ -57,3 +57,21 @@ def test_evaluation_equals_the_validation_pass(trained_phantom, prepared_phantom
 )
 def test_network_grid(shape, trained, expected):
     assert network_grid(shape, trained) == expected
+
+
+def test_test_time_augmentation_is_the_prediction_without_flips_and_spreads_with_them(
+    trained_phantom, prepared_phantom
+):
+    from ctvlab.unet.inference import predict_with_spread
+
+    _, trained = trained_phantom
+    model = load_model(trained.model_dir, device="cpu")
+    p = load_patient(prepared_phantom, load_split(prepared_phantom).patients("test")[0])
+    args = (model, p.features, p.mask("brain"), p.mask("t2l"), p.spacing)
+    mean, sd = predict_with_spread(*args, flips=[(False, False, False)])
+    np.testing.assert_allclose(mean, predict_probability(model, p), atol=1e-6)
+    assert not sd.any()
+    mean, sd = predict_with_spread(*args)
+    brain = p.mask("brain") > 0
+    assert sd[brain].max() > 0 and not sd[~brain].any() and not mean[~brain].any()
+    assert (mean >= 0).all() and (mean <= 1).all() and (sd <= 0.5 + 1e-6).all()

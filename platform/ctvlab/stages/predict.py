@@ -9,6 +9,8 @@ trained on (`ctvlab.unet.inference`), then, on the patient's native T1c grid:
 - `ctv_model.nii.gz`, `ctv_rtog.nii.gz`, `ctv_eortc.nii.gz`: the CTVs built on the native grid
   (`ctvlab.ctv.construct.build_ctvs`) from the resampled probability and the native masks, so that
   contours follow the native voxels instead of 3 mm steps; margins in mm of the native spacing;
+- `probability_tta_mean.nii.gz`, `probability_tta_sd.nii.gz` (with `ctv.uncertainty: tta`, the default):
+  the probability's mean and standard deviation over the eight mirrored inputs, a per-voxel uncertainty;
 - `ctv_cov90.nii.gz`, ... : the model CTV at each coverage threshold the model records (chosen on its
   validation patients by conformal risk control, `ctvlab.stages.calibrate`): nested CTVs, each with a mean
   coverage of the new progression guaranteed on patients like those;
@@ -67,7 +69,7 @@ RTSTRUCT_FILE = "rtstruct.dcm"
 RTSTRUCT_LABEL = "RESEARCH CTV"  # StructureSetLabel (SH, 16 characters): a research model's, unapproved
 ROI_NAMES = {"model": "CTV_model", "rtog": "CTV_RTOG", "eortc": "CTV_EORTC"}
 OUTPUT_FILES = ("probability.nii.gz", "ctv_model.nii.gz", "ctv_rtog.nii.gz", "ctv_eortc.nii.gz",
-                "overlay.png", "report.json")  # fmt: skip
+                "overlay.png", "report.json", "probability_tta_mean.nii.gz", "probability_tta_sd.nii.gz")  # fmt: skip
 
 
 @dataclass
@@ -192,6 +194,14 @@ def predict_patient(
     ctvs.update(coverage_level_ctvs(prob, masks, resolved.model.spec))
 
     nib.save(_native_image(prob, t1c, np.float32), dst / "probability.nii.gz")
+    if cfg.ctv.uncertainty == "tta":  # mean and spread over mirrored inputs, on the T1c grid
+        from ctvlab.unet.inference import predict_with_spread
+
+        maps3 = predict_with_spread(resolved.model, arrays.features, arrays.mask("brain"), arrays.mask("t2l"),
+                                    arrays.spacing)  # fmt: skip
+        for name, m3 in zip(("probability_tta_mean", "probability_tta_sd"), maps3, strict=True):
+            native = np.clip(resample(m3, arrays.affine, t1c.affine, shape), 0.0, 1.0) * masks["brain"]
+            nib.save(_native_image(native.astype(np.float32), t1c, np.float32), dst / f"{name}.nii.gz")
     for name, ctv in ctvs.items():
         nib.save(_native_image(ctv, t1c, np.uint8), dst / f"ctv_{name}.nii.gz")
     background = np.asarray(t1c.get_fdata(dtype=np.float32)).reshape(shape)
