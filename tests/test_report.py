@@ -120,3 +120,23 @@ def test_an_unreadable_output_spoils_its_section_only(tmp_path, prepared_phantom
     text = _text(build_report(cfg))
     assert "could not be read" in text and "KeyError" in text
     assert "0.81 ± 0.05" in text and "Provenance" in text  # the other sections are there
+
+
+def test_the_coverage_section_shows_target_against_achieved_the_curve_and_the_control(
+    tmp_path, prepared_phantom, phantom_cohort
+):
+    cfg = _study(tmp_path, prepared_phantom, phantom_cohort)
+    ev = cfg.results_dir / "evaluate"
+    pd.DataFrame([{"ctv": "cov95", "target": 0.95, "threshold": 0.12, "miss": 0.043, "volume_cm3": 180.0},
+                  {"ctv": "rtog", "target": None, "threshold": None, "miss": 0.02, "volume_cm3": 250.0}]).to_csv(
+        ev / "coverage.csv", index=False)  # fmt: skip
+    pd.DataFrame([{"volume": "model CTV", "map": "model", "gain": 0.031, "ceiling": 0.094}]).to_csv(
+        ev / "control.csv", index=False
+    )
+    (ev / "coverage_volume.png").write_bytes(PNG)
+    (ev / "reliability.png").write_bytes(PNG)
+    out = build_report(cfg)
+    text, page = _text(out), out.read_text()
+    assert "Coverage: guaranteed CTVs" in text and "cov95" in text and "0.043" in text
+    assert "Positive control" in text and "0.094" in text  # the ceiling beside the model's gain
+    assert page.count("data:image/png;base64,") == 4  # + the curve and the reliability diagram

@@ -8,9 +8,13 @@ For each evaluated patient (`CoverageOutputs.add`):
   the uniform margin with its width swept;
 - the voxel counts of the reliability diagram (`ctvlab.ctv.calibration`), over the brain within the ring;
 - with `ctv.uncertainty: tta`, the test-time-augmentation mean and spread of the probability as NIfTI
-  (`uncertainty/<patient>_tta_mean.nii.gz`, `_tta_sd.nii.gz`).
+  (`uncertainty/<patient>_tta_mean.nii.gz`, `_tta_sd.nii.gz`);
+- on a synthetic cohort that keeps its ground truth (`<cohort>/truth/`), the positive control's scoring
+  (`ctvlab.stages.control.score_patient`): the model against the same-volume margin at fixed volumes,
+  beside the ceiling (the true pre-RT density's gain).
 Then (`finish`): `coverage.csv` (target against achieved), `coverage_volume.csv` and its figure with the
-area between the curves, `reliability.csv` and its figure; `metrics` and `log` give them to MLflow.
+area between the curves, `reliability.csv` and its figure, `control.csv` (with truth); `metrics` and `log`
+give them to MLflow.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ class CoverageOutputs:
         self.curves: pd.DataFrame | None = None
         self.volume: dict[str, Any] | None = None
         self.n_patients = 0
+        self.threshold = float(calibration["threshold"])
+        self.control_ctv: list[dict[str, Any]] = []
+        self.control_rows: list[dict[str, Any]] = []
+        self.control: pd.DataFrame | None = None
         if cfg.ctv.uncertainty == "tta":
             (self.out / "uncertainty").mkdir(exist_ok=True)
 
@@ -68,6 +76,13 @@ class CoverageOutputs:
         curve = volume_curves(prob, m, p.spacing, COVERAGE_GRID, CURVE_MARGINS_MM)
         self.curve_rows.extend({"patient_id": p.patient_id, **r} for r in curve or [])
         self.reliability.add(prob, m["target"], m["brain"] & m["ring"])
+        from ctvlab.stages.control import score_patient, truth_on_grid
+
+        density = truth_on_grid(self.cfg.raw_dir, p)
+        if density is not None:  # a synthetic cohort with its ground truth: the positive control's scoring
+            c, r = score_patient(prob, self.threshold, p, self.cfg, density)
+            self.control_ctv.append(c)
+            self.control_rows.extend(r)
         if self.cfg.ctv.uncertainty == "tta":
             mean, sd = predict_with_spread(self.model, p.features, p.mask("brain"), p.mask("t2l"), p.spacing)
             write_map_nifti(mean, p, self.out / "uncertainty" / f"{p.patient_id}_tta_mean.nii.gz")
@@ -94,6 +109,11 @@ class CoverageOutputs:
                 f"Coverage against volume, {v['n']} patients: model − margin {v['gain']:+.3f} "
                 f"[{v['low']:+.3f}, {v['high']:+.3f}]",
             ))  # fmt: skip
+        if self.control_ctv:
+            from ctvlab.stages.control import summary
+
+            self.control = summary(pd.DataFrame(self.control_ctv), pd.DataFrame(self.control_rows))
+            write_csv_atomic(self.out / "control.csv", self.control)
         return figures
 
     def metrics(self) -> dict[str, float]:
@@ -107,6 +127,13 @@ class CoverageOutputs:
             if r.ctv.startswith("cov") and r.threshold is not None and r.threshold == r.threshold:
                 out.update({f"{r.ctv}_threshold": r.threshold, f"{r.ctv}_test_miss": r.miss,
                             f"{r.ctv}_volume_cm3": r.volume_cm3})  # fmt: skip
+        if self.control is not None:  # the model's gain over the same-volume margin, and the ceiling
+            for r in self.control.itertuples():
+                if r.map == "model" and r.volume in ("model CTV (as drawn)", "model CTV"):
+                    key = "control_drawn" if "drawn" in r.volume else "control_at_volume"
+                    out.update({f"{key}_gain": r.gain, f"{key}_p": r.p})
+                    if key == "control_at_volume":
+                        out[f"{key}_ceiling"] = r.ceiling
         return out
 
     def log(self, run, prep: Path) -> None:
@@ -117,3 +144,5 @@ class CoverageOutputs:
         run.table(self.reliability.table(), "reliability.csv")
         if self.curves is not None and len(self.curves):
             run.table(pseudonymised(prep, self.curves), "coverage_volume.csv")
+        if self.control is not None:
+            run.table(self.control, "control.csv")

@@ -9,7 +9,7 @@ current for the study's settings and data (`pipeline.current_stages`); stale or 
 marked as such, not shown as the study's results. Figures are embedded as PNG (base64), so the file opens
 anywhere, including MLflow's artifact viewer.
 
-About 410 lines: one function per section of the report, in the paper's order, and the small HTML writer
+About 430 lines: one function per section of the report, in the paper's order, and the small HTML writer
 they share; splitting them apart would scatter one document over several files.
 """
 
@@ -116,6 +116,7 @@ def build_report(
         lambda: _voxel_models(r, results, current.get("voxel_models", False)),
         lambda: _model(r, cfg, current),
         lambda: _evaluation(r, results, current.get("evaluate", False), patient_images),
+        lambda: _coverage(r, results, current.get("evaluate", False)),
         lambda: _losses(r, results, current.get("losses", False)),
         lambda: _ablation(r, results, current.get("ablation", False)),
         lambda: _provenance(r, cfg, current),
@@ -324,6 +325,36 @@ def _evaluation(r: Report, results: Path, is_current: bool, patient_images: bool
     elif contours:
         r.p(f"{len(contours)} contour figure(s) of test patients are left out of this copy (they show patient "
             "anatomy; set <code>tracking.log_patient_images</code> to include them); see the results folder.")  # fmt: skip
+
+
+def _coverage(r: Report, results: Path, is_current: bool) -> None:
+    r.h("Coverage: guaranteed CTVs, the curve behind every volume, calibration")
+    folder = results / "evaluate"
+    if not (folder / "coverage.csv").exists():
+        r.p("No coverage outputs: run the evaluation (ctvlab evaluate) with this version.", "missing")
+        return
+    if not is_current:
+        r.p("These outputs are not current for this config.", "stale")
+    r.p("Coverage CTVs: the model's threshold for each target was chosen on its validation patients by conformal "
+        "risk control, so that on a new patient like them the CTV misses on average at most 1 − target of the new "
+        "progression (a guarantee on the mean over patients, not for each patient, and not for another population). "
+        "miss: the test patients' achieved mean with its 95% interval; below_target: the share of test patients "
+        "covered below the target; RTOG and EORTC beside, at their own volumes.")  # fmt: skip
+    r.table(pd.read_csv(folder / "coverage.csv"))
+    if (folder / "coverage_volume.png").exists():
+        r.figure(folder / "coverage_volume.png", "The share of the new progression covered against CTV volume: the "
+                 "model with its threshold swept, the uniform margin with its width swept (mean ± SE over test "
+                 "patients); the title gives the area between them per unit volume with its 95% interval.")  # fmt: skip
+    control = folder / "control.csv"
+    if control.exists():
+        r.p("Positive control (a synthetic cohort with its ground truth): coverage of the new progression by the "
+            "model against the uniform margin of the same volume, as drawn and as PREDICT-GBM scores it (the "
+            "model's top k voxels at a CTV's volume), beside the ceiling: the gain of the generator's true pre-RT "
+            "density at that volume, the most any map made from it could gain.")  # fmt: skip
+        r.table(pd.read_csv(control))
+    if (folder / "reliability.png").exists():
+        r.figure(folder / "reliability.png", "Reliability of the voxel probability (brain within the analysis ring "
+                 "of the test patients): a calibrated map lies on the diagonal.")  # fmt: skip
 
 
 def _losses(r: Report, results: Path, is_current: bool) -> None:
