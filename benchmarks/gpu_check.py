@@ -323,9 +323,77 @@ def ensure_packages(bundle: Path, tmp: Path, python_version: str = WHEEL_PYTHON)
     return {"source": how, "versions": versions}
 
 
-def forbidden_loaded() -> list[str]:
-    """Top-level packages of `FORBIDDEN` that this process has imported."""
+class ImportBlocker:
+    """Makes every import of `FORBIDDEN` (and their submodules) fail in this process, as on a GPU node that
+    lacks them, whatever this machine has installed; records each attempt and the file that made it.
+
+    Installed before anything else is imported (`main`), so that ctvlab's training path runs here under the
+    node's conditions: an import of Ray or MLflow in it fails, or, inside try/except, is recorded. Other
+    libraries' guarded optional imports (MONAI's `monai.handlers` tries MLflow) fail quietly, as on the node.
+    """
+
+    def __init__(self, names: Sequence[str] = FORBIDDEN):
+        self.names = tuple(names)
+        self.attempts: list[tuple[str, str]] = []
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            self.attempts.append((name, _importer()))
+            raise ImportError(f"{name}: gpu_check blocks it, as the GPU node lacks {name.split('.')[0]}")
+        return None
+
+    def install(self) -> ImportBlocker:
+        sys.meta_path.insert(0, self)
+        return self
+
+
+def _importer() -> str:
+    """The file of the code that asked for the import: the first frame outside the import machinery."""
+    skip = (__file__, os.path.dirname(contextlib.__file__) + os.sep + "importlib")
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename.startswith("<")
+                                 or frame.f_code.co_filename.startswith(skip)):  # fmt: skip
+        frame = frame.f_back
+    return frame.f_code.co_filename if frame is not None else "?"
+
+
+BLOCKER = ImportBlocker()
+
+
+def _package_path(path: str) -> str:
+    """A library file's path from its site-packages folder on (monai/utils/module.py), else its name."""
+    parts = Path(path).parts
+    return (
+        "/".join(parts[parts.index("site-packages") + 1 :]) if "site-packages" in parts else Path(path).name
+    )
+
+
+def loaded_forbidden() -> list[str]:
+    """The packages of `FORBIDDEN` that this process has imported."""
     return sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in FORBIDDEN})
+
+
+def forbidden_check(attempts: Sequence[tuple[str, str]], loaded: Sequence[str]) -> dict[str, Any]:
+    """Neither ctvlab nor this check imported Ray or MLflow, or even tried to.
+
+    Args:
+        attempts: (module, file that asked) of every blocked import, this process's and the no-GPU
+            prediction's (`ImportBlocker.attempts`).
+        loaded: `loaded_forbidden()`.
+    """
+    loaded = list(loaded)
+
+    def ours(by: str) -> bool:
+        return by != "?" and Path(by).resolve().is_relative_to(ROOT)
+
+    mine = sorted(
+        {f"{name} from {Path(by).resolve().relative_to(ROOT)}" for name, by in attempts if ours(by)}
+    )
+    others = sorted({f"{name.split('.')[0]} by {_package_path(by)}" for name, by in attempts if not ours(by)})
+    return check("no Ray or MLflow import by ctvlab or the check", not loaded and not mine,
+                 "; ".join(loaded + mine) or "none", "none",
+                 f"guarded attempts by other libraries (they fail quietly, as on the node): "
+                 f"{', '.join(others) or 'none'}")  # fmt: skip
 
 
 # --- checks and results --------------------------------------------------------------------------------
@@ -513,7 +581,8 @@ def _predict_cpu_main(model_dir: Path, prep: Path, ids: Sequence[str], out: Path
     probs = predict_patients(model_dir, prep, ids, device=None)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "predict_cpu.npz", **probs)
-    info = {"cuda_available": torch.cuda.is_available(), "seconds": time.perf_counter() - t0}
+    info = {"cuda_available": torch.cuda.is_available(), "seconds": time.perf_counter() - t0,
+            "blocked_imports": BLOCKER.attempts}  # fmt: skip
     (out / "predict_cpu.json").write_text(json.dumps(info))
     return 0
 
@@ -786,8 +855,8 @@ def run_check(args: argparse.Namespace) -> int:
             results["error"] = f"{type(e).__name__}: {e}"
             raise
         finally:
-            results["checks"].append(check("no Ray or MLflow imported", not forbidden_loaded(),
-                                           forbidden_loaded() or "none", "none"))  # fmt: skip
+            attempts = BLOCKER.attempts + [tuple(a) for a in results.pop("_cpu_attempts", [])]
+            results["checks"].append(forbidden_check(attempts, loaded_forbidden()))
             save(results, out)
             print(markdown({k: v for k, v in results.items() if not k.startswith("_")}))
             print(f"gpu_check: wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
@@ -828,6 +897,7 @@ def run_parts(args, results, device, prep: Path, train_ids, val_ids, features: i
     results["checks"].append(check("GPU-trained weights load and predict without a GPU", not cpu["cuda_available"],
                                    f"{len(ids)} patients in {cpu['seconds']:.1f} s", "a process with no CUDA device",
                                    f"CUDA visible there: {cpu['cuda_available']}"))  # fmt: skip
+    results["_cpu_attempts"] = cpu["blocked_imports"]
     dev = predict_patients(model_dir, prep, ids, device=str(device))
     results["checks"] += inference_checks(dev, cpu["probs"], prep, grid_cfg.train.threshold)
     t = done("inference", t)
@@ -922,8 +992,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "platform"))  # ctvlab from this checkout, without installing it
     args = parse_args(argv)
-    if args.build_bundle:
+    if args.build_bundle:  # here, with ctvlab's whole environment
         return build_main(args)
+    BLOCKER.install()
     if args.predict_cpu:
         return _predict_cpu_main(Path(args.predict_cpu), Path(args.prep), args.ids, Path(args.out))
     return run_check(args)

@@ -115,8 +115,9 @@ def test_cpu_quick_mode_passes_without_ray_and_mlflow(phantom_bundle, tmp_path):
 
     log = (tmp_path / "block.log").read_text().splitlines()
     # The check and its no-GPU prediction process both ran with the blocker, and neither ctvlab nor the check
-    # even tried to import Ray or MLflow. (MONAI tries MLflow: `import monai` loads `monai.handlers`, whose
-    # optional imports are guarded; the run passes without it, as it must on the node.)
+    # even tried to import Ray or MLflow before the check's own blocker took over (it records what comes
+    # after, and its verdict is the check "no Ray or MLflow import by ctvlab or the check" below). MONAI
+    # tries MLflow: `import monai` loads `monai.handlers`, whose optional imports are guarded.
     assert sum(line.endswith(" loaded") for line in log) >= 2, log
     attempts = [line.split()[2:4] for line in log if line.split()[1] == "blocked"]
     ours = [
@@ -129,7 +130,7 @@ def test_cpu_quick_mode_passes_without_ray_and_mlflow(phantom_bundle, tmp_path):
     results = json.loads((out / "gpu_check.json").read_text())
     assert results["ok"] is True
     names = {c["name"] for c in results["checks"]}
-    assert {"no Ray or MLflow imported", "fp32 training lowers the loss", "inference: same model CTV as the CPU's",
+    assert {"no Ray or MLflow import by ctvlab or the check", "fp32 training lowers the loss", "inference: same model CTV as the CPU's",
             "GPU-trained weights load and predict without a GPU"} <= names  # fmt: skip
     assert any(n.startswith("fp32 gradients on cpu") for n in names)
     assert all(c["ok"] for c in results["checks"]), results["checks"]
@@ -159,6 +160,37 @@ def test_bundle_round_trip_is_byte_exact_and_a_changed_file_is_refused(gpu_check
         gpu_check.verify_bundle(damaged)
     with pytest.raises(gpu_check.SetupError, match="make gpu-bundle"):
         gpu_check.verify_bundle(tmp_path / "nowhere")
+
+
+def test_the_check_blocks_an_import_and_names_the_file_that_tried(gpu_check):
+    blocker = gpu_check.ImportBlocker(["gpucheck_forbidden_probe"]).install()
+    try:
+        with pytest.raises(ImportError, match="gpu_check blocks it"):
+            import gpucheck_forbidden_probe  # noqa: F401
+    finally:
+        sys.meta_path.remove(blocker)
+    assert blocker.attempts == [("gpucheck_forbidden_probe", __file__)]
+
+
+@pytest.mark.parametrize(
+    "attempts, loaded, ok",
+    [
+        ([], [], True),
+        (
+            [("mlflow", "/venv/lib/python3.12/site-packages/monai/utils/module.py")],
+            [],
+            True,
+        ),  # guarded, MONAI's
+        ([("mlflow", str(ROOT / "platform" / "ctvlab" / "unet" / "loop.py"))], [], False),  # ctvlab tried
+        ([("ray.train", str(SCRIPT))], [], False),  # the check itself tried
+        ([], ["ray"], False),  # imported before the blocker
+    ],
+)
+def test_only_other_libraries_may_try_ray_or_mlflow(gpu_check, attempts, loaded, ok):
+    result = gpu_check.forbidden_check(attempts, loaded)
+    assert result["ok"] is ok, result
+    if attempts and ok:
+        assert "monai/utils/module.py" in result["detail"]
 
 
 def tiny_wheel(folder: Path) -> Path:
