@@ -7,8 +7,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ctvlab-installed
 CONFIG ?= jobs/configs/demo.yaml
 PYTEST_ARGS ?=
+GPU_BUNDLE ?= .gpu-bundle
+GPU_PYTHON ?= 3.12
 
-.PHONY: demo test lint format ui schemas bench clean venv constraints
+.PHONY: demo test lint format ui schemas bench clean venv constraints gpu-bundle
 
 venv: $(STAMP)
 
@@ -45,6 +47,12 @@ schemas: $(STAMP)
 constraints: $(STAMP)
 	@{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^ctvlab' | sed 's/+cpu$$//'; } > constraints.txt.new
 	@mv constraints.txt.new constraints.txt
+
+# What benchmarks/gpu_check.py needs on a GPU machine that has PyTorch and no network: MONAI's and
+# pydantic's wheels for Python $(GPU_PYTHON) and a few prepared synthetic patients, into $(GPU_BUNDLE)
+# (git-ignored; send it along with the code). Prints its size. See docs/gpu.md.
+gpu-bundle: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --build-bundle $(GPU_BUNDLE) --wheel-python $(GPU_PYTHON)
 
 clean:
 	rm -rf runs mlflow.db mlruns mlartifacts .pytest_cache
