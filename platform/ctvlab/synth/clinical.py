@@ -130,9 +130,10 @@ CHANNELLED_OFF_ROUTE = 0.01
 POST_RT_MIGRATION_MIN = 0.05
 # Seeded foci: density as a fraction of the T2L threshold (0.10–0.125 at 0.25: well below the 0.2 where T1
 # and FLAIR begin to show the lesion); radius FOCI_RADIUS route widths, at most FOCI_MAX_FRACTION of the
-# drawn recurrence distance; the far edge FOCI_GAP_MM short of that distance, so that the focus turns
-# visible whole before the recurrence reaches it (a focus reaching past it would stop the growth the
-# moment its first cell turned visible).
+# drawn recurrence distance; the far edge at that distance (FOCI_GAP_MM short of it: negative, half a cell
+# past it). A uniform focus turns visible whole, its edge last, so the recurrence reaches the drawn
+# distance as the focus becomes a lesion: short of it, the growth would go on until the rest of the
+# tumour got there; well past it, it would stop at the focus's first visible cell.
 FOCI_DENSITY = (0.4, 0.5)
 FOCI_RADIUS = 2.0
 FOCI_MAX_FRACTION = 0.4
