@@ -11,10 +11,16 @@ from pydantic import ValidationError
 
 from ctvlab.config import SynthConfig
 from ctvlab.synth import imaging
-from ctvlab.synth.clinical import CHANNELLED_OFF_ROUTE, POST_RT_MIGRATION_MIN, draw_cohort, with_signal
+from ctvlab.synth.clinical import draw_cohort
 from ctvlab.synth.cohort import recorded_config
 from ctvlab.synth.patient import sensed
 from ctvlab.synth.routes import focus_centre, route_foci, white_matter_paths
+from ctvlab.synth.signal_settings import (
+    CHANNELLED_OFF_ROUTE,
+    POST_RT_MIGRATION_MIN,
+    signal_params,
+    with_signal,
+)
 
 SIGNAL = ("imaging_strength", "channelling", "seeding", "determinism")
 
@@ -78,6 +84,8 @@ def cohorts() -> dict[str, list]:
 def test_the_defaults_leave_every_tumour_as_it_was(cohorts):
     spec = cohorts["today"][0].tumour
     assert with_signal(spec, SynthConfig(), np.zeros(3), 0.0, 0.0) is spec
+    assert signal_params(spec) == {}  # nothing new in a default cohort's synth_params.json
+    assert signal_params(cohorts["strong"][0].tumour)["channelling"] == 1.0
     # imaging strength changes no tumour and no clinical row
     assert [p.tumour for p in cohorts["imaging"]] == [p.tumour for p in cohorts["today"]]
 
