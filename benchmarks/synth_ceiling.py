@@ -13,7 +13,10 @@ from `ctvlab.synth.report.compare_to_study`, and whether the infiltration stays 
     python benchmarks/synth_ceiling.py --patients 101 --seed 1 --preset strong
     python benchmarks/synth_ceiling.py --patients 40 --seed 0 --channelling 1 --seeding 0.5 --determinism 1
 
-101 patients take about 2–3 minutes on one core (one process; nothing is written).
+One process, nothing written: 101 patients took 3.7–7.2 minutes on 2 CPU cores shared with other work (a
+channelled tumour's white-matter routes cost a few seconds each). `--imaging-strength` is accepted and
+printed, but the ceiling is the true density's and does not depend on it. Measured values and what each
+setting does: docs/synthetic-cohort-ceiling.md.
 """
 
 from __future__ import annotations
