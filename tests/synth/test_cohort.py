@@ -1,8 +1,10 @@
-"""A tiny synthetic cohort: the manifest layout, the geometry rules, determinism and the null control."""
+"""A tiny synthetic cohort: the manifest layout, the geometry rules, determinism, the null control, the
+imaging strength and the hidden truth beside the inputs."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +14,7 @@ import pytest
 from ctvlab.config import SynthConfig
 from ctvlab.ingest.manifest import MASK_COLUMNS, MRSI_COLUMNS, PATH_COLUMNS, read_manifest
 from ctvlab.synth.cohort import generate_cohort
-from ctvlab.synth.patient import PRESS_TILT_DEG
+from ctvlab.synth.patient import PRESS_TILT_DEG, TRUTH_DIR, truth_path
 from ctvlab.synth.report import cohort_report
 
 ANATOMY = ("t1c", "t1", "flair")
@@ -34,6 +36,7 @@ def cohorts(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, cfg in {
         "a": tiny(), "a_again": tiny(), "other_seed": tiny(seed=8), "null": tiny(null=True),
+        "half": tiny(imaging_strength=0.5), "strong": tiny(preset="strong"),
     }.items():  # fmt: skip
         generate_cohort(root / name, cfg, progress=False)
         out[name] = root / name
@@ -124,10 +127,11 @@ def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     return ijk @ affine[:3, :3].T + affine[:3, 3]
 
 
-def test_passes_validation(cohorts):
+@pytest.mark.parametrize("name", ["a", "strong"])
+def test_passes_validation(cohorts, name):
     from ctvlab.ingest.validate import validate_cohort
 
-    report = validate_cohort(cohorts["a"])
+    report = validate_cohort(cohorts[name])
     assert report.ok, report
 
 
@@ -146,6 +150,59 @@ def test_null_cohort_differs_only_in_diffusion_and_mrsi(cohorts):
     assert differing - {"synth_params.json"} <= allowed
     assert any(k.endswith("adc.nii.gz") for k in differing)
     assert any(k.endswith("cni.nii.gz") for k in differing)
+
+
+def test_imaging_strength_changes_only_diffusion_and_mrsi(cohorts):
+    """Anatomy (T1c, T1, FLAIR, every mask) and the truth do not depend on what diffusion and MRSI see."""
+    a, half, null = digests(cohorts["a"]), digests(cohorts["half"]), digests(cohorts["null"])
+    assert a.keys() == half.keys()
+    differing = {k for k in a if a[k] != half[k]}
+    allowed = {f"SYN00{i}/{c}.nii.gz" for i in (1, 2, 3) for c in (*DIFFUSION, *MRSI_COLUMNS)}
+    assert differing - {"synth_params.json"} <= allowed
+    assert any(k.endswith("adc.nii.gz") for k in differing)
+    assert any(half[k] != null[k] for k in differing)  # neither today's maps nor the null's
+
+
+def test_the_truth_lies_beside_the_inputs_on_the_t1c_grid(cohorts):
+    for name in ("a", "strong"):
+        root = cohorts[name]
+        rows, problems, _ = read_manifest(root)
+        assert problems == []
+        manifest = (root / "manifest.csv").read_text()
+        assert TRUTH_DIR not in manifest and "density_pre" not in manifest  # never an input
+        assert sorted(p.name for p in (root / TRUTH_DIR).iterdir()) == [
+            f"{r.patient_id}_density_pre.nii.gz" for r in rows
+        ]
+        for r in rows:
+            truth, t1c = nib.load(truth_path(root, r.patient_id)), load(root, r.t1c)
+            assert truth.shape == t1c.shape and np.allclose(truth.affine, t1c.affine)
+            assert truth.get_data_dtype() == np.float32
+            u = truth.get_fdata()
+            brain, t2l, cavity = (load(root, getattr(r, c)).get_fdata() > 0 for c in
+                                  ("brain_mask", "t2l_mask", "cavity_mask"))  # fmt: skip
+            assert u.min() >= 0.0 and u.max() <= 1.0
+            assert not u[~brain].any() and not u[cavity].any()  # no cells outside the brain or in the cavity
+            assert np.median(u[t2l]) > np.median(u[brain & ~t2l & ~cavity])  # the visible lesion is densest
+    assert not list(cohorts["a"].rglob(".tmp-*"))
+
+
+def test_the_default_cohort_is_what_it_was(cohorts):
+    """Every array of the default tiny cohort against statistics recorded from main (aaf07b0) before the
+    signal settings existed: at their defaults none of the new code runs."""
+    recorded = json.loads((Path(__file__).parent / "data" / "tiny_cohort_aaf07b0.json").read_text())
+    root = cohorts["a"]
+    found = sorted(str(p.relative_to(root)) for p in root.rglob("*.nii.gz") if p.parent.name != TRUTH_DIR)
+    assert found == sorted(recorded)
+    for rel, (shape, dtype, total, total_sq, nonzero, finite) in recorded.items():
+        img = nib.load(root / rel)
+        a = np.asarray(img.dataobj).astype(np.float64)
+        ok = np.isfinite(a)
+        assert list(a.shape) == shape and str(img.get_data_dtype()) == dtype, rel
+        assert int(ok.sum()) == finite, rel
+        # exact on this machine; the tolerance only absorbs another CPU's last-bit rounding
+        assert a[ok].sum() == pytest.approx(total, rel=1e-5, abs=2.0), rel
+        assert (a[ok] ** 2).sum() == pytest.approx(total_sq, rel=1e-5, abs=2.0), rel
+        assert abs(int(np.count_nonzero(a[ok])) - nonzero) <= max(2, nonzero // 10_000), rel
 
 
 def test_report_on_generated_cohort(cohorts):

@@ -15,19 +15,17 @@ progressors (more time to grow), which is also why late progression is harder to
 
 Everything here is a pure function of the config's seed and size: `draw_cohort` is cheap (no images)
 and decides every patient's clinical row and tumour parameters before any image is made.
-
-About 410 lines: the table's draws and each patient's tumour parameters (with the signal settings'
-per-patient draws) are read together, in the order the cohort is drawn.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
 from ctvlab.config import SynthConfig
+from ctvlab.synth.signal_settings import with_signal
 from ctvlab.synth.tumour import TumourSpec
 
 COHORTS = ("SOC", "ATT", "ENZA")
@@ -124,22 +122,6 @@ ATT_POST_RT_INVASION = 1.5  # anti-angiogenic therapy selects a more invasive ph
 # took long to recur was controlled for long; it regrows from resistant clones that no scan showed).
 RT_KILL = 3.0
 TRACT_ANISOTROPY = (0.5, 0.9)  # how much faster cells migrate along white-matter tracts than across
-# The cohort's signal settings (`SynthConfig.channelling`, `seeding`, `determinism`; 0: the default cohort).
-# At full channelling D off the routes is this fraction of D on them (√0.01: the invisible tail reaches a
-# tenth as far off a route as along it).
-CHANNELLED_OFF_ROUTE = 0.01
-# At full determinism D after RT is this fraction of D before: the recurrence regrows where the pre-RT
-# cells are instead of invading new ground, so it is written in the pre-RT density.
-POST_RT_MIGRATION_MIN = 0.05
-# Seeded foci: density as a fraction of the T2L threshold (0.10–0.125 at 0.25: well below the 0.2 where T1
-# and FLAIR begin to show the lesion); radius FOCI_RADIUS route widths, at most FOCI_MAX_FRACTION of the
-# drawn recurrence distance; the far edge FOCI_GAP_MM short of that distance, so that the focus turns
-# visible whole before the recurrence reaches it (a focus reaching past it would stop the growth the
-# moment its first cell turned visible).
-FOCI_DENSITY = (0.4, 0.5)
-FOCI_RADIUS = 2.0
-FOCI_MAX_FRACTION = 0.4
-FOCI_GAP_MM = -1.5
 # Skull-stripped adult brain volumes (litres; parenchyma with ventricles): mean and SD by sex at 40, and
 # the yearly loss after 40. The template's brain is larger; each patient's head is scaled to one draw.
 BRAIN_LITRES = {"M": (1.35, 0.10), "F": (1.21, 0.09)}
@@ -362,51 +344,6 @@ def draw_cohort(cfg: SynthConfig) -> list[PatientPlan]:
             )
         )  # fmt: skip
     return plans
-
-
-def with_signal(
-    spec: TumourSpec, cfg: SynthConfig, route_draws: np.ndarray, density_draw: float, satellite_draw: float
-) -> TumourSpec:
-    """`spec` moved by the cohort's signal settings (unchanged at their defaults, 0).
-
-    - channelling c: the routes follow the white matter and D off them falls from `off` to
-      off^(1−c)·CHANNELLED_OFF_ROUTE^c (see `TumourSpec.channelling`);
-    - seeding s: each route carries an invisible focus with probability s (`route_draws[j] < s`) just
-      short of the drawn recurrence distance, none for CEL-only progression; and the default cohort's
-      satellite (at a random white-matter cell that far out, off the routes) is kept with probability
-      1 − s (`satellite_draw ≥ s`): the foci on the routes take its place;
-    - determinism d: what happens after RT follows the pre-RT tumour: the invasiveness field's correlation
-      r → r + d(1 − r) (so the recurrence also escapes along a new route less often), the unimaged
-      radio-resistance kill × (1 − d), and D after RT × (1 − d(1 − POST_RT_MIGRATION_MIN)).
-
-    Args:
-        route_draws: uniforms in [0, 1), one per possible route (ROUTES[1]).
-        density_draw: a uniform in [0, 1) for the foci's density within FOCI_DENSITY.
-        satellite_draw: a uniform in [0, 1): whether the default satellite stays.
-    """
-    c, s, d = cfg.channelling, cfg.seeding, cfg.determinism
-    if c == 0 and s == 0 and d == 0:
-        return spec
-    foci: tuple[float, ...] = ()
-    if s > 0 and spec.advance_mm > 0 and spec.routes > 0:
-        radius = min(FOCI_RADIUS * spec.route_width_mm, FOCI_MAX_FRACTION * spec.advance_mm)
-        at = spec.advance_mm - FOCI_GAP_MM - radius
-        foci = tuple(at if route_draws[j] < s else 0.0 for j in range(spec.routes))
-        foci = foci if any(foci) else ()
-    lo, hi = FOCI_DENSITY
-    r = spec.post_rt_correlation
-    return replace(
-        spec,
-        channelling=c,
-        off_route_invasion=spec.off_route_invasion ** (1.0 - c) * CHANNELLED_OFF_ROUTE**c,
-        foci_mm=foci,
-        foci_density=(lo + (hi - lo) * density_draw) * cfg.t2l_density if foci else 0.0,
-        foci_radius_mm=radius if foci else 0.0,
-        satellite_mm=spec.satellite_mm if satellite_draw >= s else 0.0,
-        post_rt_correlation=r + d * (1.0 - r),
-        rt_kill=spec.rt_kill * (1.0 - d),
-        post_rt_migration=1.0 - d * (1.0 - POST_RT_MIGRATION_MIN),
-    )
 
 
 def template_brain_litres() -> float:

@@ -13,9 +13,8 @@ Grids (all in the scanner's world frame, mm):
 
 The head is scaled as well as placed: `plan.brain_scale` shrinks the template (whose brain is larger than
 an adult's) to the patient's brain volume, and every length and volume of the tumour is divided by it
-(in template units) so that the images show the drawn sizes in millimetres.
-
-About 400 lines: one patient's steps, from pose to files, share its grids and random streams.
+(in template units) so that the images show the drawn sizes in millimetres. Beside the inputs, the true
+pre-RT density goes to `truth_path` on the T1c grid: ground truth for benchmarks, never an input.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from ctvlab.synth.anatomy import (
     white_matter_hyperintensities,
 )
 from ctvlab.synth.clinical import PatientPlan
+from ctvlab.synth.signal_settings import signal_params
 from ctvlab.synth.tumour import TumourCourse, TumourSpec, pre_rt_regions, progression_regions, simulate_tumour
 
 MRSI_SUBSAMPLES = 4  # points per axis averaged into one MRSI voxel
@@ -395,13 +395,5 @@ def generate_patient(plan: PatientPlan, cfg: SynthConfig, out: str | Path) -> tu
         "oedema_fraction": round(plan.tumour.oedema_fraction, 3),
         "post_rt_correlation": round(plan.tumour.post_rt_correlation, 3),
     }
-    if plan.tumour.channelling > 0 or plan.tumour.foci_mm or plan.tumour.post_rt_migration != 1.0:
-        # only for the non-default generators, so that a default cohort's file stays what it was
-        params.update(
-            channelling=round(plan.tumour.channelling, 3),
-            off_route_invasion=round(plan.tumour.off_route_invasion, 4),
-            foci_mm=[round(f, 2) for f in plan.tumour.foci_mm],
-            foci_density=round(plan.tumour.foci_density, 3),
-            post_rt_migration=round(plan.tumour.post_rt_migration, 3),
-        )
+    params.update(signal_params(plan.tumour))  # empty for the default cohort
     return row, params

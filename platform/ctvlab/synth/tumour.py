@@ -42,14 +42,15 @@ reached: the farthest newly visible cell lies `advance_mm` beyond the pre-RT T2L
 progression), or `new_cel_cm3` of new enhancement has appeared inside it (CEL progression).
 
 The cohort's signal settings (`SynthConfig.channelling`, `seeding`, `determinism`; all 0 by default, when
-none of this runs) move the course away from near-isotropic recurrence, as `ctvlab.synth.clinical.with_signal`
-sets them per patient: a *channelled* tumour invades along routes that follow the white matter
-(`ctvlab.synth.routes`), off which D falls towards 1% of its value, and its invisible tail (below the T2L
-threshold) reaches far along those routes only; its seed is the lesion itself (`smallest_core`), so that
-growth off the routes does not round the tail off again. *Seeded* foci (`foci_mm`) sit on the routes near
-the drawn recurrence distance, invisible, and grow into the recurrence. A *deterministic* course keeps the
-pre-RT invasiveness after RT, meets no unimaged radio-resistance and barely migrates (`post_rt_migration`):
-the recurrence regrows where the pre-RT cells are. docs/synthetic-cohort-ceiling.md measures what each does.
+none of this runs) move the course away from near-isotropic recurrence, as
+`ctvlab.synth.signal_settings.with_signal` sets them per patient: a *channelled* tumour invades along
+routes that follow the white matter (`ctvlab.synth.routes`), off which D falls towards 1% of its value,
+and its invisible tail (below the T2L threshold) reaches far along those routes only; its seed is the
+lesion itself (`smallest_core`), so that growth off the routes does not round the tail off again. *Seeded*
+foci (`foci_mm`) sit on the routes at the drawn recurrence distance, invisible, and grow into the
+recurrence. A *deterministic* course keeps the pre-RT invasiveness after RT, meets no unimaged
+radio-resistance and barely migrates (`post_rt_migration`): the recurrence regrows where the pre-RT cells
+are. docs/synthetic-cohort-ceiling.md measures what each does.
 
 About 600 lines in one module: one patient's course, whose phases (growth, resection, oedema, RT, regrowth)
 share the same fields and thresholds; split up, they would pass a dozen arrays between modules.
