@@ -44,6 +44,10 @@ def synth(
     null: Annotated[
         bool, Opt("--null", help="Control cohort: diffusion/MRSI ignore hidden infiltration.")
     ] = False,
+    preset: Annotated[
+        str | None,
+        Opt("--preset", help="Signal settings by name: today, mild, moderate, strong (a positive control)."),
+    ] = None,
     report: Annotated[
         Path | None, Opt("--report", help="Print the statistics of an existing cohort.")
     ] = None,
@@ -63,11 +67,22 @@ def synth(
 
     study = _settings(config, set_, workdir, smoke_test)
     out = out if out is not None else study.raw_dir
-    cfg = study.synth
-    updates = {k: v for k, v in {"n_patients": patients, "seed": seed}.items() if v is not None}
+    from pydantic import ValidationError
+
+    from ctvlab.config import SynthConfig, format_validation_error
+    from ctvlab.errors import ConfigError
+
+    # Validated again, so that a preset fills the settings the config leaves unset.
+    data = study.synth.model_dump(mode="json", exclude_unset=True)
+    data.update(
+        {k: v for k, v in {"n_patients": patients, "seed": seed, "preset": preset}.items() if v is not None}
+    )
     if null:
-        updates["null"] = True
-    cfg = cfg.model_copy(update=updates)
+        data["null"] = True
+    try:
+        cfg = SynthConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "synth settings")) from None
     generate_cohort(out, cfg)
     print_report(cohort_report(out), _console())
 

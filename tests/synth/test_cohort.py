@@ -216,3 +216,24 @@ def test_report_on_generated_cohort(cohorts):
 def test_parallel_generation_equals_serial(cohorts, tmp_path):
     generate_cohort(tmp_path / "par", tiny(num_workers=2), progress=False)
     assert digests(tmp_path / "par") == digests(cohorts["a"])
+
+
+def test_the_synth_command_takes_a_preset(tmp_path):
+    """`ctvlab synth --preset strong` fills the signal settings the config leaves unset; an unknown name is one
+    message and exit 2."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ctvlab.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cohort"
+    result = runner.invoke(
+        app, ["synth", "--out", str(out), "-n", "1", "--preset", "strong", "--workdir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output[-2000:]
+    recorded = json.loads((out / "synth_params.json").read_text())["config"]
+    assert recorded["preset"] == "strong" and recorded["channelling"] == recorded["seeding"] == 1.0
+    bad = runner.invoke(app, ["synth", "--out", str(tmp_path / "x"), "-n", "1", "--preset", "bogus"])
+    assert bad.exit_code == 2 and "preset" in bad.output and "Traceback" not in bad.output
