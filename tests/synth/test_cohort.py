@@ -219,8 +219,8 @@ def test_parallel_generation_equals_serial(cohorts, tmp_path):
 
 
 def test_the_synth_command_takes_a_preset(tmp_path):
-    """`ctvlab synth --preset strong` fills the signal settings the config leaves unset; an unknown name is one
-    message and exit 2."""
+    """`ctvlab synth --preset strong` fills the signal settings the config leaves unset; an unknown name is a
+    ConfigError (one message and exit 2 from the command) and writes nothing."""
     import json
 
     from typer.testing import CliRunner
@@ -235,5 +235,8 @@ def test_the_synth_command_takes_a_preset(tmp_path):
     assert result.exit_code == 0, result.output[-2000:]
     recorded = json.loads((out / "synth_params.json").read_text())["config"]
     assert recorded["preset"] == "strong" and recorded["channelling"] == recorded["seeding"] == 1.0
+    from ctvlab.errors import ConfigError
+
     bad = runner.invoke(app, ["synth", "--out", str(tmp_path / "x"), "-n", "1", "--preset", "bogus"])
-    assert bad.exit_code == 2 and "preset" in bad.output and "Traceback" not in bad.output
+    assert isinstance(bad.exception, ConfigError) and "preset: Input should be 'today'" in str(bad.exception)
+    assert not (tmp_path / "x").exists()
