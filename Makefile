@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 GPU_BUNDLE ?= .gpu-bundle
 GPU_PYTHON ?= 3.12
 
-.PHONY: demo test lint format ui schemas bench clean venv constraints gpu-bundle
+.PHONY: demo test lint format ui schemas docs docs-reference bench clean venv constraints gpu-bundle
 
 venv: $(STAMP)
 
@@ -42,6 +42,13 @@ ui: $(STAMP)
 
 schemas: $(STAMP)
 	$(BIN)/ctvlab schemas --out schemas
+
+# The manual's generated pages (every command's options, every config key), then the site in build/site.
+docs-reference: $(STAMP)
+	$(BIN)/python -m ctvlab.docsgen docs/reference
+
+docs: docs-reference
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # Pin every installed dependency at its current version (after changing pyproject.toml's dependencies).
 constraints: $(STAMP)

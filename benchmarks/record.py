@@ -21,6 +21,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+WHAT = {
+    "train_throughput": "training step and loop, before and now, beside the machine's practical limit; where a step's time goes",
+    "tune_overhead": "a search's wall time against its trials' own training time; what ASHA saves",
+    "positive_control": "the model CTV against the same-volume margin on the strong cohort, its null twin and today's cohort, beside the ceiling",
+    "coverage_check": "the coverage guarantee over random calibration/test splits of a model's held-out patients",
+    "reproduce": "the whole study on 101 synthetic patients, every row beside the study's",
+}
+INDEX_HEAD = """# Recorded benchmark runs
+
+Each page here is the verbatim output of one benchmark run, written by the benchmark itself with `--record`
+(`benchmarks/record.py`): the exact command, the date, the machine's CPU count and load, and what it printed.
+A figure quoted elsewhere in this manual comes from one of these pages; a page is replaced only when a run
+of its benchmark completes. This index is rewritten with every record.
+
+| page | benchmark | what it measures |
+|---|---|---|
+"""
+
+
+def write_index() -> None:
+    """docs/results/index.md: one row per recorded page present."""
+    rows = []
+    for page in sorted(RESULTS.glob("*.md")):
+        if page.name == "index.md":
+            continue
+        base = page.stem.split("-")[0]
+        rows.append(f"| [{page.stem}]({page.name}) | `benchmarks/{base}.py` | {WHAT.get(base, '')} |\n")
+    (RESULTS / "index.md").write_text(INDEX_HEAD + "".join(rows))
 
 
 class _Tee(io.TextIOBase):
@@ -64,3 +92,4 @@ def recorded(name: str, enabled: bool = True, note: str = "") -> Iterator[None]:
     tmp = RESULTS / f".{name}.md.tmp"
     tmp.write_text(header + "```text\n" + buffer.getvalue().rstrip() + "\n```\n")
     tmp.replace(RESULTS / f"{name}.md")
+    write_index()

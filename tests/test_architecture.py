@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"stages"},
     {"pipeline"},
     {"jobkit", "schemas"},
-    {"cli"},
+    {"cli", "docsgen"},
 ]
 LAYER_OF = {name: k for k, names in enumerate(LAYERS) for name in names}
 SIZE_LIMIT = 400

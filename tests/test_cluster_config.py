@@ -1,5 +1,5 @@
 """cluster.yaml against the cluster-launcher schema that ships inside the ray package, and against the
-security properties a team deployment must keep (README, "Security and privacy")."""
+security properties a team deployment must keep (docs/explanation/security.md)."""
 
 from __future__ import annotations
 

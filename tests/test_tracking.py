@@ -67,7 +67,7 @@ def test_real_tracking_server_over_http(mlflow_server):
 
 @pytest.fixture(scope="module")
 def mlflow_auth_server(tmp_path_factory):
-    """`mlflow server --app-name basic-auth` on 127.0.0.1, as README "MLflow for teams" runs it: no user may
+    """`mlflow server --app-name basic-auth` on 127.0.0.1, as docs/guides/mlflow.md ("MLflow for teams") runs it: no user may
     read anything by default, the admin password comes from the environment, never the command line."""
     root = tmp_path_factory.mktemp("mlflow_auth")
     (root / "auth.ini").write_text(

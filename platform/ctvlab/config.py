@@ -35,7 +35,7 @@ class Strict(BaseModel):
 
 
 class SynthConfig(Strict):
-    """The synthetic cohort (see README, "The synthetic cohort", and docs/synthetic-cohort-ceiling.md).
+    """The synthetic cohort (docs: explanation/synthetic-cohort.md and synthetic-cohort-ceiling.md).
 
     Four signal settings move the cohort between "nothing for imaging to find" and a positive control,
     without making the infiltration visible on T1c or FLAIR: `imaging_strength` (what diffusion and MRSI

@@ -89,7 +89,7 @@ def refuse_local_store_on_cluster(tracking_uri: str, alive_nodes: int | None = N
     if alive_nodes > 1 and is_local_store(tracking_uri):
         raise ConfigError(
             f"the MLflow store {tracking_uri} is a local file, but the Ray cluster has {alive_nodes} nodes whose "
-            "trials and training workers all log to it: run an MLflow tracking server (README, 'MLflow for "
+            "trials and training workers all log to it: run an MLflow tracking server (docs/guides/mlflow.md, 'MLflow for "
             "teams') and pass --tracking-uri http://HOST:PORT or set MLFLOW_TRACKING_URI"
         )
 

@@ -4,7 +4,7 @@ PyTorch picks a CPU convolution kernel per call. For a float32 batch of ONE volu
 N·C·X·Y is at most 20480 (every layer below the first at 3 mm, and all of a 40³ crop) it picks its generic
 im2col kernel (`aten::slow_conv3d_forward`, and the same for the backward pass) instead of oneDNN;
 a batch of two always gets oneDNN. The study trains with mini-batch 1, so on CPU most of a step ran in the
-slow kernel: 62% of a step was `convolution_backward` (profile in the README's "Training speed").
+slow kernel: 62% of a step was `convolution_backward` (profile in docs/training-speed.md).
 
 `Conv3d` below is `torch.nn.Conv3d` (same parameters, same state-dict keys) that, on exactly those calls,
 runs the forward pass with oneDNN (`aten::mkldnn_convolution`) and computes both gradients as oneDNN

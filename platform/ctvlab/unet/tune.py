@@ -172,7 +172,7 @@ def run_search(
 
 def check_private_state(path: Path) -> None:
     """Refuse to restore a search whose state others could have written: `Tuner.restore` unpickles it, and
-    unpickling runs code. The working directory must be trusted (README, "Security and privacy").
+    unpickling runs code. The working directory must be trusted (docs/explanation/security.md).
 
     Raises:
         CtvlabError: an entry under `path` (or `path` itself) is writable by its group or by others, or is

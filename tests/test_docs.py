@@ -1,5 +1,6 @@
-"""The README's commands run as written: the stage-by-stage session (on a small, coarse cohort), the
-command table's commands exist, and every job script the cluster section names is there."""
+"""The manual (README.md and docs/) runs as written: the stage-by-stage session (on a small, coarse cohort)
+and its continuation, every `ctvlab` line parses, the command table names every command, the job scripts the
+cluster guide names exist, the generated reference pages are current, and `mkdocs build --strict` passes."""
 
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ from ctvlab.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
+DOCS = REPO / "docs"
+PAGES = {p.relative_to(DOCS).as_posix(): p.read_text() for p in sorted(DOCS.rglob("*.md"))}
+MANUAL = "\n".join([README, *PAGES.values()])
 SESSION_MARK = "A stage-by-stage session on a synthetic cohort"
-PREDICT_MARK = "Continuing the stage-by-stage session above"
+PREDICT_MARK = "Continuing the stage-by-stage session"
 PYTHON_MARK = "Loading it in Python"
 
 
 def readme_block(mark: str) -> str:
-    """The first code block after `mark`, without its fence line."""
-    block = README.split(mark, 1)[1].split("```", 2)[1]
+    """The first code block after `mark` in the manual, without its fence line."""
+    block = MANUAL.split(mark, 1)[1].split("```", 2)[1]
     return block.split("\n", 1)[1] if not block.startswith("\n") else block
 
 
@@ -34,7 +38,7 @@ def readme_session(mark: str = SESSION_MARK) -> list[list[str]]:
 
 
 def test_every_command_in_the_table_exists():
-    table = README.split("## Commands", 1)[1].split("### ", 1)[0]
+    table = PAGES["reference/commands.md"].split("### ", 1)[0]
     named = set(re.findall(r"^\| `ctvlab ([a-z-]+)", table, flags=re.M))
     registered = set(typer.main.get_command(app).commands)
     assert named == registered  # every command documented, and no documented command missing
@@ -44,7 +48,7 @@ def test_every_command_in_the_table_exists():
 
 
 def test_the_job_scripts_the_readme_names_exist():
-    section = README.split("## Running on a Ray cluster", 1)[1].split("\n## ", 1)[0]
+    section = PAGES["guides/cluster.md"].split("## Testing jobs on one machine", 1)[0]
     scripts = set(re.findall(r"`?(\w+\.py)`?", section))
     assert "run_study.py" in scripts
     for s in scripts:
@@ -104,14 +108,14 @@ def test_stage_by_stage_session_runs_as_written(tmp_path, ray_local, monkeypatch
     snippet = readme_block(PYTHON_MARK)
     assert "mlflow.pyfunc.load_model" in snippet
     scope: dict = {}
-    exec(compile(snippet, "README.md", "exec"), scope)
+    exec(compile(snippet, "docs/guides/predict.md", "exec"), scope)
     assert scope["probability"].shape[:2] == (1, 1) and 0 <= scope["probability"].min() <= 1
 
 
 def readme_ctvlab_commands() -> list[list[str]]:
-    """Every `ctvlab …` line inside the README's shell code blocks (comments dropped)."""
+    """Every `ctvlab …` line inside the manual's shell code blocks (comments dropped)."""
     commands, fence = [], None
-    for line in README.splitlines():
+    for line in MANUAL.splitlines():
         if line.startswith("```"):
             fence = None if fence is not None else line[3:].strip()
             continue
@@ -147,7 +151,12 @@ def test_own_cohort_block_runs_as_written(phantom_cohort, tmp_path):
 
     from ctvlab.config import load_config
 
-    block = README.split("## Using your own cohort", 1)[1].split("\nThen:\n", 1)[1].split("```", 2)[1]
+    block = (
+        PAGES["guides/own-cohort.md"]
+        .split("## Using your own cohort", 1)[1]
+        .split("\nThen:\n", 1)[1]
+        .split("```", 2)[1]
+    )
     lines = block.strip("\n").splitlines()
     assert lines[-1] == "ctvlab run --config mystudy.yaml"
     script = "set -euo pipefail\n" + "\n".join(lines[:-1]).replace("/data/mycohort", str(phantom_cohort))
@@ -159,3 +168,33 @@ def test_own_cohort_block_runs_as_written(phantom_cohort, tmp_path):
     cfg = load_config(tmp_path / "mystudy.yaml")
     assert cfg.name == "my-study" and Path(cfg.cohort.raw_dir) == phantom_cohort
     assert cfg.cohort.source == "raw" and Path(cfg.workdir) == Path("runs/my-study")
+
+
+def test_the_readme_fits_on_a_screen_or_two_and_its_links_resolve():
+    assert len(README.splitlines()) <= 200
+    for target in re.findall(r"\]\(([^)#\s]+)", README):
+        if not target.startswith("http"):
+            assert (REPO / target).exists(), target
+
+
+def test_the_generated_reference_is_current():
+    """docs/reference/cli.md and config-keys.md are rendered from the command line and the config schema:
+    `make docs-reference` after changing either."""
+    from ctvlab.docsgen import render_all
+
+    for name, text in render_all().items():
+        assert PAGES[f"reference/{name}"] == text, (
+            f"docs/reference/{name} is out of date: run `make docs-reference`"
+        )
+
+
+def test_the_manual_builds_strictly(tmp_path):
+    """Every page in the nav, every link and anchor resolving: `mkdocs build --strict` as CI would."""
+    import os
+    import sys
+
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "site" / "index.html").is_file()
