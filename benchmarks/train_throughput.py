@@ -73,14 +73,11 @@ def large_conv_gflops(threads: int) -> float:
     return flops * n / (time.perf_counter() - t0) / 1e9
 
 
-def bare_step(example: dict, cfg, threads: int, now: bool, steps: int = 6) -> tuple[float, float]:
-    """(seconds per step, GFLOP per step) of the step alone on one example."""
+def fresh_model(cfg, threads: int):
+    """(model, optimiser, loss function) built as the training loop builds them, seeded, on `threads`."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from ctvlab.data.layout import MODALITY_SETS
-    from ctvlab.unet.conv import aten_only
-    from ctvlab.unet.loop import train_step
     from ctvlab.unet.losses import make_loss
     from ctvlab.unet.model import build_unet
     from ctvlab.unet.optim import build_optimizer
@@ -88,8 +85,18 @@ def bare_step(example: dict, cfg, threads: int, now: bool, steps: int = 6) -> tu
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_unet(cfg.model, len(MODALITY_SETS[cfg.model.modality_set]))
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    loss_fn = make_loss(cfg.loss)
+    return model, build_optimizer(model.parameters(), cfg.optim), make_loss(cfg.loss)
+
+
+def bare_step(example: dict, cfg, threads: int, now: bool, steps: int = 6) -> tuple[float, float]:
+    """(seconds per step, GFLOP per step) of the step alone on one example."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ctvlab.unet.conv import aten_only
+    from ctvlab.unet.loop import train_step
+
+    model, optimizer, loss_fn = fresh_model(cfg, threads)
     device = torch.device("cpu")
     with aten_only(), FlopCounterMode(display=False) as counter:  # count with ATen's ops: the same maths
         train_step(model, optimizer, loss_fn, [example], 0, device, "off")
@@ -107,17 +114,9 @@ def profile_step(example: dict, cfg, threads: int, now: bool, steps: int = 3) ->
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ctvlab.data.layout import MODALITY_SETS
     from ctvlab.unet.batches import batch_to_tensors, loss_extras
-    from ctvlab.unet.losses import make_loss
-    from ctvlab.unet.model import build_unet
-    from ctvlab.unet.optim import build_optimizer
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = build_unet(cfg.model, len(MODALITY_SETS[cfg.model.modality_set]))
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    loss_fn = make_loss(cfg.loss)
+    model, optimizer, loss_fn = fresh_model(cfg, threads)
     device = torch.device("cpu")
     x, y, brain = batch_to_tensors([example], device)
     extras = loss_extras([example], device)

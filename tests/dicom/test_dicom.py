@@ -47,16 +47,27 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
+def _series_and_structures(rtstruct: Path, series_dir: Path):
+    """(the series' RAS affine, its (column, row, slice) shape, the affine's inverse, the RTSTRUCT dataset,
+    ROI number → name), read with pydicom alone."""
+    slices = [pydicom.dcmread(p) for p in sorted(series_dir.iterdir())]
+    ras, ordered = series_affine(slices)
+    shape = (int(ordered[0].Columns), int(ordered[0].Rows), len(ordered))
+    ds = pydicom.dcmread(rtstruct)
+    return (
+        ras,
+        shape,
+        np.linalg.inv(ras),
+        ds,
+        {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence},
+    )
+
+
 def pillow_read(rtstruct: Path, series_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray, list]:
     """An independent reader: each ROI's contours (LPS) to voxel indices of the series read with pydicom,
     filled by Pillow per slice (outline included, inner contours as holes). Returns the masks on the series
     grid (column, row, slice), the series' RAS affine and the raw LPS points of every contour."""
-    slices = [pydicom.dcmread(p) for p in sorted(series_dir.iterdir())]
-    ras, ordered = series_affine(slices)
-    shape = (int(ordered[0].Columns), int(ordered[0].Rows), len(ordered))
-    inv = np.linalg.inv(ras)
-    ds = pydicom.dcmread(rtstruct)
-    names = {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence}
+    ras, shape, inv, ds, names = _series_and_structures(rtstruct, series_dir)
     masks, points = {}, []
     for roi in ds.ROIContourSequence:
         interior = np.zeros(shape, bool)
@@ -99,12 +110,7 @@ def centre_inside_read(rtstruct: Path, series_dir: Path) -> tuple[dict[str, np.n
     """An independent reader that counts a voxel when its centre lies inside the contours of its slice
     (even-odd), as planning systems rasterise. Returns the masks on the series grid (column, row, slice)
     and each ROI's contours as voxel indices (i, j, k)."""
-    slices = [pydicom.dcmread(p) for p in sorted(series_dir.iterdir())]
-    ras, ordered = series_affine(slices)
-    shape = (int(ordered[0].Columns), int(ordered[0].Rows), len(ordered))
-    inv = np.linalg.inv(ras)
-    ds = pydicom.dcmread(rtstruct)
-    names = {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence}
+    ras, shape, inv, ds, names = _series_and_structures(rtstruct, series_dir)
     ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     centres = np.c_[ii.ravel(), jj.ravel()].astype(float)
     masks, contours = {}, {}
