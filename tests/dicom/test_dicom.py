@@ -110,7 +110,7 @@ def centre_inside_read(rtstruct: Path, series_dir: Path) -> tuple[dict[str, np.n
     """An independent reader that counts a voxel when its centre lies inside the contours of its slice
     (even-odd), as planning systems rasterise. Returns the masks on the series grid (column, row, slice)
     and each ROI's contours as voxel indices (i, j, k)."""
-    ras, shape, inv, ds, names = _series_and_structures(rtstruct, series_dir)
+    _, shape, inv, ds, names = _series_and_structures(rtstruct, series_dir)
     ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     centres = np.c_[ii.ravel(), jj.ravel()].astype(float)
     masks, contours = {}, {}
