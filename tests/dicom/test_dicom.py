@@ -285,3 +285,44 @@ def test_import_dicom_errors_name_the_patient_and_write_nothing(exported, tmp_pa
     code, text = ctvlab(capsys, "import-dicom", str(exported / "dicom"), "--out", str(tmp_path / "x"),
                         "--series", str(bad_map))  # fmt: skip
     assert code == 2 and "t1c is required" in text
+
+
+def test_the_probability_map_as_a_valid_parametric_map_on_the_planning_series(tmp_path, dciodvfy):
+    """The map on the series' own grid: each frame is its slice of the NIfTI array (column, row swapped),
+    float, with its real-world value mapping (no units, 0–1); the object passes dciodvfy and names the
+    series' frame of reference. A series of another patient is refused before anything is written."""
+    from ctvlab.dicom.identity import Identity
+    from ctvlab.dicom.parametric import write_parametric_map
+    from ctvlab.errors import DataError
+
+    affine = oblique_affine()
+    shape = (32, 24, 12)
+    write_series(nib.Nifti1Image(np.zeros(shape, np.int16), affine), tmp_path / "plan",
+                 SeriesIds("P1", generate_uid(), generate_uid()), "T1C", 1)  # fmt: skip
+    prob = np.random.default_rng(0).random(shape).astype(np.float32)
+    ref = write_parametric_map(tmp_path / "plan", prob, affine, tmp_path / "pm.dcm")
+    assert validator_errors(dciodvfy, tmp_path / "pm.dcm") == []
+    pm = pydicom.dcmread(tmp_path / "pm.dcm")
+    assert (
+        pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+        and pm.FrameOfReferenceUID == ref["frame_of_reference_uid"]
+    )
+    assert pm.PatientID == "P1" and int(pm.NumberOfFrames) == shape[2]
+    ras, _ = series_affine([pydicom.dcmread(p) for p in (tmp_path / "plan").iterdir()])
+    assert np.allclose(ras, affine, atol=1e-3)  # the exported series is on the NIfTI grid: no resampling
+    inv = np.linalg.inv(affine)
+    for frame, group in zip(pm.pixel_array, pm.PerFrameFunctionalGroupsSequence, strict=True):
+        lps = np.array([float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient])
+        k = round(float((inv @ [-lps[0], -lps[1], lps[2], 1.0])[2]))  # the frame's slice on the NIfTI grid
+        np.testing.assert_allclose(frame, prob[:, :, k].T, atol=1e-6)  # (row, column) = (j, i)
+    groups = pm.SharedFunctionalGroupsSequence[0]
+    mapping = groups.RealWorldValueMappingSequence[0]
+    assert (
+        mapping.DoubleFloatRealWorldValueFirstValueMapped == 0.0
+        and mapping.DoubleFloatRealWorldValueLastValueMapped == 1.0
+    )
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeMeaning == "no units"
+    with pytest.raises(DataError):
+        write_parametric_map(tmp_path / "plan", prob, affine, tmp_path / "other.dcm",
+                             expect=Identity("P2", source="the manifest"), patient="P2")  # fmt: skip
+    assert not (tmp_path / "other.dcm").exists()

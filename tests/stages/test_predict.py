@@ -180,6 +180,18 @@ def test_ray_tasks_write_the_same_ctvs_and_a_valid_rtstruct(prediction, tmp_path
             assert np.allclose(a, b, atol=1e-6), (pid, name)
         rt = out.out_dir / pid / "rtstruct.dcm"
         assert validator_errors(dciodvfy, rt) == []
+        # the probability beside it, as a Parametric Map on the same series that the validator accepts
+        pm = out.out_dir / pid / "probability.dcm"
+        assert validator_errors(dciodvfy, pm) == []
+        import pydicom
+
+        ds = pydicom.dcmread(pm)
+        assert (
+            ds.FrameOfReferenceUID
+            == pydicom.dcmread(rt).ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
+        )
+        prob = np.asarray(nib.load(out.out_dir / pid / "probability.nii.gz").dataobj)
+        assert abs(float(ds.pixel_array.max()) - float(prob.max())) < 1e-3  # the same map on the same grid
         report = json.loads((out.out_dir / pid / "report.json").read_text())
         assert report["rtstruct"]["series_description"] == "T1C"
         # A planning system's centre-inside rule reads the CTVs back voxel for voxel (series grid = T1c grid).

@@ -19,7 +19,8 @@ trained on (`ctvlab.unet.inference`), then, on the patient's native T1c grid:
   sha256 of every input file;
 - with a planning series (`--rtstruct --dicom-ref`): `rtstruct.dcm`, the CTVs as ROIs `CTV_model`,
   `CTV_RTOG`, `CTV_EORTC` (and `CTV_cov90`, ...) on that series' frame of reference (`ctvlab.dicom.rtstruct`), labelled a research
-  model's, unapproved, each ROI naming what drew it. Before anything is predicted, every patient's planning
+  model's, unapproved, each ROI naming what drew it; and `probability.dcm`, the probability as a DICOM
+  Parametric Map on the same series (`ctvlab.dicom.parametric`). Before anything is predicted, every patient's planning
   series must be that patient's: the PatientID, Patient's Name, study and frame of reference recorded when
   the cohort was imported (`ctvlab import-dicom`'s provenance.json), else the manifest's PatientID
   (`ctvlab.dicom.planning.planning_identity`).
@@ -66,6 +67,7 @@ MODEL_FIELDS = (
     "salt_fingerprint",
 )
 RTSTRUCT_FILE = "rtstruct.dcm"
+PARAMETRIC_FILE = "probability.dcm"  # the probability as a DICOM Parametric Map, with --rtstruct
 RTSTRUCT_LABEL = "RESEARCH CTV"  # StructureSetLabel (SH, 16 characters): a research model's, unapproved
 ROI_NAMES = {"model": "CTV_model", "rtog": "CTV_RTOG", "eortc": "CTV_EORTC"}
 OUTPUT_FILES = ("probability.nii.gz", "ctv_model.nii.gz", "ctv_rtog.nii.gz", "ctv_eortc.nii.gz",
@@ -238,6 +240,15 @@ def predict_patient(
             raise DataError(message) from None
         report["rtstruct"] = {"file": RTSTRUCT_FILE, "planning_folder": str(series_dir), **ref,
                               "rois": [roi_name(n) for n, c in ctvs.items() if c.any()]}  # fmt: skip
+        from ctvlab import __version__
+        from ctvlab.dicom.parametric import write_parametric_map
+
+        try:  # the probability beside the structures, on the same series (a DICOM Parametric Map)
+            write_parametric_map(series_dir, prob, t1c.affine, dst / PARAMETRIC_FILE, expect=expect, patient=pid,
+                                 software=f"ctvlab {__version__}")  # fmt: skip
+        except CtvlabError as e:
+            raise DataError(f"patient {pid}: parametric map on {series_dir}: {e}") from None
+        report["parametric_map"] = {"file": PARAMETRIC_FILE, "unit": "probability (no units), 0 to 1"}
     write_json_atomic(dst / "report.json", report)
     return report
 
