@@ -186,7 +186,7 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
     from ctvlab.runtime import init_ray
 
     # Before any stage: a U-Net stage that can never fit on this cluster fails now, not after the others.
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, log_dir=Path(cfg.workdir) / "logs")
     check_study_fits(cfg, search=cfg.pipeline.search)
     if cfg.pipeline.search and cfg.unet.final_loss is not None:
         check_study_fits(cfg, search=False)  # the final model trains on unet.train's resources

@@ -31,14 +31,76 @@ def package_runtime_env() -> dict[str, Any]:
     return {"py_modules": [str(Path(ctvlab.__file__).resolve().parent)]}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
+LOG_FILE = "ctvlab.log"  # in <workdir>/logs: what Ray, MLflow and Python's warnings say, off the terminal
+_LIBRARIES = ("ray", "mlflow", "py.warnings")
+
+
+class _ErrorsToStderr(logging.StreamHandler):
+    """Errors to whatever sys.stderr is when they happen (not the stream of the moment it was made)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.ERROR)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def route_library_logs(log_dir: Path | str) -> Path:
+    """Send Ray's, MLflow's and Python's warning messages to `<log_dir>/ctvlab.log` instead of the terminal,
+    where they buried the stage lines; their errors still reach the terminal too. Idempotent.
+
+    Returns:
+        the log file.
+    """
+    import warnings
+
+    path = Path(log_dir) / LOG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")  # each distinct warning once, into the log
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _LIBRARIES:
+        logger = logging.getLogger(name)
+        if any(getattr(h, "_ctvlab", None) == str(path) for h in logger.handlers):
+            continue
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        to_file = logging.FileHandler(path, encoding="utf-8")
+        to_file.setFormatter(formatter)
+        to_file._ctvlab = str(path)  # type: ignore[attr-defined]
+        errors = _ErrorsToStderr()
+        errors._ctvlab = str(path)  # type: ignore[attr-defined]
+        logger.addHandler(to_file)
+        logger.addHandler(errors)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    # Tune's console tables ("Configuration for experiment", "View detailed results here") are its new
+    # output engine's; the search reports its own progress lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return path
+
+
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, quiet: bool = True, log_dir: Path | None = None
+) -> None:
     """Connect to the Ray cluster at `address`, or start a local one; no-op when Ray is running.
 
     Args:
         address: "auto", "ray://host:10001" or "host:6379"; None starts a local Ray (inside a job
             submitted with `ray job submit`, RAY_ADDRESS is set and the job's cluster is joined).
         num_cpus: logical CPUs of a local Ray (default: the machine's cores).
+        log_dir: where Ray's and MLflow's own messages go (`route_library_logs`); None leaves them.
     """
+    if log_dir is not None:
+        route_library_logs(log_dir)
     import ray
 
     if ray.is_initialized():
@@ -105,6 +167,6 @@ def start_unet_stage(cfg, *, search: bool) -> None:
     from ctvlab.resources import check_study_fits
     from ctvlab.tracking import resolve_tracking_uri
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, log_dir=Path(cfg.workdir) / "logs")
     refuse_local_store_on_cluster(resolve_tracking_uri(cfg.tracking.tracking_uri))
     check_study_fits(cfg, search=search)

@@ -67,7 +67,7 @@ def rf_cv_stage(
     vcfg = cfg.voxel_models
     targets = targets or list(vcfg.targets)
     subgroups = subgroups or list(vcfg.subgroups)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, log_dir=Path(cfg.workdir) / "logs")
     folds = split.folds()
     check = vcfg.model == "rf" and vcfg.missing_check and "all" in subgroups
     n_folds = len(set(folds.values()))
