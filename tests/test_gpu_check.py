@@ -181,6 +181,11 @@ def test_the_check_blocks_an_import_and_names_the_file_that_tried(gpu_check):
             [],
             True,
         ),  # guarded, MONAI's
+        (
+            [("mlflow", str(ROOT / ".venv/lib/python3.11/site-packages/monai/utils/module.py"))],
+            [],
+            True,
+        ),  # MONAI's, from a virtual environment inside the checkout
         ([("mlflow", str(ROOT / "platform" / "ctvlab" / "unet" / "loop.py"))], [], False),  # ctvlab tried
         ([("ray.train", str(SCRIPT))], [], False),  # the check itself tried
         ([], ["ray"], False),  # imported before the blocker

@@ -11,9 +11,10 @@ from ctvlab.runtime import LOG_FILE, route_library_logs
 
 
 @pytest.fixture
-def restore_logging():
+def restore_logging(monkeypatch):
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
     saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate, logging.getLogger(n).level)
-             for n in ("ray", "mlflow", "py.warnings")}  # fmt: skip
+             for n in ("ray", "ray.data", "mlflow", "py.warnings")}  # fmt: skip
     yield
     for n, (handlers, propagate, level) in saved.items():
         logger = logging.getLogger(n)
@@ -28,6 +29,10 @@ def restore_logging():
 def test_library_messages_go_to_the_log_file_and_errors_to_the_terminal_too(
     tmp_path, capsys, restore_logging
 ):
+    # as Ray Data leaves its logger once imported: its own console handler, no propagation
+    ray_data = logging.getLogger("ray.data")
+    ray_data.addHandler(logging.StreamHandler())
+    ray_data.propagate = False
     path = route_library_logs(tmp_path / "logs")
     assert path == tmp_path / "logs" / LOG_FILE
     assert route_library_logs(tmp_path / "logs") == path  # idempotent: one handler each
@@ -42,3 +47,25 @@ def test_library_messages_go_to_the_log_file_and_errors_to_the_terminal_too(
     text = path.read_text()
     assert "Progress bars disabled." in text and "python_model" in text and "a trial failed" in text
     assert "a deprecation banner" in text
+
+
+def test_a_later_ray_data_import_is_pointed_at_a_logging_config_that_propagates(tmp_path, restore_logging):
+    import os
+
+    import yaml
+
+    route_library_logs(tmp_path / "logs")
+    config = yaml.safe_load(open(os.environ["RAY_DATA_LOGGING_CONFIG"]))
+    assert config["loggers"]["ray.data"] == {"level": "INFO", "handlers": [], "propagate": True}
+    from ray.data._internal.logging import configure_logging
+
+    configure_logging()  # what `import ray.data` runs
+    assert logging.getLogger("ray.data").propagate and not logging.getLogger("ray.data").handlers
+
+
+def test_a_users_own_ray_data_logging_config_is_kept(tmp_path, monkeypatch, restore_logging):
+    import os
+
+    monkeypatch.setenv("RAY_DATA_LOGGING_CONFIG", "/their/config.yaml")
+    route_library_logs(tmp_path / "logs")
+    assert os.environ["RAY_DATA_LOGGING_CONFIG"] == "/their/config.yaml"

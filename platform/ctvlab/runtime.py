@@ -53,6 +53,37 @@ class _ErrorsToStderr(logging.StreamHandler):
         pass
 
 
+_RAY_DATA_LOGGING = """\
+version: 1
+disable_existing_loggers: false
+loggers:
+  ray.data:
+    level: INFO
+    handlers: []
+    propagate: true
+"""
+
+
+def _quiet_library_children(path: Path) -> None:
+    """Loggers below the libraries' that print on their own (Ray Data configures `ray.data` with a console
+    handler and no propagation when it is imported) send their messages up to the routed logger instead.
+
+    For an import still to come, RAY_DATA_LOGGING_CONFIG points Ray Data at a configuration that does the
+    same (its documented way to replace its logging set-up); an explicit user setting is kept.
+    """
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger) or not any(name.startswith(p + ".") for p in _LIBRARIES):
+            continue
+        for h in list(logger.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                logger.removeHandler(h)
+        logger.propagate = True
+    if "RAY_DATA_LOGGING_CONFIG" not in os.environ:
+        config = path.parent / "ray-data-logging.yaml"
+        config.write_text(_RAY_DATA_LOGGING)
+        os.environ["RAY_DATA_LOGGING_CONFIG"] = str(config)
+
+
 def route_library_logs(log_dir: Path | str) -> Path:
     """Send Ray's, MLflow's and Python's warning messages to `<log_dir>/ctvlab.log` instead of the terminal,
     where they buried the stage lines; their errors still reach the terminal too. Idempotent.
@@ -82,6 +113,7 @@ def route_library_logs(log_dir: Path | str) -> Path:
         logger.addHandler(errors)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    _quiet_library_children(path)
     # Tune's console tables ("Configuration for experiment", "View detailed results here") are its new
     # output engine's; the search reports its own progress lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
