@@ -383,7 +383,9 @@ def forbidden_check(attempts: Sequence[tuple[str, str]], loaded: Sequence[str]) 
     """
     loaded = list(loaded)
 
-    def ours(by: str) -> bool:  # ctvlab's or the check's code; a virtual environment inside the checkout is not
+    def ours(
+        by: str,
+    ) -> bool:  # ctvlab's or the check's code; a virtual environment inside the checkout is not
         path = Path(by).resolve()
         return by != "?" and any(path.is_relative_to(ROOT / d) for d in ("platform", "benchmarks", "jobs"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -55,7 +56,7 @@ def test_a_later_ray_data_import_is_pointed_at_a_logging_config_that_propagates(
     import yaml
 
     route_library_logs(tmp_path / "logs")
-    config = yaml.safe_load(open(os.environ["RAY_DATA_LOGGING_CONFIG"]))
+    config = yaml.safe_load(Path(os.environ["RAY_DATA_LOGGING_CONFIG"]).read_text())
     assert config["loggers"]["ray.data"] == {"level": "INFO", "handlers": [], "propagate": True}
     from ray.data._internal.logging import configure_logging
 
