@@ -197,6 +197,11 @@ def _settings(
     for path, option in ((data, "--data"), (out, "--out")):
         if path is not None:
             check_folder(path, option)
+    from ctvlab.errors import remember_given
+
+    for given in (cfg.workdir, data, out):  # messages name the folders below them as the user gave them
+        if given is not None:
+            remember_given(given)
     if tracking_uri:
         cfg.tracking.tracking_uri = tracking_uri
     cfg.ray.address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -712,14 +717,28 @@ def main(args: list[str] | None = None, prog_name: str | None = None, command: s
     except SystemExit as e:
         code = e.code
     except CtvlabError as e:
-        _console(stderr=True).print(f"[bold red]error:[/] {e}")
+        _error_line(e)
         code = e.exit_code
+    except OSError as e:  # a writer outside the atomic ones (Ray's files, a lock): the same one line
+        from ctvlab.errors import storage_error
+
+        err = storage_error(e)
+        if err is None:
+            raise
+        _error_line(err)
+        code = err.exit_code
     except KeyboardInterrupt:
         _console(stderr=True).print("[yellow]interrupted[/]")
         code = 130
     for line in _JOB_WHERE:
         _console(stderr=True).print(line)
     sys.exit(code)
+
+
+def _error_line(e: Exception) -> None:
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}")
 
 
 def run_job(command: str) -> None:

@@ -302,6 +302,8 @@ def _preprocess(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord
                                progress=True, console=console)  # fmt: skip
     if not report.ok:
         print_preprocess_report(report, console)
+    if report.storage_error:  # a full disk or a folder that cannot be written: its own one line
+        raise InfrastructureError(report.storage_error)
     if report.errors:
         raise InfrastructureError(
             f"preprocessing failed for {len(report.errors)} patient(s) on an infrastructure error "

@@ -236,3 +236,31 @@ def test_eight_concurrent_trials_lose_no_mlflow_rows(backend, ray_local, tmp_pat
         i = int(c.info.run_name.split("-")[1])
         history = tracker.client.get_metric_history(c.info.run_id, "value")
         assert sorted(m.value for m in history) == [float(i * 100 + s) for s in range(20)]
+
+
+class _TrialError(Exception):
+    """As Ray can hand a trial's error to the driver: only the worker's traceback, as text."""
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device", "/w/ray/tune/s/run_trial_1/checkpoint_000001/state.pt"),
+        _TrialError(
+            "Traceback (most recent call last):\nOSError: [Errno 28] No space left on device: '/w/x'"
+        ),
+    ],
+)
+def test_trials_stopped_by_a_full_disk_fail_the_search_with_one_line_and_the_space_it_needs(error, tmp_path):
+    from ctvlab.errors import StorageError
+    from ctvlab.unet.tune import search_storage_error
+
+    err = search_storage_error(
+        [None, error], tmp_path / "ray", written_bytes=30e6, epochs_done=3, epochs_left=5
+    )
+    assert isinstance(err, StorageError) and err.exit_code == 4
+    assert str(err).startswith(
+        f"cannot write to {tmp_path / 'ray'}: the disk is full; the search still needs about 50 MB more "
+        "(10 MB per trial epoch from the 3 written, 5 left)"
+    )
+    assert search_storage_error([None, RuntimeError("injected trial failure")], tmp_path, 1, 1, 1) is None

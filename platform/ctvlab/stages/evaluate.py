@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ctvlab.atomic import atomic_folder, write_csv_atomic
+from ctvlab.atomic import atomic_folder, check_writable, write_csv_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.ctv.evaluate import (
     PATIENT_FIGURE_PREFIX,
@@ -40,7 +40,7 @@ from ctvlab.ctv.evaluate import (
     write_ctv_nifti,
 )
 from ctvlab.data.readers import load_patient, read_patients
-from ctvlab.errors import CtvlabError, DataError
+from ctvlab.errors import CtvlabError, DataError, folder_bytes, space_needed, writing
 from ctvlab.study import REFERENCE_ONLY_CTVS
 from ctvlab.unet.inference import LoadedModel, load_model, predict_probability
 
@@ -138,8 +138,9 @@ def evaluate_study(
     ids = split.patients(split_name)
     if not ids:
         raise DataError(f"the {split_name} split of {prep} has no patients")
-    tracker = tracker_for(cfg)
     out = Path(cfg.results_dir, "evaluate").resolve()
+    check_writable(out.parent)  # a results folder that refuses the tables fails before any work
+    tracker = tracker_for(cfg)
     with tempfile.TemporaryDirectory() as dl:
         model_dir, model_uri = resolve_model(
             cfg, tracker, model_uri, Path(dl), split.digest, split.dataset_digest
@@ -168,24 +169,33 @@ def evaluate_study(
         (out / "ctv_native").mkdir()
         rows, t_inf, t_ctv, eortc_sources = [], 0.0, 0.0, {}
         overlay_cases: list[tuple[str, float]] = []
-        for pid in _progress(ids, progress, console, "evaluating"):
-            p = load_patient(prep, pid)
-            t0 = time.perf_counter()
-            prob = predict_probability(model, p)
-            t1 = time.perf_counter()
-            ctvs, prows, source = evaluate_patient(prob, threshold, p, cfg)
-            t2 = time.perf_counter()
-            t_inf += t1 - t0
-            t_ctv += t2 - t1
-            rows.extend(prows)
-            eortc_sources[pid] = source
-            m = patient_masks(p)
-            overlay_cases.append(
-                (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
-            )
-            for name, ctv in _drawn(ctvs).items():
-                native = out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
-                write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
+        done: list[str] = []
+
+        def needs() -> str:  # for a full disk: the CTV files of the patients left, at the rate so far
+            return space_needed("the evaluation", folder_bytes(out), len(done), len(ids) - len(done))
+
+        with writing(out.parent, needs=needs):
+            for pid in _progress(ids, progress, console, "evaluating"):
+                p = load_patient(prep, pid)
+                t0 = time.perf_counter()
+                prob = predict_probability(model, p)
+                t1 = time.perf_counter()
+                ctvs, prows, source = evaluate_patient(prob, threshold, p, cfg)
+                t2 = time.perf_counter()
+                t_inf += t1 - t0
+                t_ctv += t2 - t1
+                rows.extend(prows)
+                eortc_sources[pid] = source
+                m = patient_masks(p)
+                overlay_cases.append(
+                    (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
+                )
+                for name, ctv in _drawn(ctvs).items():
+                    native = (
+                        out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
+                    )
+                    write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
+                done.append(pid)
         per_patient = pd.DataFrame(rows)
         summary = summary_table(per_patient)
         wilcoxon = wilcoxon_table(per_patient)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ctvlab.config import StudyConfig
-from ctvlab.errors import CtvlabError
+from ctvlab.errors import CtvlabError, folder_bytes
 from ctvlab.study import BEST_SELECTION_METRIC, SELECTION_METRIC
 from ctvlab.unet.search_progress import progress_callback, say
 from ctvlab.unet.trial import TRIAL_PARAMS, SearchContext, run_trial, stop_tags, trial_model_dir
@@ -159,6 +159,14 @@ def run_search(
     if watch.message:
         raise res.ResourceError(watch.message)
     table = trials_table(grid)
+    planned = tcfg.epochs_per_trial * max(len(table), num_samples)
+    trials_dirs = list(Path(ctx.storage).glob(f"{name}-*"))
+    full = search_storage_error(
+        [r.error for r in grid], storage, written_bytes=folder_bytes(path) + sum(folder_bytes(d) for d in trials_dirs),
+        epochs_done=int(table["epochs_run"].sum()), epochs_left=max(0, planned - int(table["epochs_run"].sum())),
+    )  # fmt: skip
+    if full is not None:  # the other trials failed or will fail the same way: stop here, with the estimate
+        raise full
     # A failed trial's error can name a patient or a folder: the table goes to the shared tracking store.
     from ctvlab.splits import pseudonymise
     from ctvlab.tracking import scrub_text
@@ -168,6 +176,35 @@ def run_search(
     table["model_dir"] = [str(trial_model_dir(ctx.storage, name, t)) for t in table["trial_id"]]
     finish_stopped_trials(ctx, table, tracker)
     return table
+
+
+def search_storage_error(errors, folder: Path, written_bytes: float, epochs_done: int, epochs_left: int):
+    """The search's `StorageError` when a trial failed because the search's storage cannot be written (a
+    full disk while a checkpoint or a model was written): named for the storage folder, with the space the
+    search still needs at the rate its epochs wrote so far. None when no trial failed that way.
+
+    Args:
+        errors: each trial's error (None for a trial without one), as Ray hands them to the driver: the
+            original exception, one that carries it as its cause, or only its traceback's text.
+    """
+    import re
+
+    from ctvlab.errors import FULL, space_needed, storage_error
+
+    for error in errors:
+        seen, found = error, None
+        while seen is not None and found is None:
+            found = storage_error(seen)
+            seen = getattr(seen, "cause", None) or seen.__cause__
+        if found is None and error is not None:  # only the text crossed the process boundary
+            m = re.search(r"OSError: \[Errno (\d+)\]", str(error))
+            if m:
+                found = storage_error(OSError(int(m.group(1)), os.strerror(int(m.group(1)))))
+        if found is not None:
+            needs = space_needed("the search", written_bytes, epochs_done, epochs_left, unit="trial epoch")
+            return storage_error(OSError(found.errno, os.strerror(found.errno)), folder,
+                                 needs=needs if found.errno in FULL else None)  # fmt: skip
+    return None
 
 
 def check_private_state(path: Path) -> None:
