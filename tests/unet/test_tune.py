@@ -264,3 +264,71 @@ def test_trials_stopped_by_a_full_disk_fail_the_search_with_one_line_and_the_spa
         "(10 MB per trial epoch from the 3 written, 5 left)"
     )
     assert search_storage_error([None, RuntimeError("injected trial failure")], tmp_path, 1, 1, 1) is None
+
+
+def _record(tracker: Tracker, parent_run_id: str) -> dict:
+    """What a reviewer sees of a search in MLflow: each run's status, metric keys and point counts (trials
+    in order of their metrics), the parent's artifacts."""
+    client = tracker.client
+
+    def shape(run):
+        points = {k: len(client.get_metric_history(run.info.run_id, k)) for k in sorted(run.data.metrics)}
+        arts = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+        return run.info.status, points, arts, run.data.tags.get("ctvlab.stopped_early")
+
+    children = tracker.find_runs(f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {
+        "parent": shape(client.get_run(parent_run_id)),
+        "trials": sorted((shape(c) for c in children), key=repr),
+    }
+
+
+@pytest.mark.ray
+def test_a_search_while_the_tracking_server_is_away_records_what_an_undisturbed_search_records(
+    prepared_phantom, tmp_path, tracking_uri, monkeypatch
+):
+    """The server is away for the whole search: the trials train, stop and end as usual (none ERROR), the
+    stage ends saying what is unrecorded and how to send it; once it answers, `sync` leaves the same record
+    as a search the server saw: statuses, metric keys and points per run, the model, its registration."""
+    from ctvlab.outages import recording
+    from ctvlab.tracking import TrackingError, sync_spool
+    from tests.conftest import free_port, start_mlflow_server
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no minutes of retries against no server
+
+    def study(workdir: Path, uri: str):
+        cfg = tiny_study(workdir, uri)
+        cfg.tune.run_grid = False
+        cfg.tune.num_samples = 2
+        cfg.tune.epochs_per_trial = 2
+        cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice", "pcc"])
+        cfg.tune.max_concurrent_trials = 2
+        cfg.tracking.outage_wait_s = 1
+        return cfg
+
+    undisturbed = tune_study(study(tmp_path / "undisturbed", tracking_uri), prepared_phantom)
+    expected = _record(Tracker("tiny", tracking_uri), undisturbed.parent_run_id)
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cfg = study(tmp_path / "away", uri)
+    said: list[str] = []
+    with pytest.raises(TrackingError) as e, recording(cfg, say=said.append):
+        out = tune_study(cfg, prepared_phantom)
+    assert "ctvlab sync" in str(e.value) and uri in str(e.value)
+    assert sum(uri in line and "since" in line for line in said) == 1, said  # said once
+    assert (out.trials["status"] != "ERROR").all() and len(out.trials) == 2
+    results = cfg.results_dir / "model"
+    assert (results / "weights.pt").exists()  # the search's outputs are complete on disk
+
+    root = tmp_path / "server"
+    root.mkdir()
+    with start_mlflow_server(root, port=port):
+        assert sync_spool(Path(cfg.workdir) / "tracking-spool") > 0
+        tracker = Tracker("tiny", uri)
+        parents = tracker.find_runs("tags.`ctvlab.stage` = 'tune'")
+        assert len(parents) == 1
+        got = _record(tracker, parents[0].info.run_id)
+        assert got == expected
+        versions = tracker.search_versions(cfg.unet.registered_model_name)
+        assert len(versions) == 1 and versions[0].run_id == parents[0].info.run_id

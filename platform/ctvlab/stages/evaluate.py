@@ -101,6 +101,7 @@ class EvaluationOutcome:
     seconds_inference: float
     seconds_ctv_metrics: float
     comparisons: pd.DataFrame | None = None
+    model_spec: dict[str, Any] | None = None  # the evaluated model's spec (its provenance, its card)
 
 
 def choose_validation_threshold(model: LoadedModel, prep: Path, val_ids: Sequence[str], cfg: StudyConfig):
@@ -271,7 +272,7 @@ def evaluate_study(
                 run.artifact(Path(d) / sub, sub)
         run_id = run.run_id
     return EvaluationOutcome(run_id, model_uri, threshold, per_patient, summary, wilcoxon, out, figures,
-                             t_inf / len(ids), t_ctv / len(ids), comparisons)  # fmt: skip
+                             t_inf / len(ids), t_ctv / len(ids), comparisons, dict(model.spec))  # fmt: skip
 
 
 def plot_by_cohort(per_patient: pd.DataFrame, patients: pd.DataFrame, out: Path) -> Path:

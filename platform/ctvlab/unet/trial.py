@@ -34,6 +34,10 @@ class SearchContext:
     parent_run_id: str | None
     experiment: str
     tracking_uri: str
+    experiment_id: str | None = (
+        None  # the driver's (a placeholder while the store is away): no lookup per trial
+    )
+    spool: str | None = None  # the study's tracking spool: what the store cannot take now waits there
     view: dict[str, Any] = field(default_factory=dict)  # the models' view keys (`train.run_view`)
     extra_spec: dict[str, Any] = field(default_factory=dict)
 
@@ -49,7 +53,7 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
     ucfg = trial_unet_config(study.unet, params, study.tune)
     tctx = ray.tune.get_context()
     trial_id = tctx.get_trial_id()
-    tracker = Tracker(ctx.experiment, ctx.tracking_uri)
+    tracker = Tracker(ctx.experiment, ctx.tracking_uri, spool=ctx.spool, experiment_id=ctx.experiment_id)
     shown = {k: params[k] for k in TRIAL_PARAMS if k in params}
     node = ray.get_runtime_context().get_node_id()  # where the trial ran, for a cluster's post-mortems
     run_id = tracker.start_run(f"trial-{trial_id}", {**base_tags("tune-trial"), "ctvlab.trial_id": trial_id,
@@ -100,7 +104,8 @@ def _train_in_trial(ucfg, ctx: SearchContext, trial_id: str, run_id: str, log) -
 
     device = torch.device("cuda" if ucfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     config = {"unet": ucfg.model_dump(mode="json"), "view": ctx.view, "mlflow_run_id": run_id,
-              "tracking_uri": ctx.tracking_uri, "threads_per_worker": max(1, math.ceil(ucfg.train.cpus_per_worker))}  # fmt: skip
+              "tracking_uri": ctx.tracking_uri, "spool": ctx.spool,
+              "threads_per_worker": max(1, math.ceil(ucfg.train.cpus_per_worker))}  # fmt: skip
     try:
         history = run_training(config, LocalSession(train, val, report, device, restored))
     except SystemExit as stop:  # the scheduler ended the trial inside its report (ASHA, or max_t)
@@ -147,7 +152,8 @@ def _train_with_ray_train(ucfg, ctx: SearchContext, trial_id: str, run_id: str, 
     trainer = build_trainer(
         Path(ctx.prep), ucfg, ctx.train_ids, ctx.val_ids,
         storage_path=ctx.storage, run_name=f"{ctx.search_name}-{trial_id}",
-        loop_extra={"mlflow_run_id": run_id, "experiment": ctx.experiment, "tracking_uri": ctx.tracking_uri},
+        loop_extra={"mlflow_run_id": run_id, "experiment": ctx.experiment, "tracking_uri": ctx.tracking_uri,
+                    "spool": ctx.spool},
         callbacks=[TuneReportCallback()],
     )  # fmt: skip
     result = trainer.fit()

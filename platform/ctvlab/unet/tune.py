@@ -14,6 +14,7 @@ the best configuration and metric. The best trial's model is registered as the m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -93,10 +94,11 @@ def run_search(
         extra_spec=extra_spec or {},
     )  # fmt: skip
     # Create the store and the experiment here, once: concurrent trials creating a new SQLite store would
-    # race on its schema migrations.
-    from ctvlab.tracking import Tracker
+    # race on its schema migrations. The trials get its id (a placeholder while the store is away).
+    from ctvlab.tracking import tracker_for
 
-    tracker = Tracker(ctx.experiment, ctx.tracking_uri)
+    tracker = tracker_for(cfg)
+    ctx.experiment_id, ctx.spool = tracker.experiment_id, str(tracker.spool.root)
     from ctvlab import resources as res
 
     demand, cluster = res.trial_demand(cfg), res.cluster_view(cfg.ray.max_resources)
@@ -174,6 +176,11 @@ def run_search(
     names = pseudonymise(prep, [p for role in ("train", "val", "test") for p in split.patients(role)])
     table["error"] = [scrub_text(e, names) if isinstance(e, str) else e for e in table["error"]]
     table["model_dir"] = [str(trial_model_dir(ctx.storage, name, t)) for t in table["trial_id"]]
+    # What the trials kept while the store was away goes first: their own ends are in it.
+    from ctvlab.tracking import TrackingError, sync_spool
+
+    with contextlib.suppress(TrackingError):
+        sync_spool(tracker.spool.root)
     finish_stopped_trials(ctx, table, tracker)
     return table
 
@@ -254,13 +261,9 @@ def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame, tracker) -> N
             export_model(ray.train.Checkpoint.from_directory(str(ckpt)), dst,
                          {**ctx.extra_spec, "trial_id": row.trial_id})  # fmt: skip
         query = f"tags.`ctvlab.trial_id` = '{row.trial_id}' and tags.`ctvlab.search` = '{ctx.search_name}'"
-        for run in tracker.find_runs(query):
-            if run.info.status == "RUNNING":
-                log = tracker.logger(run.info.run_id)
-                planned = StudyConfig.model_validate(ctx.study).tune.epochs_per_trial
-                log.tags(stop_tags(int(row.epochs_run), planned))
-                log.artifact(dst, "model")
-                tracker.end_run(run.info.run_id, "FINISHED")
+        planned = StudyConfig.model_validate(ctx.study).tune.epochs_per_trial
+        # One write (kept whole while the store is away): the runs of this trial still RUNNING then.
+        tracker.finish_if_running(query, stop_tags(int(row.epochs_run), planned), dst)
 
 
 def best_stored_checkpoint(run_dir: Path) -> Path | None:
