@@ -404,11 +404,18 @@ class Tracker:
         self._send("describe_version", {"name": name, "version": str(version), "description": description})
 
     def finish_if_running(
-        self, filter_string: str, tags: Mapping[str, str], model_dir: Path | None = None
+        self,
+        filter_string: str,
+        tags: Mapping[str, str],
+        model_dir: Path | None = None,
+        history: list[Mapping[str, Any]] | None = None,
+        summary: Mapping[str, float] | None = None,
     ) -> None:
-        """Close the runs matching `filter_string` that are still RUNNING: tags, the model, FINISHED (a search's
-        trials that the scheduler ended from outside). Kept for later, as one write, while the store is away."""
-        fields = {"experiment_id": self.experiment_id, "filter": filter_string, "tags": dict(tags)}
+        """Complete and close the runs matching `filter_string` that are still RUNNING (a search's trials that
+        the scheduler ended from outside): the epochs of `history` they miss, the `summary` values they do
+        not hold, `tags`, the model, FINISHED. Kept for later, as one write, while the store is away."""
+        fields = {"experiment_id": self.experiment_id, "filter": filter_string, "tags": dict(tags),
+                  "history": [dict(h) for h in history or []], "summary": dict(summary or {})}  # fmt: skip
         self._send("finish_if_running", fields, model_dir)
 
     def download_model(self, model_uri: str, dst: str | Path) -> Path:
@@ -583,11 +590,17 @@ def _apply(tracker: Tracker, op: str, f: dict[str, Any], local: Path | None = No
         c.update_model_version(f["name"], f["version"], description=f["description"])
     elif op == "finish_if_running":
         for run in c.search_runs([f["experiment_id"]], filter_string=f["filter"]):
-            if run.info.status == "RUNNING":
-                c.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in f["tags"].items()])
-                if local is not None:
-                    c.log_artifacts(run.info.run_id, str(local), "model")
-                c.set_terminated(run.info.run_id, status="FINISHED")
+            if run.info.status != "RUNNING":
+                continue  # the trial ended its run itself: it is complete
+            rid = run.info.run_id
+            if f.get("history"):
+                _complete_curve(tracker, rid, f["history"], ("epoch",))
+            missing = [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in (f.get("summary") or {}).items()
+                       if k not in run.data.metrics and math.isfinite(float(v))]  # fmt: skip
+            c.log_batch(rid, metrics=missing, tags=[RunTag(k, v) for k, v in f["tags"].items()])
+            if local is not None:  # again whole: the trial may have been cut off halfway through it
+                c.log_artifacts(rid, str(local), "model")
+            c.set_terminated(rid, status="FINISHED")
     else:
         raise ValueError(f"unknown tracking write {op!r}")
     return None

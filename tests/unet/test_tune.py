@@ -332,3 +332,55 @@ def test_a_search_while_the_tracking_server_is_away_records_what_an_undisturbed_
         assert got == expected
         versions = tracker.search_versions(cfg.unet.registered_model_name)
         assert len(versions) == 1 and versions[0].run_id == parents[0].info.run_id
+
+
+def test_a_trial_cut_off_by_its_stop_is_completed_from_what_it_left_on_the_storage(tmp_path, tracking_uri):
+    """Tune ends a stopped trial's process without waiting for it (`FunctionTrainable.cleanup` joins the
+    training thread with timeout 0): a trial whose end is slow (a tracking server over HTTP) is cut off with
+    half its run written. The driver completes it from the history the trial keeps on the storage: every
+    epoch once, the best epoch's summary, how it ended, its model, FINISHED; as an undisturbed trial."""
+    from ctvlab.atomic import write_json_atomic
+    from ctvlab.tracking import base_tags
+    from ctvlab.unet.trial import SearchContext, trial_history_file, trial_model_dir
+    from ctvlab.unet.tune import finish_stopped_trials
+
+    cfg = tiny_study(tmp_path, tracking_uri)
+    cfg.tune.epochs_per_trial = 3
+    tracker = Tracker("tiny", tracking_uri)
+    history = [
+        {"epoch": e, "train_loss": 1.0 - e / 10, "val_tversky": 0.5 + e / 10, "val_dice": 0.4 + e / 10,
+         "best_val_tversky": 0.5 + e / 10, "is_best": 1}
+        for e in range(2)
+    ]  # fmt: skip
+    ctx = SearchContext(study=cfg.model_dump(mode="json"), prep="", train_ids=[], val_ids=[],
+                        storage=str(tmp_path / "trials"), search_name="s1", parent_run_id=None,
+                        experiment="tiny", tracking_uri=tracking_uri)  # fmt: skip
+    run_id = tracker.start_run(
+        "trial-t1", {**base_tags("tune-trial"), "ctvlab.trial_id": "t1", "ctvlab.search": "s1"}
+    )
+    tracker.logger(run_id).metrics(
+        {k: v for k, v in history[0].items() if k != "epoch"}, step=0
+    )  # then cut off
+    write_json_atomic(trial_history_file(ctx.storage, "s1", "t1"), history)
+    model = trial_model_dir(ctx.storage, "s1", "t1")
+    model.mkdir(parents=True)
+    (model / "model.json").write_text("{}")
+    (model / "weights.pt").write_bytes(b"w")
+    table = pd.DataFrame(
+        [{"trial_id": "t1", "status": "TERMINATED", "epochs_run": 2, "model_dir": str(model)}]
+    )
+
+    finish_stopped_trials(ctx, table, tracker)
+
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "val_tversky", "best_val_tversky"):
+        assert sorted(m.step for m in tracker.client.get_metric_history(run_id, key)) == [0, 1], key
+    assert run.data.metrics["best_val_dice"] == pytest.approx(0.5)  # the best epoch's summary
+    assert run.data.tags["ctvlab.stopped_early"] == "true" and run.data.tags["ctvlab.epochs_run"] == "2"
+    assert {a.path for a in tracker.client.list_artifacts(run_id, "model")} == {
+        "model/model.json",
+        "model/weights.pt",
+    }
+    finish_stopped_trials(ctx, table, tracker)  # twice: nothing more
+    assert len(tracker.client.get_metric_history(run_id, "val_tversky")) == 2

@@ -239,31 +239,60 @@ def check_private_state(path: Path) -> None:
 def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame, tracker) -> None:
     """Complete the trials that the scheduler ended from outside.
 
-    ASHA stops a trial (at a rung, or at `max_t`) inside the trial's report; a trial whose process is
-    ended there never reaches the lines after its training: its MLflow run is left RUNNING, and a Ray
-    Train trial has no exported model. Both are done here from what the trial left on the shared storage
-    (a one-worker trial exports its best model at every improvement; a Ray Train trial's best kept
-    checkpoint becomes its model), and the run is closed FINISHED with how it ended (`stop_tags`): it ran
-    without error, and FAILED is for errors.
+    ASHA stops a trial (at a rung, or at `max_t`) inside the trial's report, and Tune then ends the trial's
+    process without waiting for it (`FunctionTrainable.cleanup` joins the training thread with timeout 0):
+    a trial's own end (its curve, its best epoch's summary, its model, FINISHED) is cut off wherever it was,
+    the more often the slower the tracking server. The driver completes each such run (still RUNNING) from
+    what the trial left on the shared storage: its history (a one-worker trial writes it before every
+    report; a Ray Train trial's checkpoints carry it) and its model (a one-worker trial exports its best
+    model at every improvement; a Ray Train trial's best kept checkpoint becomes its model). The run then
+    holds what an undisturbed trial's does and ends FINISHED with how it ended (`stop_tags`): it ran without
+    error, and FAILED is for errors.
     """
-    from ctvlab.unet.train import export_model
+    from ctvlab.unet.train import best_summary, export_model
 
+    planned = StudyConfig.model_validate(ctx.study).tune.epochs_per_trial
     for row in table.itertuples():
         if row.status == "ERROR":
             continue
+        run_dir = Path(ctx.storage) / f"{ctx.search_name}-{row.trial_id}"
         dst = Path(row.model_dir)
         if not dst.exists():
-            ckpt = best_stored_checkpoint(Path(ctx.storage) / f"{ctx.search_name}-{row.trial_id}")
-            if ckpt is None:
-                continue
-            import ray.train
+            ckpt = best_stored_checkpoint(run_dir)
+            if ckpt is not None:
+                import ray.train
 
-            export_model(ray.train.Checkpoint.from_directory(str(ckpt)), dst,
-                         {**ctx.extra_spec, "trial_id": row.trial_id})  # fmt: skip
+                export_model(ray.train.Checkpoint.from_directory(str(ckpt)), dst,
+                             {**ctx.extra_spec, "trial_id": row.trial_id})  # fmt: skip
+        history = stored_history(ctx, row.trial_id)
+        best = next((h for h in reversed(history) if h.get("is_best")), {})
         query = f"tags.`ctvlab.trial_id` = '{row.trial_id}' and tags.`ctvlab.search` = '{ctx.search_name}'"
-        planned = StudyConfig.model_validate(ctx.study).tune.epochs_per_trial
         # One write (kept whole while the store is away): the runs of this trial still RUNNING then.
-        tracker.finish_if_running(query, stop_tags(int(row.epochs_run), planned), dst)
+        tracker.finish_if_running(query, stop_tags(int(row.epochs_run), planned), dst if dst.exists() else None,
+                                  history=history, summary=best_summary(best, history) if history else {})  # fmt: skip
+
+
+def stored_history(ctx: SearchContext, trial_id: str) -> list[dict[str, Any]]:
+    """A trial's history from the storage: a one-worker trial's history file, else the latest checkpoint of
+    its Ray Train run (each carries the history up to its epoch); [] when there is none."""
+    from ctvlab.unet.train import HISTORY_FILE, SPEC_FILE
+    from ctvlab.unet.trial import trial_history_file
+
+    candidates = [trial_history_file(ctx.storage, ctx.search_name, trial_id)]
+    run_dir = Path(ctx.storage) / f"{ctx.search_name}-{trial_id}"
+    epochs = []
+    for d in run_dir.glob("checkpoint_*"):
+        try:
+            epochs.append((json.loads((d / SPEC_FILE).read_text())["epoch"], d / HISTORY_FILE))
+        except (OSError, ValueError, KeyError):
+            continue
+    candidates += [path for _, path in sorted(epochs, reverse=True)]
+    for path in candidates:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return []
 
 
 def best_stored_checkpoint(run_dir: Path) -> Path | None:
