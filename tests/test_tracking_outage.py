@@ -11,7 +11,7 @@ import pytest
 
 from ctvlab.errors import InfrastructureError
 from ctvlab.outages import settle
-from ctvlab.spool import outage_notice
+from ctvlab.spool import Spool, outage_notice
 from ctvlab.tracking import Tracker, TrackingError, sync_spool
 from tests.conftest import free_port, start_mlflow_server
 
@@ -128,3 +128,26 @@ def test_a_store_that_answers_is_written_at_once_and_the_spool_stays_empty(
     assert not any(i.startswith("pending-") for i in ids.values())
     assert not spool.exists() or not list(spool.glob("*.jsonl"))
     assert tracker.client.get_run(ids["child"]).info.status == "FINISHED"
+
+
+def test_a_write_waits_behind_the_writes_kept_before_it(tmp_path, experiment):
+    """Writes reach the store in the order they were made, across processes: while the spool holds writes
+    for the store (a trial's end kept during an outage), a later write that the store would take at once
+    (the driver completing that trial) is kept behind them, else it would land first and the trial's own
+    end after it (seen: a stopped trial's best-epoch summary logged twice)."""
+    uri = _down_uri()
+    spool = tmp_path / "tracking-spool"
+    with outage_notice(lambda _: None):
+        away = Tracker(experiment, uri, spool=spool)
+        away.logger(away.start_run("trial-1")).metrics({"best_val_dice": 0.4})
+    root = tmp_path / "server"
+    root.mkdir()
+    with start_mlflow_server(root, port=int(uri.rsplit(":", 1)[1])):
+        here = Tracker(experiment, uri, spool=spool)  # the store answers now
+        run_id = here.client.create_run(here.experiment_id, run_name="trial-2").info.run_id
+        here.logger(run_id).metrics({"best_val_dice": 0.5})
+        assert here.client.get_run(run_id).data.metrics == {}  # behind the kept writes, not ahead of them
+        ops = [r["op"] for _, _, r in Spool(spool).pending()]
+        assert ops == ["create_experiment", "create_run", "log_batch", "log_batch"]
+        sync_spool(spool)
+        assert here.client.get_run(run_id).data.metrics == {"best_val_dice": 0.5}

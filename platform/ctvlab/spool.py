@@ -125,8 +125,11 @@ class Spool:
         # Stable: equal times keep each journal's own order.
         return sorted(out, key=lambda x: (x[2]["t"], str(x[0]), x[1]))
 
-    def has_pending(self) -> bool:
-        return any(self._sent(j) < _lines(j) for j in self.journals())
+    def has_pending(self, uri: str | None = None) -> bool:
+        """True when a write waits here (for the store at `uri`, when given)."""
+        if uri is None:
+            return any(self._sent(j) < _lines(j) for j in self.journals())
+        return any(r["uri"] == uri for _, _, r in self.pending())
 
     def mark_sent(self, journal: Path, line: int) -> None:
         write_text_atomic(journal.with_suffix(".sent"), str(line + 1))

@@ -251,6 +251,11 @@ class Tracker:
         if self.spool.unresolved(self.spool.resolve(rest)):  # refers to a run not sent yet (an outage's)
             self._keep(op, fields, local)
             return None
+        if self.spool.has_pending(self.tracking_uri):
+            # Behind the writes kept before it, in any process: sent after them, in order, by the driver
+            # (`ctvlab.outages`), so that a run's own end never lands after what completes it.
+            self._keep(op, fields, local)
+            return None
         if self._away_since is not None and time.monotonic() - self._away_since < RETRY_EVERY_S:
             self._keep(op, fields, local)  # tried moments ago: one quick attempt per few seconds, no more
             return None
@@ -267,12 +272,21 @@ class Tracker:
         return result
 
     def _keep(self, op: str, fields: dict[str, Any], local: Path | None = None, error=None) -> None:
+        """Append one write to the spool; `error`: the store did not answer it (else it waits its turn)."""
         from ctvlab.spool import NOTICE
 
         run = fields.get("pending") if op == "create_run" else fields.get("run_id")
         named = {"label": self._names[run]} if run in self._names and op != "create_run" else {}
         self.spool.append(op, self.tracking_uri, {**fields, **named}, local)
-        NOTICE.down(self.tracking_uri, self.spool.root, error)
+        if error is not None:
+            NOTICE.down(self.tracking_uri, self.spool.root, error)
+
+    def drain(self) -> None:
+        """Send what the spool holds now, if the store answers (the driver, before a write whose answer it
+        needs: a model's registered version). Never raises for a store that is still away."""
+        if self.spool is not None and self.spool.has_pending():
+            with contextlib.suppress(TrackingError):
+                sync_spool(self.spool.root)
 
     def reachable(self) -> bool:
         """True when the store answers now (a tracking server's /health; any other store is local)."""

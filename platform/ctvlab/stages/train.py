@@ -173,6 +173,7 @@ def train_unet(
     log_model(log, model_dir, MODEL_ARTIFACT)
     model_uri = f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT}"
     if register:
+        tracker.drain()  # the run's kept writes first, and the registration answered at once
         spec = json.loads((model_dir / "model.json").read_text())
         version = register_model(tracker, cfg, mlflow_run_id, spec, artifact_path=MODEL_ARTIFACT)
         # Kept with the spool while the server is away: `evaluate` then finds the version by its tags.

@@ -152,6 +152,7 @@ def _finish_search(
 ) -> SearchOutcome:
     """Log the summary to the parent run, copy the best trial's model to results/, register it."""
     best = best_trial(trials)
+    tracker.drain()  # the trials' writes first, and the model's registration below answered at once
     log = tracker.logger(parent)
     shown = trials.drop(columns=["path", "model_dir"])
     log.table(shown, "trials.csv", "search")

@@ -14,7 +14,6 @@ the best configuration and metric. The best trial's model is registered as the m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -176,11 +175,7 @@ def run_search(
     names = pseudonymise(prep, [p for role in ("train", "val", "test") for p in split.patients(role)])
     table["error"] = [scrub_text(e, names) if isinstance(e, str) else e for e in table["error"]]
     table["model_dir"] = [str(trial_model_dir(ctx.storage, name, t)) for t in table["trial_id"]]
-    # What the trials kept while the store was away goes first: their own ends are in it.
-    from ctvlab.tracking import TrackingError, sync_spool
-
-    with contextlib.suppress(TrackingError):
-        sync_spool(tracker.spool.root)
+    tracker.drain()  # what the trials kept while the store was away goes first: their own ends are in it
     finish_stopped_trials(ctx, table, tracker)
     return table
 
