@@ -173,6 +173,37 @@ def trained_phantom(prepared_phantom, tmp_path_factory, _session_tracking_uri):
     return cfg, train_unet(cfg, prepared_phantom)
 
 
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` cannot be written inside the block: its folders lose their write permission (a normal
+    user), or it is bind-mounted read-only onto itself (root, whom permissions do not stop). Skips the test
+    where neither can be done."""
+    import subprocess
+
+    folder = Path(folder)
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [folder, *folder.rglob("*")] if p.is_dir()}
+        for p, mode in modes.items():
+            p.chmod(mode & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    steps = (["mount", "--bind", str(folder), str(folder)], ["mount", "-o", "remount,ro,bind", str(folder)])
+    for i, cmd in enumerate(steps):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            if i:
+                subprocess.run(["umount", str(folder)], capture_output=True)
+            pytest.skip(f"cannot make {folder} read-only here: {proc.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True, check=True)
+
+
 @pytest.fixture(scope="session")
 def dciodvfy() -> str:
     """dicom3tools' DICOM validator; installed with apt (Debian package dicom3tools) when missing."""

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "platform" / "ctvlab"
 LAYERS: list[set[str]] = [
     {"__init__", "errors", "study"},
     {"config"},
-    {"atomic", "lock", "progress", "statistics", "tracking", "resources", "runtime"},
+    {"atomic", "lock", "progress", "statistics", "spool", "tracking", "outages", "resources", "runtime"},
     {"data"},
     {"splits", "ingest"},
     {"synth", "preprocess", "dicom"},

@@ -6,6 +6,9 @@ new file or the complete old one. A rename alone is not enough: without the fsyn
 new name pointing at an empty or partial file. Folder outputs (a model, an evaluation) are built beside
 the old folder and swapped in (`atomic_folder`). Temporary names start with ".tmp-", which pyarrow,
 Ray Data and ctvlab's readers all skip.
+
+A destination that cannot be written (a full disk, no permission, a read-only mount) leaves either writer
+as one `ctvlab.errors.StorageError` naming its folder; the cleanup after it never raises a second error.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ctvlab.errors import writing
 
 TMP_PREFIX = ".tmp-"
 
@@ -35,15 +41,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     temporary file is removed and `path` is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{path.name}")
-    try:
-        yield tmp
-        fsync_file(tmp)  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-        fsync_dir(path.parent)  # and the rename itself survives a crash
-    finally:
-        with contextlib.suppress(FileNotFoundError):
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+            fsync_file(tmp)  # the data is on disk before the name points at it
+            os.replace(tmp, path)
+            fsync_dir(path.parent)  # and the rename itself survives a crash
+        finally:
+            _discard(tmp)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file or folder if it is there. Never raises: it runs while an error (often this
+    folder's own: a read-only mount refuses even the removal of a missing name) is on its way out."""
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.lexists(tmp):
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 
@@ -81,24 +97,36 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     the temporary folder is removed and `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(4)
     tmp = path.with_name(f"{TMP_PREFIX}{token}-{path.name}")
     old = path.with_name(f"{TMP_PREFIX}{token}-old-{path.name}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                fsync_file(f)
-        fsync_dir(tmp)
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(path, old)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    fsync_file(f)
+            fsync_dir(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, old)
+            os.rename(tmp, path)
+            fsync_dir(path.parent)
+        finally:
+            _discard(tmp)
+            _discard(old)
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """Fail now, before any work, when `folder` (created if missing) cannot be written: a `StorageError`
+    naming it. A stage whose results would be refused at the end checks first and changes nothing."""
+    folder = Path(folder)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f"{TMP_PREFIX}probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

@@ -212,6 +212,11 @@ def _settings(
     for path, option in ((data, "--data"), (out, "--out")):
         if path is not None:
             check_folder(path, option)
+    from ctvlab.errors import remember_given
+
+    for given in (cfg.workdir, data, out):  # messages name the folders below them as the user gave them
+        if given is not None:
+            remember_given(given)
     if tracking_uri:
         cfg.tracking.tracking_uri = tracking_uri
     cfg.ray.address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -237,6 +242,15 @@ def _one_writer(cfg, command: str):
     from ctvlab.lock import exclusive
 
     return exclusive(Path(cfg.workdir).resolve(), f"ctvlab {command}")
+
+
+def _recorded(cfg):
+    """The command's MLflow record through tracking-server outages (`ctvlab.tracking.recording`): said once
+    on stderr, kept in the study's spool, sent when the server answers; exit 4 naming what is unrecorded
+    when it does not answer by the end."""
+    from ctvlab.outages import recording
+
+    return recording(cfg, say=lambda m: _console(stderr=True).print(m, markup=False))
 
 
 def _data(cfg, data: Path | None) -> Path:
@@ -311,7 +325,7 @@ def split(
     data = _data(cfg, data)
     if seed is not None:
         cfg.split.seed = seed
-    with _one_writer(cfg, "split"):
+    with _one_writer(cfg, "split"), _recorded(cfg):
         result, run_id = split_stage(cfg, data)
     counts = result.table["dl_role"].value_counts()
     _console().print(
@@ -351,7 +365,7 @@ def rf_cv(
         cfg.voxel_models.model = model
     targets = ["nel", "cel"] if all_ else ([target] if target else None)
     subgroups = ["all", "early", "late"] if all_ else ([subgroup] if subgroup else None)
-    with _one_writer(cfg, "rf-cv"):
+    with _one_writer(cfg, "rf-cv"), _recorded(cfg):
         results = rf_cv_stage(cfg, data, targets=targets, subgroups=subgroups, parallel=not serial)
     from rich.table import Table
 
@@ -399,7 +413,7 @@ def stats(
 
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
-    with _one_writer(cfg, "stats"):
+    with _one_writer(cfg, "stats"), _recorded(cfg):
         result, run_id = stats_stage(cfg, data)
     from rich.table import Table
 
@@ -441,11 +455,12 @@ def train(
         cfg.unet.train.num_workers = num_workers
     if use_gpu:
         cfg.unet.train.use_gpu = True
-    with _one_writer(cfg, "train"):
+    with _one_writer(cfg, "train"), _recorded(cfg):
         outcome = train_unet(cfg, data, resume=resume)
     best = ", ".join(f"{k} {v:.3f}" for k, v in sorted(outcome.best_metrics.items()) if k.startswith("val_"))
     _console().print(
-        f"best epoch {outcome.best_epoch}: {best}\nmodel: {outcome.model_dir}\nregistered: {outcome.model_uri} "
+        f"best epoch {outcome.best_epoch}: {best}\nmodel: {outcome.model_dir}\nregistered: "
+        f"{outcome.model_uri or 'with the tracking spool, once the server answers'} "
         f"(MLflow run {outcome.run_id})"
     )
     if outcome.metrics_replayed:
@@ -490,18 +505,18 @@ def tune(
 
         best = last_best_params(cfg, load_split(data))
         console.print(f"loss study from {'the last search: ' + str(best) if best else 'the unet settings'}")
-        with _one_writer(cfg, "tune --losses"):
+        with _one_writer(cfg, "tune --losses"), _recorded(cfg):
             print_loss_study(run_loss_study(cfg, data, best=best), console)
         return
     if ablation:
         from ctvlab.stages.ablation import print_ablation, run_ablation
 
-        with _one_writer(cfg, "tune --ablation"):
+        with _one_writer(cfg, "tune --ablation"), _recorded(cfg):
             print_ablation(run_ablation(cfg, data), console)
         return
     from ctvlab.stages.tune import print_search, tune_study
 
-    with _one_writer(cfg, "tune"):
+    with _one_writer(cfg, "tune"), _recorded(cfg):
         print_search(tune_study(cfg, data, resume=resume), console)
 
 
@@ -529,7 +544,7 @@ def evaluate(
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
     console = _console()
-    with _one_writer(cfg, "evaluate"):
+    with _one_writer(cfg, "evaluate"), _recorded(cfg):
         outcome = evaluate_study(cfg, data, model_uri=model_uri, split_name=split_name, console=console)
     print_evaluation(outcome, console)
 
@@ -650,6 +665,45 @@ def run(
 
 
 @app.command()
+def sync(
+    spool: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The spool folder an outage left (default: <workdir>/tracking-spool of the config)."
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
+    tracking_uri: Annotated[
+        str | None,
+        Opt(
+            "--tracking-uri",
+            help="Send to this tracking server instead of the one the writes were meant for.",
+        ),
+    ] = None,
+) -> None:
+    """Send to MLflow what a tracking-server outage left unrecorded (runs, metrics, artifacts, models).
+
+    Exit 0 when everything was sent, 4 when the server still does not answer (nothing is lost: run it
+    again later)."""
+    from ctvlab.errors import shown
+    from ctvlab.spool import Spool
+    from ctvlab.tracking import spool_dir, sync_spool
+
+    if spool is None:
+        spool = spool_dir(_settings(config, set_, workdir, smoke_test))
+    kept = Spool(spool)
+    if not kept.has_pending():
+        _console().print(f"nothing to send: {shown(spool)} holds no unrecorded write", markup=False)
+        return
+    what = kept.summary()
+    sent = sync_spool(spool, tracking_uri)
+    _console().print(f"sent {sent} write(s) to MLflow: {what}", markup=False)
+
+
+@app.command()
 def report(
     config: Annotated[
         Path | None, Opt("--config", "-c", help="Study config, e.g. jobs/configs/demo.yaml.")
@@ -676,7 +730,8 @@ def report(
         raise CtvlabError(f"{cfg.workdir} does not exist: nothing to report; run `ctvlab run` first")
     current = current_stages(cfg)
     if log and out is None:
-        path, run_id = report_stage(cfg, current)
+        with _recorded(cfg):
+            path, run_id = report_stage(cfg, current)
         _console().print(f"wrote {path}; logged to MLflow run {run_id}")
     else:
         _console().print(f"wrote {build_report(cfg, current, out)}")
@@ -727,14 +782,28 @@ def main(args: list[str] | None = None, prog_name: str | None = None, command: s
     except SystemExit as e:
         code = e.code
     except CtvlabError as e:
-        _console(stderr=True).print(f"[bold red]error:[/] {e}")
+        _error_line(e)
         code = e.exit_code
+    except OSError as e:  # a writer outside the atomic ones (Ray's files, a lock): the same one line
+        from ctvlab.errors import storage_error
+
+        err = storage_error(e)
+        if err is None:
+            raise
+        _error_line(err)
+        code = err.exit_code
     except KeyboardInterrupt:
         _console(stderr=True).print("[yellow]interrupted[/]")
         code = 130
     for line in _JOB_WHERE:
         _console(stderr=True).print(line)
     sys.exit(code)
+
+
+def _error_line(e: Exception) -> None:
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}")
 
 
 def run_job(command: str) -> None:

@@ -664,6 +664,12 @@ class TrackingConfig(Strict):
         description="Also send native-grid CTVs and MRI-slice figures to the tracking store (opt-in: they "
         "show a patient's anatomy; the 3 mm CTVs and the metrics are enough to review a study).",
     )
+    outage_wait_s: Annotated[float, Field(ge=0)] = Field(
+        120.0,
+        description="At the end of a stage, how long to wait for a tracking server that stopped answering "
+        "before the run stops (exit 4) with what is unrecorded; what it missed is kept in "
+        "<workdir>/tracking-spool and sent by `ctvlab sync` or the next `ctvlab run`.",
+    )
 
 
 class RayConfig(Strict):

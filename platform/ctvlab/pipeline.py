@@ -17,6 +17,7 @@ the order the study runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -196,7 +197,6 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
     cfg = cfg.model_copy(update={"workdir": workdir})  # absolute: Ray workers do not share our cwd
     stamps = Stamps(workdir)
     tracker = tracker_for(cfg)
-    records: list[StageRecord] = []
     state: dict[str, Any] = {}
     model_name = "search" if cfg.pipeline.search else "train"
     # (name, enabled, the stages it needs, the stage)
@@ -225,6 +225,43 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
         ("report", True, (), lambda: _report(cfg)),
     ]
     console.rule(f"[bold]ctvlab run[/] · study {cfg.name} · {workdir}")
+    from ctvlab.outages import OutageWatch
+    from ctvlab.spool import outage_notice
+    from ctvlab.tracking import spool_dir
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False)
+
+    with outage_notice(say), OutageWatch(spool_dir(cfg), tracker.tracking_uri):
+        records, failures = _each_stage(cfg, plan, console, keep_going, say)
+    outcome = StudyOutcome(workdir, tracker.experiment_name, tracker.experiment_id, tracker.tracking_uri,
+                           records, state.get("evaluation"))  # fmt: skip
+    print_study_summary(outcome, console)
+    if failures:
+        _name, first = failures[0]
+        if len(failures) == 1 and not keep_going:
+            raise first
+        raise StageFailed(
+            f"{len(failures)} stage(s) failed: " + "; ".join(f"{n}: {e}" for n, e in failures),
+            first.exit_code,
+        )
+    return outcome
+
+
+def _each_stage(cfg: StudyConfig, plan, console, keep_going: bool, say):
+    """Run the plan's stages in order; after each, what the tracking store missed during it is sent (or the
+    run stops when the store does not answer by `tracking.outage_wait_s`). Returns (records, failures)."""
+    from rich.markup import escape
+
+    from ctvlab.errors import shown
+    from ctvlab.outages import settle
+    from ctvlab.tracking import TrackingError, spool_dir, sync_spool
+
+    spool = spool_dir(cfg)
+    with contextlib.suppress(TrackingError):  # what an earlier run could not send goes first
+        if sent := sync_spool(spool):
+            say(f"sent {sent} MLflow write(s) that an earlier run kept in {shown(spool)}")
+    records: list[StageRecord] = []
     unusable: set[str] = set()  # stages that failed or could not run: their outputs are not there
     failures: list[tuple[str, CtvlabError]] = []
     for i, (name, enabled, needs, fn) in enumerate(plan, start=1):
@@ -249,20 +286,16 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
             console.print(f"  [bold red]✗ failed[/] after {rec.seconds:.0f} s  {rec.detail}")
             if not keep_going:
                 break
-        else:
-            console.print(f"  [green]✓[/] {rec.status} in {rec.seconds:.0f} s  {rec.detail}")
-    outcome = StudyOutcome(workdir, tracker.experiment_name, tracker.experiment_id, tracker.tracking_uri,
-                           records, state.get("evaluation"))  # fmt: skip
-    print_study_summary(outcome, console)
-    if failures:
-        name, first = failures[0]
-        if len(failures) == 1 and not keep_going:
-            raise first
-        raise StageFailed(
-            f"{len(failures)} stage(s) failed: " + "; ".join(f"{n}: {e}" for n, e in failures),
-            first.exit_code,
-        )
-    return outcome
+            continue
+        console.print(f"  [green]✓[/] {rec.status} in {rec.seconds:.0f} s  {rec.detail}")
+        try:
+            settle(spool, cfg.tracking.outage_wait_s, say)
+        except TrackingError as e:  # the stage's outputs are complete; its MLflow record is not
+            records.append(StageRecord("MLflow record", "FAILED", detail=str(e)))
+            failures.append(("MLflow record", e))
+            console.print("  [bold red]✗ MLflow record incomplete[/]  " + escape(str(e)), highlight=False)
+            break  # every later stage writes to the same store
+    return records, failures
 
 
 # --- stages ------------------------------------------------------------------------------------------
@@ -302,6 +335,8 @@ def _preprocess(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord
                                progress=True, console=console)  # fmt: skip
     if not report.ok:
         print_preprocess_report(report, console)
+    if report.storage_error:  # a full disk or a folder that cannot be written: its own one line
+        raise InfrastructureError(report.storage_error)
     if report.errors:
         raise InfrastructureError(
             f"preprocessing failed for {len(report.errors)} patient(s) on an infrastructure error "

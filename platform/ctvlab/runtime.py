@@ -104,6 +104,8 @@ def route_library_logs(log_dir: Path | str) -> Path:
             continue
         for h in list(logger.handlers):
             logger.removeHandler(h)
+            if getattr(h, "_ctvlab", None):  # ours, from an earlier folder
+                h.close()
         to_file = logging.FileHandler(path, encoding="utf-8")
         to_file.setFormatter(formatter)
         to_file._ctvlab = str(path)  # type: ignore[attr-defined]

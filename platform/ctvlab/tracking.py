@@ -8,8 +8,13 @@ concurrent trials can provoke.
 Privacy: MLflow never receives patient ids. Callers pass pseudonyms from `ctvlab.splits.pseudonymise`
 (a keyed hash whose salt stays in the prepared dataset folder).
 
-About 420 lines: the only module that imports mlflow, so every MLflow call ctvlab makes (runs, artifacts,
-the registry, authentication errors) is here and nowhere else.
+Through an outage of the tracking server, a `Tracker` with a spool keeps every write it cannot send in the
+working directory (`ctvlab.spool`) and goes on; `sync_spool` sends it later through the same dispatcher
+(`_apply`) that sends a write at once, so both paths write the same record. `ctvlab.outages` watches the
+server, says so once, and ends a stage with what is unrecorded.
+
+About 850 lines: the only module that imports mlflow, so every MLflow call ctvlab makes (runs, artifacts,
+the registry, authentication errors, the replay of what an outage kept) is here and nowhere else.
 """
 
 from __future__ import annotations
@@ -169,26 +174,51 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """An MLflow experiment and the runs ctvlab writes into it."""
+    """An MLflow experiment and the runs ctvlab writes into it.
 
-    def __init__(self, experiment: str, tracking_uri: str | None = None):
+    With a `spool` folder, every write that the store cannot take now (it does not answer) is kept there
+    and the caller goes on (`Spool`, `sync_spool`); without one, a failed write raises as MLflow's does.
+    """
+
+    def __init__(
+        self,
+        experiment: str,
+        tracking_uri: str | None = None,
+        *,
+        spool: str | Path | None = None,
+        experiment_id: str | None = None,
+    ):
         import mlflow
         from mlflow.tracking import MlflowClient
+
+        from ctvlab.spool import Spool
 
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.experiment_name = experiment
         self._mlflow = mlflow
+        self.spool = Spool(spool) if spool is not None else None
+        self._away_since: float | None = None  # this process's last failed attempt, while the store is away
+        self._names: dict[str, str] = {}  # run id -> run name, for what the spool says it holds
+        if experiment_id is not None:  # known to the caller (a search's trials): nothing to look up
+            self.experiment_id = experiment_id
+            return
         try:
-            self.experiment_id = self._experiment_id(experiment)
-        except mlflow.exceptions.MlflowException as e:
+            with _quick_requests() if self.spool else contextlib.nullcontext():
+                self.experiment_id = self._experiment_id(experiment)
+        except Exception as e:
             if _http_status(e) in (401, 403):
                 raise TrackingAuthError(
                     f"the tracking server {self.tracking_uri} refused this client ({_http_status(e)}): set "
                     "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment (never on the "
                     "command line) for a user with access to this experiment"
                 ) from None
-            raise
+            if self.spool is None or not _unreachable(e):
+                raise
+            from ctvlab.spool import placeholder
+
+            self.experiment_id = placeholder()
+            self._keep("create_experiment", {"pending": self.experiment_id, "name": experiment}, error=e)
 
     @_retry_locked
     def _experiment_id(self, name: str) -> str:
@@ -210,26 +240,89 @@ class Tracker:
                 raise
             return exp.experiment_id
 
+    # --- writes: now, or kept in the spool --------------------------------------------------------
+
+    def _send(self, op: str, fields: dict[str, Any], local: Path | None = None) -> Any:
+        """Do one write now; while the store does not answer, keep it in the spool and return None."""
+        if self.spool is None:
+            return _retry_locked(_apply)(self, op, fields, local)
+        rest = {k: v for k, v in fields.items() if k != "pending"}  # "pending": the id this write creates
+        fields = {**fields, **self.spool.resolve(rest)}
+        if self.spool.unresolved(self.spool.resolve(rest)):  # refers to a run not sent yet (an outage's)
+            self._keep(op, fields, local)
+            return None
+        if self.spool.has_pending(self.tracking_uri):
+            # Behind the writes kept before it, in any process: sent after them, in order, by the driver
+            # (`ctvlab.outages`), so that a run's own end never lands after what completes it.
+            self._keep(op, fields, local)
+            return None
+        if self._away_since is not None and time.monotonic() - self._away_since < RETRY_EVERY_S:
+            self._keep(op, fields, local)  # tried moments ago: one quick attempt per few seconds, no more
+            return None
+        try:
+            with _quick_requests():
+                result = _retry_locked(_apply)(self, op, fields, local)
+        except Exception as e:
+            if not _unreachable(e):
+                raise
+            self._away_since = time.monotonic()
+            self._keep(op, fields, local, error=e)
+            return None
+        self._away_since = None
+        return result
+
+    def _keep(self, op: str, fields: dict[str, Any], local: Path | None = None, error=None) -> None:
+        """Append one write to the spool; `error`: the store did not answer it (else it waits its turn)."""
+        from ctvlab.spool import NOTICE
+
+        run = fields.get("pending") if op == "create_run" else fields.get("run_id")
+        named = {"label": self._names[run]} if run in self._names and op != "create_run" else {}
+        self.spool.append(op, self.tracking_uri, {**fields, **named}, local)
+        if error is not None:
+            NOTICE.down(self.tracking_uri, self.spool.root, error)
+
+    def drain(self) -> None:
+        """Send what the spool holds now, if the store answers (the driver, before a write whose answer it
+        needs: a model's registered version). Never raises for a store that is still away."""
+        if self.spool is not None and self.spool.has_pending():
+            with contextlib.suppress(TrackingError):
+                sync_spool(self.spool.root)
+
+    def reachable(self) -> bool:
+        """True when the store answers now (a tracking server's /health; any other store is local)."""
+        from ctvlab.spool import answers
+
+        return answers(self.tracking_uri)
+
     # --- runs -----------------------------------------------------------------------------------
 
-    @_retry_locked
     def start_run(
         self, name: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None
     ) -> str:
+        """Create a run; its id, or a placeholder id while the store is away (`ctvlab.spool`)."""
         all_tags = {TAG_VERSION: ctvlab.__version__, TAG_COMMIT: git_commit(), **(tags or {})}
         stage = all_tags.get(TAG_STAGE)
         if stage in STAGE_DESCRIPTIONS:
             all_tags.setdefault(NOTE, STAGE_DESCRIPTIONS[str(stage)])
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(
-            self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
-        )
-        return run.info.run_id
+        fields = {"experiment_id": self.experiment_id, "run_name": name, "start_time": int(time.time() * 1000),
+                  "tags": {k: str(v) for k, v in all_tags.items()}}  # fmt: skip
+        if self.spool is not None:
+            from ctvlab.spool import placeholder
 
-    @_retry_locked
+            fields["pending"] = placeholder()
+            self._names[fields["pending"]] = name
+        run_id = self._send("create_run", fields)
+        if run_id is None:
+            return fields["pending"]
+        self._names[run_id] = name
+        return run_id
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._send(
+            "set_terminated", {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)}
+        )
 
     @contextlib.contextmanager
     def run(
@@ -269,10 +362,9 @@ class Tracker:
             print(f"warning: could not mark MLflow run {run_id} {status} in {self.tracking_uri}: {e}",
                   file=sys.stderr)  # fmt: skip
 
-    @_retry_locked
     def reopen_run(self, run_id: str) -> None:
         """Mark a run RUNNING again (a resumed search continues its parent run)."""
-        self.client.update_run(run_id, status="RUNNING")
+        self._send("update_run", {"run_id": run_id, "status": "RUNNING"})
 
     def logger(self, run_id: str) -> RunLogger:
         return RunLogger(self, run_id)
@@ -292,32 +384,53 @@ class Tracker:
 
     # --- model registry -------------------------------------------------------------------------
 
-    @_retry_locked
+    def register(
+        self,
+        name: str,
+        run_id: str,
+        artifact_path: str,
+        tags: Mapping[str, Any] | None = None,
+        alias: str | None = None,
+        description: str | None = None,
+    ):
+        """Register `runs:/<run_id>/<artifact_path>` as a new version of model `name`, point `alias` at it,
+        set its description, and tag the run with the version's URI (`ctvlab.registered_model`).
+
+        Returns:
+            The new version, or None while the store is away (the registration is kept for later).
+        """
+        fields = {"name": name, "run_id": run_id, "artifact_path": artifact_path,
+                  "tags": {k: str(v) for k, v in (tags or {}).items()}, "alias": alias, "description": description}  # fmt: skip
+        return self._send("register", fields)
+
     def register_model(
         self, name: str, run_id: str, artifact_path: str, tags: Mapping[str, Any] | None = None
     ):
         """Register `runs:/<run_id>/<artifact_path>` as a new version of model `name`; return the version."""
-        from mlflow.exceptions import MlflowException
+        return self.register(name, run_id, artifact_path, tags)
 
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as e:
-            if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
-                raise
-        source = f"runs:/{run_id}/{artifact_path}"
-        return self.client.create_model_version(
-            name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
-        )
-
-    @_retry_locked
     def set_alias(self, name: str, alias: str, version: str | int) -> None:
         """Point registry alias `alias` (e.g. champion, candidate) of model `name` at `version`."""
-        self.client.set_registered_model_alias(name, alias, str(version))
+        self._send("set_alias", {"name": name, "alias": alias, "version": str(version)})
 
-    @_retry_locked
     def describe_version(self, name: str, version: str | int, description: str) -> None:
         """Set a registered version's description (its model card, Markdown)."""
-        self.client.update_model_version(name, str(version), description=description)
+        self._send("describe_version", {"name": name, "version": str(version), "description": description})
+
+    def finish_if_running(
+        self,
+        filter_string: str,
+        tags: Mapping[str, str],
+        model_dir: Path | None = None,
+        history: list[Mapping[str, Any]] | None = None,
+        summary: Mapping[str, float] | None = None,
+    ) -> None:
+        """Complete and close the runs matching `filter_string` that are still RUNNING (a search's trials that
+        the scheduler ended from outside): the epochs of `history` they miss, the `summary` values they do
+        not hold, `tags`, the model, FINISHED. Kept for later, as one write, while the store is away."""
+        fields = {"experiment_id": self.experiment_id, "filter": filter_string, "tags": dict(tags),
+                  "history": [dict(h) for h in history or []], "summary": dict(summary or {})}  # fmt: skip
+        self._send("finish_if_running", fields, model_dir)
 
     def download_model(self, model_uri: str, dst: str | Path) -> Path:
         """Download a model's artifacts (`models:/name/version|latest`, `runs:/id/path`, or a local folder).
@@ -396,36 +509,28 @@ class RunLogger:
         self.run_id = run_id
         self.client = tracker.client
 
-    @_retry_locked
     def params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         flat = flatten(params)
-        items = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+        items = [[k, str(v)[:6000]] for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self.tracker._send("log_batch", {"run_id": self.run_id, "params": items[i : i + 100]})
 
-    @_retry_locked
     def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> int:
-        """Log the finite numeric values (the number logged)."""
-        items = _metric_entities(metrics, step)
+        """Log the finite numeric values (the number logged), stamped with the time they were measured."""
+        items = [[m.key, m.value, m.timestamp, m.step] for m in _metric_entities(metrics, step)]
         for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+            self.tracker._send("log_batch", {"run_id": self.run_id, "metrics": items[i : i + 500]})
         return len(items)
 
-    @_retry_locked
     def tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        self.tracker._send(
+            "log_batch", {"run_id": self.run_id, "tags": [[k, str(v)] for k, v in tags.items()]}
+        )
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    @_retry_locked
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.tracker._send(
+            "log_artifacts", {"run_id": self.run_id, "artifact_path": artifact_path}, Path(path)
+        )
 
     def table(self, df, name: str, artifact_path: str = "tables") -> None:
         """A DataFrame as CSV (readable in the UI's artifact viewer)."""
@@ -442,7 +547,6 @@ class RunLogger:
             p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
             self.artifact(p, artifact_path)
 
-    @_retry_locked
     def dataset(
         self, name: str, digest: str, source: str, context: str = "training", schema_note: str = ""
     ) -> None:
@@ -452,16 +556,91 @@ class RunLogger:
         and digest, reaches the store. An absolute path names a hospital's folders, and a cohort folder
         is often named after its patients.
         """
+        del source  # kept in the signature so that callers say what they read; never logged
+        self.tracker._send(
+            "log_inputs", {"run_id": self.run_id, "name": name, "digest": digest[:36], "context": context}
+        )
+
+
+def _apply(tracker: Tracker, op: str, f: dict[str, Any], local: Path | None = None) -> Any:
+    """Send one write (`op` with its fields, every id real) to the store: what `Tracker._send` does now and
+    what `sync_spool` does later with the same record."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    c = tracker.client
+    if op == "create_experiment":
+        return tracker._experiment_id(f["name"])
+    if op == "create_run":
+        return c.create_run(f["experiment_id"], start_time=f.get("start_time"), tags=f["tags"],
+                            run_name=f["run_name"]).info.run_id  # fmt: skip
+    if op == "log_batch":
+        c.log_batch(f["run_id"], metrics=[Metric(*m) for m in f.get("metrics", [])],
+                    params=[Param(*p) for p in f.get("params", [])], tags=[RunTag(*t) for t in f.get("tags", [])])  # fmt: skip
+    elif op == "set_terminated":
+        c.set_terminated(f["run_id"], status=f["status"], end_time=f.get("end_time"))
+    elif op == "update_run":
+        c.update_run(f["run_id"], status=f["status"])
+    elif op == "log_artifacts":
+        if Path(local).is_dir():
+            c.log_artifacts(f["run_id"], str(local), f.get("artifact_path"))
+        else:
+            c.log_artifact(f["run_id"], str(local), f.get("artifact_path"))
+    elif op == "log_inputs":
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        del source  # kept in the signature so that callers say what they read; never logged
-        src = CodeDatasetSource(tags={"ctvlab.dataset": name, "ctvlab.digest": digest[:36]})
-        ds = MetaDataset(source=src, name=name, digest=digest[:36])
-        entity = ds._to_mlflow_entity()
-        tags = [InputTag(key="mlflow.data.context", value=context)]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
+        src = CodeDatasetSource(tags={"ctvlab.dataset": f["name"], "ctvlab.digest": f["digest"]})
+        entity = MetaDataset(source=src, name=f["name"], digest=f["digest"])._to_mlflow_entity()
+        tags = [InputTag(key="mlflow.data.context", value=f["context"])]
+        c.log_inputs(f["run_id"], datasets=[DatasetInput(dataset=entity, tags=tags)])
+    elif op == "complete_curve":
+        return _complete_curve(tracker, f["run_id"], f["history"], tuple(f.get("skip", ("epoch",))))
+    elif op == "register":
+        return _register(tracker, f)
+    elif op == "set_alias":
+        c.set_registered_model_alias(f["name"], f["alias"], f["version"])
+    elif op == "describe_version":
+        c.update_model_version(f["name"], f["version"], description=f["description"])
+    elif op == "finish_if_running":
+        for run in c.search_runs([f["experiment_id"]], filter_string=f["filter"]):
+            if run.info.status != "RUNNING":
+                continue  # the trial ended its run itself: it is complete
+            rid = run.info.run_id
+            if f.get("history"):
+                _complete_curve(tracker, rid, f["history"], ("epoch",))
+            missing = [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in (f.get("summary") or {}).items()
+                       if k not in run.data.metrics and math.isfinite(float(v))]  # fmt: skip
+            c.log_batch(rid, metrics=missing, tags=[RunTag(k, v) for k, v in f["tags"].items()])
+            if local is not None:  # again whole: the trial may have been cut off halfway through it
+                c.log_artifacts(rid, str(local), "model")
+            c.set_terminated(rid, status="FINISHED")
+    else:
+        raise ValueError(f"unknown tracking write {op!r}")
+    return None
+
+
+def _register(tracker: Tracker, f: dict[str, Any]):
+    from mlflow.exceptions import MlflowException
+
+    c = tracker.client
+    try:
+        c.create_registered_model(f["name"])
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            raise
+    source = f"runs:/{f['run_id']}/{f['artifact_path']}"
+    version = c.create_model_version(f["name"], source=source, run_id=f["run_id"], tags=f.get("tags") or {})
+    if f.get("alias"):
+        c.set_registered_model_alias(f["name"], f["alias"], str(version.version))
+    if f.get("description"):
+        c.update_model_version(f["name"], str(version.version), description=f["description"])
+    from mlflow.entities import RunTag
+
+    c.log_batch(
+        f["run_id"], tags=[RunTag("ctvlab.registered_model", f"models:/{f['name']}/{version.version}")]
+    )
+    return version
 
 
 # While the tracking server is down, a training loop must not wait out MLflow's default retries (7, with
@@ -507,19 +686,30 @@ class BufferedMetrics:
     Each batch carries the timestamp of the moment it was measured, so sending it again after a lost
     answer writes the same values (MLflow stores a metric point once per key, step, timestamp and
     value): replaying is idempotent. Used by a training loop: no experiment lookup at start, one quick
-    attempt per epoch, the backlog sent first when the server answers again.
+    attempt per epoch, the backlog sent first when the server answers again. A run created during an
+    outage (a placeholder id) is written once the spool has sent it. What is still unsent when training
+    ends is completed from the checkpoint's history (`complete_curve`).
+
+    Args:
+        say: where to say that the server stopped answering, and answers again; None (a training
+            worker, a search trial) leaves that to the driver's `recording`.
+        spool: the study's spool folder, where a placeholder run id finds its real id.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, say=print):
+    def __init__(self, tracking_uri: str, run_id: str, say=None, spool: str | Path | None = None):
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+        from ctvlab.spool import Spool
+
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.run_id = run_id
+        self.spool = Spool(spool) if spool is not None else None
         self.pending: list[Any] = []
         self.replayed = 0  # values sent after an outage, over the run
         self.backlog = 0  # values held when the last attempt failed
         self.outage_since: float | None = None
-        self.say = say
+        self.say = say or (lambda _message: None)
 
     def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         self.pending.extend(_metric_entities(metrics, step))
@@ -527,19 +717,26 @@ class BufferedMetrics:
 
     def flush(self) -> bool:
         """Send the backlog; False while the server stays unreachable (the values are kept)."""
+        from ctvlab.spool import NOTICE, PLACEHOLDER
+
+        run_id = self.spool.resolve(self.run_id) if self.spool is not None else self.run_id
+        if PLACEHOLDER.fullmatch(run_id):
+            return False  # the run itself waits in the spool
         while self.pending:
             batch = self.pending[:500]
             try:
                 with _quick_requests():
-                    self.client.log_batch(self.run_id, metrics=batch)
+                    self.client.log_batch(run_id, metrics=batch)
             except Exception as e:
                 if not _unreachable(e):
                     raise
                 self.backlog = len(self.pending)
                 if self.outage_since is None:
                     self.outage_since = time.monotonic()
-                    self.say(f"tracking server unreachable ({type(e).__name__}); training goes on, metrics are "
-                             "kept here and sent when it answers again")  # fmt: skip
+                    self.say(f"tracking server {self.tracking_uri} unreachable since {time.strftime('%H:%M:%S')} "
+                             f"({type(e).__name__}); training goes on, metrics are kept here and sent when it "
+                             "answers again")  # fmt: skip
+                    NOTICE.down(self.tracking_uri, self.spool.root if self.spool else None, e)
                 return False
             del self.pending[: len(batch)]
         if self.outage_since is not None:
@@ -569,17 +766,38 @@ def complete_curve(
     """Log every (metric, epoch) of a training history that the run does not hold yet; the number logged.
 
     The history comes from the run's checkpoint, which training writes whatever the tracking server's
-    state: values lost to an outage that outlived the training loop are sent here.
+    state: values lost to an outage that outlived the training loop are sent here. While the store is
+    away the history is kept whole, and the curve is completed against what the store holds when the
+    spool is sent (so no point is logged twice): 0 is returned then.
     """
+    rows = [{k: v for k, v in row.items()} for row in history]
+    return (
+        log.tracker._send("complete_curve", {"run_id": log.run_id, "history": rows, "skip": list(skip)}) or 0
+    )
+
+
+def _complete_curve(
+    tracker: Tracker, run_id: str, history: list[Mapping[str, Any]], skip: tuple[str, ...]
+) -> int:
+    from mlflow.entities import Metric
+
     keys = sorted({k for row in history for k in row if k not in skip})
-    have = {k: {step for step, _ in log.tracker.metric_history(log.run_id, k)} for k in keys}
-    logged = 0
+    have = {k: {m.step for m in tracker.client.get_metric_history(run_id, k)} for k in keys}
+    now = int(time.time() * 1000)
+    items = []
     for row in history:
         epoch = int(row["epoch"])
-        missing = {k: row[k] for k in keys if k in row and epoch not in have[k]}
-        if missing:
-            logged += log.metrics(missing, step=epoch)
-    return logged
+        for k in keys:
+            v = row.get(k)
+            if epoch in have[k] or isinstance(v, str) or v is None:
+                continue
+            if isinstance(v, bool):
+                v = int(v)
+            if math.isfinite(float(v)):
+                items.append(Metric(k, float(v), now, epoch))
+    for i in range(0, len(items), 500):
+        tracker.client.log_batch(run_id, metrics=items[i : i + 500])
+    return len(items)
 
 
 def base_tags(
@@ -593,7 +811,76 @@ def base_tags(
     return tags
 
 
+def spool_dir(cfg) -> Path:
+    """Where a study keeps what its tracking store could not take: `<workdir>/tracking-spool`."""
+    from ctvlab.spool import SPOOL_DIR
+
+    return Path(cfg.workdir).resolve() / SPOOL_DIR
+
+
 def tracker_for(cfg) -> Tracker:
     """The tracker of a study config: its experiment (`tracking.experiment`, else the study's name) in its
-    store (`tracking.tracking_uri`, else `MLFLOW_TRACKING_URI`, else ./mlflow.db)."""
-    return Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
+    store (`tracking.tracking_uri`, else `MLFLOW_TRACKING_URI`, else ./mlflow.db), with the study's spool."""
+    return Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri, spool=spool_dir(cfg))
+
+
+# --- sending what an outage kept ---------------------------------------------------------------------------
+
+RETRY_EVERY_S = 5.0  # while the store is away, a process tries it again at most this often
+
+
+class TrackingUnreachable(TrackingError):
+    """The tracking store did not answer while the spool was being sent (what is left stays there)."""
+
+
+def sync_spool(root: str | Path, tracking_uri: str | None = None, wait: bool = True) -> int:
+    """Send what the spool at `root` holds, oldest first; the number of writes sent.
+
+    Args:
+        tracking_uri: send to this store instead of the one each write was meant for (a server that moved).
+        wait: wait for another process's replay of the same spool to end (else return 0 at once).
+
+    Raises:
+        TrackingUnreachable: the store stopped answering; what is left stays for the next try.
+    """
+    import sys
+
+    from ctvlab.spool import Spool
+
+    spool = Spool(root)
+    if not spool.journals():
+        return 0
+    sent = 0
+    trackers: dict[str, Tracker] = {}
+    with spool.replaying(wait) as mine:
+        if not mine:
+            return 0
+        for journal, line, record in spool.pending():
+            uri = tracking_uri or record["uri"]
+            if uri not in trackers:
+                trackers[uri] = Tracker("", uri, experiment_id="")
+            op = record["op"]
+            fields = spool.resolve(
+                {k: v for k, v in record.items() if k not in ("op", "uri", "t", "local", "label", "pending")}
+            )
+            local = spool.local(record) if "local" in record else None
+            try:
+                if spool.unresolved(fields):  # its run could not be created: nothing to attach it to
+                    raise ValueError(f"it refers to a run that was never created ({fields})")
+                with _quick_requests():
+                    result = _retry_locked(_apply)(trackers[uri], op, fields, local)
+            except Exception as e:
+                if _unreachable(e):
+                    raise TrackingUnreachable(
+                        f"the tracking server {uri} does not answer; {spool.summary()} still wait in {root}"
+                    ) from None
+                # A write the store refuses for good (its run was deleted meanwhile): say so, go on.
+                print(f"warning: MLflow refused a kept {op} of run {record.get('label') or fields.get('run_id')}: "
+                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)  # fmt: skip
+                result = None
+            if op in ("create_run", "create_experiment") and result is not None:
+                spool.record_id(record["pending"], result)
+            spool.mark_sent(journal, line)
+            sent += 1
+        spool.tidy()
+    return sent

@@ -355,7 +355,7 @@ def test_an_infrastructure_error_fails_the_stage_and_keeps_every_output(prepared
     monkeypatch.setattr(patient_module, "save_npy_atomic", disk_full_for_p002)
     report = preprocess_cohort(raw, prep, CFG, progress=False, engine="serial", prune=True)
 
-    assert [e.patient_id for e in report.errors] == ["P002"] and "No space left" in report.errors[0].reason
+    assert [e.patient_id for e in report.errors] == ["P002"] and "the disk is full" in report.errors[0].reason
     assert report.failed == [] and report.invalid == []  # not a data problem
     assert report.skipped_unchanged == ["P000", "P001", "P003"]
     assert report.exit_code() == 4 and report.digest is None and report.pruned == []
@@ -389,3 +389,45 @@ def test_a_volume_changed_after_preprocessing_is_refused_on_load(prepared_phanto
         DataError, match=f"patient {pid}: prepared file .*{pid}.npy changed since preprocessing"
     ):
         load_patient(tmp_path, pid)
+
+
+def test_a_full_disk_is_called_a_full_disk_with_the_folder_and_the_space_still_needed(
+    phantom_cohort, tmp_path, monkeypatch
+):
+    """The disk fills while P002 is written (numpy's short write, which carries no errno): the stage says
+    that the disk is full, names the folder, and estimates what the dataset still needs from the patients
+    written so far; a rerun with space finishes the dataset."""
+    from rich.console import Console
+
+    import ctvlab.preprocess.patient as patient_module
+
+    prep = tmp_path / "prep"
+    real_save = patient_module.save_npy_atomic
+
+    def disk_full_from_p002(path, array):
+        if Path(path).name[:4] in ("P002", "P003"):
+            raise OSError(f"{array.nbytes} requested and {array.nbytes // 3} written")
+        real_save(path, array)
+
+    monkeypatch.setattr(patient_module, "save_npy_atomic", disk_full_from_p002)
+    report = preprocess_cohort(phantom_cohort, prep, CFG, progress=False, engine="serial")
+
+    assert report.exit_code() == 4 and [e.patient_id for e in report.errors] == ["P002", "P003"]
+    assert all("the disk is full" in e.reason and "requested" not in e.reason for e in report.errors)
+    from ctvlab.errors import space_needed
+
+    written = sum(f.stat().st_size for f in prep.rglob("*")
+                  if f.is_file() and ("P000" in str(f.relative_to(prep)) or "P001" in str(f.relative_to(prep))))  # fmt: skip
+    needs = space_needed("the prepared dataset", written, 2, 2)
+    assert (
+        needs.startswith("the prepared dataset still needs about ") and "from the 2 written, 2 left" in needs
+    )
+    message = report.storage_error
+    assert message.startswith(f"cannot write to {prep}: the disk is full; {needs}. Free space there")
+    console = Console(record=True, width=400)
+    print_preprocess_report(report, console)
+    assert message in console.export_text()
+
+    monkeypatch.setattr(patient_module, "save_npy_atomic", real_save)
+    again = preprocess_cohort(phantom_cohort, prep, CFG, progress=False, engine="serial")
+    assert again.ok and again.processed == ["P002", "P003"] and again.storage_error is None

@@ -167,3 +167,63 @@ def test_the_coverage_volume_curve_is_drawn_and_logged(evaluation):
     assert set(table["curve"]) == {"model", "margin"} and table["coverage"].between(0, 1).all()
     run = Tracker(cfg.name, cfg.tracking.tracking_uri).client.get_run(out.run_id)
     assert "coverage_volume_gain" in run.data.metrics and "cov90_threshold" not in run.data.metrics
+
+
+def test_evaluate_on_a_read_only_results_folder_is_one_line_exit_4_and_changes_nothing(
+    trained_phantom, prepared_phantom, tmp_path, capsys
+):
+    """The command as a user runs it: one line naming the results folder and the cause, exit 4, nothing
+    written (no file, no MLflow run)."""
+    import yaml
+
+    from ctvlab.cli import main
+    from tests.conftest import read_only
+
+    cfg, trained = trained_phantom
+    study = cfg.model_copy(update={"workdir": tmp_path / "work"}, deep=True)
+    results = study.results_dir
+    (results / "evaluate").mkdir(parents=True)
+    (results / "evaluate" / "summary.csv").write_text("old\n")
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study.model_dump(mode="json")))
+    tracker = Tracker(cfg.name, cfg.tracking.tracking_uri)
+    runs_before = len(tracker.find_runs("tags.`ctvlab.stage` = 'evaluate'"))
+    capsys.readouterr()
+    with read_only(results), pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--config", str(config), "--data", str(prepared_phantom),
+              "--workdir", str(tmp_path / "work"), "--model-uri", str(trained.model_dir)])  # fmt: skip
+    assert exit_.value.code == 4
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and f"cannot write to {results}:" in err[0], err
+    assert "permission denied" in err[0] or "read-only file system" in err[0]
+    assert sorted(p.name for p in results.rglob("*")) == ["evaluate", "summary.csv"]
+    assert (results / "evaluate" / "summary.csv").read_text() == "old\n"
+    assert len(tracker.find_runs("tags.`ctvlab.stage` = 'evaluate'")) == runs_before
+
+
+def test_a_full_disk_while_writing_the_ctvs_names_the_folder_and_what_is_still_needed(
+    trained_phantom, prepared_phantom, tmp_path, monkeypatch
+):
+    import errno
+
+    import ctvlab.stages.evaluate as evaluate_module
+    from ctvlab.errors import StorageError
+
+    cfg, trained = trained_phantom
+    study = cfg.model_copy(update={"workdir": tmp_path / "work"}, deep=True)
+    real = evaluate_module.write_ctv_nifti
+    calls = []
+
+    def disk_fills(ctv, p, path, native=None):
+        calls.append(path)
+        if len(calls) > 2:  # two CTVs written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(ctv, p, path, native)
+
+    monkeypatch.setattr(evaluate_module, "write_ctv_nifti", disk_fills)
+    with pytest.raises(StorageError) as e:
+        evaluate_study(study, prepared_phantom, model_uri=str(trained.model_dir), progress=False)
+    message = str(e.value)
+    assert f"cannot write to {study.results_dir}: the disk is full" in message
+    assert "the evaluation still needs" in message
+    assert not (study.results_dir / "evaluate").exists() and not list(study.results_dir.glob(".tmp-*"))

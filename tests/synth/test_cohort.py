@@ -240,3 +240,30 @@ def test_the_synth_command_takes_a_preset(tmp_path):
     bad = runner.invoke(app, ["synth", "--out", str(tmp_path / "x"), "-n", "1", "--preset", "bogus"])
     assert isinstance(bad.exception, ConfigError) and "preset: Input should be 'today'" in str(bad.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_full_disk_names_the_cohort_folder_and_the_space_it_still_needs(tmp_path, monkeypatch):
+    """The disk fills after two patients: one line that says so, names the folder and estimates what the
+    cohort still needs from the two written."""
+    import errno
+
+    import ctvlab.synth.cohort as cohort_module
+    from ctvlab.errors import StorageError, folder_bytes, space_needed
+
+    cfg = tiny(n_patients=4, num_workers=1)
+    real = cohort_module._run_one
+
+    def disk_fills(plan, cfg, out):
+        if plan.index >= 2:
+            raise OSError(
+                errno.ENOSPC, "No space left on device", str(Path(out) / f"P{plan.index}" / "t1c.nii.gz")
+            )
+        return real(plan, cfg, out)
+
+    monkeypatch.setattr(cohort_module, "_run_one", disk_fills)
+    with pytest.raises(StorageError) as e:
+        generate_cohort(tmp_path / "cohort", cfg, progress=False)
+    written = sum(folder_bytes(p) for p in (tmp_path / "cohort").iterdir() if p.is_dir())
+    expected = space_needed("the cohort", written, 2, 2)
+    assert str(e.value).startswith(f"cannot write to {tmp_path / 'cohort'}: the disk is full; {expected}.")
+    assert not (tmp_path / "cohort" / "manifest.csv").exists()  # not a complete cohort

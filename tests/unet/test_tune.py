@@ -236,3 +236,151 @@ def test_eight_concurrent_trials_lose_no_mlflow_rows(backend, ray_local, tmp_pat
         i = int(c.info.run_name.split("-")[1])
         history = tracker.client.get_metric_history(c.info.run_id, "value")
         assert sorted(m.value for m in history) == [float(i * 100 + s) for s in range(20)]
+
+
+class _TrialError(Exception):
+    """As Ray can hand a trial's error to the driver: only the worker's traceback, as text."""
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device", "/w/ray/tune/s/run_trial_1/checkpoint_000001/state.pt"),
+        _TrialError(
+            "Traceback (most recent call last):\nOSError: [Errno 28] No space left on device: '/w/x'"
+        ),
+    ],
+)
+def test_trials_stopped_by_a_full_disk_fail_the_search_with_one_line_and_the_space_it_needs(error, tmp_path):
+    from ctvlab.errors import StorageError
+    from ctvlab.unet.tune import search_storage_error
+
+    err = search_storage_error(
+        [None, error], tmp_path / "ray", written_bytes=30e6, epochs_done=3, epochs_left=5
+    )
+    assert isinstance(err, StorageError) and err.exit_code == 4
+    assert str(err).startswith(
+        f"cannot write to {tmp_path / 'ray'}: the disk is full; the search still needs about 50 MB more "
+        "(10 MB per trial epoch from the 3 written, 5 left)"
+    )
+    assert search_storage_error([None, RuntimeError("injected trial failure")], tmp_path, 1, 1, 1) is None
+
+
+def _record(tracker: Tracker, parent_run_id: str) -> dict:
+    """What a reviewer sees of a search in MLflow: each run's status, metric keys and point counts (trials
+    in order of their metrics), the parent's artifacts."""
+    client = tracker.client
+
+    def shape(run):
+        points = {k: len(client.get_metric_history(run.info.run_id, k)) for k in sorted(run.data.metrics)}
+        arts = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+        return run.info.status, points, arts, run.data.tags.get("ctvlab.stopped_early")
+
+    children = tracker.find_runs(f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {
+        "parent": shape(client.get_run(parent_run_id)),
+        "trials": sorted((shape(c) for c in children), key=repr),
+    }
+
+
+@pytest.mark.ray
+def test_a_search_while_the_tracking_server_is_away_records_what_an_undisturbed_search_records(
+    prepared_phantom, tmp_path, tracking_uri, monkeypatch
+):
+    """The server is away for the whole search: the trials train, stop and end as usual (none ERROR), the
+    stage ends saying what is unrecorded and how to send it; once it answers, `sync` leaves the same record
+    as a search the server saw: statuses, metric keys and points per run, the model, its registration."""
+    from ctvlab.outages import recording
+    from ctvlab.tracking import TrackingError, sync_spool
+    from tests.conftest import free_port, start_mlflow_server
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no minutes of retries against no server
+
+    def study(workdir: Path, uri: str):
+        cfg = tiny_study(workdir, uri)
+        cfg.tune.run_grid = False
+        cfg.tune.num_samples = 2
+        cfg.tune.epochs_per_trial = 2
+        cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice", "pcc"])
+        cfg.tune.max_concurrent_trials = 2
+        cfg.tracking.outage_wait_s = 1
+        return cfg
+
+    undisturbed = tune_study(study(tmp_path / "undisturbed", tracking_uri), prepared_phantom)
+    expected = _record(Tracker("tiny", tracking_uri), undisturbed.parent_run_id)
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cfg = study(tmp_path / "away", uri)
+    said: list[str] = []
+    with pytest.raises(TrackingError) as e, recording(cfg, say=said.append):
+        out = tune_study(cfg, prepared_phantom)
+    assert "ctvlab sync" in str(e.value) and uri in str(e.value)
+    assert sum(uri in line and "since" in line for line in said) == 1, said  # said once
+    assert (out.trials["status"] != "ERROR").all() and len(out.trials) == 2
+    results = cfg.results_dir / "model"
+    assert (results / "weights.pt").exists()  # the search's outputs are complete on disk
+
+    root = tmp_path / "server"
+    root.mkdir()
+    with start_mlflow_server(root, port=port):
+        assert sync_spool(Path(cfg.workdir) / "tracking-spool") > 0
+        tracker = Tracker("tiny", uri)
+        parents = tracker.find_runs("tags.`ctvlab.stage` = 'tune'")
+        assert len(parents) == 1
+        got = _record(tracker, parents[0].info.run_id)
+        assert got == expected
+        versions = tracker.search_versions(cfg.unet.registered_model_name)
+        assert len(versions) == 1 and versions[0].run_id == parents[0].info.run_id
+
+
+def test_a_trial_cut_off_by_its_stop_is_completed_from_what_it_left_on_the_storage(tmp_path, tracking_uri):
+    """Tune ends a stopped trial's process without waiting for it (`FunctionTrainable.cleanup` joins the
+    training thread with timeout 0): a trial whose end is slow (a tracking server over HTTP) is cut off with
+    half its run written. The driver completes it from the history the trial keeps on the storage: every
+    epoch once, the best epoch's summary, how it ended, its model, FINISHED; as an undisturbed trial."""
+    from ctvlab.atomic import write_json_atomic
+    from ctvlab.tracking import base_tags
+    from ctvlab.unet.trial import SearchContext, trial_history_file, trial_model_dir
+    from ctvlab.unet.tune import finish_stopped_trials
+
+    cfg = tiny_study(tmp_path, tracking_uri)
+    cfg.tune.epochs_per_trial = 3
+    tracker = Tracker("tiny", tracking_uri)
+    history = [
+        {"epoch": e, "train_loss": 1.0 - e / 10, "val_tversky": 0.5 + e / 10, "val_dice": 0.4 + e / 10,
+         "best_val_tversky": 0.5 + e / 10, "is_best": 1}
+        for e in range(2)
+    ]  # fmt: skip
+    ctx = SearchContext(study=cfg.model_dump(mode="json"), prep="", train_ids=[], val_ids=[],
+                        storage=str(tmp_path / "trials"), search_name="s1", parent_run_id=None,
+                        experiment="tiny", tracking_uri=tracking_uri)  # fmt: skip
+    run_id = tracker.start_run(
+        "trial-t1", {**base_tags("tune-trial"), "ctvlab.trial_id": "t1", "ctvlab.search": "s1"}
+    )
+    tracker.logger(run_id).metrics(
+        {k: v for k, v in history[0].items() if k != "epoch"}, step=0
+    )  # then cut off
+    write_json_atomic(trial_history_file(ctx.storage, "s1", "t1"), history)
+    model = trial_model_dir(ctx.storage, "s1", "t1")
+    model.mkdir(parents=True)
+    (model / "model.json").write_text("{}")
+    (model / "weights.pt").write_bytes(b"w")
+    table = pd.DataFrame(
+        [{"trial_id": "t1", "status": "TERMINATED", "epochs_run": 2, "model_dir": str(model)}]
+    )
+
+    finish_stopped_trials(ctx, table, tracker)
+
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "val_tversky", "best_val_tversky"):
+        assert sorted(m.step for m in tracker.client.get_metric_history(run_id, key)) == [0, 1], key
+    assert run.data.metrics["best_val_dice"] == pytest.approx(0.5)  # the best epoch's summary
+    assert run.data.tags["ctvlab.stopped_early"] == "true" and run.data.tags["ctvlab.epochs_run"] == "2"
+    assert {a.path for a in tracker.client.list_artifacts(run_id, "model")} == {
+        "model/model.json",
+        "model/weights.pt",
+    }
+    finish_stopped_trials(ctx, table, tracker)  # twice: nothing more
+    assert len(tracker.client.get_metric_history(run_id, "val_tversky")) == 2

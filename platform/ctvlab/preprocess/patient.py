@@ -36,7 +36,7 @@ from ctvlab.data.layout import (
     PrepPaths,
     voxel_table_schema,
 )
-from ctvlab.errors import DataError
+from ctvlab.errors import DataError, storage_error
 from ctvlab.ingest.manifest import ManifestRow
 from ctvlab.preprocess import regions
 from ctvlab.preprocess.grid import (
@@ -454,4 +454,8 @@ def process_or_skip(row: ManifestRow, raw_root: Path, out: Path, cfg: Preprocess
     except DataError as e:  # one patient's bad data is reported, never fatal for the cohort
         return {"patient_id": pid, "status": "failed", "reason": str(e)}
     except Exception as e:
+        storage = storage_error(e)
+        if storage is not None:  # the folder cannot be written: the stage says it once, with the estimate
+            return {"patient_id": pid, "status": "error", "storage": str(storage.errno),
+                    "reason": f"patient {pid}: {storage.cause}" + (f" ({storage.folder})" if storage.folder else "")}  # fmt: skip
         return {"patient_id": pid, "status": "error", "reason": f"patient {pid}: {type(e).__name__}: {e}"}

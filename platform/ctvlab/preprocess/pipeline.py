@@ -41,7 +41,15 @@ from ctvlab import __version__
 from ctvlab.atomic import TMP_PREFIX, atomic_path, digest, write_json_atomic
 from ctvlab.config import PreprocessConfig
 from ctvlab.data.layout import CATEGORY_CODES, MASKS, PrepPaths
-from ctvlab.errors import DataError, InfrastructureError
+from ctvlab.errors import (
+    FULL,
+    DataError,
+    InfrastructureError,
+    folder_bytes,
+    space_needed,
+    storage_error,
+    writing,
+)
 from ctvlab.ingest.manifest import ManifestRow
 from ctvlab.lock import exclusive
 from ctvlab.preprocess.patient import output_settings, process_or_skip, read_sidecar, settings_hash
@@ -91,6 +99,9 @@ class PreprocessReport(BaseModel):
     invalid: list[InvalidPatient]
     failed: list[FailedPatient]
     errors: list[FailedPatient] = []
+    # When the errors are a folder that cannot be written (a full disk, permissions): the one line that says
+    # so, with the space the dataset still needs for a full disk (`ctvlab.errors.storage_error`).
+    storage_error: str | None = None
     stale: list[str] = []
     pruned: list[str] = []
     nodes: dict[str, str] = {}  # patient -> the Ray node that processed it (ray engine)
@@ -409,46 +420,68 @@ def _prepare(
 
     done = sorted(with_status("processed") + with_status("skipped"))
     errors = [FailedPatient(patient_id=p, reason=results[p]["reason"]) for p in with_status("error")]
-    # Outputs of patients that are not complete now: invalid, failed, or gone from the manifest. Those of
-    # patients an infrastructure error left unprocessed are neither: they stay as they are.
-    leftover = patients_on_disk(out) - set(done) - {e.patient_id for e in errors}
-    pruned: list[str] = []
-    stale: list[str] = []
-    for pid in done:
-        stale_marker(out, pid).unlink(missing_ok=True)
-    if prune and not errors:
-        for pid in sorted(leftover):
-            remove_patient_outputs(out, pid)
-        pruned = sorted(leftover)
-    else:
-        in_manifest = set(manifest_ids)
-        why = {p.patient_id: "invalid: " + "; ".join(p.problems) for p in invalid}
-        why.update({p: "failed: " + results[p]["reason"] for p in with_status("failed")})
-        for pid in sorted(leftover):
-            reason = why.get(pid) or ("not in the manifest" if pid not in in_manifest else "incomplete")
-            write_json_atomic(stale_marker(out, pid), {"patient_id": pid, "reason": reason})
-        stale = sorted(leftover)
-    dataset_digest = None if errors else write_dataset_tables(out, done, cfg)
-    report = PreprocessReport(
-        raw=str(raw),
-        out=str(out),
-        processed=with_status("processed"),
-        skipped_unchanged=with_status("skipped"),
-        invalid=invalid,
-        failed=[FailedPatient(patient_id=p, reason=results[p]["reason"]) for p in with_status("failed")],
-        errors=errors,
-        stale=stale,
-        pruned=pruned,
-        nodes={pid: r["node"] for pid, r in results.items() if r.get("node")},
-        cohort_problems=cohort_problems,
-        digest=dataset_digest,
-        n_prepared=len(done),
-        validate_s=t_validated - t0,
-        process_s=t_processed - t_validated,
-        elapsed_s=time.perf_counter() - t0,
+    storage = _storage_error(out, results, done)
+    # The disk may be full for the small files below too: the error then still says what the dataset needs.
+    with writing(out, needs=lambda: storage.needs if storage else None):
+        # Outputs of patients that are not complete now: invalid, failed, or gone from the manifest. Those of
+        # patients an infrastructure error left unprocessed are neither: they stay as they are.
+        leftover = patients_on_disk(out) - set(done) - {e.patient_id for e in errors}
+        pruned: list[str] = []
+        stale: list[str] = []
+        for pid in done:
+            stale_marker(out, pid).unlink(missing_ok=True)
+        if prune and not errors:
+            for pid in sorted(leftover):
+                remove_patient_outputs(out, pid)
+            pruned = sorted(leftover)
+        else:
+            in_manifest = set(manifest_ids)
+            why = {p.patient_id: "invalid: " + "; ".join(p.problems) for p in invalid}
+            why.update({p: "failed: " + results[p]["reason"] for p in with_status("failed")})
+            for pid in sorted(leftover):
+                reason = why.get(pid) or ("not in the manifest" if pid not in in_manifest else "incomplete")
+                write_json_atomic(stale_marker(out, pid), {"patient_id": pid, "reason": reason})
+            stale = sorted(leftover)
+        dataset_digest = None if errors else write_dataset_tables(out, done, cfg)
+        report = PreprocessReport(
+            raw=str(raw),
+            out=str(out),
+            processed=with_status("processed"),
+            skipped_unchanged=with_status("skipped"),
+            invalid=invalid,
+            failed=[FailedPatient(patient_id=p, reason=results[p]["reason"]) for p in with_status("failed")],
+            errors=errors,
+            storage_error=str(storage) if storage else None,
+            stale=stale,
+            pruned=pruned,
+            nodes={pid: r["node"] for pid, r in results.items() if r.get("node")},
+            cohort_problems=cohort_problems,
+            digest=dataset_digest,
+            n_prepared=len(done),
+            validate_s=t_validated - t0,
+            process_s=t_processed - t_validated,
+            elapsed_s=time.perf_counter() - t0,
+        )
+        write_json_atomic(paths.report, report.model_dump(mode="json"))
+        return report
+
+
+def _storage_error(out: Path, results: dict[str, dict[str, str]], done: list[str]):
+    """The stage's `StorageError` when patients were left unwritten because `out` cannot be written; for a
+    full disk, with the space the dataset still needs, estimated from the patients complete on disk."""
+    codes = sorted(
+        {int(r["storage"]) for r in results.values() if r["status"] == "error" and r.get("storage")}
     )
-    write_json_atomic(paths.report, report.model_dump(mode="json"))
-    return report
+    if not codes:
+        return None
+    left = sum(1 for r in results.values() if r["status"] == "error")
+    if not set(codes) & set(FULL):
+        return storage_error(OSError(codes[0], os.strerror(codes[0])), out)
+    paths = PrepPaths(out)
+    written = sum(folder_bytes(f) for pid in done
+                  for f in (paths.features(pid), paths.masks(pid), paths.sidecar(pid), paths.voxel_partition(pid)))  # fmt: skip
+    needs = space_needed("the prepared dataset", written, len(done), left)
+    return storage_error(OSError(FULL[0], os.strerror(FULL[0])), out, needs=needs)
 
 
 def _progress(total: int, console: Console | None):
@@ -482,10 +515,12 @@ def print_preprocess_report(report: PreprocessReport, console: Console) -> None:
             Text.assemble(("failed   ", "bold red"), f"{f.patient_id} · {f.reason}"), soft_wrap=True
         )
     for f in report.errors:
+        why = "" if report.storage_error else " (not a data problem: run again once the machine is fixed)"
         console.print(
-            Text.assemble(("error    ", "bold red"), f"{f.patient_id} · {f.reason} (not a data problem: "
-                          "run again once the machine is fixed)"), soft_wrap=True,
-        )  # fmt: skip
+            Text.assemble(("error    ", "bold red"), f"{f.patient_id} · {f.reason}{why}"), soft_wrap=True
+        )
+    if report.storage_error:
+        console.print(Text.assemble(("error    ", "bold red"), report.storage_error), soft_wrap=True)
     if report.stale:
         console.print(
             Text.assemble(("stale    ", "yellow"), f"old outputs kept, not in the dataset: "

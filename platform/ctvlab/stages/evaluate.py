@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ctvlab.atomic import atomic_folder, write_csv_atomic
+from ctvlab.atomic import atomic_folder, check_writable, write_csv_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.ctv.evaluate import (
     PATIENT_FIGURE_PREFIX,
@@ -39,7 +39,7 @@ from ctvlab.ctv.evaluate import (
     write_ctv_nifti,
 )
 from ctvlab.data.readers import load_patient, read_patients
-from ctvlab.errors import CtvlabError, DataError
+from ctvlab.errors import CtvlabError, DataError, folder_bytes, space_needed, writing
 from ctvlab.study import REFERENCE_ONLY_CTVS
 from ctvlab.unet.inference import load_model, predict_probability
 
@@ -103,6 +103,7 @@ class EvaluationOutcome:
     seconds_ctv_metrics: float
     comparisons: pd.DataFrame | None = None
     coverage: pd.DataFrame | None = None
+    model_spec: dict[str, Any] | None = None  # the evaluated model's spec (its provenance, its card)
 
 
 def evaluate_study(
@@ -124,8 +125,9 @@ def evaluate_study(
     ids = split.patients(split_name)
     if not ids:
         raise DataError(f"the {split_name} split of {prep} has no patients")
-    tracker = tracker_for(cfg)
     out = Path(cfg.results_dir, "evaluate").resolve()
+    check_writable(out.parent)  # a results folder that refuses the tables fails before any work
+    tracker = tracker_for(cfg)
     with tempfile.TemporaryDirectory() as dl:
         model_dir, model_uri = resolve_model(
             cfg, tracker, model_uri, Path(dl), split.digest, split.dataset_digest
@@ -160,25 +162,34 @@ def evaluate_study(
         extra = CoverageOutputs(cfg, model, calibration, out)
         rows, t_inf, t_ctv, eortc_sources = [], 0.0, 0.0, {}
         overlay_cases: list[tuple[str, float]] = []
-        for pid in _progress(ids, progress, console, "evaluating"):
-            p = load_patient(prep, pid)
-            t0 = time.perf_counter()
-            prob = predict_probability(model, p)
-            t1 = time.perf_counter()
-            ctvs, prows, source = evaluate_patient(prob, threshold, p, cfg)
-            t2 = time.perf_counter()
-            t_inf += t1 - t0
-            t_ctv += t2 - t1
-            rows.extend(prows)
-            eortc_sources[pid] = source
-            m = patient_masks(p)
-            overlay_cases.append(
-                (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
-            )
-            cov_ctvs = extra.add(p, prob, ctvs)
-            for name, ctv in {**_drawn(ctvs), **cov_ctvs}.items():
-                native = out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
-                write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
+        done: list[str] = []
+
+        def needs() -> str:  # for a full disk: the CTV files of the patients left, at the rate so far
+            return space_needed("the evaluation", folder_bytes(out), len(done), len(ids) - len(done))
+
+        with writing(out.parent, needs=needs):
+            for pid in _progress(ids, progress, console, "evaluating"):
+                p = load_patient(prep, pid)
+                t0 = time.perf_counter()
+                prob = predict_probability(model, p)
+                t1 = time.perf_counter()
+                ctvs, prows, source = evaluate_patient(prob, threshold, p, cfg)
+                t2 = time.perf_counter()
+                t_inf += t1 - t0
+                t_ctv += t2 - t1
+                rows.extend(prows)
+                eortc_sources[pid] = source
+                m = patient_masks(p)
+                overlay_cases.append(
+                    (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
+                )
+                cov_ctvs = extra.add(p, prob, ctvs)
+                for name, ctv in {**_drawn(ctvs), **cov_ctvs}.items():
+                    native = (
+                        out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
+                    )
+                    write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
+                done.append(pid)
         per_patient = pd.DataFrame(rows)
         summary = summary_table(per_patient)
         wilcoxon = wilcoxon_table(per_patient)
@@ -257,7 +268,8 @@ def evaluate_study(
                 run.artifact(Path(d) / sub, sub)
         run_id = run.run_id
     return EvaluationOutcome(run_id, model_uri, threshold, per_patient, summary, wilcoxon, out, figures,
-                             t_inf / len(ids), t_ctv / len(ids), comparisons, extra.coverage)  # fmt: skip
+                             t_inf / len(ids), t_ctv / len(ids), comparisons, extra.coverage,
+                             dict(model.spec))  # fmt: skip
 
 
 def plot_by_cohort(per_patient: pd.DataFrame, patients: pd.DataFrame, out: Path) -> Path:

@@ -27,14 +27,15 @@ def log_model(logger, model_dir: str | Path, artifact_path: str = "model") -> No
 
 def register(tracker, cfg: StudyConfig, run_id: str, spec: dict[str, Any], extra_tags: dict[str, str] | None = None,
              artifact_path: str = "model", alias: str | None = CANDIDATE):  # fmt: skip
-    """Register the run's logged model; tag it with its provenance, point `alias` at it, write its card."""
+    """Register the run's logged model; tag it with its provenance, point `alias` at it, write its card, tag the
+    run with the version's URI. Returns the version, or None while the tracking server is away (the
+    registration is then sent with the rest of the spool)."""
     name = cfg.unet.registered_model_name
     tags = {k: str(spec[k]) for k in PROVENANCE_TAGS if spec.get(k)}
-    version = tracker.register_model(name, run_id, artifact_path, tags={**tags, **(extra_tags or {})})
-    if alias:
-        tracker.set_alias(name, alias, version.version)
-    tracker.describe_version(name, version.version, model_card(cfg, spec, run_id))
-    return version
+    # One write: the version, its alias, its card and the run's tag naming it, kept whole (and None
+    # returned) while the tracking server is away.
+    return tracker.register(name, run_id, artifact_path, tags={**tags, **(extra_tags or {})}, alias=alias,
+                            description=model_card(cfg, spec, run_id))  # fmt: skip
 
 
 def model_card(cfg: StudyConfig, spec: dict[str, Any], run_id: str, evaluation=None) -> str:
@@ -94,8 +95,18 @@ def crown(tracker, cfg: StudyConfig, model_uri: str, evaluation) -> str | None:
     the test results to its card. Returns the version, or None when the model is not a registered one."""
     from ctvlab.unet.inference import SPEC_FILE, model_folder
 
-    if not model_uri.startswith("models:/"):
+    if not model_uri or not model_uri.startswith("models:/"):
         return None
+    name, _, number = model_uri[len("models:/") :].partition("/")
+    if not tracker.reachable() and number.isdigit() and getattr(evaluation, "model_spec", None):
+        # The store is away: the version is in the URI and the spec is the evaluated model's own; the alias
+        # and the card wait in the spool with the evaluation's run.
+        spec = evaluation.model_spec
+        tracker.set_alias(name, CHAMPION, number)
+        tracker.describe_version(
+            name, number, model_card(cfg, spec, spec.get("mlflow_run_id", "?"), evaluation)
+        )
+        return number
     version = tracker.model_version(model_uri)
     with tempfile.TemporaryDirectory() as d:
         spec = json.loads((model_folder(tracker.download_model(model_uri, d)) / SPEC_FILE).read_text())

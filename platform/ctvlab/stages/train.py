@@ -70,7 +70,7 @@ def train_unet(
     """
     from ctvlab.runtime import start_unet_stage
     from ctvlab.splits import check_disjoint, load_split, pseudonymise
-    from ctvlab.tracking import Tracker, base_tags, complete_curve
+    from ctvlab.tracking import base_tags, complete_curve, tracker_for
 
     prep = Path(prep or cfg.prep_dir).resolve()
     split = load_split(prep)
@@ -100,7 +100,7 @@ def train_unet(
         mlflow_run_id = None
 
     start_unet_stage(cfg, search=False)
-    tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
+    tracker = tracker_for(cfg)
     names = pseudonymise(prep, train_ids + val_ids)
     if mlflow_run_id is None:
         mlflow_run_id = tracker.start_run(
@@ -124,7 +124,7 @@ def train_unet(
     write_json_atomic(pointer, record)
 
     extra = {"mlflow_run_id": mlflow_run_id, "experiment": tracker.experiment_name,
-             "tracking_uri": tracker.tracking_uri, "print_epochs": True}  # fmt: skip
+             "tracking_uri": tracker.tracking_uri, "spool": str(tracker.spool.root), "print_epochs": True}  # fmt: skip
     if inject_failure_at is not None:
         extra["inject_failure"] = {"epoch": inject_failure_at, "marker": str(storage / f"{run_name}.fault")}
     if os.environ.get(HOLD_ENV):
@@ -178,10 +178,11 @@ def train_unet(
     log_model(log, model_dir, MODEL_ARTIFACT)
     model_uri = f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT}"
     if register:
+        tracker.drain()  # the run's kept writes first, and the registration answered at once
         spec = json.loads((model_dir / "model.json").read_text())
         version = register_model(tracker, cfg, mlflow_run_id, spec, artifact_path=MODEL_ARTIFACT)
-        model_uri = f"models:/{ucfg.registered_model_name}/{version.version}"
-        log.tags({"ctvlab.registered_model": model_uri})
+        # Kept with the spool while the server is away: `evaluate` then finds the version by its tags.
+        model_uri = f"models:/{ucfg.registered_model_name}/{version.version}" if version is not None else None
     tracker.end_run(mlflow_run_id, "FINISHED")
     write_json_atomic(pointer, {**record, "finished": True})
     return TrainOutcome(

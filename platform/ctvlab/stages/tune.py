@@ -155,6 +155,7 @@ def _finish_search(
     """Log the summary to the parent run, copy the best trial's model to results/, register it (after
     choosing its CTV thresholds on the validation patients, `calibration`, when it is the study's model)."""
     best = best_trial(trials)
+    tracker.drain()  # the trials' writes first, and the model's registration below answered at once
     log = tracker.logger(parent)
     shown = trials.drop(columns=["path", "model_dir"])
     log.table(shown, "trials.csv", "search")
@@ -186,8 +187,8 @@ def _finish_search(
             spec.setdefault("split_digest", split_digest)
             spec.setdefault("dataset_digest", dataset_digest or "")
             version = register_model(tracker, cfg, parent, spec, extra_tags={"search": name})
-            model_uri = f"models:/{cfg.unet.registered_model_name}/{version.version}"
-            log.tags({"ctvlab.registered_model": model_uri})
+            if version is not None:  # else kept with the spool: `evaluate` finds it by its tags once sent
+                model_uri = f"models:/{cfg.unet.registered_model_name}/{version.version}"
     tracker.end_run(parent, "FINISHED")
     return SearchOutcome(
         name=name, parent_run_id=parent, trials=trials, best_params=best_params,

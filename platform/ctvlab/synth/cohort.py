@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ctvlab.atomic import remove_stale_tmp, write_json_atomic
 from ctvlab.config import SynthConfig
-from ctvlab.errors import DataError
+from ctvlab.errors import DataError, folder_bytes, space_needed, writing
 from ctvlab.ingest.manifest import ManifestRow, write_manifest
 from ctvlab.synth.clinical import PatientPlan, draw_cohort
 
@@ -77,8 +77,16 @@ def generate_cohort(out: str | Path, cfg: SynthConfig, progress: bool = True) ->
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    def needs() -> str:  # for a full disk: the patients left, at the size of those written so far
+        written = sum(folder_bytes(out / row.patient_id) for row, _ in results.values()) + sum(
+            f.stat().st_size
+            for row, _ in results.values()
+            for f in (out / "truth").glob(f"{row.patient_id}_*")
+        )
+        return space_needed("the cohort", written, len(results), len(plans) - len(results))
+
     columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    with writing(out, needs=needs), Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("patients", total=len(plans))
         if workers <= 1:
             for plan in plans:

@@ -310,4 +310,5 @@ def _rank0_logger(config: dict[str, Any]):
         return None
     from ctvlab.tracking import BufferedMetrics
 
-    return BufferedMetrics(config["tracking_uri"], run_id, say=lambda m: print(m, flush=True))
+    # Silent: the driver says once for the whole study when the server stops answering.
+    return BufferedMetrics(config["tracking_uri"], run_id, spool=config.get("spool"))

@@ -10,6 +10,7 @@ ended (`stop_tags`), never FAILED.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,10 @@ class SearchContext:
     parent_run_id: str | None
     experiment: str
     tracking_uri: str
+    experiment_id: str | None = (
+        None  # the driver's (a placeholder while the store is away): no lookup per trial
+    )
+    spool: str | None = None  # the study's tracking spool: what the store cannot take now waits there
     view: dict[str, Any] = field(default_factory=dict)  # the models' view keys (`train.run_view`)
     extra_spec: dict[str, Any] = field(default_factory=dict)
 
@@ -49,7 +54,7 @@ def run_trial(params: dict[str, Any], ctx: SearchContext) -> None:
     ucfg = trial_unet_config(study.unet, params, study.tune)
     tctx = ray.tune.get_context()
     trial_id = tctx.get_trial_id()
-    tracker = Tracker(ctx.experiment, ctx.tracking_uri)
+    tracker = Tracker(ctx.experiment, ctx.tracking_uri, spool=ctx.spool, experiment_id=ctx.experiment_id)
     shown = {k: params[k] for k in TRIAL_PARAMS if k in params}
     node = ray.get_runtime_context().get_node_id()  # where the trial ran, for a cluster's post-mortems
     run_id = tracker.start_run(f"trial-{trial_id}", {**base_tags("tune-trial"), "ctvlab.trial_id": trial_id,
@@ -71,6 +76,7 @@ def _train_in_trial(ucfg, ctx: SearchContext, trial_id: str, run_id: str, log) -
     import ray.tune
     import torch
 
+    from ctvlab.atomic import write_json_atomic
     from ctvlab.unet.loop import STATE_FILE, LocalSession, load_examples, run_training
     from ctvlab.unet.train import export_model_dir
 
@@ -80,10 +86,14 @@ def _train_in_trial(ucfg, ctx: SearchContext, trial_id: str, run_id: str, log) -
     model_dir = trial_model_dir(ctx.storage, ctx.search_name, trial_id)
     extra = {**ctx.extra_spec, "trial_id": trial_id, "mlflow_run_id": run_id}
 
-    reported: list[dict[str, Any]] = []
+    reported: list[dict[str, Any]] = []  # the trial's history, from its first epoch (also after a restore)
+    history_file = trial_history_file(ctx.storage, ctx.search_name, trial_id)
 
     def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
         reported.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        # On the storage before Tune sees the epoch: Tune may stop the trial inside this report and end its
+        # process without waiting, and the driver then completes the trial's run from this file.
+        write_json_atomic(history_file, reported)
         if checkpoint is not None and metrics.get("is_best"):
             export_model_dir(checkpoint, model_dir, extra)
         if checkpoint is None:
@@ -96,16 +106,21 @@ def _train_in_trial(ucfg, ctx: SearchContext, trial_id: str, run_id: str, log) -
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
-            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        reported[:] = json.loads(state["history"])
+        return state
 
     device = torch.device("cuda" if ucfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     config = {"unet": ucfg.model_dump(mode="json"), "view": ctx.view, "mlflow_run_id": run_id,
-              "tracking_uri": ctx.tracking_uri, "threads_per_worker": max(1, math.ceil(ucfg.train.cpus_per_worker))}  # fmt: skip
+              "tracking_uri": ctx.tracking_uri, "spool": ctx.spool,
+              "threads_per_worker": max(1, math.ceil(ucfg.train.cpus_per_worker))}  # fmt: skip
     try:
         history = run_training(config, LocalSession(train, val, report, device, restored))
     except SystemExit as stop:  # the scheduler ended the trial inside its report (ASHA, or max_t)
         if stop.code not in (0, None):
             raise
+        # Best effort: Tune ends this process without waiting for these writes; whatever they leave out,
+        # the driver completes from the history file (`finish_stopped_trials`).
         _record_trial(log, model_dir, reported)
         log.tags(stop_tags(len(reported), ucfg.train.epochs))
         log.tracker.end_run(log.run_id, "FINISHED")
@@ -147,7 +162,8 @@ def _train_with_ray_train(ucfg, ctx: SearchContext, trial_id: str, run_id: str, 
     trainer = build_trainer(
         Path(ctx.prep), ucfg, ctx.train_ids, ctx.val_ids,
         storage_path=ctx.storage, run_name=f"{ctx.search_name}-{trial_id}",
-        loop_extra={"mlflow_run_id": run_id, "experiment": ctx.experiment, "tracking_uri": ctx.tracking_uri},
+        loop_extra={"mlflow_run_id": run_id, "experiment": ctx.experiment, "tracking_uri": ctx.tracking_uri,
+                    "spool": ctx.spool},
         callbacks=[TuneReportCallback()],
     )  # fmt: skip
     result = trainer.fit()
@@ -159,6 +175,11 @@ def _train_with_ray_train(ucfg, ctx: SearchContext, trial_id: str, run_id: str, 
                                  {**ctx.extra_spec, "trial_id": trial_id, "mlflow_run_id": run_id})  # fmt: skip
         log.artifact(model_dir, "model")
     log.metrics(best_summary(best, history))
+
+
+def trial_history_file(storage: str | Path, search_name: str, trial_id: str) -> Path:
+    """Where a one-worker trial keeps its history (every epoch's metrics), beside its model."""
+    return Path(storage) / f"{search_name}-{trial_id}" / "history.json"
 
 
 def trial_model_dir(storage: str | Path, search_name: str, trial_id: str) -> Path:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ctvlab.config import StudyConfig
-from ctvlab.errors import CtvlabError
+from ctvlab.errors import CtvlabError, folder_bytes
 from ctvlab.study import BEST_SELECTION_METRIC, SELECTION_METRIC
 from ctvlab.unet.search_progress import progress_callback, say
 from ctvlab.unet.trial import TRIAL_PARAMS, SearchContext, run_trial, stop_tags, trial_model_dir
@@ -93,10 +93,11 @@ def run_search(
         extra_spec=extra_spec or {},
     )  # fmt: skip
     # Create the store and the experiment here, once: concurrent trials creating a new SQLite store would
-    # race on its schema migrations.
-    from ctvlab.tracking import Tracker
+    # race on its schema migrations. The trials get its id (a placeholder while the store is away).
+    from ctvlab.tracking import tracker_for
 
-    tracker = Tracker(ctx.experiment, ctx.tracking_uri)
+    tracker = tracker_for(cfg)
+    ctx.experiment_id, ctx.spool = tracker.experiment_id, str(tracker.spool.root)
     from ctvlab import resources as res
 
     demand, cluster = res.trial_demand(cfg), res.cluster_view(cfg.ray.max_resources)
@@ -159,6 +160,14 @@ def run_search(
     if watch.message:
         raise res.ResourceError(watch.message)
     table = trials_table(grid)
+    planned = tcfg.epochs_per_trial * max(len(table), num_samples)
+    trials_dirs = list(Path(ctx.storage).glob(f"{name}-*"))
+    full = search_storage_error(
+        [r.error for r in grid], storage, written_bytes=folder_bytes(path) + sum(folder_bytes(d) for d in trials_dirs),
+        epochs_done=int(table["epochs_run"].sum()), epochs_left=max(0, planned - int(table["epochs_run"].sum())),
+    )  # fmt: skip
+    if full is not None:  # the other trials failed or will fail the same way: stop here, with the estimate
+        raise full
     # A failed trial's error can name a patient or a folder: the table goes to the shared tracking store.
     from ctvlab.splits import pseudonymise
     from ctvlab.tracking import scrub_text
@@ -166,8 +175,38 @@ def run_search(
     names = pseudonymise(prep, [p for role in ("train", "val", "test") for p in split.patients(role)])
     table["error"] = [scrub_text(e, names) if isinstance(e, str) else e for e in table["error"]]
     table["model_dir"] = [str(trial_model_dir(ctx.storage, name, t)) for t in table["trial_id"]]
+    tracker.drain()  # what the trials kept while the store was away goes first: their own ends are in it
     finish_stopped_trials(ctx, table, tracker)
     return table
+
+
+def search_storage_error(errors, folder: Path, written_bytes: float, epochs_done: int, epochs_left: int):
+    """The search's `StorageError` when a trial failed because the search's storage cannot be written (a
+    full disk while a checkpoint or a model was written): named for the storage folder, with the space the
+    search still needs at the rate its epochs wrote so far. None when no trial failed that way.
+
+    Args:
+        errors: each trial's error (None for a trial without one), as Ray hands them to the driver: the
+            original exception, one that carries it as its cause, or only its traceback's text.
+    """
+    import re
+
+    from ctvlab.errors import FULL, space_needed, storage_error
+
+    for error in errors:
+        seen, found = error, None
+        while seen is not None and found is None:
+            found = storage_error(seen)
+            seen = getattr(seen, "cause", None) or seen.__cause__
+        if found is None and error is not None:  # only the text crossed the process boundary
+            m = re.search(r"OSError: \[Errno (\d+)\]", str(error))
+            if m:
+                found = storage_error(OSError(int(m.group(1)), os.strerror(int(m.group(1)))))
+        if found is not None:
+            needs = space_needed("the search", written_bytes, epochs_done, epochs_left, unit="trial epoch")
+            return storage_error(OSError(found.errno, os.strerror(found.errno)), folder,
+                                 needs=needs if found.errno in FULL else None)  # fmt: skip
+    return None
 
 
 def check_private_state(path: Path) -> None:
@@ -195,35 +234,60 @@ def check_private_state(path: Path) -> None:
 def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame, tracker) -> None:
     """Complete the trials that the scheduler ended from outside.
 
-    ASHA stops a trial (at a rung, or at `max_t`) inside the trial's report; a trial whose process is
-    ended there never reaches the lines after its training: its MLflow run is left RUNNING, and a Ray
-    Train trial has no exported model. Both are done here from what the trial left on the shared storage
-    (a one-worker trial exports its best model at every improvement; a Ray Train trial's best kept
-    checkpoint becomes its model), and the run is closed FINISHED with how it ended (`stop_tags`): it ran
-    without error, and FAILED is for errors.
+    ASHA stops a trial (at a rung, or at `max_t`) inside the trial's report, and Tune then ends the trial's
+    process without waiting for it (`FunctionTrainable.cleanup` joins the training thread with timeout 0):
+    a trial's own end (its curve, its best epoch's summary, its model, FINISHED) is cut off wherever it was,
+    the more often the slower the tracking server. The driver completes each such run (still RUNNING) from
+    what the trial left on the shared storage: its history (a one-worker trial writes it before every
+    report; a Ray Train trial's checkpoints carry it) and its model (a one-worker trial exports its best
+    model at every improvement; a Ray Train trial's best kept checkpoint becomes its model). The run then
+    holds what an undisturbed trial's does and ends FINISHED with how it ended (`stop_tags`): it ran without
+    error, and FAILED is for errors.
     """
-    from ctvlab.unet.train import export_model
+    from ctvlab.unet.train import best_summary, export_model
 
+    planned = StudyConfig.model_validate(ctx.study).tune.epochs_per_trial
     for row in table.itertuples():
         if row.status == "ERROR":
             continue
+        run_dir = Path(ctx.storage) / f"{ctx.search_name}-{row.trial_id}"
         dst = Path(row.model_dir)
         if not dst.exists():
-            ckpt = best_stored_checkpoint(Path(ctx.storage) / f"{ctx.search_name}-{row.trial_id}")
-            if ckpt is None:
-                continue
-            import ray.train
+            ckpt = best_stored_checkpoint(run_dir)
+            if ckpt is not None:
+                import ray.train
 
-            export_model(ray.train.Checkpoint.from_directory(str(ckpt)), dst,
-                         {**ctx.extra_spec, "trial_id": row.trial_id})  # fmt: skip
+                export_model(ray.train.Checkpoint.from_directory(str(ckpt)), dst,
+                             {**ctx.extra_spec, "trial_id": row.trial_id})  # fmt: skip
+        history = stored_history(ctx, row.trial_id)
+        best = next((h for h in reversed(history) if h.get("is_best")), {})
         query = f"tags.`ctvlab.trial_id` = '{row.trial_id}' and tags.`ctvlab.search` = '{ctx.search_name}'"
-        for run in tracker.find_runs(query):
-            if run.info.status == "RUNNING":
-                log = tracker.logger(run.info.run_id)
-                planned = StudyConfig.model_validate(ctx.study).tune.epochs_per_trial
-                log.tags(stop_tags(int(row.epochs_run), planned))
-                log.artifact(dst, "model")
-                tracker.end_run(run.info.run_id, "FINISHED")
+        # One write (kept whole while the store is away): the runs of this trial still RUNNING then.
+        tracker.finish_if_running(query, stop_tags(int(row.epochs_run), planned), dst if dst.exists() else None,
+                                  history=history, summary=best_summary(best, history) if history else {})  # fmt: skip
+
+
+def stored_history(ctx: SearchContext, trial_id: str) -> list[dict[str, Any]]:
+    """A trial's history from the storage: a one-worker trial's history file, else the latest checkpoint of
+    its Ray Train run (each carries the history up to its epoch); [] when there is none."""
+    from ctvlab.unet.train import HISTORY_FILE, SPEC_FILE
+    from ctvlab.unet.trial import trial_history_file
+
+    candidates = [trial_history_file(ctx.storage, ctx.search_name, trial_id)]
+    run_dir = Path(ctx.storage) / f"{ctx.search_name}-{trial_id}"
+    epochs = []
+    for d in run_dir.glob("checkpoint_*"):
+        try:
+            epochs.append((json.loads((d / SPEC_FILE).read_text())["epoch"], d / HISTORY_FILE))
+        except (OSError, ValueError, KeyError):
+            continue
+    candidates += [path for _, path in sorted(epochs, reverse=True)]
+    for path in candidates:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return []
 
 
 def best_stored_checkpoint(run_dir: Path) -> Path | None:
