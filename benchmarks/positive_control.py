@@ -3,7 +3,7 @@ cover more of the new progression than a uniform margin of the same volume; on i
 patients, diffusion and MRSI blind to the infiltration) it must not.
 
     .venv/bin/python benchmarks/positive_control.py [--patients 101] [--seed 1] [--epochs 40]
-        [--base-features 8] [--cohorts strong strong-null today] [--out DIR] [--quick] [--power]
+        [--base-features 8] [--cohorts strong strong-null today] [--out DIR [--reuse]] [--quick] [--power]
 
 For each cohort: generate it (`ctvlab.synth`, its true pre-RT density kept as ground truth), prepare it,
 split it (67/16/18 at 101), train ONE fixed U-Net configuration on it (`ctvlab train`'s Ray Train path,
@@ -20,7 +20,9 @@ each beside the ceiling (the true density's gain at that volume). Prints every e
 ceiling against the signal, with their intervals): run it with `--patients N` at a team's own cohort size to
 see what effect that many patients can detect. `--quick`: 40 patients, strong and strong-null only,
 20 epochs; about 15 minutes on 2 cores. `--out DIR` keeps everything (cohorts, prepared data, models,
-tables, figure); without it a temporary folder is removed at the end.
+tables, figure); without it a temporary folder is removed at the end. `--reuse` with `--out` takes each cohort
+that an earlier invocation with the same settings finished there as it is (its `result.json`), and starts
+the unfinished ones again.
 
 Trained network (2 cores): 8 base features (the study's 48 is out of reach of 2 CPU cores in this time), PCC
 loss, Ranger at lr 1e-3, batch 1, the study's augmentation, early stopping after 8 epochs without a better
@@ -69,7 +71,9 @@ def study_config(workdir: Path, epochs: int, base_features: int):
     return cfg
 
 
-def run_cohort(name: str, root: Path, patients: int, seed: int, epochs: int, base_features: int) -> dict:
+def run_cohort(
+    name: str, root: Path, patients: int, seed: int, epochs: int, base_features: int, reuse: bool = False
+) -> dict:
     from ctvlab.config import PreprocessConfig, SplitConfig, SynthConfig
     from ctvlab.preprocess.pipeline import preprocess_cohort
     from ctvlab.splits import write_split
@@ -78,7 +82,20 @@ def run_cohort(name: str, root: Path, patients: int, seed: int, epochs: int, bas
     from ctvlab.synth.cohort import generate_cohort
 
     work = root / name
-    work.mkdir(parents=True, exist_ok=True)
+    settings = {"patients": patients, "seed": seed, "epochs": epochs, "base_features": base_features}
+    if (
+        reuse and (work / "result.json").is_file()
+    ):  # this cohort's finished result, from an earlier invocation
+        result = json.loads((work / "result.json").read_text())
+        if result.get("settings") != settings:
+            raise SystemExit(
+                f"{name}: {work / 'result.json'} was made with {result.get('settings')}, not {settings}"
+            )
+        print(f"{name}: reusing the result in {work} (made {result.get('finished_at', '?')})")
+        return {**result, "summary": pd.read_csv(work / "summary.csv")}
+    if work.exists():
+        shutil.rmtree(work)  # an unfinished cohort of an earlier invocation: start it again
+    work.mkdir(parents=True)
     t0 = time.perf_counter()
     synth = SynthConfig(n_patients=patients, seed=seed, **SETTINGS[name])
     cohort, prep = work / "cohort", work / "prep"
@@ -95,9 +112,12 @@ def run_cohort(name: str, root: Path, patients: int, seed: int, epochs: int, bas
     table = summary(ctv_table, volume_table)
     for df, fname in ((ctv_table, "ctv.csv"), (volume_table, "volumes.csv"), (table, "summary.csv")):
         df.to_csv(work / fname, index=False)
-    return {"name": name, "summary": table, "threshold": threshold, "epochs_run": trained.epochs_run,
-            "best_val_tversky": trained.best_metrics.get("val_tversky"), "seconds_data": t_data,
-            "seconds_train": t_train, "n_test": len(ctv_table)}  # fmt: skip
+    result = {"name": name, "threshold": threshold, "epochs_run": trained.epochs_run,
+              "best_val_tversky": trained.best_metrics.get("val_tversky"), "seconds_data": t_data,
+              "seconds_train": t_train, "n_test": len(ctv_table), "settings": settings,
+              "finished_at": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+    (work / "result.json").write_text(json.dumps(result, indent=2, default=float))
+    return {**result, "summary": table}
 
 
 def line(table: pd.DataFrame, volume: str, map_name: str = "model") -> pd.Series | None:
@@ -187,6 +207,11 @@ def main() -> None:
         "--cohorts", nargs="+", default=["strong", "strong-null", "today"], choices=sorted(SETTINGS)
     )
     ap.add_argument("--out", type=Path, help="keep cohorts, prepared data, models and tables here")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --out: take a cohort finished there by an earlier run as is",
+    )
     ap.add_argument("--quick", action="store_true", help="40 patients, strong and strong-null, 20 epochs")
     ap.add_argument("--power", action="store_true", help="all signal settings and the power curve")
     ap.add_argument(
@@ -216,7 +241,15 @@ def run(args) -> None:
     try:
         results = {}
         for name in args.cohorts:
-            results[name] = run_cohort(name, root, args.patients, args.seed, args.epochs, args.base_features)
+            results[name] = run_cohort(
+                name,
+                root,
+                args.patients,
+                args.seed,
+                args.epochs,
+                args.base_features,
+                args.reuse and bool(args.out),
+            )
             print_cohort(results[name])
         print()
         for text, ok, detail in expectations(results):

@@ -14,6 +14,7 @@ from ctvlab.runtime import LOG_FILE, route_library_logs
 @pytest.fixture
 def restore_logging(monkeypatch):
     monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
+    logging.captureWarnings(False)  # an earlier in-process command may have left it on
     saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate, logging.getLogger(n).level)
              for n in ("ray", "ray.data", "mlflow", "py.warnings")}  # fmt: skip
     yield
