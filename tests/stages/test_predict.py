@@ -237,3 +237,45 @@ def test_coverage_ctvs_the_model_records_are_written_nested(prediction, tmp_path
     assert (prob[cov90 & (prob > 0)] > 0).all() and (prob[cov95] >= 0.2).mean() > 0.5  # drawn from the map
     report = json.loads((folder / "report.json").read_text())
     assert report["volumes_cm3"]["cov95"] >= report["volumes_cm3"]["cov90"] > 0
+
+
+def test_the_model_carries_its_preprocessing_and_predict_prepares_new_patients_with_it(
+    trained_phantom, prepared_phantom
+):
+    from ctvlab.data.readers import load_dataset_meta
+
+    _, trained = trained_phantom
+    spec = json.loads((trained.model_dir / "model.json").read_text())
+    assert spec["preprocess"] == load_dataset_meta(prepared_phantom)["settings"]
+
+
+def test_preprocessing_comes_from_the_model_and_a_conflicting_explicit_setting_is_an_error():
+    from ctvlab.config import PreprocessConfig
+    from ctvlab.errors import ConfigError
+    from ctvlab.preprocess.patient import output_settings
+    from ctvlab.stages.predict import preprocess_for
+
+    spec = {"preprocess": output_settings(PreprocessConfig(voxel_mm=5.0, ring_mm=30.0))}
+    configured = PreprocessConfig(cpus_per_patient=2.0)  # defaults (3 mm, 40 mm) not given explicitly
+    used, source = preprocess_for(spec, configured)
+    assert (used.voxel_mm, used.ring_mm, used.cpus_per_patient, source) == (5.0, 30.0, 2.0, "the model")
+    assert preprocess_for(spec, PreprocessConfig(voxel_mm=5.0))[0].voxel_mm == 5.0  # explicit and equal
+    with pytest.raises(ConfigError, match=r"preprocess.voxel_mm: the model's 5.0, the config's 3.0"):
+        preprocess_for(spec, PreprocessConfig(voxel_mm=3.0))
+    legacy, why = preprocess_for({}, PreprocessConfig(voxel_mm=4.0))
+    assert legacy.voxel_mm == 4.0 and "records no preprocessing" in why
+
+
+def test_predict_with_an_explicit_preprocessing_the_model_was_not_trained_on_writes_nothing(
+    trained_phantom, prepared_phantom, tmp_path
+):
+    from ctvlab.config import PreprocessConfig
+    from ctvlab.errors import ConfigError
+
+    cfg, trained = trained_phantom
+    ids = load_split(prepared_phantom).patients("test")[:1]
+    raw = prediction_cohort(prepared_phantom, tmp_path / "raw", ids)
+    other = cfg.model_copy(update={"preprocess": PreprocessConfig(voxel_mm=5.0)})
+    with pytest.raises(ConfigError, match=r"preprocess\.voxel_mm"):
+        predict_cohort(raw, tmp_path / "out", other, model_uri=str(trained.model_dir), progress=False)
+    assert not (tmp_path / "out").exists()

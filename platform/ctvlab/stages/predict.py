@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 
 from ctvlab.atomic import atomic_folder, sha256_file, write_json_atomic
-from ctvlab.config import StudyConfig
+from ctvlab.config import PreprocessConfig, StudyConfig
 from ctvlab.dicom.planning import planning_identity, planning_series
-from ctvlab.errors import CtvlabError, DataError
+from ctvlab.errors import ConfigError, CtvlabError, DataError
 from ctvlab.unet.inference import LoadedModel, load_model, predict_arrays
 
 DEFAULT_MODEL_URI = "models:/ctvlab-unet@champion"
@@ -119,6 +119,34 @@ def resolve_model(
     else:
         threshold, source = FALLBACK_THRESHOLD, "default (the model records no validation threshold)"
     return ResolvedModel(model, model_uri, version, float(threshold), source)
+
+
+def preprocess_for(spec: dict[str, Any], configured: PreprocessConfig) -> tuple[PreprocessConfig, str]:
+    """The preprocessing a new patient gets for this model: the settings its training data had (the model's
+    `preprocess`), with the configured execution settings (CPUs). A setting the config gives explicitly that
+    differs from the model's is an error; a model that records none (made before it did) takes the config's.
+
+    Raises:
+        ConfigError: an explicit setting conflicts with the model's.
+    """
+    recorded = spec.get("preprocess")
+    if not recorded:
+        return configured, "the config (the model records no preprocessing)"
+    from ctvlab.preprocess.patient import EXECUTION_FIELDS
+
+    own = {
+        k: v for k, v in recorded.items() if k in PreprocessConfig.model_fields and k not in EXECUTION_FIELDS
+    }
+    explicit = configured.model_fields_set
+    conflicts = [f"preprocess.{k}: the model's {v}, the config's {getattr(configured, k)}"
+                 for k, v in own.items() if k in explicit and getattr(configured, k) != v]  # fmt: skip
+    if conflicts:
+        raise ConfigError(
+            "the model was trained on data prepared otherwise than the config says ("
+            + "; ".join(conflicts)
+            + "): leave these settings out (the model's are used) or predict with a model trained on them"
+        )
+    return configured.model_copy(update=own), "the model"
 
 
 def _native_image(data: np.ndarray, t1c, dtype) -> Any:
@@ -381,6 +409,8 @@ def predict_cohort(
     if refused:
         raise DataError(f"--dicom-ref {dicom_ref}: nothing was predicted: " + " | ".join(refused))
     resolved = resolve_model(model_uri, tracker, threshold, device)
+    preprocess, preprocess_source = preprocess_for(resolved.model.spec, cfg.preprocess)
+    cfg = cfg.model_copy(update={"preprocess": preprocess})
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if cfg.ray.address:
@@ -397,6 +427,7 @@ def predict_cohort(
         outcome.seconds_per_patient = (time.perf_counter() - t0) / len(outcome.done)
     write_json_atomic(out / "predict.json", {
         "model_uri": resolved.uri, "model_version": resolved.version, "threshold": resolved.threshold,
+        "preprocess": {"source": preprocess_source, "voxel_mm": preprocess.voxel_mm, "ring_mm": preprocess.ring_mm},
         "done": outcome.done, "failed": outcome.failed,
     })  # fmt: skip
     return outcome

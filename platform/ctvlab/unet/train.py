@@ -224,11 +224,18 @@ def run_view(
 ) -> dict[str, Any]:
     """The view keys of a run's model (`batches.view_spec`) with its input grid: the largest region box of
     its training and validation patients, so that every one of them fits. The region is drawn with the
-    prepared data's own analysis ring (`preprocess.ring_mm` when it was prepared)."""
+    prepared data's own analysis ring (`preprocess.ring_mm` when it was prepared); the prepared data's
+    preprocessing settings go with it (`preprocess`)."""
     from ctvlab.data.readers import load_dataset_meta
 
-    spec = view_spec(ucfg, float(load_dataset_meta(prep)["settings"]["ring_mm"]))
-    return {**spec, "input_shape": list(input_shape(prep, [*train_ids, *val_ids], spec))}
+    settings = load_dataset_meta(prep)["settings"]
+    spec = view_spec(ucfg, float(settings["ring_mm"]))
+    # The preprocessing its inputs had: `ctvlab predict` prepares a new patient with exactly these.
+    return {
+        **spec,
+        "input_shape": list(input_shape(prep, [*train_ids, *val_ids], spec)),
+        "preprocess": settings,
+    }
 
 
 def best_checkpoint(result):
