@@ -117,7 +117,8 @@ def validate(
         raise typer.BadParameter(f"--for must be one of: {', '.join(PURPOSES)}")
     cfg = _settings(config, set_, workdir, smoke_test)
     report = validate_cohort(cohort if cohort is not None else cfg.raw_dir, purpose=purpose,
-                             limits=cfg.cohort.limits, progress=sys.stderr.isatty())  # fmt: skip
+                             limits=cfg.cohort.limits, voxel_mm=cfg.preprocess.voxel_mm,
+                             progress=sys.stderr.isatty())  # fmt: skip
     if json_out:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     else:
@@ -302,7 +303,8 @@ def preprocess(
         update={k: v for k, v in {"voxel_mm": voxel_mm, "ring_mm": ring_mm}.items() if v is not None}
     )
     console = _console()
-    report = preprocess_cohort(raw, out, pcfg, address=cfg.ray.address, console=console, prune=prune)
+    report = preprocess_cohort(raw, out, pcfg, address=cfg.ray.address, console=console, prune=prune,
+                               limits=cfg.cohort.limits)  # fmt: skip
     print_preprocess_report(report, console)
     raise typer.Exit(report.exit_code())
 

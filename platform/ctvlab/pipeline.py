@@ -202,7 +202,7 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
     # (name, enabled, the stages it needs, the stage)
     plan: list[tuple[str, bool, tuple[str, ...], Callable[[], StageRecord]]] = [
         ("cohort", True, (), lambda: _cohort(cfg, stamps, force)),
-        ("validate", True, ("cohort",), lambda: _validate(cfg, console)),
+        ("validate", True, ("cohort",), lambda: _validate(cfg, console, state)),
         ("preprocess", True, ("validate",), lambda: _preprocess(cfg, console, state)),
         ("split", True, ("preprocess",), lambda: _split(cfg, stamps, state, force)),
         (
@@ -316,11 +316,14 @@ def _cohort(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
     return StageRecord("cohort", "ran", detail=f"{cfg.synth.n_patients} synthetic patients in {cfg.raw_dir}")
 
 
-def _validate(cfg: StudyConfig, console) -> StageRecord:
+def _validate(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord:
     from ctvlab.ingest.report import print_validation
     from ctvlab.ingest.validate import validate_cohort
 
-    report = validate_cohort(cfg.raw_dir, progress=False, limits=cfg.cohort.limits)
+    report = validate_cohort(
+        cfg.raw_dir, progress=False, limits=cfg.cohort.limits, voxel_mm=cfg.preprocess.voxel_mm
+    )
+    state["validation"] = report  # preprocessing takes it as is: every file read once, with these limits
     if not report.ok:
         print_validation(report, console)
     if not report.valid_ids():
@@ -332,7 +335,8 @@ def _preprocess(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord
     from ctvlab.preprocess.pipeline import preprocess_cohort, print_preprocess_report
 
     report = preprocess_cohort(cfg.raw_dir, cfg.prep_dir, cfg.preprocess, address=cfg.ray.address,
-                               progress=True, console=console)  # fmt: skip
+                               progress=True, console=console, limits=cfg.cohort.limits,
+                               validation=state.pop("validation", None))  # fmt: skip
     if not report.ok:
         print_preprocess_report(report, console)
     if report.storage_error:  # a full disk or a folder that cannot be written: its own one line

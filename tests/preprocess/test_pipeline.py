@@ -431,3 +431,42 @@ def test_a_full_disk_is_called_a_full_disk_with_the_folder_and_the_space_still_n
     monkeypatch.setattr(patient_module, "save_npy_atomic", real_save)
     again = preprocess_cohort(phantom_cohort, prep, CFG, progress=False, engine="serial")
     assert again.ok and again.processed == ["P002", "P003"] and again.storage_error is None
+
+
+def _grid_voxels(raw: Path, voxel_mm: float) -> float:
+    from ctvlab.ingest.safety import output_grid_voxels
+
+    t1c = nib.load(raw / IDS[0] / "t1c.nii.gz")
+    return output_grid_voxels(t1c.affine, t1c.shape, voxel_mm)
+
+
+def test_preprocessing_validates_with_the_configured_limits_and_voxel_size(phantom_cohort, tmp_path):
+    """The limits a user set (`cohort.limits`) and the grid they asked for are the ones preprocessing checks
+    against: a cap below the 3 mm grid refuses every patient, and the same cap above it admits them."""
+    from ctvlab.config import InputLimits
+    from ctvlab.ingest.validate import validate_cohort
+
+    n3 = _grid_voxels(phantom_cohort, 3.0)
+    tight = InputLimits(max_output_voxels=int(n3) - 1)
+    with pytest.raises(DataError, match=r"no valid patient|over the"):
+        preprocess_cohort(phantom_cohort, tmp_path / "prep", CFG, progress=False, limits=tight)
+    assert not (tmp_path / "prep" / "dataset.json").exists()
+    roomy = InputLimits(max_output_voxels=int(n3) + 1)
+    assert validate_cohort(phantom_cohort, progress=False, limits=roomy, voxel_mm=3.0).ok
+    finer = validate_cohort(phantom_cohort, progress=False, limits=roomy, voxel_mm=1.5)  # 8× the voxels
+    assert not finer.valid_ids()
+    assert "1.5 mm grid" in finer.patients[0].problems[0].message
+
+
+def test_a_validation_just_made_is_used_as_is(phantom_cohort, tmp_path, monkeypatch):
+    """`ctvlab run` validates once and passes the report on: preprocessing reads no file to validate again."""
+    import ctvlab.ingest.validate as validate_module
+
+    report = validate_module.validate_cohort(phantom_cohort, progress=False)
+
+    def again(*args, **kwargs):
+        raise AssertionError("validated twice")
+
+    monkeypatch.setattr(validate_module, "validate_cohort", again)
+    out = preprocess_cohort(phantom_cohort, tmp_path / "prep", CFG, progress=False, validation=report)
+    assert out.ok and out.processed == IDS

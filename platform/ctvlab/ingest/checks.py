@@ -68,10 +68,17 @@ _FIX_PLACEMENT = (
 class _Problems:
     """Collects the problems of one patient, each tied to a column and its manifest path."""
 
-    def __init__(self, patient_id: str, paths: dict[str, str], limits: InputLimits | None = None):
+    def __init__(
+        self,
+        patient_id: str,
+        paths: dict[str, str],
+        limits: InputLimits | None = None,
+        voxel_mm: float = PREP_VOXEL_MM,
+    ):
         self.patient_id = patient_id
         self.paths = paths
         self.limits = limits or InputLimits()
+        self.voxel_mm = voxel_mm  # the prepared grid's: what the output-grid cap is computed on
         self.items: list[Problem] = []
         self.digests: dict[str, str] = {}  # column → content digest of the images read
         self.resolved: dict[str, str] = {}  # column → the file its path resolved to
@@ -158,12 +165,12 @@ def _load(col: str, root: Path, out: _Problems) -> Volume | None:
         )
         return None
     if col == "t1c":
-        n = output_grid_voxels(aff, data.shape, PREP_VOXEL_MM)
+        n = output_grid_voxels(aff, data.shape, out.voxel_mm)
         if n > out.limits.max_output_voxels:
             out.add(
                 col,
                 f"field of view {fmt_triple(vs * np.asarray(data.shape[:3]))} mm would make a {n:.3g}-voxel "
-                f"{PREP_VOXEL_MM:g} mm grid, over the {out.limits.max_output_voxels:.3g} limit",
+                f"{out.voxel_mm:g} mm grid, over the {out.limits.max_output_voxels:.3g} limit",
                 "check the header's dimensions and voxel size, or raise cohort.limits.max_output_voxels",
             )
             return None
@@ -430,6 +437,7 @@ def check_files(
     limits: InputLimits | None = None,
     digests: dict[str, str] | None = None,
     resolved: dict[str, str] | None = None,
+    voxel_mm: float = PREP_VOXEL_MM,
 ) -> list[Problem]:
     """Check every file of one patient, each independently of the others.
 
@@ -441,13 +449,14 @@ def check_files(
         limits: size caps (default `InputLimits()`).
         digests: filled with column → content digest of each image read (for cohort-wide checks).
         resolved: filled with column → the file each path resolved to (for cohort-wide checks).
+        voxel_mm: the prepared grid's voxel size (`preprocess.voxel_mm`), for the output-grid cap.
 
     Returns:
         The problems found, in manifest column order (T1c and brain mask first: the others are checked
         against them).
     """
     clinical = clinical or {}
-    out = _Problems(patient_id, paths, limits)
+    out = _Problems(patient_id, paths, limits, voxel_mm)
     first: dict[str, str] = {}
     for col in IMAGE_COLUMNS:
         if col in paths:

@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 
 from ctvlab.config import InputLimits
-from ctvlab.ingest.checks import check_files
+from ctvlab.ingest.checks import PREP_VOXEL_MM, check_files
 from ctvlab.ingest.manifest import (
     MANIFEST_NAME,
     MRSI_COLUMNS,
@@ -48,9 +48,11 @@ from ctvlab.ingest.manifest import (
 from ctvlab.ingest.report import PatientResult, Problem, ValidationReport
 
 
-def validate_patient(row: ManifestRow, root: Path, limits: InputLimits | None = None) -> PatientResult:
+def validate_patient(
+    row: ManifestRow, root: Path, limits: InputLimits | None = None, voxel_mm: float = PREP_VOXEL_MM
+) -> PatientResult:
     """Check one parsed manifest row: its clinical consistency and all of its files."""
-    return _patient(root, row.patient_id, None, _row_paths(row), row.clinical(), [], limits)
+    return _patient(root, row.patient_id, None, _row_paths(row), row.clinical(), [], limits, voxel_mm)
 
 
 def _row_paths(row: ManifestRow) -> dict[str, str]:
@@ -65,6 +67,7 @@ def _patient(
     clinical: dict,
     problems: list[Problem],
     limits: InputLimits | None = None,
+    voxel_mm: float = PREP_VOXEL_MM,
 ) -> PatientResult:
     problems = list(problems)
     mrsi_set = [c for c in MRSI_COLUMNS if c in paths]
@@ -93,7 +96,7 @@ def _patient(
         )
     digests: dict[str, str] = {}
     resolved: dict[str, str] = {}
-    problems += check_files(root, patient_id, paths, clinical, limits, digests, resolved)
+    problems += check_files(root, patient_id, paths, clinical, limits, digests, resolved, voxel_mm)
     return PatientResult(
         patient_id=patient_id, line=line, has_mrsi=len(mrsi_set) == len(MRSI_COLUMNS), problems=problems,
         file_digests=digests, resolved_paths=resolved, manifest_paths=dict(paths),
@@ -167,6 +170,7 @@ def validate_cohort(
     num_workers: int | None = None,
     limits: InputLimits | None = None,
     purpose: str = "study",
+    voxel_mm: float = PREP_VOXEL_MM,
 ) -> ValidationReport:
     """Validate a cohort folder: its manifest, then every patient's files.
 
@@ -174,6 +178,8 @@ def validate_cohort(
         root: the cohort folder holding manifest.csv.
         purpose: "study" (everything the study needs) or "predict" (what `ctvlab predict` needs: outcome
             columns and progression masks may be empty; a file that is given is still checked).
+        limits: size caps (`cohort.limits`; default `InputLimits()`).
+        voxel_mm: the grid preprocessing will make (`preprocess.voxel_mm`), for the output-grid cap.
         progress: show a progress bar on stderr when it is a terminal.
         num_workers: patients checked in parallel (threads; decompression releases the GIL). Default:
             up to 4, bounded by the CPU count. Output order is the manifest's, whatever the schedule.
@@ -223,7 +229,7 @@ def validate_cohort(
             record = records[i] if i < len(records) else {}
             clinical = {k: record.get(k) for k in ("resection", "progression_type")}
             paths = {c: record[c] for c in PATH_COLUMNS if record.get(c)}
-        jobs.append(partial(_patient, root, label, line, paths, clinical, mp, limits))
+        jobs.append(partial(_patient, root, label, line, paths, clinical, mp, limits, voxel_mm))
 
     report.patients.extend(_run(jobs, progress, num_workers))
     _check_shared_files(report.patients)

@@ -39,7 +39,7 @@ from pydantic import BaseModel, computed_field
 
 from ctvlab import __version__
 from ctvlab.atomic import TMP_PREFIX, atomic_path, digest, write_json_atomic
-from ctvlab.config import PreprocessConfig
+from ctvlab.config import InputLimits, PreprocessConfig
 from ctvlab.data.layout import CATEGORY_CODES, MASKS, PrepPaths
 from ctvlab.errors import (
     FULL,
@@ -57,6 +57,8 @@ from ctvlab.study import FEATURES
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from ctvlab.ingest.report import ValidationReport
 
 __all__ = [
     "FailedPatient",
@@ -300,6 +302,8 @@ def preprocess_cohort(
     console: Console | None = None,
     engine: Engine = "ray",
     prune: bool = False,
+    limits: InputLimits | None = None,
+    validation: ValidationReport | None = None,
 ) -> PreprocessReport:
     """Validate a cohort and prepare every valid patient whose outputs are not current.
 
@@ -315,6 +319,9 @@ def preprocess_cohort(
         prune: delete the old outputs of patients that are not complete after this run (invalid,
             failed, or no longer in the manifest). Without it they are kept and marked stale. Never
             applied when the run had an infrastructure error.
+        limits: the size caps of the validation (`cohort.limits`; default `InputLimits()`).
+        validation: the cohort's validation report when it was just made (`ctvlab run`'s validate stage,
+            with the same limits and voxel size): used as is, so every file is read once.
 
     Returns:
         The report (`.ok` is False when a patient was invalid, failed or hit an infrastructure error;
@@ -333,7 +340,8 @@ def preprocess_cohort(
         raise DataError(
             f"cohort folder {raw} not found (mistyped or unmounted?); nothing in {out} was changed"
         )
-    validation = validate_cohort(raw, progress=progress)
+    if validation is None:
+        validation = validate_cohort(raw, progress=progress, limits=limits, voxel_mm=cfg.voxel_mm)
     cohort_problems = [
         _problem_text(q)
         for q in getattr(validation, "cohort_problems", [])
