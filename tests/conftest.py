@@ -227,3 +227,24 @@ def dciodvfy() -> str:
         pytest.skip("dciodvfy (Debian package dicom3tools) is missing and cannot be installed here (needs "
                     "apt-get as root)")  # fmt: skip
     return found
+
+
+def assert_deliverable(ctv, spacing, min_mm3: float, what: str) -> None:
+    """The delivered CTV's shape rules, checked independently of `construct.deliverable`: every
+    face-connected piece and every enclosed hole (a background region with no face, edge or corner path
+    to the grid's border) holds at least `min_mm3`."""
+    import numpy as np
+    from scipy import ndimage
+
+    ctv = np.asarray(ctv) > 0
+    voxel = float(np.prod(spacing))
+    labels, n = ndimage.label(ctv)
+    if n:
+        smallest_piece = np.bincount(labels.ravel())[1:].min() * voxel
+        assert smallest_piece >= min_mm3 - 1e-6, f"{what}: a piece of {smallest_piece:.1f} mm³"
+    padded = np.pad(~ctv, 1, constant_values=True)  # the outside is one background region
+    background, _ = ndimage.label(padded, structure=np.ones((3, 3, 3)))
+    outside = background[0, 0, 0]
+    sizes = np.bincount(background.ravel())
+    holes = [sizes[i] * voxel for i in range(1, len(sizes)) if i != outside]
+    assert not holes or min(holes) >= min_mm3 - 1e-6, f"{what}: a hole of {min(holes):.1f} mm³"

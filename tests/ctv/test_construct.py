@@ -190,13 +190,42 @@ def test_model_ctv_drops_detached_blobs_fills_holes_and_keeps_the_lesion(anatomy
     np.testing.assert_array_equal(ctv, expected)
 
 
-def test_model_ctv_uses_26_connectivity_so_a_diagonal_neighbour_is_kept():
+def test_model_ctv_pieces_are_face_connected_so_a_corner_neighbour_is_dropped():
+    """A voxel touching the shape only at a corner or an edge is its own contour in a planning system."""
     lesion = _point((9, 9, 9), (4, 4, 4))
     prob = np.zeros((9, 9, 9))
-    prob[5, 5, 5] = 1.0  # touches the lesion only at a corner
-    prob[7, 7, 7] = 1.0  # two voxels away: detached
+    prob[4, 4, 5] = 1.0  # shares a face with the lesion: kept
+    prob[5, 5, 3] = 1.0  # touches the lesion only at an edge: dropped
+    prob[3, 3, 3] = 1.0  # only at a corner: dropped
     ctv = model_ctv(prob, 0.5, lesion, np.ones((9, 9, 9), bool), np.zeros((9, 9, 9), bool))
-    assert ctv[5, 5, 5] and ctv[4, 4, 4] and not ctv[7, 7, 7]
+    assert ctv[4, 4, 4] and ctv[4, 4, 5] and not ctv[5, 5, 3] and not ctv[3, 3, 3]
+    assert ndimage.label(ctv)[1] == 1  # one face-connected piece
+
+
+def test_deliverable_drops_fragments_and_fills_pinholes_smaller_than_a_made_voxel():
+    """On a 1 mm delivery grid of a CTV made at 3 mm (27 mm³): a 2-voxel fragment goes, a 27-voxel second
+    piece stays, a 1-voxel enclosed hole is filled unless it is outside the allowed region, a large hole
+    stays."""
+    from ctvlab.ctv.construct import deliverable
+
+    ctv = np.zeros((30, 30, 30), bool)
+    ctv[2:14, 2:14, 2:14] = True
+    ctv[7, 7, 7] = False  # a pinhole
+    ctv[4:9, 4:9, 10] = False  # a 25-voxel hole, not enclosed? it is: inside the cube
+    ctv[20, 20, 20:22] = True  # a 2-voxel fragment (2 mm³)
+    ctv[20:23, 24:27, 24:27] = True  # a 27-voxel piece (27 mm³)
+    out = deliverable(ctv, (1.0, 1.0, 1.0), 27.0)
+    assert out[7, 7, 7] and not out[20, 20, 20:22].any() and out[20:23, 24:27, 24:27].all()
+    assert out[4:9, 4:9, 10].all()  # 25 voxels < 27: filled as well
+    big = ctv.copy()
+    big[4:10, 4:10, 10] = False  # 36 voxels: a real hole, kept
+    assert not deliverable(big, (1.0, 1.0, 1.0), 27.0)[4:10, 4:10, 10].any()
+    allowed = np.ones_like(ctv)
+    allowed[7, 7, 7] = False  # a critical voxel: the carve-out stays
+    assert not deliverable(ctv, (1.0, 1.0, 1.0), 27.0, allowed)[7, 7, 7]
+    labels, n = ndimage.label(out)
+    assert n == 2 and np.bincount(labels.ravel())[1:].min() >= 27
+    np.testing.assert_array_equal(deliverable(out, (1.0, 1.0, 1.0), 27.0), out)  # idempotent
 
 
 def test_model_ctv_threshold_is_inclusive_and_clipping_removes_critical():
@@ -260,7 +289,7 @@ def test_model_ctv_matches_a_whole_grid_reference(seed):
     brain = np.ones(shape, dtype=bool)
     critical = _ball(shape, (12, 10, 9), 2)
     union = (prob >= 0.55) | lesion
-    labels, _ = ndimage.label(union, structure=np.ones((3, 3, 3)))
+    labels, _ = ndimage.label(union)  # face-connected pieces
     reference = np.isin(labels, np.unique(labels[lesion]))
     reference = ndimage.binary_fill_holes(reference) & ~critical
     assert (reference & ~union).any() and (union & ~reference & ~critical).any()  # filled, dropped

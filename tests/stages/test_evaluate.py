@@ -15,6 +15,7 @@ from ctvlab.ingest.manifest import read_manifest
 from ctvlab.splits import load_split
 from ctvlab.stages.evaluate import evaluate_study
 from ctvlab.tracking import Tracker
+from tests.conftest import assert_deliverable
 
 pytestmark = pytest.mark.ray
 
@@ -86,6 +87,10 @@ def test_ctv_files_on_both_grids(evaluation, prepared_phantom):
             vol_3mm = data.sum() * np.prod(p.spacing)
             vol_native = (np.asanyarray(native.dataobj) > 0).sum() * np.prod(t1c.header.get_zooms()[:3])
             assert vol_native == pytest.approx(vol_3mm, rel=0.1)
+            # one shape where it is delivered: no fragment or pinhole smaller than a 3 mm voxel
+            assert_deliverable(
+                native.dataobj, t1c.header.get_zooms()[:3], float(np.prod(p.spacing)), f"{pid} {ctv}"
+            )
 
 
 def test_figures_and_mlflow_run(evaluation, prepared_phantom):
@@ -214,11 +219,11 @@ def test_a_full_disk_while_writing_the_ctvs_names_the_folder_and_what_is_still_n
     real = evaluate_module.write_ctv_nifti
     calls = []
 
-    def disk_fills(ctv, p, path, native=None):
+    def disk_fills(ctv, p, path, native=None, allowed=None):
         calls.append(path)
         if len(calls) > 2:  # two CTVs written, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(ctv, p, path, native)
+        real(ctv, p, path, native, allowed)
 
     monkeypatch.setattr(evaluate_module, "write_ctv_nifti", disk_fills)
     with pytest.raises(StorageError) as e:

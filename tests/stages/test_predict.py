@@ -22,6 +22,7 @@ from ctvlab.preprocess.grid import resample
 from ctvlab.splits import load_split
 from ctvlab.stages.predict import OUTPUT_FILES, predict_cohort
 from ctvlab.unet.inference import load_model, predict_probability
+from tests.conftest import assert_deliverable
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -83,6 +84,8 @@ def test_outputs_on_the_native_t1c_grid(prediction):
                 data = np.asanyarray(img.dataobj)
                 voxel_cm3 = np.prod(t1c.header.get_zooms()[:3]) / 1000
                 assert report["volumes_cm3"][name[4:]] == pytest.approx(data.sum() * voxel_cm3)
+                # one shape where it is delivered: no fragment or pinhole smaller than a 3 mm voxel
+                assert_deliverable(data, t1c.header.get_zooms()[:3], 27.0, f"{pid} {name}")
         assert (folder / "overlay.png").stat().st_size > 10_000
 
 

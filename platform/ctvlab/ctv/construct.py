@@ -41,9 +41,12 @@ _NEEDED_MASKS: tuple[str, ...] = ("cel", "t2l", "cavity", "brain", "critical")
 # margin; this tolerance (far below any voxel size) keeps them in.
 _MARGIN_TOLERANCE_MM = 1e-6
 
-# 26-connectivity: voxels sharing a face, an edge or a corner belong to the same component. The
-# complementary 6-connectivity is what binary_fill_holes uses for the background, so a "hole" is a
-# background region that no face-connected path leads out of.
+# A CTV's pieces are face-connected (6-connectivity): that is what a planning system's slice contours and
+# its volume see as one structure; voxels that touch only at an edge or a corner are two contours.
+# `model_ctv` fills holes with binary_fill_holes (a face-connected background: the more generous fill);
+# `deliverable` counts a hole as the complement of face-connected pieces does, a background region that no
+# path of faces, edges or corners leads out of (26-connected).
+_CONNECTIVITY_6 = ndimage.generate_binary_structure(3, 1)
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 
@@ -149,8 +152,8 @@ def model_ctv(
 
     Steps (Methods: a CTV contains the gross tumour and is a contiguous closed shape):
     1. (prob ≥ threshold) ∪ lesion, where lesion is the pre-RT CEL ∪ T2L.
-    2. Keep the connected components (26-connectivity) that contain a lesion voxel; detached islands of
-       probability are dropped. With an empty lesion nothing anchors the shape, so the largest component
+    2. Keep the face-connected components that contain a lesion voxel; detached islands of probability
+       (also those touching the shape only at an edge or a corner) are dropped. With an empty lesion nothing anchors the shape, so the largest component
        is kept.
     3. Fill enclosed holes (`scipy.ndimage.binary_fill_holes`; the background is 6-connected).
     4. `clip_ctv`: inside the brain, critical structures removed. Removing a critical structure can cut
@@ -179,7 +182,7 @@ def model_ctv(
         for i, n in zip(np.nonzero(full), full.shape, strict=True)
     )
     shape, lesion_box = full[box], lesion[box]
-    labels, n = ndimage.label(shape, structure=_CONNECTIVITY_26)
+    labels, n = ndimage.label(shape, structure=_CONNECTIVITY_6)
     if n > 1:
         if lesion_box.any():
             keep = np.unique(labels[lesion_box])
@@ -193,6 +196,59 @@ def model_ctv(
         shape = lut[labels]
     out[box] = ndimage.binary_fill_holes(shape)
     return clip_ctv(out, brain, critical)
+
+
+def deliverable(
+    ctv: np.ndarray, spacing: Sequence[float], min_mm3: float, allowed: np.ndarray | None = None
+) -> np.ndarray:
+    """A CTV as it is delivered on its grid: no face-connected piece and no enclosed hole smaller than
+    `min_mm3`.
+
+    Resampling a CTV onto a finer grid (the 3 mm CTV onto the T1c grid) or thresholding a resampled
+    probability there leaves fragments and pinholes smaller than a voxel of the grid the CTV was made on;
+    a planning system would show each as its own contour. Pieces of at least that size (a second lesion's
+    CTV, a piece cut off by a critical structure) are kept as they are.
+
+    Args:
+        ctv: (X, Y, Z) mask on the delivery grid.
+        spacing: that grid's voxel size in mm.
+        min_mm3: the smallest piece or hole kept, in mm³ (the volume of one voxel of the grid the CTV was
+            made on: 27 mm³ for 3 mm).
+        allowed: where the CTV may be (brain without critical structures); a filled hole keeps only those
+            voxels. None: anywhere.
+
+    Returns:
+        (X, Y, Z) bool; `ctv` itself where nothing is that small.
+    """
+    ctv = np.asarray(ctv, dtype=bool)
+    if not ctv.any():
+        return ctv
+    voxel = float(np.prod(_check_spacing(spacing, ctv.ndim)))
+    smallest = max(1, int(np.ceil(min_mm3 / voxel - 1e-9)))
+    labels, n = ndimage.label(ctv, structure=_CONNECTIVITY_6)
+    sizes = np.bincount(labels.ravel())
+    out = ctv
+    if n > 1 or sizes[1:].min() < smallest:
+        keep = sizes >= smallest
+        keep[0] = False
+        if not keep.any():  # nothing that large: the largest piece is the CTV
+            keep[int(np.argmax(np.r_[0, sizes[1:]]))] = True
+        out = keep[labels]
+    background, m = ndimage.label(~out, structure=_CONNECTIVITY_26)
+    if m > 1:
+        border = np.unique(np.concatenate([background[0].ravel(), background[-1].ravel(), background[:, 0].ravel(),
+                                           background[:, -1].ravel(), background[:, :, 0].ravel(),
+                                           background[:, :, -1].ravel()]))  # fmt: skip
+        hole_sizes = np.bincount(background.ravel(), minlength=m + 1)
+        small = hole_sizes < smallest
+        small[0] = False
+        small[border] = False
+        if small.any():
+            fill = small[background]
+            if allowed is not None:
+                fill &= np.asarray(allowed, dtype=bool)
+            out = out | fill
+    return out
 
 
 def build_ctvs(

@@ -146,11 +146,32 @@ def wilcoxon_table(per_patient: pd.DataFrame) -> pd.DataFrame:
                         metrics=[m for m in TABLE_METRICS if m != "progression_coverage"])  # fmt: skip
 
 
-def write_ctv_nifti(ctv: np.ndarray, p: PreparedPatient, out_3mm: Path, out_native: Path | None) -> None:
-    """A CTV as uint8 NIfTI on the 3 mm grid and, resampled (trilinear of 0/1, ≥ 0.5), on the T1c grid."""
+def native_allowed(p: PreparedPatient) -> np.ndarray | None:
+    """Where a CTV may be on the patient's T1c grid (brain without critical structures), resampled from the
+    prepared grid; None when the patient records no T1c grid."""
+    from ctvlab.preprocess.grid import resample_mask
+
+    native_affine, native_shape = p.sidecar.get("native_affine"), p.sidecar.get("native_shape")
+    if native_affine is None or native_shape is None:
+        return None
+    allowed = (p.mask("brain") > 0) & ~(p.mask("critical") > 0)
+    return resample_mask(allowed, p.affine, np.asarray(native_affine, float), tuple(native_shape))
+
+
+def write_ctv_nifti(
+    ctv: np.ndarray,
+    p: PreparedPatient,
+    out_3mm: Path,
+    out_native: Path | None,
+    allowed_native: np.ndarray | None = None,
+) -> None:
+    """A CTV as uint8 NIfTI on the 3 mm grid and, resampled (trilinear of 0/1, ≥ 0.5), on the T1c grid,
+    where the delivered shape's rules apply (`construct.deliverable`: no piece or hole smaller than one
+    prepared voxel; a filled hole only within `allowed_native`, see `native_allowed`)."""
     import nibabel as nib
 
     from ctvlab.atomic import atomic_path
+    from ctvlab.ctv.construct import deliverable
     from ctvlab.preprocess.grid import resample_mask
 
     def save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -162,8 +183,12 @@ def write_ctv_nifti(ctv: np.ndarray, p: PreparedPatient, out_3mm: Path, out_nati
     save(ctv, p.affine, out_3mm)
     native_affine, native_shape = p.sidecar.get("native_affine"), p.sidecar.get("native_shape")
     if out_native is not None and native_affine is not None and native_shape is not None:
-        native = resample_mask(ctv, p.affine, np.asarray(native_affine, float), tuple(native_shape))
-        save(native, np.asarray(native_affine, float), out_native)
+        affine = np.asarray(native_affine, float)
+        native = resample_mask(ctv, p.affine, affine, tuple(native_shape))
+        native = deliverable(
+            native, np.linalg.norm(affine[:3, :3], axis=0), float(np.prod(p.spacing)), allowed_native
+        )
+        save(native, affine, out_native)
 
 
 def write_map_nifti(data: np.ndarray, p: PreparedPatient, path: Path) -> None:

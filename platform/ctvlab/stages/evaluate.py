@@ -33,6 +33,7 @@ from ctvlab.ctv.evaluate import (
     PATIENT_FIGURE_PREFIX,
     comparison_table,
     evaluate_patient,
+    native_allowed,
     patient_masks,
     summary_table,
     wilcoxon_table,
@@ -184,11 +185,12 @@ def evaluate_study(
                     (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
                 )
                 cov_ctvs = extra.add(p, prob, ctvs)
+                allowed = native_allowed(p) if cfg.ctv.write_native_grid else None
                 for name, ctv in {**_drawn(ctvs), **cov_ctvs}.items():
                     native = (
                         out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
                     )
-                    write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native)
+                    write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native, allowed)
                 done.append(pid)
         per_patient = pd.DataFrame(rows)
         summary = summary_table(per_patient)

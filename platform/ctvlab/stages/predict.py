@@ -198,7 +198,7 @@ def predict_patient(
     planning series, `expect` is the identity it must have (`planning_identity`)."""
     import nibabel as nib
 
-    from ctvlab.ctv.construct import build_ctvs
+    from ctvlab.ctv.construct import build_ctvs, deliverable
     from ctvlab.ctv.figures import plot_contours
     from ctvlab.preprocess.grid import resample
     from ctvlab.preprocess.patient import prepare_arrays
@@ -222,6 +222,9 @@ def predict_patient(
     spacing = tuple(float(s) for s in np.linalg.norm(t1c.affine[:3, :3], axis=0))
     ctvs = build_ctvs(prob, resolved.threshold, masks, spacing, cfg.ctv)
     ctvs.update(coverage_level_ctvs(prob, masks, resolved.model.spec))
+    # As delivered: no piece or hole smaller than one voxel of the grid the network worked on.
+    allowed = masks["brain"] & ~masks["critical"]
+    ctvs = {n: deliverable(c, spacing, float(cfg.preprocess.voxel_mm) ** 3, allowed) for n, c in ctvs.items()}
 
     nib.save(_native_image(prob, t1c, np.float32), dst / "probability.nii.gz")
     if cfg.ctv.uncertainty == "tta":  # mean and spread over mirrored inputs, on the T1c grid
