@@ -356,3 +356,29 @@ def test_the_final_model_trains_the_searchs_best_configuration_and_resumes_witho
     run_study(_set("unet.final_loss", None)(cfg))
     assert rec.ran == ["search", "evaluate"]  # its model lives in results/model then: searched once more
     assert rec.evaluated_model == -2
+
+
+@pytest.mark.ray
+def test_the_evaluate_command_is_the_evaluate_stage_of_run(study, tmp_path, capsys):
+    """`ctvlab evaluate` on the study's own data and model does what `ctvlab run` does: its results are
+    stamped current for `ctvlab report`; another model's evaluation is said not to be the study's."""
+    import yaml
+
+    from ctvlab.cli import main
+    from ctvlab.pipeline import current_stages
+
+    cfg, rec = study
+    run_study(cfg)
+    stamps = list(Path(cfg.workdir).rglob("evaluate.json"))
+    assert len(stamps) == 1 and current_stages(cfg)["evaluate"]
+    stamp = stamps[0]
+    stamp.unlink()  # as an evaluation made by the command alone left it before
+    assert not current_stages(cfg)["evaluate"]
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    rec.ran.clear()
+    with pytest.raises(SystemExit) as done:
+        main(["evaluate", "--config", str(config)])
+    assert done.value.code in (0, None), capsys.readouterr().err
+    assert rec.ran == ["evaluate"] and stamp.is_file() and current_stages(cfg)["evaluate"]
+    assert rec.evaluated_model == json.loads(Path(cfg.results_dir, "model", "model.json").read_text())["n"]

@@ -540,15 +540,29 @@ def evaluate(
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ) -> None:
-    """Model CTV vs RTOG and EORTC CTVs: metrics, Wilcoxon tests, figures, NIfTI CTVs, one MLflow run."""
+    """Model CTV vs RTOG and EORTC CTVs: metrics, Wilcoxon tests, figures, NIfTI CTVs, one MLflow run.
+
+    On the study's own data, test patients and model, this is the evaluate stage of `ctvlab run`: the
+    results are stamped current for `ctvlab report` and the model is crowned @champion."""
     from ctvlab.stages.evaluate import evaluate_study, print_evaluation
 
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
     console = _console()
+    own = [why for why, off in (("--data is not the study's prepared data", Path(data).resolve() != Path(cfg.prep_dir).resolve()),
+                                ("--split val", split_name != "test"), ("--model-uri", model_uri is not None)) if off]  # fmt: skip
     with _one_writer(cfg, "evaluate"), _recorded(cfg):
+        if not own:
+            from ctvlab.pipeline import Stamps, evaluate_stage, study_inputs
+
+            inputs, study_model = study_inputs(cfg)
+            evaluate_stage(cfg, Stamps(Path(cfg.workdir).resolve()), inputs, study_model, console, force=True)
+            return
         outcome = evaluate_study(cfg, data, model_uri=model_uri, split_name=split_name, console=console)
     print_evaluation(outcome, console)
+    console.print(
+        f"not the study's evaluation ({', '.join(own)}): not stamped for `ctvlab report`, no @champion"
+    )
 
 
 @app.command()

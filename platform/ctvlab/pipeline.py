@@ -516,47 +516,81 @@ def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bo
 
 
 def _evaluate(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], console, force: bool) -> StageRecord:
+    record, outcome = evaluate_stage(cfg, stamps, state["inputs"], state.get("model_uri"), console, force)
+    if outcome is not None:
+        state["evaluation"] = outcome
+    return record
+
+
+def evaluate_stage(
+    cfg: StudyConfig,
+    stamps: Stamps,
+    inputs: dict[str, str | None],
+    model_uri: str | None,
+    console,
+    force: bool,
+):
+    """The study's evaluation, for `ctvlab run` and `ctvlab evaluate` alike: skipped when current, else run,
+    printed, its model crowned `@champion` and the stage stamped. Returns (record, outcome or None)."""
     from ctvlab.stages.evaluate import evaluate_study, print_evaluation
     from ctvlab.stages.registry import crown
     from ctvlab.tracking import tracker_for
 
-    key = stage_key("evaluate", cfg, state["inputs"])
+    key = stage_key("evaluate", cfg, inputs)
     if (
         not force
         and stamps.current("evaluate", key)
         and Path(cfg.results_dir, "evaluate", "summary.csv").exists()
     ):
-        return StageRecord("evaluate", "skipped (current)", detail=str(Path(cfg.results_dir, "evaluate")))
-    out = evaluate_study(cfg, cfg.prep_dir, model_uri=state.get("model_uri"), console=console)
-    state["evaluation"] = out
+        return StageRecord(
+            "evaluate", "skipped (current)", detail=str(Path(cfg.results_dir, "evaluate"))
+        ), None
+    out = evaluate_study(cfg, cfg.prep_dir, model_uri=model_uri, console=console)
     print_evaluation(out, console)
     # The study's evaluated model is its champion: `ctvlab predict` uses models:/<name>@champion by default.
     version = crown(tracker_for(cfg), cfg, out.model_uri, out)
     if version is not None:
         console.print(f"models:/{cfg.unet.registered_model_name}@champion is now version {version}")
     stamps.write("evaluate", key)
-    return StageRecord("evaluate", "ran", detail=str(out.out_dir), run_ids=[out.run_id])
+    return StageRecord("evaluate", "ran", detail=str(out.out_dir), run_ids=[out.run_id]), out
+
+
+def study_inputs(cfg: StudyConfig) -> tuple[dict[str, str | None], str | None]:
+    """What the stamped stages read, as the working directory holds it now (the prepared data's and the
+    split's digests, the search's best configuration, the study's model), and the model URI the model
+    stages recorded: the inputs `ctvlab run` would pass its evaluation.
+
+    Raises:
+        CtvlabError: the prepared data has no split.
+    """
+    from ctvlab.splits import load_split
+
+    stamps = Stamps(cfg.workdir)
+    split = load_split(cfg.prep_dir)
+    first = {"dataset": split.dataset_digest, "split": split.digest}
+    search = stamps.current("model", stage_key("model", cfg, first))
+    inputs = {
+        **first,
+        "search": digest(search.get("best_params")) if search else None,
+        "model": model_digest(Path(cfg.results_dir, "model")),
+    }
+    model_uri = search.get("model_uri") if search and not final_model_on(cfg) else None
+    if final_model_on(cfg):
+        final = stamps.current("final", stage_key("final", cfg, inputs))
+        model_uri = final.get("model_uri") if final else None
+    return inputs, model_uri
 
 
 def current_stages(cfg: StudyConfig) -> dict[str, bool]:
     """Which stamped stages' outputs in the working directory are current for `cfg`: the stamp a stage
     wrote matches the key it would have now (settings, the inputs on disk, ctvlab's version). Outputs made
-    outside `ctvlab run` carry no stamp and are reported as not current."""
-    from ctvlab.splits import load_split
-
+    outside the stamped stages (`ctvlab run`, and `ctvlab evaluate` of the study's model) carry no stamp and
+    are reported as not current."""
     stamps = Stamps(cfg.workdir)
     try:
-        split = load_split(cfg.prep_dir)
+        inputs, _ = study_inputs(cfg)
     except CtvlabError:
         return dict.fromkeys(STAGE_INPUTS, False)
-    search = stamps.current("model", stage_key("model", cfg, {"dataset": split.dataset_digest,
-                                                                "split": split.digest}))  # fmt: skip
-    inputs = {
-        "dataset": split.dataset_digest,
-        "split": split.digest,
-        "search": digest(search.get("best_params")) if search else None,
-        "model": model_digest(Path(cfg.results_dir, "model")),
-    }
     return {stage: stamps.current(stage, stage_key(stage, cfg, inputs)) is not None for stage in STAGE_INPUTS}
 
 
