@@ -164,10 +164,12 @@ def write_ctv_nifti(
     out_3mm: Path,
     out_native: Path | None,
     allowed_native: np.ndarray | None = None,
+    delivered: np.ndarray | None = None,
 ) -> None:
     """A CTV as uint8 NIfTI on the 3 mm grid and, resampled (trilinear of 0/1, ≥ 0.5), on the T1c grid,
     where the delivered shape's rules apply (`construct.deliverable`: no piece or hole smaller than one
-    prepared voxel; a filled hole only within `allowed_native`, see `native_allowed`)."""
+    prepared voxel; a filled hole only within `allowed_native`, see `native_allowed`). `delivered`: the
+    CTV already built on the T1c grid (`stages.predict.native_ctvs`), written there instead."""
     import nibabel as nib
 
     from ctvlab.atomic import atomic_path
@@ -184,6 +186,9 @@ def write_ctv_nifti(
     native_affine, native_shape = p.sidecar.get("native_affine"), p.sidecar.get("native_shape")
     if out_native is not None and native_affine is not None and native_shape is not None:
         affine = np.asarray(native_affine, float)
+        if delivered is not None:
+            save(delivered, affine, out_native)
+            return
         native = resample_mask(ctv, p.affine, affine, tuple(native_shape))
         native = deliverable(
             native, np.linalg.norm(affine[:3, :3], axis=0), float(np.prod(p.spacing)), allowed_native

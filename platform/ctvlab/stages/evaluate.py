@@ -47,6 +47,35 @@ from ctvlab.unet.inference import load_model, predict_probability
 CURVE_MARGINS_MM = tuple(range(0, 42, 2))  # the uniform margin's widths on the coverage-volume curve
 
 
+def cohort_rows(cfg: StudyConfig) -> dict[str, Any]:
+    """The manifest rows of the study's cohort folder, by patient; empty when it cannot be read (the
+    evaluation then resamples its 3 mm CTVs to the T1c grid)."""
+    from ctvlab.ingest.manifest import read_manifest
+
+    try:
+        rows, _, _ = read_manifest(Path(cfg.raw_dir), "predict")
+    except Exception:
+        return {}
+    return {r.patient_id: r for r in rows}
+
+
+def native_from_cohort(prob, p, row, cfg: StudyConfig, threshold: float, calibration: dict[str, Any]):
+    """The patient's CTVs on its T1c grid built as `ctvlab predict` builds them (`predict.native_ctvs`),
+    from the cohort's own files when they are still those the prepared patient was made from (its input
+    hash); None otherwise."""
+    from ctvlab.preprocess.patient import input_hash
+    from ctvlab.stages.predict import native_ctvs
+
+    if row is None:
+        return None
+    try:
+        if input_hash(row, Path(cfg.raw_dir)) != p.sidecar.get("input_hash"):
+            return None
+    except CtvlabError:
+        return None
+    return native_ctvs(prob, p.affine, row, Path(cfg.raw_dir), threshold, calibration, cfg)
+
+
 def resolve_model(
     cfg: StudyConfig,
     tracker,
@@ -164,6 +193,8 @@ def evaluate_study(
         rows, t_inf, t_ctv, eortc_sources = [], 0.0, 0.0, {}
         overlay_cases: list[tuple[str, float]] = []
         done: list[str] = []
+        raw_rows = cohort_rows(cfg) if cfg.ctv.write_native_grid else {}
+        native_sources: dict[str, str] = {}
 
         def needs() -> str:  # for a full disk: the CTV files of the patients left, at the rate so far
             return space_needed("the evaluation", folder_bytes(out), len(done), len(ids) - len(done))
@@ -185,12 +216,19 @@ def evaluate_study(
                     (pid, float(((m["cel_prog"] | m["t2l_prog"]) & ~(m["cel"] | m["t2l"])).sum()))
                 )
                 cov_ctvs = extra.add(p, prob, ctvs)
-                allowed = native_allowed(p) if cfg.ctv.write_native_grid else None
+                delivered, allowed = None, None
+                if (
+                    cfg.ctv.write_native_grid
+                ):  # as `ctvlab predict` delivers them, from the cohort's own files
+                    delivered = native_from_cohort(prob, p, raw_rows.get(pid), cfg, threshold, calibration)
+                    allowed = native_allowed(p) if delivered is None else None
+                    native_sources[pid] = "cohort" if delivered is not None else "resampled"
                 for name, ctv in {**_drawn(ctvs), **cov_ctvs}.items():
                     native = (
                         out / "ctv_native" / f"{pid}_{name}.nii.gz" if cfg.ctv.write_native_grid else None
                     )
-                    write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native, allowed)
+                    write_ctv_nifti(ctv, p, out / "ctv_3mm" / f"{pid}_{name}.nii.gz", native, allowed,
+                                    delivered.ctvs.get(name) if delivered is not None else None)  # fmt: skip
                 done.append(pid)
         per_patient = pd.DataFrame(rows)
         summary = summary_table(per_patient)
@@ -255,6 +293,8 @@ def evaluate_study(
             run.table(pd.DataFrame({"threshold": list(threshold_table), "mean_val_tversky": list(threshold_table.values())}),
                       "threshold_choice.csv")  # fmt: skip
         run.json({names[k]: v for k, v in eortc_sources.items()}, "eortc_gtv_source.json", "tables")
+        if native_sources:  # built from the cohort's files as `ctvlab predict` builds them, or resampled
+            run.json({names[k]: v for k, v in native_sources.items()}, "ctv_native_source.json", "tables")
         # Native-grid CTVs and MRI-slice figures show a patient's anatomy at full resolution: they stay in
         # the results folder unless the study opts in (tracking.log_patient_images).
         share_images = cfg.tracking.log_patient_images

@@ -185,6 +185,59 @@ def _native_masks(row, raw_root: Path, t1c) -> dict[str, np.ndarray]:
     return out
 
 
+@dataclass
+class NativeCTVs:
+    """A patient's CTVs as delivered, on its own T1c grid."""
+
+    t1c: Any  # the T1c image (nibabel)
+    prob: np.ndarray  # the probability, resampled to the T1c grid, zero outside the brain
+    masks: dict[str, np.ndarray]  # brain, cel, t2l, cavity, critical on the T1c grid
+    spacing: tuple[float, float, float]
+    ctvs: dict[str, np.ndarray]  # model, rtog, eortc and the coverage CTVs
+
+
+def native_ctvs(
+    prob3: np.ndarray,
+    affine3: np.ndarray,
+    row,
+    raw_root: Path,
+    threshold: float,
+    ctv_rules: dict[str, Any] | None,
+    cfg: StudyConfig,
+) -> NativeCTVs:
+    """The CTVs on the patient's T1c grid, built one way for `ctvlab predict` and the evaluation alike.
+
+    The probability of the prepared grid is resampled (trilinear) to the T1c grid, so the model CTV is a
+    level set of a smooth map there; the masks are the cohort's own files on that grid; the CTVs are built
+    there with margins in mm of its spacing (`construct.build_ctvs`), the coverage CTVs at the thresholds of
+    `ctv_rules` (a model's `ctv` record, or the evaluation's calibration), and each is then made deliverable
+    (`construct.deliverable`: no piece or hole smaller than one prepared voxel).
+
+    Args:
+        prob3, affine3: the probability on the prepared grid and that grid's affine.
+        row, raw_root: the patient's manifest row and cohort folder.
+        threshold: the model CTV's threshold.
+        cfg: `ctv` (margins) and `preprocess.voxel_mm` (the prepared voxel).
+    """
+    import nibabel as nib
+
+    from ctvlab.ctv.construct import build_ctvs, deliverable
+    from ctvlab.preprocess.grid import resample
+
+    t1c = nib.load(str(row.paths(raw_root)["t1c"]))
+    shape = tuple(int(n) for n in t1c.shape[:3])
+    prob = np.clip(resample(prob3, affine3, t1c.affine, shape), 0.0, 1.0).astype(np.float32)
+    masks = _native_masks(row, raw_root, t1c)
+    prob *= masks["brain"]
+    spacing = tuple(float(s) for s in np.linalg.norm(t1c.affine[:3, :3], axis=0))
+    ctvs = build_ctvs(prob, threshold, masks, spacing, cfg.ctv)
+    ctvs.update(coverage_level_ctvs(prob, masks, {"ctv": ctv_rules or {}}))
+    allowed = masks["brain"] & ~masks["critical"]
+    made = float(cfg.preprocess.voxel_mm) ** 3
+    ctvs = {n: deliverable(c, spacing, made, allowed) for n, c in ctvs.items()}
+    return NativeCTVs(t1c, prob, masks, spacing, ctvs)  # type: ignore[arg-type]
+
+
 def predict_patient(
     row,
     raw_root: Path,
@@ -198,7 +251,6 @@ def predict_patient(
     planning series, `expect` is the identity it must have (`planning_identity`)."""
     import nibabel as nib
 
-    from ctvlab.ctv.construct import build_ctvs, deliverable
     from ctvlab.ctv.figures import plot_contours
     from ctvlab.preprocess.grid import resample
     from ctvlab.preprocess.patient import prepare_arrays
@@ -212,19 +264,11 @@ def predict_patient(
     )
     t_net = time.perf_counter() - t0
 
-    t1c_path = row.paths(raw_root)["t1c"]
-    t1c = nib.load(str(t1c_path))
+    native = native_ctvs(
+        prob3, arrays.affine, row, raw_root, resolved.threshold, resolved.model.spec.get("ctv"), cfg
+    )
+    t1c, prob, masks, spacing, ctvs = native.t1c, native.prob, native.masks, native.spacing, native.ctvs
     shape = tuple(int(n) for n in t1c.shape[:3])
-    # Trilinear from the 3 mm grid: the model CTV is then a level set of a smooth map on the fine grid.
-    prob = np.clip(resample(prob3, arrays.affine, t1c.affine, shape), 0.0, 1.0).astype(np.float32)
-    masks = _native_masks(row, raw_root, t1c)
-    prob *= masks["brain"]
-    spacing = tuple(float(s) for s in np.linalg.norm(t1c.affine[:3, :3], axis=0))
-    ctvs = build_ctvs(prob, resolved.threshold, masks, spacing, cfg.ctv)
-    ctvs.update(coverage_level_ctvs(prob, masks, resolved.model.spec))
-    # As delivered: no piece or hole smaller than one voxel of the grid the network worked on.
-    allowed = masks["brain"] & ~masks["critical"]
-    ctvs = {n: deliverable(c, spacing, float(cfg.preprocess.voxel_mm) ** 3, allowed) for n, c in ctvs.items()}
 
     nib.save(_native_image(prob, t1c, np.float32), dst / "probability.nii.gz")
     if cfg.ctv.uncertainty == "tta":  # mean and spread over mirrored inputs, on the T1c grid
