@@ -151,3 +151,22 @@ def test_a_write_waits_behind_the_writes_kept_before_it(tmp_path, experiment):
         assert ops == ["create_experiment", "create_run", "log_batch", "log_batch"]
         sync_spool(spool)
         assert here.client.get_run(run_id).data.metrics == {"best_val_dice": 0.5}
+
+
+def test_a_kept_metric_point_the_run_already_holds_is_not_sent_twice(tmp_path, experiment):
+    """The driver completed a cut-off trial's run from its history (its summary at the best epoch); the
+    trial's own late writes of the same points arrive afterwards from the spool: each point once."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(experiment, uri)
+    run_id = tracker.start_run("trial-1", {})
+    tracker.logger(run_id).metrics({"best_val_dice": 0.7}, step=3)
+    spool = Spool(tmp_path / "spool")
+    spool.append("log_batch", uri, {"run_id": run_id, "metrics": [
+        ["best_val_dice", 0.7, 1, 3],  # the same point: held already
+        ["best_val_pcc", 0.6, 1, 3],  # new
+        ["best_val_dice", 0.8, 2, 4],  # another point of the same key: sent
+    ]})  # fmt: skip
+    assert sync_spool(tmp_path / "spool") == 1
+    history = tracker.client.get_metric_history(run_id, "best_val_dice")
+    assert sorted((m.step, m.value) for m in history) == [(3, 0.7), (4, 0.8)]
+    assert len(tracker.client.get_metric_history(run_id, "best_val_pcc")) == 1

@@ -562,12 +562,22 @@ class RunLogger:
         )
 
 
-def _apply(tracker: Tracker, op: str, f: dict[str, Any], local: Path | None = None) -> Any:
+def _apply(
+    tracker: Tracker, op: str, f: dict[str, Any], local: Path | None = None, replay: bool = False
+) -> Any:
     """Send one write (`op` with its fields, every id real) to the store: what `Tracker._send` does now and
-    what `sync_spool` does later with the same record."""
+    what `sync_spool` does later with the same record (`replay`: a metric point the run already holds as
+    its latest, same key, step and value, is not sent twice: the driver may have completed a trial's run
+    from its history before the trial's own late writes arrive)."""
     from mlflow.entities import Metric, Param, RunTag
 
     c = tracker.client
+    if replay and op == "log_batch" and f.get("metrics"):
+        held = c.get_run(f["run_id"]).data
+        latest = {m.key: (m.step, m.value) for m in getattr(held, "_metric_objs", [])} or {
+            k: (None, v) for k, v in held.metrics.items()
+        }
+        f = {**f, "metrics": [m for m in f["metrics"] if not _held(latest.get(m[0]), m)]}
     if op == "create_experiment":
         return tracker._experiment_id(f["name"])
     if op == "create_run":
@@ -618,6 +628,15 @@ def _apply(tracker: Tracker, op: str, f: dict[str, Any], local: Path | None = No
     else:
         raise ValueError(f"unknown tracking write {op!r}")
     return None
+
+
+def _held(latest: tuple[int | None, float] | None, metric: list) -> bool:
+    """Whether a kept metric point [key, value, timestamp, step] is the run's latest point of its key."""
+    if latest is None:
+        return False
+    step, value = latest
+    same_value = value == metric[1] or (math.isnan(value) and math.isnan(float(metric[1])))
+    return same_value and (step is None or step == metric[3])
 
 
 def _register(tracker: Tracker, f: dict[str, Any]):
@@ -868,7 +887,7 @@ def sync_spool(root: str | Path, tracking_uri: str | None = None, wait: bool = T
                 if spool.unresolved(fields):  # its run could not be created: nothing to attach it to
                     raise ValueError(f"it refers to a run that was never created ({fields})")
                 with _quick_requests():
-                    result = _retry_locked(_apply)(trackers[uri], op, fields, local)
+                    result = _retry_locked(_apply)(trackers[uri], op, fields, local, replay=True)
             except Exception as e:
                 if _unreachable(e):
                     raise TrackingUnreachable(
