@@ -282,35 +282,3 @@ def test_predict_with_an_explicit_preprocessing_the_model_was_not_trained_on_wri
     with pytest.raises(ConfigError, match=r"preprocess\.voxel_mm"):
         predict_cohort(raw, tmp_path / "out", other, model_uri=str(trained.model_dir), progress=False)
     assert not (tmp_path / "out").exists()
-
-
-def test_predict_on_an_evaluated_patient_delivers_the_evaluations_ctvs(
-    trained_phantom, prepared_phantom, tmp_path
-):
-    """One function builds the CTVs on the T1c grid for both: the model's threshold and preprocessing, the
-    cohort's own masks, the same shape rules. Every CTV file of the evaluation equals predict's."""
-    from ctvlab.stages.evaluate import evaluate_study
-
-    cfg, trained = trained_phantom
-    study = cfg.model_copy(update={"workdir": tmp_path / "work"}, deep=True)
-    study.cohort.raw_dir = prepared_phantom.parent / "cohort"
-    study.cohort.source = "raw"
-    evaluation = evaluate_study(study, prepared_phantom, model_uri=str(trained.model_dir), progress=False)
-    pid = load_split(prepared_phantom).patients("test")[0]
-    raw = prediction_cohort(prepared_phantom, tmp_path / "raw", [pid])
-    outcome = predict_cohort(raw, tmp_path / "out", study, model_uri=str(trained.model_dir), progress=False)
-    assert outcome.done == [pid]
-    assert (
-        json.loads((tmp_path / "out" / pid / "report.json").read_text())["threshold"] == evaluation.threshold
-    )
-    files = sorted((evaluation.out_dir / "ctv_native").glob(f"{pid}_*.nii.gz"))
-    names = [f.name[len(pid) + 1 : -len(".nii.gz")] for f in files]
-    delivered_names = {f.name[4 : -len(".nii.gz")] for f in (tmp_path / "out" / pid).glob("ctv_*.nii.gz")}
-    assert set(names) - delivered_names == {"isovolume"}  # the evaluation's control, not a CTV to deliver
-    assert {"model", "rtog", "eortc"} <= delivered_names
-    for name, f in zip(names, files, strict=True):
-        if name == "isovolume":
-            continue
-        evaluated = np.asanyarray(nib.load(f).dataobj) > 0
-        delivered = np.asanyarray(nib.load(tmp_path / "out" / pid / f"ctv_{name}.nii.gz").dataobj) > 0
-        assert evaluated.any() and np.array_equal(evaluated, delivered), name
