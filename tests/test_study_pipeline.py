@@ -382,3 +382,44 @@ def test_the_evaluate_command_is_the_evaluate_stage_of_run(study, tmp_path, caps
     assert done.value.code in (0, None), capsys.readouterr().err
     assert rec.ran == ["evaluate"] and stamp.is_file() and current_stages(cfg)["evaluate"]
     assert rec.evaluated_model == json.loads(Path(cfg.results_dir, "model", "model.json").read_text())["n"]
+
+
+@pytest.mark.ray
+def test_dry_run_says_what_would_run_and_why_and_run_does_exactly_that(study):
+    from ctvlab.pipeline import plan_study
+
+    cfg, rec = study
+
+    def planned(c) -> dict[str, tuple[str, str]]:
+        return {p.name: (p.status, p.why) for p in plan_study(c)}
+
+    fresh = planned(cfg)
+    assert fresh["cohort"][0] == "given" and fresh["preprocess"] == ("will run", "no prepared data")
+    assert fresh["split"][0] == "will run" and fresh["evaluate"][0] == "will run"
+    run_study(cfg)
+    rec.ran.clear()
+    done = planned(cfg)
+    assert {n for n, (s, _) in done.items() if s == "will run"} == {
+        "validate",
+        "report",
+    }  # the two that always run
+    assert done["preprocess"][0] == "checks each patient" and done["train"] == ("current", "")
+
+    changed = cfg.model_copy(deep=True)
+    changed.ctv.rtog_margin_mm = 15.0
+    plan = planned(changed)
+    assert plan["evaluate"] == ("will run", "settings changed: ctv.rtog_margin_mm")
+    assert plan["train"][0] == plan["split"][0] == "current"
+
+    changed.split.seed = 7
+    plan = planned(changed)
+    assert plan["split"] == ("will run", "settings changed: split.seed")
+    assert plan["train"] == ("will run", "after split") and plan["voxel models"] == (
+        "will run",
+        "after split",
+    )
+    assert plan["evaluate"] == ("will run", "after split, model")
+    assert planned(changed) == plan and rec.ran == []  # a dry run runs nothing
+    run_study(changed)
+    assert rec.ran == ["voxel_models", "stats", "model", "evaluate"]  # what the plan said
+    assert planned(cfg)["split"] == ("will run", "settings changed: split.seed")  # and back

@@ -670,13 +670,22 @@ def run(
     ] = False,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
+    dry_run: Annotated[
+        bool,
+        Opt(
+            "--dry-run", help="Print what would run and why (the setting or input that changed); run nothing."
+        ),
+    ] = False,
 ) -> None:
     """The whole study: cohort → validate → preprocess → split → voxel models, stats → search → evaluate.
 
     Stops at the first failed stage (exit code of its error) unless --keep-going."""
-    from ctvlab.pipeline import run_study
+    from ctvlab.pipeline import plan_study, print_plan, run_study
 
     cfg = _settings(config, set_, workdir, smoke_test, None, tracking_uri, address)
+    if dry_run:
+        print_plan(plan_study(cfg, force=force), _console())
+        return
     run_study(cfg, _console(), force=force, keep_going=keep_going)
 
 

@@ -100,14 +100,18 @@ def stage_key(stage: str, cfg: StudyConfig, inputs: dict[str, str | None]) -> st
     Raises:
         KeyError: an input the stage reads is not in `inputs` (a bug: the stage would be stamped blind).
     """
-    return digest(
-        {
-            "stage": stage,
-            "settings": stage_settings(stage, cfg),
-            "inputs": {name: inputs[name] for name in STAGE_INPUTS[stage]},
-            "ctvlab_version": __version__,
-        }
-    )
+    return digest(stage_parts(stage, cfg, inputs))
+
+
+def stage_parts(stage: str, cfg: StudyConfig, inputs: dict[str, str | None]) -> dict[str, Any]:
+    """What a stage's stamp is the digest of; kept in the stamp, so that `ctvlab run --dry-run` can say
+    which setting or input changed."""
+    return {
+        "stage": stage,
+        "settings": stage_settings(stage, cfg),
+        "inputs": {name: inputs[name] for name in STAGE_INPUTS[stage]},
+        "ctvlab_version": __version__,
+    }
 
 
 def model_digest(model_dir: Path) -> str | None:
@@ -143,15 +147,19 @@ class Stamps:
     def __init__(self, workdir: Path):
         self.folder = Path(workdir) / "stamps"
 
-    def current(self, stage: str, key: str) -> dict[str, Any] | None:
+    def read(self, stage: str) -> dict[str, Any] | None:
         path = self.folder / f"{stage}.json"
-        if not path.exists():
-            return None
-        data = json.loads(path.read_text())
-        return data if data.get("key") == key else None
+        return json.loads(path.read_text()) if path.exists() else None
 
-    def write(self, stage: str, key: str, **info: Any) -> None:
-        write_json_atomic(self.folder / f"{stage}.json", {"key": key, **info})
+    def current(self, stage: str, key: str) -> dict[str, Any] | None:
+        data = self.read(stage)
+        return data if data and data.get("key") == key else None
+
+    def write(self, stage: str, key: str, parts: dict[str, Any] | None = None, **info: Any) -> None:
+        """Stamp a stage; `parts` (`stage_parts`) are kept beside the key for `--dry-run`'s reasons."""
+        write_json_atomic(
+            self.folder / f"{stage}.json", {"key": key, **info, **({"parts": parts} if parts else {})}
+        )
 
 
 class StageFailed(CtvlabError):
@@ -312,7 +320,7 @@ def _cohort(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
     if not force and stamps.current("cohort", key) and (cfg.raw_dir / "manifest.csv").exists():
         return StageRecord("cohort", "skipped (current)", detail=str(cfg.raw_dir))
     generate_cohort(cfg.raw_dir, cfg.synth)
-    stamps.write("cohort", key)
+    stamps.write("cohort", key, stage_parts("cohort", cfg, {}))
     return StageRecord("cohort", "ran", detail=f"{cfg.synth.n_patients} synthetic patients in {cfg.raw_dir}")
 
 
@@ -372,7 +380,7 @@ def _split(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
             return StageRecord("split", "skipped (current)", detail=f"split {split.digest[:12]}")
     split, run_id = split_stage(cfg, cfg.prep_dir)
     state["inputs"]["split"] = split.digest
-    stamps.write("split", key, split_digest=split.digest)
+    stamps.write("split", key, stage_parts("split", cfg, state["inputs"]), split_digest=split.digest)
     counts = split.table["dl_role"].value_counts().to_dict()
     return StageRecord("split", "ran", detail=f"train/val/test {counts.get('train', 0)}/{counts.get('val', 0)}/"
                                               f"{counts.get('test', 0)}", run_ids=[run_id])  # fmt: skip
@@ -385,7 +393,7 @@ def _voxel_models(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force
     if not force and stamps.current("voxel_models", key):
         return StageRecord("voxel models", "skipped (current)")
     results = rf_cv_stage(cfg, cfg.prep_dir)
-    stamps.write("voxel_models", key)
+    stamps.write("voxel_models", key, stage_parts("voxel_models", cfg, state["inputs"]))
     detail = "; ".join(f"{t}/{s} AUC {r.auc_mean:.2f}±{r.auc_std:.2f}" for (t, s), r in results.items())
     return StageRecord("voxel models", "ran", detail=detail)
 
@@ -397,7 +405,7 @@ def _stats(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     if not force and stamps.current("stats", key):
         return StageRecord("statistics", "skipped (current)")
     result, run_id = stats_stage(cfg, cfg.prep_dir)
-    stamps.write("stats", key)
+    stamps.write("stats", key, stage_parts("stats", cfg, state["inputs"]))
     return StageRecord("statistics", "ran", detail=f"{int(result.summary()['n_significant'])} of "
                                                    f"{len(result.tests)} tests significant", run_ids=[run_id])  # fmt: skip
 
@@ -449,7 +457,7 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
         run_ids = [out.run_id]
     state["inputs"]["model"] = model_digest(model_dir)
     state["inputs"]["search"] = digest(state.get("best_params"))
-    stamps.write("model", key, model_uri=state["model_uri"], model_digest=state["inputs"]["model"],
+    stamps.write("model", key, stage_parts("model", cfg, state["inputs"]), model_uri=state["model_uri"], model_digest=state["inputs"]["model"],
                  best_params=state.get("best_params"))  # fmt: skip
     return StageRecord(name, "ran", detail=detail, run_ids=[r for r in run_ids if r])
 
@@ -476,7 +484,13 @@ def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     out = train_unet(final_cfg, cfg.prep_dir, resume=resume, settings_key=key, run_label="final")
     state["model_uri"] = out.model_uri
     state["inputs"]["model"] = model_digest(model_dir)
-    stamps.write("final", key, model_uri=out.model_uri, model_digest=state["inputs"]["model"])
+    stamps.write(
+        "final",
+        key,
+        stage_parts("final", cfg, state["inputs"]),
+        model_uri=out.model_uri,
+        model_digest=state["inputs"]["model"],
+    )
     again = "continued the interrupted run: " if resume else ""
     stopped = (
         f", stopped early at epoch {out.epochs_run}" if out.epochs_run < final_cfg.unet.train.epochs else ""
@@ -498,7 +512,7 @@ def _losses(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool
     ):
         return StageRecord("loss study", "skipped (current)", detail=str(Path(cfg.results_dir, "losses")))
     out = run_loss_study(cfg, cfg.prep_dir, best=state.get("best_params"))
-    stamps.write("losses", key)
+    stamps.write("losses", key, stage_parts("losses", cfg, state["inputs"]))
     n = len(out.per_patient[["loss", "beta"]].fillna(-1.0).drop_duplicates())  # the shared Tversky run once
     return StageRecord("loss study", "ran", detail=f"{n} models on the test patients → {out.out_dir}",
                        run_ids=[out.run_id])  # fmt: skip
@@ -511,7 +525,7 @@ def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bo
     if not force and stamps.current("ablation", key):
         return StageRecord("ablation", "skipped (current)")
     out = run_ablation(cfg, cfg.prep_dir)
-    stamps.write("ablation", key)
+    stamps.write("ablation", key, stage_parts("ablation", cfg, state["inputs"]))
     return StageRecord("ablation", "ran", detail=str(out.figure), run_ids=[out.run_id])
 
 
@@ -551,7 +565,7 @@ def evaluate_stage(
     version = crown(tracker_for(cfg), cfg, out.model_uri, out)
     if version is not None:
         console.print(f"models:/{cfg.unet.registered_model_name}@champion is now version {version}")
-    stamps.write("evaluate", key)
+    stamps.write("evaluate", key, stage_parts("evaluate", cfg, inputs))
     return StageRecord("evaluate", "ran", detail=str(out.out_dir), run_ids=[out.run_id]), out
 
 
@@ -579,6 +593,159 @@ def study_inputs(cfg: StudyConfig) -> tuple[dict[str, str | None], str | None]:
         final = stamps.current("final", stage_key("final", cfg, inputs))
         model_uri = final.get("model_uri") if final else None
     return inputs, model_uri
+
+
+@dataclass
+class PlannedStage:
+    name: str  # as `ctvlab run` prints it
+    status: str  # "will run", "current", "given", "checks each patient", "off"
+    why: str = ""
+
+
+# Which stamped stage makes each input, by the inputs' names in STAGE_INPUTS.
+_PRODUCERS = {"dataset": "preprocess", "split": "split", "search": "model"}
+
+
+def _changes(old: Any, new: Any, path: str = "") -> list[str]:
+    """The dotted names of the settings that differ between two settings dumps."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _changes(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if old == new else [path or "(all)"]
+
+
+def _stale_reason(stamp: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    if stamp is None:
+        return "never ran here"
+    parts = stamp.get("parts")
+    if not parts:
+        return "its settings or inputs changed (stamped before ctvlab kept the reasons)"
+    reasons = []
+    settings = _changes(parts.get("settings"), now["settings"])
+    if settings:
+        shown = ", ".join(settings[:4]) + (f" and {len(settings) - 4} more" if len(settings) > 4 else "")
+        reasons.append(f"settings changed: {shown}")
+    inputs = [k for k in now["inputs"] if parts.get("inputs", {}).get(k) != now["inputs"][k]]
+    if inputs:
+        reasons.append("input changed: " + ", ".join(inputs))
+    if parts.get("ctvlab_version") != now["ctvlab_version"]:
+        reasons.append(f"ctvlab {parts.get('ctvlab_version')} → {now['ctvlab_version']}")
+    return "; ".join(reasons) or "its outputs are missing"
+
+
+def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
+    """What `ctvlab run` would do now, without doing any of it: each stage, whether it will run or is
+    current, and for one that will run, why (the setting or input that changed, the stage before it that
+    runs again). Reads the stamps, the prepared data's `dataset.json` and split, and nothing else."""
+    from ctvlab.preprocess.patient import output_settings
+
+    stamps = Stamps(cfg.workdir)
+    plan: list[PlannedStage] = []
+    running: set[str] = set()
+
+    def add(name: str, stamp_name: str | None, status: str, why: str = "") -> None:
+        if force and status == "current":
+            status, why = "will run", "--force"
+        plan.append(PlannedStage(name, status, why))
+        if status == "will run" and stamp_name:
+            running.add(stamp_name)
+
+    # cohort, validation, preprocessing
+    if cfg.cohort.source == "raw":
+        add("cohort", None, "given", str(cfg.raw_dir))
+    else:
+        key = stage_key("cohort", cfg, {})
+        current = stamps.current("cohort", key) and (Path(cfg.raw_dir) / "manifest.csv").exists()
+        add("cohort", "cohort", "current" if current else "will run",
+            "" if current else _stale_reason(stamps.read("cohort"), stage_parts("cohort", cfg, {})))  # fmt: skip
+    plan.append(PlannedStage("validate", "will run", "every time: it reads every file"))
+    meta_path = Path(cfg.prep_dir) / "dataset.json"
+    if "cohort" in running or not meta_path.exists():
+        add(
+            "preprocess",
+            "preprocess",
+            "will run",
+            "after the cohort" if "cohort" in running else "no prepared data",
+        )
+    else:
+        recorded = json.loads(meta_path.read_text()).get("settings")
+        changed = _changes(recorded, output_settings(cfg.preprocess))
+        if changed:
+            add(
+                "preprocess",
+                "preprocess",
+                "will run",
+                "settings changed: " + ", ".join(f"preprocess.{c}" for c in changed),
+            )
+        else:
+            add("preprocess", None, "checks each patient", "reruns only patients whose files changed")
+    # the stamped stages after it
+    try:
+        inputs, _ = study_inputs(cfg)
+    except CtvlabError:
+        inputs = None
+    model_name = "search" if cfg.pipeline.search else "train"
+    stamped = [
+        ("split", "split", True),
+        ("voxel models", "voxel_models", cfg.pipeline.voxel_models),
+        ("statistics", "stats", cfg.pipeline.stats),
+        (model_name, "model", True),
+        ("final model", "final", final_model_on(cfg)),
+        ("loss study", "losses", cfg.pipeline.loss_study),
+        ("ablation", "ablation", cfg.pipeline.ablation),
+        ("evaluate", "evaluate", cfg.pipeline.evaluate),
+    ]
+    for name, stage, on in stamped:
+        if not on:
+            plan.append(PlannedStage(name, "off"))
+            continue
+        needs = [_PRODUCERS.get(i, "final" if final_model_on(cfg) else "model") for i in STAGE_INPUTS[stage]]
+        before = [n for n in needs if n in running]
+        if before:
+            add(name, stage, "will run", "after " + ", ".join(dict.fromkeys(before)))
+        elif inputs is None:
+            add(name, stage, "will run", "no split yet")
+        else:
+            now = stage_parts(stage, cfg, inputs)
+            stamp = stamps.read(stage)
+            current = stamp is not None and stamp.get("key") == digest(now) and _outputs_there(cfg, stage)
+            add(
+                name,
+                stage,
+                "current" if current else "will run",
+                "" if current else _stale_reason(stamp, now),
+            )
+    plan.append(PlannedStage("report", "will run", "every time"))
+    return plan
+
+
+def _outputs_there(cfg: StudyConfig, stage: str) -> bool:
+    """The stage's outputs are on disk (a current stamp alone does not skip a stage whose results are gone)."""
+    results = Path(cfg.results_dir)
+    check = {
+        "model": lambda: (
+            model_digest(results / ("search_model" if final_model_on(cfg) else "model")) is not None
+        ),
+        "final": lambda: model_digest(results / "model") is not None,
+        "evaluate": lambda: (results / "evaluate" / "summary.csv").exists(),
+        "losses": lambda: (results / "losses" / "summary.csv").exists(),
+    }.get(stage)
+    return check() if check else True
+
+
+def print_plan(plan: list[PlannedStage], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="ctvlab run --dry-run: nothing was run", title_justify="left")
+    for column in ("stage", "plan", "why"):
+        table.add_column(column)
+    colour = {"will run": "yellow", "current": "green"}
+    for p in plan:
+        c = colour.get(p.status)
+        table.add_row(p.name, f"[{c}]{p.status}[/]" if c else p.status, p.why)
+    console.print(table)
 
 
 def current_stages(cfg: StudyConfig) -> dict[str, bool]:
