@@ -418,7 +418,7 @@ def test_dry_run_says_what_would_run_and_why_and_run_does_exactly_that(study):
         "will run",
         "after split",
     )
-    assert plan["evaluate"] == ("will run", "after split, model")
+    assert plan["evaluate"] == ("will run", "after split, train")
     assert planned(changed) == plan and rec.ran == []  # a dry run runs nothing
     run_study(changed)
     assert rec.ran == ["voxel_models", "stats", "model", "evaluate"]  # what the plan said

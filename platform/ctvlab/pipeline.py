@@ -697,6 +697,7 @@ def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
         ("ablation", "ablation", cfg.pipeline.ablation),
         ("evaluate", "evaluate", cfg.pipeline.evaluate),
     ]
+    shown = {"cohort": "cohort", "preprocess": "preprocess", **{stage: name for name, stage, _ in stamped}}
     for name, stage, on in stamped:
         if not on:
             plan.append(PlannedStage(name, "off"))
@@ -704,7 +705,7 @@ def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
         needs = [_PRODUCERS.get(i, "final" if final_model_on(cfg) else "model") for i in STAGE_INPUTS[stage]]
         before = [n for n in needs if n in running]
         if before:
-            add(name, stage, "will run", "after " + ", ".join(dict.fromkeys(before)))
+            add(name, stage, "will run", "after " + ", ".join(dict.fromkeys(shown[b] for b in before)))
         elif inputs is None:
             add(name, stage, "will run", "no split yet")
         else:
