@@ -90,23 +90,6 @@ def run_serial(cohort: Path, out: Path, cfg_json: str) -> tuple[dict, float]:
     return result["report"], result["peak_mib"]
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _peak_rss_mib(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -143,7 +126,9 @@ def ray_worker_peaks() -> list[float]:
     left out by name.
     """
     peaks = []
-    for pid in _descendants(os.getpid()):
+    from faults import descendants  # the same walk of /proc
+
+    for pid in descendants(os.getpid()):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
