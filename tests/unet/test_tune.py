@@ -26,6 +26,17 @@ from tests.conftest import session_ray_address, tiny_study
 REPO = Path(__file__).resolve().parents[2]
 
 
+def random_search(workdir: Path, uri: str, samples: int, epochs: int):
+    """A tiny random search (no grid) of dice and pcc trials, two at a time."""
+    cfg = tiny_study(workdir, uri)
+    cfg.tune.run_grid = False
+    cfg.tune.num_samples = samples
+    cfg.tune.epochs_per_trial = epochs
+    cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice", "pcc"])
+    cfg.tune.max_concurrent_trials = 2
+    return cfg
+
+
 @pytest.mark.parametrize(
     ("best_lr", "best_bf", "expected_lr", "expected_bf"),
     [
@@ -58,13 +69,8 @@ def test_narrow_space_around_the_best_grid_cell(best_lr, best_bf, expected_lr, e
 def test_small_search_logs_parent_children_and_survives_a_failing_trial(
     prepared_phantom, tmp_path, tracking_uri
 ):
-    cfg = tiny_study(tmp_path, tracking_uri)
-    cfg.tune.run_grid = False
-    cfg.tune.num_samples = 1  # x2 by the failure hook: one trial that raises, one that trains
-    cfg.tune.epochs_per_trial = 2
+    cfg = random_search(tmp_path, tracking_uri, 1, 2)  # x2 by the failure hook: one raises, one trains
     cfg.tune.trial_max_failures = 0
-    cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice", "pcc"])
-    cfg.tune.max_concurrent_trials = 2
     out = tune_study(cfg, prepared_phantom, fail_trials=1)
 
     assert len(out.trials) == 2 and out.n_failed == 1
@@ -99,12 +105,7 @@ def test_trials_stopped_by_asha_end_finished_with_their_model_and_how_they_ended
 ):
     """ASHA stops trials inside their report call (Tune raises SystemExit(0) there): a trial that ran without
     error ends FINISHED with its model and a tag saying when it stopped; FAILED is for errors only."""
-    cfg = tiny_study(tmp_path, tracking_uri)
-    cfg.tune.run_grid = False
-    cfg.tune.num_samples = 4
-    cfg.tune.epochs_per_trial = 3
-    cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice", "pcc"])
-    cfg.tune.max_concurrent_trials = 2
+    cfg = random_search(tmp_path, tracking_uri, 4, 3)
     cfg.tune.asha.enabled, cfg.tune.asha.grace_period, cfg.tune.asha.reduction_factor = True, 1, 2
     out = tune_study(cfg, prepared_phantom)
 
@@ -297,12 +298,7 @@ def test_a_search_while_the_tracking_server_is_away_records_what_an_undisturbed_
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no minutes of retries against no server
 
     def study(workdir: Path, uri: str):
-        cfg = tiny_study(workdir, uri)
-        cfg.tune.run_grid = False
-        cfg.tune.num_samples = 2
-        cfg.tune.epochs_per_trial = 2
-        cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice", "pcc"])
-        cfg.tune.max_concurrent_trials = 2
+        cfg = random_search(workdir, uri, 2, 2)
         cfg.tracking.outage_wait_s = 1
         return cfg
 
