@@ -269,3 +269,29 @@ def test_predict_on_an_evaluated_patient_delivers_the_evaluations_ctvs(
             evaluated = np.asanyarray(nib.load(f).dataobj) > 0
             mine = np.asanyarray(nib.load(tmp_path / "out" / pid / f"ctv_{name}.nii.gz").dataobj) > 0
             assert evaluated.any() and np.array_equal(evaluated, mine), name
+
+
+def test_the_coverage_tables_match_their_published_schemas(evaluation):
+    """Every row of coverage.csv, coverage_volume.csv, reliability.csv (and control.csv where written)
+    validates against the JSON Schema in schemas/, read with jsonschema, not with ctvlab's own models."""
+    import jsonschema
+    import pandas as pd
+
+    from ctvlab.ctv.tables import TABLES
+
+    _, out = evaluation
+    repo = Path(__file__).resolve().parents[2]
+    checked = []
+    for name in TABLES:
+        path = out.out_dir / name
+        if not path.exists():
+            continue
+        schema = json.loads(
+            (repo / "schemas" / f"evaluate_{name.removesuffix('.csv')}.schema.json").read_text()
+        )
+        table = pd.read_csv(path)
+        assert set(table.columns) == set(schema["properties"])
+        for record in json.loads(table.to_json(orient="records")):  # empty cells as null
+            jsonschema.validate(record, schema)
+        checked.append(name)
+    assert {"coverage.csv", "coverage_volume.csv", "reliability.csv"} <= set(checked)
