@@ -51,12 +51,16 @@ def test_library_messages_go_to_the_log_file_and_errors_to_the_terminal_too(
     assert "a deprecation banner" in text
 
 
-def test_a_later_ray_data_import_is_pointed_at_a_logging_config_that_propagates(tmp_path, restore_logging):
+def test_a_later_ray_data_import_is_pointed_at_a_logging_config_that_propagates(
+    tmp_path, restore_logging, monkeypatch
+):
     import os
 
     import yaml
 
-    route_library_logs(tmp_path / "logs")
+    monkeypatch.chdir(tmp_path)
+    route_library_logs("logs")  # relative, as a config's workdir often is
+    assert Path(os.environ["RAY_DATA_LOGGING_CONFIG"]).is_absolute()  # Ray's workers run elsewhere
     config = yaml.safe_load(Path(os.environ["RAY_DATA_LOGGING_CONFIG"]).read_text())
     assert config["loggers"]["ray.data"] == {"level": "INFO", "handlers": [], "propagate": True}
     from ray.data._internal.logging import configure_logging

@@ -79,7 +79,7 @@ def _quiet_library_children(path: Path) -> None:
                 logger.removeHandler(h)
         logger.propagate = True
     if "RAY_DATA_LOGGING_CONFIG" not in os.environ:
-        config = path.parent / "ray-data-logging.yaml"
+        config = (path.parent / "ray-data-logging.yaml").resolve()  # Ray's workers run in other folders
         config.write_text(_RAY_DATA_LOGGING)
         os.environ["RAY_DATA_LOGGING_CONFIG"] = str(config)
 
