@@ -220,7 +220,7 @@ def main() -> None:
     args = ap.parse_args()
     from record import recorded
 
-    with recorded("positive_control", args.record):
+    with recorded("positive_control_power" if args.power else "positive_control", args.record):
         run(args)
 
 

@@ -27,7 +27,12 @@ WHAT = {
     "positive_control": "the model CTV against the same-volume margin on the strong cohort, its null twin and today's cohort, beside the ceiling",
     "coverage_check": "the coverage guarantee over random calibration/test splits of a model's held-out patients",
     "reproduce": "the whole study on 101 synthetic patients, every row beside the study's",
+    "faults": "tracking-server outages, a full disk, a read-only results folder, a killed worker: exit codes, messages, MLflow record, files",
+    "fault_searches": "consecutive smoke searches: how every trial's MLflow run ends",
+    "positive_control_power": "the power curve: the model's gain and the ceiling against the cohort's signal setting",
 }
+# Pages written by a benchmark under another name than its script's (a mode of it).
+SCRIPT = {"fault_searches": "faults.py --searches", "positive_control_power": "positive_control.py --power"}
 INDEX_HEAD = """# Recorded benchmark runs
 
 Each page here is the verbatim output of one benchmark run, written by the benchmark itself with `--record`
@@ -47,7 +52,8 @@ def write_index() -> None:
         if page.name == "index.md":
             continue
         base = page.stem.split("-")[0]
-        rows.append(f"| [{page.stem}]({page.name}) | `benchmarks/{base}.py` | {WHAT.get(base, '')} |\n")
+        script = SCRIPT.get(base, f"{base}.py")
+        rows.append(f"| [{page.stem}]({page.name}) | `benchmarks/{script}` | {WHAT.get(base, '')} |\n")
     (RESULTS / "index.md").write_text(INDEX_HEAD + "".join(rows))
 
 
