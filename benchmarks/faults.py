@@ -182,6 +182,16 @@ def files_equal(ref: Path, workdir: Path) -> str:
     return f"{len(a) - len(differ)} of {len(a)} equal" + (f" (differ: {', '.join(differ)})" if differ else "")
 
 
+def model_stages_again(root: Path, ref: dict):
+    """(root, working directory, started server) of a fault that reruns the model stages of the
+    undisturbed run (`copy_for_model_stages`), with an MLflow server of its own."""
+    work = root / "w"
+    copy_for_model_stages(ref["work"], work)
+    server = Server(root / "mlflow")
+    server.start()
+    return root, work, server
+
+
 def copy_for_model_stages(reference: Path, workdir: Path) -> None:
     """The undisturbed run's working directory without what the search and later stages wrote."""
     shutil.copytree(reference, workdir, symlinks=True,
@@ -218,11 +228,7 @@ def reference_run(root: Path) -> dict:
 def tracking_outage(out: Path, ref: dict, name: str, stage: str, down_s: float | None) -> dict:
     """Kill the server 5 s into `stage`; start it again after `down_s` (None: only after the run ended,
     then `ctvlab sync` and a second `ctvlab run`)."""
-    root = out / name
-    work = root / "w"
-    copy_for_model_stages(ref["work"], work)
-    server = Server(root / "mlflow")
-    server.start()
+    root, work, server = model_stages_again(out / name, ref)
     log = root / "run.log"
     extra = [] if down_s is not None else ["--set", "tracking.outage_wait_s=30"]
     proc = ctvlab(["run", *study_args(work, server.uri, *extra)], root, log)
@@ -317,11 +323,7 @@ def read_only_results(out: Path, ref: dict) -> dict:
 
 
 def killed_worker(out: Path, ref: dict) -> dict:
-    root = out / "killed-worker"
-    work = root / "w"
-    copy_for_model_stages(ref["work"], work)
-    server = Server(root / "mlflow")
-    server.start()
+    root, work, server = model_stages_again(out / "killed-worker", ref)
     log = root / "run.log"
     proc = ctvlab(["run", *study_args(work, server.uri)], root, log)
     if not wait_for(log, r"▶ \d+/\d+ final model", proc):
@@ -374,11 +376,7 @@ def cmdline(pid: int) -> str:
 def searches(out: Path, n: int, ref: dict) -> None:
     from mlflow.tracking import MlflowClient
 
-    root = out / "searches"
-    work = root / "w"
-    copy_for_model_stages(ref["work"], work)
-    server = Server(root / "mlflow")
-    server.start()
+    root, work, server = model_stages_again(out / "searches", ref)
     log = root / "tune.log"
     rows = []
     for i in range(n):

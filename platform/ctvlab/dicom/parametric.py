@@ -34,17 +34,12 @@ def write_parametric_map(series_dir: Path, prob: np.ndarray, affine: np.ndarray,
     from pydicom.sr.codedict import codes
 
     from ctvlab.atomic import atomic_path
-    from ctvlab.dicom import identity
-    from ctvlab.dicom.rtstruct import read_series, series_folder
+    from ctvlab.dicom.rtstruct import planning_grid, series_folder
     from ctvlab.preprocess.grid import resample
 
     affine = np.asarray(affine, dtype=float)
-    series_aff, slices = read_series(series_dir, like=(affine, np.shape(prob)))
+    series_aff, slices, found, shape = planning_grid(series_dir, affine, np.shape(prob), expect, patient)
     where = series_folder(slices)
-    found = identity.of_series(slices, where)
-    if expect is not None:
-        identity.check(expect, found, patient or expect.patient_id)
-    shape = (int(slices[0].Columns), int(slices[0].Rows), len(slices))
     on = np.asarray(prob, dtype=np.float32)
     if on.shape != shape or not np.allclose(affine, series_aff, atol=1e-3):
         on = resample(on, affine, series_aff, shape)

@@ -179,6 +179,26 @@ def _quiet_pydicom():
         log.setLevel(level)
 
 
+def planning_grid(series_dir, affine, shape, expect=None, patient: str | None = None):
+    """The planning series a DICOM object is written on, checked to be the patient's: its affine, slices,
+    identity and (columns, rows, slices) grid.
+
+    Args:
+        affine, shape: the grid of what is written (to order and match the slices).
+        expect: the identity the series must have (`ctvlab.dicom.identity`); None checks nothing.
+
+    Raises:
+        CtvlabError: the series cannot be read, or it is another patient's.
+    """
+    from ctvlab.dicom import identity
+
+    series_aff, slices = read_series(series_dir, like=(np.asarray(affine, dtype=float), tuple(shape)))
+    found = identity.of_series(slices, series_folder(slices))
+    if expect is not None:
+        identity.check(expect, found, patient or expect.patient_id)
+    return series_aff, slices, found, (int(slices[0].Columns), int(slices[0].Rows), len(slices))
+
+
 def write_rtstruct(series_dir: Path, masks: Mapping[str, np.ndarray], affine: np.ndarray, out: Path,
                    description: str = "ctvlab CTVs", kinds: Mapping[str, str] | None = None, *,
                    expect: Identity | None = None, patient: str | None = None, label: str = "CTV",
@@ -205,16 +225,10 @@ def write_rtstruct(series_dir: Path, masks: Mapping[str, np.ndarray], affine: np
 
     from rt_utils import RTStructBuilder
 
-    from ctvlab.dicom import identity
-
     affine = np.asarray(affine, dtype=float)
     first = next(iter(masks.values()))
-    series_aff, slices = read_series(series_dir, like=(affine, np.shape(first)))
+    series_aff, slices, found, shape = planning_grid(series_dir, affine, np.shape(first), expect, patient)
     where = series_folder(slices)
-    found = identity.of_series(slices, where)
-    if expect is not None:
-        identity.check(expect, found, patient or expect.patient_id)
-    shape = (int(slices[0].Columns), int(slices[0].Rows), len(slices))
     on_series = masks_on_series(masks, affine, series_aff, shape)
     with tempfile.TemporaryDirectory(prefix="ctvlab-series-") as only:  # rt-utils reads a whole folder
         for n, ds in enumerate(slices):
