@@ -185,7 +185,7 @@ class CohortConfig(Strict):
 
 
 class PreprocessConfig(Strict):
-    """Resampling, normalisation and regions (SPEC: Regions, Preprocessing)."""
+    """Resampling, normalisation and regions (the study's Methods: Regions, Preprocessing)."""
 
     voxel_mm: PositiveFloat = Field(
         3.0,
@@ -228,7 +228,7 @@ class PreprocessConfig(Strict):
 
 
 class SplitConfig(Strict):
-    """Patient-level splits (SPEC: Deep learning CTV; Voxel-wise random forest)."""
+    """Patient-level splits (the study's Methods: Deep learning CTV; Voxel-wise random forest)."""
 
     seed: int = 0
     dl_fractions: tuple[Fraction, Fraction, Fraction] = Field(
@@ -301,7 +301,7 @@ class XGBoostConfig(Strict):
 
 
 class VoxelModelConfig(Strict):
-    """Voxel-wise progression models with patient-grouped, stratified CV (SPEC: Voxel-wise RF)."""
+    """Voxel-wise progression models with patient-grouped, stratified CV (the study's Methods: Voxel-wise RF)."""
 
     model: Literal["rf", "xgboost"] = "rf"
     targets: list[VoxelTarget] = Field(default_factory=lambda: ["cel", "nel"])
@@ -361,7 +361,7 @@ class VoxelModelConfig(Strict):
 
 
 class StatsConfig(Strict):
-    """Per-patient medians per voxel category and paired tests (SPEC: Statistics)."""
+    """Per-patient medians per voxel category and paired tests (the study's Methods: Statistics)."""
 
     min_voxels: int = Field(
         5,
@@ -606,7 +606,7 @@ class TuneConfig(Strict):
 
 
 class CTVConfig(Strict):
-    """CTV construction and evaluation (SPEC: Standard-of-care CTVs, CTV evaluation)."""
+    """CTV construction and evaluation (the study's Methods: Standard-of-care CTVs, CTV evaluation)."""
 
     rtog_margin_mm: PositiveFloat = Field(20.0, description="RTOG: (CEL ∪ T2L) + 2 cm.")
     eortc_margin_mm: PositiveFloat = Field(15.0, description="EORTC: (CEL ∪ cavity) + 1.5 cm.")

@@ -3,9 +3,9 @@
 Two splits are drawn once per prepared dataset and written to `PREP/splits.parquet`:
 
 - `dl_role`: train / val / test for the U-Net, 67/16/17 % of patients, stratified by treatment cohort
-  (SPEC: Deep learning CTV; the paper's Methods give 67/16/18).
+  (the study's Methods: Deep learning CTV; the paper's Methods give 67/16/18).
 - `rf_fold`: 0..4 for the voxel models' five-fold cross-validation, grouped by patient and stratified by
-  cohort and progression type (SPEC: Voxel-wise random forest).
+  cohort and progression type (the study's Methods: Voxel-wise random forest).
 
 `splits.json` records the digest of the table, the digest of the prepared dataset it was drawn for, and
 the settings. Every later stage loads the split through `load_split`, which refuses to run when the

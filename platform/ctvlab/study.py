@@ -1,4 +1,4 @@
-"""The study's fixed choices that code in several places relies on, each defined once (SPEC; Methods).
+"""The study's fixed choices that code in several places relies on, each defined once (the study's Methods).
 
 Settings a user may change live in `ctvlab.config` (with these as defaults where they apply); these are
 the names and numbers that must agree everywhere: the feature channels of the prepared volumes, the
@@ -7,7 +7,7 @@ Tversky weights of evaluation and model selection, the selection metric, the CTV
 
 from __future__ import annotations
 
-# The 13 voxel features (SPEC: Voxel-wise random forest), in the channel order of the prepared volumes.
+# The 13 voxel features (the study's Methods: Voxel-wise random forest), in the channel order of the prepared volumes.
 FEATURES: tuple[str, ...] = (
     "nT1c", "nT1", "nFLAIR", "nADC", "nFA",
     "nCho", "nCre", "nNAA", "nLac", "nLip",

@@ -54,7 +54,7 @@ MASKS: tuple[str, ...] = (
     "category",    # voxel category code (CATEGORY_CODES), 0 outside the ring
 )  # fmt: skip
 
-# Voxel categories between the two time points (SPEC: Regions). "other" is a ring voxel in none of
+# Voxel categories between the two time points (the study's Methods: Regions). "other" is a ring voxel in none of
 # the four (pre-RT lesion that stays lesion, cavity, ventricles).
 CATEGORY_CODES: dict[int, str] = {
     0: "outside",
@@ -66,7 +66,7 @@ CATEGORY_CODES: dict[int, str] = {
 }
 CATEGORIES: dict[str, int] = {v: k for k, v in CATEGORY_CODES.items()}
 
-# U-Net input channel sets (SPEC: Deep learning CTV, modality ablations), in channel order.
+# U-Net input channel sets (the study's Methods: Deep learning CTV, modality ablations), in channel order.
 MODALITY_SETS: dict[str, tuple[str, ...]] = {
     "anat": ("nFLAIR", "nT1c"),
     "anat_diff": ("nFLAIR", "nT1c", "nADC", "nFA"),

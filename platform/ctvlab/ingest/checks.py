@@ -50,7 +50,8 @@ WARN_DIFFUSION_BRAIN_COVERAGE = 0.9  # below: part of the brain will have no ADC
 MIN_MRSI_IN_BRAIN = 0.5  # fraction of MRSI voxel centres within the brain's extent
 MAX_LESION_OUTSIDE_BRAIN = 0.5  # a lesion mask mostly outside the brain is on the wrong patient or grid
 LESION_MASKS = ("cel_mask", "t2l_mask", "cel_progression_mask", "t2l_progression_mask")
-PREP_VOXEL_MM = 3.0  # the study's grid (SPEC, Preprocessing): what the output-grid cap is computed on
+# The study's grid (its Methods, Preprocessing): the default for the output-grid cap (`preprocess.voxel_mm`).
+PREP_VOXEL_MM = 3.0
 MAX_SATURATED_FRACTION = 0.5  # more brain voxels than this at the map's maximum: a clipped export
 _MAX_POINTS = 200_000  # brain voxels sampled for coverage fractions (plenty for a percentage)
 

@@ -9,7 +9,7 @@ and checks what later stages silently rely on:
 - each image is 3-D (a trailing singleton 4th axis is accepted), numeric, with a finite non-singular
   affine and voxel sizes between 0.1 and 20 mm;
 - T1, FLAIR and the eight masks lie on the T1c grid (same shape, affine equal within 1e-3), as the study
-  co-registered every sequence to the post-contrast T1 (SPEC, Inputs);
+  co-registered every sequence to the post-contrast T1 (the study's Methods, Inputs);
 - ADC/FA and the MRSI maps keep their own grids, but those grids must lie over this patient's brain in
   world space: the diffusion grid must cover most of the brain, and most MRSI voxel centres must fall
   within the brain's extent (the PRESS box is placed on the lesion, inside the brain);

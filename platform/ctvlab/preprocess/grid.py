@@ -2,7 +2,7 @@
 
 Every prepared volume lives on one grid per patient: axis-aligned, RAS+ (the affine's rotation part is
 diagonal and positive), isotropic `voxel_mm` (3 mm in the study, to absorb residual misalignment between
-sequences; SPEC: Preprocessing), covering the brain. Sources may have any affine, oblique included:
+sequences; the study's Methods: Preprocessing), covering the brain. Sources may have any affine, oblique included:
 resampling maps every output voxel centre through `inv(src_affine) @ dst_affine` into the source's voxel
 coordinates and interpolates there.
 

@@ -1,4 +1,4 @@
-"""Intensity normalisation to normal-appearing brain (SPEC: Preprocessing).
+"""Intensity normalisation to normal-appearing brain (the study's Methods: Preprocessing).
 
 The study divides ADC, FA, the anatomical images and the metabolite maps by the mode of their values in
 normal-appearing voxels (NAV), so that 1.0 means "like normal brain" in every patient: nADC, nFA, nT1c,

@@ -1,4 +1,4 @@
-"""Regions and voxel categories on the prepared grid (SPEC: Regions; paper, Methods).
+"""Regions and voxel categories on the prepared grid (the study's Methods: Regions; paper, Methods).
 
 All inputs are boolean (X, Y, Z) arrays on the same grid; distances are Euclidean in world millimetres,
 so anisotropic grids are handled through `spacing`.
@@ -48,7 +48,7 @@ def ring(
     """Brain voxels within `ring_mm` of the pre-RT T2L (the T2L itself included).
 
     The study analyses voxels within a 4 cm expansion of the pre-RT T2L: no progression happened beyond
-    it, and it bounds the class imbalance (SPEC: Regions).
+    it, and it bounds the class imbalance (the study's Methods: Regions).
     """
     return brain & (distance_mm(t2l, spacing) <= ring_mm)
 
@@ -58,7 +58,7 @@ def target(
 ) -> np.ndarray:
     """The U-Net target: (NEL ∪ CEL pre-RT) ∪ (NEL ∪ CEL at progression), within the brain.
 
-    NEL ∪ CEL = T2L ∪ CEL at each time point (SPEC: Deep learning CTV, "the composite lesion").
+    NEL ∪ CEL = T2L ∪ CEL at each time point (the study's Methods: Deep learning CTV, "the composite lesion").
     """
     return (t2l | cel | t2l_prog | cel_prog) & brain
 

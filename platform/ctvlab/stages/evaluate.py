@@ -404,7 +404,7 @@ def evaluation_note(summary: pd.DataFrame, wilcoxon: pd.DataFrame, n_patients: i
     return "\n".join(lines)
 
 
-# The study's test-set results (SPEC: CTV evaluation; the paper's Supplementary Table 1), mean ± SD.
+# The study's test-set results (the study's Methods: CTV evaluation; the paper's Supplementary Table 1), mean ± SD.
 STUDY_RESULTS = {
     "model": {"sensitivity": (0.92, 0.11), "specificity": (0.89, 0.05), "pcc": (0.81, 0.09)},
     "rtog": {"sensitivity": (0.95, 0.08), "specificity": (0.79, 0.11), "pcc": (0.79, 0.09)},

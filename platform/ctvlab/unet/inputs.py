@@ -8,7 +8,7 @@ puts its predictions back on the full 3 mm grid (zero outside the box).
 
 Two regions (`unet.model.input_region`):
 - "ring" (default): the box of the study's analysis region, the brain within `ring_mm` (4 cm) of the
-  pre-RT T2L, where every recurrence of the study happened (SPEC: Regions). The input grid is the largest
+  pre-RT T2L, where every recurrence of the study happened (the study's Methods: Regions). The input grid is the largest
   such box of the training patients; a later patient whose region is larger gets a larger grid along
   that axis. The region is computed from the pre-RT T2L alone, so a new patient gets it as a training
   patient did. At 3 mm it is a third to a half of the whole grid, and training and inference cost that

@@ -1,4 +1,4 @@
-"""Training the 3D U-Net on Ray Train (SPEC: Deep learning CTV).
+"""Training the 3D U-Net on Ray Train (the study's Methods: Deep learning CTV).
 
 The driver checks the split (no patient in two roles), builds Ray Datasets of the network examples of the
 training and validation patients, and runs a `TorchTrainer` whose workers each run the training loop

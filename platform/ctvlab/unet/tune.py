@@ -1,4 +1,4 @@
-"""Hyperparameter search on Ray Tune (SPEC: Hyperparameter search; the paper's Methods).
+"""Hyperparameter search on Ray Tune (the study's Methods: Hyperparameter search; the paper's Methods).
 
 As in the study, the search has two steps: a coarse grid over learning rate, base features and batch size
 finds the region of good settings, then random search (30 trials by default) samples within the ranges
