@@ -574,10 +574,10 @@ def _apply(
 
     c = tracker.client
     if replay and op == "log_batch" and f.get("metrics"):
-        held = c.get_run(f["run_id"]).data
-        latest = {m.key: (m.step, m.value) for m in getattr(held, "_metric_objs", [])} or {
-            k: (None, v) for k, v in held.metrics.items()
-        }
+        # RunData keeps the latest points as Metric objects (key, value, timestamp, step) beside its
+        # key → value dict; without them nothing is skipped (a value alone cannot tell one step from another).
+        held = getattr(c.get_run(f["run_id"]).data, "_metric_objs", None) or []
+        latest = {m.key: (m.step, m.value) for m in held}
         f = {**f, "metrics": [m for m in f["metrics"] if not _held(latest.get(m[0]), m)]}
     if op == "create_experiment":
         return tracker._experiment_id(f["name"])
@@ -631,13 +631,13 @@ def _apply(
     return None
 
 
-def _held(latest: tuple[int | None, float] | None, metric: list) -> bool:
+def _held(latest: tuple[int, float] | None, metric: list) -> bool:
     """Whether a kept metric point [key, value, timestamp, step] is the run's latest point of its key."""
     if latest is None:
         return False
     step, value = latest
     same_value = value == metric[1] or (math.isnan(value) and math.isnan(float(metric[1])))
-    return same_value and (step is None or step == metric[3])
+    return same_value and step == metric[3]
 
 
 def _register(tracker: Tracker, f: dict[str, Any]):
