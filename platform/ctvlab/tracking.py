@@ -13,9 +13,9 @@ working directory (`ctvlab.spool`) and goes on; `sync_spool` sends it later thro
 (`_apply`) that sends a write at once, so both paths write the same record. `ctvlab.outages` watches the
 server, says so once, and ends a stage with what is unrecorded.
 
-With `ctvlab.unet.pyfunc` (the trained model as an MLflow model flavour), the only module that imports
-mlflow: every MLflow call ctvlab makes (runs, artifacts, the registry, authentication errors, the replay of
-what an outage kept) is here and nowhere else.
+About 900 lines in one module on purpose: with `ctvlab.unet.pyfunc` (the trained model as an MLflow model
+flavour), the only module that imports mlflow, so every MLflow call ctvlab makes (runs, artifacts, the
+registry, authentication errors, the replay of what an outage kept) is here and nowhere else.
 """
 
 from __future__ import annotations
