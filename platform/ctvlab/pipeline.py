@@ -417,12 +417,7 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     model_dir = Path(cfg.results_dir, "search_model" if final_model_on(cfg) else "model")
     stamp = stamps.current("model", key)
     # Current only when the folder still holds the very model the stamp recorded.
-    if (
-        not force
-        and stamp
-        and stamp.get("model_digest")
-        and stamp.get("model_digest") == model_digest(model_dir)
-    ):
+    if not force and outputs_current(cfg, "model", stamp):
         state["model_uri"] = stamp.get("model_uri")
         state["inputs"]["model"] = stamp["model_digest"]
         state["best_params"] = stamp.get("best_params")
@@ -475,7 +470,7 @@ def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     key = stage_key("final", cfg, state["inputs"])
     model_dir = Path(cfg.results_dir, "model")
     stamp = stamps.current("final", key)
-    if not force and stamp and stamp.get("model_digest") and stamp["model_digest"] == model_digest(model_dir):
+    if not force and outputs_current(cfg, "final", stamp):
         state["model_uri"] = stamp.get("model_uri")
         state["inputs"]["model"] = stamp["model_digest"]
         return StageRecord("final model", "skipped (current)", detail=str(stamp.get("model_uri")))
@@ -505,11 +500,7 @@ def _losses(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool
     from ctvlab.stages.losses import run_loss_study
 
     key = stage_key("losses", cfg, state["inputs"])
-    if (
-        not force
-        and stamps.current("losses", key)
-        and Path(cfg.results_dir, "losses", "summary.csv").exists()
-    ):
+    if not force and outputs_current(cfg, "losses", stamps.current("losses", key)):
         return StageRecord("loss study", "skipped (current)", detail=str(Path(cfg.results_dir, "losses")))
     out = run_loss_study(cfg, cfg.prep_dir, best=state.get("best_params"))
     stamps.write("losses", key, stage_parts("losses", cfg, state["inputs"]))
@@ -551,11 +542,7 @@ def evaluate_stage(
     from ctvlab.tracking import tracker_for
 
     key = stage_key("evaluate", cfg, inputs)
-    if (
-        not force
-        and stamps.current("evaluate", key)
-        and Path(cfg.results_dir, "evaluate", "summary.csv").exists()
-    ):
+    if not force and outputs_current(cfg, "evaluate", stamps.current("evaluate", key)):
         return StageRecord(
             "evaluate", "skipped (current)", detail=str(Path(cfg.results_dir, "evaluate"))
         ), None
@@ -711,7 +698,9 @@ def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
         else:
             now = stage_parts(stage, cfg, inputs)
             stamp = stamps.read(stage)
-            current = stamp is not None and stamp.get("key") == digest(now) and _outputs_there(cfg, stage)
+            current = (
+                stamp is not None and stamp.get("key") == digest(now) and outputs_current(cfg, stage, stamp)
+            )
             add(
                 name,
                 stage,
@@ -722,14 +711,21 @@ def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
     return plan
 
 
-def _outputs_there(cfg: StudyConfig, stage: str) -> bool:
-    """The stage's outputs are on disk (a current stamp alone does not skip a stage whose results are gone)."""
+def outputs_current(cfg: StudyConfig, stage: str, stamp: dict[str, Any] | None) -> bool:
+    """A stage whose stamp is current still has its outputs: the model folder holds the very model the
+    stamp recorded, the results table exists. The one test of it, for `ctvlab run` and its `--dry-run`."""
+    if not stamp:
+        return False
     results = Path(cfg.results_dir)
     check = {
         "model": lambda: (
-            model_digest(results / ("search_model" if final_model_on(cfg) else "model")) is not None
+            bool(stamp.get("model_digest"))
+            and stamp["model_digest"]
+            == model_digest(results / ("search_model" if final_model_on(cfg) else "model"))
         ),
-        "final": lambda: model_digest(results / "model") is not None,
+        "final": lambda: (
+            bool(stamp.get("model_digest")) and stamp["model_digest"] == model_digest(results / "model")
+        ),
         "evaluate": lambda: (results / "evaluate" / "summary.csv").exists(),
         "losses": lambda: (results / "losses" / "summary.csv").exists(),
     }.get(stage)
