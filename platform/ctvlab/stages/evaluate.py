@@ -53,8 +53,10 @@ def cohort_rows(cfg: StudyConfig) -> dict[str, Any]:
     from ctvlab.ingest.manifest import read_manifest
 
     try:
-        rows, _, _ = read_manifest(Path(cfg.raw_dir), "predict")
-    except Exception:
+        rows, _, _ = read_manifest(
+            Path(cfg.raw_dir), "predict"
+        )  # a missing manifest is a problem, not a raise
+    except OSError:
         return {}
     return {r.patient_id: r for r in rows}
 
