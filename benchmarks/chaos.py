@@ -250,7 +250,7 @@ def outputs(workdir: Path) -> dict[str, str]:
         "cohort (images, masks, manifest)": folder_digest(smoke / "cohort"),
         "prepared dataset (digest)": json.loads((prep / "dataset.json").read_text())["digest"],
         "split (digest)": json.loads((prep / "splits.json").read_text())["digest"],
-        "voxel-model CV tables": table_digest(res / "rf_cv", "*.csv", prep),
+        "voxel-model CV tables": table_digest(res / "voxel_models", "*.csv", prep),
         "statistics tables": table_digest(res / "stats", "*.csv", prep),
     }
 

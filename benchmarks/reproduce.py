@@ -121,7 +121,7 @@ def run(args) -> None:
     for r in comp.itertuples():
         ref = "" if pd.isna(r.study) else f" [{r.study:g}]"
         print(f"  {r.comparison}: {r.value:.3g} (n = {r.n}){ref}")
-    losses = results / "losses" / "summary.csv"
+    losses = results / "loss_study" / "summary.csv"
     if losses.exists():
         s = pd.read_csv(losses)
         print("\nLoss study on the test patients (Supp. Figs. 2, 3): sensitivity / specificity / PCC")
@@ -134,14 +134,14 @@ def run(args) -> None:
 def _voxel_only(cfg):
     """Cohort, preprocessing, split, voxel models and statistics only: the stages `ctvlab run` starts with."""
     from ctvlab.preprocess.pipeline import preprocess_cohort
-    from ctvlab.stages.analysis import rf_cv_stage, split_stage, stats_stage
+    from ctvlab.stages.analysis import split_stage, stats_stage, voxel_models_stage
     from ctvlab.synth.cohort import generate_cohort
 
     if cfg.cohort.source == "synth" and not (cfg.raw_dir / "manifest.csv").exists():
         generate_cohort(cfg.raw_dir, cfg.synth)
     preprocess_cohort(cfg.raw_dir, cfg.prep_dir, cfg.preprocess, progress=True)
     split_stage(cfg, cfg.prep_dir)
-    rf_cv_stage(cfg, cfg.prep_dir)
+    voxel_models_stage(cfg, cfg.prep_dir)
     stats_stage(cfg, cfg.prep_dir)
 
 
@@ -150,13 +150,13 @@ def _voxel_rows(results: Path, study_auc) -> None:
 
     print("\nVoxel models (5-fold patient-grouped CV), ROC AUC mean ± SD | distance to T2L | [study]")
     for (target, sub), auc in study_auc.items():
-        roc = results / "rf_cv" / f"rf-{target}-{sub}" / "roc.json"
+        roc = results / "voxel_models" / f"rf-{target}-{sub}" / "roc.json"
         if roc.exists():
             r = json.loads(roc.read_text())
             print(
                 f"  {target}/{sub:5}: {r['auc_mean']:.3f} ± {r['auc_std']:.3f} | {r['auc_distance']:.3f} | [{auc:.2f}]"
             )
-    policies = results / "rf_cv" / "missing_policies.csv"
+    policies = results / "voxel_models" / "missing_policies.csv"
     if policies.exists():
         print("Missing MRSI: AUC all features / anatomical features / gain (all patients)")
         for r in pd.read_csv(policies).itertuples():

@@ -6,9 +6,11 @@ Takes exactly the options of `ctvlab predict` (`python jobs/predict.py --help`).
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # the package, without install
+# The package, without install; the jobs folder itself leaves the import path, so no job's name can
+# shadow a module.
+sys.path[0] = str(Path(__file__).resolve().parents[1] / "platform")
 
-from ctvlab.cli import run_job
+from ctvlab.cli import run_job  # noqa: E402 (after the path is set)
 
 if __name__ == "__main__":
     run_job("predict")

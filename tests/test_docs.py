@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from ctvlab.cli import app
 from ctvlab.tracking import Tracker
+from tests.test_stage_table import assert_one_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -50,7 +51,7 @@ def test_every_command_in_the_table_exists():
 def test_the_job_scripts_the_readme_names_exist():
     section = PAGES["guides/cluster.md"].split("## Testing jobs on one machine", 1)[0]
     scripts = set(re.findall(r"`?(\w+\.py)`?", section))
-    assert "run_study.py" in scripts
+    assert "run.py" in scripts
     for s in scripts:
         assert (REPO / "jobs" / s).is_file(), s
 
@@ -80,14 +81,15 @@ def test_stage_by_stage_session_runs_as_written(tmp_path, ray_local, monkeypatch
     work = tmp_path / "runs" / "mine"
     assert (work / "cohort" / "manifest.csv").is_file() and (work / "prep" / "dataset.json").is_file()
     results = work / "results"
-    assert len(list((results / "rf_cv").glob("rf-*"))) == 6  # {nel, cel} x {all, early, late}
+    assert len(list((results / "voxel_models").glob("rf-*"))) == 6  # {nel, cel} x {all, early, late}
     assert (results / "stats" / "category_boxes.png").is_file()
     assert (results / "evaluate" / "summary.csv").is_file() and (results / "model" / "model.json").is_file()
     runs = [r for name in ("ctvlab-synthetic", "ctvlab-demo")
             for r in Tracker(name, f"sqlite:///{tmp_path / 'mlflow.db'}").find_runs()]  # fmt: skip
-    assert {"split", "rf-cv", "stats", "tune", "tune-trial", "evaluate"} <= {
+    assert {"split", "voxel-models", "stats", "tune", "tune-trial", "evaluate"} <= {
         r.data.tags.get("ctvlab.stage") for r in runs
     }
+    assert_one_vocabulary(work, runs)  # the stage commands write under the stage table's names too
     # The demo's search uses ASHA, which ends trials from outside (here at max_t): none is left RUNNING.
     left_open = [
         (r.data.tags.get("ctvlab.stage"), r.info.run_name) for r in runs if r.info.status == "RUNNING"

@@ -18,24 +18,23 @@ import pytest
 
 from ctvlab.tracking import Tracker
 from tests.conftest import free_port, start_mlflow_server
+from tests.test_stage_table import assert_one_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = sorted(p for p in (REPO / "jobs").glob("*.py"))
 
 
 def test_every_stage_has_a_job():
+    """Each stage with a command has its job, named after it (`ctvlab.stage_table`)."""
+    from ctvlab.stage_table import STAGES
+
     names = {p.stem for p in JOBS}
-    assert {"synthesize", "validate_cohort", "preprocess_cohort", "split_patients", "voxel_cv", "voxel_stats",
-            "train_unet", "tune_unet", "evaluate_ctvs", "run_study"} <= names  # fmt: skip
-    # A job named after a library it imports would shadow that library on sys.path.
-    assert not names & {"ray", "mlflow", "torch", "xgboost", "monai", "sklearn", "platform"}
+    assert {s.ident for s in STAGES if s.command} <= names
+    assert {"run", "predict"} <= names
 
 
-# Each job script runs one `ctvlab` command (ctvlab.cli.run_job).
-COMMAND_OF_JOB = {"synthesize": "synth", "validate_cohort": "validate", "preprocess_cohort": "preprocess",
-                  "split_patients": "split", "voxel_cv": "rf-cv", "voxel_stats": "stats", "train_unet": "train",
-                  "tune_unet": "tune", "evaluate_ctvs": "evaluate", "predict": "predict", "run_study": "run",
-                  "study_report": "report"}  # fmt: skip
+# Each job script runs one `ctvlab` command (ctvlab.cli.run_job): the one its name says.
+COMMAND_OF_JOB = {p.stem: p.stem.replace("_", "-") for p in JOBS}
 # What every job needs on a cluster: the study, its overrides, where the results go, a smoke check.
 JOB_OPTIONS = {"--config", "--set", "--workdir", "--smoke-test"}
 COMPUTE_OPTIONS = JOB_OPTIONS | {"--tracking-uri", "--address"}
@@ -63,8 +62,18 @@ def help_options(job: Path) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", out.stdout)) - {"--help"}
 
 
-def test_every_job_runs_a_command():
-    assert set(COMMAND_OF_JOB) == {p.stem for p in JOBS}
+def test_every_job_runs_the_command_it_is_named_after():
+    import re
+
+    import typer
+
+    from ctvlab.cli import app
+
+    commands = set(typer.main.get_command(app).commands)
+    for job in JOBS:
+        ran = re.findall(r'run_job\("([a-z-]+)"\)', job.read_text())
+        assert ran == [COMMAND_OF_JOB[job.stem]], job.name
+        assert ran[0] in commands, job.name
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.stem)
@@ -80,7 +89,7 @@ def test_job_accepts_exactly_its_commands_options(job):
 def test_job_with_a_bad_config_fails_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("unet:\n  optim:\n    lrr: 1\n")
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "split_patients.py"), "--config", str(bad)],
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "split.py"), "--config", str(bad)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2
     assert "unknown key 'unet.optim.lrr'" in out.stderr and "Traceback" not in out.stderr
@@ -219,7 +228,7 @@ EXCLUDES = [".venv", ".git", "runs", "mlflow.db", "mlartifacts", "mlruns", "*.eg
 def submit_study(client, workdir: str, *extra: str) -> str:
     """Submit the demo's smoke study as a user would: the checkout as the working directory, results in
     `workdir`."""
-    return submit(client, f"jobs/run_study.py --config jobs/configs/demo.yaml --smoke-test --workdir {workdir}",
+    return submit(client, f"jobs/run.py --config jobs/configs/demo.yaml --smoke-test --workdir {workdir}",
                   *extra)  # fmt: skip
 
 
@@ -282,7 +291,8 @@ def test_pipeline_job_on_a_two_node_cluster_tracks_through_a_server(two_node_clu
 
         runs = Tracker("ctvlab-demo", uri).find_runs()
         stages = {r.data.tags.get("ctvlab.stage") for r in runs}
-        assert {"split", "rf-cv", "stats", "tune", "tune-trial", "evaluate"} <= stages
+        assert {"split", "voxel-models", "stats", "tune", "tune-trial", "evaluate"} <= stages
+        assert_one_vocabulary(smoke, runs)  # stamps, folders and tags under the stage table's names
         assert all(
             r.info.status == "FINISHED" for r in runs if r.data.tags.get("ctvlab.stage") != "tune-trial"
         )

@@ -88,7 +88,7 @@ def test_single_stage_commands_take_the_working_directory_lock(tmp_path):
     """A stage run on its own writes the same results and pointer files as `ctvlab run`: while another
     process holds the working directory, each is refused before it touches anything."""
     workdir = tmp_path / "work"
-    commands = [["split"], ["rf-cv"], ["stats"], ["train"], ["tune"], ["tune", "--ablation"], ["evaluate"]]
+    commands = [["split"], ["voxel-models"], ["stats"], ["train"], ["tune"], ["ablation"], ["evaluate"]]
     with exclusive(workdir, "ctvlab run"):
         procs = [(c, _ctvlab(*c, "--workdir", str(workdir))) for c in commands]
         errors = [(c, p.communicate(timeout=120)[1]) for c, p in procs]

@@ -40,7 +40,7 @@ def _study(tmp_path: Path, prepared_phantom: Path, phantom_cohort: Path) -> Stud
     ).to_csv(ev / "wilcoxon.csv", index=False)
     (ev / "fig3_metric_boxes.png").write_bytes(PNG)
     (ev / "fig4_contours_pt-abc.png").write_bytes(PNG)
-    roc = res / "rf_cv" / "rf-cel-all"
+    roc = res / "voxel_models" / "rf-cel-all"
     roc.mkdir(parents=True)
     (roc / "roc.json").write_text(
         json.dumps({"auc": 0.8, "auc_mean": 0.812, "auc_std": 0.05, "auc_distance": 0.9})

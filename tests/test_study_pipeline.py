@@ -18,21 +18,26 @@ from ctvlab.atomic import digest
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, LeakageError
 from ctvlab.pipeline import STAGE_INPUTS, StageFailed, run_study, stage_key
+from ctvlab.stage_table import BY_NAME
+from tests.test_stage_table import assert_one_vocabulary
 
-STAMPED = list(STAGE_INPUTS)  # cohort, split, voxel_models, stats, model, final, losses, ablation, evaluate
+STAMPED = list(
+    STAGE_INPUTS
+)  # synth, split, voxel-models, stats, tune, train, final, loss-study, ablation, evaluate
 
 
 def _keys(cfg: StudyConfig, dataset: str = "dataset-0") -> dict[str, str]:
     """Every stage's key, with each stage's output digest derived as the real stage derives it: the split
     digest covers (patient, role, fold), which the split settings decide and the data's content does not
-    (the bug of issue 14); a model trained again has new weights, so its digest follows its key."""
+    (the bug of issue 14); a model trained again has new weights, so its digest follows its key. The
+    default config searches and trains a final model: `train` is keyed but feeds nothing."""
     inputs: dict[str, str | None] = {"dataset": dataset}
     keys = {}
     for stage in STAMPED:
         keys[stage] = stage_key(stage, cfg, inputs)
         if stage == "split":
             inputs["split"] = digest(cfg.split.model_dump(mode="json"))
-        elif stage == "model":  # the search: its best configuration, and a model
+        elif stage == "tune":  # the search: its best configuration, and a model
             inputs["search"] = digest(["best configuration", keys[stage]])
             inputs["model"] = digest(["weights", keys[stage]])
         elif stage == "final":  # the evaluated model is the final one
@@ -53,39 +58,45 @@ def _set(path: str, value):
     return change
 
 
-DOWNSTREAM_OF_DATA = {"split", "voxel_models", "stats", "model", "final", "losses", "ablation", "evaluate"}
+DOWNSTREAM_OF_DATA = {
+    "split",
+    "voxel-models",
+    "stats",
+    "tune",
+    "train",
+    "final",
+    "loss-study",
+    "ablation",
+    "evaluate",
+}
 
 # (what changes, the config change, the new dataset digest or None, the stages that must re-run)
 ROWS = [
-    ("synth.n_patients", _set("synth.n_patients", 9), None, {"cohort"}),
+    ("synth.n_patients", _set("synth.n_patients", 9), None, {"synth"}),
     # preprocessing settings and input files reach later stages only through the dataset digest
     ("preprocess.ring_mm", _set("preprocess.ring_mm", 30.0), "dataset-ring30", DOWNSTREAM_OF_DATA),
     ("one input file", lambda c: c, "dataset-new-flair", DOWNSTREAM_OF_DATA),
-    (
-        "split.seed",
-        _set("split.seed", 7),
-        None,
-        {"split", "voxel_models", "stats", "model", "final", "losses", "ablation", "evaluate"},
-    ),
-    ("voxel_models.model", _set("voxel_models.model", "xgboost"), None, {"voxel_models"}),
+    ("split.seed", _set("split.seed", 7), None, DOWNSTREAM_OF_DATA),
+    ("voxel_models.model", _set("voxel_models.model", "xgboost"), None, {"voxel-models"}),
     ("stats.primary_test", _set("stats.primary_test", "mannwhitney"), None, {"stats"}),
     # the search's trials train tune.epochs_per_trial epochs: the final model's settings retrain it alone
-    ("unet.train.epochs", _set("unet.train.epochs", 5), None, {"final", "evaluate"}),
+    # (and a single training run, which trains unet.train.epochs too, but not the final loss)
+    ("unet.train.epochs", _set("unet.train.epochs", 5), None, {"train", "final", "evaluate"}),
     ("unet.final_loss", _set("unet.final_loss", "pcc+bce"), None, {"final", "evaluate"}),
-    ("unet.train.patience", _set("unet.train.patience", 10), None, {"final", "evaluate"}),
-    ("tune.loss_study.betas", _set("tune.loss_study.betas", [0.9]), None, {"losses"}),
+    ("unet.train.patience", _set("unet.train.patience", 10), None, {"train", "final", "evaluate"}),
+    ("tune.loss_study.betas", _set("tune.loss_study.betas", [0.9]), None, {"loss-study"}),
     ("tune.ablation_samples", _set("tune.ablation_samples", 3), None, {"ablation"}),
     (
         "unet.optim.lr (the search's base)",
         _set("unet.optim.lr", 1e-4),
         None,
-        {"model", "final", "losses", "ablation", "evaluate"},
+        {"tune", "train", "final", "loss-study", "ablation", "evaluate"},
     ),
     (
         "tune.num_samples",
         _set("tune.num_samples", 3),
         None,
-        {"model", "final", "losses", "ablation", "evaluate"},
+        {"tune", "final", "loss-study", "ablation", "evaluate"},
     ),
     ("ctv.rtog_margin_mm", _set("ctv.rtog_margin_mm", 25.0), None, {"evaluate"}),
     ("ray.num_cpus (execution only)", _set("ray.num_cpus", 3), None, set()),
@@ -138,7 +149,7 @@ class Recorder:
         self.searched = 0
         self.trained_with: list = []
         self.resumed: list[bool] = []
-        monkeypatch.setattr(ctvlab.stages.analysis, "rf_cv_stage", self.rf_cv)
+        monkeypatch.setattr(ctvlab.stages.analysis, "voxel_models_stage", self.voxel_models)
         monkeypatch.setattr(ctvlab.stages.analysis, "stats_stage", self.stats)
         monkeypatch.setattr(ctvlab.stages.train, "train_unet", self.train)
         monkeypatch.setattr(ctvlab.stages.tune, "tune_study", self.search)
@@ -150,12 +161,14 @@ class Recorder:
         if self.fail == name:
             raise CtvlabError(f"{name} broke (injected)")
 
-    def rf_cv(self, cfg, prep):
+    def voxel_models(self, cfg, prep):
         self._enter("voxel_models")
+        Path(cfg.results_dir, "voxel_models").mkdir(parents=True, exist_ok=True)  # as the real stage
         return {}
 
     def stats(self, cfg, prep):
         self._enter("stats")
+        Path(cfg.results_dir, "stats").mkdir(parents=True, exist_ok=True)
         result = SimpleNamespace(summary=lambda: {"n_significant": 0}, tests=[])
         return result, "run-stats"
 
@@ -216,10 +229,12 @@ def test_a_new_ring_reruns_preprocessing_and_everything_after_it(study):
     first = run_study(cfg)
     assert rec.ran == ["voxel_models", "stats", "model", "evaluate"]
     assert _statuses(first)["split"] == "ran"
+    assert set(_statuses(first)) <= set(BY_NAME)  # the run prints the stage table's names
+    assert_one_vocabulary(Path(cfg.workdir))
 
     rec.ran.clear()
     again = run_study(cfg)
-    assert rec.ran == [] and _statuses(again)["statistics"] == "skipped (current)"
+    assert rec.ran == [] and _statuses(again)["stats"] == "skipped (current)"
 
     changed = cfg.model_copy(deep=True)
     changed.preprocess.ring_mm = 30.0
@@ -270,7 +285,7 @@ def test_one_change_reruns_its_stage_and_those_downstream_and_evaluates_the_matc
     assert rec.ran == recorded, what
     for stage in ("preprocess", "split"):
         assert (stage in ran) == (stage in rerun), (what, stage, ran)
-    assert all(r.status in ("ran", "skipped (current)", "given", "off") for r in outcome.stages), (
+    assert all(r.status in ("ran", "skipped (current)", "cohort given", "off") for r in outcome.stages), (
         outcome.stages
     )
     # Evaluation ran on the model of this run's data and settings: the one trained last.
@@ -344,7 +359,7 @@ def test_the_final_model_trains_the_searchs_best_configuration_and_resumes_witho
     outcome = run_study(cfg)
     assert rec.ran == ["final", "evaluate"] and rec.searched == 1  # the finished search is not run again
     assert rec.resumed == [False, True]
-    assert "continued the interrupted run" in {r.name: r.detail for r in outcome.stages}["final model"]
+    assert "continued the interrupted run" in {r.name: r.detail for r in outcome.stages}["final"]
     assert rec.evaluated_model == rec.trained  # evaluation got the final model, not the search's best
 
     rec.ran = []  # another final loss: a new final model, the same search
@@ -394,7 +409,7 @@ def test_dry_run_says_what_would_run_and_why_and_run_does_exactly_that(study):
         return {p.name: (p.status, p.why) for p in plan_study(c)}
 
     fresh = planned(cfg)
-    assert fresh["cohort"][0] == "given" and fresh["preprocess"] == ("will run", "no prepared data")
+    assert fresh["synth"][0] == "cohort given" and fresh["preprocess"] == ("will run", "no prepared data")
     assert fresh["split"][0] == "will run" and fresh["evaluate"][0] == "will run"
     run_study(cfg)
     rec.ran.clear()
@@ -414,7 +429,7 @@ def test_dry_run_says_what_would_run_and_why_and_run_does_exactly_that(study):
     changed.split.seed = 7
     plan = planned(changed)
     assert plan["split"] == ("will run", "settings changed: split.seed")
-    assert plan["train"] == ("will run", "after split") and plan["voxel models"] == (
+    assert plan["train"] == ("will run", "after split") and plan["voxel-models"] == (
         "will run",
         "after split",
     )

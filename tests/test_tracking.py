@@ -25,7 +25,7 @@ def test_flatten_nested_settings():
 
 
 def _log_a_run(tracker: Tracker) -> str:
-    with tracker.run("cv", tags={"ctvlab.stage": "rf-cv"}) as parent:
+    with tracker.run("cv", tags={"ctvlab.stage": "voxel-models"}) as parent:
         parent.params({"voxel_models": {"model": "rf", "rf": {"n_estimators": 10}}})
         parent.metrics({"auc_mean": 0.81, "auc_sd": 0.05, "skipped": float("nan")})
         parent.dataset("prepared", "d" * 64, "/data/prep", context="training")
@@ -41,7 +41,7 @@ def _check_run(tracker: Tracker, run_id: str) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["voxel_models.rf.n_estimators"] == "10"
     assert run.data.metrics == {"auc_mean": 0.81, "auc_sd": 0.05}
-    assert run.data.tags["ctvlab.stage"] == "rf-cv"
+    assert run.data.tags["ctvlab.stage"] == "voxel-models"
     assert run.data.tags["ctvlab.git_commit"]
     assert run.data.tags["mlflow.note.content"].startswith("Voxel-wise progression model")  # UI description
     # opens in the UI's model-training view, not MLflow 3's GenAI view (traces, sessions)

@@ -337,8 +337,8 @@ def split(
     )
 
 
-@app.command("rf-cv")
-def rf_cv(
+@app.command("voxel-models")
+def voxel_models(
     data: DataOpt = None,
     model: Annotated[str | None, Opt("--model", help="rf or xgboost (default: the config's).")] = None,
     target: Annotated[
@@ -359,7 +359,7 @@ def rf_cv(
     address: AddressOpt = None,
 ) -> None:
     """Voxel-wise progression models with 5-fold patient-grouped CV (ROC AUC, importances, ROC curves)."""
-    from ctvlab.stages.analysis import rf_cv_stage
+    from ctvlab.stages.analysis import voxel_models_stage
 
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
@@ -367,8 +367,8 @@ def rf_cv(
         cfg.voxel_models.model = model
     targets = ["nel", "cel"] if all_ else ([target] if target else None)
     subgroups = ["all", "early", "late"] if all_ else ([subgroup] if subgroup else None)
-    with _one_writer(cfg, "rf-cv"), _recorded(cfg):
-        results = rf_cv_stage(cfg, data, targets=targets, subgroups=subgroups, parallel=not serial)
+    with _one_writer(cfg, "voxel-models"), _recorded(cfg):
+        results = voxel_models_stage(cfg, data, targets=targets, subgroups=subgroups, parallel=not serial)
     from rich.table import Table
 
     t = Table(title=f"{cfg.voxel_models.model} voxel models, 5-fold patient-grouped CV")
@@ -397,7 +397,7 @@ def rf_cv(
         )
     console = _console()
     console.print(t)
-    console.print(f"tables and figures: {Path(cfg.results_dir, 'rf_cv')}")
+    console.print(f"tables and figures: {Path(cfg.results_dir, 'voxel_models')}")
 
 
 @app.command()
@@ -478,17 +478,6 @@ def tune(
     resume: Annotated[
         bool, Opt("--resume", help="Restore the last interrupted search (finished trials are kept).")
     ] = False,
-    ablation: Annotated[
-        bool, Opt("--ablation", help="Modality ablation (Fig. 2): a random search per input set.")
-    ] = False,
-    losses: Annotated[
-        bool,
-        Opt(
-            "--losses",
-            help="Loss study (Supp. Figs. 2, 3): the last search's best configuration (else the unet "
-            "settings) trained per loss and per Tversky β, scored on the test patients.",
-        ),
-    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     workdir: WorkdirOpt = None,
@@ -496,30 +485,57 @@ def tune(
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ) -> None:
-    """Hyperparameter search on Ray Tune (grid, then random search), the modality ablation or the loss study."""
+    """Hyperparameter search on Ray Tune (grid, then random search)."""
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
-    console = _console()
-    if losses:
-        from ctvlab.splits import load_split
-        from ctvlab.stages.losses import print_loss_study, run_loss_study
-        from ctvlab.stages.tune import last_best_params
-
-        best = last_best_params(cfg, load_split(data))
-        console.print(f"loss study from {'the last search: ' + str(best) if best else 'the unet settings'}")
-        with _one_writer(cfg, "tune --losses"), _recorded(cfg):
-            print_loss_study(run_loss_study(cfg, data, best=best), console)
-        return
-    if ablation:
-        from ctvlab.stages.ablation import print_ablation, run_ablation
-
-        with _one_writer(cfg, "tune --ablation"), _recorded(cfg):
-            print_ablation(run_ablation(cfg, data), console)
-        return
     from ctvlab.stages.tune import print_search, tune_study
 
     with _one_writer(cfg, "tune"), _recorded(cfg):
-        print_search(tune_study(cfg, data, resume=resume), console)
+        print_search(tune_study(cfg, data, resume=resume), _console())
+
+
+@app.command("loss-study")
+def loss_study(
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
+    tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Loss study (Supp. Figs. 2, 3): the last search's best configuration (else the unet settings) trained
+    per loss and per Tversky β, scored on the test patients."""
+    from ctvlab.splits import load_split
+    from ctvlab.stages.losses import print_loss_study, run_loss_study
+    from ctvlab.stages.tune import last_best_params
+
+    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
+    data = _data(cfg, data)
+    console = _console()
+    best = last_best_params(cfg, load_split(data))
+    console.print(f"loss study from {'the last search: ' + str(best) if best else 'the unet settings'}")
+    with _one_writer(cfg, "loss-study"), _recorded(cfg):
+        print_loss_study(run_loss_study(cfg, data, best=best), console)
+
+
+@app.command()
+def ablation(
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
+    tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Modality ablation (Fig. 2): a random search per input set."""
+    from ctvlab.stages.ablation import print_ablation, run_ablation
+
+    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
+    data = _data(cfg, data)
+    with _one_writer(cfg, "ablation"), _recorded(cfg):
+        print_ablation(run_ablation(cfg, data), _console())
 
 
 @app.command()

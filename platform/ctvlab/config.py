@@ -326,7 +326,7 @@ class VoxelModelConfig(Strict):
         True,
         description="Random forest only: also run both missing-MRSI policies with every feature and with "
         "the anatomical ones (all patients), and report each policy's AUC gain over anatomy beside the "
-        "chosen one (results/rf_cv/missing_policies.csv). On a --null cohort the gain should be ≈ 0.",
+        "chosen one (results/voxel_models/missing_policies.csv). On a --null cohort the gain should be ≈ 0.",
     )
     class_balance: Literal["balanced", "subsample"] = Field(
         "balanced",
@@ -699,7 +699,9 @@ class RayConfig(Strict):
 class PipelineConfig(Strict):
     """Which stages `ctvlab run` performs (cohort, validation, preprocessing and split always run)."""
 
-    voxel_models: bool = Field(True, description="Voxel-wise progression models (rf-cv) for each target.")
+    voxel_models: bool = Field(
+        True, description="Voxel-wise progression models (voxel-models) for each target."
+    )
     stats: bool = Field(True, description="Per-patient medians per voxel category and paired tests.")
     search: bool = Field(True, description="Hyperparameter search; False trains the `unet` settings once.")
     ablation: bool = Field(False, description="The modality ablation of Fig. 2 (one search per input set).")

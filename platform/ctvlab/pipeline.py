@@ -1,8 +1,9 @@
 """`ctvlab run`: the whole study from one config.
 
-cohort (synthetic or given) → validate → preprocess → split → voxel models and statistics → search (or a
-single training run) → evaluate. Each stage is skipped when its outputs exist and are current: every stage
-writes a stamp (`<workdir>/stamps/<stage>.json`) holding `stage_key`, the digest of its own settings, of
+synth (or a given cohort) → validate → preprocess → split → voxel-models and stats → tune (or one
+training run, train) → final → loss-study, ablation → evaluate → report: the stages of
+`ctvlab.stage_table`, named as it names them. Each stage is skipped when its outputs exist and are
+current: every stage writes a stamp (`<workdir>/stamps/<stage, with underscores>.json`) holding `stage_key`, the digest of its own settings, of
 every input it reads (the dataset digest, the split digest, the model digest) and of the ctvlab version,
 and runs again only when that digest changes. The split digest alone is not enough: it covers (patient,
 role, fold), which stay the same when preprocessing settings change the data under them. Preprocessing
@@ -11,8 +12,8 @@ skips unchanged patients on its own.
 A stage that fails stops the run (after the summary); with `keep_going` the stages that do not need its
 outputs still run, and the run fails at the end.
 
-About 420 lines: one function per stage of the run and the stamp logic they share, read top to bottom in
-the order the study runs.
+One function per stage of the run and the stamp logic they share, read top to bottom in the order the
+study runs; `plan_study` says the same without running anything (`ctvlab run --dry-run`).
 """
 
 from __future__ import annotations
@@ -29,63 +30,22 @@ from ctvlab import __version__
 from ctvlab.atomic import digest, sha256_file, write_json_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, InfrastructureError, LeakageError
+from ctvlab.stage_table import STAMPED, settings_of
+from ctvlab.stage_table import stage as stage_named
 
-# What each stamped stage reads besides its own settings. "dataset": the prepared data's digest
-# (dataset.json); "split": the split digest; "search": the digest of the search's best configuration;
-# "model": the digest of the evaluated model folder's files (the final model's, or the search's or training
-# run's when there is no final model).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "cohort": (),
-    "split": ("dataset",),
-    "voxel_models": ("dataset", "split"),
-    "stats": ("dataset", "split"),
-    "model": ("dataset", "split"),
-    "final": ("dataset", "split", "search"),
-    "losses": ("dataset", "split", "search"),
-    "ablation": ("dataset", "split"),
-    "evaluate": ("dataset", "split", "model"),
-}
+# What each stamped stage reads besides its own settings (`ctvlab.stage_table`).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {s.name: s.inputs for s in STAMPED}
 
 
 def stage_settings(stage: str, cfg: StudyConfig) -> dict[str, Any]:
-    """The settings that shape a stage's results (execution settings such as Ray's are left out)."""
-    dump = {
-        "cohort": lambda: {"synth": cfg.synth.model_dump(mode="json")},
-        "split": lambda: {"split": cfg.split.model_dump(mode="json")},
-        "voxel_models": lambda: {"voxel_models": cfg.voxel_models.model_dump(mode="json")},
-        "stats": lambda: {"stats": cfg.stats.model_dump(mode="json")},
-        "model": lambda: (
-            {
-                "unet": search_unet_settings(cfg),
-                "tune": cfg.tune.model_dump(mode="json", exclude=SEARCH_ONLY_NOT),
-            }
-            if cfg.pipeline.search
-            else {"unet": cfg.unet.model_dump(mode="json")}
-        ),
-        "final": lambda: {"unet": cfg.unet.model_dump(mode="json")},
-        "losses": lambda: {
-            "unet": search_unet_settings(cfg),
-            "loss_study": cfg.tune.loss_study.model_dump(mode="json"),
-            "epochs_per_trial": cfg.tune.epochs_per_trial,
-        },
-        "ablation": lambda: {
-            "unet": search_unet_settings(cfg),
-            "tune": cfg.tune.model_dump(mode="json", exclude={"loss_study"}),
-        },
-        "evaluate": lambda: {"ctv": cfg.ctv.model_dump(mode="json")},
-    }
-    return dump[stage]()
+    """The settings that shape a stage's results, as the stage table declares them (execution settings such
+    as Ray's are left out)."""
+    return settings_of(stage, cfg.model_dump(mode="json"))
 
 
-# The tune settings a search does not read: those of the ablation and of the loss study.
-SEARCH_ONLY_NOT = {"loss_study", "ablation_sets", "ablation_samples", "ablation_loss"}
-
-
-def search_unet_settings(cfg: StudyConfig) -> dict[str, Any]:
-    """The U-Net settings a search's trials use: without the final model's loss, epochs and patience
-    (trials train `tune.epochs_per_trial` epochs), so that changing those retrains the final model only."""
-    dump = cfg.unet.model_dump(mode="json", exclude={"final_loss": True, "train": {"epochs", "patience"}})
-    return dump
+def model_stage(cfg: StudyConfig) -> str:
+    """The stage that trains the study's model: a search, or one training run."""
+    return "tune" if cfg.pipeline.search else "train"
 
 
 def final_model_on(cfg: StudyConfig) -> bool:
@@ -148,7 +108,7 @@ class Stamps:
         self.folder = Path(workdir) / "stamps"
 
     def read(self, stage: str) -> dict[str, Any] | None:
-        path = self.folder / f"{stage}.json"
+        path = self.folder / f"{stage_named(stage).ident}.json"
         return json.loads(path.read_text()) if path.exists() else None
 
     def current(self, stage: str, key: str) -> dict[str, Any] | None:
@@ -158,7 +118,8 @@ class Stamps:
     def write(self, stage: str, key: str, parts: dict[str, Any] | None = None, **info: Any) -> None:
         """Stamp a stage; `parts` (`stage_parts`) are kept beside the key for `--dry-run`'s reasons."""
         write_json_atomic(
-            self.folder / f"{stage}.json", {"key": key, **info, **({"parts": parts} if parts else {})}
+            self.folder / f"{stage_named(stage).ident}.json",
+            {"key": key, **info, **({"parts": parts} if parts else {})},
         )
 
 
@@ -206,28 +167,28 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
     stamps = Stamps(workdir)
     tracker = tracker_for(cfg)
     state: dict[str, Any] = {}
-    model_name = "search" if cfg.pipeline.search else "train"
+    model_name = model_stage(cfg)
     # (name, enabled, the stages it needs, the stage)
     plan: list[tuple[str, bool, tuple[str, ...], Callable[[], StageRecord]]] = [
-        ("cohort", True, (), lambda: _cohort(cfg, stamps, force)),
-        ("validate", True, ("cohort",), lambda: _validate(cfg, console, state)),
+        ("synth", True, (), lambda: _synth(cfg, stamps, force)),
+        ("validate", True, ("synth",), lambda: _validate(cfg, console, state)),
         ("preprocess", True, ("validate",), lambda: _preprocess(cfg, console, state)),
         ("split", True, ("preprocess",), lambda: _split(cfg, stamps, state, force)),
         (
-            "voxel models",
+            "voxel-models",
             cfg.pipeline.voxel_models,
             ("split",),
             lambda: _voxel_models(cfg, stamps, state, force),
         ),
-        ("statistics", cfg.pipeline.stats, ("split",), lambda: _stats(cfg, stamps, state, force)),
+        ("stats", cfg.pipeline.stats, ("split",), lambda: _stats(cfg, stamps, state, force)),
         (model_name, True, ("split",), lambda: _model(cfg, stamps, state, force)),
-        ("final model", final_model_on(cfg), (model_name,), lambda: _final(cfg, stamps, state, force)),
-        ("loss study", cfg.pipeline.loss_study, (model_name,), lambda: _losses(cfg, stamps, state, force)),
+        ("final", final_model_on(cfg), (model_name,), lambda: _final(cfg, stamps, state, force)),
+        ("loss-study", cfg.pipeline.loss_study, (model_name,), lambda: _losses(cfg, stamps, state, force)),
         ("ablation", cfg.pipeline.ablation, ("split",), lambda: _ablation(cfg, stamps, state, force)),
         (
             "evaluate",
             cfg.pipeline.evaluate,
-            (model_name, "final model"),
+            (model_name, "final"),
             lambda: _evaluate(cfg, stamps, state, console, force),
         ),
         ("report", True, (), lambda: _report(cfg)),
@@ -309,19 +270,19 @@ def _each_stage(cfg: StudyConfig, plan, console, keep_going: bool, say):
 # --- stages ------------------------------------------------------------------------------------------
 
 
-def _cohort(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
+def _synth(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
     if cfg.cohort.source == "raw":
         if not (Path(cfg.raw_dir) / "manifest.csv").exists():
             raise CtvlabError(f"cohort.raw_dir {cfg.raw_dir} has no manifest.csv")
-        return StageRecord("cohort", "given", detail=str(cfg.raw_dir))
+        return StageRecord("synth", "cohort given", detail=str(cfg.raw_dir))
     from ctvlab.synth.cohort import generate_cohort
 
-    key = stage_key("cohort", cfg, {})
-    if not force and stamps.current("cohort", key) and (cfg.raw_dir / "manifest.csv").exists():
-        return StageRecord("cohort", "skipped (current)", detail=str(cfg.raw_dir))
+    key = stage_key("synth", cfg, {})
+    if not force and stamps.current("synth", key) and (cfg.raw_dir / "manifest.csv").exists():
+        return StageRecord("synth", "skipped (current)", detail=str(cfg.raw_dir))
     generate_cohort(cfg.raw_dir, cfg.synth)
-    stamps.write("cohort", key, stage_parts("cohort", cfg, {}))
-    return StageRecord("cohort", "ran", detail=f"{cfg.synth.n_patients} synthetic patients in {cfg.raw_dir}")
+    stamps.write("synth", key, stage_parts("synth", cfg, {}))
+    return StageRecord("synth", "ran", detail=f"{cfg.synth.n_patients} synthetic patients in {cfg.raw_dir}")
 
 
 def _validate(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord:
@@ -387,15 +348,15 @@ def _split(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
 
 
 def _voxel_models(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
-    from ctvlab.stages.analysis import rf_cv_stage
+    from ctvlab.stages.analysis import voxel_models_stage
 
-    key = stage_key("voxel_models", cfg, state["inputs"])
-    if not force and stamps.current("voxel_models", key):
-        return StageRecord("voxel models", "skipped (current)")
-    results = rf_cv_stage(cfg, cfg.prep_dir)
-    stamps.write("voxel_models", key, stage_parts("voxel_models", cfg, state["inputs"]))
+    key = stage_key("voxel-models", cfg, state["inputs"])
+    if not force and outputs_current(cfg, "voxel-models", stamps.current("voxel-models", key)):
+        return StageRecord("voxel-models", "skipped (current)")
+    results = voxel_models_stage(cfg, cfg.prep_dir)
+    stamps.write("voxel-models", key, stage_parts("voxel-models", cfg, state["inputs"]))
     detail = "; ".join(f"{t}/{s} AUC {r.auc_mean:.2f}±{r.auc_std:.2f}" for (t, s), r in results.items())
-    return StageRecord("voxel models", "ran", detail=detail)
+    return StageRecord("voxel-models", "ran", detail=detail)
 
 
 def _stats(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
@@ -403,21 +364,21 @@ def _stats(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
 
     key = stage_key("stats", cfg, state["inputs"])
     if not force and stamps.current("stats", key):
-        return StageRecord("statistics", "skipped (current)")
+        return StageRecord("stats", "skipped (current)")
     result, run_id = stats_stage(cfg, cfg.prep_dir)
     stamps.write("stats", key, stage_parts("stats", cfg, state["inputs"]))
-    return StageRecord("statistics", "ran", detail=f"{int(result.summary()['n_significant'])} of "
+    return StageRecord("stats", "ran", detail=f"{int(result.summary()['n_significant'])} of "
                                                    f"{len(result.tests)} tests significant", run_ids=[run_id])  # fmt: skip
 
 
 def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
-    name = "search" if cfg.pipeline.search else "train"
-    key = stage_key("model", cfg, state["inputs"])
+    name = model_stage(cfg)
+    key = stage_key(name, cfg, state["inputs"])
     # With a final model after it, the search's best trial is kept apart from the evaluated model.
     model_dir = Path(cfg.results_dir, "search_model" if final_model_on(cfg) else "model")
-    stamp = stamps.current("model", key)
+    stamp = stamps.current(name, key)
     # Current only when the folder still holds the very model the stamp recorded.
-    if not force and outputs_current(cfg, "model", stamp):
+    if not force and outputs_current(cfg, name, stamp):
         state["model_uri"] = stamp.get("model_uri")
         state["inputs"]["model"] = stamp["model_digest"]
         state["best_params"] = stamp.get("best_params")
@@ -452,7 +413,7 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
         run_ids = [out.run_id]
     state["inputs"]["model"] = model_digest(model_dir)
     state["inputs"]["search"] = digest(state.get("best_params"))
-    stamps.write("model", key, stage_parts("model", cfg, state["inputs"]), model_uri=state["model_uri"], model_digest=state["inputs"]["model"],
+    stamps.write(name, key, stage_parts(name, cfg, state["inputs"]), model_uri=state["model_uri"], model_digest=state["inputs"]["model"],
                  best_params=state.get("best_params"))  # fmt: skip
     return StageRecord(name, "ran", detail=detail, run_ids=[r for r in run_ids if r])
 
@@ -473,7 +434,7 @@ def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     if not force and outputs_current(cfg, "final", stamp):
         state["model_uri"] = stamp.get("model_uri")
         state["inputs"]["model"] = stamp["model_digest"]
-        return StageRecord("final model", "skipped (current)", detail=str(stamp.get("model_uri")))
+        return StageRecord("final", "skipped (current)", detail=str(stamp.get("model_uri")))
     final_cfg = cfg.model_copy(update={"unet": final_unet_config(cfg.unet, best)})
     resume = interrupted_run(Path(cfg.workdir, TRAIN_POINTER), key)
     out = train_unet(final_cfg, cfg.prep_dir, resume=resume, settings_key=key, run_label="final")
@@ -493,19 +454,19 @@ def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     detail = (f"{again}{final_cfg.unet.loss.name} loss, best val Tversky "
               f"{out.best_metrics.get('val_tversky', float('nan')):.3f} at epoch {out.best_epoch + 1}{stopped} → "
               f"{out.model_uri}")  # fmt: skip
-    return StageRecord("final model", "ran", detail=detail, run_ids=[r for r in [out.run_id] if r])
+    return StageRecord("final", "ran", detail=detail, run_ids=[r for r in [out.run_id] if r])
 
 
 def _losses(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
     from ctvlab.stages.losses import run_loss_study
 
-    key = stage_key("losses", cfg, state["inputs"])
-    if not force and outputs_current(cfg, "losses", stamps.current("losses", key)):
-        return StageRecord("loss study", "skipped (current)", detail=str(Path(cfg.results_dir, "losses")))
+    key = stage_key("loss-study", cfg, state["inputs"])
+    if not force and outputs_current(cfg, "loss-study", stamps.current("loss-study", key)):
+        return StageRecord("loss-study", "skipped (current)", detail=str(Path(cfg.results_dir, "loss_study")))
     out = run_loss_study(cfg, cfg.prep_dir, best=state.get("best_params"))
-    stamps.write("losses", key, stage_parts("losses", cfg, state["inputs"]))
+    stamps.write("loss-study", key, stage_parts("loss-study", cfg, state["inputs"]))
     n = len(out.per_patient[["loss", "beta"]].fillna(-1.0).drop_duplicates())  # the shared Tversky run once
-    return StageRecord("loss study", "ran", detail=f"{n} models on the test patients → {out.out_dir}",
+    return StageRecord("loss-study", "ran", detail=f"{n} models on the test patients → {out.out_dir}",
                        run_ids=[out.run_id])  # fmt: skip
 
 
@@ -513,7 +474,7 @@ def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bo
     from ctvlab.stages.ablation import run_ablation
 
     key = stage_key("ablation", cfg, state["inputs"])
-    if not force and stamps.current("ablation", key):
+    if not force and outputs_current(cfg, "ablation", stamps.current("ablation", key)):
         return StageRecord("ablation", "skipped (current)")
     out = run_ablation(cfg, cfg.prep_dir)
     stamps.write("ablation", key, stage_parts("ablation", cfg, state["inputs"]))
@@ -569,7 +530,7 @@ def study_inputs(cfg: StudyConfig) -> tuple[dict[str, str | None], str | None]:
     stamps = Stamps(cfg.workdir)
     split = load_split(cfg.prep_dir)
     first = {"dataset": split.dataset_digest, "split": split.digest}
-    search = stamps.current("model", stage_key("model", cfg, first))
+    search = stamps.current(model_stage(cfg), stage_key(model_stage(cfg), cfg, first))
     inputs = {
         **first,
         "search": digest(search.get("best_params")) if search else None,
@@ -585,12 +546,12 @@ def study_inputs(cfg: StudyConfig) -> tuple[dict[str, str | None], str | None]:
 @dataclass
 class PlannedStage:
     name: str  # as `ctvlab run` prints it
-    status: str  # "will run", "current", "given", "checks each patient", "off"
+    status: str  # "will run", "current", "cohort given", "checks each patient", "off"
     why: str = ""
 
 
 # Which stamped stage makes each input, by the inputs' names in STAGE_INPUTS.
-_PRODUCERS = {"dataset": "preprocess", "split": "split", "search": "model"}
+_PRODUCERS = {"dataset": "preprocess", "split": "split", "search": "tune"}
 
 
 def _changes(old: Any, new: Any, path: str = "") -> list[str]:
@@ -639,22 +600,22 @@ def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
         if status == "will run" and stamp_name:
             running.add(stamp_name)
 
-    # cohort, validation, preprocessing
+    # the cohort, its validation, preprocessing
     if cfg.cohort.source == "raw":
-        add("cohort", None, "given", str(cfg.raw_dir))
+        add("synth", None, "cohort given", str(cfg.raw_dir))
     else:
-        key = stage_key("cohort", cfg, {})
-        current = stamps.current("cohort", key) and (Path(cfg.raw_dir) / "manifest.csv").exists()
-        add("cohort", "cohort", "current" if current else "will run",
-            "" if current else _stale_reason(stamps.read("cohort"), stage_parts("cohort", cfg, {})))  # fmt: skip
+        key = stage_key("synth", cfg, {})
+        current = stamps.current("synth", key) and (Path(cfg.raw_dir) / "manifest.csv").exists()
+        add("synth", "synth", "current" if current else "will run",
+            "" if current else _stale_reason(stamps.read("synth"), stage_parts("synth", cfg, {})))  # fmt: skip
     plan.append(PlannedStage("validate", "will run", "every time: it reads every file"))
     meta_path = Path(cfg.prep_dir) / "dataset.json"
-    if "cohort" in running or not meta_path.exists():
+    if "synth" in running or not meta_path.exists():
         add(
             "preprocess",
             "preprocess",
             "will run",
-            "after the cohort" if "cohort" in running else "no prepared data",
+            "after synth" if "synth" in running else "no prepared data",
         )
     else:
         recorded = json.loads(meta_path.read_text()).get("settings")
@@ -673,26 +634,30 @@ def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
         inputs, _ = study_inputs(cfg)
     except CtvlabError:
         inputs = None
-    model_name = "search" if cfg.pipeline.search else "train"
+    model_name = model_stage(cfg)
     stamped = [
-        ("split", "split", True),
-        ("voxel models", "voxel_models", cfg.pipeline.voxel_models),
-        ("statistics", "stats", cfg.pipeline.stats),
-        (model_name, "model", True),
-        ("final model", "final", final_model_on(cfg)),
-        ("loss study", "losses", cfg.pipeline.loss_study),
-        ("ablation", "ablation", cfg.pipeline.ablation),
-        ("evaluate", "evaluate", cfg.pipeline.evaluate),
+        ("split", True),
+        ("voxel-models", cfg.pipeline.voxel_models),
+        ("stats", cfg.pipeline.stats),
+        ("tune", cfg.pipeline.search),
+        ("train", not cfg.pipeline.search),
+        ("final", final_model_on(cfg)),
+        ("loss-study", cfg.pipeline.loss_study),
+        ("ablation", cfg.pipeline.ablation),
+        ("evaluate", cfg.pipeline.evaluate),
     ]
-    shown = {"cohort": "cohort", "preprocess": "preprocess", **{stage: name for name, stage, _ in stamped}}
-    for name, stage, on in stamped:
+    for stage, on in stamped:
+        name = stage
         if not on:
+            if stage in ("tune", "train"):
+                continue  # the other of the two trains the study's model
             plan.append(PlannedStage(name, "off"))
             continue
-        needs = [_PRODUCERS.get(i, "final" if final_model_on(cfg) else "model") for i in STAGE_INPUTS[stage]]
+        producers = {**_PRODUCERS, "model": "final" if final_model_on(cfg) else model_name}
+        needs = [producers[i] for i in STAGE_INPUTS[stage]]
         before = [n for n in needs if n in running]
         if before:
-            add(name, stage, "will run", "after " + ", ".join(dict.fromkeys(shown[b] for b in before)))
+            add(name, stage, "will run", "after " + ", ".join(dict.fromkeys(before)))
         elif inputs is None:
             add(name, stage, "will run", "no split yet")
         else:
@@ -717,18 +682,20 @@ def outputs_current(cfg: StudyConfig, stage: str, stamp: dict[str, Any] | None) 
     if not stamp:
         return False
     results = Path(cfg.results_dir)
+    searched = results / ("search_model" if final_model_on(cfg) else "model")
     check = {
-        "model": lambda: (
-            bool(stamp.get("model_digest"))
-            and stamp["model_digest"]
-            == model_digest(results / ("search_model" if final_model_on(cfg) else "model"))
+        "tune": lambda: bool(stamp.get("model_digest")) and stamp["model_digest"] == model_digest(searched),
+        "train": lambda: (
+            bool(stamp.get("model_digest")) and stamp["model_digest"] == model_digest(results / "model")
         ),
         "final": lambda: (
             bool(stamp.get("model_digest")) and stamp["model_digest"] == model_digest(results / "model")
         ),
         "evaluate": lambda: (results / "evaluate" / "summary.csv").exists(),
-        "losses": lambda: (results / "losses" / "summary.csv").exists(),
+        "loss-study": lambda: (results / "loss_study" / "summary.csv").exists(),
     }.get(stage)
+    if check is None and stage_named(stage).folder:  # its results folder is still there
+        return (results / stage_named(stage).ident).is_dir()
     return check() if check else True
 
 
@@ -747,8 +714,8 @@ def print_plan(plan: list[PlannedStage], console) -> None:
 
 def current_stages(cfg: StudyConfig) -> dict[str, bool]:
     """Which stamped stages' outputs in the working directory are current for `cfg`: the stamp a stage
-    wrote matches the key it would have now (settings, the inputs on disk, ctvlab's version). Outputs made
-    outside the stamped stages (`ctvlab run`, and `ctvlab evaluate` of the study's model) carry no stamp and
+    wrote matches the key it would have now (settings, the inputs on disk, ctvlab's version). Outputs that
+    carry no stamp (a stage command run on part of the study, such as `ctvlab voxel-models --target nel`)
     are reported as not current."""
     stamps = Stamps(cfg.workdir)
     try:

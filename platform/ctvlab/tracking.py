@@ -48,7 +48,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 NOTE = "mlflow.note.content"  # the run's description in the UI
 STAGE_DESCRIPTIONS = {
     "split": "Patient-stratified splits: U-Net train/val/test roles and the voxel models' 5 CV folds.",
-    "rf-cv": "Voxel-wise progression model, 5-fold patient-grouped CV: ROC AUC, ROC curves, importances.",
+    "voxel-models": "Voxel-wise progression model, 5-fold patient-grouped CV: ROC AUC, ROC curves, importances.",
     "stats": "Per-patient medians per voxel category; paired tests of progressed vs stable NAV voxels.",
     "train": "One 3D U-Net training run (Ray Train): training curves, checkpoints, the registered model.",
     "tune": "Hyperparameter search (Ray Tune): grid then random search; each trial is a child run.",
@@ -820,9 +820,22 @@ def _complete_curve(
     return len(items)
 
 
+# Runs that belong to a stage's run without being one (a search's trials) carry their own tag.
+CHILD_RUN_TAGS = ("tune-trial",)
+
+
 def base_tags(
     stage: str, dataset_digest: str | None = None, split_digest: str | None = None
 ) -> dict[str, str]:
+    """The tags every run of `stage` carries; `stage` is its name in `ctvlab.stage_table`.
+
+    Raises:
+        ValueError: `stage` is not a stage's name (a run that would be tagged under a name of its own).
+    """
+    from ctvlab.stage_table import BY_NAME
+
+    if stage not in BY_NAME and stage not in CHILD_RUN_TAGS:
+        raise ValueError(f"{stage!r} is not a stage of ctvlab.stage_table")
     tags = {TAG_STAGE: stage}
     if dataset_digest:
         tags[TAG_DATASET] = dataset_digest

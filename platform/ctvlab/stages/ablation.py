@@ -1,4 +1,4 @@
-"""The modality-ablation stage (`ctvlab tune --ablation`, Fig. 2): one random search per input set, each best
+"""The modality-ablation stage (`ctvlab ablation`, Fig. 2): one random search per input set, each best
 model scored on the test patients, paired tests between the sets, one MLflow run."""
 
 from __future__ import annotations

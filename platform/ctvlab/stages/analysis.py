@@ -43,7 +43,7 @@ def current_split(prep: Path) -> Split:
     return load_split(prep)
 
 
-def rf_cv_stage(
+def voxel_models_stage(
     cfg: StudyConfig,
     prep: Path,
     *,
@@ -53,7 +53,7 @@ def rf_cv_stage(
 ) -> dict[tuple[str, str], Any]:
     """Voxel-model cross-validation for each (target, subgroup); one MLflow parent run each, a child per fold.
 
-    Writes results/rf_cv/<model>-<target>-<subgroup>/ (fold, importance and ROC tables, roc.json, figures).
+    Writes results/voxel_models/<model>-<target>-<subgroup>/ (fold, importance and ROC tables, roc.json, figures).
     """
     from ctvlab.atomic import write_csv_atomic, write_json_atomic
     from ctvlab.ctv.figures import plot_roc_curves
@@ -85,11 +85,12 @@ def rf_cv_stage(
         )
     tracker = tracker_for(cfg)
     if policies is not None:
-        out = Path(cfg.results_dir, "rf_cv")
+        out = Path(cfg.results_dir, "voxel_models")
         out.mkdir(parents=True, exist_ok=True)
         write_csv_atomic(out / "missing_policies.csv", policies)
         with tracker.run(
-            "rf-cv missing MRSI policies", base_tags("rf-cv", split.dataset_digest, split.digest)
+            "voxel-models missing MRSI policies",
+            base_tags("voxel-models", split.dataset_digest, split.digest),
         ) as run:
             run.params({"voxel_models": vcfg.model_dump(mode="json")})
             for r in policies.itertuples():
@@ -99,7 +100,7 @@ def rf_cv_stage(
             run.table(policies, "missing_policies.csv")
     for (target, subgroup), res in results.items():
         res.auc_intervals(vcfg.bootstrap_resamples, seed=cfg.split.seed)
-        out = Path(cfg.results_dir, "rf_cv", f"{vcfg.model}-{target}-{subgroup}")
+        out = Path(cfg.results_dir, "voxel_models", f"{vcfg.model}-{target}-{subgroup}")
         out.mkdir(parents=True, exist_ok=True)
         frames = res.to_frames()
         for name, df in frames.items():
@@ -117,9 +118,9 @@ def rf_cv_stage(
             ),
             plot_importances(res.importance_table(), out / "importances.png", f"{title}: feature importance"),
         ]
-        tags = {**base_tags("rf-cv", split.dataset_digest, split.digest), "ctvlab.target": target,
+        tags = {**base_tags("voxel-models", split.dataset_digest, split.digest), "ctvlab.target": target,
                 "ctvlab.subgroup": subgroup}  # fmt: skip
-        with tracker.run(f"rf-cv {vcfg.model} {target}/{subgroup}", tags) as run:
+        with tracker.run(f"voxel-models {vcfg.model} {target}/{subgroup}", tags) as run:
             run.params({"voxel_models": vcfg.model_dump(mode="json"), **res.params()})
             run.dataset("voxels", split.dataset_digest, str((prep / "voxels").resolve()), context="training")
             run.metrics(res.summary())

@@ -337,9 +337,9 @@ def _drawn(ctvs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _rf_roc_curves(cfg: StudyConfig) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """Pooled ROC curves saved by `ctvlab rf-cv` (results/rf_cv/*/roc.json), if any."""
+    """Pooled ROC curves saved by `ctvlab voxel-models` (results/voxel_models/*/roc.json), if any."""
     curves = {}
-    for f in sorted(Path(cfg.results_dir, "rf_cv").glob("*/roc.json")):
+    for f in sorted(Path(cfg.results_dir, "voxel_models").glob("*/roc.json")):
         d = json.loads(f.read_text())
         curves[f.parent.name] = (np.asarray(d["fpr"]), np.asarray(d["tpr"]), float(d["auc"]))
     return curves

@@ -1,4 +1,4 @@
-"""The loss study (`ctvlab tune --losses`, Supplementary Figs. 2 and 3): the search's best configuration
+"""The loss study (`ctvlab loss-study`, Supplementary Figs. 2 and 3): the search's best configuration
 trained once per loss and once per Tversky β, every other setting fixed, each model scored on the test
 patients; paired tests of each loss against PCC (the study's final loss); one MLflow run.
 
@@ -90,7 +90,7 @@ def run_loss_study(
         "beta": {**fixed, "loss": "tversky", "beta_schedule": tune.grid_search([constant(b) for b in betas])},
     }
     tracker = tracker_for(cfg)
-    out = Path(cfg.results_dir, "losses").resolve()
+    out = Path(cfg.results_dir, "loss_study").resolve()
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     extra = provenance_spec(prep, split)

@@ -113,11 +113,11 @@ def build_report(
         lambda: _cohort(r, cfg),
         lambda: _split(r, cfg),
         lambda: _stats(r, results, current.get("stats", False)),
-        lambda: _voxel_models(r, results, current.get("voxel_models", False)),
+        lambda: _voxel_models(r, results, current.get("voxel-models", False)),
         lambda: _model(r, cfg, current),
         lambda: _evaluation(r, results, current.get("evaluate", False), patient_images),
         lambda: _coverage(r, results, current.get("evaluate", False)),
-        lambda: _losses(r, results, current.get("losses", False)),
+        lambda: _losses(r, results, current.get("loss-study", False)),
         lambda: _ablation(r, results, current.get("ablation", False)),
         lambda: _provenance(r, cfg, current),
     ]
@@ -229,7 +229,7 @@ def _stats(r: Report, results: Path, is_current: bool) -> None:
 
 def _voxel_models(r: Report, results: Path, is_current: bool) -> None:
     r.h("Voxel-wise progression models (Fig. 1)")
-    folder = results / "rf_cv"
+    folder = results / "voxel_models"
     if not _state(r, folder, is_current, "pipeline.voxel_models"):
         return
     rows = []
@@ -255,15 +255,17 @@ def _voxel_models(r: Report, results: Path, is_current: bool) -> None:
 
 def _model(r: Report, cfg: StudyConfig, current: dict[str, bool]) -> None:
     r.h("U-Net: search and final model")
-    stamps = Path(cfg.workdir, "stamps")  # the stamps `ctvlab run` writes (ctvlab.pipeline.Stamps)
-    search = json.loads((stamps / "model.json").read_text()) if (stamps / "model.json").exists() else None
-    final = json.loads((stamps / "final.json").read_text()) if (stamps / "final.json").exists() else None
+    from ctvlab.pipeline import Stamps, model_stage
+
+    stamps = Stamps(cfg.workdir)  # the stamps `ctvlab run` and the stage commands write
+    trained = model_stage(cfg)  # tune, or one training run
+    search, final = stamps.read(trained), stamps.read("final")
     spec_path = Path(cfg.results_dir, "model", "model.json")
     if search is None and not spec_path.exists():
         r.p("No model trained yet.", "missing")
         return
     if search and search.get("best_params"):
-        tag = "" if current.get("model") else " (not current)"
+        tag = "" if current.get(trained) else " (not current)"
         best = ", ".join(f"{k} {v}" for k, v in search["best_params"].items())
         r.p(
             f"Search{tag}: best configuration {html.escape(best)}. Study optimum: lr 5e-5, 48 base features, batch 1."
@@ -274,7 +276,7 @@ def _model(r: Report, cfg: StudyConfig, current: dict[str, bool]) -> None:
             k: spec.get(k) for k in ("base_features", "in_channels", "modality_set", "epoch", "input_shape")
         }
         which = "final model" if final else "evaluated model"
-        tag = "" if current.get("final" if final else "model") else " (not current)"
+        tag = "" if current.get("final" if final else trained) else " (not current)"
         r.p(f"The {which}{tag} ({html.escape(str((final or search or {}).get('model_uri', '')))}): "
             f"{html.escape(json.dumps(shown))}; loss {html.escape(str(cfg.unet.final_loss or cfg.unet.loss.name))}. "
             "The study's final model used the PCC loss and converged at epoch 123.")  # fmt: skip
@@ -359,7 +361,7 @@ def _coverage(r: Report, results: Path, is_current: bool) -> None:
 
 def _losses(r: Report, results: Path, is_current: bool) -> None:
     r.h("Losses and the Tversky β (Supplementary Figs. 2 and 3)")
-    folder = results / "losses"
+    folder = results / "loss_study"
     if not _state(r, folder, is_current, "pipeline.loss_study"):
         return
     s = pd.read_csv(folder / "summary.csv")

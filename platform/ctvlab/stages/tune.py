@@ -79,7 +79,7 @@ def tune_study(
             cfg, prep, tracker, state, pointer, resume, fail_trials, t0, split, model_dir, register
         )
     state["phase"] = "done"
-    state["best_params"] = outcome.best_params  # what `ctvlab tune --losses` starts from
+    state["best_params"] = outcome.best_params  # what `ctvlab loss-study` starts from
     write_json_atomic(pointer, state)
     return outcome
 

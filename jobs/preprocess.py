@@ -1,0 +1,16 @@
+"""Preprocess the study's cohort (`ctvlab preprocess`): 3 mm volumes and voxel tables with Ray Data.
+
+Takes exactly the options of `ctvlab preprocess` (`python jobs/preprocess.py --help`).
+"""
+
+import sys
+from pathlib import Path
+
+# The package, without install; the jobs folder itself leaves the import path, so no job's name can
+# shadow a module.
+sys.path[0] = str(Path(__file__).resolve().parents[1] / "platform")
+
+from ctvlab.cli import run_job  # noqa: E402 (after the path is set)
+
+if __name__ == "__main__":
+    run_job("preprocess")
