@@ -28,7 +28,7 @@ def patient_table(prep: Path, model_dir: Path, ids: list[str], cfg):
     """(miss fractions (patients, thresholds), volumes cm³ (patients, thresholds), RTOG/EORTC miss and volume)."""
     from ctvlab.ctv.construct import build_ctvs, model_ctv
     from ctvlab.ctv.coverage import new_progression
-    from ctvlab.ctv.evaluate import patient_masks
+    from ctvlab.ctv.scoring import patient_masks
     from ctvlab.data.readers import load_patient
     from ctvlab.stages.calibrate import COVERAGE_GRID
     from ctvlab.unet.inference import load_model, predict_probability

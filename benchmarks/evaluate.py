@@ -42,7 +42,7 @@ def study_size_model(base_features: int) -> Path:
 
     from ctvlab.config import UNetModelConfig
     from ctvlab.unet.model import build_unet, model_spec
-    from ctvlab.unet.train import SPEC_FILE, WEIGHTS_FILE
+    from ctvlab.unet.trainer import SPEC_FILE, WEIGHTS_FILE
 
     cfg = UNetModelConfig(base_features=base_features, modality_set="all")
     net = build_unet(cfg, 6)
@@ -65,7 +65,7 @@ def main() -> None:
     import torch
 
     from ctvlab.config import StudyConfig
-    from ctvlab.ctv.evaluate import evaluate_patient
+    from ctvlab.ctv.scoring import evaluate_patient
     from ctvlab.data.readers import load_patient
     from ctvlab.splits import load_split
     from ctvlab.unet.inference import load_model, predict_probability

@@ -186,7 +186,7 @@ def build_bundle(
     """`make gpu-bundle`: synthesise and prepare `n_patients` (a third for validation), pack them, download
     the wheels; returns the bundle's size in bytes."""
     from ctvlab.config import PreprocessConfig, SynthConfig
-    from ctvlab.preprocess.pipeline import preprocess_cohort
+    from ctvlab.preprocess.cohort import preprocess_cohort
     from ctvlab.synth.cohort import generate_cohort
 
     if n_patients < 2:
@@ -515,7 +515,7 @@ def train_check(prep: Path, train_ids, val_ids, ucfg, device, steps: int, thread
     last epoch's weights are kept in `model_dir`. Returns (check, history, seconds)."""
     from ctvlab.unet.inference import SPEC_FILE, WEIGHTS_FILE
     from ctvlab.unet.loop import LocalSession, load_examples, run_training
-    from ctvlab.unet.train import run_view
+    from ctvlab.unet.trainer import run_view
 
     view = run_view(prep, ucfg, train_ids, val_ids)
     train = load_examples(prep, train_ids, ucfg.model.modality_set, view)
@@ -869,7 +869,7 @@ def run_check(args: argparse.Namespace) -> int:
 def run_parts(args, results, device, prep: Path, train_ids, val_ids, features: int, tmp: Path) -> None:
     """The checks, then the throughput rows, saving after each part."""
     from ctvlab.unet.loop import load_examples
-    from ctvlab.unet.train import run_view
+    from ctvlab.unet.trainer import run_view
 
     out = Path(args.out)
     parts = results.setdefault("part_seconds", {"setup": round(time.perf_counter() - results["_t0"], 1)})

@@ -61,7 +61,7 @@ def run(args) -> None:
 
     from ctvlab.config import CohortConfig, SearchSpace, StudyConfig
     from ctvlab.pipeline import run_study
-    from ctvlab.stages.losses import run_label
+    from ctvlab.stages.loss_study import run_label
     from ctvlab.study import STUDY_AUC, STUDY_CTV_P
     from ctvlab.study import STUDY_CTV as STUDY
 
@@ -133,7 +133,7 @@ def run(args) -> None:
 
 def _voxel_only(cfg):
     """Cohort, preprocessing, split, voxel models and statistics only: the stages `ctvlab run` starts with."""
-    from ctvlab.preprocess.pipeline import preprocess_cohort
+    from ctvlab.preprocess.cohort import preprocess_cohort
     from ctvlab.stages.analysis import split_stage, stats_stage, voxel_models_stage
     from ctvlab.synth.cohort import generate_cohort
 

@@ -40,7 +40,7 @@ def main() -> None:
 
     from ctvlab.config import SynthConfig
     from ctvlab.synth.cohort import generate_cohort
-    from ctvlab.synth.report import cohort_report, compare_to_study, print_report
+    from ctvlab.synth.table1 import cohort_report, compare_to_study, print_report
 
     console = Console(highlight=False)
     if args.out.exists():

@@ -8,7 +8,7 @@ needs a clearly positive ceiling, today's cohort has almost none. Definitions in
 Per margin: the mean over the patients with new progression, a patient-bootstrap 95% interval and the
 two-sided Wilcoxon signed-rank p of the paired coverages. Then the cohort beside the study: Table 1
 (clinical rows as drawn; lesion volume and recurrence pattern measured on the growth grid) with ok/OUT
-from `ctvlab.synth.report.compare_to_study`, and whether the infiltration stays invisible on anatomy.
+from `ctvlab.synth.table1.compare_to_study`, and whether the infiltration stays invisible on anatomy.
 
     python benchmarks/synth_ceiling.py --patients 101 --seed 1 --preset strong
     python benchmarks/synth_ceiling.py --patients 40 --seed 0 --channelling 1 --seeding 0.5 --determinism 1
@@ -30,7 +30,7 @@ from ctvlab.config import SynthConfig
 from ctvlab.synth.anatomy import growth_grid
 from ctvlab.synth.ceiling import MARGINS_MM, patient_ceiling, summarise_ceiling
 from ctvlab.synth.clinical import draw_cohort
-from ctvlab.synth.report import (
+from ctvlab.synth.table1 import (
     TABLE1_ROWS,
     CohortReport,
     PatientStats,

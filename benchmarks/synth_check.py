@@ -300,7 +300,7 @@ def main() -> None:
     from ctvlab.config import SynthConfig
     from ctvlab.ingest.manifest import read_manifest
     from ctvlab.synth.cohort import generate_cohort
-    from ctvlab.synth.report import cohort_report, compare_to_study
+    from ctvlab.synth.table1 import cohort_report, compare_to_study
 
     results = {}
     for null in (False, True):

@@ -167,7 +167,7 @@ def training_loop(prep: Path, train_ids, val_ids, cfg, view: dict, now: bool) ->
 
 def ray_train(prep: Path, train_ids, val_ids, cfg) -> list[dict]:
     from ctvlab.runtime import init_ray
-    from ctvlab.unet.train import build_trainer, checkpoint_history
+    from ctvlab.unet.trainer import build_trainer, checkpoint_history
 
     init_ray()
     with tempfile.TemporaryDirectory() as storage:
@@ -205,7 +205,7 @@ def run(args) -> None:
 
     from ctvlab.splits import load_split
     from ctvlab.unet.loop import load_examples
-    from ctvlab.unet.train import run_view
+    from ctvlab.unet.trainer import run_view
 
     prep = args.data.resolve()
     if not (prep / "splits.json").exists():

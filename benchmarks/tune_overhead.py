@@ -29,8 +29,8 @@ from pathlib import Path
 
 
 def search(cfg, prep: Path, name: str, trials: int, asha: bool):
+    from ctvlab.unet.search import run_search
     from ctvlab.unet.spaces import random_param_space
-    from ctvlab.unet.tune import run_search
 
     t0 = time.perf_counter()
     table = run_search(cfg, prep, random_param_space(cfg.tune.space, "all"), name=name, num_samples=trials,

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "platform" / "ctvlab"
 # Bottom to top. A component (a sub-package or a top-level module of ctvlab) may import its own layer's
 # components and those below; the package graph must also be acyclic within a layer.
 LAYERS: list[set[str]] = [
-    {"__init__", "errors", "study"},
+    {"__init__", "errors", "study", "stage_table"},
     {"config"},
     {"atomic", "lock", "progress", "statistics", "spool", "tracking", "outages", "resources", "runtime"},
     {"data"},

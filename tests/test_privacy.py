@@ -96,7 +96,7 @@ def test_scrub_text_replaces_ids_and_absolute_paths(text, expected):
 
 def test_a_search_state_others_can_write_is_not_restored(tmp_path):
     from ctvlab.errors import CtvlabError
-    from ctvlab.unet.tune import check_private_state
+    from ctvlab.unet.search import check_private_state
 
     state = tmp_path / "search-1"
     (state / "trial").mkdir(parents=True)

@@ -58,7 +58,7 @@ def synth(
 ) -> None:
     """Generate a synthetic cohort on the MNI152 anatomy (default --out: <workdir>/cohort), or report on
     one (--report DIR)."""
-    from ctvlab.synth.report import cohort_report, print_report
+    from ctvlab.synth.table1 import cohort_report, print_report
 
     if report is not None:
         print_report(cohort_report(report), _console())
@@ -110,8 +110,8 @@ def validate(
 ) -> None:
     """Check a cohort before any compute: every file loads, grids agree, masks are binary, values sane."""
     from ctvlab.ingest.manifest import PURPOSES
-    from ctvlab.ingest.report import print_validation
     from ctvlab.ingest.validate import validate_cohort
+    from ctvlab.ingest.validation_report import print_validation
 
     if purpose not in PURPOSES:
         raise typer.BadParameter(f"--for must be one of: {', '.join(PURPOSES)}")
@@ -294,7 +294,7 @@ def preprocess(
 
     Exit 0 when every patient is complete, 1 when some are invalid or failed (their old outputs are kept,
     marked stale), 2 for a cohort-level problem (nothing touched), 4 for an infrastructure error."""
-    from ctvlab.preprocess.pipeline import preprocess_cohort, print_preprocess_report
+    from ctvlab.preprocess.cohort import preprocess_cohort, print_preprocess_report
 
     cfg = _settings(config, set_, workdir, smoke_test, None, tracking_uri, address)
     raw = raw if raw is not None else Path(cfg.raw_dir).resolve()
@@ -507,7 +507,7 @@ def loss_study(
     """Loss study (Supp. Figs. 2, 3): the last search's best configuration (else the unet settings) trained
     per loss and per Tversky β, scored on the test patients."""
     from ctvlab.splits import load_split
-    from ctvlab.stages.losses import print_loss_study, run_loss_study
+    from ctvlab.stages.loss_study import print_loss_study, run_loss_study
     from ctvlab.stages.tune import last_best_params
 
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)

@@ -12,8 +12,9 @@ skips unchanged patients on its own.
 A stage that fails stops the run (after the summary); with `keep_going` the stages that do not need its
 outputs still run, and the run fails at the end.
 
-One function per stage of the run and the stamp logic they share, read top to bottom in the order the
-study runs; `plan_study` says the same without running anything (`ctvlab run --dry-run`).
+About 770 lines, kept in one module so that the run reads top to bottom in the order the study runs: one
+function per stage and the stamp logic they share, then `plan_study`, which says the same without running
+anything (`ctvlab run --dry-run`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ctvlab import __version__
 from ctvlab.atomic import digest, sha256_file, write_json_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, InfrastructureError, LeakageError
-from ctvlab.stage_table import STAMPED, settings_of
+from ctvlab.stage_table import STAMPED, model_stage, settings_of, stamp_file
 from ctvlab.stage_table import stage as stage_named
 
 # What each stamped stage reads besides its own settings (`ctvlab.stage_table`).
@@ -41,11 +42,6 @@ def stage_settings(stage: str, cfg: StudyConfig) -> dict[str, Any]:
     """The settings that shape a stage's results, as the stage table declares them (execution settings such
     as Ray's are left out)."""
     return settings_of(stage, cfg.model_dump(mode="json"))
-
-
-def model_stage(cfg: StudyConfig) -> str:
-    """The stage that trains the study's model: a search, or one training run."""
-    return "tune" if cfg.pipeline.search else "train"
 
 
 def final_model_on(cfg: StudyConfig) -> bool:
@@ -108,7 +104,7 @@ class Stamps:
         self.folder = Path(workdir) / "stamps"
 
     def read(self, stage: str) -> dict[str, Any] | None:
-        path = self.folder / f"{stage_named(stage).ident}.json"
+        path = stamp_file(self.folder.parent, stage)
         return json.loads(path.read_text()) if path.exists() else None
 
     def current(self, stage: str, key: str) -> dict[str, Any] | None:
@@ -118,7 +114,7 @@ class Stamps:
     def write(self, stage: str, key: str, parts: dict[str, Any] | None = None, **info: Any) -> None:
         """Stamp a stage; `parts` (`stage_parts`) are kept beside the key for `--dry-run`'s reasons."""
         write_json_atomic(
-            self.folder / f"{stage_named(stage).ident}.json",
+            stamp_file(self.folder.parent, stage),
             {"key": key, **info, **({"parts": parts} if parts else {})},
         )
 
@@ -286,8 +282,8 @@ def _synth(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
 
 
 def _validate(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord:
-    from ctvlab.ingest.report import print_validation
     from ctvlab.ingest.validate import validate_cohort
+    from ctvlab.ingest.validation_report import print_validation
 
     report = validate_cohort(
         cfg.raw_dir, progress=False, limits=cfg.cohort.limits, voxel_mm=cfg.preprocess.voxel_mm
@@ -301,7 +297,7 @@ def _validate(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord:
 
 
 def _preprocess(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord:
-    from ctvlab.preprocess.pipeline import preprocess_cohort, print_preprocess_report
+    from ctvlab.preprocess.cohort import preprocess_cohort, print_preprocess_report
 
     report = preprocess_cohort(cfg.raw_dir, cfg.prep_dir, cfg.preprocess, address=cfg.ray.address,
                                progress=True, console=console, limits=cfg.cohort.limits,
@@ -458,7 +454,7 @@ def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
 
 
 def _losses(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
-    from ctvlab.stages.losses import run_loss_study
+    from ctvlab.stages.loss_study import run_loss_study
 
     key = stage_key("loss-study", cfg, state["inputs"])
     if not force and outputs_current(cfg, "loss-study", stamps.current("loss-study", key)):

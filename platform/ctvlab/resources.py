@@ -3,7 +3,7 @@
 A U-Net training run holds Ray resources in up to three places: the trial's own driver (one Tune trial, a
 small CPU share), its Ray Train worker group (a placement group of one bundle per worker), and the Ray Data
 tasks that read and prepare the volumes feeding it. A search trial of one worker is simpler: it trains in
-its own process (`ctvlab.unet.tune`), which holds the trial's CPUs, with no worker group and no Ray Data. The first two are held for the whole run; the data
+its own process (`ctvlab.unet.search`), which holds the trial's CPUs, with no worker group and no Ray Data. The first two are held for the whole run; the data
 tasks come and go. When the held resources take every CPU of the cluster, the data tasks wait forever and
 so does the run, without a word. So every plan keeps `unet.train.data_cpus` free for Ray Data, caps the
 data tasks at that budget, and runs only as many trials at once as fit beside it.

@@ -43,7 +43,7 @@ def _series_map() -> dict[str, Any]:
 def generators() -> dict[str, Callable[[], dict[str, Any]]]:
     """File name -> the function that builds that schema."""
     from ctvlab.ctv.tables import TABLES, row_schema  # the evaluation's coverage tables
-    from ctvlab.data.schemas import SCHEMAS  # the prepared dataset's files
+    from ctvlab.data.prepared_schemas import SCHEMAS  # the prepared dataset's files
 
     tables = {f"evaluate_{name.removesuffix('.csv')}.schema.json": (lambda m=model: row_schema(m))
               for name, model in TABLES.items()}  # fmt: skip

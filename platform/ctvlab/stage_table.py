@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -117,3 +118,13 @@ def settings_of(name: str, config: dict[str, Any]) -> dict[str, Any]:
         else:
             out[head] = value
     return out
+
+
+def stamp_file(workdir: Path, name: str) -> Path:
+    """Where stage `name` keeps its stamp in a study's working directory."""
+    return Path(workdir) / "stamps" / f"{stage(name).ident}.json"
+
+
+def model_stage(cfg: Any) -> str:
+    """The stage that trains a study's model (`cfg`: a `StudyConfig`): a search, or one training run."""
+    return "tune" if cfg.pipeline.search else "train"

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from ctvlab.ctv.evaluate import comparison_table
+from ctvlab.ctv.scoring import comparison_table
 
 
 def _rows(pid: str, model: tuple[float, float], rtog: float, eortc: float) -> list[dict]:

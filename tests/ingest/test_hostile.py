@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from ctvlab.config import InputLimits
-from ctvlab.ingest.report import format_problem
 from ctvlab.ingest.validate import validate_cohort
+from ctvlab.ingest.validation_report import format_problem
 from tests.ingest.test_validate import IDS, _edit_manifest, _rewrite
 
 ROOT = Path(__file__).resolve().parents[2]

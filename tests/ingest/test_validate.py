@@ -15,8 +15,8 @@ import pytest
 from rich.console import Console
 
 from ctvlab.ingest.manifest import MRSI_COLUMNS, read_manifest
-from ctvlab.ingest.report import format_problem, print_validation
 from ctvlab.ingest.validate import validate_cohort, validate_patient
+from ctvlab.ingest.validation_report import format_problem, print_validation
 from ctvlab.ingest.volume import describe_affine_difference, inside_grid, read_volume, resample_nearest
 from tests.phantoms import grid_affine
 

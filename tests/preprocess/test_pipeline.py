@@ -19,10 +19,10 @@ import pytest
 
 from ctvlab.config import FEATURES, PreprocessConfig
 from ctvlab.data.layout import CATEGORY_CODES, MASKS, PrepPaths, voxel_table_schema
+from ctvlab.data.prepared_schemas import dataset_json_schema, patients_table_schema, sidecar_json_schema
 from ctvlab.data.readers import load_dataset_meta, load_patient, read_patients, read_volumes, read_voxels
-from ctvlab.data.schemas import dataset_json_schema, patients_table_schema, sidecar_json_schema
 from ctvlab.errors import DataError
-from ctvlab.preprocess.pipeline import preprocess_cohort, print_preprocess_report
+from ctvlab.preprocess.cohort import preprocess_cohort, print_preprocess_report
 
 pytestmark = pytest.mark.ray
 
@@ -196,7 +196,7 @@ KILLED_RUN = """
 import sys
 from pathlib import Path
 from ctvlab.config import PreprocessConfig
-from ctvlab.preprocess.pipeline import preprocess_cohort
+from ctvlab.preprocess.cohort import preprocess_cohort
 cfg = PreprocessConfig(max_concurrent_patients=1)
 preprocess_cohort(Path(sys.argv[1]), Path(sys.argv[2]), cfg, address=sys.argv[3], progress=False)
 """

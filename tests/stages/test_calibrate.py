@@ -8,7 +8,7 @@ import pytest
 from ctvlab.ctv.conformal import crc_threshold, miss_fractions
 from ctvlab.ctv.construct import model_ctv
 from ctvlab.ctv.coverage import new_progression
-from ctvlab.ctv.evaluate import patient_masks
+from ctvlab.ctv.scoring import patient_masks
 from ctvlab.data.readers import load_patient
 from ctvlab.stages.calibrate import COVERAGE_GRID, coverage_rules
 

@@ -11,7 +11,7 @@ import pytest
 
 from ctvlab.config import StudyConfig
 from ctvlab.ctv import coverage as C
-from ctvlab.ctv.evaluate import patient_masks
+from ctvlab.ctv.scoring import patient_masks
 from ctvlab.data.readers import load_patient, read_patients
 from ctvlab.stages.control import score_patient, summary, truth_on_grid, truth_path
 

@@ -7,7 +7,7 @@ import pytest
 
 from ctvlab.config import SynthConfig
 from ctvlab.synth.clinical import COHORTS, STUDY, STUDY_RANGES, allocate, draw_cohort, split_normal_ppf
-from ctvlab.synth.report import compare_to_study, report_from_plans
+from ctvlab.synth.table1 import compare_to_study, report_from_plans
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from ctvlab.config import SynthConfig
 from ctvlab.ingest.manifest import MASK_COLUMNS, MRSI_COLUMNS, PATH_COLUMNS, read_manifest
 from ctvlab.synth.cohort import generate_cohort
 from ctvlab.synth.patient import PRESS_TILT_DEG, TRUTH_DIR, truth_path
-from ctvlab.synth.report import cohort_report
+from ctvlab.synth.table1 import cohort_report
 
 ANATOMY = ("t1c", "t1", "flair")
 DIFFUSION = ("adc", "fa")

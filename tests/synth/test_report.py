@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from ctvlab.errors import DataError
-from ctvlab.synth.report import (
+from ctvlab.synth.table1 import (
     PatientStats,
     between_cohorts,
     cohort_report,

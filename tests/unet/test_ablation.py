@@ -12,7 +12,7 @@ from ctvlab.config import SearchSpace
 from ctvlab.splits import load_split, pseudonymise
 from ctvlab.stages.ablation import run_ablation
 from ctvlab.tracking import Tracker
-from ctvlab.unet.ablation import ABLATION_METRICS
+from ctvlab.unet.modality_ablation import ABLATION_METRICS
 from tests.conftest import tiny_study
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from ctvlab.splits import load_split, pseudonymise
-from ctvlab.stages.losses import run_loss_study, summarise
+from ctvlab.stages.loss_study import run_loss_study, summarise
 from ctvlab.tracking import Tracker
-from ctvlab.unet.ablation import ABLATION_METRICS
+from ctvlab.unet.modality_ablation import ABLATION_METRICS
 from tests.conftest import tiny_study
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -86,7 +86,7 @@ def test_summary_keeps_each_run_apart_and_counts_its_patients():
 
 
 def test_rows_are_named_by_loss_and_tversky_rows_by_beta():
-    from ctvlab.stages.losses import run_label
+    from ctvlab.stages.loss_study import run_label
 
     assert run_label("pcc+bce", "loss", float("nan")) == "pcc+bce"
     assert run_label("tversky", "beta", 0.7) == "tversky β=0.7"

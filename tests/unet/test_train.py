@@ -18,7 +18,7 @@ import yaml
 
 from ctvlab.stages.train import train_unet
 from ctvlab.tracking import Tracker
-from ctvlab.unet.train import HOLD_ENV, SPEC_FILE, WEIGHTS_FILE
+from ctvlab.unet.trainer import HOLD_ENV, SPEC_FILE, WEIGHTS_FILE
 from tests.conftest import free_port, session_ray_address, start_mlflow_server, tiny_study
 
 pytestmark = pytest.mark.ray
@@ -67,7 +67,7 @@ def test_early_stopping_ends_training_patience_epochs_after_the_best_and_keeps_t
 
 
 def test_the_early_stopping_rule():
-    from ctvlab.unet.train import early_stop
+    from ctvlab.unet.trainer import early_stop
 
     assert not early_stop(5, 2, None)  # off
     assert [early_stop(e, 2, 3) for e in (3, 4, 5, 6)] == [False, False, True, True]

@@ -254,7 +254,7 @@ class _TrialError(Exception):
 )
 def test_trials_stopped_by_a_full_disk_fail_the_search_with_one_line_and_the_space_it_needs(error, tmp_path):
     from ctvlab.errors import StorageError
-    from ctvlab.unet.tune import search_storage_error
+    from ctvlab.unet.search import search_storage_error
 
     err = search_storage_error(
         [None, error], tmp_path / "ray", written_bytes=30e6, epochs_done=3, epochs_left=5
@@ -337,8 +337,8 @@ def test_a_trial_cut_off_by_its_stop_is_completed_from_what_it_left_on_the_stora
     epoch once, the best epoch's summary, how it ended, its model, FINISHED; as an undisturbed trial."""
     from ctvlab.atomic import write_json_atomic
     from ctvlab.tracking import base_tags
+    from ctvlab.unet.search import finish_stopped_trials
     from ctvlab.unet.trial import SearchContext, trial_history_file, trial_model_dir
-    from ctvlab.unet.tune import finish_stopped_trials
 
     cfg = tiny_study(tmp_path, tracking_uri)
     cfg.tune.epochs_per_trial = 3

@@ -26,8 +26,8 @@ from ctvlab.ingest.manifest import (
     MRSI_COLUMNS,
     PATH_COLUMNS,
 )
-from ctvlab.ingest.report import Problem, Severity
 from ctvlab.ingest.safety import UnsafeInputError, output_grid_voxels, resolve_inside
+from ctvlab.ingest.validation_report import Problem, Severity
 from ctvlab.ingest.volume import (
     AFFINE_TOLERANCE,
     UnreadableFileError,

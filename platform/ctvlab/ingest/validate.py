@@ -45,7 +45,7 @@ from ctvlab.ingest.manifest import (
     ManifestRow,
     read_manifest,
 )
-from ctvlab.ingest.report import PatientResult, Problem, ValidationReport
+from ctvlab.ingest.validation_report import PatientResult, Problem, ValidationReport
 
 
 def validate_patient(

@@ -5,5 +5,5 @@ In pipeline order:
     regions.py    NEL, NAV, the 4 cm ring, the U-Net target, the voxel categories
     normalize.py  division by the NAV mode (nT1c … nLip); CNI, CCrI, CrNI kept as they are
     patient.py    one patient end to end, atomic writes, input and settings hashes
-    pipeline.py   the Ray Data pipeline over the validated cohort, the report, dataset.json
+    cohort.py     the Ray Data pipeline over the validated cohort, the report, dataset.json
 """

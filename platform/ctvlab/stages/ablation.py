@@ -13,7 +13,7 @@ import pandas as pd
 from ctvlab.atomic import write_csv_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError
-from ctvlab.unet.ablation import (
+from ctvlab.unet.modality_ablation import (
     ABLATION_METRICS,
     pairwise_wilcoxon,
     plot_ablation,
@@ -42,9 +42,9 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     from ctvlab.splits import load_split, pseudonymised
     from ctvlab.study import BEST_SELECTION_METRIC
     from ctvlab.tracking import base_tags, tracker_for
+    from ctvlab.unet.search import best_trial, run_search
     from ctvlab.unet.spaces import random_param_space
-    from ctvlab.unet.train import provenance_spec
-    from ctvlab.unet.tune import best_trial, run_search
+    from ctvlab.unet.trainer import provenance_spec
 
     t0 = time.perf_counter()
     prep = Path(prep or cfg.prep_dir).resolve()

@@ -45,7 +45,7 @@ def coverage_rules(maps: list[tuple[Any, np.ndarray]], targets: Sequence[float])
     from ctvlab.ctv import coverage as C
     from ctvlab.ctv.conformal import crc_threshold, miss_fractions
     from ctvlab.ctv.construct import model_ctv
-    from ctvlab.ctv.evaluate import patient_masks
+    from ctvlab.ctv.scoring import patient_masks
 
     if not targets:
         return []
@@ -66,8 +66,8 @@ def coverage_rules(maps: list[tuple[Any, np.ndarray]], targets: Sequence[float])
 
 def compute_calibration(model, prep: Path, cfg: StudyConfig, val_ids: Sequence[str]) -> dict[str, Any]:
     """The thresholds of a loaded model on `val_ids` with the settings of `cfg.ctv` (nothing is written)."""
-    from ctvlab.ctv.evaluate import patient_masks
     from ctvlab.ctv.metrics import choose_threshold
+    from ctvlab.ctv.scoring import patient_masks
 
     maps = validation_maps(model, prep, val_ids)
     masks = [patient_masks(p) for p, _ in maps]

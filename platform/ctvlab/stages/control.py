@@ -58,7 +58,7 @@ def score_patient(
     """
     from ctvlab.ctv import coverage as C
     from ctvlab.ctv.construct import build_ctvs, isovolume_ctv
-    from ctvlab.ctv.evaluate import patient_masks
+    from ctvlab.ctv.scoring import patient_masks
 
     masks = {
         **patient_masks(patient),

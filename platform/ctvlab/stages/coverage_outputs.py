@@ -57,7 +57,7 @@ class CoverageOutputs:
         """Take one patient (its probability and its RTOG and EORTC CTVs); returns its coverage CTVs."""
         from ctvlab.ctv.construct import model_ctv
         from ctvlab.ctv.coverage import new_progression, volume_curves
-        from ctvlab.ctv.evaluate import patient_masks, write_map_nifti
+        from ctvlab.ctv.scoring import patient_masks, write_map_nifti
         from ctvlab.stages.calibrate import COVERAGE_GRID
         from ctvlab.unet.inference import predict_with_spread
 

@@ -2,7 +2,7 @@
 
 For each patient of the chosen split: the network's probability on the full 3 mm grid
 (`ctvlab.unet.inference`, the same input as training), the three CTVs and their metrics
-(`ctvlab.ctv.evaluate`), the CTVs as NIfTI masks on the 3 mm grid and on the patient's original T1c grid.
+(`ctvlab.ctv.scoring`), the CTVs as NIfTI masks on the 3 mm grid and on the patient's original T1c grid.
 Tables follow the study's Supplementary Tables 1 (mean ± SD per CTV) and 2 (per patient), with Wilcoxon
 signed-rank tests of the model against each standard CTV; figures follow Figs. 1, 3 and 4. Everything is
 written under `results/evaluate/` and logged to one MLflow run.
@@ -29,7 +29,7 @@ import pandas as pd
 
 from ctvlab.atomic import atomic_folder, check_writable, write_csv_atomic
 from ctvlab.config import StudyConfig
-from ctvlab.ctv.evaluate import (
+from ctvlab.ctv.scoring import (
     PATIENT_FIGURE_PREFIX,
     comparison_table,
     evaluate_patient,
@@ -319,7 +319,7 @@ def evaluate_study(
 def plot_by_cohort(per_patient: pd.DataFrame, patients: pd.DataFrame, out: Path) -> Path:
     """Supp. Fig. 4: the model CTV's sensitivity, specificity and PCC per treatment cohort (test patients).
     The cohorts are independent groups of a few patients each: no paired test, no stars."""
-    from ctvlab.unet.ablation import plot_ablation
+    from ctvlab.unet.modality_ablation import plot_ablation
 
     model = per_patient[per_patient["ctv"] == "model"].merge(
         patients[["patient_id", "cohort"]], on="patient_id"

@@ -27,7 +27,7 @@ import pandas as pd
 from ctvlab import __version__
 from ctvlab.atomic import atomic_path
 from ctvlab.config import StudyConfig
-from ctvlab.ctv.evaluate import PATIENT_FIGURE_PREFIX
+from ctvlab.ctv.scoring import PATIENT_FIGURE_PREFIX
 from ctvlab.study import STUDY_AUC, STUDY_CTV, STUDY_CTV_P
 
 REPORT_FILE = "report.html"
@@ -160,7 +160,7 @@ def _pm(mean: float, sd: float) -> str:
 
 def _cohort(r: Report, cfg: StudyConfig) -> None:
     from ctvlab.errors import CtvlabError
-    from ctvlab.synth.report import GROUPS, TABLE1_ROWS, between_cohorts, cohort_report, study_groups
+    from ctvlab.synth.table1 import GROUPS, TABLE1_ROWS, between_cohorts, cohort_report, study_groups
 
     r.h("Cohort (Table 1)")
     try:
@@ -255,11 +255,14 @@ def _voxel_models(r: Report, results: Path, is_current: bool) -> None:
 
 def _model(r: Report, cfg: StudyConfig, current: dict[str, bool]) -> None:
     r.h("U-Net: search and final model")
-    from ctvlab.pipeline import Stamps, model_stage
+    from ctvlab.stage_table import model_stage, stamp_file
 
-    stamps = Stamps(cfg.workdir)  # the stamps `ctvlab run` and the stage commands write
+    def stamp(name: str) -> dict | None:  # as `ctvlab run` and the stage commands write it
+        path = stamp_file(cfg.workdir, name)
+        return json.loads(path.read_text()) if path.exists() else None
+
     trained = model_stage(cfg)  # tune, or one training run
-    search, final = stamps.read(trained), stamps.read("final")
+    search, final = stamp(trained), stamp("final")
     spec_path = Path(cfg.results_dir, "model", "model.json")
     if search is None and not spec_path.exists():
         r.p("No model trained yet.", "missing")
@@ -365,7 +368,7 @@ def _losses(r: Report, results: Path, is_current: bool) -> None:
     if not _state(r, folder, is_current, "pipeline.loss_study"):
         return
     s = pd.read_csv(folder / "summary.csv")
-    from ctvlab.stages.losses import run_label
+    from ctvlab.stages.loss_study import run_label
 
     s["run"] = [run_label(lo, st, b) for lo, st, b in zip(s["loss"], s["study"], s["beta"], strict=True)]
     cols = ["run", "n"] + [f"{m}_{k}" for m in ("sensitivity", "specificity", "pcc") for k in ("mean", "std")]
@@ -398,9 +401,10 @@ def _ablation(r: Report, results: Path, is_current: bool) -> None:
 def _provenance(r: Report, cfg: StudyConfig, current: dict[str, bool]) -> None:
     r.h("Provenance")
     rows = []
-    folder = Path(cfg.workdir, "stamps")
+    from ctvlab.stage_table import stamp_file
+
     for stage, ok in current.items():
-        path = folder / f"{stage}.json"
+        path = stamp_file(cfg.workdir, stage)
         key = json.loads(path.read_text()).get("key", "") if path.exists() else ""
         rows.append({"stage": stage, "stamp": key[:16] or "–", "current": "yes" if ok else "no"})
     r.table(pd.DataFrame(rows))

@@ -13,7 +13,7 @@ from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, DataError
 from ctvlab.stages.registry import log_model
 from ctvlab.stages.registry import register as register_model
-from ctvlab.unet.train import (
+from ctvlab.unet.trainer import (
     HOLD_ENV,
     MODEL_ARTIFACT,
     best_checkpoint,

@@ -17,9 +17,9 @@ from ctvlab.errors import CtvlabError, DataError
 from ctvlab.stages.registry import log_model
 from ctvlab.stages.registry import register as register_model
 from ctvlab.study import BEST_SELECTION_METRIC
+from ctvlab.unet.search import TRIAL_PARAMS, SearchOutcome, best_trial, param_space_with_hooks, run_search
 from ctvlab.unet.search_progress import say
 from ctvlab.unet.spaces import grid_param_space, narrow_space, random_param_space
-from ctvlab.unet.tune import TRIAL_PARAMS, SearchOutcome, best_trial, param_space_with_hooks, run_search
 
 SEARCH_POINTER = "tune_last_search.json"  # in the working directory: the last search, for --resume
 
@@ -99,7 +99,7 @@ def _search(
 ) -> SearchOutcome:
     """The grid (unless it finished before an interruption), the random search, the summary."""
     from ctvlab.atomic import write_json_atomic
-    from ctvlab.unet.train import provenance_spec
+    from ctvlab.unet.trainer import provenance_spec
 
     name, parent = state["name"], state["parent_run_id"]
     log = tracker.logger(parent)

@@ -197,7 +197,7 @@ class PatientCeiling:
         coverages: per margin (None when the patient has no new progression).
         new_cells: cells of new progression.
         lesion_cm3: pre-RT T2L ∪ CEL volume, cm³ (Table 1's lesion volume).
-        pattern: the recurrence pattern of the progression masks (`ctvlab.synth.report`).
+        pattern: the recurrence pattern of the progression masks (`ctvlab.synth.table1`).
         far_mm: the farthest new progression voxel from the pre-RT T2L (the masks' definition), mm.
         hidden_max: the highest pre-RT density of the new progression more than HIDDEN_MM beyond the T2L
             and the cavity, what the density knows there and a margin does not (NaN when there is none). Below
@@ -243,7 +243,7 @@ def patient_ceiling(plan, cfg, grid, margins_mm: Sequence[float] = MARGINS_MM) -
     """
     from ctvlab.synth import imaging
     from ctvlab.synth.patient import OEDEMA_KEPT
-    from ctvlab.synth.report import recurrence_pattern
+    from ctvlab.synth.table1 import recurrence_pattern
     from ctvlab.synth.tumour import pre_rt_regions, progression_regions
 
     spec, course = simulate_patient(plan, cfg, grid)

@@ -3,10 +3,10 @@
 One function (`run_training`) trains a model epoch by epoch: augmentation, the step, validation, the
 selection metric (validation Tversky at α = 0.02, β = 0.98), early stopping, checkpoints that carry the whole
 history, MLflow curves from rank 0, the fault-tolerance test hooks. Where it runs is a `Session`:
-- `ctvlab.unet.train.RayTrainSession`: one rank of a Ray Train `TorchTrainer` (DDP, Ray Data shards), for
+- `ctvlab.unet.trainer.RayTrainSession`: one rank of a Ray Train `TorchTrainer` (DDP, Ray Data shards), for
   `ctvlab train`, the final model and multi-worker trials;
 - `LocalSession` (here): one process with its examples in memory, reporting through a callback; a search's
-  one-worker trials run it inside the Tune trainable (`ctvlab.unet.tune`), which saves the fixed cost of a
+  one-worker trials run it inside the Tune trainable (`ctvlab.unet.search`), which saves the fixed cost of a
   Ray Train worker group per trial; the benchmarks run it too.
 
 Nothing here imports Ray or MLflow at module level, so the step can be checked on a machine without them.

@@ -78,7 +78,7 @@ def _train_in_trial(ucfg, ctx: SearchContext, trial_id: str, run_id: str, log) -
 
     from ctvlab.atomic import write_json_atomic
     from ctvlab.unet.loop import STATE_FILE, LocalSession, load_examples, run_training
-    from ctvlab.unet.train import export_model_dir
+    from ctvlab.unet.trainer import export_model_dir
 
     prep = Path(ctx.prep)
     train = load_examples(prep, ctx.train_ids, ucfg.model.modality_set, ctx.view)
@@ -131,7 +131,7 @@ def _train_in_trial(ucfg, ctx: SearchContext, trial_id: str, run_id: str, log) -
 def _record_trial(log, model_dir: Path, history: list[dict[str, Any]]) -> None:
     """The trial's curve completed (epochs an unreachable server missed), its model and best metrics."""
     from ctvlab.tracking import complete_curve
-    from ctvlab.unet.train import best_summary
+    from ctvlab.unet.trainer import best_summary
 
     complete_curve(log, history)
     best = next((h for h in reversed(history) if h.get("is_best")), {})
@@ -151,7 +151,7 @@ def _train_with_ray_train(ucfg, ctx: SearchContext, trial_id: str, run_id: str, 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ctvlab.tracking import complete_curve
-    from ctvlab.unet.train import (
+    from ctvlab.unet.trainer import (
         best_checkpoint,
         best_summary,
         build_trainer,

@@ -23,7 +23,7 @@ from ctvlab.atomic import write_csv_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError
 from ctvlab.study import TVERSKY_BETA
-from ctvlab.unet.ablation import ABLATION_METRICS, pairwise_wilcoxon, plot_ablation, test_metrics
+from ctvlab.unet.modality_ablation import ABLATION_METRICS, pairwise_wilcoxon, plot_ablation, test_metrics
 
 REFERENCE_LOSS = "pcc"  # the study's final loss: every other loss is tested against it
 
@@ -65,8 +65,8 @@ def run_loss_study(
     from ctvlab.runtime import start_unet_stage
     from ctvlab.splits import load_split, pseudonymised
     from ctvlab.tracking import base_tags, tracker_for
-    from ctvlab.unet.train import provenance_spec
-    from ctvlab.unet.tune import run_search
+    from ctvlab.unet.search import run_search
+    from ctvlab.unet.trainer import provenance_spec
 
     t0 = time.perf_counter()
     prep = Path(prep or cfg.prep_dir).resolve()

@@ -3,7 +3,7 @@
 As in the study, the search has two steps: a coarse grid over learning rate, base features and batch size
 finds the region of good settings, then random search (30 trials by default) samples within the ranges
 around the best grid cell, over learning rate (log-uniform), base features, batch size, loss and Tversky β
-schedule. Each trial is one Ray Train run of `ctvlab.unet.train` launched from a Tune function trainable;
+schedule. Each trial is one Ray Train run of `ctvlab.unet.trainer` launched from a Tune function trainable;
 `TuneReportCallback` passes the per-epoch metrics to Tune, whose target is the validation Tversky
 coefficient (α = 0.02, β = 0.98), maximised. ASHA can stop weak trials early.
 
@@ -78,7 +78,7 @@ def run_search(
 
     from ctvlab.splits import load_split
     from ctvlab.tracking import resolve_tracking_uri
-    from ctvlab.unet.train import run_view
+    from ctvlab.unet.trainer import run_view
 
     prep = Path(prep).resolve()
     split = load_split(prep)
@@ -244,7 +244,7 @@ def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame, tracker) -> N
     holds what an undisturbed trial's does and ends FINISHED with how it ended (`stop_tags`): it ran without
     error, and FAILED is for errors.
     """
-    from ctvlab.unet.train import best_summary, export_model
+    from ctvlab.unet.trainer import best_summary, export_model
 
     planned = StudyConfig.model_validate(ctx.study).tune.epochs_per_trial
     for row in table.itertuples():
@@ -270,7 +270,7 @@ def finish_stopped_trials(ctx: SearchContext, table: pd.DataFrame, tracker) -> N
 def stored_history(ctx: SearchContext, trial_id: str) -> list[dict[str, Any]]:
     """A trial's history from the storage: a one-worker trial's history file, else the latest checkpoint of
     its Ray Train run (each carries the history up to its epoch); [] when there is none."""
-    from ctvlab.unet.train import HISTORY_FILE, SPEC_FILE
+    from ctvlab.unet.trainer import HISTORY_FILE, SPEC_FILE
     from ctvlab.unet.trial import trial_history_file
 
     candidates = [trial_history_file(ctx.storage, ctx.search_name, trial_id)]
@@ -293,7 +293,7 @@ def stored_history(ctx: SearchContext, trial_id: str) -> list[dict[str, Any]]:
 def best_stored_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint folder of a Ray Train run with the highest validation Tversky at its own epoch
     (each checkpoint holds the history up to it); the latest when none has a finite score."""
-    from ctvlab.unet.train import HISTORY_FILE, SPEC_FILE
+    from ctvlab.unet.trainer import HISTORY_FILE, SPEC_FILE
 
     scored = []
     for d in sorted(Path(run_dir).glob("checkpoint_*")):

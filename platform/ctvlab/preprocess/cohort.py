@@ -58,7 +58,7 @@ from ctvlab.study import FEATURES
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ctvlab.ingest.report import ValidationReport
+    from ctvlab.ingest.validation_report import ValidationReport
 
 __all__ = [
     "FailedPatient",
@@ -185,7 +185,7 @@ def write_dataset_tables(out: Path, patient_ids: list[str], cfg: PreprocessConfi
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ctvlab.data.schemas import patients_table_schema
+    from ctvlab.data.prepared_schemas import patients_table_schema
 
     paths = PrepPaths(out)
     sidecars = [sc for pid in sorted(patient_ids) if (sc := read_sidecar(out, pid)) is not None]
