@@ -161,7 +161,7 @@ class Recorder:
         if self.fail == name:
             raise CtvlabError(f"{name} broke (injected)")
 
-    def voxel_models(self, cfg, prep):
+    def voxel_models(self, cfg, prep, parallel=True):
         self._enter("voxel_models")
         Path(cfg.results_dir, "voxel_models").mkdir(parents=True, exist_ok=True)  # as the real stage
         return {}
@@ -438,3 +438,27 @@ def test_dry_run_says_what_would_run_and_why_and_run_does_exactly_that(study):
     run_study(changed)
     assert rec.ran == ["voxel_models", "stats", "model", "evaluate"]  # what the plan said
     assert planned(cfg)["split"] == ("will run", "settings changed: split.seed")  # and back
+
+
+@pytest.mark.ray
+def test_a_stage_command_runs_the_stage_of_run_and_stamps_it(study):
+    """`ctvlab voxel-models`, `stats`, `train` (`pipeline.run_stage`) run the very function `ctvlab run`
+    runs for the stage, always, and stamp it: `ctvlab run` then sees them current and runs only what reads
+    their new outputs (the evaluation of the new model)."""
+    from ctvlab.pipeline import plan_study, run_stage
+
+    cfg, rec = study
+    with pytest.raises(CtvlabError, match="split"):  # nothing to read yet: said, not a traceback
+        run_stage(cfg, "stats")
+    run_study(cfg)
+    rec.ran.clear()
+    for name in ("voxel-models", "stats", "train"):
+        record, outcome = run_stage(cfg, name)
+        assert record.name == name and record.status == "ran" and outcome is not None
+    assert rec.ran == ["voxel_models", "stats", "model"]
+    plan = {p.name: p.status for p in plan_study(cfg)}
+    assert plan["voxel-models"] == plan["stats"] == plan["train"] == plan["split"] == "current"
+    assert plan["evaluate"] == "will run"  # the model is new
+    rec.ran.clear()
+    run_study(cfg)
+    assert rec.ran == ["evaluate"] and rec.evaluated_model == rec.trained == 2

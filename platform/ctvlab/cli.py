@@ -258,6 +258,12 @@ def _data(cfg, data: Path | None) -> Path:
     return Path(data) if data is not None else Path(cfg.prep_dir).resolve()
 
 
+def _studys_own(cfg, data: Path) -> bool:
+    """The command runs on the study's own prepared data (`<workdir>/prep`): it is then the stage of
+    `ctvlab run` (`ctvlab.pipeline.run_stage`), stamped; on other data it runs the stage's driver alone."""
+    return Path(data).resolve() == Path(cfg.prep_dir).resolve()
+
+
 @app.command()
 def preprocess(
     raw: Annotated[
@@ -328,7 +334,12 @@ def split(
     if seed is not None:
         cfg.split.seed = seed
     with _one_writer(cfg, "split"), _recorded(cfg):
-        result, run_id = split_stage(cfg, data)
+        if _studys_own(cfg, data):
+            from ctvlab.pipeline import run_stage
+
+            _record, (result, run_id) = run_stage(cfg, "split")
+        else:
+            result, run_id = split_stage(cfg, data)
     counts = result.table["dl_role"].value_counts()
     _console().print(
         f"split {result.digest[:12]}: train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
@@ -365,10 +376,18 @@ def voxel_models(
     data = _data(cfg, data)
     if model:
         cfg.voxel_models.model = model
-    targets = ["nel", "cel"] if all_ else ([target] if target else None)
-    subgroups = ["all", "early", "late"] if all_ else ([subgroup] if subgroup else None)
+    # The grid's options are settings like any other: the stamp records what ran.
+    if all_ or target:
+        cfg.voxel_models.targets = ["nel", "cel"] if all_ else [target]
+    if all_ or subgroup:
+        cfg.voxel_models.subgroups = ["all", "early", "late"] if all_ else [subgroup]
     with _one_writer(cfg, "voxel-models"), _recorded(cfg):
-        results = voxel_models_stage(cfg, data, targets=targets, subgroups=subgroups, parallel=not serial)
+        if _studys_own(cfg, data):
+            from ctvlab.pipeline import run_stage
+
+            _record, results = run_stage(cfg, "voxel-models", parallel=not serial)
+        else:
+            results = voxel_models_stage(cfg, data, parallel=not serial)
     from rich.table import Table
 
     t = Table(title=f"{cfg.voxel_models.model} voxel models, 5-fold patient-grouped CV")
@@ -416,7 +435,12 @@ def stats(
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
     with _one_writer(cfg, "stats"), _recorded(cfg):
-        result, run_id = stats_stage(cfg, data)
+        if _studys_own(cfg, data):
+            from ctvlab.pipeline import run_stage
+
+            _record, (result, run_id) = run_stage(cfg, "stats")
+        else:
+            result, run_id = stats_stage(cfg, data)
     from rich.table import Table
 
     tests = result.tests.sort_values("wilcoxon_p")
@@ -458,7 +482,12 @@ def train(
     if use_gpu:
         cfg.unet.train.use_gpu = True
     with _one_writer(cfg, "train"), _recorded(cfg):
-        outcome = train_unet(cfg, data, resume=resume)
+        if _studys_own(cfg, data):
+            from ctvlab.pipeline import run_stage
+
+            _record, outcome = run_stage(cfg, "train", resume=resume or None)
+        else:
+            outcome = train_unet(cfg, data, resume=resume)
     best = ", ".join(f"{k} {v:.3f}" for k, v in sorted(outcome.best_metrics.items()) if k.startswith("val_"))
     _console().print(
         f"best epoch {outcome.best_epoch}: {best}\nmodel: {outcome.model_dir}\nregistered: "
@@ -491,7 +520,46 @@ def tune(
     from ctvlab.stages.tune import print_search, tune_study
 
     with _one_writer(cfg, "tune"), _recorded(cfg):
-        print_search(tune_study(cfg, data, resume=resume), _console())
+        if _studys_own(cfg, data):
+            from ctvlab.pipeline import run_stage
+
+            _record, outcome = run_stage(cfg, "tune", resume=resume or None)
+        else:
+            outcome = tune_study(cfg, data, resume=resume)
+    print_search(outcome, _console())
+    if outcome.model_uri is None and cfg.unet.final_loss is not None:
+        _console().print(
+            f"the best configuration is trained again with {cfg.unet.final_loss} by [bold]ctvlab final[/] "
+            "(unet.final_loss), which registers the study's model"
+        )
+
+
+@app.command()
+def final(
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
+    tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """The final model: the current search's best configuration trained again with unet.final_loss (the
+    study: PCC) for unet.train.epochs with early stopping; registered as the study's model."""
+    from ctvlab.errors import CtvlabError
+    from ctvlab.pipeline import current_search_best, run_stage
+
+    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
+    data = _data(cfg, data)
+    if not _studys_own(cfg, data):
+        raise CtvlabError(f"ctvlab final trains on the study's prepared data ({cfg.prep_dir}), not {data}")
+    if cfg.unet.final_loss is None:
+        raise CtvlabError("unet.final_loss is not set: the search's best model is the study's model")
+    if not current_search_best(cfg):
+        raise CtvlabError("no current search for these settings and data: run ctvlab tune first")
+    with _one_writer(cfg, "final"), _recorded(cfg):
+        record, outcome = run_stage(cfg, "final")
+    _console().print(f"{record.detail}\nmodel: {outcome.model_dir} (MLflow run {outcome.run_id})")
 
 
 @app.command("loss-study")
@@ -506,6 +574,7 @@ def loss_study(
 ) -> None:
     """Loss study (Supp. Figs. 2, 3): the last search's best configuration (else the unet settings) trained
     per loss and per Tversky β, scored on the test patients."""
+    from ctvlab.pipeline import current_search_best, run_stage
     from ctvlab.splits import load_split
     from ctvlab.stages.loss_study import print_loss_study, run_loss_study
     from ctvlab.stages.tune import last_best_params
@@ -513,10 +582,12 @@ def loss_study(
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
     console = _console()
-    best = last_best_params(cfg, load_split(data))
-    console.print(f"loss study from {'the last search: ' + str(best) if best else 'the unet settings'}")
+    own = _studys_own(cfg, data)
+    best = current_search_best(cfg) if own else last_best_params(cfg, load_split(data))
+    console.print(f"loss study from {'the search: ' + str(best) if best else 'the unet settings'}")
     with _one_writer(cfg, "loss-study"), _recorded(cfg):
-        print_loss_study(run_loss_study(cfg, data, best=best), console)
+        outcome = run_stage(cfg, "loss-study")[1] if own else run_loss_study(cfg, data, best=best)
+    print_loss_study(outcome, console)
 
 
 @app.command()
@@ -535,7 +606,13 @@ def ablation(
     cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
     data = _data(cfg, data)
     with _one_writer(cfg, "ablation"), _recorded(cfg):
-        print_ablation(run_ablation(cfg, data), _console())
+        if _studys_own(cfg, data):
+            from ctvlab.pipeline import run_stage
+
+            _record, outcome = run_stage(cfg, "ablation")
+        else:
+            outcome = run_ablation(cfg, data)
+    print_ablation(outcome, _console())
 
 
 @app.command()

@@ -97,6 +97,20 @@ class StudyOutcome:
     evaluation: Any = None
 
 
+@dataclass
+class RunState:
+    """What the stages of one run hand on to the next: the digests later stages are keyed on (`inputs`),
+    the study's model, the search's best configuration; `result` is the last stage's own outcome, for its
+    command to print (`run_stage`)."""
+
+    inputs: dict[str, str | None] = field(default_factory=dict)
+    model_uri: str | None = None
+    best_params: dict[str, Any] | None = None
+    validation: Any = None
+    evaluation: Any = None
+    result: Any = None
+
+
 class Stamps:
     """Digests of each stage's inputs, so that a stage whose inputs did not change is skipped."""
 
@@ -162,7 +176,7 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
     cfg = cfg.model_copy(update={"workdir": workdir})  # absolute: Ray workers do not share our cwd
     stamps = Stamps(workdir)
     tracker = tracker_for(cfg)
-    state: dict[str, Any] = {}
+    state = RunState()
     model_name = model_stage(cfg)
     # (name, enabled, the stages it needs, the stage)
     plan: list[tuple[str, bool, tuple[str, ...], Callable[[], StageRecord]]] = [
@@ -200,7 +214,7 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
     with outage_notice(say), OutageWatch(spool_dir(cfg), tracker.tracking_uri):
         records, failures = _each_stage(cfg, plan, console, keep_going, say)
     outcome = StudyOutcome(workdir, tracker.experiment_name, tracker.experiment_id, tracker.tracking_uri,
-                           records, state.get("evaluation"))  # fmt: skip
+                           records, state.evaluation)  # fmt: skip
     print_study_summary(outcome, console)
     if failures:
         _name, first = failures[0]
@@ -281,14 +295,14 @@ def _synth(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
     return StageRecord("synth", "ran", detail=f"{cfg.synth.n_patients} synthetic patients in {cfg.raw_dir}")
 
 
-def _validate(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord:
+def _validate(cfg: StudyConfig, console, state: RunState) -> StageRecord:
     from ctvlab.ingest.validate import validate_cohort
     from ctvlab.ingest.validation_report import print_validation
 
     report = validate_cohort(
         cfg.raw_dir, progress=False, limits=cfg.cohort.limits, voxel_mm=cfg.preprocess.voxel_mm
     )
-    state["validation"] = report  # preprocessing takes it as is: every file read once, with these limits
+    state.validation = report  # preprocessing takes it as is: every file read once, with these limits
     if not report.ok:
         print_validation(report, console)
     if not report.valid_ids():
@@ -296,12 +310,13 @@ def _validate(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord:
     return StageRecord("validate", "ran", detail=f"{report.n_valid} valid, {report.n_invalid} invalid")
 
 
-def _preprocess(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord:
+def _preprocess(cfg: StudyConfig, console, state: RunState) -> StageRecord:
     from ctvlab.preprocess.cohort import preprocess_cohort, print_preprocess_report
 
     report = preprocess_cohort(cfg.raw_dir, cfg.prep_dir, cfg.preprocess, address=cfg.ray.address,
                                progress=True, console=console, limits=cfg.cohort.limits,
-                               validation=state.pop("validation", None))  # fmt: skip
+                               validation=state.validation)  # fmt: skip
+    state.validation = None
     if not report.ok:
         print_preprocess_report(report, console)
     if report.storage_error:  # a full disk or a folder that cannot be written: its own one line
@@ -313,18 +328,18 @@ def _preprocess(cfg: StudyConfig, console, state: dict[str, Any]) -> StageRecord
         )
     if report.digest is None:
         raise CtvlabError("preprocessing produced no patient; see the report above")
-    state["inputs"] = {"dataset": report.digest}
+    state.inputs = {"dataset": report.digest}
     n_done = len(report.processed)
     status = "ran" if n_done else "skipped (current)"
     return StageRecord("preprocess", status, detail=f"{n_done} processed, {len(report.skipped_unchanged)} current, "
                                                     f"{len(report.invalid)} invalid, {len(report.failed)} failed")  # fmt: skip
 
 
-def _split(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+def _split(cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool) -> StageRecord:
     from ctvlab.splits import load_split
     from ctvlab.stages.analysis import split_stage
 
-    key = stage_key("split", cfg, state["inputs"])
+    key = stage_key("split", cfg, state.inputs)
     if not force and stamps.current("split", key):
         try:
             split = load_split(cfg.prep_dir)
@@ -333,68 +348,75 @@ def _split(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
         except CtvlabError:  # no split on disk (removed): draw it again from the same settings
             split = None
         if split is not None:
-            state["inputs"]["split"] = split.digest
+            state.inputs["split"] = split.digest
             return StageRecord("split", "skipped (current)", detail=f"split {split.digest[:12]}")
     split, run_id = split_stage(cfg, cfg.prep_dir)
-    state["inputs"]["split"] = split.digest
-    stamps.write("split", key, stage_parts("split", cfg, state["inputs"]), split_digest=split.digest)
+    state.result = (split, run_id)
+    state.inputs["split"] = split.digest
+    stamps.write("split", key, stage_parts("split", cfg, state.inputs), split_digest=split.digest)
     counts = split.table["dl_role"].value_counts().to_dict()
     return StageRecord("split", "ran", detail=f"train/val/test {counts.get('train', 0)}/{counts.get('val', 0)}/"
                                               f"{counts.get('test', 0)}", run_ids=[run_id])  # fmt: skip
 
 
-def _voxel_models(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+def _voxel_models(
+    cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool, parallel: bool = True
+) -> StageRecord:
     from ctvlab.stages.analysis import voxel_models_stage
 
-    key = stage_key("voxel-models", cfg, state["inputs"])
+    key = stage_key("voxel-models", cfg, state.inputs)
     if not force and outputs_current(cfg, "voxel-models", stamps.current("voxel-models", key)):
         return StageRecord("voxel-models", "skipped (current)")
-    results = voxel_models_stage(cfg, cfg.prep_dir)
-    stamps.write("voxel-models", key, stage_parts("voxel-models", cfg, state["inputs"]))
+    results = state.result = voxel_models_stage(cfg, cfg.prep_dir, parallel=parallel)
+    stamps.write("voxel-models", key, stage_parts("voxel-models", cfg, state.inputs))
     detail = "; ".join(f"{t}/{s} AUC {r.auc_mean:.2f}±{r.auc_std:.2f}" for (t, s), r in results.items())
     return StageRecord("voxel-models", "ran", detail=detail)
 
 
-def _stats(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+def _stats(cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool) -> StageRecord:
     from ctvlab.stages.analysis import stats_stage
 
-    key = stage_key("stats", cfg, state["inputs"])
+    key = stage_key("stats", cfg, state.inputs)
     if not force and stamps.current("stats", key):
         return StageRecord("stats", "skipped (current)")
-    result, run_id = stats_stage(cfg, cfg.prep_dir)
-    stamps.write("stats", key, stage_parts("stats", cfg, state["inputs"]))
+    result, run_id = state.result = stats_stage(cfg, cfg.prep_dir)
+    stamps.write("stats", key, stage_parts("stats", cfg, state.inputs))
     return StageRecord("stats", "ran", detail=f"{int(result.summary()['n_significant'])} of "
                                                    f"{len(result.tests)} tests significant", run_ids=[run_id])  # fmt: skip
 
 
-def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+def _model(
+    cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool, resume: bool | None = None
+) -> StageRecord:
+    """The search (`tune`) or one training run (`train`). `resume`: None continues an interrupted run of
+    these very settings and data; True continues the last interrupted run whatever its settings."""
     name = model_stage(cfg)
-    key = stage_key(name, cfg, state["inputs"])
+    key = stage_key(name, cfg, state.inputs)
     # With a final model after it, the search's best trial is kept apart from the evaluated model.
     model_dir = Path(cfg.results_dir, "search_model" if final_model_on(cfg) else "model")
     stamp = stamps.current(name, key)
     # Current only when the folder still holds the very model the stamp recorded.
     if not force and outputs_current(cfg, name, stamp):
-        state["model_uri"] = stamp.get("model_uri")
-        state["inputs"]["model"] = stamp["model_digest"]
-        state["best_params"] = stamp.get("best_params")
-        state["inputs"]["search"] = digest(state["best_params"])
+        state.model_uri = stamp.get("model_uri")
+        state.inputs["model"] = stamp["model_digest"]
+        state.best_params = stamp.get("best_params")
+        state.inputs["search"] = digest(state.best_params)
         return StageRecord(name, "skipped (current)", detail=str(stamp.get("model_uri") or model_dir))
     from ctvlab.stages.train import TRAIN_POINTER, interrupted_run
     from ctvlab.stages.tune import SEARCH_POINTER
 
     # A search or training run of these very settings and data that was interrupted is continued.
     pointer = Path(cfg.workdir, SEARCH_POINTER if cfg.pipeline.search else TRAIN_POINTER)
-    resume = interrupted_run(pointer, key)
+    resume = interrupted_run(pointer, key) if resume is None else resume
     again = "continued the interrupted run: " if resume else ""
     if cfg.pipeline.search:
         from ctvlab.stages.tune import tune_study
 
         final = final_model_on(cfg)
-        out = tune_study(cfg, cfg.prep_dir, resume=resume, settings_key=key, model_dir=model_dir,
-                         register=not final)  # fmt: skip
-        state["model_uri"] = out.model_uri
-        state["best_params"] = out.best_params
+        out = state.result = tune_study(cfg, cfg.prep_dir, resume=resume, settings_key=key,
+                                        model_dir=model_dir, register=not final)  # fmt: skip
+        state.model_uri = out.model_uri
+        state.best_params = out.best_params
         b = out.best_params
         best = f"lr {b.get('lr', float('nan')):.1e}, {b.get('base_features')} features, batch {b.get('batch_size')}, {b.get('loss')}"
         detail = (f"{again}{len(out.trials)} trials, best val Tversky {out.best_metric:.3f} ({best})"
@@ -403,45 +425,47 @@ def _model(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     else:
         from ctvlab.stages.train import train_unet
 
-        out = train_unet(cfg, cfg.prep_dir, resume=resume, settings_key=key)
-        state["model_uri"] = out.model_uri
+        out = state.result = train_unet(cfg, cfg.prep_dir, resume=resume, settings_key=key)
+        state.model_uri = out.model_uri
         detail = f"{again}best val Tversky {out.best_metrics.get('val_tversky', float('nan')):.3f} → {out.model_uri}"
         run_ids = [out.run_id]
-    state["inputs"]["model"] = model_digest(model_dir)
-    state["inputs"]["search"] = digest(state.get("best_params"))
-    stamps.write(name, key, stage_parts(name, cfg, state["inputs"]), model_uri=state["model_uri"], model_digest=state["inputs"]["model"],
-                 best_params=state.get("best_params"))  # fmt: skip
+    state.inputs["model"] = model_digest(model_dir)
+    state.inputs["search"] = digest(state.best_params)
+    stamps.write(name, key, stage_parts(name, cfg, state.inputs), model_uri=state.model_uri, model_digest=state.inputs["model"],
+                 best_params=state.best_params)  # fmt: skip
     return StageRecord(name, "ran", detail=detail, run_ids=[r for r in run_ids if r])
 
 
-def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+def _final(cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool) -> StageRecord:
     """The study's final model: the search's best configuration trained again with `unet.final_loss` for
     `unet.train.epochs` (early stopping by `unet.train.patience`). An interrupted final training is
     continued; the search it starts from is never run again for it."""
     from ctvlab.stages.train import TRAIN_POINTER, interrupted_run, train_unet
     from ctvlab.unet.spaces import final_unet_config
 
-    best = state.get("best_params")
+    best = state.best_params
     if not best:
         raise CtvlabError("the search recorded no best configuration; run it again with --force")
-    key = stage_key("final", cfg, state["inputs"])
+    key = stage_key("final", cfg, state.inputs)
     model_dir = Path(cfg.results_dir, "model")
     stamp = stamps.current("final", key)
     if not force and outputs_current(cfg, "final", stamp):
-        state["model_uri"] = stamp.get("model_uri")
-        state["inputs"]["model"] = stamp["model_digest"]
+        state.model_uri = stamp.get("model_uri")
+        state.inputs["model"] = stamp["model_digest"]
         return StageRecord("final", "skipped (current)", detail=str(stamp.get("model_uri")))
     final_cfg = cfg.model_copy(update={"unet": final_unet_config(cfg.unet, best)})
     resume = interrupted_run(Path(cfg.workdir, TRAIN_POINTER), key)
-    out = train_unet(final_cfg, cfg.prep_dir, resume=resume, settings_key=key, run_label="final")
-    state["model_uri"] = out.model_uri
-    state["inputs"]["model"] = model_digest(model_dir)
+    out = state.result = train_unet(
+        final_cfg, cfg.prep_dir, resume=resume, settings_key=key, run_label="final"
+    )
+    state.model_uri = out.model_uri
+    state.inputs["model"] = model_digest(model_dir)
     stamps.write(
         "final",
         key,
-        stage_parts("final", cfg, state["inputs"]),
+        stage_parts("final", cfg, state.inputs),
         model_uri=out.model_uri,
-        model_digest=state["inputs"]["model"],
+        model_digest=state.inputs["model"],
     )
     again = "continued the interrupted run: " if resume else ""
     stopped = (
@@ -453,34 +477,34 @@ def _final(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool)
     return StageRecord("final", "ran", detail=detail, run_ids=[r for r in [out.run_id] if r])
 
 
-def _losses(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+def _losses(cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool) -> StageRecord:
     from ctvlab.stages.loss_study import run_loss_study
 
-    key = stage_key("loss-study", cfg, state["inputs"])
+    key = stage_key("loss-study", cfg, state.inputs)
     if not force and outputs_current(cfg, "loss-study", stamps.current("loss-study", key)):
         return StageRecord("loss-study", "skipped (current)", detail=str(Path(cfg.results_dir, "loss_study")))
-    out = run_loss_study(cfg, cfg.prep_dir, best=state.get("best_params"))
-    stamps.write("loss-study", key, stage_parts("loss-study", cfg, state["inputs"]))
+    out = state.result = run_loss_study(cfg, cfg.prep_dir, best=state.best_params)
+    stamps.write("loss-study", key, stage_parts("loss-study", cfg, state.inputs))
     n = len(out.per_patient[["loss", "beta"]].fillna(-1.0).drop_duplicates())  # the shared Tversky run once
     return StageRecord("loss-study", "ran", detail=f"{n} models on the test patients → {out.out_dir}",
                        run_ids=[out.run_id])  # fmt: skip
 
 
-def _ablation(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], force: bool) -> StageRecord:
+def _ablation(cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool) -> StageRecord:
     from ctvlab.stages.ablation import run_ablation
 
-    key = stage_key("ablation", cfg, state["inputs"])
+    key = stage_key("ablation", cfg, state.inputs)
     if not force and outputs_current(cfg, "ablation", stamps.current("ablation", key)):
         return StageRecord("ablation", "skipped (current)")
-    out = run_ablation(cfg, cfg.prep_dir)
-    stamps.write("ablation", key, stage_parts("ablation", cfg, state["inputs"]))
+    out = state.result = run_ablation(cfg, cfg.prep_dir)
+    stamps.write("ablation", key, stage_parts("ablation", cfg, state.inputs))
     return StageRecord("ablation", "ran", detail=str(out.figure), run_ids=[out.run_id])
 
 
-def _evaluate(cfg: StudyConfig, stamps: Stamps, state: dict[str, Any], console, force: bool) -> StageRecord:
-    record, outcome = evaluate_stage(cfg, stamps, state["inputs"], state.get("model_uri"), console, force)
+def _evaluate(cfg: StudyConfig, stamps: Stamps, state: RunState, console, force: bool) -> StageRecord:
+    record, outcome = evaluate_stage(cfg, stamps, state.inputs, state.model_uri, console, force)
     if outcome is not None:
-        state["evaluation"] = outcome
+        state.evaluation = outcome
     return record
 
 
@@ -511,6 +535,48 @@ def evaluate_stage(
         console.print(f"models:/{cfg.unet.registered_model_name}@champion is now version {version}")
     stamps.write("evaluate", key, stage_parts("evaluate", cfg, inputs))
     return StageRecord("evaluate", "ran", detail=str(out.out_dir), run_ids=[out.run_id]), out
+
+
+def run_stage(cfg: StudyConfig, name: str, console=None, **options: Any) -> tuple[StageRecord, Any]:
+    """`ctvlab <name>` for a stamped stage between split and evaluate: the very function `ctvlab run` runs
+    for it, on the study's prepared data, always run (as `--force` would) and stamped, so that `ctvlab run`
+    and `ctvlab report` see its outputs as current. Returns the stage's record and its own outcome (what
+    its command prints). `options`: `parallel` (voxel-models), `resume` (tune, train).
+
+    Raises:
+        CtvlabError: the inputs the stage reads are not there yet (no split, no search for `final`).
+    """
+    workdir = Path(cfg.workdir).resolve()
+    cfg = cfg.model_copy(update={"workdir": workdir})
+    if name in ("tune", "train"):  # the command names which of the two trains the study's model
+        cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"search": name == "tune"})})
+    stamps, state = Stamps(workdir), RunState()
+    if name == "split":
+        meta = Path(cfg.prep_dir) / "dataset.json"
+        if not meta.exists():
+            raise CtvlabError(
+                f"{cfg.prep_dir} holds no prepared data (dataset.json); run ctvlab preprocess first"
+            )
+        state.inputs = {"dataset": json.loads(meta.read_text())["digest"]}
+    else:
+        state.inputs, state.model_uri = study_inputs(cfg)
+        state.best_params = current_search_best(cfg, state.inputs)
+    stage = {"split": _split, "voxel-models": _voxel_models, "stats": _stats, "tune": _model, "train": _model,
+             "final": _final, "loss-study": _losses, "ablation": _ablation}[name]  # fmt: skip
+    record = stage(cfg, stamps, state, True, **options)
+    return record, state.result
+
+
+def current_search_best(
+    cfg: StudyConfig, inputs: dict[str, str | None] | None = None
+) -> dict[str, Any] | None:
+    """The best configuration of the study's search when that search is current (its stamp matches these
+    settings and data), else None: what the final model and the loss study start from."""
+    if not cfg.pipeline.search:
+        return None
+    inputs = inputs if inputs is not None else study_inputs(cfg)[0]
+    search = Stamps(cfg.workdir).current("tune", stage_key("tune", cfg, inputs))
+    return search.get("best_params") if search else None
 
 
 def study_inputs(cfg: StudyConfig) -> tuple[dict[str, str | None], str | None]:

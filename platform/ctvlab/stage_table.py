@@ -32,7 +32,6 @@ class Stage:
     reads: tuple[str, ...] = ()
     owns: tuple[str, ...] = ()
     stamped: bool = True  # writes stamps/<ident>.json and is skipped when current
-    command: bool = True  # has its `ctvlab` command and its job script
     folder: bool = False  # writes results/<ident>/
 
     @property
@@ -40,8 +39,9 @@ class Stage:
         return self.name.replace("-", "_")
 
     @property
-    def job(self) -> str | None:
-        return f"jobs/{self.ident}.py" if self.command else None
+    def job(self) -> str:
+        """Its job script for `ray job submit` (every stage is also a command)."""
+        return f"jobs/{self.ident}.py"
 
 
 # In the order `ctvlab run` runs them.
@@ -63,7 +63,7 @@ STAGES: tuple[Stage, ...] = (
           reads=("unet",), owns=("unet.train.epochs", "unet.train.patience")),
     Stage("final", "the search's best configuration trained again with `unet.final_loss`",
           ("dataset", "split", "search"), reads=("unet",),
-          owns=("unet.final_loss", "unet.train.epochs", "unet.train.patience"), command=False),
+          owns=("unet.final_loss", "unet.train.epochs", "unet.train.patience")),
     Stage("loss-study", "the search's best configuration trained per loss and Tversky β",
           ("dataset", "split", "search"), reads=("unet", "tune.loss_study", "tune.epochs_per_trial"),
           owns=("tune.loss_study",), folder=True),
