@@ -388,34 +388,20 @@ def voxel_models(
             _record, results = run_stage(cfg, "voxel-models", parallel=not serial)
         else:
             results = voxel_models_stage(cfg, data, parallel=not serial)
-    from rich.table import Table
+    from ctvlab.terminal import print_table
 
-    t = Table(title=f"{cfg.voxel_models.model} voxel models, 5-fold patient-grouped CV")
-    for col in (
-        "target",
-        "subgroup",
-        "patients",
-        "AUC mean ± SD",
-        "distance-to-T2L AUC",
-        "pooled AUC [95% CI]",
-        "per-patient AUC [95% CI]",
-        "top features (permutation)",
-    ):
-        t.add_column(col)
-    for (tg, sg), r in results.items():
-        top = ", ".join(r.importance_table().index[:3])
-        t.add_row(
-            tg,
-            sg,
-            str(r.n_patients),
-            f"{r.auc_mean:.3f} ± {r.auc_std:.3f}",
-            f"{r.auc_distance:.3f}",
-            _with_ci(r.pooled_roc()[2], r.auc_intervals(0), 0),
-            _with_ci(math.nan, r.auc_intervals(0), 1),
-            top,
-        )
+    columns = ("target", "subgroup", "patients", "AUC mean ± SD", "distance-to-T2L AUC", "pooled AUC [95% CI]",
+               "per-patient AUC [95% CI]", "top features (permutation)")  # fmt: skip
+    rows = [
+        (tg, sg, str(r.n_patients), f"{r.auc_mean:.3f} ± {r.auc_std:.3f}", f"{r.auc_distance:.3f}",
+         _with_ci(r.pooled_roc()[2], r.auc_intervals(0), 0), _with_ci(math.nan, r.auc_intervals(0), 1),
+         ", ".join(r.importance_table().index[:3]))
+        for (tg, sg), r in results.items()
+    ]  # fmt: skip
     console = _console()
-    console.print(t)
+    print_table(
+        console, f"{cfg.voxel_models.model} voxel models, 5-fold patient-grouped CV", columns, rows, labels=2
+    )
     console.print(f"tables and figures: {Path(cfg.results_dir, 'voxel_models')}")
 
 
@@ -441,19 +427,17 @@ def stats(
             _record, (result, run_id) = run_stage(cfg, "stats")
         else:
             result, run_id = stats_stage(cfg, data)
-    from rich.table import Table
+    from ctvlab.terminal import print_table
 
-    tests = result.tests.sort_values("wilcoxon_p")
-    t = Table(title="Stable NAV vs progressed voxels (per-patient medians)")
-    for col in ("feature", "category", "pairs (zero diff.)", "median diff", "Wilcoxon p", "Holm p",
-                "Mann-Whitney p", "Holm p"):  # fmt: skip
-        t.add_column(col)
-    for r in tests.head(20).itertuples():
-        t.add_row(r.feature, r.category, f"{r.n_pairs} ({r.n_zero})", f"{r.median_difference:+.3f}",
-                  f"{r.wilcoxon_p:.2g}", f"{r.wilcoxon_p_holm:.2g}", f"{r.mannwhitney_p:.2g}",
-                  f"{r.mannwhitney_p_holm:.2g}")  # fmt: skip
+    columns = ("feature", "category", "pairs (zero diff.)", "median diff", "Wilcoxon p", "Holm p",
+               "Mann-Whitney p", "Holm p")  # fmt: skip
+    rows = [
+        (r.feature, r.category, f"{r.n_pairs} ({r.n_zero})", f"{r.median_difference:+.3f}", f"{r.wilcoxon_p:.2g}",
+         f"{r.wilcoxon_p_holm:.2g}", f"{r.mannwhitney_p:.2g}", f"{r.mannwhitney_p_holm:.2g}")
+        for r in result.tests.sort_values("wilcoxon_p").head(20).itertuples()
+    ]  # fmt: skip
     console = _console()
-    console.print(t)
+    print_table(console, "Stable NAV vs progressed voxels (per-patient medians)", columns, rows, labels=2)
     console.print(f"tables and box plots: {Path(cfg.results_dir, 'stats')}; MLflow run {run_id}")
 
 

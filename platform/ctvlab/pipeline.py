@@ -762,16 +762,14 @@ def outputs_current(cfg: StudyConfig, stage: str, stamp: dict[str, Any] | None) 
 
 
 def print_plan(plan: list[PlannedStage], console) -> None:
-    from rich.table import Table
+    from ctvlab.terminal import print_table
 
-    table = Table(title="ctvlab run --dry-run: nothing was run", title_justify="left")
-    for column in ("stage", "plan", "why"):
-        table.add_column(column)
     colour = {"will run": "yellow", "current": "green"}
-    for p in plan:
-        c = colour.get(p.status)
-        table.add_row(p.name, f"[{c}]{p.status}[/]" if c else p.status, p.why)
-    console.print(table)
+    rows = [
+        (p.name, f"[{colour[p.status]}]{p.status}[/]" if p.status in colour else p.status, p.why)
+        for p in plan
+    ]
+    print_table(console, "ctvlab run --dry-run: nothing was run", ("stage", "plan", "why"), rows, labels=3)
 
 
 def current_stages(cfg: StudyConfig) -> dict[str, bool]:
@@ -800,14 +798,10 @@ def _report(cfg: StudyConfig) -> StageRecord:
 
 
 def print_study_summary(outcome: StudyOutcome, console) -> None:
-    from rich.table import Table
+    from ctvlab.terminal import print_table
 
-    t = Table(title="ctvlab run: summary")
-    for col in ("stage", "status", "seconds", "detail"):
-        t.add_column(col)
-    for r in outcome.stages:
-        t.add_row(r.name, r.status, f"{r.seconds:.0f}" if r.seconds else "", r.detail)
-    console.print(t)
+    rows = [(r.name, r.status, f"{r.seconds:.0f}" if r.seconds else "", r.detail) for r in outcome.stages]
+    print_table(console, "ctvlab run: summary", ("stage", "status", "seconds", "detail"), rows, labels=2)
     console.print(f"results: {outcome.workdir}/results  ·  prepared data: {outcome.workdir}/prep")
     console.print(
         f"MLflow: experiment [bold]{outcome.experiment}[/] (id {outcome.experiment_id}) in {outcome.tracking_uri}"

@@ -108,22 +108,20 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
 
 
 def print_ablation(outcome: AblationOutcome, console) -> None:
-    from rich.table import Table
+    from ctvlab.terminal import print_table
 
     summary = outcome.per_patient.groupby("modality_set")[list(ABLATION_METRICS)].agg(["mean", "std"])
-    t = Table(title="Modality ablation on the test split (Fig. 2b)")
-    t.add_column("inputs")
-    for m in ABLATION_METRICS:
-        t.add_column(m, justify="right")
-    for s in outcome.best["modality_set"]:
-        t.add_row(
+    rows = [
+        (
             s,
             *[
                 f"{summary.loc[s, (m, 'mean')]:.3f} ± {summary.loc[s, (m, 'std')]:.3f}"
                 for m in ABLATION_METRICS
             ],
         )
-    console.print(t)
+        for s in outcome.best["modality_set"]
+    ]
+    print_table(console, "Modality ablation on the test split (Fig. 2b)", ("inputs", *ABLATION_METRICS), rows)
     if "all" in set(outcome.best["modality_set"]):
         w = outcome.tests[(outcome.tests["set_b"] == "all") | (outcome.tests["set_a"] == "all")]
         for r in w[w["metric"] == "pcc"].itertuples():

@@ -416,10 +416,8 @@ STUDY_RESULTS = {
 
 def print_evaluation(outcome: EvaluationOutcome, console) -> None:
     """Supplementary Table 1 in the terminal, with the study's values beside ours."""
-    from rich.table import Table
+    from ctvlab.terminal import print_table
 
-    table = Table(title=f"CTVs on {len(outcome.per_patient['patient_id'].unique())} patients "
-                        f"(threshold {outcome.threshold:.2f}); study values in brackets")  # fmt: skip
     metrics = (
         "sensitivity",
         "specificity",
@@ -430,9 +428,7 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
         "pcc",
         "volume_cm3",
     )
-    table.add_column("CTV")
-    for m in metrics:
-        table.add_column(m, justify="right")
+    rows = []
     for r in outcome.summary.to_dict("records"):
         cells = []
         for m in metrics:
@@ -441,8 +437,10 @@ def print_evaluation(outcome: EvaluationOutcome, console) -> None:
             if ref:
                 cell += f" [{ref[0]:.2f} ± {ref[1]:.2f}]"
             cells.append(cell)
-        table.add_row(r["ctv"], *cells)
-    console.print(table)
+        rows.append((r["ctv"], *cells))
+    title = (f"CTVs on {len(outcome.per_patient['patient_id'].unique())} patients (threshold "
+             f"{outcome.threshold:.2f}); study values in brackets")  # fmt: skip
+    print_table(console, title, ("CTV", *metrics), rows)
     if outcome.coverage is not None and len(outcome.coverage):
         parts = []
         for r in outcome.coverage.itertuples():

@@ -190,15 +190,14 @@ def plot_beta_sweep(sweep: pd.DataFrame, out: Path) -> Path:
 
 
 def print_loss_study(outcome: LossStudyOutcome, console) -> None:
-    from rich.table import Table
+    from ctvlab.terminal import print_table
 
-    t = Table(title="Loss study on the test split (Supp. Figs. 2 and 3)")
-    for col in ("run", "n", *ABLATION_METRICS):
-        t.add_column(col, justify="right")
-    for r in outcome.summary.to_dict("records"):
-        label = run_label(r["loss"], r["study"], r["beta"])
-        t.add_row(
-            label, str(r["n"]), *[f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in ABLATION_METRICS]
-        )
-    console.print(t)
+    rows = [
+        (run_label(r["loss"], r["study"], r["beta"]), str(r["n"]),
+         *[f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in ABLATION_METRICS])
+        for r in outcome.summary.to_dict("records")
+    ]  # fmt: skip
+    print_table(
+        console, "Loss study on the test split (Supp. Figs. 2 and 3)", ("run", "n", *ABLATION_METRICS), rows
+    )
     console.print(f"figures {', '.join(str(f) for f in outcome.figures)}; MLflow run {outcome.run_id}")

@@ -198,12 +198,10 @@ def _finish_search(
 
 
 def print_search(outcome: SearchOutcome, console) -> None:
-    from rich.table import Table
+    from ctvlab.terminal import print_table
 
     t = outcome.trials.sort_values(BEST_SELECTION_METRIC, ascending=False)
-    table = Table(title=f"search {outcome.name}: {len(t)} trials, {outcome.n_failed} failed, "
-                        f"{outcome.elapsed_s / 60:.1f} min")  # fmt: skip
-    for col in (
+    columns = (
         "step",
         "lr",
         "base_features",
@@ -212,15 +210,16 @@ def print_search(outcome: SearchOutcome, console) -> None:
         BEST_SELECTION_METRIC,
         "epochs_run",
         "status",
-    ):
-        table.add_column(col, justify="right")
-    for r in t.head(15).to_dict("records"):
-        table.add_row(
-            str(r.get("step", "")), f"{r['lr']:.2e}" if r["lr"] is not None else "", str(r["base_features"]),
-            str(r["batch_size"]), str(r["loss"]), f"{r[BEST_SELECTION_METRIC]:.4f}", str(r["epochs_run"]), r["status"],
-        )  # fmt: skip
-    console.print(table)
-    console.print(f"best: {outcome.best_params} → validation Tversky {outcome.best_metric:.4f}")
-    console.print(
-        f"model: {outcome.best_model_dir} registered as {outcome.model_uri}; MLflow run {outcome.parent_run_id}"
     )
+    rows = [
+        (str(r.get("step", "")), f"{r['lr']:.2e}" if r["lr"] is not None else "", str(r["base_features"]),
+         str(r["batch_size"]), str(r["loss"]), f"{r[BEST_SELECTION_METRIC]:.4f}", str(r["epochs_run"]), r["status"])
+        for r in t.head(15).to_dict("records")
+    ]  # fmt: skip
+    title = (
+        f"search {outcome.name}: {len(t)} trials, {outcome.n_failed} failed, {outcome.elapsed_s / 60:.1f} min"
+    )
+    print_table(console, title, columns, rows, labels=0)
+    console.print(f"best: {outcome.best_params} → validation Tversky {outcome.best_metric:.4f}")
+    registered = f"registered as {outcome.model_uri}" if outcome.model_uri else "kept for the final model"
+    console.print(f"model: {outcome.best_model_dir} {registered}; MLflow run {outcome.parent_run_id}")

@@ -360,23 +360,16 @@ def between_cohorts(patients: Iterable[PatientStats]) -> list[dict[str, object]]
 
 def print_report(report: CohortReport, console: Console) -> None:
     """Print the cohort's Table 1 and recurrence pattern beside the study's."""
-    from rich.table import Table
+    from ctvlab.terminal import print_table
 
     study = study_groups()
     title = "Cohort vs study (Table 1, Tran et al. 2025)"
     if report.root:
         title += f" — {report.root}"
-    table = Table(title=title, show_lines=False)
-    table.add_column("")
-    for group in GROUPS:
-        table.add_column(f"{group}", justify="right")
-        table.add_column("study", justify="right", style="dim")
-    for label, fmt in TABLE1_ROWS:
-        cells = []
-        for group in GROUPS:
-            cells += [fmt(report.groups[group]), fmt(study[group])]
-        table.add_row(label, *cells)
-    console.print(table)
+    columns = [""] + [c for group in GROUPS for c in (group, "study")]
+    rows = [[label] + [fmt(g) for group in GROUPS for g in (report.groups[group], study[group])]
+            for label, fmt in TABLE1_ROWS]  # fmt: skip
+    print_table(console, title, columns, rows, dim=range(2, len(columns), 2))
     measured = [p for p in report.patients if p.max_distance_mm is not None]
     if measured:
         far = np.asarray([p.max_distance_mm for p in measured])
