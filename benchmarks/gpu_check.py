@@ -186,7 +186,7 @@ def build_bundle(
     """`make gpu-bundle`: synthesise and prepare `n_patients` (a third for validation), pack them, download
     the wheels; returns the bundle's size in bytes."""
     from ctvlab.config import PreprocessConfig, SynthConfig
-    from ctvlab.preprocess.cohort import preprocess_cohort
+    from ctvlab.preprocess.ray_pipeline import preprocess_cohort
     from ctvlab.synth.cohort import generate_cohort
 
     if n_patients < 2:

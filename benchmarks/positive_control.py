@@ -75,7 +75,7 @@ def run_cohort(
     name: str, root: Path, patients: int, seed: int, epochs: int, base_features: int, reuse: bool = False
 ) -> dict:
     from ctvlab.config import PreprocessConfig, SplitConfig, SynthConfig
-    from ctvlab.preprocess.cohort import preprocess_cohort
+    from ctvlab.preprocess.ray_pipeline import preprocess_cohort
     from ctvlab.splits import write_split
     from ctvlab.stages.control import score_test_patients, summary
     from ctvlab.stages.train import train_unet

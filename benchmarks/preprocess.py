@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 SERIAL_CHILD = """
 import json, resource, sys
 from pathlib import Path
-import ctvlab.preprocess.patient, nibabel, pyarrow.parquet, scipy.ndimage  # imports outside the timing
+import ctvlab.preprocess.prepare, nibabel, pyarrow.parquet, scipy.ndimage  # imports outside the timing
 from ctvlab.config import PreprocessConfig
-from ctvlab.preprocess.cohort import preprocess_cohort
+from ctvlab.preprocess.ray_pipeline import preprocess_cohort
 cfg = PreprocessConfig.model_validate_json(sys.argv[3])
 report = preprocess_cohort(Path(sys.argv[1]), Path(sys.argv[2]), cfg, progress=False, engine="serial")
 peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
@@ -49,7 +49,7 @@ def _warm(row: dict) -> dict:
     import pyarrow.parquet  # noqa: F401
     import scipy.ndimage  # noqa: F401
 
-    import ctvlab.preprocess.patient  # noqa: F401
+    import ctvlab.preprocess.prepare  # noqa: F401
 
     time.sleep(0.5)  # hold the worker so that the next warm-up task lands on another one
     return {"pid": os.getpid()}
@@ -113,7 +113,7 @@ def warm_ray(cfg, workers: int) -> None:
 
 def run_ray(cohort: Path, out: Path, cfg) -> dict:
     """The Ray Data pipeline in this process (Ray already started): its report."""
-    from ctvlab.preprocess.cohort import preprocess_cohort
+    from ctvlab.preprocess.ray_pipeline import preprocess_cohort
 
     report = preprocess_cohort(cohort, out, cfg, progress=False, engine="ray")
     return report.model_dump(mode="json")
@@ -150,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ctvlab.config import PreprocessConfig
-    from ctvlab.preprocess.cohort import local_concurrency
+    from ctvlab.preprocess.ray_pipeline import local_concurrency
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="ctvlab-bench-preprocess-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,7 @@ def run(args) -> None:
 
 def _voxel_only(cfg):
     """Cohort, preprocessing, split, voxel models and statistics only: the stages `ctvlab run` starts with."""
-    from ctvlab.preprocess.cohort import preprocess_cohort
+    from ctvlab.preprocess.ray_pipeline import preprocess_cohort
     from ctvlab.stages.analysis import split_stage, stats_stage, voxel_models_stage
     from ctvlab.synth.cohort import generate_cohort
 

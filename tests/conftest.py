@@ -132,7 +132,7 @@ def mlflow_server(tmp_path_factory):
 def prepared_phantom(tmp_path_factory, ray_local) -> Path:
     """A prepared (preprocessed and split) 8-patient phantom dataset, built once; treat it as read-only."""
     from ctvlab.config import PreprocessConfig, SplitConfig
-    from ctvlab.preprocess.cohort import preprocess_cohort
+    from ctvlab.preprocess.ray_pipeline import preprocess_cohort
     from ctvlab.splits import write_split
 
     root = tmp_path_factory.mktemp("prepared_phantom")

@@ -71,7 +71,7 @@ def gpu_check():
 def phantom_bundle(tmp_path_factory, gpu_check) -> Path:
     """A bundle (no wheels) of four prepared phantom patients, three for training and one for validation."""
     from ctvlab.config import PreprocessConfig
-    from ctvlab.preprocess.cohort import preprocess_cohort
+    from ctvlab.preprocess.ray_pipeline import preprocess_cohort
 
     root = tmp_path_factory.mktemp("gpu_bundle")
     make_phantom_cohort(root / "cohort", n=4, spec=PhantomSpec(noise=0.05))

@@ -300,7 +300,7 @@ def preprocess(
 
     Exit 0 when every patient is complete, 1 when some are invalid or failed (their old outputs are kept,
     marked stale), 2 for a cohort-level problem (nothing touched), 4 for an infrastructure error."""
-    from ctvlab.preprocess.cohort import preprocess_cohort, print_preprocess_report
+    from ctvlab.preprocess.ray_pipeline import preprocess_cohort, print_preprocess_report
 
     cfg = _settings(config, set_, workdir, smoke_test, None, tracking_uri, address)
     raw = raw if raw is not None else Path(cfg.raw_dir).resolve()

@@ -311,7 +311,7 @@ def _validate(cfg: StudyConfig, console, state: RunState) -> StageRecord:
 
 
 def _preprocess(cfg: StudyConfig, console, state: RunState) -> StageRecord:
-    from ctvlab.preprocess.cohort import preprocess_cohort, print_preprocess_report
+    from ctvlab.preprocess.ray_pipeline import preprocess_cohort, print_preprocess_report
 
     report = preprocess_cohort(cfg.raw_dir, cfg.prep_dir, cfg.preprocess, address=cfg.ray.address,
                                progress=True, console=console, limits=cfg.cohort.limits,
@@ -649,7 +649,7 @@ def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
     """What `ctvlab run` would do now, without doing any of it: each stage, whether it will run or is
     current, and for one that will run, why (the setting or input that changed, the stage before it that
     runs again). Reads the stamps, the prepared data's `dataset.json` and split, and nothing else."""
-    from ctvlab.preprocess.patient import output_settings
+    from ctvlab.preprocess.prepare import output_settings
 
     stamps = Stamps(cfg.workdir)
     plan: list[PlannedStage] = []

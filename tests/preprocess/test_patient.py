@@ -10,7 +10,7 @@ from ctvlab.data.layout import MASKS, MRSI_FEATURES
 from ctvlab.errors import DataError
 from ctvlab.ingest.manifest import read_manifest
 from ctvlab.preprocess.grid import voxel_centres
-from ctvlab.preprocess.patient import FEATURE_SOURCES, input_hash, prepare_arrays
+from ctvlab.preprocess.prepare import FEATURE_SOURCES, input_hash, prepare_arrays
 from tests.phantoms import INDEX_SHIFT, NAV_VALUES, PhantomSpec, write_phantom_patient
 
 SPEC = PhantomSpec()

@@ -22,7 +22,7 @@ from ctvlab.data.layout import CATEGORY_CODES, MASKS, PrepPaths, voxel_table_sch
 from ctvlab.data.prepared_schemas import dataset_json_schema, patients_table_schema, sidecar_json_schema
 from ctvlab.data.readers import load_dataset_meta, load_patient, read_patients, read_volumes, read_voxels
 from ctvlab.errors import DataError
-from ctvlab.preprocess.cohort import preprocess_cohort, print_preprocess_report
+from ctvlab.preprocess.ray_pipeline import preprocess_cohort, print_preprocess_report
 
 pytestmark = pytest.mark.ray
 
@@ -196,7 +196,7 @@ KILLED_RUN = """
 import sys
 from pathlib import Path
 from ctvlab.config import PreprocessConfig
-from ctvlab.preprocess.cohort import preprocess_cohort
+from ctvlab.preprocess.ray_pipeline import preprocess_cohort
 cfg = PreprocessConfig(max_concurrent_patients=1)
 preprocess_cohort(Path(sys.argv[1]), Path(sys.argv[2]), cfg, address=sys.argv[3], progress=False)
 """
@@ -334,7 +334,7 @@ def test_old_outputs_of_invalid_and_removed_patients_stay_stale_until_pruned(pre
 def test_an_infrastructure_error_fails_the_stage_and_keeps_every_output(prepared, tmp_path, monkeypatch):
     import errno
 
-    import ctvlab.preprocess.patient as patient_module
+    import ctvlab.preprocess.prepare as patient_module
 
     raw0, prep0, _ = prepared
     raw, prep = tmp_path / "cohort", tmp_path / "prep"
@@ -399,7 +399,7 @@ def test_a_full_disk_is_called_a_full_disk_with_the_folder_and_the_space_still_n
     written so far; a rerun with space finishes the dataset."""
     from rich.console import Console
 
-    import ctvlab.preprocess.patient as patient_module
+    import ctvlab.preprocess.prepare as patient_module
 
     prep = tmp_path / "prep"
     real_save = patient_module.save_npy_atomic

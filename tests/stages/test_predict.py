@@ -255,7 +255,7 @@ def test_the_model_carries_its_preprocessing_and_predict_prepares_new_patients_w
 def test_preprocessing_comes_from_the_model_and_a_conflicting_explicit_setting_is_an_error():
     from ctvlab.config import PreprocessConfig
     from ctvlab.errors import ConfigError
-    from ctvlab.preprocess.patient import output_settings
+    from ctvlab.preprocess.prepare import output_settings
     from ctvlab.stages.predict import preprocess_for
 
     spec = {"preprocess": output_settings(PreprocessConfig(voxel_mm=5.0, ring_mm=30.0))}

@@ -65,7 +65,7 @@ def native_from_cohort(prob, p, row, cfg: StudyConfig, threshold: float, calibra
     """The patient's CTVs on its T1c grid built as `ctvlab predict` builds them (`predict.native_ctvs`),
     from the cohort's own files when they are still those the prepared patient was made from (its input
     hash); None otherwise."""
-    from ctvlab.preprocess.patient import input_hash
+    from ctvlab.preprocess.prepare import input_hash
     from ctvlab.stages.predict import native_ctvs
 
     if row is None:

@@ -2,7 +2,7 @@
 
 For each patient of a cohort folder (its manifest may leave the outcome columns and progression masks
 empty; `ctvlab validate --for predict` checks it): the 3 mm inputs by the preprocessing of the study
-(`ctvlab.preprocess.patient.prepare_arrays`), the probability from the network on the input grid it was
+(`ctvlab.preprocess.prepare.prepare_arrays`), the probability from the network on the input grid it was
 trained on (`ctvlab.unet.inference`), then, on the patient's native T1c grid:
 
 - `probability.nii.gz`: the probability resampled (trilinear) from the 3 mm grid;
@@ -132,7 +132,7 @@ def preprocess_for(spec: dict[str, Any], configured: PreprocessConfig) -> tuple[
     recorded = spec.get("preprocess")
     if not recorded:
         return configured, "the config (the model records no preprocessing)"
-    from ctvlab.preprocess.patient import EXECUTION_FIELDS
+    from ctvlab.preprocess.prepare import EXECUTION_FIELDS
 
     own = {
         k: v for k, v in recorded.items() if k in PreprocessConfig.model_fields and k not in EXECUTION_FIELDS
@@ -167,7 +167,7 @@ def _native_masks(row, raw_root: Path, t1c) -> dict[str, np.ndarray]:
     import nibabel as nib
 
     from ctvlab.preprocess.grid import resample_mask
-    from ctvlab.preprocess.patient import MASK_SOURCES
+    from ctvlab.preprocess.prepare import MASK_SOURCES
 
     paths = row.paths(raw_root)
     out = {}
@@ -253,7 +253,7 @@ def predict_patient(
 
     from ctvlab.ctv.figures import plot_contours
     from ctvlab.preprocess.grid import resample
-    from ctvlab.preprocess.patient import prepare_arrays
+    from ctvlab.preprocess.prepare import prepare_arrays
 
     raw_root = Path(raw_root)
     pid = row.patient_id

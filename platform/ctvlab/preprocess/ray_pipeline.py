@@ -52,7 +52,7 @@ from ctvlab.errors import (
 )
 from ctvlab.ingest.manifest import ManifestRow
 from ctvlab.lock import exclusive
-from ctvlab.preprocess.patient import output_settings, process_or_skip, read_sidecar, settings_hash
+from ctvlab.preprocess.prepare import output_settings, process_or_skip, read_sidecar, settings_hash
 from ctvlab.study import FEATURES
 
 if TYPE_CHECKING:
