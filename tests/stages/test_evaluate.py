@@ -295,3 +295,21 @@ def test_the_coverage_tables_match_their_published_schemas(evaluation):
             jsonschema.validate(record, schema)
         checked.append(name)
     assert {"coverage.csv", "coverage_volume.csv", "reliability.csv"} <= set(checked)
+
+
+def test_the_evaluation_draws_every_reachable_coverage_ctv(tmp_path):
+    """The evaluation's coverage CTVs come from the model's calibration record itself (the 101-patient study
+    once reported cov90 reachable at 0.21 yet scored it on no patient: the thresholds were read from the
+    wrong level of the record)."""
+    from ctvlab.config import StudyConfig
+    from ctvlab.stages.calibrate import coverage_thresholds
+    from ctvlab.stages.coverage_outputs import CoverageOutputs
+
+    calibration = {"threshold": 0.3, "coverage": [
+        {"target": 0.9, "name": "cov90", "threshold": 0.21, "n_calibration": 16},
+        {"target": 0.95, "name": "cov95", "threshold": None, "n_calibration": 16, "reason": "needs 19"},
+    ]}  # fmt: skip
+    cfg = StudyConfig(name="cov", workdir=tmp_path)
+    assert CoverageOutputs(cfg, None, calibration, tmp_path).thresholds == {"cov90": 0.21}
+    assert coverage_thresholds({"threshold": 0.3, "ctv": calibration}) == {}  # a spec is not a calibration
+    assert coverage_thresholds(None) == {}

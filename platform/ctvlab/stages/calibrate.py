@@ -119,7 +119,8 @@ def calibration_for(model, prep: Path, cfg: StudyConfig, val_ids: Sequence[str])
     return compute_calibration(model, prep, cfg, val_ids)
 
 
-def coverage_thresholds(spec: dict[str, Any]) -> dict[str, float]:
-    """The model's reachable coverage CTVs: {"cov95": threshold, ...} (empty for a model without them)."""
-    rules = (spec.get("ctv") or {}).get("coverage") or []
+def coverage_thresholds(calibration: dict[str, Any] | None) -> dict[str, float]:
+    """The reachable coverage CTVs of a calibration (`calibrate`, a model spec's "ctv" entry): {"cov95":
+    threshold, ...}; empty without one."""
+    rules = (calibration or {}).get("coverage") or []
     return {r["name"]: float(r["threshold"]) for r in rules if r.get("threshold") is not None}

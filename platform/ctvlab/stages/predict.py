@@ -344,7 +344,7 @@ def coverage_level_ctvs(
 
     lesion = masks["cel"] | masks["t2l"]
     return {name: model_ctv(prob, t, lesion, masks["brain"], masks["critical"])
-            for name, t in coverage_thresholds(spec).items()}  # fmt: skip
+            for name, t in coverage_thresholds(spec.get("ctv")).items()}  # fmt: skip
 
 
 def roi_algorithms(resolved: ResolvedModel, cfg: StudyConfig) -> dict[str, tuple[str, str]]:
@@ -366,7 +366,7 @@ def roi_algorithms(resolved: ResolvedModel, cfg: StudyConfig) -> dict[str, tuple
         "CTV_RTOG": ("AUTOMATIC", f"ctvlab {__version__} RTOG rule, {cfg.ctv.rtog_margin_mm:g} mm margin"[:64]),
         "CTV_EORTC": ("AUTOMATIC", f"ctvlab {__version__} EORTC rule, {cfg.ctv.eortc_margin_mm:g} mm margin"[:64]),
         **{roi_name(name): ("AUTOMATIC", f"ctvlab {__version__} {name} conformal, {model}"[:64])
-           for name in coverage_thresholds(resolved.model.spec)},
+           for name in coverage_thresholds(resolved.model.spec.get("ctv"))},
     }  # fmt: skip
 
 
