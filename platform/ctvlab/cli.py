@@ -258,6 +258,44 @@ def _data(cfg, data: Path | None) -> Path:
     return Path(data) if data is not None else Path(cfg.prep_dir).resolve()
 
 
+# The options every stage command shares, declared once (`stage_command`), in the order --help lists them:
+# --data first, the command's own options, then these.
+_SHARED = (
+    ("config", ConfigOpt, None), ("set_", SetOpt, None), ("workdir", WorkdirOpt, None),
+    ("smoke_test", SmokeOpt, False), ("tracking_uri", TrackingOpt, None), ("address", AddressOpt, None),
+)  # fmt: skip
+
+
+def stage_command(name: str):
+    """Register `ctvlab NAME` for one stage of the study, with the options every stage command shares
+    (`--data` and those of `_SHARED`). The function takes the study's settings with those options applied
+    (`cfg`) and its prepared data folder (`data`), then its own options.
+
+    A decorator rather than a Typer callback: a callback's options come before the command's name
+    (`ctvlab --config X tune`), and every command and its job script take `--config` after it."""
+    import functools
+    import inspect
+
+    def register(fn):
+        own = list(inspect.signature(fn, eval_str=True).parameters.values())[2:]  # after (cfg, data)
+        kw = inspect.Parameter.KEYWORD_ONLY
+        shared = [inspect.Parameter(n, kw, default=d, annotation=a) for n, a, d in _SHARED]
+        data = inspect.Parameter("data", kw, default=None, annotation=DataOpt)
+
+        @functools.wraps(fn)
+        def command(**options):
+            given = {n: options.pop(n) for n, _, _ in _SHARED}
+            cfg = _settings(given["config"], given["set_"], given["workdir"], given["smoke_test"], options["data"],
+                            given["tracking_uri"], given["address"])  # fmt: skip
+            return fn(cfg, _data(cfg, options.pop("data")), **options)
+
+        command.__annotations__ = {}  # Typer reads the signature below, whose annotations are objects
+        command.__signature__ = inspect.Signature([data, *(p.replace(kind=kw) for p in own), *shared])  # type: ignore[attr-defined]
+        return app.command(name)(command)
+
+    return register
+
+
 def _studys_own(cfg, data: Path) -> bool:
     """The command runs on the study's own prepared data (`<workdir>/prep`): it is then the stage of
     `ctvlab run` (`ctvlab.pipeline.run_stage`), stamped; on other data it runs the stage's driver alone."""
@@ -315,22 +353,15 @@ def preprocess(
     raise typer.Exit(report.exit_code())
 
 
-@app.command()
+@stage_command("split")
 def split(
-    data: DataOpt = None,
+    cfg,
+    data: Path,
     seed: Annotated[int | None, Opt("--seed", help="Random seed (default 0).")] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    workdir: WorkdirOpt = None,
-    smoke_test: SmokeOpt = False,
-    tracking_uri: TrackingOpt = None,
-    address: AddressOpt = None,
 ) -> None:
     """Draw the patient splits: train/val/test for the U-Net and 5 CV folds for the voxel models."""
     from ctvlab.stages.analysis import split_stage
 
-    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
-    data = _data(cfg, data)
     if seed is not None:
         cfg.split.seed = seed
     with _one_writer(cfg, "split"), _recorded(cfg):
@@ -348,9 +379,10 @@ def split(
     )
 
 
-@app.command("voxel-models")
+@stage_command("voxel-models")
 def voxel_models(
-    data: DataOpt = None,
+    cfg,
+    data: Path,
     model: Annotated[str | None, Opt("--model", help="rf or xgboost (default: the config's).")] = None,
     target: Annotated[
         str | None, Opt("--target", help="nel, cel or any (default: the config's targets).")
@@ -362,18 +394,10 @@ def voxel_models(
     serial: Annotated[
         bool, Opt("--serial", help="Run the folds one after another instead of as Ray tasks.")
     ] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    workdir: WorkdirOpt = None,
-    smoke_test: SmokeOpt = False,
-    tracking_uri: TrackingOpt = None,
-    address: AddressOpt = None,
 ) -> None:
     """Voxel-wise progression models with 5-fold patient-grouped CV (ROC AUC, importances, ROC curves)."""
     from ctvlab.stages.analysis import voxel_models_stage
 
-    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
-    data = _data(cfg, data)
     if model:
         cfg.voxel_models.model = model
     # The grid's options are settings like any other: the stamp records what ran.
@@ -405,21 +429,14 @@ def voxel_models(
     console.print(f"tables and figures: {Path(cfg.results_dir, 'voxel_models')}")
 
 
-@app.command()
+@stage_command("stats")
 def stats(
-    data: DataOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    workdir: WorkdirOpt = None,
-    smoke_test: SmokeOpt = False,
-    tracking_uri: TrackingOpt = None,
-    address: AddressOpt = None,
+    cfg,
+    data: Path,
 ) -> None:
     """Per-patient medians per voxel category; Wilcoxon and Mann-Whitney tests vs stable NAV."""
     from ctvlab.stages.analysis import stats_stage
 
-    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
-    data = _data(cfg, data)
     with _one_writer(cfg, "stats"), _recorded(cfg):
         if _studys_own(cfg, data):
             from ctvlab.pipeline import run_stage
@@ -441,26 +458,19 @@ def stats(
     console.print(f"tables and box plots: {Path(cfg.results_dir, 'stats')}; MLflow run {run_id}")
 
 
-@app.command()
+@stage_command("train")
 def train(
-    data: DataOpt = None,
+    cfg,
+    data: Path,
     num_workers: Annotated[int | None, Opt("--num-workers", help="Ray Train workers (DDP ranks).")] = None,
     use_gpu: Annotated[bool, Opt("--use-gpu", help="One GPU per worker (NCCL, bf16 autocast).")] = False,
     resume: Annotated[
         bool, Opt("--resume", help="Continue the last interrupted run from its checkpoint.")
     ] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    workdir: WorkdirOpt = None,
-    smoke_test: SmokeOpt = False,
-    tracking_uri: TrackingOpt = None,
-    address: AddressOpt = None,
 ) -> None:
     """Train the 3D U-Net on Ray Train; log curves and register the best model in MLflow."""
     from ctvlab.stages.train import train_unet
 
-    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
-    data = _data(cfg, data)
     if num_workers is not None:
         cfg.unet.train.num_workers = num_workers
     if use_gpu:
@@ -485,22 +495,15 @@ def train(
         )
 
 
-@app.command()
+@stage_command("tune")
 def tune(
-    data: DataOpt = None,
+    cfg,
+    data: Path,
     resume: Annotated[
         bool, Opt("--resume", help="Restore the last interrupted search (finished trials are kept).")
     ] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    workdir: WorkdirOpt = None,
-    smoke_test: SmokeOpt = False,
-    tracking_uri: TrackingOpt = None,
-    address: AddressOpt = None,
 ) -> None:
     """Hyperparameter search on Ray Tune (grid, then random search)."""
-    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
-    data = _data(cfg, data)
     from ctvlab.stages.tune import print_search, tune_study
 
     with _one_writer(cfg, "tune"), _recorded(cfg):
@@ -518,23 +521,16 @@ def tune(
         )
 
 
-@app.command()
+@stage_command("final")
 def final(
-    data: DataOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    workdir: WorkdirOpt = None,
-    smoke_test: SmokeOpt = False,
-    tracking_uri: TrackingOpt = None,
-    address: AddressOpt = None,
+    cfg,
+    data: Path,
 ) -> None:
     """The final model: the current search's best configuration trained again with unet.final_loss (the
     study: PCC) for unet.train.epochs with early stopping; registered as the study's model."""
     from ctvlab.errors import CtvlabError
     from ctvlab.pipeline import current_search_best, run_stage
 
-    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
-    data = _data(cfg, data)
     if not _studys_own(cfg, data):
         raise CtvlabError(f"ctvlab final trains on the study's prepared data ({cfg.prep_dir}), not {data}")
     if cfg.unet.final_loss is None:
@@ -546,15 +542,10 @@ def final(
     _console().print(f"{record.detail}\nmodel: {outcome.model_dir} (MLflow run {outcome.run_id})")
 
 
-@app.command("loss-study")
+@stage_command("loss-study")
 def loss_study(
-    data: DataOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    workdir: WorkdirOpt = None,
-    smoke_test: SmokeOpt = False,
-    tracking_uri: TrackingOpt = None,
-    address: AddressOpt = None,
+    cfg,
+    data: Path,
 ) -> None:
     """Loss study (Supp. Figs. 2, 3): the last search's best configuration (else the unet settings) trained
     per loss and per Tversky β, scored on the test patients."""
@@ -563,8 +554,6 @@ def loss_study(
     from ctvlab.stages.loss_study import print_loss_study, run_loss_study
     from ctvlab.stages.tune import last_best_params
 
-    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
-    data = _data(cfg, data)
     console = _console()
     own = _studys_own(cfg, data)
     best = current_search_best(cfg) if own else last_best_params(cfg, load_split(data))
@@ -574,21 +563,14 @@ def loss_study(
     print_loss_study(outcome, console)
 
 
-@app.command()
+@stage_command("ablation")
 def ablation(
-    data: DataOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    workdir: WorkdirOpt = None,
-    smoke_test: SmokeOpt = False,
-    tracking_uri: TrackingOpt = None,
-    address: AddressOpt = None,
+    cfg,
+    data: Path,
 ) -> None:
     """Modality ablation (Fig. 2): a random search per input set."""
     from ctvlab.stages.ablation import print_ablation, run_ablation
 
-    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
-    data = _data(cfg, data)
     with _one_writer(cfg, "ablation"), _recorded(cfg):
         if _studys_own(cfg, data):
             from ctvlab.pipeline import run_stage
@@ -599,9 +581,10 @@ def ablation(
     print_ablation(outcome, _console())
 
 
-@app.command()
+@stage_command("evaluate")
 def evaluate(
-    data: DataOpt = None,
+    cfg,
+    data: Path,
     model_uri: Annotated[
         str | None,
         Opt(
@@ -610,12 +593,6 @@ def evaluate(
         ),
     ] = None,
     split_name: Annotated[str, Opt("--split", help="Patients to evaluate: test (default) or val.")] = "test",
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    workdir: WorkdirOpt = None,
-    smoke_test: SmokeOpt = False,
-    tracking_uri: TrackingOpt = None,
-    address: AddressOpt = None,
 ) -> None:
     """Model CTV vs RTOG and EORTC CTVs: metrics, Wilcoxon tests, figures, NIfTI CTVs, one MLflow run.
 
@@ -623,8 +600,6 @@ def evaluate(
     results are stamped current for `ctvlab report` and the model is crowned @champion."""
     from ctvlab.stages.evaluate import evaluate_study, print_evaluation
 
-    cfg = _settings(config, set_, workdir, smoke_test, data, tracking_uri, address)
-    data = _data(cfg, data)
     console = _console()
     own = [why for why, off in (("--data is not the study's prepared data", Path(data).resolve() != Path(cfg.prep_dir).resolve()),
                                 ("--split val", split_name != "test"), ("--model-uri", model_uri is not None)) if off]  # fmt: skip
