@@ -537,7 +537,7 @@ def evaluate_stage(
     return StageRecord("evaluate", "ran", detail=str(out.out_dir), run_ids=[out.run_id]), out
 
 
-def run_stage(cfg: StudyConfig, name: str, console=None, **options: Any) -> tuple[StageRecord, Any]:
+def run_stage(cfg: StudyConfig, name: str, **options: Any) -> tuple[StageRecord, Any]:
     """`ctvlab <name>` for a stamped stage between split and evaluate: the very function `ctvlab run` runs
     for it, on the study's prepared data, always run (as `--force` would) and stamped, so that `ctvlab run`
     and `ctvlab report` see its outputs as current. Returns the stage's record and its own outcome (what
