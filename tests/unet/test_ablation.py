@@ -62,3 +62,19 @@ def test_ablation_mechanics(prepared_phantom, tmp_path, tracking_uri):
     assert {"anat_pcc_mean", "all_pcc_mean"} <= set(run.data.metrics)
     artifacts = {a.path for a in tracker.client.list_artifacts(out.run_id, "tables")}
     assert "tables/per_patient.csv" in artifacts
+
+
+def test_a_stage_scored_on_test_patients_refuses_a_split_without_them(monkeypatch, tmp_path):
+    """The loss study and the ablation score their searches on the test patients: none is an error that
+    names the prepared data, before Ray or any search starts."""
+    from types import SimpleNamespace
+
+    import ctvlab.splits
+    from ctvlab.config import StudyConfig
+    from ctvlab.errors import CtvlabError
+    from ctvlab.stages.tune import scored_on_test_patients
+
+    split = SimpleNamespace(patients=lambda role: [] if role == "test" else ["P1", "P2"])
+    monkeypatch.setattr(ctvlab.splits, "load_split", lambda prep: split)
+    with pytest.raises(CtvlabError, match="prep has no test patients"):
+        scored_on_test_patients(StudyConfig(name="t", workdir=tmp_path), tmp_path / "prep")

@@ -12,7 +12,6 @@ import pandas as pd
 
 from ctvlab.atomic import write_csv_atomic
 from ctvlab.config import StudyConfig
-from ctvlab.errors import CtvlabError
 from ctvlab.unet.modality_ablation import (
     ABLATION_METRICS,
     pairwise_wilcoxon,
@@ -38,8 +37,8 @@ class AblationOutcome:
 
 def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     """A random search per modality set, the best model of each on the test split, tests between sets."""
-    from ctvlab.runtime import start_unet_stage
-    from ctvlab.splits import load_split, pseudonymised
+    from ctvlab.splits import pseudonymised
+    from ctvlab.stages.tune import scored_on_test_patients
     from ctvlab.study import BEST_SELECTION_METRIC
     from ctvlab.tracking import base_tags, tracker_for
     from ctvlab.unet.search import best_trial, run_search
@@ -47,12 +46,7 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     from ctvlab.unet.trainer import provenance_spec
 
     t0 = time.perf_counter()
-    prep = Path(prep or cfg.prep_dir).resolve()
-    split = load_split(prep)
-    test_ids = split.patients("test")
-    if not test_ids:
-        raise CtvlabError(f"the split of {prep} has no test patients")
-    start_unet_stage(cfg, search=True)
+    prep, split, test_ids = scored_on_test_patients(cfg, prep)
     tracker = tracker_for(cfg)
     sets = list(cfg.tune.ablation_sets)
     out = Path(cfg.results_dir, "ablation").resolve()

@@ -62,19 +62,14 @@ def run_loss_study(
     """Train the best configuration with each loss and each Tversky β; score every model on the test split."""
     from ray import tune
 
-    from ctvlab.runtime import start_unet_stage
-    from ctvlab.splits import load_split, pseudonymised
+    from ctvlab.splits import pseudonymised
+    from ctvlab.stages.tune import scored_on_test_patients
     from ctvlab.tracking import base_tags, tracker_for
     from ctvlab.unet.search import run_search
     from ctvlab.unet.trainer import provenance_spec
 
     t0 = time.perf_counter()
-    prep = Path(prep or cfg.prep_dir).resolve()
-    split = load_split(prep)
-    test_ids = split.patients("test")
-    if not test_ids:
-        raise CtvlabError(f"the split of {prep} has no test patients")
-    start_unet_stage(cfg, search=True)
+    prep, split, test_ids = scored_on_test_patients(cfg, prep)
     scfg = loss_study_config(cfg, best)
     u = scfg.unet
     fixed = {"lr": u.optim.lr, "base_features": u.model.base_features, "batch_size": u.train.batch_size,

@@ -84,6 +84,25 @@ def tune_study(
     return outcome
 
 
+def scored_on_test_patients(cfg: StudyConfig, prep: Path | None):
+    """For a stage whose searches are scored on the test patients (the loss study, the ablation): the
+    prepared data folder, its split and the test patients, with Ray started for a search.
+
+    Raises:
+        CtvlabError: the split has no test patients.
+    """
+    from ctvlab.runtime import start_unet_stage
+    from ctvlab.splits import load_split
+
+    prep = Path(prep or cfg.prep_dir).resolve()
+    split = load_split(prep)
+    test_ids = split.patients("test")
+    if not test_ids:
+        raise CtvlabError(f"the split of {prep} has no test patients")
+    start_unet_stage(cfg, search=True)
+    return prep, split, test_ids
+
+
 def last_best_params(cfg: StudyConfig, split) -> dict | None:
     """The best configuration of the last finished search on this split and data, or None."""
     try:
