@@ -31,7 +31,7 @@ from ctvlab import __version__
 from ctvlab.atomic import digest, sha256_file, write_json_atomic
 from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, InfrastructureError, LeakageError
-from ctvlab.stage_table import STAMPED, model_stage, settings_of, stamp_file
+from ctvlab.stage_table import STAMPED, model_stage, read_stamp, settings_of, stamp_file
 from ctvlab.stage_table import stage as stage_named
 
 # What each stamped stage reads besides its own settings (`ctvlab.stage_table`).
@@ -115,11 +115,10 @@ class Stamps:
     """Digests of each stage's inputs, so that a stage whose inputs did not change is skipped."""
 
     def __init__(self, workdir: Path):
-        self.folder = Path(workdir) / "stamps"
+        self.workdir = Path(workdir)
 
     def read(self, stage: str) -> dict[str, Any] | None:
-        path = stamp_file(self.folder.parent, stage)
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_stamp(self.workdir, stage)
 
     def current(self, stage: str, key: str) -> dict[str, Any] | None:
         data = self.read(stage)
@@ -128,9 +127,16 @@ class Stamps:
     def write(self, stage: str, key: str, parts: dict[str, Any] | None = None, **info: Any) -> None:
         """Stamp a stage; `parts` (`stage_parts`) are kept beside the key for `--dry-run`'s reasons."""
         write_json_atomic(
-            stamp_file(self.folder.parent, stage),
+            stamp_file(self.workdir, stage),
             {"key": key, **info, **({"parts": parts} if parts else {})},
         )
+
+
+def current_stamp(cfg: StudyConfig, stamps: Stamps, stage: str, key: str) -> dict[str, Any] | None:
+    """The stage's stamp when it matches `key` and the outputs it records are still there
+    (`outputs_current`), else None: the one test of "current", for `ctvlab run` and its `--dry-run`."""
+    stamp = stamps.current(stage, key)
+    return stamp if outputs_current(cfg, stage, stamp) else None
 
 
 class StageFailed(CtvlabError):
@@ -288,7 +294,7 @@ def _synth(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
     from ctvlab.synth.cohort import generate_cohort
 
     key = stage_key("synth", cfg, {})
-    if not force and stamps.current("synth", key) and (cfg.raw_dir / "manifest.csv").exists():
+    if not force and current_stamp(cfg, stamps, "synth", key):
         return StageRecord("synth", "skipped (current)", detail=str(cfg.raw_dir))
     generate_cohort(cfg.raw_dir, cfg.synth)
     stamps.write("synth", key, stage_parts("synth", cfg, {}))
@@ -340,7 +346,7 @@ def _split(cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool) -> St
     from ctvlab.stages.analysis import split_stage
 
     key = stage_key("split", cfg, state.inputs)
-    if not force and stamps.current("split", key):
+    if not force and current_stamp(cfg, stamps, "split", key):
         try:
             split = load_split(cfg.prep_dir)
         except LeakageError:
@@ -365,7 +371,7 @@ def _voxel_models(
     from ctvlab.stages.analysis import voxel_models_stage
 
     key = stage_key("voxel-models", cfg, state.inputs)
-    if not force and outputs_current(cfg, "voxel-models", stamps.current("voxel-models", key)):
+    if not force and current_stamp(cfg, stamps, "voxel-models", key):
         return StageRecord("voxel-models", "skipped (current)")
     results = state.result = voxel_models_stage(cfg, cfg.prep_dir, parallel=parallel)
     stamps.write("voxel-models", key, stage_parts("voxel-models", cfg, state.inputs))
@@ -377,7 +383,7 @@ def _stats(cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool) -> St
     from ctvlab.stages.analysis import stats_stage
 
     key = stage_key("stats", cfg, state.inputs)
-    if not force and stamps.current("stats", key):
+    if not force and current_stamp(cfg, stamps, "stats", key):
         return StageRecord("stats", "skipped (current)")
     result, run_id = state.result = stats_stage(cfg, cfg.prep_dir)
     stamps.write("stats", key, stage_parts("stats", cfg, state.inputs))
@@ -394,9 +400,8 @@ def _model(
     key = stage_key(name, cfg, state.inputs)
     # With a final model after it, the search's best trial is kept apart from the evaluated model.
     model_dir = Path(cfg.results_dir, "search_model" if final_model_on(cfg) else "model")
-    stamp = stamps.current(name, key)
-    # Current only when the folder still holds the very model the stamp recorded.
-    if not force and outputs_current(cfg, name, stamp):
+    stamp = current_stamp(cfg, stamps, name, key)  # the folder still holds the very model it recorded
+    if not force and stamp:
         state.model_uri = stamp.get("model_uri")
         state.inputs["model"] = stamp["model_digest"]
         state.best_params = stamp.get("best_params")
@@ -448,8 +453,8 @@ def _final(cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool) -> St
         raise CtvlabError("the search recorded no best configuration; run it again with --force")
     key = stage_key("final", cfg, state.inputs)
     model_dir = Path(cfg.results_dir, "model")
-    stamp = stamps.current("final", key)
-    if not force and outputs_current(cfg, "final", stamp):
+    stamp = current_stamp(cfg, stamps, "final", key)
+    if not force and stamp:
         state.model_uri = stamp.get("model_uri")
         state.inputs["model"] = stamp["model_digest"]
         return StageRecord("final", "skipped (current)", detail=str(stamp.get("model_uri")))
@@ -481,7 +486,7 @@ def _losses(cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool) -> S
     from ctvlab.stages.loss_study import run_loss_study
 
     key = stage_key("loss-study", cfg, state.inputs)
-    if not force and outputs_current(cfg, "loss-study", stamps.current("loss-study", key)):
+    if not force and current_stamp(cfg, stamps, "loss-study", key):
         return StageRecord("loss-study", "skipped (current)", detail=str(Path(cfg.results_dir, "loss_study")))
     out = state.result = run_loss_study(cfg, cfg.prep_dir, best=state.best_params)
     stamps.write("loss-study", key, stage_parts("loss-study", cfg, state.inputs))
@@ -494,7 +499,7 @@ def _ablation(cfg: StudyConfig, stamps: Stamps, state: RunState, force: bool) ->
     from ctvlab.stages.ablation import run_ablation
 
     key = stage_key("ablation", cfg, state.inputs)
-    if not force and outputs_current(cfg, "ablation", stamps.current("ablation", key)):
+    if not force and current_stamp(cfg, stamps, "ablation", key):
         return StageRecord("ablation", "skipped (current)")
     out = state.result = run_ablation(cfg, cfg.prep_dir)
     stamps.write("ablation", key, stage_parts("ablation", cfg, state.inputs))
@@ -523,7 +528,7 @@ def evaluate_stage(
     from ctvlab.tracking import tracker_for
 
     key = stage_key("evaluate", cfg, inputs)
-    if not force and outputs_current(cfg, "evaluate", stamps.current("evaluate", key)):
+    if not force and current_stamp(cfg, stamps, "evaluate", key):
         return StageRecord(
             "evaluate", "skipped (current)", detail=str(Path(cfg.results_dir, "evaluate"))
         ), None
@@ -592,7 +597,8 @@ def study_inputs(cfg: StudyConfig) -> tuple[dict[str, str | None], str | None]:
     stamps = Stamps(cfg.workdir)
     split = load_split(cfg.prep_dir)
     first = {"dataset": split.dataset_digest, "split": split.digest}
-    search = stamps.current(model_stage(cfg), stage_key(model_stage(cfg), cfg, first))
+    trained = model_stage(cfg)
+    search = stamps.current(trained, stage_key(trained, cfg, first))
     inputs = {
         **first,
         "search": digest(search.get("best_params")) if search else None,
@@ -667,7 +673,7 @@ def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
         add("synth", None, "cohort given", str(cfg.raw_dir))
     else:
         key = stage_key("synth", cfg, {})
-        current = stamps.current("synth", key) and (Path(cfg.raw_dir) / "manifest.csv").exists()
+        current = current_stamp(cfg, stamps, "synth", key) is not None
         add("synth", "synth", "current" if current else "will run",
             "" if current else _stale_reason(stamps.read("synth"), stage_parts("synth", cfg, {})))  # fmt: skip
     plan.append(PlannedStage("validate", "will run", "every time: it reads every file"))
@@ -708,57 +714,47 @@ def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
         ("ablation", cfg.pipeline.ablation),
         ("evaluate", cfg.pipeline.evaluate),
     ]
+    producers = {**_PRODUCERS, "model": "final" if final_model_on(cfg) else model_name}
     for stage, on in stamped:
-        name = stage
         if not on:
-            if stage in ("tune", "train"):
-                continue  # the other of the two trains the study's model
-            plan.append(PlannedStage(name, "off"))
+            if stage not in ("tune", "train"):  # of those two, the other one trains the study's model
+                plan.append(PlannedStage(stage, "off"))
             continue
-        producers = {**_PRODUCERS, "model": "final" if final_model_on(cfg) else model_name}
-        needs = [producers[i] for i in STAGE_INPUTS[stage]]
-        before = [n for n in needs if n in running]
+        before = [producers[i] for i in STAGE_INPUTS[stage] if producers[i] in running]
         if before:
-            add(name, stage, "will run", "after " + ", ".join(dict.fromkeys(before)))
+            add(stage, stage, "will run", "after " + ", ".join(dict.fromkeys(before)))
         elif inputs is None:
-            add(name, stage, "will run", "no split yet")
+            add(stage, stage, "will run", "no split yet")
         else:
             now = stage_parts(stage, cfg, inputs)
-            stamp = stamps.read(stage)
-            current = (
-                stamp is not None and stamp.get("key") == digest(now) and outputs_current(cfg, stage, stamp)
-            )
-            add(
-                name,
-                stage,
-                "current" if current else "will run",
-                "" if current else _stale_reason(stamp, now),
-            )
+            current = current_stamp(cfg, stamps, stage, digest(now)) is not None
+            add(stage, stage, "current" if current else "will run",
+                "" if current else _stale_reason(stamps.read(stage), now))  # fmt: skip
     plan.append(PlannedStage("report", "will run", "every time"))
     return plan
 
 
 def outputs_current(cfg: StudyConfig, stage: str, stamp: dict[str, Any] | None) -> bool:
-    """A stage whose stamp is current still has its outputs: the model folder holds the very model the
-    stamp recorded, the results table exists. The one test of it, for `ctvlab run` and its `--dry-run`."""
+    """The outputs a stage's stamp stands for are still there: the model folder holds the very model the
+    stamp recorded, the summary table or the results folder exists, the generated cohort's manifest
+    exists (`current_stamp` applies it)."""
     if not stamp:
         return False
     results = Path(cfg.results_dir)
-    searched = results / ("search_model" if final_model_on(cfg) else "model")
-    check = {
-        "tune": lambda: bool(stamp.get("model_digest")) and stamp["model_digest"] == model_digest(searched),
-        "train": lambda: (
-            bool(stamp.get("model_digest")) and stamp["model_digest"] == model_digest(results / "model")
-        ),
-        "final": lambda: (
-            bool(stamp.get("model_digest")) and stamp["model_digest"] == model_digest(results / "model")
-        ),
-        "evaluate": lambda: (results / "evaluate" / "summary.csv").exists(),
-        "loss-study": lambda: (results / "loss_study" / "summary.csv").exists(),
-    }.get(stage)
-    if check is None and stage_named(stage).folder:  # its results folder is still there
-        return (results / stage_named(stage).ident).is_dir()
-    return check() if check else True
+    model_folder = {
+        "tune": "search_model" if final_model_on(cfg) else "model",
+        "train": "model",
+        "final": "model",
+    }
+    if stage in model_folder:  # the folder still holds the very model the stamp recorded
+        return bool(stamp.get("model_digest")) and stamp["model_digest"] == model_digest(
+            results / model_folder[stage]
+        )
+    if stage == "synth":
+        return (Path(cfg.raw_dir) / "manifest.csv").exists()
+    if stage in ("evaluate", "loss-study"):  # its summary table is there
+        return (results / stage_named(stage).ident / "summary.csv").exists()
+    return (results / stage_named(stage).ident).is_dir() if stage_named(stage).folder else True
 
 
 def print_plan(plan: list[PlannedStage], console) -> None:

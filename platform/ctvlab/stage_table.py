@@ -125,6 +125,14 @@ def stamp_file(workdir: Path, name: str) -> Path:
     return Path(workdir) / "stamps" / f"{stage(name).ident}.json"
 
 
+def read_stamp(workdir: Path, name: str) -> dict[str, Any] | None:
+    """Stage `name`'s stamp in a study's working directory, or None when it has none."""
+    import json
+
+    path = stamp_file(workdir, name)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def model_stage(cfg: Any) -> str:
     """The stage that trains a study's model (`cfg`: a `StudyConfig`): a search, or one training run."""
     return "tune" if cfg.pipeline.search else "train"

@@ -255,14 +255,10 @@ def _voxel_models(r: Report, results: Path, is_current: bool) -> None:
 
 def _model(r: Report, cfg: StudyConfig, current: dict[str, bool]) -> None:
     r.h("U-Net: search and final model")
-    from ctvlab.stage_table import model_stage, stamp_file
-
-    def stamp(name: str) -> dict | None:  # as `ctvlab run` and the stage commands write it
-        path = stamp_file(cfg.workdir, name)
-        return json.loads(path.read_text()) if path.exists() else None
+    from ctvlab.stage_table import model_stage, read_stamp
 
     trained = model_stage(cfg)  # tune, or one training run
-    search, final = stamp(trained), stamp("final")
+    search, final = read_stamp(cfg.workdir, trained), read_stamp(cfg.workdir, "final")
     spec_path = Path(cfg.results_dir, "model", "model.json")
     if search is None and not spec_path.exists():
         r.p("No model trained yet.", "missing")
@@ -401,11 +397,10 @@ def _ablation(r: Report, results: Path, is_current: bool) -> None:
 def _provenance(r: Report, cfg: StudyConfig, current: dict[str, bool]) -> None:
     r.h("Provenance")
     rows = []
-    from ctvlab.stage_table import stamp_file
+    from ctvlab.stage_table import read_stamp
 
     for stage, ok in current.items():
-        path = stamp_file(cfg.workdir, stage)
-        key = json.loads(path.read_text()).get("key", "") if path.exists() else ""
+        key = (read_stamp(cfg.workdir, stage) or {}).get("key", "")
         rows.append({"stage": stage, "stamp": key[:16] or "–", "current": "yes" if ok else "no"})
     r.table(pd.DataFrame(rows))
     r.p("A stage is current when the key it stamped (its settings, the digests of its inputs and the ctvlab version) "
