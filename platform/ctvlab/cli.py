@@ -296,6 +296,16 @@ def stage_command(name: str):
     return register
 
 
+def _run_stage(cfg, data: Path, name: str, alone, **options):
+    """Stage `name` under the working directory's lock and the MLflow outage guard: on the study's own
+    prepared data as `ctvlab run` runs it (`pipeline.run_stage`, stamped), on other data `alone()` (the
+    stage's driver by itself, unstamped). Returns the stage's own outcome."""
+    from ctvlab.pipeline import run_stage
+
+    with _one_writer(cfg, name), _recorded(cfg):
+        return run_stage(cfg, name, **options)[1] if _studys_own(cfg, data) else alone()
+
+
 def _studys_own(cfg, data: Path) -> bool:
     """The command runs on the study's own prepared data (`<workdir>/prep`): it is then the stage of
     `ctvlab run` (`ctvlab.pipeline.run_stage`), stamped; on other data it runs the stage's driver alone."""
@@ -364,13 +374,7 @@ def split(
 
     if seed is not None:
         cfg.split.seed = seed
-    with _one_writer(cfg, "split"), _recorded(cfg):
-        if _studys_own(cfg, data):
-            from ctvlab.pipeline import run_stage
-
-            _record, (result, run_id) = run_stage(cfg, "split")
-        else:
-            result, run_id = split_stage(cfg, data)
+    result, run_id = _run_stage(cfg, data, "split", lambda: split_stage(cfg, data))
     counts = result.table["dl_role"].value_counts()
     _console().print(
         f"split {result.digest[:12]}: train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
@@ -405,13 +409,8 @@ def voxel_models(
         cfg.voxel_models.targets = ["nel", "cel"] if all_ else [target]
     if all_ or subgroup:
         cfg.voxel_models.subgroups = ["all", "early", "late"] if all_ else [subgroup]
-    with _one_writer(cfg, "voxel-models"), _recorded(cfg):
-        if _studys_own(cfg, data):
-            from ctvlab.pipeline import run_stage
-
-            _record, results = run_stage(cfg, "voxel-models", parallel=not serial)
-        else:
-            results = voxel_models_stage(cfg, data, parallel=not serial)
+    results = _run_stage(cfg, data, "voxel-models", lambda: voxel_models_stage(cfg, data, parallel=not serial),
+                         parallel=not serial)  # fmt: skip
     from ctvlab.terminal import print_table
 
     columns = ("target", "subgroup", "patients", "AUC mean ± SD", "distance-to-T2L AUC", "pooled AUC [95% CI]",
@@ -437,13 +436,7 @@ def stats(
     """Per-patient medians per voxel category; Wilcoxon and Mann-Whitney tests vs stable NAV."""
     from ctvlab.stages.analysis import stats_stage
 
-    with _one_writer(cfg, "stats"), _recorded(cfg):
-        if _studys_own(cfg, data):
-            from ctvlab.pipeline import run_stage
-
-            _record, (result, run_id) = run_stage(cfg, "stats")
-        else:
-            result, run_id = stats_stage(cfg, data)
+    result, run_id = _run_stage(cfg, data, "stats", lambda: stats_stage(cfg, data))
     from ctvlab.terminal import print_table
 
     columns = ("feature", "category", "pairs (zero diff.)", "median diff", "Wilcoxon p", "Holm p",
@@ -475,13 +468,9 @@ def train(
         cfg.unet.train.num_workers = num_workers
     if use_gpu:
         cfg.unet.train.use_gpu = True
-    with _one_writer(cfg, "train"), _recorded(cfg):
-        if _studys_own(cfg, data):
-            from ctvlab.pipeline import run_stage
-
-            _record, outcome = run_stage(cfg, "train", resume=resume or None)
-        else:
-            outcome = train_unet(cfg, data, resume=resume)
+    outcome = _run_stage(
+        cfg, data, "train", lambda: train_unet(cfg, data, resume=resume), resume=resume or None
+    )
     best = ", ".join(f"{k} {v:.3f}" for k, v in sorted(outcome.best_metrics.items()) if k.startswith("val_"))
     _console().print(
         f"best epoch {outcome.best_epoch}: {best}\nmodel: {outcome.model_dir}\nregistered: "
@@ -506,13 +495,9 @@ def tune(
     """Hyperparameter search on Ray Tune (grid, then random search)."""
     from ctvlab.stages.tune import print_search, tune_study
 
-    with _one_writer(cfg, "tune"), _recorded(cfg):
-        if _studys_own(cfg, data):
-            from ctvlab.pipeline import run_stage
-
-            _record, outcome = run_stage(cfg, "tune", resume=resume or None)
-        else:
-            outcome = tune_study(cfg, data, resume=resume)
+    outcome = _run_stage(
+        cfg, data, "tune", lambda: tune_study(cfg, data, resume=resume), resume=resume or None
+    )
     print_search(outcome, _console())
     if outcome.model_uri is None and cfg.unet.final_loss is not None:
         _console().print(
@@ -549,18 +534,17 @@ def loss_study(
 ) -> None:
     """Loss study (Supp. Figs. 2, 3): the last search's best configuration (else the unet settings) trained
     per loss and per Tversky β, scored on the test patients."""
-    from ctvlab.pipeline import current_search_best, run_stage
+    from ctvlab.pipeline import current_search_best
     from ctvlab.splits import load_split
     from ctvlab.stages.loss_study import print_loss_study, run_loss_study
     from ctvlab.stages.tune import last_best_params
 
     console = _console()
-    own = _studys_own(cfg, data)
-    best = current_search_best(cfg) if own else last_best_params(cfg, load_split(data))
+    best = current_search_best(cfg) if _studys_own(cfg, data) else last_best_params(cfg, load_split(data))
     console.print(f"loss study from {'the search: ' + str(best) if best else 'the unet settings'}")
-    with _one_writer(cfg, "loss-study"), _recorded(cfg):
-        outcome = run_stage(cfg, "loss-study")[1] if own else run_loss_study(cfg, data, best=best)
-    print_loss_study(outcome, console)
+    print_loss_study(
+        _run_stage(cfg, data, "loss-study", lambda: run_loss_study(cfg, data, best=best)), console
+    )
 
 
 @stage_command("ablation")
@@ -571,14 +555,7 @@ def ablation(
     """Modality ablation (Fig. 2): a random search per input set."""
     from ctvlab.stages.ablation import print_ablation, run_ablation
 
-    with _one_writer(cfg, "ablation"), _recorded(cfg):
-        if _studys_own(cfg, data):
-            from ctvlab.pipeline import run_stage
-
-            _record, outcome = run_stage(cfg, "ablation")
-        else:
-            outcome = run_ablation(cfg, data)
-    print_ablation(outcome, _console())
+    print_ablation(_run_stage(cfg, data, "ablation", lambda: run_ablation(cfg, data)), _console())
 
 
 @stage_command("evaluate")
