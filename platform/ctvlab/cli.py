@@ -685,6 +685,49 @@ def import_dicom_(
     console.print(f"next: ctvlab validate {outcome.out} --for predict")
 
 
+@app.command("import-layout")
+def import_layout_(
+    layout: Annotated[
+        str,
+        typer.Argument(
+            help="The collection's layout: brats2021, brats2023-glioma, upenn-gbm, "
+            "rhuh-gbm, lumiere-deepbratumia, lumiere-hd-glio-auto."
+        ),
+    ],
+    src: Annotated[Path, typer.Argument(help="The collection's folder, as downloaded.")],
+    out: Annotated[Path, Opt("--out", help="The new cohort folder (must not exist).", resolve_path=True)],
+    labels: Annotated[
+        Path | None, Opt("--labels", help="YAML file overriding the layout's labels, files or time points.")
+    ] = None,
+    patient: Annotated[
+        list[str] | None, Opt("--patient", help="Import only this patient folder (repeat for several).")
+    ] = None,
+    timepoint: Annotated[
+        str | None, Opt("--timepoint", help="The pre-RT time point's folder name (default: the layout's).")
+    ] = None,
+) -> None:
+    """Convert a public collection (BraTS, UPenn-GBM, RHUH-GBM, LUMIERE) into a cohort folder in ctvlab's layout.
+
+    Exit 0 when every patient was imported, 1 when some were skipped (each named, with why), 2 when none
+    could be (nothing is written)."""
+    from ctvlab.ingest.import_layout import REPORT_NAME, import_layout
+    from ctvlab.ingest.layouts import preset
+
+    console = _console()
+    chosen = preset(layout, labels)
+    outcome = import_layout(chosen, src, out, patient, timepoint,
+                            progress=lambda pid: console.print(f"imported patient {pid}", markup=False))  # fmt: skip
+    for pid, why in outcome.skipped.items():
+        _console(stderr=True).print(f"skipped {pid}: {why}", markup=False)
+    console.print(f"{chosen.title}; what it lacks stays empty in the manifest:", markup=False)
+    for note in outcome.lacks:
+        console.print(f"  - {note}", markup=False)
+    console.print(f"wrote {outcome.out} ({len(outcome.rows)} patient(s), {len(outcome.skipped)} skipped); "
+                  f"per-patient notes in {REPORT_NAME}", markup=False)  # fmt: skip
+    console.print(f"next: ctvlab validate {outcome.out}", markup=False)
+    raise typer.Exit(1 if outcome.skipped else 0)
+
+
 @app.command()
 def run(
     config: Annotated[

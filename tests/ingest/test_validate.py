@@ -498,7 +498,8 @@ def test_read_volume_reads_every_voxel(tmp_path):
 
 def test_validate_for_predict_needs_no_outcomes(phantom_cohort):
     """`ctvlab validate --for predict`: outcome columns and progression masks may be empty; what the
-    network and the CTVs need is still required; the study still needs everything."""
+    network and the CTVs need is still required. For the study they are valid too, with a warning naming
+    what is missing (the stages that need it refuse the patient by name: `prepare.require_study_inputs`)."""
     from typer.testing import CliRunner
 
     from ctvlab.cli import app
@@ -517,7 +518,11 @@ def test_validate_for_predict_needs_no_outcomes(phantom_cohort):
         writer.writerows(records)
     predict = validate_cohort(phantom_cohort, progress=False, purpose="predict")
     assert [p.patient_id for p in predict.patients if not p.valid] == [records[0]["patient_id"]]
-    assert not any(p.valid for p in validate_cohort(phantom_cohort, progress=False).patients)
+    study = validate_cohort(phantom_cohort, progress=False)
+    assert [p.patient_id for p in study.patients if not p.valid] == [records[0]["patient_id"]]
+    warned = [q.message for p in study.patients[1:] for q in p.problems if q.severity == "warning"]
+    assert warned and all("not available: progression_type, pfs_months, os_months" in m for m in warned)
+    assert not any("not available" in q.message for p in predict.patients for q in p.problems)
     result = CliRunner().invoke(app, ["validate", str(phantom_cohort), "--for", "predict"])
     assert result.exit_code == 1 and "t2l_mask" in result.output
     assert CliRunner().invoke(app, ["validate", str(phantom_cohort), "--for", "nonsense"]).exit_code != 0

@@ -60,6 +60,13 @@ PROVENANCE_COLUMNS: tuple[str, ...] = ("dicom_patient_id",)
 # What only follow-up can tell: prediction (`ctvlab predict`) runs before it, so these may be empty there.
 OUTCOME_COLUMNS: tuple[str, ...] = ("progression_type", "pfs_months", "os_months")
 PROGRESSION_MASK_COLUMNS: tuple[str, ...] = ("cel_progression_mask", "t2l_progression_mask")
+# What a cohort may lack and still be a cohort (a public collection imported by `ctvlab import-layout` has
+# no MRSI, often no FA, no ventricles or critical structures, and some have no clinical fields). An empty
+# cell means "not available"; the stage that needs a missing item refuses, naming it and the patients.
+OPTIONAL_COLUMNS: tuple[str, ...] = (
+    "cohort", "sex", "age", "resection", *OUTCOME_COLUMNS, *DIFFUSION_COLUMNS, *MRSI_COLUMNS,
+    "cavity_mask", "ventricles_mask", "critical_mask", *PROGRESSION_MASK_COLUMNS,
+)  # fmt: skip
 PURPOSES: tuple[str, ...] = ("study", "predict")
 
 # patient ids name folders, hive partitions and files: keep them to a portable character set.
@@ -72,26 +79,29 @@ RelPath = Annotated[str, Field(min_length=1, description="Path relative to the c
 
 
 class ManifestRow(BaseModel):
-    """One patient of a cohort. MRSI paths may be empty (no MRSI for this patient)."""
+    """One patient of a cohort. The columns of `OPTIONAL_COLUMNS` may be empty (not available for this
+    patient): MRSI, diffusion, the masks a public collection does not draw, the clinical fields."""
 
     model_config = ConfigDict(extra="forbid", title="ctvlab cohort manifest row")
 
     patient_id: str = Field(pattern=PATIENT_ID_PATTERN)
-    cohort: Cohort
-    sex: Sex
-    age: float = Field(ge=0, le=120, allow_inf_nan=False, description="Years at diagnosis.")
-    resection: Resection
-    progression_type: ProgressionType
-    pfs_months: float = Field(
-        ge=0, le=600, allow_inf_nan=False, description="Progression-free survival (months)."
+    cohort: Cohort | None = None
+    sex: Sex | None = None
+    age: float | None = Field(None, ge=0, le=120, allow_inf_nan=False, description="Years at diagnosis.")
+    resection: Resection | None = None
+    progression_type: ProgressionType | None = None
+    pfs_months: float | None = Field(
+        None, ge=0, le=600, allow_inf_nan=False, description="Progression-free survival (months)."
     )
-    os_months: float = Field(ge=0, le=600, allow_inf_nan=False, description="Overall survival (months).")
+    os_months: float | None = Field(
+        None, ge=0, le=600, allow_inf_nan=False, description="Overall survival (months)."
+    )
 
     t1c: RelPath
     t1: RelPath
     flair: RelPath
-    adc: RelPath
-    fa: RelPath
+    adc: RelPath | None = None
+    fa: RelPath | None = None
     cho: RelPath | None = None
     cre: RelPath | None = None
     naa: RelPath | None = None
@@ -104,11 +114,11 @@ class ManifestRow(BaseModel):
     brain_mask: RelPath
     cel_mask: RelPath
     t2l_mask: RelPath
-    cavity_mask: RelPath
-    ventricles_mask: RelPath
-    critical_mask: RelPath
-    cel_progression_mask: RelPath
-    t2l_progression_mask: RelPath
+    cavity_mask: RelPath | None = None
+    ventricles_mask: RelPath | None = None
+    critical_mask: RelPath | None = None
+    cel_progression_mask: RelPath | None = None
+    t2l_progression_mask: RelPath | None = None
 
     dicom_patient_id: str | None = Field(
         None,
@@ -117,7 +127,7 @@ class ManifestRow(BaseModel):
         "as the header spells it; `patient_id` is then its safe file name. Empty for other cohorts.",
     )
 
-    @field_validator(*MRSI_COLUMNS, "dicom_patient_id", mode="before")
+    @field_validator(*OPTIONAL_COLUMNS, "dicom_patient_id", mode="before")
     @classmethod
     def _empty_is_missing(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -139,6 +149,10 @@ class ManifestRow(BaseModel):
             )
         return v
 
+    def missing(self, columns: tuple[str, ...] = OPTIONAL_COLUMNS) -> list[str]:
+        """The columns among `columns` that this patient leaves empty."""
+        return [c for c in columns if getattr(self, c) is None]
+
     @property
     def has_mrsi(self) -> bool:
         return all(getattr(self, c) for c in MRSI_COLUMNS)
@@ -152,21 +166,10 @@ class ManifestRow(BaseModel):
 
 
 class PredictionRow(ManifestRow):
-    """A patient to predict (`ctvlab predict`): outcome fields and progression masks may be empty, because
-    prediction happens before follow-up; everything the network and the CTVs need is still required."""
+    """A patient to predict (`ctvlab predict`): outcome fields and progression masks are empty, because
+    prediction happens before follow-up (every `ManifestRow` may leave them empty)."""
 
     model_config = ConfigDict(extra="forbid", title="ctvlab prediction manifest row")
-
-    progression_type: ProgressionType | None = None
-    pfs_months: float | None = Field(None, ge=0, le=600, description="Progression-free survival (months).")
-    os_months: float | None = Field(None, ge=0, le=600, description="Overall survival (months).")
-    cel_progression_mask: RelPath | None = None
-    t2l_progression_mask: RelPath | None = None
-
-    @field_validator(*OUTCOME_COLUMNS, *PROGRESSION_MASK_COLUMNS, mode="before")
-    @classmethod
-    def _empty_outcome_is_missing(cls, v: Any) -> Any:
-        return None if isinstance(v, str) and not v.strip() else v
 
 
 class ManifestProblem(BaseModel):
@@ -183,8 +186,9 @@ def read_manifest(
 ) -> tuple[list[ManifestRow], list[ManifestProblem], list[str]]:
     """Parse `root/manifest.csv` against the row schema.
 
-    `purpose` "study" needs every column; "predict" parses `PredictionRow`s, whose outcome columns and
-    progression masks may be empty or absent from the header.
+    The columns of `OPTIONAL_COLUMNS` may be empty or absent from the header, for either `purpose` ("study"
+    parses `ManifestRow`s, "predict" `PredictionRow`s); the stages that need one of them refuse a patient
+    without it, by name.
 
     Returns:
         (rows that parsed, problems, the ids of every row in file order, parsed or not). A row with a
@@ -195,9 +199,7 @@ def read_manifest(
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
     row_model = PredictionRow if purpose == "predict" else ManifestRow
-    optional = set(MRSI_COLUMNS) | (
-        set(OUTCOME_COLUMNS + PROGRESSION_MASK_COLUMNS) if purpose == "predict" else set()
-    )
+    optional = set(OPTIONAL_COLUMNS)
     root = Path(root)
     path = root / MANIFEST_NAME
     problems: list[ManifestProblem] = []

@@ -19,7 +19,10 @@ and checks what later stages silently rely on:
   against the brain mask carried there by nearest neighbour through the affines. MRSI maps may hold NaN
   where a voxel had no usable spectrum (no MRSI value there, as outside the PRESS box), but never Inf;
 - manifest fields: unique ids, known categories, numbers in range (from `read_manifest`); PFS > OS is a
-  warning.
+  warning;
+- what a patient lacks (an empty optional column other than MRSI: FA, ADC, a mask a public collection does
+  not draw, clinical fields) is a warning naming it: the patient is valid for what it has, and the stage that
+  needs a missing item refuses it by name.
 
 Each patient is checked independently, and within a patient each file, so one bad file never hides the
 others. The result is a `ValidationReport`; `print_validation` prints one line per problem.
@@ -40,7 +43,10 @@ from ctvlab.ingest.checks import PREP_VOXEL_MM, check_files
 from ctvlab.ingest.manifest import (
     MANIFEST_NAME,
     MRSI_COLUMNS,
+    OPTIONAL_COLUMNS,
+    OUTCOME_COLUMNS,
     PATH_COLUMNS,
+    PROGRESSION_MASK_COLUMNS,
     ManifestProblem,
     ManifestRow,
     read_manifest,
@@ -106,6 +112,37 @@ def _patient(
 # --- manifest problems -------------------------------------------------------------------------------
 
 
+def _missing_warning(row: ManifestRow, purpose: str) -> list[Problem]:
+    """One warning listing what this patient lacks. MRSI is left out (a patient without MRSI is part of the
+    study's own design), and so are the outcomes when predicting (prediction comes before follow-up)."""
+    skip = set(MRSI_COLUMNS) | (
+        set(OUTCOME_COLUMNS + PROGRESSION_MASK_COLUMNS) if purpose == "predict" else set()
+    )
+    missing = [c for c in row.missing(OPTIONAL_COLUMNS) if c not in skip]
+    if not missing:
+        return []
+    return [
+        Problem(
+            patient_id=row.patient_id,
+            column=",".join(missing),
+            path=MANIFEST_NAME,
+            severity="warning",
+            message=f"not available: {', '.join(missing)}",
+            fix="valid for what it has; a stage that needs one of these refuses this patient by name "
+            "(fill the column in manifest.csv to use it)",
+        )
+    ]
+
+
+def _field_type(column: str) -> type | None:
+    """The type of a manifest field, `X` for an optional `X | None`."""
+    info = ManifestRow.model_fields.get(column)
+    if info is None:
+        return None
+    args = [a for a in getattr(info.annotation, "__args__", ()) if a is not type(None)]
+    return args[0] if len(args) == 1 else info.annotation
+
+
 def _bounds(column: str) -> tuple[float | None, float | None]:
     info = ManifestRow.model_fields.get(column)
     lo = next((m.ge for m in info.metadata if hasattr(m, "ge")), None) if info else None
@@ -126,8 +163,7 @@ def _manifest_fix(p: ManifestProblem) -> str:
         return "give every patient a unique patient_id, or remove the repeated row"
     if col == "patient_id":
         return f"on {where}, use letters, digits, '_', '.' or '-' (at most 64 characters)"
-    info = ManifestRow.model_fields.get(col)
-    annotation = info.annotation if info else None
+    annotation = _field_type(col)
     if isinstance(annotation, type) and issubclass(annotation, StrEnum):
         return f"on {where}, set {col} to one of {', '.join(m.value for m in annotation)}"
     if col in PATH_COLUMNS:
@@ -225,6 +261,7 @@ def validate_cohort(
         row = parsed.get(pid) if not mp else None
         if row is not None:
             clinical, paths = row.clinical(), _row_paths(row)
+            mp = _missing_warning(row, purpose)
         else:
             record = records[i] if i < len(records) else {}
             clinical = {k: record.get(k) for k in ("resection", "progression_type")}

@@ -37,7 +37,7 @@ from ctvlab.data.layout import (
     voxel_table_schema,
 )
 from ctvlab.errors import DataError, storage_error
-from ctvlab.ingest.manifest import ManifestRow
+from ctvlab.ingest.manifest import CLINICAL_COLUMNS, PROGRESSION_MASK_COLUMNS, ManifestRow
 from ctvlab.preprocess import regions
 from ctvlab.preprocess.grid import (
     reference_grid,
@@ -76,6 +76,10 @@ MASK_SOURCES: dict[str, str] = {
     "ventricles": "ventricles_mask", "critical": "critical_mask",
     "cel_prog": "cel_progression_mask", "t2l_prog": "t2l_progression_mask",
 }  # fmt: skip
+# What the study's prepared data cannot do without: the clinical fields fill patients.parquet and the voxel
+# tables (split strata, early/late progressors), the progression masks make the voxel categories and the
+# U-Net target. A patient without one is refused by name; prediction (`prepare_arrays` alone) needs none.
+STUDY_NEEDS: tuple[str, ...] = (*CLINICAL_COLUMNS[1:], *PROGRESSION_MASK_COLUMNS)
 # Settings that change how a run is scheduled, not what it writes: left out of the settings hash.
 EXECUTION_FIELDS: frozenset[str] = frozenset(("cpus_per_patient", "max_concurrent_patients"))
 VOXEL_FILE = "part-0.parquet"
@@ -177,8 +181,8 @@ def prepare_arrays(row: ManifestRow, raw_root: Path, cfg: PreprocessConfig) -> P
     """Resample, normalise and derive the regions of one patient (nothing is written).
 
     1. The reference grid (`grid.reference_grid`) over the brain mask's world box + `bbox_margin_mm`.
-    2. Masks: trilinear, then `≥ mask_threshold`. Anatomy and diffusion: trilinear, 0 outside their
-       grid. MRSI: trilinear with coverage (`grid.resample_with_coverage`), NaN where coverage <
+    2. Masks: trilinear, then `≥ mask_threshold`; a mask the manifest leaves empty is all 0. Anatomy and
+       diffusion: trilinear, 0 outside their grid; a diffusion map the manifest leaves empty is NaN. MRSI: trilinear with coverage (`grid.resample_with_coverage`), NaN where coverage <
        `mrsi_coverage_threshold`; a voxel has MRSI when every map has it. No MRSI: every MRSI channel NaN.
     3. Regions (`regions`), the ring, the target and the voxel categories on the 3 mm grid.
     4. Every intensity map divided by its NAV mode (`normalize.nav_mode`; for MRSI over NAV voxels with
@@ -239,7 +243,7 @@ def prepare_arrays(row: ManifestRow, raw_root: Path, cfg: PreprocessConfig) -> P
                 features[c][~mrsi_valid] = np.nan
     for c, name in enumerate(FEATURES):
         column = FEATURE_SOURCES[name]
-        if column not in MRSI_SOURCES:
+        if column not in MRSI_SOURCES and column in paths:  # a missing ADC or FA stays NaN, like MRSI
             data, aff = _load_nifti(row, column, paths[column])
             finite = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
             features[c] = resample(finite, aff, affine, shape, coords=coords(aff))
@@ -261,8 +265,8 @@ def prepare_arrays(row: ManifestRow, raw_root: Path, cfg: PreprocessConfig) -> P
         if name in INDEX_FEATURES:
             continue
         is_mrsi = FEATURE_SOURCES[name] in MRSI_SOURCES
-        if is_mrsi and not row.has_mrsi:
-            nav_modes[name] = None
+        if (is_mrsi and not row.has_mrsi) or FEATURE_SOURCES[name] not in paths:
+            nav_modes[name] = None  # not acquired: `unet.inputs.require_channels` refuses it by name
             continue
         region = nav & mrsi_valid if is_mrsi else nav
         try:
@@ -419,9 +423,25 @@ def preprocess_patient(row: ManifestRow, raw_root: Path, out: Path, cfg: Preproc
     Raises:
         DataError: see `prepare_arrays`.
     """
+    require_study_inputs(row)
     in_hash = input_hash(row, Path(raw_root))
     arrays = prepare_arrays(row, Path(raw_root), cfg)
     return write_outputs(Path(out), row, arrays, in_hash, cfg)["summary"]
+
+
+def require_study_inputs(row: ManifestRow) -> None:
+    """Refuse a patient that lacks what the study's prepared data needs (`STUDY_NEEDS`), naming it.
+
+    Raises:
+        DataError: the patient and the empty manifest columns.
+    """
+    missing = row.missing(STUDY_NEEDS)
+    if missing:
+        raise DataError(
+            f"patient {row.patient_id}: {', '.join(missing)} not available; the study's preprocessing needs "
+            "them (clinical fields for the tables and splits, progression masks for the voxel categories and "
+            "the target): fill them in manifest.csv, or use this patient with `ctvlab predict`"
+        )
 
 
 def is_infrastructure_error(e: BaseException) -> bool:
@@ -445,6 +465,7 @@ def process_or_skip(row: ManifestRow, raw_root: Path, out: Path, cfg: Preprocess
     """
     pid = row.patient_id
     try:
+        require_study_inputs(row)
         in_hash = input_hash(row, Path(raw_root))
         if is_current(Path(out), pid, in_hash, cfg):
             return {"patient_id": pid, "status": "skipped", "reason": ""}

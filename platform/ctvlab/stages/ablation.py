@@ -49,6 +49,10 @@ def run_ablation(cfg: StudyConfig, prep: Path | None = None) -> AblationOutcome:
     prep, split, test_ids = scored_on_test_patients(cfg, prep)
     tracker = tracker_for(cfg)
     sets = list(cfg.tune.ablation_sets)
+    from ctvlab.unet.inputs import require_channels
+
+    for s in sets:  # before any search: a set the cohort cannot feed is refused, naming it
+        require_channels(prep, sorted(split.table["patient_id"]), s)
     out = Path(cfg.results_dir, "ablation").resolve()
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -78,6 +78,9 @@ def train_unet(
     check_disjoint(train=train_ids, val=val_ids, test=test_ids)
     if not train_ids or not val_ids:
         raise DataError(f"the split of {prep} has no training or no validation patients")
+    from ctvlab.unet.inputs import require_channels
+
+    require_channels(prep, [*train_ids, *val_ids, *test_ids], cfg.unet.model.modality_set)
     ucfg = cfg.unet
     storage = Path(cfg.workdir, "ray").resolve()
     pointer = Path(cfg.workdir, TRAIN_POINTER).resolve()

@@ -54,6 +54,9 @@ def tune_study(
     split = load_split(prep)
     if not split.patients("train") or not split.patients("val"):
         raise DataError(f"the split of {prep} has no training or no validation patients")
+    from ctvlab.unet.inputs import require_channels
+
+    require_channels(prep, sorted(split.table["patient_id"]), cfg.unet.model.modality_set)
     start_unet_stage(cfg, search=True)
     tracker = tracker_for(cfg)
     pointer = Path(cfg.workdir, SEARCH_POINTER).resolve()

@@ -1,0 +1,425 @@
+"""`ctvlab import-layout`: a public collection (`ingest.layouts.PRESETS`) into a cohort folder in ctvlab's layout.
+
+Per patient: find the preset's files for the pre-RT time point, check that T1, FLAIR and the segmentation lie
+on the T1c grid, turn the segmentation's labels into ctvlab's masks (CEL, T2L, and the cavity where the
+collection labels one), take the brain mask from the collection or from the skull-stripped T1c, and the
+ADC as given or from the DTI trace (mean diffusivity = trace / 3). A follow-up segmentation becomes the
+progression masks only when it already lies on the pre-RT T1c grid: registration is a later step.
+
+What a collection lacks stays empty in the manifest, with a note in `import_report.json`; `ctvlab validate`
+checks what is there. A patient whose files are missing, off the T1c grid, or labelled with numbers the
+preset does not know is reported and skipped; the others are imported. The cohort is built in a temporary
+folder and renamed into place at the end (`atomic.atomic_folder`), so `--out` is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctvlab.errors import ConfigError, DataError
+from ctvlab.ingest.layouts import REQUIRED_ROLES, Labels, Preset
+from ctvlab.ingest.manifest import MANIFEST_NAME, PATIENT_ID_PATTERN, ManifestRow, write_manifest
+from ctvlab.ingest.volume import AFFINE_TOLERANCE
+
+REPORT_NAME = "import_report.json"
+# Brain mean diffusivity (median over the brain, lesion included) lies near 0.7–1.5 × 10⁻³ mm²/s; these
+# windows tell which unit a trace-derived value is in, and anything outside them is refused.
+MD_UNITS: tuple[tuple[float, float, float, str], ...] = (
+    (1e-4, 5e-3, 1.0, "mm²/s"),
+    (0.1, 5.0, 1e-3, "10⁻³ mm²/s"),
+    (100.0, 5000.0, 1e-6, "10⁻⁶ mm²/s"),
+)
+# A volume file and the label counts agree within half a voxel, or 1% of a large compartment (a file that
+# rounds its volumes); a swapped mapping differs by whole compartments.
+VOLUME_TOLERANCE = 0.01
+
+
+@dataclass
+class ImportOutcome:
+    out: Path
+    rows: list[ManifestRow]
+    skipped: dict[str, str]  # patient → why
+    notes: dict[str, list[str]] = field(default_factory=dict)  # patient → what is missing or derived
+    lacks: tuple[str, ...] = ()  # what the whole collection lacks (the preset's notes)
+
+
+# --- pure functions over arrays ------------------------------------------------------------------------
+
+
+def masks_from_labels(seg: np.ndarray, labels: Labels) -> dict[str, np.ndarray]:
+    """ctvlab's masks from a label image: "cel_mask", "t2l_mask" and, when the convention has one,
+    "cavity_mask" (bool arrays of `seg`'s shape).
+
+    Raises:
+        ValueError: `seg` holds a label the convention does not know, or non-integer values.
+    """
+    values = np.unique(seg)
+    if not np.array_equal(values, np.round(values)):
+        raise ValueError(
+            f"holds non-integer values ({values[values != np.round(values)][:3].tolist()}): not a label image"
+        )
+    unknown = sorted(int(v) for v in values if v != 0 and int(v) not in labels.known)
+    if unknown:
+        raise ValueError(
+            f"holds label(s) {unknown}, which this convention does not map (it knows "
+            f"{sorted(labels.known)}): is it another collection's file? Map them with --labels FILE"
+        )
+    masks = {"cel_mask": np.isin(seg, labels.cel), "t2l_mask": np.isin(seg, labels.t2l)}
+    if labels.cavity:
+        masks["cavity_mask"] = np.isin(seg, labels.cavity)
+    return masks
+
+
+def volume_mismatches(
+    seg: np.ndarray, voxel_mm3: float, volumes: dict[str, float], labels: Labels
+) -> list[str]:
+    """How the label counts of `seg` disagree with a volume file (key → mm³); empty when they agree.
+
+    A swapped mapping shows here: the volume the file gives one compartment is the count of another label.
+    """
+    problems = []
+    for label, key in sorted(labels.volume_keys.items()):
+        if key not in volumes:
+            problems.append(f"has no {key!r} (label {label}); it holds {sorted(volumes)}")
+            continue
+        counted = float((seg == label).sum()) * voxel_mm3
+        stated = float(volumes[key])
+        if abs(counted - stated) > max(0.5 * voxel_mm3, VOLUME_TOLERANCE * stated):
+            problems.append(f"gives {key} {stated:g} mm³ but label {label} covers {counted:g} mm³")
+    return problems
+
+
+def brain_from_t1c(t1c: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """The brain of a skull-stripped T1c: voxels other than its background value, with the lesion, holes filled.
+
+    The background is the corner voxel's value, not 0: some collections store z-scored images whose
+    background is a negative constant.
+    """
+    from scipy.ndimage import binary_fill_holes
+
+    background = t1c[(0,) * t1c.ndim]
+    return binary_fill_holes((t1c != background) | lesion)
+
+
+def adc_from_trace(trace: np.ndarray) -> tuple[np.ndarray, str]:
+    """ADC (mean diffusivity, mm²/s) from a DTI trace map: trace / 3, scaled to mm²/s.
+
+    Returns:
+        (the ADC as float32, the unit the trace was found in).
+
+    Raises:
+        ValueError: the trace's scale matches no known unit.
+    """
+    md = np.asarray(trace, dtype=np.float64) / 3.0
+    inside = md[np.isfinite(md) & (md > 0)]
+    if not inside.size:
+        raise ValueError("holds no positive value: not a diffusion trace")
+    median = float(np.median(inside))
+    for low, high, scale, unit in MD_UNITS:
+        if low <= median <= high:
+            return (md * scale).astype(np.float32), unit
+    raise ValueError(
+        f"trace / 3 has a median of {median:g} over the brain, which is no known unit of diffusivity (brain "
+        "tissue is near 0.8 × 10⁻³ mm²/s): check that this is the trace (λ1+λ2+λ3) map"
+    )
+
+
+def on_grid(
+    shape: tuple[int, ...], affine: np.ndarray, ref_shape: tuple[int, ...], ref_affine: np.ndarray
+) -> bool:
+    return tuple(shape[:3]) == tuple(ref_shape[:3]) and np.allclose(affine, ref_affine, atol=AFFINE_TOLERANCE)
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+
+class _Patient:
+    """One patient's files in the collection, named in messages as the user gave the collection folder."""
+
+    def __init__(self, src: Path, preset: Preset, folder: str, timepoint: str | None):
+        self.src, self.preset, self.folder, self.timepoint = src, preset, folder, timepoint
+        self.id = Path(folder).name
+
+    def find(self, role: str, timepoint: str | None = None) -> Path | None:
+        tp = timepoint if timepoint is not None else self.timepoint
+        for template in self.preset.files.get(role, ()):  # type: ignore[call-overload]
+            rel = template.format(id=self.id, tp=tp or "")
+            path = self.src / rel
+            if path.is_file() and _inside(self.src, path):
+                return path
+        return None
+
+    def need(self, role: str) -> Path:
+        path = self.find(role)
+        if path is None:
+            tried = ", ".join(str(self.src / t.format(id=self.id, tp=self.timepoint or ""))
+                              for t in self.preset.files.get(role, ()))  # type: ignore[call-overload]  # fmt: skip
+            raise DataError(f"patient {self.id}: no {role} file ({tried} not found)")
+        return path
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """A template or a link must not lead out of the collection folder."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def _load(pid: str, role: str, path: Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises several types for a damaged file; each is this file's problem
+        raise DataError(f"patient {pid}: {role} file {path} cannot be read as NIfTI: {e}") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"patient {pid}: {role} file {path} has shape {data.shape}; a 3-D volume is needed")
+    return img, data
+
+
+def _save_mask(path: Path, mask: np.ndarray, ref) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(mask.astype(np.uint8), ref.affine)
+    img.set_qform(ref.affine, code=int(ref.header["qform_code"]) or 1)
+    img.set_sform(ref.affine, code=int(ref.header["sform_code"]) or 1)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+
+
+def _save_map(path: Path, data: np.ndarray, ref) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data.astype(np.float32), ref.affine)
+    img.set_qform(ref.affine, code=int(ref.header["qform_code"]) or 1)
+    img.set_sform(ref.affine, code=int(ref.header["sform_code"]) or 1)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+
+
+def _copy_image(source: Path, folder: Path, name: str) -> str:
+    """Copy an image as it is (its header and geometry untouched); return its file name in the cohort."""
+    suffix = ".nii.gz" if source.name.endswith(".nii.gz") else source.suffix
+    shutil.copyfile(source, folder / f"{name}{suffix}")
+    return f"{name}{suffix}"
+
+
+def _baseline(patient_dir: Path, preset: Preset, chosen: str | None) -> str | None:
+    """The pre-RT time point of a patient (None for a collection without time points)."""
+    if preset.timepoints is None:
+        return None
+    points = sorted(p.name for p in patient_dir.glob(preset.timepoints) if p.is_dir())
+    for want in (chosen,) if chosen else preset.baseline:
+        if want == "first" and points:
+            return points[0]
+        if want in points:
+            return want
+    wanted = chosen or " or ".join(preset.baseline)
+    raise DataError(
+        f"patient {patient_dir.name}: no time point {wanted} in {patient_dir} (it has: {', '.join(points) or 'none'})"
+    )
+
+
+def import_patient(src: Path, preset: Preset, patient_dir: Path, folder: Path, timepoint: str | None = None
+                   ) -> tuple[ManifestRow, list[str]]:  # fmt: skip
+    """Write one patient's files into `folder` (the cohort's `<id>/`); return its row and its notes.
+
+    Raises:
+        DataError: naming the patient and the file, for anything that keeps it out of the cohort.
+    """
+    pid = patient_dir.name
+    if not re.fullmatch(PATIENT_ID_PATTERN, pid) or pid.endswith("_masks"):
+        raise DataError(
+            f"patient folder {patient_dir} is not a usable patient id (letters, digits, '_', '.', '-')"
+        )
+    tp = _baseline(patient_dir, preset, timepoint)
+    p = _Patient(src, preset, str(patient_dir.relative_to(src)), tp)
+    notes: list[str] = [f"pre-RT time point: {tp}"] if tp is not None else []
+    paths = {role: p.need(role) for role in REQUIRED_ROLES}
+    t1c_img, t1c = _load(pid, "t1c", paths["t1c"])
+    seg_img, seg = _load(pid, "seg", paths["seg"])
+    for role in ("t1", "flair", "seg"):
+        img = seg_img if role == "seg" else _load(pid, role, paths[role])[0]
+        if not on_grid(img.shape, img.affine, t1c_img.shape, t1c_img.affine):
+            raise DataError(
+                f"patient {pid}: {role} file {paths[role]} is not on the T1c grid ({paths['t1c']}): shape "
+                f"{img.shape[:3]} vs {t1c_img.shape[:3]} or a different affine; ctvlab needs T1, FLAIR and "
+                "masks co-registered and resampled onto the T1c (see docs/guides/own-cohort.md)"
+            )
+    try:
+        masks = masks_from_labels(np.asarray(seg), preset.labels)
+    except ValueError as e:
+        raise DataError(f"patient {pid}: seg file {paths['seg']} {e}") from None
+    volumes = p.find("volumes")
+    if preset.labels.volume_keys and volumes is not None:
+        try:
+            stated = json.loads(volumes.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"patient {pid}: volume file {volumes} cannot be read as JSON: {e}") from None
+        voxel_mm3 = float(abs(np.linalg.det(seg_img.affine[:3, :3])))
+        wrong = volume_mismatches(np.asarray(seg), voxel_mm3, stated, preset.labels)
+        if wrong:
+            raise DataError(
+                f"patient {pid}: the label mapping disagrees with the volume file {volumes}: {'; '.join(wrong)}. "
+                "The labels are numbered otherwise in this copy: correct them with --labels FILE"
+            )
+        notes.append(f"label mapping checked against {volumes.name}")
+    elif preset.labels.volume_keys:
+        notes.append("no volume file: the label mapping was not checked")
+
+    columns: dict[str, str] = {}
+
+    def put(column: str, name: str) -> None:
+        columns[column] = f"{pid}/{name}"
+
+    for role in ("t1c", "t1", "flair"):
+        put(role, _copy_image(paths[role], folder, role))
+    brain_file = p.find("brain_mask")
+    if brain_file is not None:
+        brain_img, brain = _load(pid, "brain_mask", brain_file)
+        if not on_grid(brain_img.shape, brain_img.affine, t1c_img.shape, t1c_img.affine):
+            raise DataError(f"patient {pid}: brain_mask file {brain_file} is not on the T1c grid")
+        brain = np.asarray(brain) > 0.5
+    else:
+        brain = brain_from_t1c(np.asarray(t1c), masks["t2l_mask"])
+        notes.append("brain mask derived from the skull-stripped T1c")
+    for column, mask in {"brain_mask": brain, **masks}.items():
+        _save_mask(folder / f"{column}.nii.gz", mask, t1c_img)
+        put(column, f"{column}.nii.gz")
+
+    adc, trace, fa = p.find("adc"), p.find("trace"), p.find("fa")
+    if adc is not None:
+        put("adc", _copy_image(adc, folder, "adc"))
+    elif trace is not None:
+        trace_img, trace_data = _load(pid, "trace", trace)
+        try:
+            adc_data, unit = adc_from_trace(trace_data)
+        except ValueError as e:
+            raise DataError(f"patient {pid}: trace file {trace} {e}") from None
+        _save_map(folder / "adc.nii.gz", adc_data, trace_img)
+        put("adc", "adc.nii.gz")
+        notes.append(f"ADC = DTI trace / 3 (trace in {unit}, ADC written in mm²/s)")
+    if fa is not None:
+        put("fa", _copy_image(fa, folder, "fa"))
+
+    if preset.followup is not None:
+        notes += _progression(p, pid, preset, t1c_img, folder, put)
+    missing = [c for c in ("adc", "fa", "cavity_mask", "cel_progression_mask") if c not in columns]
+    if missing:
+        notes.append(f"not available: {', '.join(missing)}")
+    row = ManifestRow.model_validate({"patient_id": pid, **columns})
+    return row, notes
+
+
+def _progression(p: _Patient, pid: str, preset: Preset, t1c_img, folder: Path, put: Callable) -> list[str]:
+    """The follow-up segmentation as progression masks, when it lies on the pre-RT T1c grid."""
+    seg_file = p.find("seg", preset.followup)
+    if seg_file is None:
+        return [f"no segmentation at time point {preset.followup}: no progression masks"]
+    img, seg = _load(pid, "follow-up seg", seg_file)
+    if not on_grid(img.shape, img.affine, t1c_img.shape, t1c_img.affine):
+        return [
+            f"progression: the time point {preset.followup} segmentation ({seg_file}) is not on the pre-RT T1c "
+            "grid: it needs registration to the pre-RT scan first, so the progression masks are left empty"
+        ]
+    try:
+        masks = masks_from_labels(np.asarray(seg), preset.labels)
+    except ValueError as e:
+        raise DataError(f"patient {pid}: follow-up seg file {seg_file} {e}") from None
+    for name, mask in (
+        ("cel_progression_mask", masks["cel_mask"]),
+        ("t2l_progression_mask", masks["t2l_mask"]),
+    ):
+        _save_mask(folder / f"{name}.nii.gz", mask, t1c_img)
+        put(name, f"{name}.nii.gz")
+    return [f"progression masks from time point {preset.followup} (already on the pre-RT grid)"]
+
+
+def find_patients(src: Path, preset: Preset, only: list[str] | None = None) -> list[Path]:
+    """The collection's patient folders, sorted; `only` keeps those whose folder name it lists."""
+    found = sorted(p for p in src.glob(preset.patients) if p.is_dir() and _inside(src, p))
+    if only:
+        names = {p.name for p in found}
+        absent = [o for o in only if o not in names]
+        if absent:
+            raise ConfigError(
+                f"--patient {', '.join(absent)}: no such patient folder in {src} ({preset.patients})"
+            )
+        found = [p for p in found if p.name in only]
+    return found
+
+
+def import_layout(
+    preset: Preset,
+    src: Path,
+    out: Path,
+    patients: list[str] | None = None,
+    timepoint: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ImportOutcome:
+    """Convert the collection in `src` (laid out as `preset`) into the new cohort folder `out`.
+
+    Raises:
+        ConfigError: `out` exists, `src` is not a folder, or no patient folder matches the preset.
+        DataError: no patient could be imported (each one's reason in the message); nothing is written.
+    """
+    from ctvlab.atomic import atomic_folder, write_json_atomic
+
+    src, out = Path(src), Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} exists: import-layout writes a new cohort folder and never into an old one")
+    if not src.is_dir():
+        raise ConfigError(
+            f"{src} is {'a file' if src.exists() else 'not found'}: give the collection's folder"
+        )
+    found = find_patients(src, preset, patients)
+    if not found:
+        raise ConfigError(
+            f"no patient folder in {src} matches {preset.patients!r} ({preset.title}): is this the folder "
+            "you downloaded, and the right layout?"
+        )
+    rows: list[ManifestRow] = []
+    skipped: dict[str, str] = {}
+    notes: dict[str, list[str]] = {}
+    with atomic_folder(out) as tmp:
+        for patient_dir in found:
+            folder = tmp / patient_dir.name
+            folder.mkdir()
+            try:
+                row, notes[patient_dir.name] = import_patient(src, preset, patient_dir, folder, timepoint)
+            except DataError as e:  # this patient only: nothing of it stays in the cohort
+                shutil.rmtree(folder, ignore_errors=True)
+                skipped[patient_dir.name] = str(e)
+                continue
+            rows.append(row)
+            if progress is not None:
+                progress(row.patient_id)
+        if not rows:
+            raise DataError("no patient could be imported:\n" + "\n".join(skipped.values()))
+        write_manifest(tmp, rows)
+        write_json_atomic(tmp / REPORT_NAME, {
+            "layout": preset.name, "source": str(src), "sources": list(preset.sources),
+            "labels": preset.labels.model_dump(mode="json"), "collection_lacks": list(preset.notes),
+            "patients": notes, "skipped": skipped,
+        })  # fmt: skip
+    return ImportOutcome(out=out, rows=rows, skipped=skipped, notes=notes, lacks=preset.notes)
+
+
+__all__ = [
+    "MANIFEST_NAME",
+    "REPORT_NAME",
+    "ImportOutcome",
+    "adc_from_trace",
+    "brain_from_t1c",
+    "import_layout",
+    "masks_from_labels",
+    "volume_mismatches",
+]
