@@ -103,8 +103,8 @@ def validate(
         str,
         Opt(
             "--for",
-            help="study: everything the study needs; predict: outcome columns and progression "
-            "masks may be empty.",
+            help="study: what the study uses, each missing item named in a warning; predict: outcome "
+            "columns and progression masks are expected empty.",
         ),
     ] = "study",
 ) -> None:
