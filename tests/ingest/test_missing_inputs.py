@@ -17,10 +17,10 @@ from tests.phantoms import PhantomSpec, make_phantom_cohort
 
 @pytest.fixture
 def without_fa(tmp_path):
-    """Two phantom patients whose manifest leaves FA (and the ventricles) empty, as a public collection does."""
+    """Two phantom patients whose manifest leaves FA empty, as most public collection does."""
     root = tmp_path / "cohort"
     rows = make_phantom_cohort(root, n=2, spec=PhantomSpec(mrsi=False))
-    rows = [r.model_copy(update={"fa": None, "ventricles_mask": None}) for r in rows]
+    rows = [r.model_copy(update={"fa": None}) for r in rows]
     write_manifest(root, rows)
     return root
 
@@ -28,10 +28,7 @@ def without_fa(tmp_path):
 def test_valid_for_what_it_has_and_the_stage_refuses_fa_by_name(without_fa, tmp_path):
     report = validate_cohort(without_fa, progress=False)
     assert report.ok
-    assert all(
-        "not available: fa, ventricles_mask" in " ".join(q.message for q in p.problems)
-        for p in report.patients
-    )
+    assert all("not available: fa" in " ".join(q.message for q in p.problems) for p in report.patients)
     rows = read_manifest(without_fa)[0]
     prep = tmp_path / "prep"
     for row in rows:
@@ -53,7 +50,6 @@ def test_prepared_without_fa_holds_nan_and_no_nav_mode(without_fa, tmp_path):
     arrays = prepare_arrays(row, without_fa, PreprocessConfig())
     assert np.isnan(arrays.features[FEATURES.index("nFA")]).all()
     assert arrays.nav_modes["nFA"] is None and arrays.nav_modes["nADC"] is not None
-    assert not arrays.mask("ventricles").any()
 
 
 def test_study_preprocessing_refuses_a_patient_without_outcomes(without_fa, tmp_path):

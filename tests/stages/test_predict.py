@@ -293,3 +293,24 @@ def test_predict_with_an_explicit_preprocessing_the_model_was_not_trained_on_wri
     with pytest.raises(ConfigError, match=r"preprocess\.voxel_mm"):
         predict_cohort(raw, tmp_path / "out", other, model_uri=str(trained.model_dir), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_patient_without_the_masks_the_ctvs_need_is_refused_by_name(prediction, tmp_path):
+    """A cohort imported from a public collection has no critical-structure mask: that patient is refused,
+    naming the column; the other is predicted."""
+    cfg, trained, raw, _ = prediction
+    lacking = tmp_path / "raw"
+    shutil.copytree(raw, lacking)
+    with open(lacking / "manifest.csv", newline="") as fh:
+        records = list(csv.DictReader(fh))
+    records[0]["critical_mask"] = ""
+    with open(lacking / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    first, second = (r["patient_id"] for r in records)
+    outcome = predict_cohort(lacking, tmp_path / "out", cfg, model_uri=trained.model_uri, threshold=0.5,
+                             progress=False)  # fmt: skip
+    assert outcome.done == [second]
+    assert f"patient {first}: critical_mask not available" in outcome.failed[first]
+    assert not (tmp_path / "out" / first).exists()

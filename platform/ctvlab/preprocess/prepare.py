@@ -77,9 +77,13 @@ MASK_SOURCES: dict[str, str] = {
     "cel_prog": "cel_progression_mask", "t2l_prog": "t2l_progression_mask",
 }  # fmt: skip
 # What the study's prepared data cannot do without: the clinical fields fill patients.parquet and the voxel
-# tables (split strata, early/late progressors), the progression masks make the voxel categories and the
-# U-Net target. A patient without one is refused by name; prediction (`prepare_arrays` alone) needs none.
-STUDY_NEEDS: tuple[str, ...] = (*CLINICAL_COLUMNS[1:], *PROGRESSION_MASK_COLUMNS)
+# tables (split strata, early/late progressors); the progression masks make the voxel categories and the
+# U-Net target; the cavity and the ventricles are cut from normal-appearing brain (NAV, the normalisation's
+# reference) and the cavity and the critical structures shape the standard CTVs. A patient without one is
+# refused by name (prediction checks its own needs: `stages.predict.prediction_needs`).
+STUDY_NEEDS: tuple[str, ...] = (
+    *CLINICAL_COLUMNS[1:], *PROGRESSION_MASK_COLUMNS, "cavity_mask", "ventricles_mask", "critical_mask",
+)  # fmt: skip
 # Settings that change how a run is scheduled, not what it writes: left out of the settings hash.
 EXECUTION_FIELDS: frozenset[str] = frozenset(("cpus_per_patient", "max_concurrent_patients"))
 VOXEL_FILE = "part-0.parquet"
@@ -440,7 +444,8 @@ def require_study_inputs(row: ManifestRow) -> None:
         raise DataError(
             f"patient {row.patient_id}: {', '.join(missing)} not available; the study's preprocessing needs "
             "them (clinical fields for the tables and splits, progression masks for the voxel categories and "
-            "the target): fill them in manifest.csv, or use this patient with `ctvlab predict`"
+            "the target, cavity, ventricles and critical structures for normal-appearing brain and the CTVs): "
+            "fill them in manifest.csv"
         )
 
 

@@ -238,6 +238,18 @@ def native_ctvs(
     return NativeCTVs(t1c, prob, masks, spacing, ctvs)  # type: ignore[arg-type]
 
 
+def prediction_needs(modality_set: str | None) -> tuple[str, ...]:
+    """The manifest columns a patient to predict must give beyond the always-required ones: the masks the
+    CTVs use (the cavity for EORTC, the critical structures removed from every CTV, the ventricles of the
+    normal-appearing brain the maps are normalised on) and the diffusion maps the model's inputs hold."""
+    from ctvlab.data.layout import MODALITY_SETS
+    from ctvlab.preprocess.prepare import FEATURE_SOURCES
+
+    channels = MODALITY_SETS.get(modality_set or "all", MODALITY_SETS["all"])
+    maps = tuple(FEATURE_SOURCES[c] for c in channels if FEATURE_SOURCES[c] in ("adc", "fa"))
+    return ("cavity_mask", "ventricles_mask", "critical_mask", *maps)
+
+
 def predict_patient(
     row,
     raw_root: Path,
@@ -456,6 +468,15 @@ def predict_cohort(
     if refused:
         raise DataError(f"--dicom-ref {dicom_ref}: nothing was predicted: " + " | ".join(refused))
     resolved = resolve_model(model_uri, tracker, threshold, device)
+    needs = prediction_needs(resolved.model.spec.get("modality_set"))
+    for row, *_ in list(todo):
+        missing = row.missing(needs)
+        if missing:  # this patient only: the others are predicted
+            outcome.failed[row.patient_id] = (
+                f"patient {row.patient_id}: {', '.join(missing)} not available; the model's inputs and the "
+                "CTVs (critical structures removed, the EORTC cavity) need them: give them in manifest.csv"
+            )
+    todo = [t for t in todo if t[0].patient_id not in outcome.failed]
     preprocess, preprocess_source = preprocess_for(resolved.model.spec, cfg.preprocess)
     cfg = cfg.model_copy(update={"preprocess": preprocess})
     out.mkdir(parents=True, exist_ok=True)
