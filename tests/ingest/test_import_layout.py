@@ -241,3 +241,20 @@ def test_bad_input_names_the_patient_and_file_and_writes_nothing(cohort, tmp_pat
     assert code == 2 and "exists" in output
     assert _run(capsys, "import-layout", "nope", str(src), "--out", str(tmp_path / "n"))[0] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brats", "raw"]  # nothing beside --out
+
+
+def test_upenn_leaves_later_scans_of_the_same_subject_out(cohort, tmp_path):
+    root, rows = cohort
+    src = tmp_path / "upenn"
+    write_layout(root, rows[:1], PRESETS["upenn-gbm"], src)
+    scans = src / "images_structural"
+    shutil.copytree(scans / "UPENN-GBM-00001_11", scans / "UPENN-GBM-00001_21")
+    outcome = import_layout(PRESETS["upenn-gbm"], src, tmp_path / "raw")
+    assert [r.patient_id for r in outcome.rows] == ["UPENN-GBM-00001_11"] and not outcome.skipped
+
+
+def test_the_command_help_names_every_layout():
+    from typer.testing import CliRunner
+
+    output = CliRunner().invoke(cli.app, ["import-layout", "--help"], env={"COLUMNS": "300"}).output
+    assert all(name in output for name in PRESETS), output

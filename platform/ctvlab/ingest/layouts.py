@@ -188,7 +188,9 @@ PRESETS: dict[str, Preset] = {
                 "Bakas et al. 2022, Sci Data 9:453, doi:10.1038/s41597-022-01560-7",
                 "TCIA collection UPENN-GBM, doi:10.7937/TCIA.709X-DN49",
             ),
-            patients="images_structural/UPENN-GBM-*",
+            # "_11" is a subject's pre-operative scan, "_21" a later scan of the same subject: importing both
+            # would put one patient in the cohort twice (and on both sides of a split)
+            patients="images_structural/UPENN-GBM-*_11",
             files={
                 "t1c": ("images_structural/{id}/{id}_T1GD.nii.gz",),
                 "t1": ("images_structural/{id}/{id}_T1.nii.gz",),
@@ -200,6 +202,8 @@ PRESETS: dict[str, Preset] = {
             },
             labels=_BRATS2021_LABELS,
             notes=(
+                "the collection's NIfTI-files folder is the one to give; only the pre-operative scans (_11) are "
+                "imported, the later scans (_21) of the same subjects are not",
                 "ADC derived from the DTI trace: mean diffusivity = trace / 3, in mm²/s (the trace's units are "
                 "checked on the brain's median and scaled from 10⁻³ or 10⁻⁶ mm²/s when that is what it holds)",
                 "pre-operative scans: no resection cavity, and no follow-up, so no progression masks",
