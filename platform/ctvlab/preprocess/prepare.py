@@ -407,6 +407,27 @@ def read_sidecar(out: Path, patient_id: str) -> dict[str, Any] | None:
         return None
 
 
+def missing_channels(out: Path, patient_ids: list[str], channels: list[str]) -> dict[str, list[str]]:
+    """Channel → the patients prepared without it: a map the manifest left empty is NaN in the prepared volume
+    and its NAV mode is null in the sidecar. MRSI channels are left out (a patient without MRSI is part of the
+    study's design); a patient without a sidecar is taken as having every channel."""
+    from ctvlab.data.layout import MRSI_FEATURES
+
+    lacking: dict[str, list[str]] = {}
+    for pid in patient_ids:
+        modes = (read_sidecar(out, pid) or {}).get("nav_modes", {})
+        for channel in channels:
+            if channel not in MRSI_FEATURES and channel in modes and modes[channel] is None:
+                lacking.setdefault(channel, []).append(pid)
+    return lacking
+
+
+def describe_missing(lacking: dict[str, list[str]]) -> str:
+    """`nFA for 2 patient(s): P1, P2` per channel, for a refusal's message."""
+    return "; ".join(f"{c} for {len(p)} patient(s): {', '.join(p[:10])}{' …' if len(p) > 10 else ''}"
+                     for c, p in lacking.items())  # fmt: skip
+
+
 def is_current(out: Path, patient_id: str, in_hash: str, cfg: PreprocessConfig) -> bool:
     """True when the patient's sidecar matches `in_hash` and the settings and every output file is intact."""
     sidecar = read_sidecar(out, patient_id)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ctvlab.config import StudyConfig
+from ctvlab.errors import DataError
 from ctvlab.splits import Split, load_split, pseudonymised, write_split
 from ctvlab.tracking import base_tags, tracker_for
 
@@ -43,6 +44,21 @@ def current_split(prep: Path) -> Split:
     return load_split(prep)
 
 
+def _require_features(prep: Path, patient_ids: list[str], features: list[str]) -> None:
+    """Refuse voxel models over a map some patients lack (a public collection without FA), naming both;
+    imputing a whole map at its normal-appearing level would make it a constant, not the study's feature."""
+    from ctvlab.preprocess.prepare import describe_missing, missing_channels
+
+    lacking = missing_channels(prep, patient_ids, features)
+    if lacking:
+        kept = [f for f in features if f not in lacking]
+        raise DataError(
+            f"the voxel models use {', '.join(lacking)}, which the cohort does not have ({describe_missing(lacking)}); "
+            f"leave them out (voxel_models.features: {kept}) or give those maps in the manifest and run "
+            "`ctvlab preprocess` again"
+        )
+
+
 def voxel_models_stage(
     cfg: StudyConfig,
     prep: Path,
@@ -65,6 +81,7 @@ def voxel_models_stage(
     prep = Path(prep)
     split = load_split(prep)
     vcfg = cfg.voxel_models
+    _require_features(prep, sorted(split.table["patient_id"]), list(vcfg.features))
     targets = targets or list(vcfg.targets)
     subgroups = subgroups or list(vcfg.subgroups)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, log_dir=Path(cfg.workdir) / "logs")

@@ -72,38 +72,26 @@ def select_channels(features: np.ndarray, feature_names: Sequence[str], modality
 
 
 def require_channels(prep: Path, patient_ids: Sequence[str], modality_set: str) -> None:
-    """Refuse a modality set whose channels some patients were prepared without, naming both.
-
-    A map the manifest left empty (a public collection without FA, say) is NaN in the prepared volume and
-    its NAV mode is recorded as null in the sidecar. MRSI is exempt: a patient without MRSI is part of the
-    study's design and its MRSI channels are zero for the network.
+    """Refuse a modality set whose channels some patients were prepared without, naming both
+    (`preprocess.prepare.missing_channels`; MRSI is exempt: its channels are zero for a patient without it).
 
     Raises:
         ConfigError: unknown modality set.
         DataError: the channels and the patients that lack them.
     """
-    from ctvlab.data.layout import MRSI_FEATURES
-    from ctvlab.preprocess.prepare import read_sidecar
+    from ctvlab.preprocess.prepare import describe_missing, missing_channels
 
     if modality_set not in MODALITY_SETS:
         raise ConfigError(
             f"unknown modality set {modality_set!r}; choose one of: {', '.join(MODALITY_SETS)}."
         )
-    needed = [c for c in MODALITY_SETS[modality_set] if c not in MRSI_FEATURES]
-    lacking: dict[str, list[str]] = {}
-    for pid in patient_ids:
-        modes = (read_sidecar(Path(prep), pid) or {}).get("nav_modes", {})
-        for channel in needed:
-            if channel in modes and modes[channel] is None:
-                lacking.setdefault(channel, []).append(pid)
+    lacking = missing_channels(Path(prep), list(patient_ids), list(MODALITY_SETS[modality_set]))
     if lacking:
-        what = "; ".join(f"{c} for {len(p)} patient(s): {', '.join(p[:10])}{' …' if len(p) > 10 else ''}"
-                         for c, p in lacking.items())  # fmt: skip
         usable = [s for s, cs in MODALITY_SETS.items() if not set(cs) & set(lacking)]
         raise DataError(
-            f"modality set {modality_set!r} needs {', '.join(lacking)}, which the cohort does not have ({what}); "
-            f"choose a modality set without it (unet.model.modality_set: {', '.join(usable) or 'none fits'}) "
-            "or give those maps in the manifest and run `ctvlab preprocess` again"
+            f"modality set {modality_set!r} needs {', '.join(lacking)}, which the cohort does not have "
+            f"({describe_missing(lacking)}); choose a modality set without it (unet.model.modality_set: "
+            f"{', '.join(usable) or 'none fits'}) or give those maps in the manifest and run `ctvlab preprocess` again"
         )
 
 
