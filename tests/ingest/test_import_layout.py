@@ -189,37 +189,20 @@ def test_yaml_override(cohort, tmp_path, capsys):
         data = np.asarray(img.dataobj).copy()
         data[data == 4] = 9
         nib.save(nib.Nifti1Image(data, img.affine), str(seg))
-    code, output = _run(capsys, "import-layout", "brats2021", str(src), "--out", str(tmp_path / "no"))
+    brats = ("import-layout", "brats2021", str(src))
+    code, output = _run(capsys, *brats, "--out", str(tmp_path / "no"))
     assert code == 2 and "label(s) [9]" in output and "--labels FILE" in output
     assert not (tmp_path / "no").exists()
     override = tmp_path / "labels.yaml"
     override.write_text("labels:\n  cel: [9]\n")
-    code, output = _run(
-        capsys,
-        "import-layout",
-        "brats2021",
-        str(src),
-        "--out",
-        str(tmp_path / "raw"),
-        "--labels",
-        str(override),
-    )
+    code, output = _run(capsys, *brats, "--out", str(tmp_path / "raw"), "--labels", str(override))
     assert code == 0, output
     new = read_manifest(tmp_path / "raw")[0][0]
     assert _dice(_array(root, rows[0].cel_mask), _array(tmp_path / "raw", new.cel_mask)) == 1.0
     override.write_text("labels:\n  cel: [9]\n  enhancing: [4]\n")
     with pytest.raises(ConfigError, match="enhancing"):
         preset("brats2021", override)
-    code, output = _run(
-        capsys,
-        "import-layout",
-        "brats2021",
-        str(src),
-        "--out",
-        str(tmp_path / "x"),
-        "--labels",
-        str(override),
-    )
+    code, output = _run(capsys, *brats, "--out", str(tmp_path / "x"), "--labels", str(override))
     assert code == 2 and "enhancing" in output and not (tmp_path / "x").exists()
 
 

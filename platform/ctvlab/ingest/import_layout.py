@@ -185,20 +185,11 @@ def _load(pid: str, role: str, path: Path):
     return img, data
 
 
-def _save_mask(path: Path, mask: np.ndarray, ref) -> None:
+def _save(path: Path, data: np.ndarray, ref, dtype: type) -> None:
+    """Write `data` as `dtype` with `ref`'s affine and its qform/sform codes (a scanner code stays one)."""
     import nibabel as nib
 
-    img = nib.Nifti1Image(mask.astype(np.uint8), ref.affine)
-    img.set_qform(ref.affine, code=int(ref.header["qform_code"]) or 1)
-    img.set_sform(ref.affine, code=int(ref.header["sform_code"]) or 1)
-    img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
-
-
-def _save_map(path: Path, data: np.ndarray, ref) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data.astype(np.float32), ref.affine)
+    img = nib.Nifti1Image(data.astype(dtype), ref.affine)
     img.set_qform(ref.affine, code=int(ref.header["qform_code"]) or 1)
     img.set_sform(ref.affine, code=int(ref.header["sform_code"]) or 1)
     img.header.set_xyzt_units("mm")
@@ -258,22 +249,7 @@ def import_patient(src: Path, preset: Preset, patient_dir: Path, folder: Path, t
         masks = masks_from_labels(np.asarray(seg), preset.labels)
     except ValueError as e:
         raise DataError(f"patient {pid}: seg file {paths['seg']} {e}") from None
-    volumes = p.find("volumes")
-    if preset.labels.volume_keys and volumes is not None:
-        try:
-            stated = json.loads(volumes.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DataError(f"patient {pid}: volume file {volumes} cannot be read as JSON: {e}") from None
-        voxel_mm3 = float(abs(np.linalg.det(seg_img.affine[:3, :3])))
-        wrong = volume_mismatches(np.asarray(seg), voxel_mm3, stated, preset.labels)
-        if wrong:
-            raise DataError(
-                f"patient {pid}: the label mapping disagrees with the volume file {volumes}: {'; '.join(wrong)}. "
-                "The labels are numbered otherwise in this copy: correct them with --labels FILE"
-            )
-        notes.append(f"label mapping checked against {volumes.name}")
-    elif preset.labels.volume_keys:
-        notes.append("no volume file: the label mapping was not checked")
+    notes += _check_volume_file(p, preset.labels, np.asarray(seg), seg_img)
 
     columns: dict[str, str] = {}
 
@@ -282,34 +258,12 @@ def import_patient(src: Path, preset: Preset, patient_dir: Path, folder: Path, t
 
     for role in ("t1c", "t1", "flair"):
         put(role, _copy_image(paths[role], folder, role))
-    brain_file = p.find("brain_mask")
-    if brain_file is not None:
-        brain_img, brain = _load(pid, "brain_mask", brain_file)
-        if not on_grid(brain_img.shape, brain_img.affine, t1c_img.shape, t1c_img.affine):
-            raise DataError(f"patient {pid}: brain_mask file {brain_file} is not on the T1c grid")
-        brain = np.asarray(brain) > 0.5
-    else:
-        brain = brain_from_t1c(np.asarray(t1c), masks["t2l_mask"])
-        notes.append("brain mask derived from the skull-stripped T1c")
+    brain, how = _brain(p, t1c_img, np.asarray(t1c), masks["t2l_mask"])
+    notes += how
     for column, mask in {"brain_mask": brain, **masks}.items():
-        _save_mask(folder / f"{column}.nii.gz", mask, t1c_img)
+        _save(folder / f"{column}.nii.gz", mask, t1c_img, np.uint8)
         put(column, f"{column}.nii.gz")
-
-    adc, trace, fa = p.find("adc"), p.find("trace"), p.find("fa")
-    if adc is not None:
-        put("adc", _copy_image(adc, folder, "adc"))
-    elif trace is not None:
-        trace_img, trace_data = _load(pid, "trace", trace)
-        try:
-            adc_data, unit = adc_from_trace(trace_data)
-        except ValueError as e:
-            raise DataError(f"patient {pid}: trace file {trace} {e}") from None
-        _save_map(folder / "adc.nii.gz", adc_data, trace_img)
-        put("adc", "adc.nii.gz")
-        notes.append(f"ADC = DTI trace / 3 (trace in {unit}, ADC written in mm²/s)")
-    if fa is not None:
-        put("fa", _copy_image(fa, folder, "fa"))
-
+    notes += _diffusion(p, folder, put)
     if preset.followup is not None:
         notes += _progression(p, pid, preset, t1c_img, folder, put)
     missing = [c for c in ("adc", "fa", "cavity_mask", "cel_progression_mask") if c not in columns]
@@ -317,6 +271,62 @@ def import_patient(src: Path, preset: Preset, patient_dir: Path, folder: Path, t
         notes.append(f"not available: {', '.join(missing)}")
     row = ManifestRow.model_validate({"patient_id": pid, **columns})
     return row, notes
+
+
+def _check_volume_file(p: _Patient, labels: Labels, seg: np.ndarray, seg_img) -> list[str]:
+    """Refuse a label mapping that disagrees with the collection's volume file, when it ships one.
+
+    Raises:
+        DataError: the file cannot be read, or a label's volume is not the one the file gives it.
+    """
+    if not labels.volume_keys:
+        return []
+    volumes = p.find("volumes")
+    if volumes is None:
+        return ["no volume file: the label mapping was not checked"]
+    try:
+        stated = json.loads(volumes.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"patient {p.id}: volume file {volumes} cannot be read as JSON: {e}") from None
+    voxel_mm3 = float(abs(np.linalg.det(seg_img.affine[:3, :3])))
+    wrong = volume_mismatches(seg, voxel_mm3, stated, labels)
+    if wrong:
+        raise DataError(
+            f"patient {p.id}: the label mapping disagrees with the volume file {volumes}: {'; '.join(wrong)}. "
+            "The labels are numbered otherwise in this copy: correct them with --labels FILE"
+        )
+    return [f"label mapping checked against {volumes.name}"]
+
+
+def _brain(p: _Patient, t1c_img, t1c: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The collection's brain mask, else the one derived from the skull-stripped T1c; and how it was made."""
+    brain_file = p.find("brain_mask")
+    if brain_file is None:
+        return brain_from_t1c(t1c, lesion), ["brain mask derived from the skull-stripped T1c"]
+    img, brain = _load(p.id, "brain_mask", brain_file)
+    if not on_grid(img.shape, img.affine, t1c_img.shape, t1c_img.affine):
+        raise DataError(f"patient {p.id}: brain_mask file {brain_file} is not on the T1c grid")
+    return np.asarray(brain) > 0.5, []
+
+
+def _diffusion(p: _Patient, folder: Path, put: Callable) -> list[str]:
+    """The ADC (as given, else from the DTI trace) and the FA, where the collection has them."""
+    notes = []
+    adc, trace, fa = p.find("adc"), p.find("trace"), p.find("fa")
+    if adc is not None:
+        put("adc", _copy_image(adc, folder, "adc"))
+    elif trace is not None:
+        trace_img, trace_data = _load(p.id, "trace", trace)
+        try:
+            adc_data, unit = adc_from_trace(trace_data)
+        except ValueError as e:
+            raise DataError(f"patient {p.id}: trace file {trace} {e}") from None
+        _save(folder / "adc.nii.gz", adc_data, trace_img, np.float32)
+        put("adc", "adc.nii.gz")
+        notes.append(f"ADC = DTI trace / 3 (trace in {unit}, ADC written in mm²/s)")
+    if fa is not None:
+        put("fa", _copy_image(fa, folder, "fa"))
+    return notes
 
 
 def _progression(p: _Patient, pid: str, preset: Preset, t1c_img, folder: Path, put: Callable) -> list[str]:
@@ -338,7 +348,7 @@ def _progression(p: _Patient, pid: str, preset: Preset, t1c_img, folder: Path, p
         ("cel_progression_mask", masks["cel_mask"]),
         ("t2l_progression_mask", masks["t2l_mask"]),
     ):
-        _save_mask(folder / f"{name}.nii.gz", mask, t1c_img)
+        _save(folder / f"{name}.nii.gz", mask, t1c_img, np.uint8)
         put(name, f"{name}.nii.gz")
     return [f"progression masks from time point {preset.followup} (already on the pre-RT grid)"]
 

@@ -129,6 +129,12 @@ _NO_CLINICAL = (
 )
 _NO_STRUCTURES = "no ventricles or critical-structure (brainstem, thalamus) masks"
 _NO_MRSI = "no MRSI"
+_PRE_OP = "pre-operative scans: no resection cavity, and no follow-up, so no progression masks"
+_DERIVED_BRAIN = "brain mask derived from the skull-stripped T1c (its non-background voxels)"
+_BRATS_NOTES = (_PRE_OP, "no diffusion (ADC, FA)", _NO_MRSI, _NO_STRUCTURES, _DERIVED_BRAIN, _NO_CLINICAL)
+# LUMIERE's time-point folders hold each tool's outputs in a folder of its own
+_DBT = "{id}/{tp}/DeepBraTumIA-segmentation/atlas/"
+_HD = "{id}/{tp}/HD-GLIO-AUTO-segmentation/registered/"
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -148,14 +154,7 @@ PRESETS: dict[str, Preset] = {
                 "seg": ("{id}/{id}_seg.nii.gz",),
             },
             labels=_BRATS2021_LABELS,
-            notes=(
-                "pre-operative scans: no resection cavity, and no follow-up, so no progression masks",
-                "no diffusion (ADC, FA)",
-                _NO_MRSI,
-                _NO_STRUCTURES,
-                "brain mask derived from the skull-stripped T1c (its non-background voxels)",
-                _NO_CLINICAL,
-            ),
+            notes=_BRATS_NOTES,
         ),
         Preset(
             name="brats2023-glioma",
@@ -172,14 +171,7 @@ PRESETS: dict[str, Preset] = {
                 "seg": ("{id}/{id}-seg.nii.gz",),
             },
             labels=_BRATS2023_LABELS,
-            notes=(
-                "pre-operative scans: no resection cavity, and no follow-up, so no progression masks",
-                "no diffusion (ADC, FA)",
-                _NO_MRSI,
-                _NO_STRUCTURES,
-                "brain mask derived from the skull-stripped T1c (its non-background voxels)",
-                _NO_CLINICAL,
-            ),
+            notes=_BRATS_NOTES,
         ),
         Preset(
             name="upenn-gbm",
@@ -206,10 +198,10 @@ PRESETS: dict[str, Preset] = {
                 "imported, the later scans (_21) of the same subjects are not",
                 "ADC derived from the DTI trace: mean diffusivity = trace / 3, in mm²/s (the trace's units are "
                 "checked on the brain's median and scaled from 10⁻³ or 10⁻⁶ mm²/s when that is what it holds)",
-                "pre-operative scans: no resection cavity, and no follow-up, so no progression masks",
+                _PRE_OP,
                 _NO_MRSI,
                 _NO_STRUCTURES,
-                "brain mask derived from the skull-stripped T1c (its non-background voxels)",
+                _DERIVED_BRAIN,
                 _NO_CLINICAL,
             ),
         ),
@@ -241,7 +233,7 @@ PRESETS: dict[str, Preset] = {
                 "no resection-cavity label",
                 "the recurrence (time point 2) becomes the progression masks only where its segmentation lies "
                 "on the post-operative T1c grid; otherwise it needs registration first",
-                "brain mask derived from the skull-stripped T1c (its non-background voxels)",
+                _DERIVED_BRAIN,
                 _NO_CLINICAL,
             ),
         ),
@@ -256,14 +248,12 @@ PRESETS: dict[str, Preset] = {
             patients="Patient-*",
             timepoints="week-*",
             files={
-                "t1c": ("{id}/{tp}/DeepBraTumIA-segmentation/atlas/skull_strip/ct1_skull_strip.nii.gz",),
-                "t1": ("{id}/{tp}/DeepBraTumIA-segmentation/atlas/skull_strip/t1_skull_strip.nii.gz",),
-                "flair": ("{id}/{tp}/DeepBraTumIA-segmentation/atlas/skull_strip/flair_skull_strip.nii.gz",),
-                "brain_mask": ("{id}/{tp}/DeepBraTumIA-segmentation/atlas/skull_strip/brain_mask.nii.gz",),
-                "seg": ("{id}/{tp}/DeepBraTumIA-segmentation/atlas/segmentation/seg_mask.nii.gz",),
-                "volumes": (
-                    "{id}/{tp}/DeepBraTumIA-segmentation/atlas/segmentation/measured_volumes_in_mm3.json",
-                ),
+                "t1c": (_DBT + "skull_strip/ct1_skull_strip.nii.gz",),
+                "t1": (_DBT + "skull_strip/t1_skull_strip.nii.gz",),
+                "flair": (_DBT + "skull_strip/flair_skull_strip.nii.gz",),
+                "brain_mask": (_DBT + "skull_strip/brain_mask.nii.gz",),
+                "seg": (_DBT + "segmentation/seg_mask.nii.gz",),
+                "volumes": (_DBT + "segmentation/measured_volumes_in_mm3.json",),
             },
             # Not the BraTS numbering: 1 is the enhancing core. The volume file says which label is which.
             labels=Labels(
@@ -296,10 +286,10 @@ PRESETS: dict[str, Preset] = {
             patients="Patient-*",
             timepoints="week-*",
             files={
-                "t1c": ("{id}/{tp}/HD-GLIO-AUTO-segmentation/registered/CT1_r2s_bet_reg.nii.gz",),
-                "t1": ("{id}/{tp}/HD-GLIO-AUTO-segmentation/registered/T1_r2s_bet_reg.nii.gz",),
-                "flair": ("{id}/{tp}/HD-GLIO-AUTO-segmentation/registered/FLAIR_r2s_bet_reg.nii.gz",),
-                "seg": ("{id}/{tp}/HD-GLIO-AUTO-segmentation/registered/segmentation.nii.gz",),
+                "t1c": (_HD + "CT1_r2s_bet_reg.nii.gz",),
+                "t1": (_HD + "T1_r2s_bet_reg.nii.gz",),
+                "flair": (_HD + "FLAIR_r2s_bet_reg.nii.gz",),
+                "seg": (_HD + "segmentation.nii.gz",),
             },
             # HD-GLIO has no necrosis label: its T2/FLAIR abnormality (1) holds oedema and non-enhancing core.
             labels=Labels(
@@ -315,7 +305,7 @@ PRESETS: dict[str, Preset] = {
                 _NO_MRSI,
                 _NO_STRUCTURES,
                 "no resection-cavity label",
-                "brain mask derived from the skull-stripped T1c (its non-background voxels)",
+                _DERIVED_BRAIN,
                 _NO_CLINICAL,
             ),
         ),
