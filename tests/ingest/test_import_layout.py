@@ -241,3 +241,17 @@ def test_the_command_help_names_every_layout():
 
     output = CliRunner().invoke(cli.app, ["import-layout", "--help"], env={"COLUMNS": "300"}).output
     assert all(name in output for name in PRESETS), output
+
+
+def test_lumiere_baseline_is_the_first_week_unless_chosen(cohort, tmp_path, capsys):
+    src = _written(cohort, tmp_path / "lumiere", "lumiere-hd-glio-auto", None)
+    for patient in src.glob("Patient-*"):
+        shutil.copytree(patient / "week-000-1", patient / "week-044")
+    first = import_layout(PRESETS["lumiere-hd-glio-auto"], src, tmp_path / "raw")
+    assert all(notes[0] == "pre-RT time point: week-000-1" for notes in first.notes.values())
+    chosen = import_layout(PRESETS["lumiere-hd-glio-auto"], src, tmp_path / "raw44", timepoint="week-044")
+    assert all(notes[0] == "pre-RT time point: week-044" for notes in chosen.notes.values())
+    shutil.rmtree(src / "Patient-002" / "week-044")
+    code, output = _run(capsys, "import-layout", "lumiere-hd-glio-auto", str(src), "--out", str(tmp_path / "r"),
+                        "--timepoint", "week-044")  # fmt: skip
+    assert code == 1 and "patient Patient-002: no time point week-044" in output and "week-000-1" in output

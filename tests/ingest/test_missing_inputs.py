@@ -66,3 +66,16 @@ def test_study_preprocessing_refuses_a_patient_without_outcomes(without_fa, tmp_
     assert result["status"] == "failed"
     assert f"patient {row.patient_id}: pfs_months, t2l_progression_mask not available" in result["reason"]
     assert not (tmp_path / "prep").exists()
+
+
+def test_validate_for_predict_needs_the_masks_the_ctvs_use(without_fa):
+    rows = read_manifest(without_fa)[0]
+    write_manifest(without_fa, [rows[0].model_copy(update={"critical_mask": None}), rows[1]])
+    predict = validate_cohort(without_fa, progress=False, purpose="predict")
+    assert predict.valid_ids() == [rows[1].patient_id]
+    assert any(
+        q.column == "critical_mask" and "prediction needs it" in q.message
+        for q in predict.patients[0].problems
+    )
+    study = validate_cohort(without_fa, progress=False)
+    assert study.ok and "critical_mask" in " ".join(q.message for q in study.patients[0].problems)

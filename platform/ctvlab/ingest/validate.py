@@ -112,26 +112,45 @@ def _patient(
 # --- manifest problems -------------------------------------------------------------------------------
 
 
+# What `ctvlab predict` needs beyond the required columns, whatever its model (`stages.predict.prediction_needs`
+# adds the diffusion maps the model reads): the masks its CTVs and the normalisation use.
+PREDICTION_MASKS: tuple[str, ...] = ("cavity_mask", "ventricles_mask", "critical_mask")
+
+
 def _missing_warning(row: ManifestRow, purpose: str) -> list[Problem]:
-    """One warning listing what this patient lacks. MRSI is left out (a patient without MRSI is part of the
-    study's own design), and so are the outcomes when predicting (prediction comes before follow-up)."""
+    """What this patient lacks: one warning listing it, and for prediction an error per mask it needs.
+
+    MRSI is left out (a patient without MRSI is part of the study's own design), and so are the outcomes when
+    predicting (prediction comes before follow-up)."""
     skip = set(MRSI_COLUMNS) | (
         set(OUTCOME_COLUMNS + PROGRESSION_MASK_COLUMNS) if purpose == "predict" else set()
     )
     missing = [c for c in row.missing(OPTIONAL_COLUMNS) if c not in skip]
-    if not missing:
-        return []
-    return [
+    needed = [c for c in missing if purpose == "predict" and c in PREDICTION_MASKS]
+    problems = [
         Problem(
             patient_id=row.patient_id,
-            column=",".join(missing),
+            column=c,
             path=MANIFEST_NAME,
-            severity="warning",
-            message=f"not available: {', '.join(missing)}",
-            fix="valid for what it has; a stage that needs one of these refuses this patient by name "
-            "(fill the column in manifest.csv to use it)",
+            message=f"{c} not available: prediction needs it (the CTVs and the normal-appearing brain)",
+            fix=f"give the {c} file's path relative to the cohort folder (an empty mask where there is none)",
         )
+        for c in needed
     ]
+    rest = [c for c in missing if c not in needed]
+    if rest:
+        problems.append(
+            Problem(
+                patient_id=row.patient_id,
+                column=",".join(rest),
+                path=MANIFEST_NAME,
+                severity="warning",
+                message=f"not available: {', '.join(rest)}",
+                fix="valid for what it has; a stage that needs one of these refuses this patient by name "
+                "(fill the column in manifest.csv to use it)",
+            )
+        )
+    return problems
 
 
 def _field_type(column: str) -> type | None:

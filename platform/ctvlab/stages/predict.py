@@ -243,11 +243,12 @@ def prediction_needs(modality_set: str | None) -> tuple[str, ...]:
     CTVs use (the cavity for EORTC, the critical structures removed from every CTV, the ventricles of the
     normal-appearing brain the maps are normalised on) and the diffusion maps the model's inputs hold."""
     from ctvlab.data.layout import MODALITY_SETS
+    from ctvlab.ingest.validate import PREDICTION_MASKS
     from ctvlab.preprocess.prepare import FEATURE_SOURCES
 
     channels = MODALITY_SETS.get(modality_set or "all", MODALITY_SETS["all"])
     maps = tuple(FEATURE_SOURCES[c] for c in channels if FEATURE_SOURCES[c] in ("adc", "fa"))
-    return ("cavity_mask", "ventricles_mask", "critical_mask", *maps)
+    return (*PREDICTION_MASKS, *maps)
 
 
 def predict_patient(
