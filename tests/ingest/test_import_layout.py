@@ -12,7 +12,8 @@ import pytest
 
 from ctvlab import cli
 from ctvlab.errors import ConfigError
-from ctvlab.ingest.import_layout import adc_from_trace, import_layout, masks_from_labels, volume_mismatches
+from ctvlab.ingest.conventions import adc_from_trace, masks_from_labels, volume_mismatches
+from ctvlab.ingest.import_layout import import_layout
 from ctvlab.ingest.layouts import PRESETS, Labels, preset
 from ctvlab.ingest.manifest import read_manifest
 from ctvlab.ingest.validate import validate_cohort
