@@ -264,8 +264,8 @@ PRESETS: dict[str, Preset] = {
                 volume_keys={1: "Enhancing_Core", 2: "Necrotic_NonEnhancing", 3: "Edema_Compartment"},
             ),
             notes=(
-                "baseline: the first time point (week-000-1 where a patient has two week-0 scans, usually "
-                "pre-operative); choose another with --timepoint",
+                "baseline: the first time point in sorted order (week-000-1 where a patient has two week-0 "
+                "scans); ctvlab's is the last scan before radiotherapy: choose it with --timepoint",
                 "progression is not marked per file (LUMIERE rates each time point by RANO): no progression masks",
                 "no diffusion (ADC, FA)",
                 _NO_MRSI,
@@ -298,7 +298,8 @@ PRESETS: dict[str, Preset] = {
                 names={1: "non-enhancing T2/FLAIR abnormality", 2: "contrast-enhancing tumour"},
             ),
             notes=(
-                "baseline: the first time point; choose another with --timepoint",
+                "baseline: the first time point in sorted order; ctvlab's is the last scan before radiotherapy: "
+                "choose it with --timepoint",
                 "no volume file: the label mapping cannot be checked against the collection",
                 "progression is not marked per file (LUMIERE rates each time point by RANO): no progression masks",
                 "no diffusion (ADC, FA)",
