@@ -94,9 +94,11 @@ def start_mlflow_server(
            "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--workers", "1", *extra_args]  # fmt: skip
     log = open(root / "server.log", "ab")  # noqa: SIM115 (the child process owns it)
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(extra_env or {})}
-    )
+    # MLflow 3's server also starts a job runner and its huey consumers (six more Python processes that
+    # import MLflow and keep polling) for its GenAI jobs, which ctvlab never submits: off, the server is
+    # ready about 2.4 s sooner and leaves the tests' CPUs alone.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 150
     while True:

@@ -137,7 +137,10 @@ def test_search_killed_in_its_random_phase_resumes_without_rerunning_the_grid_or
     cfg.tune.run_grid = True  # a one-cell grid, then the random phase in which the search is killed
     cfg.tune.grid = GridSpace(lr=[1e-3], base_features=[4], batch_size=[1])
     cfg.tune.num_samples = 2
-    cfg.tune.epochs_per_trial = 2
+    # Long enough (several seconds) that the second random trial, which starts at once in the process the
+    # first one used, is still training when the search is killed a moment after the first one is recorded
+    # finished: Tune records it at its next state sync, up to 4 s later.
+    cfg.tune.epochs_per_trial = 12
     cfg.tune.max_concurrent_trials = 1
     cfg.tune.space = SearchSpace(base_features=[4], batch_size=[1], loss=["dice"])
     config = tmp_path / "tune.yaml"
