@@ -130,9 +130,10 @@ def test_resume_after_killed_run_continues_the_epochs(prepared_phantom, tmp_path
 @pytest.mark.slow
 def test_tracking_server_down_mid_training_loses_no_epoch(prepared_phantom, tmp_path):
     """A real `mlflow server` is stopped after epoch 1's checkpoint and started again (same port, same
-    store) once epoch 4's exists: training goes on through the outage and the curve ends complete, each
+    store) two epochs later: training goes on through the outage and the curve ends complete, each
     epoch once (values the server missed are sent when it answers again, or from the checkpoint's
     history at the end)."""
+    EPOCHS = 32  # noqa: N806
     root = tmp_path / "server"
     root.mkdir()
     port = free_port()
@@ -155,14 +156,16 @@ def test_tracking_server_down_mid_training_loses_no_epoch(prepared_phantom, tmp_
     life.start()
     try:
         assert ready.wait(180), "the mlflow server did not start"
-        cfg = tiny_study(tmp_path, uri, epochs=8, checkpoint_every=1, val_every=1)
+        # Enough epochs (under a second each) to still be training when the server is back (it takes a few
+        # seconds to start).
+        cfg = tiny_study(tmp_path, uri, epochs=EPOCHS, checkpoint_every=1, val_every=1)
         out = train_unet(cfg, prepared_phantom, register=False)
         assert up_again.is_set() and outage  # the server went down after epoch 1 and came back
-        assert [h["epoch"] for h in out.history] == list(range(8))
+        assert [h["epoch"] for h in out.history] == list(range(EPOCHS))
         client = Tracker(cfg.name, uri).client
         for key in ("train_loss", "val_tversky", "best_val_tversky"):
             steps = [m.step for m in client.get_metric_history(out.run_id, key)]
-            assert sorted(steps) == list(range(8)), (key, steps)
+            assert sorted(steps) == list(range(EPOCHS)), (key, steps)
         assert client.get_run(out.run_id).info.status == "FINISHED"
     finally:
         done.set()
