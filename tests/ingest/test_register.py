@@ -139,3 +139,29 @@ def test_a_cohort_without_followups_is_left_alone(tmp_path, capsys):
     assert "nothing to register" in capsys.readouterr().out
     assert (tmp_path / "c" / "manifest.csv").read_bytes() == before
     assert not (tmp_path / "c" / "registration").exists()
+
+
+def test_the_run_stage_registers_declared_followups_and_skips_a_cohort_without(pair, tmp_path):
+    import io
+    import shutil
+
+    from rich.console import Console
+
+    from ctvlab.config import StudyConfig
+    from ctvlab.pipeline import _register
+
+    src, _, row, _ = pair
+    root = tmp_path / "cohort"
+    shutil.copytree(src / "P0", root / "P0")
+    write_manifest(root, [row])
+    cfg = StudyConfig(
+        name="t", workdir=tmp_path / "wd", cohort={"source": "raw", "raw_dir": root}, smoke_test=True
+    )
+    console = Console(file=io.StringIO())
+    assert F.declares_followups(root)
+    rec = _register(cfg, console)
+    assert rec.status == "ran" and rec.detail == "1 follow-up(s) registered"
+    shutil.rmtree(root / "P0" / "followup")
+    assert not F.declares_followups(root)
+    rec = _register(cfg, console)
+    assert rec.status == "skipped" and "no patient declares a follow-up" in rec.detail

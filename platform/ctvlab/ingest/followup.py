@@ -18,6 +18,9 @@ of the metric). `.nii` works as well as `.nii.gz`. The registered masks are writ
 
 World coordinates: SimpleITK works in LPS millimetres, nibabel and ctvlab's manifests in RAS; the
 functions here that take or return points say which.
+
+About 470 lines in one module on purpose: the folder convention, the registration, its refusal rule and QC
+and the cohort loop are read together when a patient's registration is questioned.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ SUFFIXES = (".nii.gz", ".nii")
 EXCLUDE_MM = 5.0  # lesions and cavity grown by this much before they leave the metric: their edges move too
 BSPLINE_MESH_MM = 40.0  # control-point spacing of the deformation: smooth at the scale of mass effect
 # Refusal: after registration, the NMI inside the pre-RT brain must reach MIN_NMI. Measured on the
-# synthetic follow-ups (benchmarks/register_accuracy.py): 1.22 to 1.27 when registered, 1.03 to 1.06 for a
-# follow-up rotated 90 degrees (a wrong orientation header) or of random content; 1.12 sits between.
+# synthetic follow-ups (benchmarks/register_accuracy.py): 1.28 when registered at 2.5 mm (1.24 at 3 mm),
+# 1.02 for a follow-up turned 90 degrees (a wrong orientation header) or of noise; 1.12 sits between.
 MIN_NMI = 1.12
 NMI_BINS = 32
 
@@ -100,6 +103,17 @@ def find_followup(root: Path, t1c: str) -> Followup | None:
     if not masks:
         raise ValueError(f"{rel}/ holds no cel_progression_mask.nii.gz or t2l_progression_mask.nii.gz")
     return Followup(image=image, masks=masks, lesion=_first(folder, LESION_NAME))
+
+
+def declares_followups(root: str | Path) -> bool:
+    """Whether any patient of the cohort at `root` has a `followup/` folder (the manifest read, no image);
+    True when the manifest cannot be read yet (a cohort still to be written cannot be judged)."""
+    from ctvlab.ingest.manifest import read_manifest
+
+    rows, problems, _ = read_manifest(root)
+    if problems:
+        return True
+    return any(followup_folder(Path(root), r.t1c).is_dir() for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------- maths
