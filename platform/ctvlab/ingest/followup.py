@@ -457,6 +457,10 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
         affine = nib.load(root / row.t1c).affine
         res = PatientResult(pid, "registered", nmi_before=scores["nmi_before"], nmi_after=scores["nmi_after"],
                             corr_before=scores["corr_before"], corr_after=scores["corr_after"])  # fmt: skip
+        # the figure first: a failure in it (fonts, a full disk) leaves this patient's masks as they were
+        fig = out_dir / f"{pid}.png"
+        qc_figure(scores["view"], fig, f"{pid}: NMI {res.nmi_before:.3f} before, {res.nmi_after:.3f} after")
+        res.figure = fig.relative_to(root).as_posix()
         new = row.model_copy()
         for column, arr in masks.items():
             rel = (Path(row.t1c).parent / f"{column}.nii.gz").as_posix()
@@ -466,9 +470,6 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
                 nib.save(img, tmp)
             setattr(new, column, rel)
             res.written[column] = rel
-        fig = out_dir / f"{pid}.png"
-        qc_figure(scores["view"], fig, f"{pid}: NMI {res.nmi_before:.3f} before, {res.nmi_after:.3f} after")
-        res.figure = fig.relative_to(root).as_posix()
         res.seconds = time.perf_counter() - start
         say(f"{pid}: registered, NMI {res.nmi_before:.3f} -> {res.nmi_after:.3f} ({res.seconds:.0f} s)")
         results.append(res)
