@@ -111,7 +111,9 @@ def test_the_command_refuses_a_failed_registration_and_goes_on(pair, tmp_path, c
     out = capsys.readouterr()
     assert e.value.code == 1, out
     assert "Traceback" not in out.out + out.err
-    assert "P1: refused" in out.out and "P2: error: P2/followup/t1c.nii.gz" in out.out
+    assert "P1: refused" in out.out and "check that P1/followup/t1c.nii.gz is this patient's" in out.out
+    assert "P2: error: P2/followup/t1c.nii.gz: cannot be read as a NIfTI image" in out.out
+    assert str(root) not in out.out  # files named as the cohort names them
     got, problems, _ = read_manifest(root)
     assert not problems
     by_id = {r.patient_id: r for r in got}

@@ -155,9 +155,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def _read(path: Path, pixel: Any = None):
     import SimpleITK as sitk
 
-    img = sitk.ReadImage(str(path))
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError:  # SimpleITK's message is a page of ITK internals: say what matters
+        raise ValueError(f"{path}: cannot be read as a NIfTI image") from None
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path.name} is not a 3-D single-channel image")
+        raise ValueError(f"{path}: is not a 3-D single-channel image")
     return sitk.Cast(img, pixel if pixel is not None else sitk.sitkFloat32)
 
 
@@ -303,13 +306,13 @@ def register_patient(
     fixed = _read(fixed_path)
     brain = _binary(_read(brain_path))
     if not brain.IsSameImageGeometryAs(fixed):
-        raise ValueError(f"{brain_path.name} is not on the grid of {fixed_path.name}")
+        raise ValueError(f"{brain_path}: is not on the grid of {fixed_path}")
     exclude = sitk.Image(brain.GetSize(), sitk.sitkUInt8)
     exclude.CopyInformation(brain)
     for p in exclude_paths:
         m = _binary(_read(p))
         if not m.IsSameImageGeometryAs(fixed):
-            raise ValueError(f"{p.name} is not on the grid of {fixed_path.name}")
+            raise ValueError(f"{p}: is not on the grid of {fixed_path}")
         exclude = exclude | m
     fixed_mask = brain & (1 - _dilate_mm(exclude, EXCLUDE_MM)) if exclude_paths else brain
     moving = _read(followup.image)
@@ -329,7 +332,7 @@ def register_patient(
     if not nmi_after >= min_nmi:
         raise RegistrationRefused(
             f"registration failed: NMI inside the brain {nmi_after:.3f} after registration (before "
-            f"{nmi_before:.3f}), below {min_nmi}; check that {followup.image.name} is this patient's and "
+            f"{nmi_before:.3f}), below {min_nmi}; check that {followup.image} is this patient's and "
             "that its header's orientation is right"
         )
     masks: dict[str, np.ndarray] = {}
@@ -440,8 +443,11 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
                 root / row.t1c, root / row.brain_mask, exclude, fu, settings, min_nmi
             )
         except RegistrationRefused as e:
-            results.append(PatientResult(pid, "refused", f"{pid}: {e}", seconds=time.perf_counter() - start))
-            say(f"{pid}: refused: {e}")
+            msg = str(e).replace(f"{root}/", "")
+            results.append(
+                PatientResult(pid, "refused", f"{pid}: {msg}", seconds=time.perf_counter() - start)
+            )
+            say(f"{pid}: refused: {msg}")
             updated.append(row)
             continue
         except (
@@ -449,9 +455,10 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
             RuntimeError,
             OSError,
         ) as e:  # SimpleITK reports an unreadable file as RuntimeError
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            results.append(PatientResult(pid, "error", f"{pid}: {fu.image.relative_to(root)}: {msg}"))
-            say(f"{pid}: error: {fu.image.relative_to(root)}: {msg}")
+            # files named as the manifest and the folder name them: relative to the cohort
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(f"{root}/", "")
+            results.append(PatientResult(pid, "error", f"{pid}: {msg}"))
+            say(f"{pid}: error: {msg}")
             updated.append(row)
             continue
         affine = nib.load(root / row.t1c).affine
