@@ -167,3 +167,13 @@ def test_the_run_stage_registers_declared_followups_and_skips_a_cohort_without(p
     assert not F.declares_followups(root)
     rec = _register(cfg, console)
     assert rec.status == "skipped" and "no patient declares a follow-up" in rec.detail
+
+
+def test_a_folder_without_a_manifest_is_refused_whole(tmp_path, capsys):
+    from ctvlab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["register", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "wd")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "manifest.csv not found" in err and "Traceback" not in err
+    assert not (tmp_path / "nowhere").exists()

@@ -420,7 +420,9 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
     if problems:
         first = problems[0]
         where = f"line {first.line}: " if first.line else ""
-        raise DataError(f"{root / 'manifest.csv'}: {where}{first.message}")
+        manifest = root / "manifest.csv"
+        said = first.message if str(manifest) in first.message else f"{manifest}: {where}{first.message}"
+        raise DataError(f"{said}; nothing was registered (ctvlab validate names every problem)")
     results: list[PatientResult] = []
     updated = []
     out_dir = root / "registration"
