@@ -38,7 +38,8 @@ COMMAND_OF_JOB = {p.stem: p.stem.replace("_", "-") for p in JOBS}
 # What every job needs on a cluster: the study, its overrides, where the results go, a smoke check.
 JOB_OPTIONS = {"--config", "--set", "--workdir", "--smoke-test"}
 COMPUTE_OPTIONS = JOB_OPTIONS | {"--tracking-uri", "--address"}
-REQUIRED_OPTIONS = {"synth": JOB_OPTIONS, "validate": JOB_OPTIONS, "predict": {"--config", "--tracking-uri"},
+REQUIRED_OPTIONS = {"synth": JOB_OPTIONS, "validate": JOB_OPTIONS, "register": JOB_OPTIONS,
+                    "predict": {"--config", "--tracking-uri"},
                     "report": JOB_OPTIONS | {"--tracking-uri"}}  # fmt: skip
 
 

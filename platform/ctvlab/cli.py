@@ -127,6 +127,46 @@ def validate(
 
 
 @app.command()
+def register(
+    cohort: Annotated[
+        Path | None, typer.Argument(help="Cohort folder holding manifest.csv (default: the config's cohort).")
+    ] = None,
+    min_nmi: Annotated[
+        float | None,
+        Opt(
+            "--min-nmi",
+            help="Refuse a registration whose NMI inside the brain stays below this (default 1.12).",
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    smoke_test: SmokeOpt = False,
+) -> None:
+    """Register each patient's follow-up (<patient>/followup/) to its pre-RT T1c and write its progression
+    masks on the pre-RT grid, the manifest pointing at them; QC figures and register_report.json in
+    <cohort>/registration/.
+
+    Exit 0 when every declared follow-up registered (or none is declared), 1 when some patient was refused
+    or failed (nothing written for it; the others go on), 2 for a cohort-level problem."""
+    from ctvlab.ingest.followup import MIN_NMI, Settings, register_cohort
+
+    cfg = _settings(config, set_, workdir, smoke_test)
+    console = _console()
+    # --smoke-test: a few iterations per stage, enough to check the files flow, not the accuracy
+    settings = Settings(20, 20, 5) if cfg.smoke_test else Settings()
+    results = register_cohort(cohort if cohort is not None else cfg.raw_dir, settings,
+                              MIN_NMI if min_nmi is None else min_nmi,
+                              say=lambda m: console.print(m, markup=False))  # fmt: skip
+    if not results:
+        console.print("no patient declares a follow-up (<patient>/followup/): nothing to register")
+    bad = [r.patient_id for r in results if r.status != "registered"]
+    if bad:
+        console.print(f"not registered: {', '.join(bad)}", markup=False)
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
 def schemas(
     out: Annotated[Path, Opt("--out", help="Folder for the JSON Schema files.")] = Path("schemas"),
 ) -> None:

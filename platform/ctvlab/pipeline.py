@@ -1,8 +1,8 @@
 """`ctvlab run`: the whole study from one config.
 
-synth (or a given cohort) → validate → preprocess → split → voxel-models and stats → tune (or one
-training run, train) → final → loss-study, ablation → evaluate → report: the stages of
-`ctvlab.stage_table`, named as it names them. Each stage is skipped when its outputs exist and are
+synth (or a given cohort) → register (follow-ups, when declared) → validate → preprocess → split →
+voxel-models and stats → tune (or one training run, train) → final → loss-study, ablation → evaluate →
+report: the stages of `ctvlab.stage_table`, named as it names them. Each stage is skipped when its outputs exist and are
 current: every stage writes a stamp (`<workdir>/stamps/<stage, with underscores>.json`) holding `stage_key`, the digest of its own settings, of
 every input it reads (the dataset digest, the split digest, the model digest) and of the ctvlab version,
 and runs again only when that digest changes. The split digest alone is not enough: it covers (patient,
@@ -187,6 +187,7 @@ def _run_stages(cfg: StudyConfig, workdir: Path, console, force: bool, keep_goin
     # (name, enabled, the stages it needs, the stage)
     plan: list[tuple[str, bool, tuple[str, ...], Callable[[], StageRecord]]] = [
         ("synth", True, (), lambda: _synth(cfg, stamps, force)),
+        ("register", True, ("synth",), lambda: _register(cfg, console)),
         ("validate", True, ("synth",), lambda: _validate(cfg, console, state)),
         ("preprocess", True, ("validate",), lambda: _preprocess(cfg, console, state)),
         ("split", True, ("preprocess",), lambda: _split(cfg, stamps, state, force)),
@@ -299,6 +300,29 @@ def _synth(cfg: StudyConfig, stamps: Stamps, force: bool) -> StageRecord:
     generate_cohort(cfg.raw_dir, cfg.synth)
     stamps.write("synth", key, stage_parts("synth", cfg, {}))
     return StageRecord("synth", "ran", detail=f"{cfg.synth.n_patients} synthetic patients in {cfg.raw_dir}")
+
+
+def _register(cfg: StudyConfig, console) -> StageRecord:
+    """Follow-ups declared in the cohort (`<patient>/followup/`) registered to the pre-RT T1c, their masks
+    written where the manifest expects them. A refused patient is named and left without progression masks
+    (validation then says so); the study goes on with the others."""
+    from ctvlab.errors import DataError
+    from ctvlab.ingest.followup import Settings, register_cohort
+
+    try:
+        results = register_cohort(cfg.raw_dir, Settings(20, 20, 5) if cfg.smoke_test else Settings(),
+                                  say=lambda m: console.print(f"  {m}", markup=False, highlight=False))  # fmt: skip
+    except DataError as e:  # the manifest itself: validation names every problem next
+        return StageRecord("register", "skipped", detail=f"the manifest cannot be read ({e})")
+    if not results:
+        return StageRecord(
+            "register", "skipped", detail="no patient declares a follow-up (<patient>/followup/)"
+        )
+    bad = [r.patient_id for r in results if r.status != "registered"]
+    detail = f"{len(results) - len(bad)} follow-up(s) registered"
+    if bad:
+        detail += f"; not registered, left without progression masks: {', '.join(bad)}"
+    return StageRecord("register", "ran", detail=detail)
 
 
 def _validate(cfg: StudyConfig, console, state: RunState) -> StageRecord:
@@ -676,6 +700,16 @@ def plan_study(cfg: StudyConfig, force: bool = False) -> list[PlannedStage]:
         current = current_stamp(cfg, stamps, "synth", key) is not None
         add("synth", "synth", "current" if current else "will run",
             "" if current else _stale_reason(stamps.read("synth"), stage_parts("synth", cfg, {})))  # fmt: skip
+    from ctvlab.ingest.followup import declares_followups
+
+    if "synth" in running or declares_followups(cfg.raw_dir):
+        plan.append(
+            PlannedStage("register", "will run", "when the cohort declares follow-ups (<patient>/followup/)")
+        )
+    else:
+        plan.append(
+            PlannedStage("register", "nothing to do", "no patient declares a follow-up (<patient>/followup/)")
+        )
     plan.append(PlannedStage("validate", "will run", "every time: it reads every file"))
     meta_path = Path(cfg.prep_dir) / "dataset.json"
     if "synth" in running or not meta_path.exists():

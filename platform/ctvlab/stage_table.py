@@ -48,6 +48,8 @@ class Stage:
 # fmt: off
 STAGES: tuple[Stage, ...] = (
     Stage("synth", "the synthetic cohort (skipped when `cohort.source: raw` gives one)", reads=("synth",)),
+    Stage("register", "follow-up scans registered to the pre-RT T1c, their progression masks carried over "
+          "(only when the cohort declares follow-ups)", stamped=False),
     Stage("validate", "every patient's files checked before anything reads them", stamped=False),
     Stage("preprocess", "the prepared data: resampled, normalised, per-patient volumes and voxel tables",
           stamped=False),
