@@ -24,6 +24,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 WHAT = {
     "train_throughput": "training step and loop, before and now, beside the machine's practical limit; where a step's time goes",
     "tune_overhead": "a search's wall time against its trials' own training time; what ASHA saves",
+    "tune_overhead_study": "the same on a study-sized split (67 training and 16 validation patients)",
     "positive_control": "the model CTV against the same-volume margin on the strong cohort, its null twin and today's cohort, beside the ceiling",
     "coverage_check": "the coverage guarantee over random calibration/test splits of a model's held-out patients",
     "reproduce": "the whole study on 101 synthetic patients, every row beside the study's",
@@ -32,7 +33,11 @@ WHAT = {
     "positive_control_power": "the power curve: the model's gain and the ceiling against the cohort's signal setting",
 }
 # Pages written by a benchmark under another name than its script's (a mode of it).
-SCRIPT = {"fault_searches": "faults.py --searches", "positive_control_power": "positive_control.py --power"}
+SCRIPT = {
+    "fault_searches": "faults.py --searches",
+    "tune_overhead_study": "tune_overhead.py --record-as tune_overhead_study",
+    "positive_control_power": "positive_control.py --power",
+}
 INDEX_HEAD = """# Recorded benchmark runs
 
 Each page here is the verbatim output of one benchmark run, written by the benchmark itself with `--record`

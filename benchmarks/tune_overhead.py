@@ -52,10 +52,14 @@ def main() -> None:
     ap.add_argument(
         "--record", action="store_true", help="also write the output to docs/results/tune_overhead.md"
     )
+    ap.add_argument(
+        "--record-as", default="tune_overhead", choices=["tune_overhead", "tune_overhead_study"],
+        help="the results page to write: tune_overhead_study for a study-sized --data",
+    )  # fmt: skip
     args = ap.parse_args()
     from record import recorded
 
-    with recorded("tune_overhead", args.record):
+    with recorded(args.record_as, args.record):
         run(args)
 
 
