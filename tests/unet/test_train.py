@@ -133,7 +133,7 @@ def test_tracking_server_down_mid_training_loses_no_epoch(prepared_phantom, tmp_
     store) two epochs later: training goes on through the outage and the curve ends complete, each
     epoch once (values the server missed are sent when it answers again, or from the checkpoint's
     history at the end)."""
-    EPOCHS = 32  # noqa: N806
+    EPOCHS = 32
     root = tmp_path / "server"
     root.mkdir()
     port = free_port()
