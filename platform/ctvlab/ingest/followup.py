@@ -25,6 +25,8 @@ and the cohort loop are read together when a patient's registration is questione
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,6 +428,7 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
     results: list[PatientResult] = []
     updated = []
     out_dir = root / "registration"
+    ours = _written_before(out_dir)
     for row in rows:
         pid = row.patient_id
         try:
@@ -436,6 +439,12 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
             updated.append(row)
             continue
         if fu is None:
+            updated.append(row)
+            continue
+        taken = _not_ours(root, row, ours)
+        if taken:
+            results.append(PatientResult(pid, "refused", f"{pid}: {taken}"))
+            say(f"{pid}: refused: {taken}")
             updated.append(row)
             continue
         start = time.perf_counter()
@@ -479,13 +488,55 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
                 nib.save(img, tmp)
             setattr(new, column, rel)
             res.written[column] = rel
+            ours[rel] = _digest(root / rel)
         res.seconds = time.perf_counter() - start
         say(f"{pid}: registered, NMI {res.nmi_before:.3f} -> {res.nmi_after:.3f} ({res.seconds:.0f} s)")
         results.append(res)
         updated.append(new)
     if any(r.status == "registered" for r in results):
+        # The cohort's manifest as it was before ctvlab first rewrote it, kept once.
+        kept = out_dir / "manifest.before-register.csv"
+        if not kept.exists():
+            with atomic_path(kept) as tmp:
+                shutil.copyfile(root / "manifest.csv", tmp)
         write_manifest(root, updated)
     if results:
-        report = {"min_nmi": min_nmi, "patients": [r.__dict__ for r in results]}
+        report = {"min_nmi": min_nmi, "patients": [r.__dict__ for r in results], "written": ours}
         write_json_atomic(out_dir / "register_report.json", report)
     return results
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _written_before(out_dir: Path) -> dict[str, str]:
+    """The masks earlier runs of `ctvlab register` wrote (path relative to the cohort -> SHA-256), from
+    their report: only those may be replaced."""
+    try:
+        written = json.loads((out_dir / "register_report.json").read_text()).get("written", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in written.items()} if isinstance(written, dict) else {}
+
+
+def _not_ours(root: Path, row, ours: dict[str, str]) -> str:
+    """Why registering this patient would replace a progression mask that `ctvlab register` did not write
+    (one the manifest already names elsewhere, or a file at the path it writes to); "" when nothing would."""
+    for column in MASK_NAMES:
+        rel = (Path(row.t1c).parent / f"{column}.nii.gz").as_posix()
+        named = getattr(row, column)
+        if named and named != rel:
+            return (
+                f"the manifest already names {named} as its {column}; ctvlab register does not replace a "
+                f"progression mask it did not write (clear that cell to register the follow-up instead)"
+            )
+        target = root / rel
+        if target.exists() and ours.get(rel) != _digest(target):
+            return (
+                f"{rel} exists and was not written by ctvlab register (or was changed since); move it away "
+                "to register the follow-up: ctvlab never replaces a file it did not write"
+            )
+    return ""
