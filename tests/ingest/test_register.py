@@ -180,7 +180,8 @@ def test_a_folder_without_a_manifest_is_refused_whole(tmp_path, capsys):
 
 
 def test_register_replaces_only_the_masks_it_wrote(pair, tmp_path, capsys):
-    """A second `ctvlab register` replaces the masks the first one wrote; a progression mask it did not
+    """A second `ctvlab register` leaves a patient whose inputs and settings did not change as it is
+    (current), and with another setting replaces the masks the first one wrote; a progression mask it did not
     write (one the manifest names elsewhere, or a file at the path it writes to) is never replaced: that
     patient is refused by name and keeps its files and its manifest row. The manifest as it was before the
     first rewrite is kept."""
@@ -205,9 +206,9 @@ def test_register_replaces_only_the_masks_it_wrote(pair, tmp_path, capsys):
     original = (root / "manifest.csv").read_bytes()
     squatted = squatter.read_bytes()
 
-    def register() -> str:
+    def register(*extra: str) -> str:
         with pytest.raises(SystemExit) as e:
-            main(["register", str(root), "--smoke-test", "--workdir", str(tmp_path / "wd")])
+            main(["register", str(root), "--smoke-test", "--workdir", str(tmp_path / "wd"), *extra])
         assert e.value.code == 1
         return capsys.readouterr().out
 
@@ -221,7 +222,10 @@ def test_register_replaces_only_the_masks_it_wrote(pair, tmp_path, capsys):
     assert (root / "registration" / "manifest.before-register.csv").read_bytes() == original
 
     first = (root / "P0" / "cel_progression_mask.nii.gz").stat().st_mtime_ns
-    out = register()  # again: P0's masks are its own, so they are replaced; the others are still refused
+    out = register()  # again, nothing changed: P0 is current and not registered again
+    assert "P0: current" in out and "P1: refused" in out and "P2: refused" in out
+    assert (root / "P0" / "cel_progression_mask.nii.gz").stat().st_mtime_ns == first
+    out = register("--min-nmi", "1.1")  # another setting: P0 again, its own masks replaced
     assert "P0: registered" in out and "P1: refused" in out and "P2: refused" in out
     assert (root / "P0" / "cel_progression_mask.nii.gz").stat().st_mtime_ns != first
     assert (root / "registration" / "manifest.before-register.csv").read_bytes() == original

@@ -65,7 +65,7 @@ class Followup:
 @dataclass
 class PatientResult:
     patient_id: str
-    status: str  # "registered", "refused", "error"
+    status: str  # "registered", "current" (registered before, nothing changed), "refused", "error"
     message: str = ""
     nmi_before: float | None = None
     nmi_after: float | None = None
@@ -74,6 +74,7 @@ class PatientResult:
     seconds: float | None = None
     written: dict[str, str] = field(default_factory=dict)  # column -> path relative to the cohort
     figure: str | None = None
+    inputs: str | None = None  # digest of what the registration read and how (`_inputs_digest`)
 
 
 def _first(folder: Path, name: str) -> Path | None:
@@ -429,6 +430,7 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
     updated = []
     out_dir = root / "registration"
     ours = _written_before(out_dir)
+    before = _registered_before(out_dir)
     for row in rows:
         pid = row.patient_id
         try:
@@ -447,8 +449,16 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
             say(f"{pid}: refused: {taken}")
             updated.append(row)
             continue
-        start = time.perf_counter()
         exclude = [root / p for p in (row.t2l_mask, row.cel_mask, row.cavity_mask) if p]
+        inputs = _inputs_digest([root / row.t1c, root / row.brain_mask, *exclude, fu.image,
+                                 *fu.masks.values(), *([fu.lesion] if fu.lesion else [])], settings, min_nmi)  # fmt: skip
+        last = before.get(pid)
+        if last and _still_current(root, row, last, inputs, ours):
+            results.append(PatientResult(**{**last, "status": "current"}))
+            say(f"{pid}: current (its follow-up, its pre-RT images and the settings are unchanged)")
+            updated.append(row)
+            continue
+        start = time.perf_counter()
         try:
             _, masks, scores = register_patient(
                 root / row.t1c, root / row.brain_mask, exclude, fu, settings, min_nmi
@@ -474,7 +484,7 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
             continue
         affine = nib.load(root / row.t1c).affine
         res = PatientResult(pid, "registered", nmi_before=scores["nmi_before"], nmi_after=scores["nmi_after"],
-                            corr_before=scores["corr_before"], corr_after=scores["corr_after"])  # fmt: skip
+                            corr_before=scores["corr_before"], corr_after=scores["corr_after"], inputs=inputs)  # fmt: skip
         # the figure first: a failure in it (fonts, a full disk) leaves this patient's masks as they were
         fig = out_dir / f"{pid}.png"
         qc_figure(scores["view"], fig, f"{pid}: NMI {res.nmi_before:.3f} before, {res.nmi_after:.3f} after")
@@ -504,6 +514,37 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
         report = {"min_nmi": min_nmi, "patients": [r.__dict__ for r in results], "written": ours}
         write_json_atomic(out_dir / "register_report.json", report)
     return results
+
+
+def _inputs_digest(paths: list[Path], settings: Settings, min_nmi: float) -> str:
+    """One digest of the files a patient's registration reads and of how it registers them."""
+    import hashlib
+
+    h = hashlib.sha256(repr((settings, min_nmi)).encode())
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + _digest(p).encode())
+    return h.hexdigest()
+
+
+def _registered_before(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each patient an earlier run registered (or found current), as its report entry recorded it."""
+    try:
+        patients = json.loads((out_dir / "register_report.json").read_text()).get("patients", [])
+        return {p["patient_id"]: p for p in patients if p.get("status") in ("registered", "current")}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
+
+
+def _still_current(root: Path, row, last: dict[str, Any], inputs: str, ours: dict[str, str]) -> bool:
+    """The patient's registration need not run again: the same inputs and settings, and the masks it wrote
+    are still there unchanged and still named by the manifest."""
+    if last.get("inputs") != inputs or not last.get("written"):
+        return False
+    for column, rel in last["written"].items():
+        target = root / rel
+        if getattr(row, column, None) != rel or not target.is_file() or ours.get(rel) != _digest(target):
+            return False
+    return True
 
 
 def _digest(path: Path) -> str:
