@@ -160,7 +160,7 @@ def register(
                               say=lambda m: console.print(m, markup=False))  # fmt: skip
     if not results:
         console.print("no patient declares a follow-up (<patient>/followup/): nothing to register")
-    bad = [r.patient_id for r in results if r.status != "registered"]
+    bad = [r.patient_id for r in results if r.status in ("refused", "error")]
     if bad:
         console.print(f"not registered: {', '.join(bad)}", markup=False)
     raise typer.Exit(1 if bad else 0)

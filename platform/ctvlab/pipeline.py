@@ -318,8 +318,11 @@ def _register(cfg: StudyConfig, console) -> StageRecord:
         return StageRecord(
             "register", "skipped", detail="no patient declares a follow-up (<patient>/followup/)"
         )
-    bad = [r.patient_id for r in results if r.status != "registered"]
-    detail = f"{len(results) - len(bad)} follow-up(s) registered"
+    bad = [r.patient_id for r in results if r.status in ("refused", "error")]
+    current = sum(r.status == "current" for r in results)
+    detail = f"{len(results) - len(bad) - current} follow-up(s) registered"
+    if current:
+        detail += f", {current} current"
     if bad:
         detail += f"; not registered, left without progression masks: {', '.join(bad)}"
     return StageRecord("register", "ran", detail=detail)

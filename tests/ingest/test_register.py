@@ -177,3 +177,55 @@ def test_a_folder_without_a_manifest_is_refused_whole(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "manifest.csv not found" in err and "Traceback" not in err
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_register_replaces_only_the_masks_it_wrote(pair, tmp_path, capsys):
+    """A second `ctvlab register` leaves a patient whose inputs and settings did not change as it is
+    (current), and with another setting replaces the masks the first one wrote; a progression mask it did not
+    write (one the manifest names elsewhere, or a file at the path it writes to) is never replaced: that
+    patient is refused by name and keeps its files and its manifest row. The manifest as it was before the
+    first rewrite is kept."""
+    import shutil
+
+    from ctvlab.cli import main
+
+    src, _, row, _ = pair
+    root = tmp_path / "cohort"
+    rows = []
+    for pid in ("P0", "P1", "P2"):
+        shutil.copytree(src / "P0", root / pid)
+        paths = ("t1c", "t1", "flair", "brain_mask", "cel_mask", "t2l_mask", "cavity_mask")
+        moved = {c: getattr(row, c).replace("P0/", f"{pid}/") for c in paths}
+        rows.append(row.model_copy(update={"patient_id": pid, **moved}))
+    own = root / "P1" / "own_cel.nii.gz"  # P1's own progression mask, drawn on the pre-RT grid
+    shutil.copy(root / "P1" / "cel_mask.nii.gz", own)
+    rows[1] = rows[1].model_copy(update={"cel_progression_mask": "P1/own_cel.nii.gz"})
+    squatter = root / "P2" / "t2l_progression_mask.nii.gz"  # a file of the team's at the path register writes
+    shutil.copy(root / "P2" / "t2l_mask.nii.gz", squatter)
+    write_manifest(root, rows)
+    original = (root / "manifest.csv").read_bytes()
+    squatted = squatter.read_bytes()
+
+    def register(*extra: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(["register", str(root), "--smoke-test", "--workdir", str(tmp_path / "wd"), *extra])
+        assert e.value.code == 1
+        return capsys.readouterr().out
+
+    out = register()
+    assert "P1: refused: the manifest already names P1/own_cel.nii.gz as its cel_progression_mask" in out
+    assert "P2: refused: P2/t2l_progression_mask.nii.gz exists and was not written by ctvlab register" in out
+    assert squatter.read_bytes() == squatted and own.is_file()
+    got = {r.patient_id: r for r in read_manifest(root)[0]}
+    assert got["P0"].cel_progression_mask == "P0/cel_progression_mask.nii.gz"
+    assert got["P1"].cel_progression_mask == "P1/own_cel.nii.gz" and got["P2"].t2l_progression_mask is None
+    assert (root / "registration" / "manifest.before-register.csv").read_bytes() == original
+
+    first = (root / "P0" / "cel_progression_mask.nii.gz").stat().st_mtime_ns
+    out = register()  # again, nothing changed: P0 is current and not registered again
+    assert "P0: current" in out and "P1: refused" in out and "P2: refused" in out
+    assert (root / "P0" / "cel_progression_mask.nii.gz").stat().st_mtime_ns == first
+    out = register("--min-nmi", "1.1")  # another setting: P0 again, its own masks replaced
+    assert "P0: registered" in out and "P1: refused" in out and "P2: refused" in out
+    assert (root / "P0" / "cel_progression_mask.nii.gz").stat().st_mtime_ns != first
+    assert (root / "registration" / "manifest.before-register.csv").read_bytes() == original

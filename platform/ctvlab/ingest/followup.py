@@ -25,6 +25,8 @@ and the cohort loop are read together when a patient's registration is questione
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +65,7 @@ class Followup:
 @dataclass
 class PatientResult:
     patient_id: str
-    status: str  # "registered", "refused", "error"
+    status: str  # "registered", "current" (registered before, nothing changed), "refused", "error"
     message: str = ""
     nmi_before: float | None = None
     nmi_after: float | None = None
@@ -72,6 +74,7 @@ class PatientResult:
     seconds: float | None = None
     written: dict[str, str] = field(default_factory=dict)  # column -> path relative to the cohort
     figure: str | None = None
+    inputs: str | None = None  # digest of what the registration read and how (`_inputs_digest`)
 
 
 def _first(folder: Path, name: str) -> Path | None:
@@ -426,6 +429,8 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
     results: list[PatientResult] = []
     updated = []
     out_dir = root / "registration"
+    ours = _written_before(out_dir)
+    before = _registered_before(out_dir)
     for row in rows:
         pid = row.patient_id
         try:
@@ -438,8 +443,22 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
         if fu is None:
             updated.append(row)
             continue
-        start = time.perf_counter()
+        taken = _not_ours(root, row, ours)
+        if taken:
+            results.append(PatientResult(pid, "refused", f"{pid}: {taken}"))
+            say(f"{pid}: refused: {taken}")
+            updated.append(row)
+            continue
         exclude = [root / p for p in (row.t2l_mask, row.cel_mask, row.cavity_mask) if p]
+        inputs = _inputs_digest([root / row.t1c, root / row.brain_mask, *exclude, fu.image,
+                                 *fu.masks.values(), *([fu.lesion] if fu.lesion else [])], settings, min_nmi)  # fmt: skip
+        last = before.get(pid)
+        if last and _still_current(root, row, last, inputs, ours):
+            results.append(PatientResult(**{**last, "status": "current"}))
+            say(f"{pid}: current (its follow-up, its pre-RT images and the settings are unchanged)")
+            updated.append(row)
+            continue
+        start = time.perf_counter()
         try:
             _, masks, scores = register_patient(
                 root / row.t1c, root / row.brain_mask, exclude, fu, settings, min_nmi
@@ -465,7 +484,7 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
             continue
         affine = nib.load(root / row.t1c).affine
         res = PatientResult(pid, "registered", nmi_before=scores["nmi_before"], nmi_after=scores["nmi_after"],
-                            corr_before=scores["corr_before"], corr_after=scores["corr_after"])  # fmt: skip
+                            corr_before=scores["corr_before"], corr_after=scores["corr_after"], inputs=inputs)  # fmt: skip
         # the figure first: a failure in it (fonts, a full disk) leaves this patient's masks as they were
         fig = out_dir / f"{pid}.png"
         qc_figure(scores["view"], fig, f"{pid}: NMI {res.nmi_before:.3f} before, {res.nmi_after:.3f} after")
@@ -479,13 +498,86 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
                 nib.save(img, tmp)
             setattr(new, column, rel)
             res.written[column] = rel
+            ours[rel] = _digest(root / rel)
         res.seconds = time.perf_counter() - start
         say(f"{pid}: registered, NMI {res.nmi_before:.3f} -> {res.nmi_after:.3f} ({res.seconds:.0f} s)")
         results.append(res)
         updated.append(new)
     if any(r.status == "registered" for r in results):
+        # The cohort's manifest as it was before ctvlab first rewrote it, kept once.
+        kept = out_dir / "manifest.before-register.csv"
+        if not kept.exists():
+            with atomic_path(kept) as tmp:
+                shutil.copyfile(root / "manifest.csv", tmp)
         write_manifest(root, updated)
     if results:
-        report = {"min_nmi": min_nmi, "patients": [r.__dict__ for r in results]}
+        report = {"min_nmi": min_nmi, "patients": [r.__dict__ for r in results], "written": ours}
         write_json_atomic(out_dir / "register_report.json", report)
     return results
+
+
+def _inputs_digest(paths: list[Path], settings: Settings, min_nmi: float) -> str:
+    """One digest of the files a patient's registration reads and of how it registers them."""
+    import hashlib
+
+    h = hashlib.sha256(repr((settings, min_nmi)).encode())
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + _digest(p).encode())
+    return h.hexdigest()
+
+
+def _registered_before(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each patient an earlier run registered (or found current), as its report entry recorded it."""
+    try:
+        patients = json.loads((out_dir / "register_report.json").read_text()).get("patients", [])
+        return {p["patient_id"]: p for p in patients if p.get("status") in ("registered", "current")}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
+
+
+def _still_current(root: Path, row, last: dict[str, Any], inputs: str, ours: dict[str, str]) -> bool:
+    """The patient's registration need not run again: the same inputs and settings, and the masks it wrote
+    are still there unchanged and still named by the manifest."""
+    if last.get("inputs") != inputs or not last.get("written"):
+        return False
+    for column, rel in last["written"].items():
+        target = root / rel
+        if getattr(row, column, None) != rel or not target.is_file() or ours.get(rel) != _digest(target):
+            return False
+    return True
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _written_before(out_dir: Path) -> dict[str, str]:
+    """The masks earlier runs of `ctvlab register` wrote (path relative to the cohort -> SHA-256), from
+    their report: only those may be replaced."""
+    try:
+        written = json.loads((out_dir / "register_report.json").read_text()).get("written", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in written.items()} if isinstance(written, dict) else {}
+
+
+def _not_ours(root: Path, row, ours: dict[str, str]) -> str:
+    """Why registering this patient would replace a progression mask that `ctvlab register` did not write
+    (one the manifest already names elsewhere, or a file at the path it writes to); "" when nothing would."""
+    for column in MASK_NAMES:
+        rel = (Path(row.t1c).parent / f"{column}.nii.gz").as_posix()
+        named = getattr(row, column)
+        if named and named != rel:
+            return (
+                f"the manifest already names {named} as its {column}; ctvlab register does not replace a "
+                f"progression mask it did not write (clear that cell to register the follow-up instead)"
+            )
+        target = root / rel
+        if target.exists() and ours.get(rel) != _digest(target):
+            return (
+                f"{rel} exists and was not written by ctvlab register (or was changed since); move it away "
+                "to register the follow-up: ctvlab never replaces a file it did not write"
+            )
+    return ""
