@@ -81,7 +81,7 @@ def model_digest(model_dir: Path) -> str | None:
 @dataclass
 class StageRecord:
     name: str
-    status: str  # "ran", "skipped (current)", "off"
+    status: str  # "ran", "skipped (current)", "off", "nothing to do", "cohort given"
     seconds: float = 0.0
     detail: str = ""
     run_ids: list[str] = field(default_factory=list)
@@ -316,7 +316,7 @@ def _register(cfg: StudyConfig, console) -> StageRecord:
         return StageRecord("register", "skipped", detail=f"the manifest cannot be read ({e})")
     if not results:
         return StageRecord(
-            "register", "skipped", detail="no patient declares a follow-up (<patient>/followup/)"
+            "register", "nothing to do", detail="no patient declares a follow-up (<patient>/followup/)"
         )
     bad = [r.patient_id for r in results if r.status in ("refused", "error")]
     current = sum(r.status == "current" for r in results)

@@ -166,7 +166,7 @@ def test_the_run_stage_registers_declared_followups_and_skips_a_cohort_without(p
     shutil.rmtree(root / "P0" / "followup")
     assert not F.declares_followups(root)
     rec = _register(cfg, console)
-    assert rec.status == "skipped" and "no patient declares a follow-up" in rec.detail
+    assert rec.status == "nothing to do" and "no patient declares a follow-up" in rec.detail
 
 
 def test_a_folder_without_a_manifest_is_refused_whole(tmp_path, capsys):
