@@ -107,4 +107,8 @@ def write_layout(
             path = target("seg", preset.followup)
             path.parent.mkdir(parents=True, exist_ok=True)
             nib.save(img, str(path))
+            # the follow-up's own T1c, on the follow-up segmentation's grid
+            nib.save(
+                nib.Nifti1Image(np.asarray(load("t1c").dataobj), moved), str(target("t1c", preset.followup))
+            )
     return names

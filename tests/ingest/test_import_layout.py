@@ -171,8 +171,17 @@ def test_rhuh_progression_only_on_the_pre_rt_grid(cohort, tmp_path):
         PRESETS["rhuh-gbm"], _written(cohort, tmp_path / "off", "rhuh-gbm", 4.0), tmp_path / "raw_off"
     )
     assert all(r.cel_progression_mask is None and r.t2l_progression_mask is None for r in off.rows)
-    assert all(any("needs registration" in n for n in notes) for notes in off.notes.values())
+    assert all(any("declared as a follow-up" in n for n in notes) for notes in off.notes.values())
     assert validate_cohort(tmp_path / "raw_off", progress=False).ok
+    # Declared for `ctvlab register`: the follow-up T1c and its masks, in the follow-up's own space.
+    from ctvlab.ingest.followup import find_followup
+
+    for row, new in zip(rows, off.rows, strict=True):
+        fu = find_followup(tmp_path / "raw_off", new.t1c)
+        assert fu is not None and set(fu.masks) == {"cel_progression_mask", "t2l_progression_mask"}
+        moved = nib.load(fu.masks["cel_progression_mask"])
+        assert np.allclose(moved.affine[:3, 3], nib.load(tmp_path / "raw_off" / new.t1c).affine[:3, 3] + 4.0)
+        assert _dice(np.asarray(moved.dataobj), _array(root, row.cel_progression_mask)) == 1.0
 
 
 def _written(cohort, dst: Path, name: str, shift: float | None) -> Path:

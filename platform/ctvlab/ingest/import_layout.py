@@ -237,20 +237,19 @@ def _diffusion(p: _Patient, folder: Path, put: Callable) -> list[str]:
 
 
 def _progression(p: _Patient, pid: str, preset: Preset, t1c_img, folder: Path, put: Callable) -> list[str]:
-    """The follow-up segmentation as progression masks, when it lies on the pre-RT T1c grid."""
+    """The follow-up segmentation as progression masks, when it lies on the pre-RT T1c grid; otherwise the
+    follow-up T1c and its masks declared as a follow-up (`<patient>/followup/`, `ctvlab.ingest.followup`),
+    for `ctvlab register` to bring onto the pre-RT grid."""
     seg_file = p.find("seg", preset.followup)
     if seg_file is None:
         return [f"no segmentation at time point {preset.followup}: no progression masks"]
     img, seg = _load(pid, "follow-up seg", seg_file)
-    if not on_grid(img.shape, img.affine, t1c_img.shape, t1c_img.affine):
-        return [
-            f"progression: the time point {preset.followup} segmentation ({seg_file}) is not on the pre-RT T1c "
-            "grid: it needs registration to the pre-RT scan first, so the progression masks are left empty"
-        ]
     try:
         masks = masks_from_labels(np.asarray(seg), preset.labels)
     except ValueError as e:
         raise DataError(f"patient {pid}: follow-up seg file {seg_file} {e}") from None
+    if not on_grid(img.shape, img.affine, t1c_img.shape, t1c_img.affine):
+        return _declare_followup(p, preset, img, masks, seg_file, folder)
     for name, mask in (
         ("cel_progression_mask", masks["cel_mask"]),
         ("t2l_progression_mask", masks["t2l_mask"]),
@@ -258,6 +257,35 @@ def _progression(p: _Patient, pid: str, preset: Preset, t1c_img, folder: Path, p
         _save(folder / f"{name}.nii.gz", mask, t1c_img, np.uint8)
         put(name, f"{name}.nii.gz")
     return [f"progression masks from time point {preset.followup} (already on the pre-RT grid)"]
+
+
+def _declare_followup(p: _Patient, preset: Preset, seg_img, masks, seg_file: Path, folder: Path) -> list[str]:
+    """The follow-up T1c and its progression masks, in the follow-up's own space, in `<patient>/followup/`."""
+    from ctvlab.ingest.followup import FOLLOWUP_FOLDER
+
+    where = f"the time point {preset.followup} segmentation ({seg_file}) is not on the pre-RT T1c grid"
+    image = p.find("t1c", preset.followup)
+    if image is None:
+        return [
+            f"progression: {where} and there is no T1c at that time point: the progression masks are left empty"
+        ]
+    t1c_img, _ = _load(p.id, "follow-up t1c", image)
+    if not on_grid(seg_img.shape, seg_img.affine, t1c_img.shape, t1c_img.affine):
+        return [
+            f"progression: {where} nor on its own time point's T1c ({image}): the progression masks are left empty"
+        ]
+    out = folder / FOLLOWUP_FOLDER
+    out.mkdir()
+    _copy_image(image, out, "t1c")
+    for name, mask in (
+        ("cel_progression_mask", masks["cel_mask"]),
+        ("t2l_progression_mask", masks["t2l_mask"]),
+    ):
+        _save(out / f"{name}.nii.gz", mask, seg_img, np.uint8)
+    return [
+        f"progression: {where}; declared as a follow-up ({FOLLOWUP_FOLDER}/: its T1c and masks in their own "
+        "space): `ctvlab register` brings the masks onto the pre-RT grid"
+    ]
 
 
 def find_patients(src: Path, preset: Preset, only: list[str] | None = None) -> list[Path]:
