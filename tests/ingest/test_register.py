@@ -84,22 +84,29 @@ def test_a_synthetic_followup_is_registered_back_within_the_goals(pair):
     assert np.median(error) <= 2.0
 
 
-def test_the_command_refuses_a_failed_registration_and_goes_on(pair, tmp_path, capsys):
-    """Three patients: one good follow-up, one whose follow-up was turned 90 degrees with its header left as
-    it was (registration cannot find it), one whose follow-up image is not an image. Only the first is
-    written; the others are named, nothing of theirs is written, and the command exits 1."""
+def _three_patients(src: Path, row, root: Path) -> list:
+    """P0, P1 and P2: copies of the synthetic patient and its follow-up, with their manifest rows."""
     import shutil
 
-    from ctvlab.cli import main
-
-    src, _, row, _ = pair
-    root = tmp_path / "cohort"
     rows = []
     for pid in ("P0", "P1", "P2"):
         shutil.copytree(src / "P0", root / pid)
         paths = ("t1c", "t1", "flair", "brain_mask", "cel_mask", "t2l_mask", "cavity_mask")
         moved = {c: getattr(row, c).replace("P0/", f"{pid}/") for c in paths}
         rows.append(row.model_copy(update={"patient_id": pid, **moved}))
+    return rows
+
+
+def test_the_command_refuses_a_failed_registration_and_goes_on(pair, tmp_path, capsys):
+    """Three patients: one good follow-up, one whose follow-up was turned 90 degrees with its header left as
+    it was (registration cannot find it), one whose follow-up image is not an image. Only the first is
+    written; the others are named, nothing of theirs is written, and the command exits 1."""
+
+    from ctvlab.cli import main
+
+    src, _, row, _ = pair
+    root = tmp_path / "cohort"
+    rows = _three_patients(src, row, root)
     write_manifest(root, rows)
     turned = root / "P1" / "followup" / "t1c.nii.gz"
     img = nib.load(turned)
@@ -191,12 +198,7 @@ def test_register_replaces_only_the_masks_it_wrote(pair, tmp_path, capsys):
 
     src, _, row, _ = pair
     root = tmp_path / "cohort"
-    rows = []
-    for pid in ("P0", "P1", "P2"):
-        shutil.copytree(src / "P0", root / pid)
-        paths = ("t1c", "t1", "flair", "brain_mask", "cel_mask", "t2l_mask", "cavity_mask")
-        moved = {c: getattr(row, c).replace("P0/", f"{pid}/") for c in paths}
-        rows.append(row.model_copy(update={"patient_id": pid, **moved}))
+    rows = _three_patients(src, row, root)
     own = root / "P1" / "own_cel.nii.gz"  # P1's own progression mask, drawn on the pre-RT grid
     shutil.copy(root / "P1" / "cel_mask.nii.gz", own)
     rows[1] = rows[1].model_copy(update={"cel_progression_mask": "P1/own_cel.nii.gz"})
