@@ -49,7 +49,7 @@ def main() -> None:
         shift = tuple(np.random.default_rng(100 + i).uniform(-8, 8, 3))
         spec = FollowupSpec(spacing_mm=args.spacing, rotation_deg=args.rotation, shift_mm=shift, seed=i)
         lm = write_followup(root, row, truth, spec)
-        exclude = [root / row.t2l_mask, root / row.cel_mask, root / row.cavity_mask]
+        exclude = F.pre_rt_exclusions(root, row)
         start = time.perf_counter()
         tr, masks, sc = F.register_patient(
             root / row.t1c,
@@ -86,7 +86,7 @@ def main() -> None:
     noise = ndi.gaussian_filter(np.random.default_rng(0).random(data.shape), 2.0) * (data > 0.05)
     for name, bad in (("turned 90 degrees", np.rot90(data, axes=(0, 2)).copy()), ("smoothed noise", noise)):
         nib.save(nib.Nifti1Image(bad.astype(np.float32), good.affine), fu)
-        exclude = [root / row.t2l_mask, root / row.cel_mask, root / row.cavity_mask]
+        exclude = F.pre_rt_exclusions(root, row)
         _, _, sc = F.register_patient(
             root / row.t1c,
             root / row.brain_mask,

@@ -154,7 +154,7 @@ def register(
     cfg = _settings(config, set_, workdir, smoke_test)
     console = _console()
     # --smoke-test: a few iterations per stage, enough to check the files flow, not the accuracy
-    settings = Settings(20, 20, 5) if cfg.smoke_test else Settings()
+    settings = Settings.for_run(cfg.smoke_test)
     results = register_cohort(cohort if cohort is not None else cfg.raw_dir, settings,
                               MIN_NMI if min_nmi is None else min_nmi,
                               say=lambda m: console.print(m, markup=False))  # fmt: skip

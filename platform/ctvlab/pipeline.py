@@ -310,7 +310,7 @@ def _register(cfg: StudyConfig, console) -> StageRecord:
     from ctvlab.ingest.followup import Settings, register_cohort
 
     try:
-        results = register_cohort(cfg.raw_dir, Settings(20, 20, 5) if cfg.smoke_test else Settings(),
+        results = register_cohort(cfg.raw_dir, Settings.for_run(cfg.smoke_test),
                                   say=lambda m: console.print(f"  {m}", markup=False, highlight=False))  # fmt: skip
     except DataError as e:  # the manifest itself: validation names every problem next
         return StageRecord("register", "skipped", detail=f"the manifest cannot be read ({e})")

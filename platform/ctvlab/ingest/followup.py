@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ctvlab.atomic import digest, sha256_file
+
 FOLLOWUP_FOLDER = "followup"
 MOVING_NAMES = ("t1c", "flair")  # the follow-up image registered, first found wins
 MASK_NAMES = ("cel_progression_mask", "t2l_progression_mask")
@@ -87,6 +89,12 @@ def _first(folder: Path, name: str) -> Path | None:
 def followup_folder(root: Path, t1c: str) -> Path:
     """Where a patient's follow-up lives: `followup/` beside its pre-RT T1c (`t1c` as the manifest has it)."""
     return Path(root) / Path(t1c).parent / FOLLOWUP_FOLDER
+
+
+def pre_rt_exclusions(root: Path, row) -> list[Path]:
+    """The pre-RT masks whose region (grown by `EXCLUDE_MM`) is left out of the similarity metric: the T2L,
+    the CEL and the resection cavity, those the manifest names."""
+    return [root / p for p in (row.t2l_mask, row.cel_mask, row.cavity_mask) if p]
 
 
 def find_followup(root: Path, t1c: str) -> Followup | None:
@@ -228,6 +236,12 @@ class Settings:
     bspline_iterations: int = 30
     mesh_mm: float = BSPLINE_MESH_MM
     deformable: bool = True
+
+    @classmethod
+    def for_run(cls, smoke_test: bool) -> Settings:
+        """The command's and the run stage's settings: `--smoke-test` tries a few iterations only (a check
+        that the stage runs, not a registration to trust)."""
+        return cls(20, 20, 5) if smoke_test else cls()
 
 
 def register_images(fixed, moving, fixed_mask, moving_mask=None, settings: Settings = Settings()):
@@ -429,8 +443,7 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
     results: list[PatientResult] = []
     updated = []
     out_dir = root / "registration"
-    ours = _written_before(out_dir)
-    before = _registered_before(out_dir)
+    ours, before = _previous_report(out_dir)
     for row in rows:
         pid = row.patient_id
         try:
@@ -449,7 +462,7 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
             say(f"{pid}: refused: {taken}")
             updated.append(row)
             continue
-        exclude = [root / p for p in (row.t2l_mask, row.cel_mask, row.cavity_mask) if p]
+        exclude = pre_rt_exclusions(root, row)
         inputs = _inputs_digest([root / row.t1c, root / row.brain_mask, *exclude, fu.image,
                                  *fu.masks.values(), *([fu.lesion] if fu.lesion else [])], settings, min_nmi)  # fmt: skip
         last = before.get(pid)
@@ -498,7 +511,7 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
                 nib.save(img, tmp)
             setattr(new, column, rel)
             res.written[column] = rel
-            ours[rel] = _digest(root / rel)
+            ours[rel] = sha256_file(root / rel)
         res.seconds = time.perf_counter() - start
         say(f"{pid}: registered, NMI {res.nmi_before:.3f} -> {res.nmi_after:.3f} ({res.seconds:.0f} s)")
         results.append(res)
@@ -518,21 +531,22 @@ def register_cohort(root: str | Path, settings: Settings = Settings(), min_nmi: 
 
 def _inputs_digest(paths: list[Path], settings: Settings, min_nmi: float) -> str:
     """One digest of the files a patient's registration reads and of how it registers them."""
-    import hashlib
-
-    h = hashlib.sha256(repr((settings, min_nmi)).encode())
-    for p in paths:
-        h.update(p.name.encode() + b"\0" + _digest(p).encode())
-    return h.hexdigest()
+    return digest({"settings": repr(settings), "min_nmi": min_nmi,
+                   "files": [[p.name, sha256_file(p)] for p in paths]})  # fmt: skip
 
 
-def _registered_before(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """Each patient an earlier run registered (or found current), as its report entry recorded it."""
+def _previous_report(out_dir: Path) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """From the last run's `register_report.json`: the masks `ctvlab register` has written (path relative to
+    the cohort -> SHA-256; only those may be replaced) and each patient it registered or found current, as
+    its entry recorded it. Empty when there is no readable report."""
     try:
-        patients = json.loads((out_dir / "register_report.json").read_text()).get("patients", [])
-        return {p["patient_id"]: p for p in patients if p.get("status") in ("registered", "current")}
+        report = json.loads((out_dir / "register_report.json").read_text())
+        written = report.get("written", {})
+        patients = report.get("patients", [])
+        ours = {str(k): str(v) for k, v in written.items()} if isinstance(written, dict) else {}
+        return ours, {p["patient_id"]: p for p in patients if p.get("status") in ("registered", "current")}
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return {}
+        return {}, {}
 
 
 def _still_current(root: Path, row, last: dict[str, Any], inputs: str, ours: dict[str, str]) -> bool:
@@ -542,25 +556,9 @@ def _still_current(root: Path, row, last: dict[str, Any], inputs: str, ours: dic
         return False
     for column, rel in last["written"].items():
         target = root / rel
-        if getattr(row, column, None) != rel or not target.is_file() or ours.get(rel) != _digest(target):
+        if getattr(row, column, None) != rel or not target.is_file() or ours.get(rel) != sha256_file(target):
             return False
     return True
-
-
-def _digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _written_before(out_dir: Path) -> dict[str, str]:
-    """The masks earlier runs of `ctvlab register` wrote (path relative to the cohort -> SHA-256), from
-    their report: only those may be replaced."""
-    try:
-        written = json.loads((out_dir / "register_report.json").read_text()).get("written", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {str(k): str(v) for k, v in written.items()} if isinstance(written, dict) else {}
 
 
 def _not_ours(root: Path, row, ours: dict[str, str]) -> str:
@@ -575,7 +573,7 @@ def _not_ours(root: Path, row, ours: dict[str, str]) -> str:
                 f"progression mask it did not write (clear that cell to register the follow-up instead)"
             )
         target = root / rel
-        if target.exists() and ours.get(rel) != _digest(target):
+        if target.exists() and ours.get(rel) != sha256_file(target):
             return (
                 f"{rel} exists and was not written by ctvlab register (or was changed since); move it away "
                 "to register the follow-up: ctvlab never replaces a file it did not write"
