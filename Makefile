@@ -10,7 +10,9 @@ PYTEST_ARGS ?=
 GPU_BUNDLE ?= .gpu-bundle
 GPU_PYTHON ?= 3.12
 
-.PHONY: demo test lint format ui schemas docs docs-reference bench clean venv constraints gpu-bundle
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: browser demo test lint format ui schemas docs docs-reference bench clean venv constraints gpu-bundle
 
 venv: $(STAMP)
 
@@ -25,8 +27,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/ctvlab run --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian's Chromium, for the tests that open the report's viewer and the MLflow UI in a headless browser:
+# installed once with apt-get where it is missing and this user may install packages; elsewhere those
+# tests are skipped and say why.
+browser:
+	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& echo "installing Debian's chromium for the browser tests" \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "no Chromium at $(CHROMIUM) and no way to install it here: the browser tests will be skipped" 
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform tests jobs benchmarks
