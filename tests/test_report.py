@@ -8,10 +8,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from ctvlab.config import StudyConfig
+from ctvlab.ctv.viewer import VIEWER_FOLDER, write_viewer_volumes
 from ctvlab.pipeline import Stamps, current_stages, model_digest, stage_key
 from ctvlab.splits import load_split
 from ctvlab.stages.report import build_report as _build
@@ -40,6 +42,9 @@ def _study(tmp_path: Path, prepared_phantom: Path, phantom_cohort: Path) -> Stud
     ).to_csv(ev / "wilcoxon.csv", index=False)
     (ev / "fig3_metric_boxes.png").write_bytes(PNG)
     (ev / "fig4_contours_pt-abc.png").write_bytes(PNG)
+    ball = np.linalg.norm(np.indices((20, 24, 20)).transpose(1, 2, 3, 0) - [10, 12, 10], axis=-1)
+    write_viewer_volumes(ev / VIEWER_FOLDER / "pt-abc", np.diag([3.0, 3, 3, 1]), {"t1c": 100 - ball}, ball < 9,
+                         {"model": ball < 4, "progression": ball < 2})  # fmt: skip
     roc = res / "voxel_models" / "rf-cel-all"
     roc.mkdir(parents=True)
     (roc / "roc.json").write_text(
@@ -74,8 +79,11 @@ def test_report_puts_each_result_beside_the_study_and_marks_what_is_not_current(
     assert (
         "N | " not in text and "Cohort (Table 1)" in text and "[101]" in text
     )  # Table 1 beside the study's N
-    assert page.count("data:image/png;base64,") == 2  # every figure embedded: the file stands alone
-    assert "http" not in page.replace("http://", "")  # no external resource
+    assert (
+        page.count("<img alt=") == page.count('src="data:image/png;base64,') == 2
+    )  # embedded: the file stands alone
+    assert not re.search(r'(src|href)="(?!data:)', page)  # no external resource: the file stands alone
+    assert page.count('id="ctv-viewer"') == 1 and "NiiVue 0.69.0" in page
     assert "Not run" in text and "pipeline.loss_study" in text  # a section that never ran says how to run it
     # no stamps: every section with outputs is marked not current
     assert page.count(STALE) == 2
@@ -97,10 +105,11 @@ def test_report_puts_each_result_beside_the_study_and_marks_what_is_not_current(
 def test_the_shared_copy_leaves_out_patient_images(tmp_path, prepared_phantom, phantom_cohort):
     cfg = _study(tmp_path, prepared_phantom, phantom_cohort)
     shared = build_report(cfg, tmp_path / "shared.html", patient_images=False, local_paths=False)
-    assert shared.read_text().count("data:image/png;base64,") == 1  # Fig. 3 only, not the contour figure
+    assert shared.read_text().count("<img alt=") == 1  # Fig. 3 only, not the contour figure
     assert str(tmp_path) not in shared.read_text()  # no local folder named
     assert str(cfg.workdir) in build_report(cfg).read_text()
     assert "left out of this copy" in _text(shared)
+    assert 'id="ctv-viewer"' not in shared.read_text()  # the 3D viewer shows anatomy too
     assert not list(tmp_path.glob(".tmp-*"))  # written to a temporary name, then renamed
 
 
@@ -139,4 +148,22 @@ def test_the_coverage_section_shows_target_against_achieved_the_curve_and_the_co
     text, page = _text(out), out.read_text()
     assert "Coverage: guaranteed CTVs" in text and "cov95" in text and "0.043" in text
     assert "Positive control" in text and "0.094" in text  # the ceiling beside the model's gain
-    assert page.count("data:image/png;base64,") == 4  # + the curve and the reliability diagram
+    assert page.count("<img alt=") == 4  # + the curve and the reliability diagram
+
+
+def test_the_report_opens_in_a_browser_with_its_viewer_and_nothing_from_the_network(
+    tmp_path, prepared_phantom, phantom_cohort
+):
+    from tests.browser import open_page
+
+    out = build_report(_study(tmp_path, prepared_phantom, phantom_cohort))
+    with open_page() as (page, errors):
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(out.as_uri())
+        page.wait_for_function(
+            "document.getElementById('ctv-viewer').dataset.ready === 'pt-abc'", timeout=30_000
+        )
+        assert "patient pt-abc · T1c" in page.locator(".viewer-status").inner_text()
+        assert errors == []
+        assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []

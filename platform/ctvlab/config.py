@@ -661,8 +661,9 @@ class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="MLflow experiment; default: the study name.")
     log_patient_images: bool = Field(
         False,
-        description="Also send native-grid CTVs and MRI-slice figures to the tracking store (opt-in: they "
-        "show a patient's anatomy; the 3 mm CTVs and the metrics are enough to review a study).",
+        description="Also send native-grid CTVs, MRI-slice figures and the report's 3D viewer to the tracking "
+        "store (opt-in: they show a patient's anatomy; the 3 mm CTVs and the metrics are enough to review a "
+        "study).",
     )
     outage_wait_s: Annotated[float, Field(ge=0)] = Field(
         120.0,

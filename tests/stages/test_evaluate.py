@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from ctvlab.ctv.viewer import VIEWER_FOLDER
 from ctvlab.data.readers import load_patient
 from ctvlab.errors import LeakageError
 from ctvlab.ingest.manifest import read_manifest
@@ -128,6 +129,17 @@ def test_figures_and_mlflow_run(evaluation, prepared_phantom):
     assert not tracker.client.list_artifacts(out.run_id, "ctv_native")
     logged = [a.path for a in tracker.client.list_artifacts(out.run_id, "figures")]
     assert "figures/fig3_metric_boxes.png" in logged and not any("fig4_contours_" in a for a in logged)
+    # the report's 3D viewer: the contour figures' patients, under the same pseudonyms, kept local too
+    contoured = {
+        n.removeprefix("fig4_contours_").removesuffix(".png") for n in names if n.startswith("fig4_")
+    }
+    viewer = out.figures[0].parent / VIEWER_FOLDER
+    assert {p.name for p in viewer.iterdir()} == contoured
+    assert all(
+        {"t1c.nii.gz", "model.nii.gz", "progression.nii.gz"} <= {f.name for f in p.iterdir()}
+        for p in viewer.iterdir()
+    )
+    assert not any(VIEWER_FOLDER in a.path for a in tracker.client.list_artifacts(out.run_id))
 
 
 def test_leakage_guard_refuses_the_training_patients(trained_phantom, prepared_phantom):

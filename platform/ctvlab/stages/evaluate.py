@@ -39,6 +39,7 @@ from ctvlab.ctv.scoring import (
     wilcoxon_table,
     write_ctv_nifti,
 )
+from ctvlab.ctv.viewer import VIEWER_FOLDER, write_viewer_volumes
 from ctvlab.data.readers import load_patient, read_patients
 from ctvlab.errors import CtvlabError, DataError, folder_bytes, space_needed, writing
 from ctvlab.study import REFERENCE_ONLY_CTVS
@@ -259,6 +260,11 @@ def evaluate_study(
                 out / f"{PATIENT_FIGURE_PREFIX}{names[pid]}.png", f"patient {names[pid]}",
                 second_background=p.feature("nFLAIR"), spacing=p.spacing, lesion=m["cel"] | m["t2l"],
             ))  # fmt: skip
+            write_viewer_volumes(
+                out / VIEWER_FOLDER / names[pid], p.affine, {"t1c": p.feature("nT1c"), "flair": p.feature("nFLAIR")},
+                m["brain"], {"progression": (m["cel_prog"] | m["t2l_prog"]) & m["brain"],
+                             **{k: ctvs[k] for k in ("lesion", "isovolume", "eortc", "rtog", "model") if k in ctvs}},
+            )  # fmt: skip
         roc = _rf_roc_curves(cfg)
         if roc:
             figures.append(

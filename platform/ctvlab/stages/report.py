@@ -28,6 +28,7 @@ from ctvlab import __version__
 from ctvlab.atomic import atomic_path
 from ctvlab.config import StudyConfig
 from ctvlab.ctv.scoring import PATIENT_FIGURE_PREFIX
+from ctvlab.ctv.viewer import VIEWER_FOLDER, viewer_html
 from ctvlab.study import STUDY_AUC, STUDY_CTV, STUDY_CTV_P
 
 REPORT_FILE = "report.html"
@@ -319,13 +320,20 @@ def _evaluation(r: Report, results: Path, is_current: bool, patient_images: bool
                           ("fig1_rf_roc.png", "Fig. 1: voxel-model ROC curves.")):  # fmt: skip
         if (folder / name).exists():
             r.figure(folder / name, caption)
+    viewers = sorted(p for p in (folder / VIEWER_FOLDER).glob("*") if p.is_dir())
+    if viewers and patient_images:
+        r.h("The test patients in 3D", 3)
+        r.p("The patients of the contour figures below on the grid the CTVs were scored on: each CTV, the pre-RT "
+            "lesion and the follow-up progression can be switched on and off; scroll through the slices in any "
+            "plane (NiiVue, in this file: it needs no network).")  # fmt: skip
+        r.parts.append(viewer_html(viewers))
     contours = sorted(folder.glob(f"{PATIENT_FIGURE_PREFIX}*.png"))
     if contours and patient_images:
         for f in contours:
             r.figure(f, "Fig. 4: CTV contours (red: model, yellow: RTOG, green: EORTC) over the progression.")
     elif contours:
-        r.p(f"{len(contours)} contour figure(s) of test patients are left out of this copy (they show patient "
-            "anatomy; set <code>tracking.log_patient_images</code> to include them); see the results folder.")  # fmt: skip
+        r.p(f"{len(contours)} contour figure(s) of test patients and their 3D viewer are left out of this copy (they show "
+            "patient anatomy; set <code>tracking.log_patient_images</code> to include them); see the results folder.")  # fmt: skip
 
 
 def _coverage(r: Report, results: Path, is_current: bool) -> None:
