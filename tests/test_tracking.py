@@ -103,14 +103,28 @@ def test_authenticated_server_accepts_a_study_logged_with_credentials(mlflow_aut
     _check_run(Tracker("ctvlab-auth", uri), _log_a_run(tracker))
 
 
-def test_an_experiment_made_before_the_kind_tag_gets_it(tracking_uri, experiment):
+def test_an_experiment_made_before_the_kind_tag_gets_it_and_the_review_view(tracking_uri, experiment):
+    import json
+
     from mlflow.tracking import MlflowClient
+
+    from ctvlab.tracking import REVIEW_VIEW_ID
 
     client = MlflowClient(tracking_uri)
     exp_id = client.create_experiment(experiment)
     assert "mlflow.experimentKind" not in client.get_experiment(exp_id).tags
     Tracker(experiment, tracking_uri)
-    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = client.get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    # the saved view "CTV review" as MLflow's UI stores one: an envelope whose state lists the columns
+    view = tags[f"mlflow.sharedViewState.{REVIEW_VIEW_ID}"]
+    state = json.loads(json.loads(view)["state"])
+    assert state["selectedColumns"][:2] == ["attributes.`Description`", "metrics.`model_pcc_mean`"]
+    Tracker(experiment, tracking_uri)  # looked up again: the view is kept as it was, creation time included
+    assert client.get_experiment(exp_id).tags[f"mlflow.sharedViewState.{REVIEW_VIEW_ID}"] == view
+    assert Tracker(experiment, tracking_uri).review_url() == (
+        f"#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={REVIEW_VIEW_ID}"
+    )
 
 
 def test_failed_block_marks_run_failed(tracking_uri, experiment):

@@ -839,16 +839,16 @@ def print_study_summary(outcome: StudyOutcome, console) -> None:
     console.print(
         f"MLflow: experiment [bold]{outcome.experiment}[/] (id {outcome.experiment_id}) in {outcome.tracking_uri}"
     )
-    from ctvlab.tracking import DEFAULT_DB
+    from ctvlab.tracking import DEFAULT_DB, REVIEW_VIEW_ID, ui_url
 
+    # The runs table in the model-training view, on the saved view "CTV review" (docs/guides/mlflow-ui.md).
+    route, view = f"experiments/{outcome.experiment_id}/runs", f"viewStateShareKey={REVIEW_VIEW_ID}"
+    local = ui_url("http://127.0.0.1:5000", route, view)
     if outcome.tracking_uri == f"sqlite:///{Path.cwd() / DEFAULT_DB}":  # the store `make ui` opens
-        console.print(
-            "open the MLflow UI with [bold]make ui[/] (or `ctvlab ui`) and browse to http://127.0.0.1:5000"
-        )
+        console.print(f"open the MLflow UI with [bold]make ui[/] (or `ctvlab ui`) and browse to {local}")
     elif outcome.tracking_uri.startswith("sqlite"):
         console.print(
-            f"open the MLflow UI with `ctvlab ui --tracking-uri {outcome.tracking_uri}` and browse to "
-            "http://127.0.0.1:5000"
+            f"open the MLflow UI with `ctvlab ui --tracking-uri {outcome.tracking_uri}` and browse to {local}"
         )
     else:
-        console.print(f"open {outcome.tracking_uri} in a browser")
+        console.print(f"open {ui_url(outcome.tracking_uri, route, view)} in a browser")

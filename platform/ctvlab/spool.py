@@ -202,7 +202,7 @@ class Spool:
                 add("dataset")
             elif op == "set_terminated":
                 add("run end")
-            elif op in ("register", "set_alias"):
+            elif op in ("register", "set_alias", "tag_version"):
                 add("model registry update")
         parts = [f"{n} {what}{'s' if n != 1 else ''}" for what, n in counts.items() if n]
         head = (

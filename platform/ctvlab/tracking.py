@@ -13,7 +13,7 @@ working directory (`ctvlab.spool`) and goes on; `sync_spool` sends it later thro
 (`_apply`) that sends a write at once, so both paths write the same record. `ctvlab.outages` watches the
 server, says so once, and ends a stage with what is unrecorded.
 
-About 900 lines in one module on purpose: with `ctvlab.unet.pyfunc` (the trained model as an MLflow model
+About 950 lines in one module on purpose: with `ctvlab.unet.pyfunc` (the trained model as an MLflow model
 flavour), the only module that imports mlflow, so every MLflow call ctvlab makes (runs, artifacts, the
 registry, authentication errors, the replay of what an outage kept) is here and nowhere else.
 """
@@ -46,6 +46,19 @@ TAG_COMMIT = "ctvlab.git_commit"
 # not in the GenAI view (traces, sessions) that MLflow 3 infers for an experiment without the tag.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 NOTE = "mlflow.note.content"  # the run's description in the UI
+# MLflow 3.17's UI keeps its GenAI/model-training toggle in the browser (localStorage, default GenAI) and
+# reads this query parameter first: every link ctvlab prints or writes carries it.
+UI_QUERY = "workflowType=machine_learning"
+# A saved view of the runs table ("Views" menu; MLflow keeps one as an experiment tag
+# `mlflow.sharedViewState.<id>` holding a JSON envelope {name, createdAt, state}, and opens it from the URL
+# parameter `viewStateShareKey=<id>`): the runs by stage with their description and the CTV headline
+# metrics as columns. The metrics are those `ctvlab evaluate` logs (`<ctv>_<metric>_mean`) and training
+# logs (`best_val_pcc`); a run without one shows an empty cell.
+REVIEW_VIEW_ID = "ctvlab-review"
+REVIEW_VIEW_NAME = "CTV review"
+REVIEW_METRICS = ("model_pcc_mean", "isovolume_pcc_mean", "rtog_pcc_mean", "eortc_pcc_mean",
+                  "model_sensitivity_mean", "model_progression_coverage_mean", "model_volume_cm3_mean",
+                  "best_val_pcc")  # fmt: skip
 STAGE_DESCRIPTIONS = {
     "split": "Patient-stratified splits: U-Net train/val/test roles and the voxel models' 5 CV folds.",
     "voxel-models": "Voxel-wise progression model, 5-fold patient-grouped CV: ROC AUC, ROC curves, importances.",
@@ -57,10 +70,33 @@ STAGE_DESCRIPTIONS = {
     "tune-trial": "One trial of the hyperparameter search: its settings and validation curves.",
     "loss-study": "Loss study (Supp. Figs. 2 and 3): the best configuration trained per loss and per Tversky β, "
     "each scored on the test patients.",
-    "report": "The study's report: every table and figure beside the paper's values, one HTML file.",
+    "report": "The study's report: every table and figure beside the paper's values, one HTML file "
+    "(Artifacts → report.html).",
     "ablation": "Modality ablation (Fig. 2): one random search per input set.",
     "evaluate": "Model CTV vs the RTOG and EORTC CTVs on the test patients: metrics, tests, figures.",
 }
+
+
+def review_view(tags: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The experiment tag of the saved view "CTV review" (`REVIEW_VIEW_ID`); `tags`: the experiment's tags
+    now, whose copy of the view keeps its creation time."""
+    import json
+
+    key = f"mlflow.sharedViewState.{REVIEW_VIEW_ID}"
+    columns = ["attributes.`Description`", *(f"metrics.`{m}`" for m in REVIEW_METRICS), "attributes.`Models`"]
+    state = json.dumps({"selectedColumns": columns, "columnOrder": columns, "orderByKey": "attributes.start_time",
+                        "orderByAsc": False})  # fmt: skip
+    created = int(time.time() * 1000)
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        created = int(json.loads((tags or {})[key])["createdAt"])
+    return {key: json.dumps({"name": REVIEW_VIEW_NAME, "createdAt": created, "state": state})}
+
+
+def ui_url(tracking_uri: str, route: str, *query: str) -> str:
+    """An address in the MLflow UI: `<server>/#/<route>?workflowType=machine_learning[&query...]` for a
+    tracking server, the part from `#/` on for any other store (the UI that `ctvlab ui` serves)."""
+    server = tracking_uri.startswith(("http://", "https://"))
+    return f"{tracking_uri.rstrip('/') + '/' if server else ''}#/{route}?{'&'.join((UI_QUERY, *query))}"
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -227,14 +263,15 @@ class Tracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
-            for key, value in EXPERIMENT_KIND.items():
+            for key, value in {**EXPERIMENT_KIND, **review_view(exp.tags)}.items():
                 if exp.tags.get(key) != value:
                     self.client.set_experiment_tag(exp.experiment_id, key, value)
             return exp.experiment_id
         try:
             return self.client.create_experiment(
-                name, artifact_location=artifact_location(self.tracking_uri, name), tags=EXPERIMENT_KIND
-            )
+                name, artifact_location=artifact_location(self.tracking_uri, name),
+                tags={**EXPERIMENT_KIND, **review_view()},
+            )  # fmt: skip
         except Exception:  # created concurrently by another process
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
@@ -381,7 +418,15 @@ class Tracker:
         )  # fmt: skip
 
     def run_url(self, run_id: str) -> str:
-        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
+        """The run's page in the MLflow UI: a full address for a tracking server, else the part after the
+        address `mlflow ui` serves on."""
+        return ui_url(self.tracking_uri, f"experiments/{self.experiment_id}/runs/{run_id}")
+
+    def review_url(self) -> str:
+        """The experiment's runs table in the MLflow UI, in the model-training view, opened on the saved
+        view "CTV review" (the runs by stage, their descriptions and the CTV metrics as columns)."""
+        return ui_url(self.tracking_uri, f"experiments/{self.experiment_id}/runs",
+                      f"viewStateShareKey={REVIEW_VIEW_ID}")  # fmt: skip
 
     # --- model registry -------------------------------------------------------------------------
 
@@ -417,6 +462,13 @@ class Tracker:
     def describe_version(self, name: str, version: str | int, description: str) -> None:
         """Set a registered version's description (its model card, Markdown)."""
         self._send("describe_version", {"name": name, "version": str(version), "description": description})
+
+    def tag_version(self, name: str, version: str | int, tags: Mapping[str, Any]) -> None:
+        """Set tags on a registered version (shown on its page in the UI)."""
+        self._send(
+            "tag_version",
+            {"name": name, "version": str(version), "tags": {k: str(v) for k, v in tags.items()}},
+        )
 
     def finish_if_running(
         self,
@@ -613,6 +665,9 @@ def _apply(
         c.set_registered_model_alias(f["name"], f["alias"], f["version"])
     elif op == "describe_version":
         c.update_model_version(f["name"], f["version"], description=f["description"])
+    elif op == "tag_version":
+        for key, value in f["tags"].items():
+            c.set_model_version_tag(f["name"], f["version"], key, value)
     elif op == "finish_if_running":
         for run in c.search_runs([f["experiment_id"]], filter_string=f["filter"]):
             if run.info.status != "RUNNING":

@@ -18,7 +18,14 @@ from ctvlab.data.readers import load_patient
 from ctvlab.errors import LeakageError
 from ctvlab.splits import load_split, salt_fingerprint
 from ctvlab.stages.evaluate import evaluate_study
-from ctvlab.stages.registry import CANDIDATE, CHAMPION, DISCLAIMER, crown
+from ctvlab.stages.registry import (
+    CANDIDATE,
+    CHAMPION,
+    CROWNED_TAG,
+    DISCLAIMER,
+    EVALUATION_RUN_TAG,
+    crown,
+)
 from ctvlab.study import FEATURES
 from ctvlab.tracking import Tracker
 from ctvlab.unet.inference import load_model, predict_arrays
@@ -110,6 +117,11 @@ def test_the_evaluated_model_becomes_champion_with_its_test_results(trained_phan
     champion = tracker.model_version(f"models:/{cfg.unet.registered_model_name}@{CHAMPION}")
     assert str(champion.version) == version == str(tracker.model_version(trained.model_uri).version)
     assert "## Test patients" in champion.description and "| model |" in champion.description
+    # the version and the evaluation that crowned it name each other (the card links to the run's page)
+    assert f"[{evaluation.run_id}]({tracker.run_url(evaluation.run_id)})" in champion.description
+    assert champion.tags[EVALUATION_RUN_TAG] == evaluation.run_id
+    evaluated = tracker.client.get_run(evaluation.run_id).data.tags
+    assert evaluated[CROWNED_TAG] == f"models:/{cfg.unet.registered_model_name}/{version}"
     assert crown(tracker, cfg, str(trained.model_dir), evaluation) is None  # a folder is not registered
 
 

@@ -391,8 +391,15 @@ def check_provenance(spec: dict[str, Any], model_uri: str, prep: Path, split) ->
 
 def evaluation_note(summary: pd.DataFrame, wilcoxon: pd.DataFrame, n_patients: int, threshold: float) -> str:
     """The evaluation run's description in the MLflow UI (Markdown): the CTV table beside the study's, and
-    where the figures are, so that it is the first thing a reviewer reads on the run's page."""
-    lines = [f"**CTVs on {n_patients} {'patient' if n_patients == 1 else 'patients'}** (threshold "
+    where the figures are, so that it is the first thing a reviewer reads on the run's page. Its first line,
+    the headline the runs table's Description column shows, is the model CTV's PCC beside the others'."""
+    pcc = {r["ctv"]: r["pcc_mean"] for r in summary.to_dict("records")}
+    others = ", ".join(
+        f"{HEADLINE_NAMES.get(c, c)} {pcc[c]:.2f}" for c in ("rtog", "eortc", "isovolume") if c in pcc
+    )
+    lines = [f"Model CTV PCC {pcc.get('model', float('nan')):.2f}" + (f" ({others})" if others else "")
+             + f" on {n_patients} test {'patient' if n_patients == 1 else 'patients'}.", "",
+             f"**CTVs on {n_patients} {'patient' if n_patients == 1 else 'patients'}** (threshold "
              f"{threshold:.2f}); mean ± SD, the study's value in brackets.", "",
              "| CTV | sensitivity | specificity | PCC | volume (cm³) |", "|---|---|---|---|---|"]  # fmt: skip
     for r in summary.to_dict("records"):
@@ -407,9 +414,14 @@ def evaluation_note(summary: pd.DataFrame, wilcoxon: pd.DataFrame, n_patients: i
         lines += ["", "Wilcoxon signed-rank: " + "; ".join(tests) + "."]
     lines += [
         "",
-        "Figures: *Artifacts → figures* (Fig. 3 box plots, ROC curves); tables: *Artifacts → tables*.",
+        "Figures: *Artifacts → figures* (Fig. 3 box plots, coverage, calibration); tables: *Artifacts → "
+        "tables*; the study's report, once written (`ctvlab report`, the end of `ctvlab run`): *Artifacts → "
+        "report.html*.",
     ]
     return "\n".join(lines)
+
+
+HEADLINE_NAMES = {"rtog": "RTOG", "eortc": "EORTC", "isovolume": "same-volume margin"}
 
 
 # The study's test-set results (the study's Methods: CTV evaluation; the paper's Supplementary Table 1), mean ± SD.

@@ -38,9 +38,11 @@ def register(tracker, cfg: StudyConfig, run_id: str, spec: dict[str, Any], extra
                             description=model_card(cfg, spec, run_id))  # fmt: skip
 
 
-def model_card(cfg: StudyConfig, spec: dict[str, Any], run_id: str, evaluation=None) -> str:
+def model_card(cfg: StudyConfig, spec: dict[str, Any], run_id: str, evaluation=None,
+               evaluation_url: str | None = None) -> str:  # fmt: skip
     """The registered version's description (Markdown): what the model is, what it was trained on, how it
-    did on the test patients beside the study, what it is for and what it is not for."""
+    did on the test patients beside the study (with a link to the evaluation's run page, `evaluation_url`),
+    what it is for and what it is not for."""
     from ctvlab.stages.evaluate import STUDY_RESULTS
 
     lines = [
@@ -62,7 +64,10 @@ def model_card(cfg: StudyConfig, spec: dict[str, Any], run_id: str, evaluation=N
         f"- {len(spec.get('train_patients', []))} training and {len(spec.get('val_patients', []))} validation "
         "patients (pseudonyms in the model's spec); evaluation refuses a model whose digests differ from its data",
     ]  # fmt: skip
-    if evaluation is not None:
+    if evaluation is not None:  # first under the title: the run that evaluated (and crowned) this version
+        run = f"[{evaluation.run_id}]({evaluation_url})" if evaluation_url else f"`{evaluation.run_id}`"
+        lines[4:4] = [f"Evaluated on the test patients by run {run}: its figures, tables and the study's report "
+                      "are under that run's Artifacts.", ""]  # fmt: skip
         lines += ["", f"## Test patients ({evaluation.per_patient['patient_id'].nunique()}), mean ± SD "
                   "[the study's value]", "", "| CTV | sensitivity | specificity | PCC |", "|---|---|---|---|"]  # fmt: skip
         for r in evaluation.summary.to_dict("records"):
@@ -73,7 +78,6 @@ def model_card(cfg: StudyConfig, spec: dict[str, Any], run_id: str, evaluation=N
                     f"{r[f'{m}_mean']:.2f} ± {r[f'{m}_sd']:.2f}" + (f" [{ref[0]:.2f}]" if ref else "")
                 )
             lines.append(f"| {r['ctv']} | {' | '.join(cells)} |")
-        lines.append(f"\nEvaluation run: `{evaluation.run_id}`.")
     lines += [
         "",
         "## Intended use",
@@ -90,9 +94,15 @@ def model_card(cfg: StudyConfig, spec: dict[str, Any], run_id: str, evaluation=N
     return "\n".join(lines)
 
 
+EVALUATION_RUN_TAG = "ctvlab.evaluation_run"  # on the crowned version: the run that evaluated it
+CROWNED_TAG = "ctvlab.champion_version"  # on that evaluation run: the version it crowned
+
+
 def crown(tracker, cfg: StudyConfig, model_uri: str, evaluation) -> str | None:
-    """After the study's evaluation: point the `champion` alias at the evaluated registered version and add
-    the test results to its card. Returns the version, or None when the model is not a registered one."""
+    """After the study's evaluation: point the `champion` alias at the evaluated registered version, add the
+    test results to its card with a link to the evaluation run, and tag each with the other (the version
+    with `ctvlab.evaluation_run`, the run with `ctvlab.champion_version`). Returns the version, or None when
+    the model is not a registered one."""
     from ctvlab.unet.inference import SPEC_FILE, model_folder
 
     if not model_uri or not model_uri.startswith("models:/"):
@@ -103,13 +113,23 @@ def crown(tracker, cfg: StudyConfig, model_uri: str, evaluation) -> str | None:
         # and the card wait in the spool with the evaluation's run.
         spec = evaluation.model_spec
         tracker.set_alias(name, CHAMPION, number)
-        tracker.describe_version(
-            name, number, model_card(cfg, spec, spec.get("mlflow_run_id", "?"), evaluation)
+        card = model_card(
+            cfg, spec, spec.get("mlflow_run_id", "?"), evaluation, tracker.run_url(evaluation.run_id)
         )
+        tracker.describe_version(name, number, card)
+        _link(tracker, name, number, evaluation.run_id)
         return number
     version = tracker.model_version(model_uri)
     with tempfile.TemporaryDirectory() as d:
         spec = json.loads((model_folder(tracker.download_model(model_uri, d)) / SPEC_FILE).read_text())
     tracker.set_alias(version.name, CHAMPION, version.version)
-    tracker.describe_version(version.name, version.version, model_card(cfg, spec, version.run_id, evaluation))
+    card = model_card(cfg, spec, version.run_id, evaluation, tracker.run_url(evaluation.run_id))
+    tracker.describe_version(version.name, version.version, card)
+    _link(tracker, version.name, str(version.version), evaluation.run_id)
     return str(version.version)
+
+
+def _link(tracker, name: str, version: str, evaluation_run_id: str) -> None:
+    """The crowned version and the evaluation run that crowned it, each tagged with the other."""
+    tracker.tag_version(name, version, {EVALUATION_RUN_TAG: evaluation_run_id})
+    tracker.logger(evaluation_run_id).tags({CROWNED_TAG: f"models:/{name}/{version}"})

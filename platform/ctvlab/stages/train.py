@@ -13,6 +13,7 @@ from ctvlab.config import StudyConfig
 from ctvlab.errors import CtvlabError, DataError
 from ctvlab.stages.registry import log_model
 from ctvlab.stages.registry import register as register_model
+from ctvlab.tracking import NOTE, STAGE_DESCRIPTIONS
 from ctvlab.unet.trainer import (
     HOLD_ENV,
     MODEL_ARTIFACT,
@@ -186,6 +187,7 @@ def train_unet(
         version = register_model(tracker, cfg, mlflow_run_id, spec, artifact_path=MODEL_ARTIFACT)
         # Kept with the spool while the server is away: `evaluate` then finds the version by its tags.
         model_uri = f"models:/{ucfg.registered_model_name}/{version.version}" if version is not None else None
+    log.tags({NOTE: training_note(run_label, best, len(history), model_uri)})
     tracker.end_run(mlflow_run_id, "FINISHED")
     write_json_atomic(pointer, {**record, "finished": True})
     return TrainOutcome(
@@ -194,6 +196,16 @@ def train_unet(
         best_epoch=int(best.get("epoch", -1)), epochs_run=len(history), history=history,
         metrics_replayed=replayed,
     )  # fmt: skip
+
+
+def training_note(run_label: str, best: dict, epochs: int, model_uri: str | None) -> str:
+    """The training run's description in the MLflow UI: what the stage did, then its headline (the best
+    epoch's validation PCC) and the model it left, so that the runs table says it in one line."""
+    pcc = best.get("val_pcc")
+    headline = (f"Best validation PCC {float(pcc):.2f} at epoch {int(best.get('epoch', -1))} of {epochs}"
+                if isinstance(pcc, (int, float)) else f"{epochs} epochs")  # fmt: skip
+    model = f"; model {model_uri}" if model_uri else ""
+    return f"{headline}{model}.\n\n{STAGE_DESCRIPTIONS.get(run_label, STAGE_DESCRIPTIONS['train'])}"
 
 
 def interrupted_run(pointer: Path, settings_key: str) -> bool:
