@@ -18,6 +18,7 @@ import pytest
 
 from ctvlab.tracking import Tracker
 from tests.conftest import free_port, start_mlflow_server
+from tests.mlflow_ui import review_in_browser
 from tests.test_stage_table import assert_one_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,7 +276,9 @@ def wait_for_job(client, job_id: str, limit_s: float):
 def test_pipeline_job_on_a_two_node_cluster_tracks_through_a_server(two_node_cluster, tmp_path):
     """The smoke study as a team runs it: submitted to a head and a worker node, tracked through a real
     `mlflow server`. Preprocessing tasks and search trials run on both nodes; results land in the absolute
-    workdir it was given, not in Ray's temporary copy; the tracking store holds no patient id or path."""
+    workdir it was given, not in Ray's temporary copy; a reviewer finds the runs, the CTV metrics, the
+    figures, the report and the champion's evaluation in the MLflow UI (headless Chromium); the tracking
+    store holds no patient id or path."""
     from ray.job_submission import JobStatus
 
     client, nodes = two_node_cluster
@@ -303,6 +306,10 @@ def test_pipeline_job_on_a_two_node_cluster_tracks_through_a_server(two_node_clu
         report = json.loads((smoke / "prep" / "preprocess_report.json").read_text())
         assert set(report["nodes"].values()) == set(nodes), report["nodes"]  # patients on both nodes
         assert trial_nodes == set(nodes), trial_nodes  # trials on both nodes
+
+        # The study as a reviewer meets it in the MLflow UI, in a real browser (tests/mlflow_ui.py).
+        review_in_browser(Tracker("ctvlab-demo", uri), "ctvlab-unet", smoke / "results" / "evaluate" / "summary.csv",
+                          tmp_path / "screenshots")  # fmt: skip
 
         # The study's model, through its `champion` alias, applied to two patients as a job: a Ray task each.
         ids = sorted(p.name for p in (smoke / "cohort").iterdir() if p.is_dir())[:2]

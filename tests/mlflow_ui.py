@@ -1,69 +1,62 @@
-"""The MLflow UI as a reviewer meets it, in headless Chromium against a real `mlflow server` on 127.0.0.1: a
-tiny study (a 2-epoch training run, its evaluation, the champion crowned, the report) recorded there by
-ctvlab's own stages, then the pages a reviewer opens first. The runs table opens on the saved view
-"CTV review": the runs named by stage, each with its description, the CTV metrics as columns; the evaluation
-run lists its figures and the study's report under Artifacts; the crowned model version links to the
-evaluation run that crowned it.
+"""The MLflow UI as a reviewer meets it, checked in headless Chromium against a real `mlflow server` holding a
+study that `ctvlab run` recorded (the two-node job test's smoke study, `tests/test_jobs.py`). The runs table
+opens on the saved view "CTV review": the runs named by stage, each with its description, the CTV metrics as
+columns; the evaluation run lists its figures and the study's report under Artifacts; the crowned model
+version links to the evaluation run that crowned it.
 
-The screenshots each test takes (in its temporary folder) are those of docs/guides/mlflow-ui.md.
+The screenshots (`shots`) are those of docs/guides/mlflow-ui.md.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
-from tests.browser import chromium_or_skip, open_page
-from tests.conftest import start_mlflow_server, tiny_study
-
-pytestmark = pytest.mark.ray  # training runs on the session's Ray
+from tests.browser import CHROMIUM, open_page
 
 # Resource errors MLflow 3.17.2's own pages log against a plain `mlflow server`, whatever the study:
 # the UI asks who is logged in (no auth app: 404), and the model version page asks the server for the
 # version's MLmodel, which a server proxying artifacts to `--artifacts-destination` with a SQLite backend
 # fails to read (500, "an mlflow-artifacts URI was supplied, the tracking URI must be a valid http or
-# https URI" in the server's log). Neither is content ctvlab writes; any other console error fails a test.
+# https URI" in the server's log). Neither is content ctvlab writes; any other console error fails a check.
 MLFLOW_OWN_FAILURES = ("/ajax-api/2.0/mlflow/users/current", "/model-versions/get-artifact?path=MLmodel")
 TIMEOUT_MS = 30_000
 
 
-@pytest.fixture(scope="module")
-def study(prepared_phantom, tmp_path_factory, ray_local):
-    from ctvlab.pipeline import current_stages
-    from ctvlab.stages.evaluate import evaluate_study
-    from ctvlab.stages.registry import crown
-    from ctvlab.stages.report import report_stage
-    from ctvlab.stages.train import train_unet
-    from ctvlab.tracking import tracker_for
+def review_in_browser(tracker, registered_model: str, evaluation_summary: Path, shots: Path) -> None:
+    """Every check below on one browser page; `tracker`: the study's experiment on the server. Without a
+    Chromium the checks are left out with a warning (not a skip: the job test's other checks stand)."""
+    import warnings
 
-    chromium_or_skip()
-    root = tmp_path_factory.mktemp("mlflow_ui")
-    with start_mlflow_server(root) as (uri, _):
-        cfg = tiny_study(root / "work", uri, epochs=2, num_workers=1, cpus_per_worker=1)
-        cfg.tracking.experiment = "glioma-ctv-review"
-        trained = train_unet(cfg, prepared_phantom)
-        evaluation = evaluate_study(cfg, prepared_phantom, model_uri=trained.model_uri, progress=False)
-        tracker = tracker_for(cfg)
-        version = crown(tracker, cfg, trained.model_uri, evaluation)
-        # Evaluated just above, outside `ctvlab run`, which stamps the stage: the report reads it as current.
-        report_stage(cfg, {**current_stages(cfg), "evaluate": True})
-        (root / "shots").mkdir()
-        yield SimpleNamespace(uri=uri, cfg=cfg, tracker=tracker, trained=trained, evaluation=evaluation,
-                              version=version, shots=root / "shots")  # fmt: skip
+    from ctvlab.stages.registry import EVALUATION_RUN_TAG
 
+    if not Path(CHROMIUM).is_file():
+        warnings.warn(
+            f"no Chromium at {CHROMIUM}: the MLflow UI was not checked (`make browser`)", stacklevel=2
+        )
+        return
 
-@pytest.fixture(scope="module")
-def browser(study):
-    """One page for the module's tests, and every console error it logs with the address it came from."""
+    version = tracker.client.get_model_version_by_alias(registered_model, "champion")
+    study = SimpleNamespace(
+        tracker=tracker, uri=tracker.tracking_uri, model=registered_model, version=version.version,
+        evaluation_run=version.tags[EVALUATION_RUN_TAG], train_run=version.run_id, shots=shots,
+        model_pcc=float(pd.read_csv(evaluation_summary).set_index("ctv").loc["model", "pcc_mean"]),
+    )  # fmt: skip
+    shots.mkdir(parents=True, exist_ok=True)
     with open_page(1280, 800) as (page, errors):
         logged: list[tuple[str, str]] = []
         page.on(
             "console",
             lambda m: logged.append((m.text, m.location.get("url", ""))) if m.type == "error" else None,
         )
-        yield SimpleNamespace(page=page, errors=errors, logged=logged)
+        browser = SimpleNamespace(page=page, errors=errors, logged=logged)
+        for check in (runs_table, evaluation_artifacts, champion_version):
+            check(study, page)
+            assert not unexpected_errors(browser), (check.__name__, unexpected_errors(browser))
 
 
 def unexpected_errors(browser) -> list[str]:
@@ -85,15 +78,15 @@ def close_assistant(page) -> None:
         question.first.wait_for(state="hidden", timeout=TIMEOUT_MS)
 
 
-def test_the_runs_table_opens_on_the_review_view_with_stages_descriptions_and_ctv_metrics(study, browser):
-    page = browser.page
+def runs_table(study, page) -> None:
+    """The runs table opens on the review view with the stages, their descriptions and the CTV metrics."""
     url = study.tracker.review_url()
     assert "workflowType=machine_learning" in url and "viewStateShareKey=ctvlab-review" in url
     page.goto(url)
     page.get_by_role("button", name=re.compile("CTV review")).wait_for(timeout=TIMEOUT_MS)
     close_assistant(page)
-    for stage in ("train", "evaluate", "report"):  # the runs are named by stage
-        page.get_by_role("link", name=stage, exact=True).wait_for(timeout=TIMEOUT_MS)
+    for stage in ("split", "evaluate", "report"):  # the runs are named by stage
+        page.get_by_role("link", name=stage, exact=True).first.wait_for(timeout=TIMEOUT_MS)
     header = page.locator(".ag-header-cell[role=columnheader][col-id='metrics.`model_pcc_mean`']")
     header.wait_for(timeout=TIMEOUT_MS)
     assert header.inner_text().strip() == "model_pcc_mean"
@@ -102,20 +95,18 @@ def test_the_runs_table_opens_on_the_review_view_with_stages_descriptions_and_ct
         == "Description"
     )
     # The evaluation's row: its headline as the description, its mean model PCC in the metric column.
-    pcc = float(study.evaluation.summary.set_index("ctv").loc["model", "pcc_mean"])
-    row = page.locator(f'.ag-center-cols-container [row-id="{study.evaluation.run_id}"]')
-    row.get_by_text(f"Model CTV PCC {pcc:.2f}").wait_for(timeout=TIMEOUT_MS)
+    row = page.locator(f'.ag-center-cols-container [row-id="{study.evaluation_run}"]')
+    row.get_by_text(f"Model CTV PCC {study.model_pcc:.2f}").wait_for(timeout=TIMEOUT_MS)
     cells = row.locator('[col-id="metrics.`model_pcc_mean`"]')
-    assert cells.count() == 1 and float(cells.inner_text()) == pytest.approx(pcc, abs=1e-9)
-    train = page.locator(f'.ag-center-cols-container [row-id="{study.trained.run_id}"]')
+    assert cells.count() == 1 and float(cells.inner_text()) == pytest.approx(study.model_pcc, abs=1e-9)
+    train = page.locator(f'.ag-center-cols-container [row-id="{study.train_run}"]')
     assert train.get_by_text("Best validation PCC").is_visible()
     page.screenshot(path=str(study.shots / "mlflow-runs-table.png"))
-    assert not unexpected_errors(browser), unexpected_errors(browser)
 
 
-def test_the_evaluation_run_lists_its_figures_and_the_report_under_artifacts(study, browser):
-    page = browser.page
-    page.goto(study.tracker.run_url(study.evaluation.run_id))
+def evaluation_artifacts(study, page) -> None:
+    """The evaluation run lists its figures and the study's report under Artifacts, one click away."""
+    page.goto(study.tracker.run_url(study.evaluation_run))
     page.get_by_role("heading", name="evaluate").wait_for(timeout=TIMEOUT_MS)
     close_assistant(page)
     assert page.get_by_text(re.compile(r"^Model CTV PCC \d\.\d\d")).first.is_visible()  # its description
@@ -126,28 +117,24 @@ def test_the_evaluation_run_lists_its_figures_and_the_report_under_artifacts(stu
     page.get_by_text("fig3_metric_boxes.png", exact=True).click()
     page.locator("img[alt='figures/fig3_metric_boxes.png']").wait_for(timeout=TIMEOUT_MS)  # shown beside it
     page.screenshot(path=str(study.shots / "mlflow-evaluation-artifacts.png"))
-    assert not unexpected_errors(browser), unexpected_errors(browser)
 
 
-def test_the_champion_version_links_to_the_evaluation_that_crowned_it(study, browser):
+def champion_version(study, page) -> None:
+    """The champion version shows its alias and links to the evaluation that crowned it."""
     from ctvlab.stages.registry import EVALUATION_RUN_TAG
     from ctvlab.tracking import ui_url
 
-    page = browser.page
-    name, run_id = study.cfg.unet.registered_model_name, study.evaluation.run_id
-    assert study.version is not None
-    page.goto(ui_url(study.uri, f"models/{name}/versions/{study.version}"))
+    page.goto(ui_url(study.uri, f"models/{study.model}/versions/{study.version}"))
     page.get_by_text(f"Version {study.version}", exact=True).first.wait_for(timeout=TIMEOUT_MS)
     close_assistant(page)
     assert page.get_by_text("champion").first.is_visible()
     assert page.get_by_text(EVALUATION_RUN_TAG).first.is_visible()  # the version's tag naming the run
-    link = page.get_by_role("link", name=run_id, exact=True)
+    link = page.get_by_role("link", name=study.evaluation_run, exact=True)
     link.wait_for(timeout=TIMEOUT_MS)
     page.screenshot(path=str(study.shots / "mlflow-model-version.png"))
     with page.context.expect_page() as opened:  # MLflow opens a description's links in a new tab
         link.click()
     run_page = opened.value
     run_page.get_by_role("heading", name="evaluate").wait_for(timeout=TIMEOUT_MS)
-    assert run_id in run_page.url and "workflowType=machine_learning" in run_page.url
+    assert study.evaluation_run in run_page.url and "workflowType=machine_learning" in run_page.url
     run_page.close()
-    assert not unexpected_errors(browser), unexpected_errors(browser)
