@@ -25,6 +25,7 @@ WHAT = {
     "train_throughput": "training step and loop, before and now, beside the machine's practical limit; where a step's time goes",
     "tune_overhead": "a search's wall time against its trials' own training time; what ASHA saves",
     "tune_overhead_study": "the same on a study-sized split (67 training and 16 validation patients)",
+    "tune_overhead_30": "the same for a search of the study's size: 30 trials of 4 epochs",
     "positive_control": "the model CTV against the same-volume margin on the strong cohort, its null twin and today's cohort, beside the ceiling",
     "coverage_check": "the coverage guarantee over random calibration/test splits of a model's held-out patients",
     "reproduce": "the whole study on 101 synthetic patients, every row beside the study's",
@@ -36,6 +37,7 @@ WHAT = {
 SCRIPT = {
     "fault_searches": "faults.py --searches",
     "tune_overhead_study": "tune_overhead.py --record-as tune_overhead_study",
+    "tune_overhead_30": "tune_overhead.py --trials 30 --record-as tune_overhead_30",
     "positive_control_power": "positive_control.py --power",
 }
 INDEX_HEAD = """# Recorded benchmark runs

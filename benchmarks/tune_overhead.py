@@ -53,8 +53,9 @@ def main() -> None:
         "--record", action="store_true", help="also write the output to docs/results/tune_overhead.md"
     )
     ap.add_argument(
-        "--record-as", default="tune_overhead", choices=["tune_overhead", "tune_overhead_study"],
-        help="the results page to write: tune_overhead_study for a study-sized --data",
+        "--record-as", default="tune_overhead", choices=["tune_overhead", "tune_overhead_study", "tune_overhead_30"],
+        help="the results page to write: tune_overhead_study for a study-sized --data, tune_overhead_30 for "
+        "--trials 30",
     )  # fmt: skip
     args = ap.parse_args()
     from record import recorded

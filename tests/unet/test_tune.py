@@ -383,3 +383,34 @@ def test_a_trial_cut_off_by_its_stop_is_completed_from_what_it_left_on_the_stora
     }
     finish_stopped_trials(ctx, table, tracker)  # twice: nothing more
     assert len(tracker.client.get_metric_history(run_id, "val_tversky")) == 2
+
+
+def test_a_process_reads_a_searchs_examples_once_and_no_trial_can_change_them(tmp_path):
+    """Tune gives a slot's next trial the same process: its examples come from the first trial's read,
+    as read-only arrays; data prepared again (a new dataset record) or another input set is read again."""
+    import numpy as np
+
+    from ctvlab.unet import trial
+    from ctvlab.unet.trial import SearchContext, search_examples
+
+    prep = tmp_path / "prep"
+    prep.mkdir()
+    (prep / "dataset.json").write_text("{}")
+    reads: list[tuple] = []
+
+    def load(folder, ids, modality_set, view):
+        reads.append((tuple(ids), modality_set))
+        return [{"patient_id": i, "image": np.zeros((2, 3, 3, 3), np.float32)} for i in ids]
+
+    ctx = SearchContext(study={}, prep=str(prep), train_ids=["a", "b"], val_ids=["c"], storage="", search_name="s",
+                        parent_run_id=None, experiment="e", tracking_uri="", view={"grid": [3, 3, 3]})  # fmt: skip
+    first = search_examples(ctx, "all", load)
+    assert search_examples(ctx, "all", load) is first and reads == [(("a", "b"), "all"), (("c",), "all")]
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0]["image"] += 1
+    search_examples(ctx, "anatomy", load)  # another input set
+    assert reads[-2:] == [(("a", "b"), "anatomy"), (("c",), "anatomy")] and len(trial._EXAMPLES) == 1
+    time.sleep(0.01)
+    (prep / "dataset.json").write_text('{"again": 1}')  # prepared again
+    search_examples(ctx, "anatomy", load)
+    assert len(reads) == 6
