@@ -5,6 +5,7 @@ is and disappears when switched off, and the planes and patients switch."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -37,9 +38,12 @@ def _patient(folder: Path, model_centre) -> Path:
 
 def test_the_volumes_are_small_labelled_and_scaled(tmp_path):
     folder = _patient(tmp_path / "pt-1", (20, 24, 20))
-    assert {p.name for p in folder.iterdir()} == {
-        f"{k}.nii.gz" for k in ("t1c", "flair", "model", "rtog", "progression")
-    }
+    names = {f"{k}.nii.gz" for k in ("t1c", "flair", "model", "rtog", "progression")}
+    assert {p.name for p in folder.iterdir()} == names | {viewer.VIEW_FILE}
+    # the viewer opens on the centre of what is drawn (mm): the balls at (20, 24, 20) with 5 and 3 voxels'
+    # radius and the one at (20, 30, 20) with 2 pull it a little towards +y; x and z stay at 20 voxels
+    centre = json.loads((folder / viewer.VIEW_FILE).read_text())["centre_mm"]
+    assert centre[0] == centre[2] == 60.0 and 72.0 < centre[1] < 75.0, centre
     model = nib.load(folder / "model.nii.gz")
     assert model.header.get_intent()[0] == "label" and model.get_data_dtype() == np.uint8
     assert np.array_equal(np.asanyarray(model.dataobj) > 0, _ball((20, 24, 20), 5))

@@ -29,6 +29,7 @@ NIIVUE_VERSION = "0.69.0"  # npm @niivue/niivue, file dist/niivue.umd.js, unchan
 NIIVUE_SHA256 = "47b896b77ec4a5be3ef1949c33ad393b6f45629921f326c279000bcf51bdb4af"
 
 VIEWER_FOLDER = "viewer"  # under the evaluation's results: one folder per patient, named by pseudonym
+VIEW_FILE = "view.json"  # beside the volumes: where the viewer opens (the centre of the overlays, mm)
 BACKGROUNDS = {"t1c": "T1c", "flair": "FLAIR"}
 # Overlays in drawing order: key, label, colour (RGB 0–255), shown when the viewer opens. The CTV colours
 # are the contour figures' (model red, RTOG yellow, EORTC green).
@@ -82,6 +83,11 @@ def write_viewer_volumes(
         _save(scaled_uint8(image, brain), affine, folder / f"{key}.nii.gz", label=False)
     for key, mask in overlays.items():
         _save(np.asarray(mask, bool), affine, folder / f"{key}.nii.gz", label=True)
+    # Where the viewer opens: the centre (mm) of everything drawn over the image, else of the brain.
+    shown = np.any([np.asarray(m, bool) for m in overlays.values()], axis=0) if overlays else brain > 0
+    voxels = np.argwhere(shown if shown.any() else np.ones(brain.shape, bool)).mean(axis=0)
+    centre = (np.asarray(affine, float) @ np.append(voxels, 1.0))[:3]
+    (folder / VIEW_FILE).write_text(json.dumps({"centre_mm": [round(float(c), 2) for c in centre]}))
     return folder
 
 
@@ -101,6 +107,8 @@ def _payload(folders: list[Path]) -> dict:
             for p in sorted(folder.glob("*.nii.gz"))
         }
         if any(k in files for k in BACKGROUNDS):
+            view = folder / VIEW_FILE
+            files["centre_mm"] = json.loads(view.read_text())["centre_mm"] if view.is_file() else None
             patients[folder.name] = files
     return {
         "patients": patients,
@@ -119,7 +127,7 @@ VIEWER_JS = """
   const pick = root.querySelector('select[name=patient]');
   const back = root.querySelector('select[name=background]');
   const status = root.querySelector('.viewer-status');
-  const nv = new niivue.Niivue({backColor: [0, 0, 0, 1], crosshairColor: [0.3, 0.7, 1, 0.8], crosshairWidth: 1,
+  const nv = new niivue.Niivue({backColor: [0, 0, 0, 1], crosshairColor: [0.3, 0.7, 1, 0.5], crosshairWidth: 1,
                                 show3Dcrosshair: false, isColorbar: false, dragAndDropEnabled: false});
   const attached = nv.attachToCanvas(root.querySelector('canvas')).then(() => nv.setAtlasOutline(1));
   const checked = key => root.querySelector('input[data-layer="' + key + '"]').checked;
@@ -149,6 +157,7 @@ VIEWER_JS = """
       img.layer = o.key;
       nv.addVolume(img);
     }
+    if (files.centre_mm) nv.scene.crosshairPos = nv.mm2frac(files.centre_mm);
     visibility();
     status.textContent = 'patient ' + pick.value + ' · ' + data.backgrounds[base] + ' · scroll: slices, click: move the crosshair';
     root.dataset.ready = pick.value;
