@@ -45,6 +45,7 @@ CTV_COLOURS: dict[str, tuple[float, float, float]] = {
 }
 CTV_LABELS: dict[str, str] = {"model": "Deep learning", "rtog": "RTOG", "eortc": "EORTC",
                               "isovolume": "Uniform margin, same volume"}  # fmt: skip
+_TICK_LABELS = {"model": "Deep\nlearning", "isovolume": "Same-volume\nmargin"}
 # Box colours of Fig. 3 (yellow boxes are unreadable on white; the hue stays the same).
 _BOX_COLOURS: dict[str, str] = {"model": "tab:red", "rtog": "goldenrod", "eortc": "tab:green",
                                 "isovolume": "tab:blue"}  # fmt: skip
@@ -112,7 +113,8 @@ def plot_metric_boxes(
         for pos, d, c in zip(positions, data, ctvs, strict=True):
             jitter = rng.uniform(-0.12, 0.12, d.size)
             ax.scatter(pos + jitter, d, s=10, color=_BOX_COLOURS.get(c, "tab:gray"), zorder=3)
-        ax.set_xticks(positions, [CTV_LABELS.get(c, c) for c in ctvs])
+        # two lines at most per label: four CTVs side by side in a third of the figure's width
+        ax.set_xticks(positions, [_TICK_LABELS.get(c, CTV_LABELS.get(c, c)) for c in ctvs], fontsize=9)
         _draw_significance(ax, metric, ctvs, data, pvalues or {})
     fig.suptitle("CTV evaluation per test patient (Wilcoxon signed-rank: * p<0.05, ** <0.01, *** <0.001)")
     fig.tight_layout()
