@@ -262,3 +262,13 @@ def test_each_epoch_of_a_training_run_prints_one_progress_line():
     )
     assert line == "epoch 3/60 · train loss 0.4123 · val Tversky 0.7000 · best so far"
     assert epoch_line(0, 4, {"train_loss": float("nan")}) == "epoch 1/4"
+
+
+def test_a_training_runs_description_counts_its_kept_epoch_from_one_and_says_how_it_was_chosen():
+    from ctvlab.stages.train import training_note
+
+    note = training_note("final", {"epoch": 1, "val_tversky": 0.5712, "val_pcc": 0.0849}, 2, "models:/m/3")
+    assert note.startswith(
+        "Best epoch 2 of 2 by validation Tversky (Tversky 0.57, PCC 0.08); model models:/m/3."
+    )
+    assert training_note("train", {}, 4, None).startswith("4 epochs.")

@@ -199,11 +199,13 @@ def train_unet(
 
 
 def training_note(run_label: str, best: dict, epochs: int, model_uri: str | None) -> str:
-    """The training run's description in the MLflow UI: what the stage did, then its headline (the best
-    epoch's validation PCC) and the model it left, so that the runs table says it in one line."""
-    pcc = best.get("val_pcc")
-    headline = (f"Best validation PCC {float(pcc):.2f} at epoch {int(best.get('epoch', -1))} of {epochs}"
-                if isinstance(pcc, (int, float)) else f"{epochs} epochs")  # fmt: skip
+    """The training run's description in the MLflow UI: what the stage did, then its headline (the kept
+    epoch, counted from 1 as the progress lines count it, chosen by validation Tversky, with its validation
+    Tversky and PCC) and the model it left, so that the runs table says it in one line."""
+    scores = [f"{label} {float(best[key]):.2f}" for key, label in (("val_tversky", "Tversky"), ("val_pcc", "PCC"))
+              if isinstance(best.get(key), (int, float))]  # fmt: skip
+    headline = (f"Best epoch {int(best['epoch']) + 1} of {epochs} by validation Tversky ({', '.join(scores)})"
+                if scores and isinstance(best.get("epoch"), (int, float)) else f"{epochs} epochs")  # fmt: skip
     model = f"; model {model_uri}" if model_uri else ""
     return f"{headline}{model}.\n\n{STAGE_DESCRIPTIONS.get(run_label, STAGE_DESCRIPTIONS['train'])}"
 
