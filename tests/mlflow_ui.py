@@ -99,6 +99,13 @@ def runs_table(study, page) -> None:
     row.get_by_text(f"Model CTV PCC {study.model_pcc:.2f}").wait_for(timeout=TIMEOUT_MS)
     cells = row.locator('[col-id="metrics.`model_pcc_mean`"]')
     assert cells.count() == 1 and float(cells.inner_text()) == pytest.approx(study.model_pcc, abs=1e-9)
+    # the voxel models' and the search's rows say their result first too
+    page.get_by_text(re.compile(r"^NEL progression \(all\): ROC AUC \d\.\d\d")).first.wait_for(
+        timeout=TIMEOUT_MS
+    )
+    page.get_by_text(re.compile(r"^Best of \d+ trials: validation Tversky")).first.wait_for(
+        timeout=TIMEOUT_MS
+    )
     train = page.locator(f'.ag-center-cols-container [row-id="{study.train_run}"]')
     assert train.get_by_text(re.compile(r"^Best epoch \d+ of \d+ by validation Tversky")).is_visible()
     page.screenshot(path=str(study.shots / "mlflow-runs-table.png"))

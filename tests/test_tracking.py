@@ -192,3 +192,16 @@ def test_buffered_metrics_keep_values_through_an_outage_and_replay_them_once(tra
     # A refusal that retrying cannot change is raised, not buffered.
     with pytest.raises(Exception, match=r"(?i)run .* not found|RESOURCE_DOES_NOT_EXIST"):
         BufferedMetrics(tracking_uri, "0" * 32).metrics({"loss": 1.0}, step=0)
+
+
+def test_a_voxel_models_run_says_its_auc_beside_the_distance_baseline_first():
+    from ctvlab.stages.analysis import voxel_models_note
+
+    note = voxel_models_note("cel", "all", 0.8123, 0.0456, 0.9012, 101)
+    assert note.startswith(
+        "CEL progression (all): ROC AUC 0.81 ± 0.05 over the folds, distance to the T2L alone 0.90; 101 patients."
+    )
+    undefined = voxel_models_note("cel", "early", float("nan"), float("nan"), float("nan"), 8)
+    assert undefined.startswith(
+        "CEL progression (early): ROC AUC undefined: no test fold held both classes; 8 patients."
+    )

@@ -90,6 +90,13 @@ def test_small_search_logs_parent_children_and_survives_a_failing_trial(
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["n_trials"] == 2 and parent.data.metrics["n_failed"] == 1
     assert "best.lr" in parent.data.params
+    # the runs table's description: the headline first
+    assert (
+        parent.data.tags["mlflow.note.content"].startswith(
+            f"Best of 2 trials: validation Tversky {out.best_metric:.3f} (lr "
+        )
+        and "; 1 failed." in parent.data.tags["mlflow.note.content"]
+    )
     children = tracker.find_runs(f"tags.mlflow.parentRunId = '{out.parent_run_id}'")
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
     done = next(c for c in children if c.info.status == "FINISHED")
@@ -414,3 +421,15 @@ def test_a_process_reads_a_searchs_examples_once_and_no_trial_can_change_them(tm
     (prep / "dataset.json").write_text('{"again": 1}')  # prepared again
     search_examples(ctx, "anatomy", load)
     assert len(reads) == 6
+
+
+def test_a_searchs_description_names_its_best_trial_first():
+    from ctvlab.stages.tune import search_note
+
+    schedule = {"kind": "constant", "start": 0.98, "end": 0.98}
+    params = {"lr": 0.0012345, "base_features": 8, "loss": "pcc", "beta_schedule": schedule}
+    note = search_note(0.61234, params, 30, 0)
+    assert note.startswith(
+        "Best of 30 trials: validation Tversky 0.612 (lr 0.0012, base_features 8, loss pcc, beta_schedule constant)."
+    )
+    assert "failed" not in note.split("\n")[0]

@@ -10,7 +10,7 @@ from typing import Any
 from ctvlab.config import StudyConfig
 from ctvlab.errors import DataError
 from ctvlab.splits import Split, load_split, pseudonymised, write_split
-from ctvlab.tracking import base_tags, tracker_for
+from ctvlab.tracking import NOTE, STAGE_DESCRIPTIONS, base_tags, tracker_for
 
 
 def split_stage(cfg: StudyConfig, prep: Path) -> tuple[Split, str]:
@@ -57,6 +57,20 @@ def _require_features(prep: Path, patient_ids: list[str], features: list[str]) -
             f"leave them out (voxel_models.features: {kept}) or give those maps in the manifest and run "
             "`ctvlab preprocess` again"
         )
+
+
+def voxel_models_note(
+    target: str, subgroup: str, auc: float, sd: float, distance: float, patients: int
+) -> str:
+    """A voxel model's description in the MLflow UI: its headline (the CV AUC beside the distance-only
+    baseline, or that no fold could score it), then what the stage does."""
+    import math
+
+    if math.isnan(auc):
+        result = "ROC AUC undefined: no test fold held both classes"
+    else:
+        result = f"ROC AUC {auc:.2f} ± {sd:.2f} over the folds, distance to the T2L alone {distance:.2f}"
+    return f"{target.upper()} progression ({subgroup}): {result}; {patients} patients.\n\n{STAGE_DESCRIPTIONS['voxel-models']}"
 
 
 def voxel_models_stage(
@@ -141,6 +155,8 @@ def voxel_models_stage(
             run.params({"voxel_models": vcfg.model_dump(mode="json"), **res.params()})
             run.dataset("voxels", split.dataset_digest, str((prep / "voxels").resolve()), context="training")
             run.metrics(res.summary())
+            run.tags({NOTE: voxel_models_note(target, subgroup, res.auc_mean, res.auc_std, res.auc_distance,
+                                              res.n_patients)})  # fmt: skip
             for name, df in frames.items():
                 run.table(df, f"{name}.csv")
             for f in figs:

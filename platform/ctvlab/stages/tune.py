@@ -17,6 +17,7 @@ from ctvlab.errors import CtvlabError, DataError
 from ctvlab.stages.registry import log_model
 from ctvlab.stages.registry import register as register_model
 from ctvlab.study import BEST_SELECTION_METRIC
+from ctvlab.tracking import NOTE, STAGE_DESCRIPTIONS
 from ctvlab.unet.search import TRIAL_PARAMS, SearchOutcome, best_trial, param_space_with_hooks, run_search
 from ctvlab.unet.search_progress import say
 from ctvlab.unet.spaces import grid_param_space, narrow_space, random_param_space
@@ -160,6 +161,21 @@ def _search(
                           calibration=(prep, split.patients("val")))  # fmt: skip
 
 
+def search_note(best_metric: float, best_params: dict, n_trials: int, n_failed: int) -> str:
+    """The search's description in the MLflow UI: its headline (the best trial's validation Tversky and
+    settings), then what the stage does."""
+
+    def shown(v) -> str:  # a schedule by its kind; the whole of it is in the run's parameters
+        if isinstance(v, dict):
+            return str(v.get("kind", "…"))
+        return f"{v:.2g}" if isinstance(v, float) else str(v)
+
+    settings = ", ".join(f"{k} {shown(v)}" for k, v in best_params.items())
+    failed = f"; {n_failed} failed" if n_failed else ""
+    return (f"Best of {n_trials} trials: validation Tversky {best_metric:.3f} ({settings}){failed}.\n\n"
+            f"{STAGE_DESCRIPTIONS['tune']}")  # fmt: skip
+
+
 def _finish_search(
     cfg,
     tracker,
@@ -193,6 +209,7 @@ def _finish_search(
     n_failed = int((trials["status"] == "ERROR").sum())
     log.metrics({BEST_SELECTION_METRIC: float(best[BEST_SELECTION_METRIC]), "n_trials": len(trials), "n_failed": n_failed,
                  "trial_epochs_total": int(trials["epochs_run"].sum())})  # fmt: skip
+    log.tags({NOTE: search_note(float(best[BEST_SELECTION_METRIC]), best_params, len(trials), n_failed)})
     src = Path(best["model_dir"])
     dst, model_dir, model_uri = Path(model_dir or Path(cfg.results_dir, "model")).resolve(), None, None
     if src.exists():
