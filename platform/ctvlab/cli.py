@@ -149,7 +149,7 @@ def register(
 
     Exit 0 when every declared follow-up registered (or none is declared), 1 when some patient was refused
     or failed (nothing written for it; the others go on), 2 for a cohort-level problem."""
-    from ctvlab.ingest.followup import MIN_NMI, Settings, register_cohort
+    from ctvlab.ingest.followup import MIN_NMI, Settings, not_registered, register_cohort
 
     cfg = _settings(config, set_, workdir, smoke_test)
     console = _console()
@@ -160,7 +160,7 @@ def register(
                               say=lambda m: console.print(m, markup=False))  # fmt: skip
     if not results:
         console.print("no patient declares a follow-up (<patient>/followup/): nothing to register")
-    bad = [r.patient_id for r in results if r.status in ("refused", "error")]
+    bad = not_registered(results)
     if bad:
         console.print(f"not registered: {', '.join(bad)}", markup=False)
     raise typer.Exit(1 if bad else 0)

@@ -307,7 +307,7 @@ def _register(cfg: StudyConfig, console) -> StageRecord:
     written where the manifest expects them. A refused patient is named and left without progression masks
     (validation then says so); the study goes on with the others."""
     from ctvlab.errors import DataError
-    from ctvlab.ingest.followup import Settings, register_cohort
+    from ctvlab.ingest.followup import Settings, not_registered, register_cohort
 
     try:
         results = register_cohort(cfg.raw_dir, Settings.for_run(cfg.smoke_test),
@@ -318,7 +318,7 @@ def _register(cfg: StudyConfig, console) -> StageRecord:
         return StageRecord(
             "register", "nothing to do", detail="no patient declares a follow-up (<patient>/followup/)"
         )
-    bad = [r.patient_id for r in results if r.status in ("refused", "error")]
+    bad = not_registered(results)
     current = sum(r.status == "current" for r in results)
     detail = f"{len(results) - len(bad) - current} follow-up(s) registered"
     if current:
@@ -565,7 +565,8 @@ def evaluate_stage(
     version = crown(tracker_for(cfg), cfg, out.model_uri, out)
     if version is not None:
         console.print(f"models:/{cfg.unet.registered_model_name}@champion is now version {version}")
-    stamps.write("evaluate", key, stage_parts("evaluate", cfg, inputs))
+    # the run beside whose figures `ctvlab report` puts the report while this stamp is current
+    stamps.write("evaluate", key, stage_parts("evaluate", cfg, inputs), run_id=out.run_id)
     return StageRecord("evaluate", "ran", detail=str(out.out_dir), run_ids=[out.run_id]), out
 
 

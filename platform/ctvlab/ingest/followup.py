@@ -79,6 +79,11 @@ class PatientResult:
     inputs: str | None = None  # digest of what the registration read and how (`_inputs_digest`)
 
 
+def not_registered(results: list[PatientResult]) -> list[str]:
+    """The patients whose follow-up was refused or failed: left without progression masks."""
+    return [r.patient_id for r in results if r.status in ("refused", "error")]
+
+
 def _first(folder: Path, name: str) -> Path | None:
     for s in SUFFIXES:
         if (folder / f"{name}{s}").is_file():

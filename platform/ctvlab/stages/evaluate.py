@@ -39,6 +39,7 @@ from ctvlab.ctv.scoring import (
     wilcoxon_table,
     write_ctv_nifti,
 )
+from ctvlab.ctv.viewer import OVERLAYS as VIEWER_OVERLAYS
 from ctvlab.ctv.viewer import VIEWER_FOLDER, write_viewer_volumes
 from ctvlab.data.readers import load_patient, read_patients
 from ctvlab.errors import CtvlabError, DataError, folder_bytes, space_needed, writing
@@ -263,7 +264,7 @@ def evaluate_study(
             write_viewer_volumes(
                 out / VIEWER_FOLDER / names[pid], p.affine, {"t1c": p.feature("nT1c"), "flair": p.feature("nFLAIR")},
                 m["brain"], {"progression": (m["cel_prog"] | m["t2l_prog"]) & m["brain"],
-                             **{k: ctvs[k] for k in ("lesion", "isovolume", "eortc", "rtog", "model") if k in ctvs}},
+                             **{k: ctvs[k] for k, *_ in VIEWER_OVERLAYS if k in ctvs}},
             )  # fmt: skip
         roc = _rf_roc_curves(cfg)
         if roc:
