@@ -565,8 +565,7 @@ def evaluate_stage(
     version = crown(tracker_for(cfg), cfg, out.model_uri, out)
     if version is not None:
         console.print(f"models:/{cfg.unet.registered_model_name}@champion is now version {version}")
-    # the run beside whose figures `ctvlab report` puts the report while this stamp is current
-    stamps.write("evaluate", key, stage_parts("evaluate", cfg, inputs), run_id=out.run_id)
+    stamps.write("evaluate", key, stage_parts("evaluate", cfg, inputs))
     return StageRecord("evaluate", "ran", detail=str(out.out_dir), run_ids=[out.run_id]), out
 
 

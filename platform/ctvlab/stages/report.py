@@ -29,7 +29,6 @@ from ctvlab.atomic import atomic_path
 from ctvlab.config import StudyConfig
 from ctvlab.ctv.scoring import PATIENT_FIGURE_PREFIX
 from ctvlab.ctv.viewer import VIEWER_FOLDER, viewer_html
-from ctvlab.stage_table import read_stamp
 from ctvlab.study import STUDY_AUC, STUDY_CTV, STUDY_CTV_P
 
 REPORT_FILE = "report.html"
@@ -418,8 +417,7 @@ def _provenance(r: Report, cfg: StudyConfig, current: dict[str, bool]) -> None:
 
 def report_stage(cfg: StudyConfig, current: dict[str, bool]) -> tuple[Path, str]:
     """Write the report and log it to the study's MLflow run "report" (MLflow renders HTML artifacts), and
-    beside the figures of the evaluation run it reports (the run the evaluate stamp records) when that
-    evaluation is current, so that a reviewer
+    beside the figures of the evaluation run it reports when that evaluation is current, so that a reviewer
     on the evaluation's page finds it under Artifacts; the logged copy names no local folder and leaves out
     patient contour figures unless `tracking.log_patient_images`. Returns (path, run id)."""
     import tempfile
@@ -434,8 +432,17 @@ def report_stage(cfg: StudyConfig, current: dict[str, bool]) -> tuple[Path, str]
         )
         run.artifact(shared)
         run_id = run.run_id
-        # The evaluation this report shows: the run its stamp records, while the stamp is current.
-        stamp = read_stamp(cfg.workdir, "evaluate") if current.get("evaluate") else None
-        if stamp and stamp.get("run_id"):
-            tracker.logger(stamp["run_id"]).artifact(shared)
+        evaluation = current_evaluation_run(tracker) if current.get("evaluate") else None
+        if evaluation is not None:
+            tracker.logger(evaluation).artifact(shared)
     return path, run_id
+
+
+def current_evaluation_run(tracker) -> str | None:
+    """The experiment's latest finished evaluation run (the one whose tables the report shows when the
+    evaluate stage is current); None when there is none or the tracking server does not answer now (the
+    report then stays with its own run)."""
+    if not tracker.reachable():
+        return None
+    runs = tracker.find_runs("tags.`ctvlab.stage` = 'evaluate' and attributes.status = 'FINISHED'", 1)
+    return runs[0].info.run_id if runs else None
