@@ -932,7 +932,7 @@ def apply_smoke_test(cfg: StudyConfig) -> StudyConfig:
     """Tiny, CPU-only settings for a minutes-long check of a whole job (`--smoke-test`).
 
     Everything runs, nothing is meaningful: 8 coarse synthetic patients, a 4-feature U-Net for two epochs,
-    two trials, small forests. Results go to `<workdir>/smoke` so they never mix with real ones.
+    two trials, small forests, one shuffle per feature on 1,000 test voxels, 200 bootstrap resamples, no missing-MRSI policy check. Results go to `<workdir>/smoke` so they never mix with real ones.
     """
     c = cfg.model_copy(deep=True)
     c.smoke_test = True
@@ -945,6 +945,10 @@ def apply_smoke_test(cfg: StudyConfig) -> StudyConfig:
     c.voxel_models.subgroups = ["all"]
     c.voxel_models.rf = c.voxel_models.rf.model_copy(update={"n_estimators": 10, "max_depth": 6})
     c.voxel_models.xgboost = c.voxel_models.xgboost.model_copy(update={"n_estimators": 20, "max_depth": 3})
+    c.voxel_models.permutation_repeats = 1
+    c.voxel_models.max_test_rows_for_permutation = 1000
+    c.voxel_models.bootstrap_resamples = 200
+    c.voxel_models.missing_check = False  # three more CV runs per target; tests check it on its own
     c.unet.model.base_features = 4
     c.unet.train.epochs = 2
     c.unet.train.num_workers = 1

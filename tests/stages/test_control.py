@@ -79,3 +79,23 @@ def test_summary_by_hand():
     assert model["gain"] == pytest.approx(0.1) and truth["gain"] == pytest.approx((0.2 + 0.2 + 0.3) / 3)
     assert model["ceiling"] == pytest.approx(truth["gain"])
     assert model["share_of_ceiling"] == pytest.approx(0.1 / ((0.2 + 0.2 + 0.3) / 3))
+
+
+def test_external_patients_are_scored_at_the_test_patients_threshold(trained_phantom, prepared_phantom):
+    from ctvlab.splits import load_split
+    from ctvlab.stages.control import score_external, score_test_patients
+
+    cfg, outcome = trained_phantom
+    ctv_test, vol_test, threshold = score_test_patients(prepared_phantom, outcome.model_dir, cfg)
+    # the phantom again as "another cohort": every one of its patients is scored, at the same threshold
+    ctv_ext, vol_ext, ext_threshold = score_external(
+        outcome.model_dir, cfg, prepared_phantom, prepared_phantom
+    )
+    assert ext_threshold == threshold
+    assert sorted(ctv_ext["patient_id"]) == sorted(read_patients(prepared_phantom)["patient_id"])
+    test_ids = load_split(prepared_phantom).patients("test")
+    assert set(test_ids) < set(ctv_ext["patient_id"])
+    same = ctv_ext.set_index("patient_id").loc[list(ctv_test["patient_id"])].reset_index()
+    pd.testing.assert_frame_equal(same, ctv_test, check_like=True)  # the test patients score as they did
+    ext_rows = vol_ext[vol_ext["patient_id"].isin(test_ids)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(ext_rows, vol_test.reset_index(drop=True))

@@ -91,6 +91,42 @@ def score_patient(
     return ctv_row, rows
 
 
+def model_threshold(model, prep: Path, cfg: StudyConfig) -> float:
+    """The model CTV's threshold: chosen on the validation patients of `prep`'s split, or `cfg.ctv`'s own."""
+    from ctvlab.splits import load_split
+    from ctvlab.stages.calibrate import calibration_for
+
+    if cfg.ctv.threshold == "validation":
+        return float(calibration_for(model, prep, cfg, load_split(prep).patients("val"))["threshold"])
+    return float(cfg.ctv.threshold)
+
+
+def score_patients(
+    model,
+    threshold: float,
+    prep: Path,
+    patient_ids: Sequence[str],
+    cfg: StudyConfig,
+    cohort: Path | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`score_patient` for each of `patient_ids` of `prep` with `model` at `threshold`.
+
+    Returns:
+        (the CTV table, the fixed-volume table).
+    """
+    from ctvlab.data.readers import load_patient
+    from ctvlab.unet.inference import predict_probability
+
+    ctv_rows, rows = [], []
+    for pid in patient_ids:
+        p = load_patient(prep, pid)
+        density = truth_on_grid(cohort, p) if cohort is not None else None
+        c, r = score_patient(predict_probability(model, p), threshold, p, cfg, density)
+        ctv_rows.append(c)
+        rows.extend(r)
+    return pd.DataFrame(ctv_rows), pd.DataFrame(rows)
+
+
 def score_test_patients(
     prep: Path, model_dir: Path, cfg: StudyConfig, cohort: Path | None = None, split_name: str = "test"
 ) -> tuple[pd.DataFrame, pd.DataFrame, float]:
@@ -99,25 +135,37 @@ def score_test_patients(
     Returns:
         (the CTV table, the fixed-volume table, the threshold).
     """
-    from ctvlab.data.readers import load_patient
     from ctvlab.splits import load_split
-    from ctvlab.stages.calibrate import calibration_for
-    from ctvlab.unet.inference import load_model, predict_probability
+    from ctvlab.unet.inference import load_model
 
-    split = load_split(prep)
     model = load_model(model_dir, device="cpu")
-    if cfg.ctv.threshold == "validation":
-        threshold = calibration_for(model, prep, cfg, split.patients("val"))["threshold"]
-    else:
-        threshold = float(cfg.ctv.threshold)
-    ctv_rows, rows = [], []
-    for pid in split.patients(split_name):
-        p = load_patient(prep, pid)
-        density = truth_on_grid(cohort, p) if cohort is not None else None
-        c, r = score_patient(predict_probability(model, p), threshold, p, cfg, density)
-        ctv_rows.append(c)
-        rows.extend(r)
-    return pd.DataFrame(ctv_rows), pd.DataFrame(rows), threshold
+    threshold = model_threshold(model, prep, cfg)
+    ctv_table, volume_table = score_patients(
+        model, threshold, prep, load_split(prep).patients(split_name), cfg, cohort
+    )
+    return ctv_table, volume_table, threshold
+
+
+def score_external(
+    model_dir: Path, cfg: StudyConfig, train_prep: Path, prep: Path, cohort: Path | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """Every patient of another prepared cohort, none of whom the model saw, scored like the test patients.
+
+    The threshold is the one the test patients get (chosen on the validation patients of `train_prep`), so
+    the external patients only add precision: an independent draw of the same population, e.g. a synthetic
+    cohort generated with the same settings and another seed.
+
+    Returns:
+        (the CTV table, the fixed-volume table, the threshold).
+    """
+    from ctvlab.data.readers import read_patients
+    from ctvlab.unet.inference import load_model
+
+    model = load_model(model_dir, device="cpu")
+    threshold = model_threshold(model, train_prep, cfg)
+    ids = sorted(read_patients(prep)["patient_id"])
+    ctv_table, volume_table = score_patients(model, threshold, prep, ids, cfg, cohort)
+    return ctv_table, volume_table, threshold
 
 
 def paired_gain(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict[str, float]:
