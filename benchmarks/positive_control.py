@@ -236,7 +236,7 @@ def expectations(
     return out
 
 
-def power_curve(results: dict[str, dict], path: Path) -> Path:
+def power_curve(results: dict[str, dict], path: Path, external: dict[str, dict] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,6 +254,14 @@ def power_curve(results: dict[str, dict], path: Path) -> Path:
         ax.errorbar(x, g, yerr=[g - lo, hi - g], color=colour, marker="o", capsize=3,
                     label=f"model, top-k at the {volume} volume")  # fmt: skip
         ax.plot(x, ceil, color=colour, ls="--", marker="x", label=f"ceiling (true density) at {volume}")
+    ext = [line(external[n]["summary"], "model CTV") if n in (external or {}) else None for n in names]
+    if any(e is not None for e in ext):
+        g = np.array([e["gain"] if e is not None else np.nan for e in ext])
+        lo = np.array([e["low"] if e is not None else np.nan for e in ext])
+        hi = np.array([e["high"] if e is not None else np.nan for e in ext])
+        n_ext = max(external[n]["n_test"] for n in names if n in external)
+        ax.errorbar(x + 0.08, g, yerr=[g - lo, hi - g], color="C0", mfc="white", marker="s", ls=":", capsize=3,
+                    label=f"model, top-k at the model CTV volume, {n_ext} patients it never saw")  # fmt: skip
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, names)
     ax.set_xlabel("signal setting of the synthetic cohort")
@@ -295,10 +303,16 @@ def main() -> None:
     ap.add_argument(
         "--record", action="store_true", help="also write the output to docs/results/positive_control.md"
     )
+    ap.add_argument(
+        "--record-as",
+        choices=["positive_control", "positive_control_power", "positive_control_power_101"],
+        help="the page --record writes (default: positive_control, or positive_control_power with --power)",
+    )
     args = ap.parse_args()
     from record import recorded
 
-    with recorded("positive_control_power" if args.power else "positive_control", args.record):
+    page = args.record_as or ("positive_control_power" if args.power else "positive_control")
+    with recorded(page, args.record):
         run(args)
 
 
@@ -338,7 +352,7 @@ def run(args) -> None:
         for text, ok, detail in expectations(results, external):
             print(f"{'ok ' if ok else 'OUT'}  {text}: {detail}")
         if args.power:
-            print(f"power curve: {power_curve(results, root / 'power_curve.png')}")
+            print(f"power curve: {power_curve(results, root / 'power_curve.png', external)}")
         record = {n: {**{k: v for k, v in r.items() if k != "summary"}, "summary": r["summary"].to_dict("records")}
                   for n, r in results.items()}  # fmt: skip
         for n, r in external.items():

@@ -32,6 +32,7 @@ WHAT = {
     "faults": "tracking-server outages, a full disk, a read-only results folder, a killed worker: exit codes, messages, MLflow record, files",
     "fault_searches": "consecutive smoke searches: how every trial's MLflow run ends",
     "positive_control_power": "the power curve: the model's gain and the ceiling against the cohort's signal setting",
+    "positive_control_power_101": "the power curve at the study's size (101 patients per cohort), with each model's gain on 101 patients it never saw",
 }
 # Pages written by a benchmark under another name than its script's (a mode of it).
 SCRIPT = {
@@ -39,6 +40,7 @@ SCRIPT = {
     "tune_overhead_study": "tune_overhead.py --record-as tune_overhead_study",
     "tune_overhead_30": "tune_overhead.py --trials 30 --record-as tune_overhead_30",
     "positive_control_power": "positive_control.py --power",
+    "positive_control_power_101": "positive_control.py --power --record-as positive_control_power_101",
 }
 INDEX_HEAD = """# Recorded benchmark runs
 
