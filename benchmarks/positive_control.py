@@ -218,7 +218,7 @@ def expectations(
                     f"gain {drawn['gain']:+.3f}, p = {drawn['p']:.2g}" if drawn is not None else "not run"))  # fmt: skip
     for name, res in (external or {}).items():
         drawn = line(res["summary"], "model CTV (as drawn)")
-        detail = f"gain {drawn['gain']:+.3f} [{drawn['low']:+.3f}, {drawn['high']:+.3f}], p = {drawn['p']:.2g}, {res['n_test']} patients"
+        detail = f"gain {drawn['gain']:+.3f} [{drawn['low']:+.3f}, {drawn['high']:+.3f}], p = {drawn['p']:.2g}, {res['n_test']} patients ({int(drawn['n'])} with new progression)"
         if name == "strong":
             out.append(("strong, external patients: the model CTV covers more than the same-volume margin (p < 0.05)",
                         drawn["gain"] > 0 and drawn["p"] < 0.05, detail))  # fmt: skip
