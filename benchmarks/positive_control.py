@@ -20,8 +20,10 @@ each beside the ceiling (the true density's gain at that volume). Prints every e
 `--external N` also scores each cohort's model on N patients it never saw: a cohort generated with the same
 settings and another seed (`--external-seed`, default the seed + 1; the twins of a setting share it, so
 they are again the same patients), every one of them scored at the threshold the test patients get. The
-18 test patients of a 101-patient cohort leave a standard error of about 0.02 on a mean gain; 101 external
-patients bring it near 0.007, which is what "no gain" on the null twin (|gain| < 0.01) needs.
+18 test patients of a 101-patient cohort leave a standard error of about 0.02 to 0.04 on a mean gain; 101
+external patients (about 93 with new progression) bring it to about 0.016–0.018 (measured; patients with a
+handful of new voxels swing between coverage 0 and 1, so it does not fall as 1/sqrt(n) from the test
+patients' figure).
 
 `--power` adds the intermediate signal settings and draws the power curve (the model's gain and the
 ceiling against the signal, with their intervals): run it with `--patients N` at a team's own cohort size to
