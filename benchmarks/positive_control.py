@@ -326,6 +326,10 @@ def run(args) -> None:
 
     from ctvlab.runtime import init_ray
 
+    if args.external and args.external_seed == args.seed:
+        raise SystemExit(
+            f"--external-seed {args.seed} is the training cohort's seed: its patients would be the same"
+        )
     root = args.out.resolve() if args.out else Path(tempfile.mkdtemp(prefix="ctvlab-control-"))
     root.mkdir(parents=True, exist_ok=True)
     init_ray()

@@ -81,21 +81,43 @@ def test_summary_by_hand():
     assert model["share_of_ceiling"] == pytest.approx(0.1 / ((0.2 + 0.2 + 0.3) / 3))
 
 
-def test_external_patients_are_scored_at_the_test_patients_threshold(trained_phantom, prepared_phantom):
-    from ctvlab.splits import load_split
+@pytest.fixture(scope="module")
+def other_phantoms(tmp_path_factory, ray_local):
+    """Three prepared phantom patients of another draw (seeds 100-102): patients no phantom model saw."""
+    from ctvlab.config import PreprocessConfig
+    from ctvlab.preprocess.ray_pipeline import preprocess_cohort
+    from tests.phantoms import PhantomSpec, make_phantom_cohort
+
+    root = tmp_path_factory.mktemp("other_phantoms")
+    make_phantom_cohort(root / "cohort", n=3, spec=PhantomSpec(noise=0.05, seed=100))
+    report = preprocess_cohort(root / "cohort", root / "prep", PreprocessConfig(), progress=False)
+    assert report.ok, report
+    return root / "prep"
+
+
+def test_external_patients_are_scored_at_the_test_patients_threshold(
+    trained_phantom, prepared_phantom, other_phantoms
+):
+    from ctvlab.errors import LeakageError
     from ctvlab.stages.control import score_external, score_test_patients
+    from ctvlab.unet.inference import load_model, predict_probability
 
     cfg, outcome = trained_phantom
-    ctv_test, vol_test, threshold = score_test_patients(prepared_phantom, outcome.model_dir, cfg)
-    # the phantom again as "another cohort": every one of its patients is scored, at the same threshold
-    ctv_ext, vol_ext, ext_threshold = score_external(
-        outcome.model_dir, cfg, prepared_phantom, prepared_phantom
+    _, _, threshold = score_test_patients(prepared_phantom, outcome.model_dir, cfg)
+    ctv_ext, vol_ext, ext_threshold = score_external(outcome.model_dir, cfg, prepared_phantom, other_phantoms)
+    assert ext_threshold == threshold  # chosen on the training cohort's validation patients, not on these
+    ids = sorted(read_patients(other_phantoms)["patient_id"])
+    assert sorted(ctv_ext["patient_id"]) == ids and sorted(set(vol_ext["patient_id"])) == ids
+    # each is scored as a test patient is: its own probability map at that threshold
+    p = load_patient(other_phantoms, ids[0])
+    ctv_row, rows = score_patient(
+        predict_probability(load_model(outcome.model_dir, device="cpu"), p), threshold, p, cfg
     )
-    assert ext_threshold == threshold
-    assert sorted(ctv_ext["patient_id"]) == sorted(read_patients(prepared_phantom)["patient_id"])
-    test_ids = load_split(prepared_phantom).patients("test")
-    assert set(test_ids) < set(ctv_ext["patient_id"])
-    same = ctv_ext.set_index("patient_id").loc[list(ctv_test["patient_id"])].reset_index()
-    pd.testing.assert_frame_equal(same, ctv_test, check_like=True)  # the test patients score as they did
-    ext_rows = vol_ext[vol_ext["patient_id"].isin(test_ids)].reset_index(drop=True)
-    pd.testing.assert_frame_equal(ext_rows, vol_test.reset_index(drop=True))
+    assert ctv_ext.set_index("patient_id").loc[ids[0]].to_dict() == pytest.approx(
+        {k: v for k, v in ctv_row.items() if k != "patient_id"}, nan_ok=True
+    )
+    assert len(vol_ext[vol_ext["patient_id"] == ids[0]]) == len(rows)
+
+    # the training cohort itself (or a copy, or another cohort holding one of its patients) is refused
+    with pytest.raises(LeakageError, match="same input files"):
+        score_external(outcome.model_dir, cfg, prepared_phantom, prepared_phantom)

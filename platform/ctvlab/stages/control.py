@@ -153,17 +153,30 @@ def score_external(
 
     The threshold is the one the test patients get (chosen on the validation patients of `train_prep`), so
     the external patients only add precision: an independent draw of the same population, e.g. a synthetic
-    cohort generated with the same settings and another seed.
+    cohort generated with the same settings and another seed. A patient whose input files are those of a
+    patient of `train_prep` is refused (`LeakageError`).
 
     Returns:
         (the CTV table, the fixed-volume table, the threshold).
     """
     from ctvlab.data.readers import read_patients
+    from ctvlab.errors import LeakageError
     from ctvlab.unet.inference import load_model
 
+    patients, seen = read_patients(prep), read_patients(train_prep)
+    # Patient ids say nothing here (two synthetic cohorts both start at SYN001): the inputs' hashes do.
+    known = dict(zip(seen["input_hash"], seen["patient_id"], strict=True))
+    same = [(pid, known[h]) for pid, h in zip(patients["patient_id"], patients["input_hash"], strict=True)
+            if h in known]  # fmt: skip
+    if same:
+        shown = ", ".join(f"{a} (= {b})" for a, b in same[:5]) + (" …" if len(same) > 5 else "")
+        raise LeakageError(
+            f"{len(same)} patient(s) of {prep} have the same input files as patients of the dataset the model "
+            f"was trained, validated and tested on ({train_prep}): {shown}. External patients must be others."
+        )
     model = load_model(model_dir, device="cpu")
     threshold = model_threshold(model, train_prep, cfg)
-    ids = sorted(read_patients(prep)["patient_id"])
+    ids = sorted(patients["patient_id"])
     ctv_table, volume_table = score_patients(model, threshold, prep, ids, cfg, cohort)
     return ctv_table, volume_table, threshold
 
