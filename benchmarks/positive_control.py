@@ -80,6 +80,21 @@ def study_config(workdir: Path, epochs: int, base_features: int):
     return cfg
 
 
+def prepared(name: str, report) -> dict[str, str]:
+    """The patients preprocessing left out, with why (printed); stops only when the cohort as a whole failed.
+
+    A generated patient can be refused like a team's (e.g. too few normal-appearing voxels inside the MRSI
+    box to normalise a metabolite map); the others are the cohort, as `ctvlab preprocess` leaves them."""
+    if report.errors or report.cohort_problems or report.n_prepared == 0:
+        problems = [*report.cohort_problems, *(f"{e.patient_id}: {e.reason}" for e in report.errors)]
+        raise SystemExit(f"{name}: preprocessing failed: " + "; ".join(problems or ["no patient prepared"]))
+    why = {p.patient_id: "; ".join(p.problems) or "invalid" for p in report.invalid}
+    why.update({f.patient_id: f.reason for f in report.failed})
+    for pid, reason in why.items():
+        print(f"{name}: {pid} left out by preprocessing: {reason}")
+    return why
+
+
 def run_cohort(
     name: str, root: Path, patients: int, seed: int, epochs: int, base_features: int, reuse: bool = False
 ) -> dict:
@@ -109,9 +124,7 @@ def run_cohort(
     synth = SynthConfig(n_patients=patients, seed=seed, **SETTINGS[name])
     cohort, prep = work / "cohort", work / "prep"
     generate_cohort(cohort, synth, progress=False)
-    report = preprocess_cohort(cohort, prep, PreprocessConfig(), progress=False)
-    if not report.ok:
-        raise SystemExit(f"{name}: preprocessing failed: {report}")
+    left_out = prepared(name, preprocess_cohort(cohort, prep, PreprocessConfig(), progress=False))
     write_split(prep, SplitConfig(seed=seed))
     t_data = time.perf_counter() - t0
     cfg = study_config(work, epochs, base_features)
@@ -124,7 +137,7 @@ def run_cohort(
     result = {"name": name, "threshold": threshold, "epochs_run": trained.epochs_run,
               "best_val_tversky": trained.best_metrics.get("val_tversky"), "seconds_data": t_data,
               "seconds_train": t_train, "n_test": len(ctv_table), "settings": settings,
-              "model_dir": str(trained.model_dir),
+              "model_dir": str(trained.model_dir), "left_out": left_out,
               "finished_at": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
     (work / "result.json").write_text(json.dumps(result, indent=2, default=float))
     return {**result, "summary": table}
@@ -158,9 +171,9 @@ def run_external(name: str, root: Path, result: dict, patients: int, seed: int, 
     t0 = time.perf_counter()
     cohort, prep = ext / "cohort", ext / "prep"
     generate_cohort(cohort, SynthConfig(n_patients=patients, seed=seed, **SETTINGS[name]), progress=False)
-    report = preprocess_cohort(cohort, prep, PreprocessConfig(), progress=False)
-    if not report.ok:
-        raise SystemExit(f"{name}: preprocessing the external cohort failed: {report}")
+    left_out = prepared(
+        f"{name} (external)", preprocess_cohort(cohort, prep, PreprocessConfig(), progress=False)
+    )
     t_data = time.perf_counter() - t0
     cfg = study_config(work, epochs, base_features)
     ctv_table, volume_table, threshold = score_external(model_dir, cfg, work / "prep", prep, cohort)
@@ -168,7 +181,7 @@ def run_external(name: str, root: Path, result: dict, patients: int, seed: int, 
     for df, fname in ((ctv_table, "ctv.csv"), (volume_table, "volumes.csv"), (table, "summary.csv")):
         df.to_csv(ext / fname, index=False)
     out = {"name": f"{name} (external)", "threshold": threshold, "n_test": len(ctv_table), "settings": settings,
-           "seconds_data": t_data, "seconds_score": time.perf_counter() - t0 - t_data,
+           "seconds_data": t_data, "seconds_score": time.perf_counter() - t0 - t_data, "left_out": left_out,
            "finished_at": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
     done.write_text(json.dumps(out, indent=2, default=float))
     return {**out, "summary": table}
@@ -186,7 +199,8 @@ def print_cohort(res: dict) -> None:
               f"{res['best_val_tversky']:.3f}) · threshold {res['threshold']:.2f} · data {res['seconds_data']:.0f} s, "
               f"training {res['seconds_train']:.0f} s")  # fmt: skip
     else:
-        print(f"\n{res['name']}: {res['n_test']} patients the model never saw (seed {res['settings']['seed']}) · "
+        left = f", {len(res['left_out'])} left out by preprocessing" if res.get("left_out") else ""
+        print(f"\n{res['name']}: {res['n_test']} patients the model never saw (seed {res['settings']['seed']}{left}) · "
               f"threshold {res['threshold']:.2f} · data {res['seconds_data']:.0f} s, scoring "
               f"{res['seconds_score']:.0f} s")  # fmt: skip
     print(f"  {'volume':<22}{'map':<9}{'coverage':>9}{'margin':>8}{'gain':>8}  {'95% CI':<17}{'p':>8}  "
