@@ -260,7 +260,7 @@ def power_curve(results: dict[str, dict], path: Path, external: dict[str, dict] 
 
     names = [n for n in POWER if n in results]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(9.6, 4.4))
     for volume, colour in (("model CTV", "C0"), ("margin 10 mm", "C1"), ("margin 20 mm", "C2")):
         model = [line(results[n]["summary"], volume) for n in names]
         g = np.array([m["gain"] if m is not None else np.nan for m in model])
@@ -283,8 +283,9 @@ def power_curve(results: dict[str, dict], path: Path, external: dict[str, dict] 
     ax.set_xlabel("signal setting of the synthetic cohort")
     ax.set_ylabel("coverage gain over the same-volume margin")
     n = results[names[0]]["n_test"] if names else 0
-    ax.set_title(f"Power curve: {n} test patients per cohort (95% patient-bootstrap intervals)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"Power curve: {n} test patients per cohort (95% patient-bootstrap intervals)", fontsize=9,
+                 loc="left")  # fmt: skip
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
