@@ -28,7 +28,7 @@ patients' figure).
 `--power` adds the intermediate signal settings and draws the power curve (the model's gain and the
 ceiling against the signal, with their intervals): run it with `--patients N` at a team's own cohort size to
 see what effect that many patients can detect. `--quick`: 40 patients, strong and strong-null only,
-20 epochs; about 15 minutes on 2 cores. `--out DIR` keeps everything (cohorts, prepared data, models,
+20 epochs; 7 minutes on an idle 2-core machine. `--out DIR` keeps everything (cohorts, prepared data, models,
 tables, figure); without it a temporary folder is removed at the end. `--reuse` with `--out` takes each cohort
 that an earlier invocation with the same settings finished there as it is (its `result.json`), and starts
 the unfinished ones again.
