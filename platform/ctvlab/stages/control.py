@@ -164,7 +164,7 @@ def score_external(
     from ctvlab.unet.inference import load_model
 
     patients, seen = read_patients(prep), read_patients(train_prep)
-    # Patient ids say nothing here (two synthetic cohorts both start at SYN001): the inputs' hashes do.
+    # Patient ids say nothing here (two synthetic cohorts number their patients alike): the inputs' hashes do.
     known = dict(zip(seen["input_hash"], seen["patient_id"], strict=True))
     same = [(pid, known[h]) for pid, h in zip(patients["patient_id"], patients["input_hash"], strict=True)
             if h in known]  # fmt: skip
