@@ -81,7 +81,8 @@ def study_config(workdir: Path, epochs: int, base_features: int):
 
 
 def prepared(name: str, report) -> dict[str, str]:
-    """The patients preprocessing left out, with why (printed); stops only when the cohort as a whole failed.
+    """The patients preprocessing left out, with why (printed as `ctvlab preprocess` prints them); stops only
+    when the cohort as a whole failed.
 
     A generated patient can be refused like a team's (e.g. too few normal-appearing voxels inside the MRSI
     box to normalise a metabolite map); the others are the cohort, as `ctvlab preprocess` leaves them."""
@@ -90,8 +91,13 @@ def prepared(name: str, report) -> dict[str, str]:
         raise SystemExit(f"{name}: preprocessing failed: " + "; ".join(problems or ["no patient prepared"]))
     why = {p.patient_id: "; ".join(p.problems) or "invalid" for p in report.invalid}
     why.update({f.patient_id: f.reason for f in report.failed})
-    for pid, reason in why.items():
-        print(f"{name}: {pid} left out by preprocessing: {reason}")
+    if why:
+        from rich.console import Console
+
+        from ctvlab.preprocess.ray_pipeline import print_preprocess_report
+
+        print(f"{name}: preprocessing left out {len(why)} patient(s):")
+        print_preprocess_report(report, Console(soft_wrap=True))
     return why
 
 
@@ -161,8 +167,8 @@ def run_external(name: str, root: Path, result: dict, patients: int, seed: int, 
     weights = hashlib.sha256((model_dir / "weights.pt").read_bytes()).hexdigest()
     settings = {"patients": patients, "seed": seed, "model_sha256": weights}
     done = ext / "result.json"
-    if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
-        out = json.loads(done.read_text())
+    out = json.loads(done.read_text()) if done.is_file() else {}
+    if out.get("settings") == settings:
         print(f"{name}: reusing the external scoring in {ext} (made {out.get('finished_at', '?')})")
         return {**out, "summary": pd.read_csv(ext / "summary.csv")}
     if ext.exists():

@@ -932,7 +932,8 @@ def apply_smoke_test(cfg: StudyConfig) -> StudyConfig:
     """Tiny, CPU-only settings for a minutes-long check of a whole job (`--smoke-test`).
 
     Everything runs, nothing is meaningful: 8 coarse synthetic patients, a 4-feature U-Net for two epochs,
-    two trials, small forests, one shuffle per feature on 1,000 test voxels, 200 bootstrap resamples, no missing-MRSI policy check. Results go to `<workdir>/smoke` so they never mix with real ones.
+    two trials, small forests, one shuffle per feature on 1,000 test voxels, 200 bootstrap resamples, no
+    missing-MRSI policy check. Results go to `<workdir>/smoke` so they never mix with real ones.
     """
     c = cfg.model_copy(deep=True)
     c.smoke_test = True

@@ -99,20 +99,19 @@ def test_external_patients_are_scored_at_the_test_patients_threshold(
     trained_phantom, prepared_phantom, other_phantoms
 ):
     from ctvlab.errors import LeakageError
-    from ctvlab.stages.control import score_external, score_test_patients
+    from ctvlab.stages.control import model_threshold, score_external
     from ctvlab.unet.inference import load_model, predict_probability
 
     cfg, outcome = trained_phantom
-    _, _, threshold = score_test_patients(prepared_phantom, outcome.model_dir, cfg)
+    model = load_model(outcome.model_dir, device="cpu")
+    threshold = model_threshold(model, prepared_phantom, cfg)  # what `score_test_patients` scores at
     ctv_ext, vol_ext, ext_threshold = score_external(outcome.model_dir, cfg, prepared_phantom, other_phantoms)
     assert ext_threshold == threshold  # chosen on the training cohort's validation patients, not on these
     ids = sorted(read_patients(other_phantoms)["patient_id"])
     assert sorted(ctv_ext["patient_id"]) == ids and sorted(set(vol_ext["patient_id"])) == ids
     # each is scored as a test patient is: its own probability map at that threshold
     p = load_patient(other_phantoms, ids[0])
-    ctv_row, rows = score_patient(
-        predict_probability(load_model(outcome.model_dir, device="cpu"), p), threshold, p, cfg
-    )
+    ctv_row, rows = score_patient(predict_probability(model, p), threshold, p, cfg)
     assert ctv_ext.set_index("patient_id").loc[ids[0]].to_dict() == pytest.approx(
         {k: v for k, v in ctv_row.items() if k != "patient_id"}, nan_ok=True
     )
