@@ -148,7 +148,6 @@ def start_ray_cluster(tmp_path: Path, num_cpus: int | None, worker_cpus: int | N
     socket paths must stay under the Unix limit)."""
     import shutil
 
-    gcs, dashboard = free_port(), free_port()
     token = secrets.token_hex(32)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}  # fmt: skip
@@ -162,22 +161,37 @@ def start_ray_cluster(tmp_path: Path, num_cpus: int | None, worker_cpus: int | N
     address_file = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
     previous = address_file.read_bytes() if address_file.exists() else None
     temps: list[str] = []
-    head_args = ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={dashboard}", *([f"--num-cpus={num_cpus}"] if num_cpus else [])]  # fmt: skip
-    if worker_cpus:
-        temps.append(tempfile.mkdtemp(prefix="rh-"))
-        head_args.append(f"--temp-dir={temps[-1]}")
-    procs = [_ray_start(head_args, env, tmp_path / "ray_head.log")]
-    address = f"http://127.0.0.1:{dashboard}"
+    procs: list[subprocess.Popen] = []
     try:
         from ray.job_submission import JobSubmissionClient
 
-        client = _wait_for_dashboard(address, token, procs[0], tmp_path / "ray_head.log")
-        if worker_cpus:
-            temps.append(tempfile.mkdtemp(prefix="rw-"))
-            procs.append(_ray_start([f"--address=127.0.0.1:{gcs}", f"--num-cpus={worker_cpus}",
-                                     f"--temp-dir={temps[-1]}"], env, tmp_path / "ray_worker.log"))  # fmt: skip
-        nodes = _wait_for_nodes(client, 2 if worker_cpus else 1, procs, tmp_path)
+        # On a loaded 2-core machine a head can time out registering with its own GCS ("The current node
+        # timed out during startup") and exit: such a start is made once more, on fresh ports. A node that
+        # is still running but never comes up is not retried.
+        for attempt in (1, 2):
+            gcs, dashboard = free_port(), free_port()
+            head_args = ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                         f"--dashboard-port={dashboard}", *([f"--num-cpus={num_cpus}"] if num_cpus else [])]  # fmt: skip
+            if worker_cpus:
+                temps.append(tempfile.mkdtemp(prefix="rh-"))
+                head_args.append(f"--temp-dir={temps[-1]}")
+            procs.append(_ray_start(head_args, env, tmp_path / "ray_head.log"))
+            try:
+                client = _wait_for_dashboard(
+                    f"http://127.0.0.1:{dashboard}", token, procs[0], tmp_path / "ray_head.log"
+                )
+                if worker_cpus:
+                    temps.append(tempfile.mkdtemp(prefix="rw-"))
+                    procs.append(_ray_start([f"--address=127.0.0.1:{gcs}", f"--num-cpus={worker_cpus}",
+                                             f"--temp-dir={temps[-1]}"], env, tmp_path / "ray_worker.log"))  # fmt: skip
+                nodes = _wait_for_nodes(client, 2 if worker_cpus else 1, procs, tmp_path)
+                break
+            except RuntimeError:
+                if attempt == 2 or all(p.poll() is None for p in procs):
+                    raise
+                for proc in reversed(procs):
+                    _stop(proc)
+                procs.clear()
         assert isinstance(client, JobSubmissionClient)
         yield client, nodes
     finally:
@@ -212,8 +226,11 @@ def _wait_for_nodes(client, n: int, procs: list[subprocess.Popen], tmp_path: Pat
 
     deadline = time.monotonic() + 120
     while True:
-        r = requests.get(f"{client._address}/nodes?view=summary", headers=client._headers, timeout=10)
-        summary = r.json()["data"]["summary"] if r.ok else []
+        try:
+            r = requests.get(f"{client._address}/nodes?view=summary", headers=client._headers, timeout=10)
+            summary = r.json()["data"]["summary"] if r.ok else []
+        except requests.ConnectionError:  # the head went away: said below with its log
+            summary = []
         alive = [n_["raylet"]["nodeId"] for n_ in summary if n_["raylet"].get("state") == "ALIVE"]
         if len(alive) >= n:
             return alive
